@@ -1,0 +1,259 @@
+"""The Litestar application: /internal (API key), /public/webhooks (provider signatures), /health, /version.
+
+Each handler decodes, calls one notify_api function, and returns the JSON that function built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+from uuid import UUID
+
+import msgspec
+from litestar import Controller, Litestar, Request, Response, Router, get, post, put
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.params import Parameter
+from psycopg.types.json import Jsonb
+
+from api import problems
+from api.db import Database
+from api.problems import ProblemException
+from api.schemas import (
+    CancelResult, ConsentEntry, ConsentIn, ConsentsOut, Health, MockMessage, NotificationAccepted, NotificationIn,
+    NotificationOut, PolicyOut, PolicyPut, RecipientOut, RecipientPut, TemplateOut, TemplatePut, Version, WebhookAck,
+)
+from dispatcher import __version__, keys, schema
+from dispatcher.settings import Settings
+from providers.base import WebhookRejected
+from providers.registry import webhook_adapters
+
+log = logging.getLogger("api")
+JSON = "application/json"
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclasses.dataclass(frozen=True)
+class Tenant:
+    id: UUID
+    key_id: UUID
+
+
+def _json(text: str | None, status: int = 200, headers: dict[str, str] | None = None) -> Response[Any]:
+    return Response(content=(text or "null").encode(), status_code=status, media_type=JSON, headers=headers)
+
+
+async def provide_db(state: State) -> Database:
+    return state.db  # type: ignore[no-any-return]
+
+
+async def authenticate(request: Request[Any, Any, Any], db: Database) -> Tenant:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise ProblemException(401, "unauthorized", "send an API key as Authorization: Bearer <key>",
+                               headers={"WWW-Authenticate": "Bearer"})
+    row = await db.one("select tenant_id, api_key_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key.strip()),))
+    if row is None:
+        raise ProblemException(401, "unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+    return Tenant(id=row[0], key_id=row[1])
+
+
+async def _body_text(request: Request[Any, Any, Any]) -> str:
+    return (await request.body()).decode("utf-8")
+
+
+class Notifications(Controller):
+    path = "/notifications"
+    tags = ["notifications"]
+
+    @post("/", operation_id="submitNotification", status_code=202,
+          summary="Submit a notification intent",
+          description="One delivery per channel; suppressed deliveries say why. A repeated Idempotency-Key with the "
+                      "same body replays the original response with 200 and Idempotent-Replayed: true; with another body, 422.")
+    async def submit(
+        self, request: Request[Any, Any, Any], data: NotificationIn, tenant: Tenant, db: Database,
+        idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", required=False, max_length=255)] = None,
+    ) -> Response[NotificationAccepted]:
+        row = await db.one(
+            "select response::text, replayed from notify_api.submit_notification_v1(%s, %s::jsonb, %s)",
+            (tenant.id, await _body_text(request), idempotency_key))
+        assert row is not None
+        if row[1]:
+            return _json(row[0], 200, {"Idempotent-Replayed": "true"})
+        return _json(row[0], 202)
+
+    @get("/{notification_id:uuid}", operation_id="getNotification", summary="Read a notification and its deliveries")
+    async def read(self, notification_id: UUID, tenant: Tenant, db: Database) -> Response[NotificationOut]:
+        row = await db.one("select notify_api.get_notification_v1(%s, %s)::text", (tenant.id, notification_id))
+        return _json(row[0] if row else None)
+
+    @post("/{notification_id:uuid}/cancel", operation_id="cancelNotification", status_code=200,
+          summary="Cancel what has not been claimed yet", description="Says per delivery whether it was cancelled and, if not, why.")
+    async def cancel(self, notification_id: UUID, tenant: Tenant, db: Database) -> Response[CancelResult]:
+        row = await db.one("select notify_api.cancel_notification_v1(%s, %s)::text", (tenant.id, notification_id))
+        return _json(row[0] if row else None)
+
+
+class Recipients(Controller):
+    path = "/recipients"
+    tags = ["recipients"]
+
+    @put("/{ref:str}", operation_id="upsertRecipient", summary="Create or update a recipient and its addresses",
+         description="An address set to null is removed.")
+    async def upsert(self, request: Request[Any, Any, Any], ref: str, data: RecipientPut, tenant: Tenant, db: Database) -> Response[RecipientOut]:
+        row = await db.one("select notify_api.upsert_recipient_v1(%s, %s, %s::jsonb)::text", (tenant.id, ref, await _body_text(request)))
+        return _json(row[0] if row else None)
+
+    @get("/{ref:str}", operation_id="getRecipient", summary="Read a recipient")
+    async def read(self, ref: str, tenant: Tenant, db: Database) -> Response[RecipientOut]:
+        row = await db.one("select notify_api.get_recipient_v1(%s, %s)::text", (tenant.id, ref))
+        return _json(row[0] if row else None)
+
+    @post("/{ref:str}/consents", operation_id="recordConsent", status_code=201, summary="Append a consent entry")
+    async def record_consent(self, request: Request[Any, Any, Any], ref: str, data: ConsentIn, tenant: Tenant, db: Database) -> Response[ConsentEntry]:
+        row = await db.one("select notify_api.record_consent_v1(%s, %s, %s::jsonb, %s)::text",
+                           (tenant.id, ref, await _body_text(request), f"api_key:{tenant.key_id}"))
+        return _json(row[0] if row else None, 201)
+
+    @get("/{ref:str}/consents", operation_id="listConsents", summary="Consent in force per channel, and the ledger")
+    async def list_consents(self, ref: str, tenant: Tenant, db: Database) -> Response[ConsentsOut]:
+        row = await db.one("select notify_api.list_consents_v1(%s, %s)::text", (tenant.id, ref))
+        return _json(row[0] if row else None)
+
+
+class Templates(Controller):
+    path = "/templates"
+    tags = ["templates"]
+
+    @put("/{key:str}", operation_id="upsertTemplate", summary="Set a template's content for one locale",
+         description="Placeholders are {{name}}; the variables a template needs are derived and checked at submit time.")
+    async def upsert(self, request: Request[Any, Any, Any], key: str, data: TemplatePut, tenant: Tenant, db: Database) -> Response[list[TemplateOut]]:
+        row = await db.one("select notify_api.upsert_template_v1(%s, %s, %s::jsonb)::text", (tenant.id, key, await _body_text(request)))
+        return _json(row[0] if row else None)
+
+    @get("/", operation_id="listTemplates", summary="List templates")
+    async def list(self, tenant: Tenant, db: Database,
+                   key: Annotated[str | None, Parameter(query="key", required=False)] = None) -> Response[list[TemplateOut]]:
+        row = await db.one("select notify_api.list_templates_v1(%s, %s)::text", (tenant.id, key))
+        return _json(row[0] if row else None)
+
+
+class Channels(Controller):
+    path = "/channels"
+    tags = ["consent"]
+
+    @get("/policies", operation_id="listChannelPolicies", summary="Consent policy per channel")
+    async def policies(self, tenant: Tenant, db: Database) -> Response[list[PolicyOut]]:
+        row = await db.one("select notify_api.list_channel_policies_v1(%s)::text", (tenant.id,))
+        return _json(row[0] if row else None)
+
+    @put("/{channel:str}/policy", operation_id="setChannelPolicy", summary="Make a channel opt_in or opt_out")
+    async def set_policy(self, channel: str, data: PolicyPut, tenant: Tenant, db: Database) -> Response[PolicyOut]:
+        if channel not in ("whatsapp", "email", "sms"):
+            raise ProblemException(404, "not_found", f"no channel {channel}", "channel")
+        row = await db.one("select notify_api.set_channel_policy_v1(%s, %s::notify.channel, %s::notify.consent_policy)::text",
+                           (tenant.id, channel, data.policy))
+        return _json(row[0] if row else None)
+
+
+class Mock(Controller):
+    path = "/mock"
+    tags = ["mock provider"]
+
+    @get("/messages", operation_id="listMockMessages", summary="What the mock provider would have sent")
+    async def messages(self, tenant: Tenant, db: Database,
+                       delivery_id: Annotated[UUID | None, Parameter(query="delivery_id", required=False)] = None,
+                       limit: Annotated[int, Parameter(query="limit", ge=1, le=1000)] = 100) -> Response[list[MockMessage]]:
+        row = await db.one("select notify_api.list_mock_messages_v1(%s, %s, %s)::text", (tenant.id, delivery_id, limit))
+        return _json(row[0] if row else None)
+
+
+INGEST = (
+    "select notify_api.ingest_webhook_v1(%s, %s, %s, "
+    "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r))::text"
+)
+
+
+@post("/webhooks/{provider:str}", operation_id="receiveWebhook", status_code=200, tags=["webhooks"],
+      summary="Provider status reports", security=[],
+      description="Verified over the raw body before anything is parsed; stored once per provider event; applied by rank.")
+async def receive_webhook(request: Request[Any, Any, Any], provider: str, db: Database, state: State) -> Response[WebhookAck]:
+    adapter = state.webhook_adapters.get(provider)
+    if adapter is None:
+        raise ProblemException(404, "not_found", f"no webhook endpoint for provider {provider}", "provider")
+    body = await request.body()
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    try:
+        parsed = adapter.parse(headers, body)
+    except WebhookRejected as exc:
+        log.warning("webhook rejected", extra={"provider": provider, "reason": exc.reason})
+        raise ProblemException(exc.status, "webhook_rejected", exc.reason) from None
+    events = msgspec.to_builtins(parsed.events)
+    row = await db.one(INGEST, (provider, parsed.event_key, Jsonb(parsed.payload), Jsonb(events)))
+    result = msgspec.json.decode(row[0]) if row else {}
+    log.info("webhook ingested", extra={"provider": provider, "duplicate": result.get("duplicate"),
+                                        "outcomes": [o.get("outcome") for o in result.get("outcomes", [])]})
+    return _json(_encode(WebhookAck(stored=bool(result.get("stored")), duplicate=bool(result.get("duplicate")))).decode())
+
+
+@get("/health", operation_id="health", tags=["diagnostics"], security=[], summary="Liveness and database check")
+async def health(db: Database) -> Response[Health]:
+    ok = await db.ping()
+    body = Health(status="ok" if ok else "unavailable", database="ok" if ok else "unavailable")
+    return Response(content=_encode(body), status_code=200 if ok else 503, media_type=JSON,
+                    headers=None if ok else {"Retry-After": "2"})
+
+
+@get("/version", operation_id="version", tags=["diagnostics"], security=[], summary="Service and schema version")
+async def version() -> Version:
+    return Version(version=__version__, schema=schema.latest_migration())
+
+
+def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
+    db = Database(settings.database_url, min_size=settings.pool_min, max_size=settings.pool_max)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await db.open()
+        try:
+            yield
+        finally:
+            await db.close()
+
+    internal = Router(
+        path="/internal",
+        route_handlers=[Notifications, Recipients, Templates, Channels, Mock],
+        dependencies={"tenant": Provide(authenticate)},
+        security=[{"BearerAuth": []}],
+    )
+    public = Router(path="/public", route_handlers=[receive_webhook])
+    return Litestar(
+        route_handlers=[internal, public, health, version],
+        dependencies={"db": Provide(provide_db)},
+        state=State({"db": db, "webhook_adapters": webhook_adapters(settings), "settings": settings}),
+        lifespan=[lifespan],
+        exception_handlers={Exception: problems.handle},
+        request_max_body_size=settings.max_body_bytes,
+        debug=debug,
+        logging_config=None,  # dispatcher.logs owns logging (JSON, masked)
+        openapi_config=OpenAPIConfig(
+            title="notification-dispatcher", version=__version__, path="/schema",
+            description="Multi-channel notification dispatcher. /internal routes take Authorization: Bearer <API key>.",
+            components=Components(security_schemes={"BearerAuth": SecurityScheme(type="http", scheme="bearer")}),
+        ),
+    )
+
+
+def app_from_env() -> Litestar:
+    """Factory for `uvicorn --factory api.app:app_from_env`."""
+    from dispatcher import logs
+
+    settings = Settings.from_env()
+    logs.configure(settings.log_level)
+    return create_app(settings)

@@ -1,0 +1,89 @@
+"""One exception handler: every error leaves as RFC 9457 problem+json with the right status.
+
+SQL functions raise SQLSTATE ND<status> with the problem type in CONSTRAINT and the field in COLUMN
+(docs/errors.md); Litestar's own errors (validation, 401, 404, 405, 413) are mapped here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import msgspec
+import psycopg
+import psycopg.errors
+import psycopg_pool
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from api.schemas import Problem
+
+log = logging.getLogger("api")
+MEDIA_TYPE = "application/problem+json"
+TYPE_BASE = "urn:notification-dispatcher:problem:"
+_TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found", 405: "Method not allowed",
+           409: "Conflict", 413: "Payload too large", 415: "Unsupported media type", 422: "Unprocessable content",
+           429: "Too many requests", 500: "Internal server error", 503: "Service unavailable"}
+_encode = msgspec.json.Encoder().encode
+
+
+class ProblemException(HTTPException):
+    """Raised by handlers for errors that do not come from SQL."""
+
+    def __init__(self, status: int, type_: str, detail: str, field: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(status_code=status, detail=detail, headers=headers)
+        self.type_ = type_
+        self.field = field
+
+
+def problem(request: Request[Any, Any, Any] | None, status: int, type_: str, detail: str | None, field: str | None = None,
+            headers: dict[str, str] | None = None) -> Response[bytes]:
+    body = Problem(type=TYPE_BASE + type_, title=_TITLES.get(status, "Error"), status=status, detail=detail,
+                   field=field or None, instance=request.url.path if request is not None else None)
+    return Response(content=_encode(body), status_code=status, media_type=MEDIA_TYPE, headers=headers)
+
+
+_FIELD_IN_MSGSPEC = re.compile(r"at `\$(?P<path>[^`]*)`")
+_UNKNOWN = re.compile(r"unknown field `(?P<name>[^`]+)`")
+
+
+def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
+    """msgspec's message names the path ("... - at `$.recipient.ref`"); turn it into a dotted field."""
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    message = str(extra[0].get("message")) if extra and isinstance(extra[0], dict) else exc.detail
+    field = None
+    key = extra[0].get("key") if extra and isinstance(extra[0], dict) else None
+    match = _FIELD_IN_MSGSPEC.search(message or "")
+    if match:
+        field = match.group("path").lstrip(".").replace("].", "]").replace("[", ".[").lstrip(".") or None
+        field = field.replace(".[", "[") if field else None
+    unknown = _UNKNOWN.search(message or "")
+    if unknown:
+        field = ".".join(p for p in ((field or ""), unknown.group("name")) if p)
+    if field is None and isinstance(key, str) and key:
+        field = key
+    return problem(request, 400, "unknown_field" if unknown else "invalid_request", message, field)
+
+
+def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if isinstance(exc, ProblemException):
+        return problem(request, exc.status_code, exc.type_, exc.detail, exc.field, exc.headers)
+    if isinstance(exc, ValidationException):
+        return _validation(request, exc)
+    if isinstance(exc, psycopg.Error) and exc.sqlstate and exc.sqlstate.startswith("ND"):
+        diag = exc.diag
+        return problem(request, int(exc.sqlstate[2:]), diag.constraint_name or "error", diag.message_primary, diag.column_name)
+    if isinstance(exc, psycopg.errors.DataError):
+        return problem(request, 400, "invalid_value", exc.diag.message_primary, exc.diag.column_name)
+    if isinstance(exc, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):
+        log.warning("database unavailable", extra={"error": type(exc).__name__, "path": request.url.path})
+        return problem(request, 503, "database_unavailable", "the database is not reachable; retry shortly", None,
+                       {"Retry-After": "2"})
+    if isinstance(exc, HTTPException):
+        status = exc.status_code
+        slug = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                415: "unsupported_media_type", 429: "rate_limited"}.get(status, "http_error")
+        return problem(request, status, slug, exc.detail, None, exc.headers)
+    log.exception("unhandled error", extra={"path": request.url.path})
+    return problem(request, 500, "internal_error", "an unexpected error occurred", None)

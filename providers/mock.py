@@ -1,0 +1,198 @@
+"""The built-in mock provider: the default for every channel until a real one is configured.
+
+Sending: records each message it "sends" (notify.mock_messages, via a callback so this module needs no
+database code), returns a provider message id, and after a delay posts signed Standard Webhooks status
+reports (sent -> delivered -> read; e-mail stops at delivered) to /public/webhooks/mock.
+Latency, a random transient failure rate and per-address scripted outcomes are configurable.
+
+Webhooks: `MockWebhooks.parse` verifies the signature over the raw bytes and normalizes the reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+from uuid import UUID
+
+import httpx
+import msgspec
+
+from providers import standard_webhooks
+from providers.base import Message, ParsedWebhook, SendResult, StatusEvent, WebhookRejected
+
+NAME = "mock"
+log = logging.getLogger("providers.mock")
+
+# Scripted outcomes by address, for demos and tests (DISPATCHER_MOCK_OUTCOMES='{"+34600000001": "failed"}'):
+#   failed        refused at once (permanent)           retry     503 every time (transient)
+#   unknown       times out after the request left us   async_failed  accepted, then a "failed" report
+#   delivered     accepted, reports stop at delivered   silent    accepted, no reports at all
+SCRIPTED = {"failed", "retry", "unknown", "async_failed", "delivered", "silent"}
+
+
+class StatusData(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    message_id: str
+    correlation_id: str | None = None
+    status: str
+    error: dict[str, str] | None = None
+
+
+class StatusPayload(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: str
+    timestamp: dt.datetime
+    data: StatusData
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_payload = msgspec.json.Decoder(StatusPayload).decode
+
+
+class MockProvider:
+    """Sends nothing anywhere; behaves like a provider that accepts, then reports statuses by webhook."""
+
+    name = NAME
+
+    def __init__(
+        self,
+        *,
+        record: Callable[[list[dict[str, Any]]], Awaitable[None]],
+        webhook_url: str | None,
+        webhook_secret: str | None,
+        latency_ms: float = 0.0,
+        failure_rate: float = 0.0,
+        status_delay_ms: float = 200.0,
+        outcomes: dict[str, str] | None = None,
+    ) -> None:
+        self._record = record
+        self._url = webhook_url
+        self._secret = webhook_secret
+        self._latency = latency_ms / 1000.0
+        self._failure_rate = failure_rate
+        self._delay = status_delay_ms / 1000.0
+        self._outcomes = outcomes or {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._client: httpx.AsyncClient | None = None
+
+    async def _one(self, message: Message) -> tuple[SendResult, dict[str, Any] | None]:
+        if self._latency:
+            await asyncio.sleep(self._latency)
+        script = self._outcomes.get(message.address)
+        if script == "failed":
+            return SendResult(outcome="failed", provider=NAME, error_code="mock_rejected", error_message="recipient refused by the mock"), None
+        if script == "retry" or (script is None and self._failure_rate and random.random() < self._failure_rate):
+            return SendResult(outcome="retry", provider=NAME, error_code="mock_503", error_message="mock provider unavailable"), None
+        if script == "unknown":
+            return SendResult(outcome="unknown", provider=NAME, error_code="mock_timeout", error_message="no answer from the mock"), None
+        message_id = f"mock-{secrets.token_hex(12)}"
+        row = {
+            "tenant_id": str(message.tenant_id),
+            "delivery_id": str(message.delivery_id),
+            "attempt": message.attempt,
+            "channel": message.channel,
+            "address": message.address,
+            "provider_message_id": message_id,
+            "rendered": message.rendered,
+        }
+        return SendResult(outcome="sent", provider=NAME, provider_message_id=message_id), row
+
+    async def send_many(self, messages: list[Message]) -> list[SendResult]:
+        done = await asyncio.gather(*(self._one(m) for m in messages))
+        rows = [row for _, row in done if row is not None]
+        if rows:
+            await self._record(rows)
+        for message, (result, _) in zip(messages, done, strict=True):
+            if result.outcome == "sent" and result.provider_message_id:
+                self._schedule_reports(message, result.provider_message_id)
+        return [result for result, _ in done]
+
+    def _schedule_reports(self, message: Message, message_id: str) -> None:
+        if not self._url or not self._secret:
+            return
+        script = self._outcomes.get(message.address)
+        if script == "silent":
+            return
+        if script == "async_failed":
+            statuses = ["sent", "failed"]
+        elif script == "delivered" or message.channel == "email":
+            statuses = ["sent", "delivered"]
+        else:
+            statuses = ["sent", "delivered", "read"]
+        task = asyncio.get_running_loop().create_task(self._report(message, message_id, statuses))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _report(self, message: Message, message_id: str, statuses: list[str]) -> None:
+        assert self._url and self._secret
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=10.0)
+        for status in statuses:
+            await asyncio.sleep(self._delay)
+            error = {"code": "mock_undeliverable", "title": "the mock could not deliver"} if status == "failed" else None
+            body = _encode(StatusPayload(
+                type=f"message.status.{status}",
+                timestamp=dt.datetime.now(dt.UTC),
+                data=StatusData(message_id=message_id, correlation_id=message.correlation_id, status=status, error=error),
+            ))
+            msg_id = f"msg_{secrets.token_hex(12)}"
+            for attempt in range(5):
+                try:
+                    response = await self._client.post(
+                        self._url, content=body,
+                        headers={"content-type": "application/json", **standard_webhooks.headers(self._secret, msg_id, body)},
+                    )
+                    if response.status_code < 300:
+                        break
+                    log.warning("mock webhook refused", extra={"status_code": response.status_code, "webhook_id": msg_id})
+                except httpx.HTTPError as exc:
+                    log.warning("mock webhook not delivered", extra={"error": type(exc).__name__, "webhook_id": msg_id})
+                await asyncio.sleep(0.2 * 2**attempt)
+
+    async def drain(self) -> None:
+        """Waits for the status reports already scheduled (graceful shutdown, tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        await self.drain()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+class MockWebhooks:
+    """Verifies and parses the mock's Standard Webhooks status reports."""
+
+    provider = NAME
+
+    def __init__(self, secrets_: list[str], tolerance_seconds: int = 300) -> None:
+        self._secrets = secrets_
+        self._tolerance = tolerance_seconds
+
+    def parse(self, headers: dict[str, str], body: bytes) -> ParsedWebhook:
+        if not self._secrets:
+            raise WebhookRejected("mock webhooks are not configured (DISPATCHER_MOCK_WEBHOOK_SECRET)", status=404)
+        webhook_id = standard_webhooks.verify(self._secrets, headers, body, self._tolerance)
+        try:
+            payload = _decode_payload(body)
+        except msgspec.DecodeError as exc:
+            raise WebhookRejected(f"invalid payload: {exc}", status=400) from None
+        data = payload.data
+        tenant_id = delivery_id = None
+        if data.correlation_id and data.correlation_id.count(":") == 1:
+            try:
+                tenant_raw, delivery_raw = data.correlation_id.split(":")
+                tenant_id, delivery_id = UUID(tenant_raw), UUID(delivery_raw)
+            except ValueError:
+                tenant_id = delivery_id = None
+        if data.status not in ("sent", "delivered", "read", "failed"):
+            raise WebhookRejected(f"unknown status {data.status!r}", status=400)
+        event = StatusEvent(
+            status=data.status, tenant_id=tenant_id, delivery_id=delivery_id, provider_message_id=data.message_id,
+            occurred_at=payload.timestamp, error_code=(data.error or {}).get("code"), error_message=(data.error or {}).get("title"),
+        )
+        return ParsedWebhook(event_key=webhook_id, payload=msgspec.json.decode(body), events=[event])

@@ -1,0 +1,1 @@
+"""The worker: procrastinate tasks that claim due deliveries, send them through providers, record outcomes."""

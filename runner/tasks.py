@@ -1,0 +1,137 @@
+"""procrastinate tasks: `dispatch(channel)` drains due deliveries in batches; `maintenance` runs periodically.
+
+A dispatch job is only a wake-up ("there is due work on this channel"); the deliveries table is the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+from procrastinate import JobContext, jobs
+from psycopg.types.json import Jsonb
+
+from dispatcher.settings import Settings
+from providers.base import Message, Provider, SendResult
+from providers.registry import provider_for
+from runner.app import app
+from runner.render import RenderError, render
+
+log = logging.getLogger("runner")
+
+CLAIM = "select * from notify_api.claim_deliveries_v1(%(channel)s::notify.channel, %(limit)s, %(lease)s)"
+RECORD = (
+    "select delivery_id, status::text, applied from notify_api.record_attempts_v1("
+    "array(select r from jsonb_populate_recordset(null::notify.attempt_result, %(results)s) r))"
+)
+RECORD_MOCK = "select notify_api.record_mock_messages_v1(%(messages)s)"
+MAINTENANCE = "select notify_api.run_maintenance_v1() as result"
+
+_to_builtins = msgspec.to_builtins
+
+
+class Dispatcher:
+    """Per-process state of the worker: settings and one provider instance per channel."""
+
+    def __init__(self, connector: Any, settings: Settings) -> None:
+        self.connector = connector
+        self.settings = settings
+        self.providers: dict[str, Provider] = {}
+
+    async def _record_mock(self, rows: list[dict[str, Any]]) -> None:
+        await self.connector.execute_query_one_async(RECORD_MOCK, messages=Jsonb(rows))
+
+    def provider(self, channel: str) -> Provider:
+        if channel not in self.providers:
+            self.providers[channel] = provider_for(channel, self.settings, self._record_mock)
+        return self.providers[channel]
+
+    async def send_batch(self, channel: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
+        messages: list[Message] = []
+        for row in rows:
+            base = {"tenant_id": str(row["tenant_id"]), "delivery_id": str(row["delivery_id"]), "attempt": row["attempt"]}
+            try:
+                rendered = render(channel, row["content"], row["variables"] or {})
+            except (RenderError, KeyError) as exc:
+                results.append({**base, "outcome": "failed", "provider": None, "error_code": "render_failed", "error_message": str(exc)})
+                continue
+            messages.append(Message(tenant_id=row["tenant_id"], delivery_id=row["delivery_id"], attempt=row["attempt"],
+                                    channel=channel, address=row["address"], rendered=rendered, category=row["category"]))
+        if messages:
+            provider = self.provider(channel)
+            try:
+                sent = await provider.send_many(messages)
+            except Exception as exc:  # the provider itself broke: we cannot know what left us
+                log.exception("provider crashed", extra={"channel": channel, "provider": provider.name})
+                outcome = "retry" if channel == "email" else "unknown"
+                sent = [SendResult(outcome=outcome, provider=provider.name, error_code="provider_exception",
+                                   error_message=type(exc).__name__) for _ in messages]
+            for message, result in zip(messages, sent, strict=True):
+                results.append({"tenant_id": str(message.tenant_id), "delivery_id": str(message.delivery_id),
+                                "attempt": message.attempt, **_to_builtins(result)})
+        return results
+
+    async def drain(self, channel: str) -> dict[str, int]:
+        """Claims, sends and records batches until a batch comes back short."""
+        counts: dict[str, int] = {}
+        batch = min(self.settings.batch_size, self.settings.max_in_flight)
+        while True:
+            started = time.perf_counter()
+            rows = await self.connector.execute_query_all_async(
+                CLAIM, channel=channel, limit=batch, lease=self.settings.lease_seconds)
+            if not rows:
+                break
+            results = await self.send_batch(channel, rows)
+            await self.connector.execute_query_all_async(RECORD, results=Jsonb(results))
+            for r in results:
+                counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+            log.info("batch dispatched", extra={"channel": channel, "claimed": len(rows),
+                                                "outcomes": {k: sum(1 for r in results if r["outcome"] == k) for k in {r["outcome"] for r in results}},
+                                                "ms": round((time.perf_counter() - started) * 1000, 1)})
+            if len(rows) < batch:
+                break
+        return counts
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(p.aclose() for p in self.providers.values()), return_exceptions=True)
+
+
+_dispatchers: dict[int, Dispatcher] = {}
+
+
+def dispatcher_for(context: JobContext) -> Dispatcher:
+    assert context.app is not None
+    key = id(context.app)
+    if key not in _dispatchers:
+        settings = (context.additional_context or {}).get("settings") or Settings.from_env()
+        _dispatchers[key] = Dispatcher(context.app.connector, settings)
+    return _dispatchers[key]
+
+
+@app.task(name="dispatch", queue="dispatch", pass_context=True)
+async def dispatch(context: JobContext, channel: str) -> dict[str, int]:
+    """Wake-up for one channel: drain its due deliveries."""
+    return await dispatcher_for(context).drain(channel)
+
+
+@app.periodic(cron="* * * * * */10", periodic_id="maintenance")
+@app.task(name="maintenance", queue="maintenance", queueing_lock="maintenance", pass_context=True)
+async def maintenance(context: JobContext, timestamp: int) -> dict[str, Any]:
+    """Every 10 s: expired leases, expired deadlines, safety-net wake-ups, stalled procrastinate jobs."""
+    assert context.app is not None
+    row = await context.app.connector.execute_query_one_async(MAINTENANCE)
+    result = dict(row["result"])
+    # A stalled wake-up is not retried (a new one may already be pending under the same queueing lock);
+    # it is closed as failed, and the deliveries it was draining come back through their leases.
+    stalled = list(await context.app.job_manager.get_stalled_jobs())
+    for job in stalled:
+        await context.app.job_manager.finish_job(job, status=jobs.Status.FAILED, delete_job=False)
+    result["stalled_jobs"] = len(stalled)
+    if any(result.get(k) for k in ("requeued", "unknown", "expired", "stalled_jobs")):
+        log.info("maintenance", extra=result)
+    return result
+

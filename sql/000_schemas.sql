@@ -1,0 +1,22 @@
+-- Schemas and roles of notification-dispatcher.
+-- Loaded first by every build (sql/ and migrations); nothing else depends on order before it.
+
+-- Roles are cluster-wide, so they are created only when missing (several databases share a cluster).
+do $$
+begin
+    if not exists (select from pg_roles where rolname = 'notify_service') then
+        create role notify_service nologin;
+    end if;
+    if not exists (select from pg_roles where rolname = 'notify_caller') then
+        create role notify_caller nologin;
+    end if;
+end
+$$;
+
+create schema notify;
+comment on schema notify is
+    'Private: tables, types, triggers and helper functions of notification-dispatcher. No role but the owner touches it directly.';
+
+create schema notify_api;
+comment on schema notify_api is
+    'Public: the versioned functions that the HTTP layer, the worker and trusted SQL clients call.';

@@ -1,0 +1,73 @@
+-- Enumerations and composite types shared by tables and functions.
+-- Read by every other file in sql/; batch functions take arrays of the composite types.
+
+create type notify.channel as enum ('whatsapp', 'email', 'sms');
+comment on type notify.channel is 'A delivery channel. A new channel is a new value (ALTER TYPE ... ADD VALUE).';
+
+create type notify.delivery_status as enum (
+    'scheduled',   -- waiting for send_at          -> queued | sending (claimed when due) | suppressed | cancelled | expired
+    'queued',      -- due, or a retry waiting       -> sending | suppressed | cancelled | expired | failed
+    'sending',     -- claimed; provider call may be in flight
+                   --                               -> queued (retry) | sent | delivered | read | failed | bounced | suppressed | unknown
+    'unknown',     -- lease expired or timeout after the request left us
+                   --                               -> queued (channels that allow duplicates) | sent | delivered | read | failed | bounced
+    'sent',        -- provider accepted             -> delivered | read | failed | bounced | suppressed
+    'delivered',   -- reached the device/mailbox    -> read | bounced (e-mail)
+    'read',        -- read receipt                  (final)
+    'failed',      -- not deliverable               -> delivered | read (WhatsApp/SMS: positive evidence after a failure)
+    'bounced',     -- e-mail rejected by the recipient server (final)
+    'suppressed',  -- not sent: no consent, no address, opt-out (final)
+    'cancelled',   -- caller cancelled before claim (final)
+    'expired'      -- expires_at passed before claim (final)
+);
+comment on type notify.delivery_status is
+    'Status of one delivery. Legal transitions are listed beside each value and enforced by notify._transition_allowed.';
+
+create type notify.consent_status as enum ('granted', 'revoked');
+comment on type notify.consent_status is 'One consent ledger entry either grants or revokes.';
+
+create type notify.consent_policy as enum ('opt_in', 'opt_out');
+comment on type notify.consent_policy is
+    'opt_in: suppressed unless granted (WhatsApp, SMS default). opt_out: allowed unless revoked (e-mail default).';
+
+create type notify.attempt_result as (
+    tenant_id uuid,
+    delivery_id uuid,
+    attempt integer,
+    outcome text,               -- sent | retry | failed | unknown | suppressed
+    provider text,
+    provider_message_id text,
+    error_code text,
+    error_message text,
+    retry_after_seconds double precision
+);
+comment on type notify.attempt_result is
+    'One provider call''s outcome, as the worker reports it to notify_api.record_attempts_v1. attempt is the fencing token returned by the claim.';
+
+create type notify.status_event as (
+    tenant_id uuid,
+    delivery_id uuid,
+    provider_message_id text,
+    status notify.delivery_status,
+    occurred_at timestamptz,
+    error_code text,
+    error_message text
+);
+comment on type notify.status_event is
+    'A provider status report normalized by its adapter. The delivery is found by (tenant_id, delivery_id) when the provider echoes our correlation id, else by provider_message_id.';
+
+create type notify.claimed_delivery as (
+    tenant_id uuid,
+    delivery_id uuid,
+    attempt integer,
+    channel notify.channel,
+    address text,
+    template_key text,
+    locale text,
+    content jsonb,
+    variables jsonb,
+    category text,
+    request_id uuid
+);
+comment on type notify.claimed_delivery is
+    'What the worker needs to send one claimed delivery: where to, the template content and the variables.';

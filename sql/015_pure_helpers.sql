@@ -1,0 +1,208 @@
+-- Private helper functions that read no table: validation, ranks, transitions, error raising.
+-- Called by the tables' check constraints, the triggers and the notify_api functions.
+
+create function notify._raise(p_code text, p_type text, p_message text, p_field text default null)
+    returns void
+    language plpgsql
+    set search_path = ''
+as $$
+begin
+    -- Codes are ND + HTTP status (see docs/errors.md); CONSTRAINT carries the problem type, COLUMN the field.
+    raise exception using errcode = p_code, message = p_message, constraint = p_type, column = coalesce(p_field, '');
+end
+$$;
+comment on function notify._raise(text, text, text, text) is
+    'Raises a documented error: SQLSTATE ND<http status>, problem type in CONSTRAINT, offending field in COLUMN.';
+
+create function notify._address_valid(p_channel notify.channel, p_address text)
+    returns boolean
+    language sql
+    immutable
+    set search_path = ''
+as $$
+    select case p_channel
+        when 'email' then p_address ~ '^[A-Za-z0-9.!#$%&''*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$'
+                          and length(p_address) <= 254
+        else p_address ~ '^\+[1-9][0-9]{6,14}$'
+    end
+$$;
+comment on function notify._address_valid(notify.channel, text) is
+    'E.164 (+ and 7 to 15 digits) for whatsapp and sms; a practical RFC 5322 addr-spec subset for email.';
+
+create function notify._default_policy(p_channel notify.channel)
+    returns notify.consent_policy
+    language sql
+    immutable
+    set search_path = ''
+as $$
+    select case p_channel when 'email' then 'opt_out'::notify.consent_policy else 'opt_in'::notify.consent_policy end
+$$;
+comment on function notify._default_policy(notify.channel) is 'Consent policy of a channel when the tenant has set none.';
+
+create function notify._is_final(p_status notify.delivery_status)
+    returns boolean
+    language sql
+    immutable
+    set search_path = ''
+as $$
+    select p_status in ('read', 'bounced', 'suppressed', 'cancelled', 'expired', 'failed', 'delivered')
+$$;
+comment on function notify._is_final(notify.delivery_status) is
+    'True where no further work is planned (the delivery may still move by a provider report, e.g. delivered -> read).';
+
+create function notify._rank(p_channel notify.channel, p_status notify.delivery_status)
+    returns integer
+    language sql
+    immutable
+    set search_path = ''
+as $$
+    select case p_status
+        when 'scheduled' then 10
+        when 'queued' then 20
+        when 'sending' then 30
+        when 'unknown' then 35
+        when 'sent' then 40
+        when 'failed' then case when p_channel = 'email' then 70 else 45 end
+        when 'delivered' then 50
+        when 'read' then 60
+        when 'bounced' then 70
+        when 'suppressed' then 70
+        when 'cancelled' then 90
+        when 'expired' then 90
+    end
+$$;
+comment on function notify._rank(notify.channel, notify.delivery_status) is
+    'Monotonic rank used to apply provider reports in any order: a report applies only if it ranks higher. For WhatsApp/SMS a failed loses to delivered; for e-mail a bounce or failure beats delivered.';
+
+create function notify._transition_allowed(p_channel notify.channel, p_from notify.delivery_status, p_to notify.delivery_status)
+    returns boolean
+    language sql
+    immutable
+    set search_path = ''
+as $$
+    select case p_from
+        when 'scheduled' then p_to in ('queued', 'sending', 'suppressed', 'cancelled', 'expired')
+        when 'queued' then p_to in ('sending', 'suppressed', 'cancelled', 'expired', 'failed')
+        when 'sending' then p_to in ('queued', 'sent', 'delivered', 'read', 'failed', 'bounced', 'suppressed', 'unknown')
+        when 'unknown' then p_to in ('queued', 'sent', 'delivered', 'read', 'failed', 'bounced')
+        when 'sent' then p_to in ('delivered', 'read', 'failed', 'bounced', 'suppressed')
+        when 'delivered' then p_to = 'read' or (p_to = 'bounced' and p_channel = 'email')
+        when 'failed' then p_to in ('delivered', 'read') and p_channel <> 'email'
+        else false
+    end
+$$;
+comment on function notify._transition_allowed(notify.channel, notify.delivery_status, notify.delivery_status) is
+    'The delivery state machine: the only legal status changes. Enforced by trigger _100_check_transition.';
+
+create function notify._template_variables(p_content jsonb)
+    returns text[]
+    language sql
+    immutable
+    set search_path = ''
+as $$
+    select coalesce(array_agg(distinct v order by v), '{}')
+    from (
+        select m[1] as v
+        from jsonb_path_query(p_content, 'strict $.**') as s(value)
+        cross join lateral regexp_matches(s.value #>> '{}', '\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}', 'g') as m
+        where jsonb_typeof(s.value) = 'string'
+        union
+        -- WhatsApp parameter mappings name variables directly.
+        select jsonb_array_elements_text(p_content -> 'parameters')
+        where jsonb_typeof(p_content -> 'parameters') = 'array'
+    ) names(v)
+$$;
+comment on function notify._template_variables(jsonb) is
+    'Variable names a template needs: every {{name}} placeholder in its strings plus the names in a WhatsApp parameters list.';
+
+create function notify._check_keys(p_object jsonb, p_allowed text[], p_path text)
+    returns void
+    language plpgsql
+    immutable
+    set search_path = ''
+as $$
+declare
+    v_key text;
+begin
+    if p_object is null or jsonb_typeof(p_object) = 'null' then
+        return;
+    end if;
+    if jsonb_typeof(p_object) <> 'object' then
+        perform notify._raise('ND400', 'invalid_type', format('%s must be an object', coalesce(nullif(p_path, ''), 'body')), p_path);
+    end if;
+    select k into v_key from jsonb_object_keys(p_object) k where k <> all (p_allowed) limit 1;
+    if v_key is not null then
+        perform notify._raise('ND400', 'unknown_field', format('unknown field %s', ltrim(p_path || '.' || v_key, '.')),
+                              ltrim(p_path || '.' || v_key, '.'));
+    end if;
+end
+$$;
+comment on function notify._check_keys(jsonb, text[], text) is 'Refuses a JSON object with a key outside p_allowed, naming the field.';
+
+create function notify._text_field(p_object jsonb, p_key text, p_path text, p_required boolean default false, p_max integer default 1000)
+    returns text
+    language plpgsql
+    immutable
+    set search_path = ''
+as $$
+declare
+    v jsonb := p_object -> p_key;
+    v_path text := ltrim(p_path || '.' || p_key, '.');
+begin
+    if v is null or jsonb_typeof(v) = 'null' then
+        if p_required then
+            perform notify._raise('ND400', 'missing_field', format('%s is required', v_path), v_path);
+        end if;
+        return null;
+    end if;
+    if jsonb_typeof(v) <> 'string' then
+        perform notify._raise('ND400', 'invalid_type', format('%s must be a string', v_path), v_path);
+    end if;
+    if length(v #>> '{}') > p_max or (p_required and length(v #>> '{}') = 0) then
+        perform notify._raise('ND400', 'invalid_length', format('%s must be 1 to %s characters', v_path, p_max), v_path);
+    end if;
+    return v #>> '{}';
+end
+$$;
+comment on function notify._text_field(jsonb, text, text, boolean, integer) is 'Reads a string member of a JSON object, refusing a wrong type or length with the field named.';
+
+create function notify._time_field(p_object jsonb, p_key text, p_path text)
+    returns timestamptz
+    language plpgsql
+    stable
+    set search_path = ''
+as $$
+declare
+    v text := notify._text_field(p_object, p_key, p_path, false, 64);
+    v_path text := ltrim(p_path || '.' || p_key, '.');
+begin
+    if v is null then
+        return null;
+    end if;
+    if v !~ '^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)$' then
+        perform notify._raise('ND400', 'invalid_format', format('%s must be an RFC 3339 time with an offset', v_path), v_path);
+    end if;
+    return v::timestamptz;
+exception
+    when datetime_field_overflow or invalid_datetime_format then
+        perform notify._raise('ND400', 'invalid_format', format('%s is not a valid time', v_path), v_path);
+end
+$$;
+comment on function notify._time_field(jsonb, text, text) is 'Reads an RFC 3339 timestamp member, refusing other formats with the field named.';
+
+create function notify._channel_field(p_value jsonb, p_path text)
+    returns notify.channel
+    language plpgsql
+    immutable
+    set search_path = ''
+as $$
+begin
+    if jsonb_typeof(p_value) is distinct from 'string'
+       or (p_value #>> '{}') <> all (enum_range(null::notify.channel)::text[]) then
+        perform notify._raise('ND400', 'invalid_channel',
+            format('%s must be one of %s', p_path, array_to_string(enum_range(null::notify.channel)::text[], ', ')), p_path);
+    end if;
+    return (p_value #>> '{}')::notify.channel;
+end
+$$;
+comment on function notify._channel_field(jsonb, text) is 'Reads a channel name, refusing unknown channels with the field named.';

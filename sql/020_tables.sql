@@ -1,0 +1,247 @@
+-- Tables of notification-dispatcher: tenants, keys, recipients, consent, templates, requests, deliveries.
+-- Written only through notify_api functions; every primary and unique key starts with tenant_id except where noted.
+
+create table notify.tenants (
+    id uuid primary key default gen_random_uuid(),
+    slug text not null,
+    name text not null,
+    default_locale text not null default 'en',
+    retry_max_attempts integer not null default 5,
+    retry_base_ms integer not null default 30000,
+    retry_max_ms integer not null default 3600000,
+    created_at timestamptz not null default now(),
+    constraint tenants_slug_key unique (slug),
+    constraint tenants_slug_format check (slug ~ '^[a-z0-9][a-z0-9_-]{0,62}$'),
+    constraint tenants_retry_sane check (retry_max_attempts between 1 and 100 and retry_base_ms > 0 and retry_max_ms >= retry_base_ms)
+);
+comment on table notify.tenants is 'A calling organisation. Everything else belongs to exactly one tenant.';
+comment on column notify.tenants.default_locale is 'Last step of template locale fallback (es-ES -> es -> default_locale).';
+comment on column notify.tenants.retry_max_attempts is 'Attempts per delivery before a transient failure becomes failed.';
+comment on column notify.tenants.retry_base_ms is 'Backoff before retry n is min(retry_max_ms, retry_base_ms * 2^(n-1)) scaled by a random factor in [0.5, 1).';
+
+create table notify.api_clients (
+    tenant_id uuid not null references notify.tenants (id),
+    id uuid not null default gen_random_uuid(),
+    name text not null,
+    prefix text not null,
+    key_hash bytea not null,
+    created_at timestamptz not null default now(),
+    last_used_at timestamptz,
+    revoked_at timestamptz,
+    primary key (tenant_id, id),
+    -- Global, not per tenant: a key is looked up before its tenant is known.
+    constraint api_clients_key_hash_key unique (key_hash),
+    constraint api_clients_hash_length check (octet_length(key_hash) = 32)
+);
+comment on table notify.api_clients is 'API keys. Only the SHA-256 of a key is stored; the key itself is shown once at creation.';
+comment on column notify.api_clients.prefix is 'The first characters of the key, for people to tell keys apart. Not secret, not used to authenticate.';
+comment on column notify.api_clients.last_used_at is 'Updated at most once a minute per key, to keep authentication read-mostly.';
+
+create table notify.channel_policies (
+    tenant_id uuid not null references notify.tenants (id),
+    channel notify.channel not null,
+    policy notify.consent_policy not null,
+    updated_at timestamptz not null default now(),
+    primary key (tenant_id, channel)
+);
+comment on table notify.channel_policies is
+    'Per-tenant consent policy of a channel. Missing row: opt_in for whatsapp and sms, opt_out for email (notify._default_policy).';
+
+create table notify.recipients (
+    tenant_id uuid not null references notify.tenants (id),
+    id uuid not null default gen_random_uuid(),
+    ref text not null,
+    locale text,
+    timezone text,
+    created_at timestamptz not null default now(),
+    updated_at timestamptz not null default now(),
+    primary key (tenant_id, id),
+    constraint recipients_ref_key unique (tenant_id, ref),
+    constraint recipients_ref_format check (length(ref) between 1 and 200)
+);
+comment on table notify.recipients is 'A generic contact known by the caller''s own reference (ref), e.g. "runner-42". No domain data.';
+
+create table notify.recipient_addresses (
+    tenant_id uuid not null,
+    recipient_id uuid not null,
+    channel notify.channel not null,
+    address text not null,
+    updated_at timestamptz not null default now(),
+    primary key (tenant_id, recipient_id, channel),
+    foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id) on delete cascade,
+    constraint recipient_addresses_format check (notify._address_valid(channel, address))
+);
+comment on table notify.recipient_addresses is 'The address of a recipient on each channel: E.164 phone for whatsapp/sms, an e-mail address for email.';
+
+create table notify.recipient_consents (
+    tenant_id uuid not null,
+    id bigint generated always as identity,
+    recipient_id uuid not null,
+    channel notify.channel not null,
+    category text,
+    status notify.consent_status not null,
+    source text not null,
+    evidence jsonb,
+    recorded_at timestamptz not null default now(),
+    recorded_by text,
+    primary key (tenant_id, id),
+    foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id) on delete cascade
+);
+comment on table notify.recipient_consents is
+    'Append-only consent ledger. The current state for (channel, category) is the latest entry whose category is that category or null (all categories).';
+comment on column notify.recipient_consents.category is 'null: the entry applies to every category of the channel.';
+comment on column notify.recipient_consents.evidence is 'What proves the entry: a form id, an inbound message, an IP address. Free-form JSON.';
+create index recipient_consents_lookup on notify.recipient_consents (tenant_id, recipient_id, channel, id desc);
+
+create table notify.templates (
+    tenant_id uuid not null references notify.tenants (id),
+    key text not null,
+    channel notify.channel not null,
+    locale text not null,
+    content jsonb not null,
+    required_variables text[] not null default '{}',
+    version integer not null default 1,
+    updated_at timestamptz not null default now(),
+    primary key (tenant_id, key, channel, locale),
+    constraint templates_key_format check (key ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$')
+);
+comment on table notify.templates is
+    'Message content per template key, channel and locale. Resolved at submit time with fallback es-ES -> es -> tenant default locale.';
+comment on column notify.templates.content is
+    'email: {subject, text, html?}; whatsapp: {name, language, parameters[]} or {text}; sms: {text}. {{var}} placeholders.';
+comment on column notify.templates.required_variables is 'Derived from the content by notify._template_variables; checked at submit.';
+
+create table notify.notification_requests (
+    tenant_id uuid not null references notify.tenants (id),
+    id uuid not null default gen_random_uuid(),
+    idempotency_key text,
+    fingerprint bytea not null,
+    recipient_id uuid not null,
+    template_key text not null,
+    variables jsonb not null default '{}',
+    category text,
+    channels notify.channel[] not null,
+    send_at timestamptz,
+    expires_at timestamptz,
+    metadata jsonb not null default '{}',
+    response jsonb,
+    created_at timestamptz not null default now(),
+    primary key (tenant_id, id),
+    foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
+    constraint notification_requests_idempotency_key unique (tenant_id, idempotency_key),
+    constraint notification_requests_key_format check (idempotency_key ~ '^[\x21-\x7e]{1,255}$')
+);
+comment on table notify.notification_requests is
+    'One accepted notification intent. Its idempotency key lives as long as the row.';
+comment on column notify.notification_requests.fingerprint is 'SHA-256 of the canonical (jsonb) request body; a reused key with another body is refused.';
+comment on column notify.notification_requests.response is 'The response given at submission, replayed verbatim for a repeated idempotency key.';
+
+create table notify.notification_deliveries (
+    tenant_id uuid not null,
+    id uuid not null default gen_random_uuid(),
+    request_id uuid not null,
+    recipient_id uuid not null,
+    channel notify.channel not null,
+    address text,
+    template_locale text,
+    status notify.delivery_status not null,
+    reason text,
+    attempt integer not null default 0,
+    seq integer not null default 1,
+    due_at timestamptz not null default now(),
+    expires_at timestamptz,
+    lease_expires_at timestamptz,
+    provider text,
+    provider_message_id text,
+    last_error_code text,
+    last_error_message text,
+    created_at timestamptz not null default now(),
+    updated_at timestamptz not null default now(),
+    sent_at timestamptz,
+    delivered_at timestamptz,
+    read_at timestamptz,
+    finished_at timestamptz,
+    primary key (tenant_id, id),
+    foreign key (tenant_id, request_id) references notify.notification_requests (tenant_id, id),
+    foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
+    constraint notification_deliveries_one_per_channel unique (tenant_id, request_id, recipient_id, channel)
+);
+comment on table notify.notification_deliveries is
+    'One message to one recipient on one channel: the work list of the worker and the unit of status.';
+comment on column notify.notification_deliveries.attempt is 'Claims so far. The fencing token: worker writes match on (id, attempt).';
+comment on column notify.notification_deliveries.seq is 'Incremented on every status change; delivery_events.seq follows it.';
+comment on column notify.notification_deliveries.due_at is 'When the delivery may be claimed: send_at, now, or the time of the next retry.';
+comment on column notify.notification_deliveries.lease_expires_at is 'Set at claim; past it, maintenance treats the send as crashed (crash policy per channel).';
+-- The queue: only rows waiting to be claimed are indexed, so the hot set stays small however much history there is.
+create index notification_deliveries_due on notify.notification_deliveries (channel, due_at)
+    where status in ('queued', 'scheduled');
+create index notification_deliveries_leases on notify.notification_deliveries (lease_expires_at)
+    where status = 'sending';
+-- Global, not per tenant: provider webhooks name only the provider's message id.
+create unique index notification_deliveries_provider_message on notify.notification_deliveries (provider, provider_message_id)
+    where provider_message_id is not null;
+create index notification_deliveries_request on notify.notification_deliveries (tenant_id, request_id);
+
+create table notify.delivery_attempts (
+    tenant_id uuid not null,
+    delivery_id uuid not null,
+    attempt integer not null,
+    started_at timestamptz not null default now(),
+    finished_at timestamptz,
+    outcome text,
+    provider text,
+    provider_message_id text,
+    error_code text,
+    error_message text,
+    primary key (tenant_id, delivery_id, attempt),
+    foreign key (tenant_id, delivery_id) references notify.notification_deliveries (tenant_id, id),
+    constraint delivery_attempts_outcome check (outcome in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'lease_expired'))
+);
+comment on table notify.delivery_attempts is 'One row per claim of a delivery; outcome null while the provider call is in flight.';
+
+create table notify.delivery_events (
+    tenant_id uuid not null,
+    id bigint generated always as identity,
+    delivery_id uuid not null,
+    seq integer not null,
+    from_status notify.delivery_status,
+    to_status notify.delivery_status not null,
+    source text not null,
+    reason text,
+    occurred_at timestamptz not null default now(),
+    primary key (tenant_id, id),
+    foreign key (tenant_id, delivery_id) references notify.notification_deliveries (tenant_id, id)
+);
+comment on table notify.delivery_events is 'Status history of each delivery, appended by trigger on every status change.';
+comment on column notify.delivery_events.source is 'Who changed it: submit, claim, worker, webhook, cancel, maintenance (transaction setting notify.source).';
+create index delivery_events_delivery on notify.delivery_events (tenant_id, delivery_id, seq);
+
+create table notify.webhook_events (
+    id bigint generated always as identity primary key,
+    provider text not null,
+    event_key text not null,
+    received_at timestamptz not null default now(),
+    payload jsonb not null,
+    outcomes jsonb not null default '[]',
+    -- Global, not per tenant: a webhook is deduplicated before the tenant is known (it is found from the events).
+    constraint webhook_events_dedup unique (provider, event_key)
+);
+comment on table notify.webhook_events is
+    'Every verified provider webhook, stored once per provider event key, with what each of its status events did.';
+comment on column notify.webhook_events.outcomes is 'Per status event: applied, stale (lower rank or illegal), or unmatched (no such delivery).';
+
+create table notify.mock_messages (
+    tenant_id uuid not null,
+    id bigint generated always as identity,
+    delivery_id uuid not null,
+    attempt integer not null,
+    channel notify.channel not null,
+    address text not null,
+    provider_message_id text not null,
+    rendered jsonb not null,
+    sent_at timestamptz not null default now(),
+    primary key (tenant_id, id)
+);
+comment on table notify.mock_messages is
+    'What the built-in mock provider would have sent, so a developer can look. One row per provider call.';
+create index mock_messages_delivery on notify.mock_messages (tenant_id, delivery_id);

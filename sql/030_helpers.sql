@@ -1,0 +1,94 @@
+-- Private helpers that read tables: consent, template resolution, backoff, worker wake-ups.
+-- Called only by notify_api functions, inside the caller's transaction.
+
+create function notify._consent_allows(p_tenant_id uuid, p_recipient_id uuid, p_channel notify.channel, p_category text)
+    returns boolean
+    language sql
+    stable
+    set search_path = ''
+as $$
+    select coalesce(
+        (select c.status = 'granted'
+           from notify.recipient_consents c
+          where c.tenant_id = p_tenant_id and c.recipient_id = p_recipient_id and c.channel = p_channel
+            and (c.category is null or c.category = p_category)
+          order by c.id desc
+          limit 1),
+        coalesce((select p.policy from notify.channel_policies p where p.tenant_id = p_tenant_id and p.channel = p_channel),
+                 notify._default_policy(p_channel)) = 'opt_out')
+$$;
+comment on function notify._consent_allows(uuid, uuid, notify.channel, text) is
+    'True if the recipient may be messaged on the channel for the category: the latest applicable ledger entry decides; without one, the tenant''s channel policy.';
+
+create function notify._resolve_template(p_tenant_id uuid, p_key text, p_channel notify.channel, p_locale text)
+    returns notify.templates
+    language sql
+    stable
+    set search_path = ''
+as $$
+    select t.*
+      from notify.templates t
+      join notify.tenants n on n.id = t.tenant_id
+     where t.tenant_id = p_tenant_id and t.key = p_key and t.channel = p_channel
+       and t.locale in (p_locale, split_part(p_locale, '-', 1), n.default_locale)
+     order by case t.locale when p_locale then 0 when split_part(p_locale, '-', 1) then 1 else 2 end
+     limit 1
+$$;
+comment on function notify._resolve_template(uuid, text, notify.channel, text) is
+    'The template for a key, channel and locale, falling back es-ES -> es -> the tenant''s default locale. Null when none exists.';
+
+create function notify._backoff(p_tenant_id uuid, p_attempt integer, p_retry_after double precision default null)
+    returns interval
+    language sql
+    volatile
+    set search_path = ''
+as $$
+    select greatest(
+        make_interval(secs => coalesce(p_retry_after, 0)),
+        make_interval(secs => least(t.retry_max_ms, t.retry_base_ms * power(2, greatest(p_attempt - 1, 0))) / 1000.0
+                               * (0.5 + random() / 2)))
+      from notify.tenants t where t.id = p_tenant_id
+$$;
+comment on function notify._backoff(uuid, integer, double precision) is
+    'Delay before retry after attempt n: exponential with jitter (factor 0.5-1), capped by the tenant''s maximum, never less than a provider''s Retry-After.';
+
+create function notify._wake(p_channel notify.channel, p_at timestamptz default null)
+    returns void
+    language plpgsql
+    volatile
+    -- procrastinate's trigger functions name their tables unqualified, so they need public on the path.
+    set search_path = pg_catalog, public
+as $$
+declare
+    v_bucket timestamptz;
+begin
+    -- One pending wake-up per channel (and per second for future work), however many deliveries ask for it.
+    -- ON CONFLICT on procrastinate's queueing-lock index instead of procrastinate_defer_jobs_v1 inside an
+    -- exception block: same row, same NOTIFY trigger, but no subtransaction per submission.
+    if p_at is null or p_at <= now() then
+        insert into public.procrastinate_jobs (queue_name, task_name, lock, queueing_lock, args, scheduled_at)
+        values ('dispatch', 'dispatch', null, 'dispatch:' || p_channel, jsonb_build_object('channel', p_channel), null)
+        on conflict (queueing_lock) where status = 'todo' do nothing;
+    else
+        v_bucket := to_timestamp(ceil(extract(epoch from p_at)));
+        insert into public.procrastinate_jobs (queue_name, task_name, lock, queueing_lock, args, scheduled_at)
+        values ('dispatch', 'dispatch', null, 'dispatch:' || p_channel || ':' || extract(epoch from v_bucket)::bigint,
+                jsonb_build_object('channel', p_channel), v_bucket)
+        on conflict (queueing_lock) where status = 'todo' do nothing;
+    end if;
+end
+$$;
+comment on function notify._wake(notify.channel, timestamptz) is
+    'Defers a procrastinate "dispatch" job for the channel, coalesced by queueing lock: now, or at the second p_at falls in. Commits (and NOTIFYs) with the caller''s transaction.';
+
+create function notify._set_source(p_source text)
+    returns void
+    language plpgsql
+    volatile
+    set search_path = ''
+as $$
+begin
+    perform set_config('notify.source', p_source, true);
+end
+$$;
+comment on function notify._set_source(text) is 'Names who changes statuses in this transaction; the history trigger records it.';

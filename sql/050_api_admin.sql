@@ -1,0 +1,169 @@
+-- notify_api: tenants, API keys and channel policies.
+-- Called by the `dispatcher` CLI, the HTTP auth middleware (authenticate_api_key_v1) and operators over SQL.
+
+create function notify_api.create_tenant_v1(p_slug text, p_name text default null, p_default_locale text default 'en')
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v notify.tenants;
+begin
+    if p_slug is null or p_slug !~ '^[a-z0-9][a-z0-9_-]{0,62}$' then
+        perform notify._raise('ND422', 'invalid_slug', 'slug must be 1-63 lowercase letters, digits, - or _', 'slug');
+    end if;
+    insert into notify.tenants (slug, name, default_locale)
+    values (p_slug, coalesce(p_name, p_slug), coalesce(p_default_locale, 'en'))
+    on conflict (slug) do nothing
+    returning * into v;
+    if v.id is null then
+        perform notify._raise('ND409', 'tenant_exists', format('tenant %s already exists', p_slug), 'slug');
+    end if;
+    return jsonb_build_object('id', v.id, 'slug', v.slug, 'name', v.name, 'default_locale', v.default_locale, 'created_at', v.created_at);
+end
+$$;
+comment on function notify_api.create_tenant_v1(text, text, text) is 'Creates a tenant. 409 if the slug is taken.';
+
+create function notify_api.get_tenant_v1(p_slug text)
+    returns jsonb
+    language sql
+    stable
+    security definer
+    set search_path = ''
+as $$
+    select jsonb_build_object('id', t.id, 'slug', t.slug, 'name', t.name, 'default_locale', t.default_locale,
+                              'retry_max_attempts', t.retry_max_attempts, 'retry_base_ms', t.retry_base_ms,
+                              'retry_max_ms', t.retry_max_ms, 'created_at', t.created_at)
+      from notify.tenants t where t.slug = p_slug
+$$;
+comment on function notify_api.get_tenant_v1(text) is 'A tenant by slug, or null.';
+
+create function notify_api.set_retry_policy_v1(p_tenant_id uuid, p_max_attempts integer, p_base_ms integer, p_max_ms integer)
+    returns void
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+begin
+    update notify.tenants
+       set retry_max_attempts = p_max_attempts, retry_base_ms = p_base_ms, retry_max_ms = p_max_ms
+     where id = p_tenant_id;
+    if not found then
+        perform notify._raise('ND404', 'not_found', 'no such tenant', 'tenant_id');
+    end if;
+exception
+    when check_violation then
+        perform notify._raise('ND422', 'invalid_retry_policy', 'max_attempts must be 1-100, base_ms > 0 and max_ms >= base_ms', 'retry');
+end
+$$;
+comment on function notify_api.set_retry_policy_v1(uuid, integer, integer, integer) is 'Sets how often and how fast transient failures are retried for a tenant.';
+
+create function notify_api.create_api_key_v1(p_tenant_id uuid, p_name text, p_prefix text, p_key_hash bytea)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v notify.api_clients;
+begin
+    if not exists (select from notify.tenants where id = p_tenant_id) then
+        perform notify._raise('ND404', 'not_found', 'no such tenant', 'tenant_id');
+    end if;
+    if octet_length(p_key_hash) is distinct from 32 then
+        perform notify._raise('ND422', 'invalid_key_hash', 'key_hash must be a SHA-256 digest (32 bytes)', 'key_hash');
+    end if;
+    insert into notify.api_clients (tenant_id, name, prefix, key_hash)
+    values (p_tenant_id, coalesce(p_name, 'default'), p_prefix, p_key_hash)
+    returning * into v;
+    return jsonb_build_object('id', v.id, 'tenant_id', v.tenant_id, 'name', v.name, 'prefix', v.prefix, 'created_at', v.created_at);
+end
+$$;
+comment on function notify_api.create_api_key_v1(uuid, text, text, bytea) is
+    'Registers an API key by its SHA-256. The caller generates the key and shows it once; the database never sees it.';
+
+create function notify_api.revoke_api_key_v1(p_tenant_id uuid, p_key_id uuid)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v notify.api_clients;
+begin
+    update notify.api_clients set revoked_at = coalesce(revoked_at, now())
+     where tenant_id = p_tenant_id and id = p_key_id
+    returning * into v;
+    if v.id is null then
+        perform notify._raise('ND404', 'not_found', 'no such API key', 'key_id');
+    end if;
+    return jsonb_build_object('id', v.id, 'revoked_at', v.revoked_at);
+end
+$$;
+comment on function notify_api.revoke_api_key_v1(uuid, uuid) is 'Revokes a key at once; later requests with it get 401.';
+
+create function notify_api.list_api_keys_v1(p_tenant_id uuid)
+    returns jsonb
+    language sql
+    stable
+    security definer
+    set search_path = ''
+as $$
+    select coalesce(jsonb_agg(jsonb_build_object('id', c.id, 'name', c.name, 'prefix', c.prefix, 'created_at', c.created_at,
+                                                 'last_used_at', c.last_used_at, 'revoked_at', c.revoked_at) order by c.created_at), '[]')
+      from notify.api_clients c where c.tenant_id = p_tenant_id
+$$;
+comment on function notify_api.list_api_keys_v1(uuid) is 'A tenant''s keys (prefix only, never a hash).';
+
+create function notify_api.authenticate_api_key_v1(p_key_hash bytea)
+    returns table (tenant_id uuid, api_key_id uuid)
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v notify.api_clients;
+begin
+    select * into v from notify.api_clients c where c.key_hash = p_key_hash and c.revoked_at is null;
+    if v.id is null then
+        return;
+    end if;
+    if v.last_used_at is null or v.last_used_at < now() - interval '1 minute' then
+        update notify.api_clients c set last_used_at = now()
+         where c.tenant_id = v.tenant_id and c.id = v.id;
+    end if;
+    tenant_id := v.tenant_id;
+    api_key_id := v.id;
+    return next;
+end
+$$;
+comment on function notify_api.authenticate_api_key_v1(bytea) is
+    'The tenant and key id of an unrevoked key with this SHA-256, or no row. Exact match on a 256-bit digest: nothing to time.';
+
+create function notify_api.set_channel_policy_v1(p_tenant_id uuid, p_channel notify.channel, p_policy notify.consent_policy)
+    returns jsonb
+    language sql
+    security definer
+    set search_path = ''
+as $$
+    insert into notify.channel_policies (tenant_id, channel, policy) values (p_tenant_id, p_channel, p_policy)
+    on conflict (tenant_id, channel) do update set policy = excluded.policy, updated_at = now()
+    returning jsonb_build_object('channel', channel, 'policy', policy, 'updated_at', updated_at)
+$$;
+comment on function notify_api.set_channel_policy_v1(uuid, notify.channel, notify.consent_policy) is
+    'Sets whether a channel is opt_in or opt_out for a tenant.';
+
+create function notify_api.list_channel_policies_v1(p_tenant_id uuid)
+    returns jsonb
+    language sql
+    stable
+    security definer
+    set search_path = ''
+as $$
+    select jsonb_agg(jsonb_build_object('channel', c, 'policy', coalesce(p.policy, notify._default_policy(c)),
+                                        'default', p.policy is null) order by c)
+      from unnest(enum_range(null::notify.channel)) c
+      left join notify.channel_policies p on p.tenant_id = p_tenant_id and p.channel = c
+$$;
+comment on function notify_api.list_channel_policies_v1(uuid) is 'The consent policy in force for each channel.';

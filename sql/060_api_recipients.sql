@@ -1,0 +1,268 @@
+-- notify_api: recipients, the consent ledger and templates.
+-- Called by the /internal/recipients and /internal/templates routes and by trusted SQL clients.
+
+create function notify._upsert_recipient(p_tenant_id uuid, p_ref text, p_body jsonb, p_path text)
+    returns notify.recipients
+    language plpgsql
+    set search_path = ''
+as $$
+declare
+    v notify.recipients;
+    v_locale text;
+    v_timezone text;
+    v_addresses jsonb;
+    v_channel notify.channel;
+    v_key text;
+    v_value jsonb;
+    v_prefix text := nullif(p_path, '');
+begin
+    if p_ref is null or length(p_ref) not between 1 and 200 then
+        perform notify._raise('ND400', 'invalid_length', 'ref must be 1 to 200 characters', ltrim(coalesce(v_prefix, '') || '.ref', '.'));
+    end if;
+    v_locale := notify._text_field(p_body, 'locale', p_path, false, 35);
+    if v_locale is not null and v_locale !~ '^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$' then
+        perform notify._raise('ND400', 'invalid_format', 'locale must be a BCP 47 tag such as es-ES',
+                              ltrim(coalesce(v_prefix, '') || '.locale', '.'));
+    end if;
+    v_timezone := notify._text_field(p_body, 'timezone', p_path, false, 64);
+    if v_timezone is not null and not exists (select from pg_catalog.pg_timezone_names where name = v_timezone) then
+        perform notify._raise('ND400', 'invalid_timezone', format('timezone %s is not an IANA time zone', v_timezone),
+                              ltrim(coalesce(v_prefix, '') || '.timezone', '.'));
+    end if;
+
+    insert into notify.recipients as r (tenant_id, ref, locale, timezone)
+    values (p_tenant_id, p_ref, v_locale, v_timezone)
+    on conflict (tenant_id, ref) do update
+        set locale = coalesce(excluded.locale, r.locale),
+            timezone = coalesce(excluded.timezone, r.timezone),
+            updated_at = case when (excluded.locale, excluded.timezone) is distinct from (r.locale, r.timezone)
+                              then now() else r.updated_at end
+    returning * into v;
+
+    v_addresses := p_body -> 'addresses';
+    if v_addresses is not null and jsonb_typeof(v_addresses) <> 'null' then
+        perform notify._check_keys(v_addresses, enum_range(null::notify.channel)::text[], ltrim(coalesce(v_prefix, '') || '.addresses', '.'));
+        for v_key, v_value in select * from jsonb_each(v_addresses) loop
+            v_channel := v_key::notify.channel;
+            if jsonb_typeof(v_value) = 'null' then
+                delete from notify.recipient_addresses a
+                 where a.tenant_id = p_tenant_id and a.recipient_id = v.id and a.channel = v_channel;
+            elsif jsonb_typeof(v_value) <> 'string' or not notify._address_valid(v_channel, v_value #>> '{}') then
+                perform notify._raise('ND400', 'invalid_address',
+                    case v_channel when 'email' then format('addresses.%s must be an e-mail address', v_key)
+                                   else format('addresses.%s must be an E.164 phone number such as +34600111222', v_key) end,
+                    ltrim(coalesce(v_prefix, '') || '.addresses.' || v_key, '.'));
+            else
+                insert into notify.recipient_addresses as a (tenant_id, recipient_id, channel, address)
+                values (p_tenant_id, v.id, v_channel, v_value #>> '{}')
+                on conflict (tenant_id, recipient_id, channel) do update
+                    set address = excluded.address, updated_at = now()
+                    where a.address is distinct from excluded.address;
+            end if;
+        end loop;
+    end if;
+    return v;
+end
+$$;
+comment on function notify._upsert_recipient(uuid, text, jsonb, text) is
+    'Creates or updates a recipient and its addresses from {addresses, locale, timezone}; an address set to null is removed. Errors name fields under p_path.';
+
+create function notify._recipient_json(p_tenant_id uuid, p_recipient_id uuid)
+    returns jsonb
+    language sql
+    stable
+    set search_path = ''
+as $$
+    select jsonb_build_object(
+        'ref', r.ref, 'locale', r.locale, 'timezone', r.timezone, 'created_at', r.created_at, 'updated_at', r.updated_at,
+        'addresses', coalesce((select jsonb_object_agg(a.channel, a.address) from notify.recipient_addresses a
+                                where a.tenant_id = r.tenant_id and a.recipient_id = r.id), '{}'))
+      from notify.recipients r where r.tenant_id = p_tenant_id and r.id = p_recipient_id
+$$;
+comment on function notify._recipient_json(uuid, uuid) is 'The public JSON form of a recipient.';
+
+create function notify_api.upsert_recipient_v1(p_tenant_id uuid, p_ref text, p_body jsonb)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v notify.recipients;
+begin
+    perform notify._check_keys(coalesce(p_body, '{}'), array['addresses', 'locale', 'timezone'], '');
+    v := notify._upsert_recipient(p_tenant_id, p_ref, coalesce(p_body, '{}'), '');
+    return notify._recipient_json(p_tenant_id, v.id);
+end
+$$;
+comment on function notify_api.upsert_recipient_v1(uuid, text, jsonb) is
+    'PUT semantics for a recipient: {addresses: {channel: address|null}, locale, timezone}. Returns the recipient.';
+
+create function notify_api.get_recipient_v1(p_tenant_id uuid, p_ref text)
+    returns jsonb
+    language plpgsql
+    stable
+    security definer
+    set search_path = ''
+as $$
+declare
+    v_id uuid;
+begin
+    select id into v_id from notify.recipients where tenant_id = p_tenant_id and ref = p_ref;
+    if v_id is null then
+        perform notify._raise('ND404', 'not_found', 'no such recipient', 'ref');
+    end if;
+    return notify._recipient_json(p_tenant_id, v_id);
+end
+$$;
+comment on function notify_api.get_recipient_v1(uuid, text) is 'A recipient by ref; 404 if it does not exist for this tenant.';
+
+create function notify_api.record_consent_v1(p_tenant_id uuid, p_ref text, p_body jsonb, p_recorded_by text default null)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v_recipient notify.recipients;
+    v_channel notify.channel;
+    v_status text;
+    v_entry notify.recipient_consents;
+begin
+    perform notify._check_keys(p_body, array['channel', 'status', 'category', 'source', 'evidence'], '');
+    if p_body is null then
+        perform notify._raise('ND400', 'missing_field', 'body is required', '');
+    end if;
+    v_channel := notify._channel_field(p_body -> 'channel', 'channel');
+    v_status := notify._text_field(p_body, 'status', '', true, 16);
+    if v_status not in ('granted', 'revoked') then
+        perform notify._raise('ND400', 'invalid_value', 'status must be granted or revoked', 'status');
+    end if;
+    v_recipient := notify._upsert_recipient(p_tenant_id, p_ref, '{}', '');
+    insert into notify.recipient_consents (tenant_id, recipient_id, channel, category, status, source, evidence, recorded_by)
+    values (p_tenant_id, v_recipient.id, v_channel, notify._text_field(p_body, 'category', '', false, 100),
+            v_status::notify.consent_status, notify._text_field(p_body, 'source', '', true, 200),
+            p_body -> 'evidence', p_recorded_by)
+    returning * into v_entry;
+    return jsonb_build_object('id', v_entry.id, 'channel', v_entry.channel, 'category', v_entry.category,
+                              'status', v_entry.status, 'source', v_entry.source, 'evidence', v_entry.evidence,
+                              'recorded_at', v_entry.recorded_at, 'recorded_by', v_entry.recorded_by);
+end
+$$;
+comment on function notify_api.record_consent_v1(uuid, text, jsonb, text) is
+    'Appends a consent entry {channel, status: granted|revoked, category?, source, evidence?}; creates the recipient if new.';
+
+create function notify_api.list_consents_v1(p_tenant_id uuid, p_ref text)
+    returns jsonb
+    language plpgsql
+    stable
+    security definer
+    set search_path = ''
+as $$
+declare
+    v_id uuid;
+begin
+    select id into v_id from notify.recipients where tenant_id = p_tenant_id and ref = p_ref;
+    if v_id is null then
+        perform notify._raise('ND404', 'not_found', 'no such recipient', 'ref');
+    end if;
+    return jsonb_build_object(
+        'ref', p_ref,
+        'current', (select jsonb_agg(jsonb_build_object(
+                        'channel', c, 'allowed', notify._consent_allows(p_tenant_id, v_id, c, null),
+                        'policy', coalesce(p.policy, notify._default_policy(c))) order by c)
+                      from unnest(enum_range(null::notify.channel)) c
+                      left join notify.channel_policies p on p.tenant_id = p_tenant_id and p.channel = c),
+        'history', coalesce((select jsonb_agg(jsonb_build_object(
+                        'id', e.id, 'channel', e.channel, 'category', e.category, 'status', e.status, 'source', e.source,
+                        'evidence', e.evidence, 'recorded_at', e.recorded_at, 'recorded_by', e.recorded_by) order by e.id)
+                      from notify.recipient_consents e where e.tenant_id = p_tenant_id and e.recipient_id = v_id), '[]'));
+end
+$$;
+comment on function notify_api.list_consents_v1(uuid, text) is
+    'The consent in force per channel (for messages without a category) and the full ledger of a recipient.';
+
+create function notify_api.upsert_template_v1(p_tenant_id uuid, p_key text, p_body jsonb)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v_locale text;
+    v_channels jsonb;
+    v_key text;
+    v_content jsonb;
+    v_channel notify.channel;
+begin
+    perform notify._check_keys(p_body, array['locale', 'channels'], '');
+    if p_key is null or p_key !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$' then
+        perform notify._raise('ND400', 'invalid_format', 'template key must be 1-100 letters, digits, _ . or -', 'key');
+    end if;
+    v_locale := coalesce(notify._text_field(p_body, 'locale', '', false, 35),
+                         (select default_locale from notify.tenants where id = p_tenant_id));
+    if v_locale !~ '^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$' then
+        perform notify._raise('ND400', 'invalid_format', 'locale must be a BCP 47 tag such as es-ES', 'locale');
+    end if;
+    v_channels := p_body -> 'channels';
+    if v_channels is null or jsonb_typeof(v_channels) <> 'object' or v_channels = '{}' then
+        perform notify._raise('ND400', 'missing_field', 'channels must map at least one channel to its content', 'channels');
+    end if;
+    perform notify._check_keys(v_channels, enum_range(null::notify.channel)::text[], 'channels');
+    for v_key, v_content in select * from jsonb_each(v_channels) loop
+        v_channel := v_key::notify.channel;
+        if jsonb_typeof(v_content) <> 'object' then
+            perform notify._raise('ND400', 'invalid_type', format('channels.%s must be an object', v_key), 'channels.' || v_key);
+        end if;
+        case v_channel
+            when 'email' then
+                perform notify._check_keys(v_content, array['subject', 'text', 'html'], 'channels.email');
+                perform notify._text_field(v_content, 'subject', 'channels.email', true, 998);
+                perform notify._text_field(v_content, 'text', 'channels.email', true, 100000);
+                perform notify._text_field(v_content, 'html', 'channels.email', false, 500000);
+            when 'whatsapp' then
+                perform notify._check_keys(v_content, array['name', 'language', 'parameters', 'text'], 'channels.whatsapp');
+                if (v_content ? 'text') = (v_content ? 'name') then
+                    perform notify._raise('ND400', 'invalid_template',
+                        'channels.whatsapp needs either name (an approved template) or text (free-form)', 'channels.whatsapp');
+                end if;
+                perform notify._text_field(v_content, 'name', 'channels.whatsapp', false, 512);
+                perform notify._text_field(v_content, 'language', 'channels.whatsapp', false, 16);
+                perform notify._text_field(v_content, 'text', 'channels.whatsapp', false, 4096);
+                if v_content ? 'parameters' and (jsonb_typeof(v_content -> 'parameters') <> 'array'
+                     or exists (select from jsonb_array_elements(v_content -> 'parameters') e
+                                 where jsonb_typeof(e) <> 'string' or e #>> '{}' !~ '^[A-Za-z_][A-Za-z0-9_]*$')) then
+                    perform notify._raise('ND400', 'invalid_type', 'channels.whatsapp.parameters must be a list of variable names',
+                                          'channels.whatsapp.parameters');
+                end if;
+            else
+                perform notify._check_keys(v_content, array['text'], 'channels.' || v_key);
+                perform notify._text_field(v_content, 'text', 'channels.' || v_key, true, 1600);
+        end case;
+        insert into notify.templates as t (tenant_id, key, channel, locale, content, required_variables)
+        values (p_tenant_id, p_key, v_channel, v_locale, v_content, notify._template_variables(v_content))
+        on conflict (tenant_id, key, channel, locale) do update
+            set content = excluded.content, required_variables = excluded.required_variables,
+                version = t.version + 1, updated_at = now()
+            where t.content is distinct from excluded.content;
+    end loop;
+    return notify_api.list_templates_v1(p_tenant_id, p_key);
+end
+$$;
+comment on function notify_api.upsert_template_v1(uuid, text, jsonb) is
+    'Sets the content of a template key for one locale: {locale?, channels: {email: {subject, text, html?}, whatsapp: {name, language, parameters[]} | {text}, sms: {text}}}.';
+
+create function notify_api.list_templates_v1(p_tenant_id uuid, p_key text default null)
+    returns jsonb
+    language sql
+    stable
+    security definer
+    set search_path = ''
+as $$
+    select coalesce(jsonb_agg(jsonb_build_object('key', t.key, 'channel', t.channel, 'locale', t.locale, 'content', t.content,
+                                                 'required_variables', to_jsonb(t.required_variables), 'version', t.version,
+                                                 'updated_at', t.updated_at) order by t.key, t.channel, t.locale), '[]')
+      from notify.templates t
+     where t.tenant_id = p_tenant_id and (p_key is null or t.key = p_key)
+$$;
+comment on function notify_api.list_templates_v1(uuid, text) is 'A tenant''s templates, all or one key, with the variables each needs.';

@@ -1,0 +1,178 @@
+-- notify_api: the worker's side — claim due deliveries, record provider outcomes, periodic maintenance.
+-- Called by runner/ (procrastinate tasks) in batches; one call per batch, never per delivery.
+
+create function notify_api.claim_deliveries_v1(p_channel notify.channel, p_limit integer, p_lease_seconds integer default 60)
+    returns setof notify.claimed_delivery
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+begin
+    if p_limit is null or p_limit < 1 or p_limit > 10000 then
+        perform notify._raise('ND400', 'invalid_value', 'limit must be 1 to 10000', 'limit');
+    end if;
+    perform notify._set_source('claim');
+    return query
+    with due as (
+        select d.tenant_id, d.id
+          from notify.notification_deliveries d
+         where d.channel = p_channel and d.status in ('queued', 'scheduled') and d.due_at <= now()
+         order by d.due_at
+         limit p_limit
+           for update skip locked
+    ), decided as (
+        -- Expiry and consent are checked again here: a revoke or a deadline between submit and send wins.
+        select d.tenant_id, d.id,
+               case when d.expires_at is not null and d.expires_at <= now() then 'expired'
+                    when not notify._consent_allows(d.tenant_id, d.recipient_id, d.channel, r.category) then 'suppressed'
+                    else 'sending' end as next_status
+          from due
+          join notify.notification_deliveries d on d.tenant_id = due.tenant_id and d.id = due.id
+          join notify.notification_requests r on r.tenant_id = d.tenant_id and r.id = d.request_id
+    ), updated as (
+        update notify.notification_deliveries d
+           set status = x.next_status::notify.delivery_status,
+               attempt = d.attempt + (x.next_status = 'sending')::integer,
+               lease_expires_at = case when x.next_status = 'sending' then now() + make_interval(secs => p_lease_seconds) end,
+               reason = case x.next_status when 'expired' then 'expired_before_send' when 'suppressed' then 'no_consent' else d.reason end
+          from decided x
+         where d.tenant_id = x.tenant_id and d.id = x.id
+        returning d.*
+    ), attempts as (
+        insert into notify.delivery_attempts (tenant_id, delivery_id, attempt)
+        select u.tenant_id, u.id, u.attempt from updated u where u.status = 'sending'
+    )
+    select u.tenant_id, u.id, u.attempt, u.channel, u.address, r.template_key, u.template_locale, t.content,
+           r.variables, r.category, u.request_id
+      from updated u
+      join notify.notification_requests r on r.tenant_id = u.tenant_id and r.id = u.request_id
+      left join notify.templates t on t.tenant_id = u.tenant_id and t.key = r.template_key
+                                  and t.channel = u.channel and t.locale = u.template_locale
+     where u.status = 'sending';
+end
+$$;
+comment on function notify_api.claim_deliveries_v1(notify.channel, integer, integer) is
+    'Claims up to p_limit due deliveries of a channel (FOR UPDATE SKIP LOCKED): expired ones become expired, revoked ones suppressed, the rest sending with attempt+1 and a lease. Returns what the worker needs to send them.';
+
+create function notify_api.record_attempts_v1(p_results notify.attempt_result[])
+    returns table (delivery_id uuid, status notify.delivery_status, applied boolean)
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+begin
+    if exists (select from unnest(p_results) r where r.outcome not in ('sent', 'retry', 'failed', 'unknown', 'suppressed')) then
+        perform notify._raise('ND400', 'invalid_value', 'outcome must be sent, retry, failed, unknown or suppressed', 'outcome');
+    end if;
+    perform notify._set_source('worker');
+
+    -- The attempt rows first (fenced the same way), so the history is complete even when a webhook overtook us.
+    update notify.delivery_attempts a
+       set finished_at = now(), outcome = r.outcome, provider = r.provider, provider_message_id = r.provider_message_id,
+           error_code = r.error_code, error_message = left(r.error_message, 1000)
+      from unnest(p_results) r
+     where a.tenant_id = r.tenant_id and a.delivery_id = r.delivery_id and a.attempt = r.attempt and a.finished_at is null;
+
+    return query
+    with input as (
+        select r.*, t.retry_max_attempts
+          from unnest(p_results) r
+          join notify.tenants t on t.id = r.tenant_id
+    ), changed as (
+        update notify.notification_deliveries d
+           set status = case
+                   when i.outcome = 'sent' and d.status in ('sending', 'unknown') then 'sent'
+                   when i.outcome = 'retry' and d.status = 'sending' and d.attempt >= i.retry_max_attempts then 'failed'
+                   when i.outcome = 'retry' and d.status = 'sending' then 'queued'
+                   when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'failed'
+                   when i.outcome = 'unknown' and d.status = 'sending' then 'unknown'
+                   when i.outcome = 'suppressed' and d.status = 'sending' then 'suppressed'
+                   else d.status end::notify.delivery_status,
+               reason = case
+                   when i.outcome = 'retry' and d.status = 'sending' and d.attempt >= i.retry_max_attempts then 'retries_exhausted'
+                   when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'provider_rejected'
+                   when i.outcome = 'unknown' and d.status = 'sending' then 'outcome_unknown'
+                   when i.outcome = 'suppressed' and d.status = 'sending' then 'provider_opt_out'
+                   else d.reason end,
+               due_at = case when i.outcome = 'retry' and d.status = 'sending' and d.attempt < i.retry_max_attempts
+                             then now() + notify._backoff(i.tenant_id, d.attempt, i.retry_after_seconds)
+                             else d.due_at end,
+               provider = coalesce(i.provider, d.provider),
+               provider_message_id = coalesce(d.provider_message_id, i.provider_message_id),
+               sent_at = case when i.outcome = 'sent' then coalesce(d.sent_at, now()) else d.sent_at end,
+               last_error_code = case when i.outcome = 'sent' then d.last_error_code else coalesce(i.error_code, d.last_error_code) end,
+               last_error_message = case when i.outcome = 'sent' then d.last_error_message
+                                         else coalesce(left(i.error_message, 1000), d.last_error_message) end
+          from input i
+         where d.tenant_id = i.tenant_id and d.id = i.delivery_id and d.attempt = i.attempt
+        returning d.id, d.channel, d.status, d.due_at
+    ), woken as (
+        select notify._wake(c.channel, min(c.due_at)) from changed c where c.status = 'queued' group by c.channel
+    )
+    select i.delivery_id, c.status, c.id is not null
+      from input i
+      left join changed c on c.id = i.delivery_id
+      cross join (select count(*) from woken) w;
+end
+$$;
+comment on function notify_api.record_attempts_v1(notify.attempt_result[]) is
+    'Writes a batch of provider outcomes, each fenced by its attempt number (a stale worker changes nothing): sent, retry (backoff with jitter, or failed when attempts are used up), failed, unknown, suppressed. Wakes the worker for retries.';
+
+create function notify_api.run_maintenance_v1()
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v_requeued integer;
+    v_unknown integer;
+    v_expired integer;
+    v_woken text[];
+begin
+    perform notify._set_source('maintenance');
+
+    -- Crashed sends (lease past due): e-mail may be sent twice, so it goes back to the queue;
+    -- WhatsApp and SMS must not be, so they become unknown until a provider report says what happened.
+    with stale as (
+        select d.tenant_id, d.id, d.attempt, d.channel
+          from notify.notification_deliveries d
+         where d.status = 'sending' and d.lease_expires_at < now()
+           for update skip locked
+    ), attempts as (
+        update notify.delivery_attempts a set finished_at = now(), outcome = 'lease_expired'
+          from stale s
+         where a.tenant_id = s.tenant_id and a.delivery_id = s.id and a.attempt = s.attempt and a.finished_at is null
+    ), moved as (
+        update notify.notification_deliveries d
+           set status = case when s.channel = 'email' then 'queued' else 'unknown' end::notify.delivery_status,
+               reason = case when s.channel = 'email' then d.reason else 'lease_expired' end,
+               due_at = case when s.channel = 'email' then now() else d.due_at end
+          from stale s
+         where d.tenant_id = s.tenant_id and d.id = s.id
+        returning d.status
+    )
+    select count(*) filter (where status = 'queued'), count(*) filter (where status = 'unknown')
+      into v_requeued, v_unknown from moved;
+
+    -- Deadlines: anything still waiting past its expires_at is never sent.
+    with gone as (
+        update notify.notification_deliveries d set status = 'expired', reason = 'expired_before_send'
+         where d.status in ('queued', 'scheduled') and d.expires_at <= now()
+        returning 1
+    )
+    select count(*) into v_expired from gone;
+
+    -- Safety net: a wake-up for every channel with due work (coalesced, so cheap when one is pending).
+    select array_agg(c::text) into v_woken
+      from unnest(enum_range(null::notify.channel)) c
+     where exists (select from notify.notification_deliveries d
+                    where d.channel = c and d.status in ('queued', 'scheduled') and d.due_at <= now());
+    perform notify._wake(c::notify.channel) from unnest(v_woken) c;
+
+    return jsonb_build_object('requeued', v_requeued, 'unknown', v_unknown, 'expired', v_expired,
+                              'woken', coalesce(to_jsonb(v_woken), '[]'));
+end
+$$;
+comment on function notify_api.run_maintenance_v1() is
+    'Periodic upkeep: expired leases (email -> queued, whatsapp/sms -> unknown), deliveries past expires_at -> expired, a wake-up for every channel with due work.';

@@ -1,0 +1,30 @@
+-- Privileges: nobody but the owner reaches notify tables; roles get EXECUTE on named notify_api functions.
+-- Loaded last; a new function is granted here in the same change that adds it.
+
+revoke all on schema notify from public;
+revoke all on schema notify_api from public;
+revoke execute on all functions in schema notify from public;
+revoke execute on all functions in schema notify_api from public;
+
+grant usage on schema notify_api to notify_service, notify_caller;
+
+-- The API and the worker: every notify_api function.
+grant execute on all functions in schema notify_api to notify_service;
+grant usage on schema notify to notify_service;  -- composite and enum types in function signatures
+grant usage on schema notify to notify_caller;
+
+-- Trusted direct-SQL callers: the caller-facing functions only (no keys, no worker, no webhooks).
+grant execute on function notify_api.submit_notification_v1(uuid, jsonb, text) to notify_caller;
+grant execute on function notify_api.get_notification_v1(uuid, uuid) to notify_caller;
+grant execute on function notify_api.cancel_notification_v1(uuid, uuid) to notify_caller;
+grant execute on function notify_api.upsert_recipient_v1(uuid, text, jsonb) to notify_caller;
+grant execute on function notify_api.get_recipient_v1(uuid, text) to notify_caller;
+grant execute on function notify_api.record_consent_v1(uuid, text, jsonb, text) to notify_caller;
+grant execute on function notify_api.list_consents_v1(uuid, text) to notify_caller;
+grant execute on function notify_api.list_templates_v1(uuid, text) to notify_caller;
+grant execute on function notify_api.get_tenant_v1(text) to notify_caller;
+
+-- procrastinate's own tables and functions, for the worker running as notify_service.
+grant select, insert, update, delete on all tables in schema public to notify_service;
+grant usage, select on all sequences in schema public to notify_service;
+grant execute on all functions in schema public to notify_service;
