@@ -48,4 +48,6 @@ class EmbeddedPostgres:
             conn.execute("select pg_reload_conf()")
 
     def stop(self) -> None:
-        self.server.stop()
+        if (Path(self.server.pgdata) / "postmaster.pid").exists():
+            self.server.stop()
+        self.server.cleanup_mode = None  # stopped: nothing left for pgserver's atexit hook

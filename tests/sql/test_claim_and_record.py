@@ -1,0 +1,170 @@
+"""notify_api.claim_deliveries_v1 and record_attempts_v1: batches, fencing, retries, expiry, consent at claim."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from tests.conftest import call, intent, submit
+
+CLAIM = "select * from notify_api.claim_deliveries_v1(%s::notify.channel, %s, %s)"
+RECORD = ("select delivery_id, status::text, applied from notify_api.record_attempts_v1("
+          "array(select r from jsonb_populate_recordset(null::notify.attempt_result, %s) r))")
+
+
+def claim(conn: psycopg.Connection, channel: str, limit: int = 100, lease: int = 60) -> list[tuple]:
+    return conn.execute(CLAIM, (channel, limit, lease)).fetchall()
+
+
+def record(conn: psycopg.Connection, *results: dict) -> list[tuple]:
+    return conn.execute(RECORD, (Jsonb(list(results)),)).fetchall()
+
+
+def result(row: tuple, outcome: str, **extra: object) -> dict:
+    return {"tenant_id": str(row[0]), "delivery_id": str(row[1]), "attempt": row[2], "outcome": outcome, "provider": "mock", **extra}
+
+
+def status(conn: psycopg.Connection, delivery_id: object) -> tuple:
+    return conn.execute("select status::text, attempt, reason from notify.notification_deliveries where id = %s", (delivery_id,)).fetchone()
+
+
+def test_claim_takes_a_batch_and_returns_what_to_send(db, ready):
+    for _ in range(5):
+        submit(db, ready, intent(channels=["email"]))
+    rows = claim(db, "email", limit=3)
+    assert len(rows) == 3
+    first = rows[0]
+    assert first[3] == "email" and first[4] == "ana@example.com" and first[5] == "event_reminder"
+    assert first[7]["subject"] == "Reminder: {{event}}" and first[8] == {"name": "Ana", "event": "Long run"}
+    assert {status(db, r[1])[:2] for r in rows} == {("sending", 1)}
+    assert len(claim(db, "email", limit=10)) == 2
+    assert claim(db, "email") == []
+
+
+def test_claim_only_takes_its_channel_and_due_rows(db, ready):
+    submit(db, ready, intent(channels=["whatsapp"], send_at="2099-01-01T00:00:00Z"))
+    submit(db, ready, intent(channels=["email"]))
+    assert claim(db, "whatsapp") == []
+    assert len(claim(db, "email")) == 1
+
+
+def test_concurrent_claims_are_disjoint(db, ready, connect):
+    for _ in range(10):
+        submit(db, ready, intent(channels=["email"]))
+    a, b = connect(), connect()
+    rows_a = claim(a, "email", limit=6)      # a holds its row locks (transaction open)
+    rows_b = claim(b, "email", limit=6)      # b skips them
+    a.commit()
+    b.commit()
+    ids_a, ids_b = {r[1] for r in rows_a}, {r[1] for r in rows_b}
+    assert len(ids_a) == 6 and len(ids_b) == 4 and not ids_a & ids_b
+
+
+def test_claim_expires_what_is_past_its_deadline(db, ready):
+    response, _ = submit(db, ready, intent(channels=["email"], expires_at="2099-01-01T00:00:00Z"))
+    delivery = response["deliveries"][0]["id"]
+    db.execute("update notify.notification_deliveries set expires_at = now() - interval '1 second' where id = %s", (delivery,))
+    assert claim(db, "email") == []
+    assert status(db, delivery) == ("expired", 0, "expired_before_send")
+
+
+def test_consent_revoked_after_submit_suppresses_at_claim(db, ready):
+    response, _ = submit(db, ready, intent(channels=["whatsapp"]))
+    call(db, "notify_api.record_consent_v1(%s, 'runner-42', %s)", ready, Jsonb({"channel": "whatsapp", "status": "revoked", "source": "reply_stop"}))
+    assert claim(db, "whatsapp") == []
+    assert status(db, response["deliveries"][0]["id"]) == ("suppressed", 0, "no_consent")
+
+
+def test_sent_records_the_provider_message_id(db, ready):
+    submit(db, ready, intent(channels=["email"]))
+    row = claim(db, "email")[0]
+    assert record(db, result(row, "sent", provider_message_id="m-1")) == [(row[1], "sent", True)]
+    assert db.execute("select provider, provider_message_id, sent_at is not null from notify.notification_deliveries").fetchone() == ("mock", "m-1", True)
+    attempt = db.execute("select outcome, provider_message_id, finished_at is not null from notify.delivery_attempts").fetchone()
+    assert attempt == ("sent", "m-1", True)
+
+
+def test_a_stale_worker_write_is_fenced_off(db, ready):
+    submit(db, ready, intent(channels=["email"]))
+    row = claim(db, "email")[0]
+    stale = result(row, "failed", error_code="late")
+    db.execute("update notify.notification_deliveries set status = 'queued', due_at = now() where id = %s", (row[1],))  # lease expired
+    newer = claim(db, "email")[0]
+    assert newer[2] == row[2] + 1
+    assert record(db, stale) == [(row[1], None, False)]
+    assert status(db, row[1])[:2] == ("sending", 2)
+
+
+def test_retry_backs_off_exponentially_with_jitter(db, ready):
+    call(db, "notify_api.set_retry_policy_v1(%s, 5, 1000, 60000)", ready)
+    submit(db, ready, intent(channels=["email"]))
+    delays = []
+    for attempt in (1, 2, 3):
+        db.execute("update notify.notification_deliveries set due_at = now()")
+        row = claim(db, "email")[0]
+        assert row[2] == attempt
+        record(db, result(row, "retry", error_code="503"))
+        delay = db.execute("select extract(epoch from due_at - now()) from notify.notification_deliveries").fetchone()[0]
+        delays.append(float(delay))
+    for n, delay in enumerate(delays):
+        base = 2 ** n
+        assert 0.5 * base - 0.05 <= delay <= base + 0.05, (n, delay)
+    assert status(db, row[1])[0] == "queued"
+    wakeups = db.execute("select scheduled_at from procrastinate_jobs where queueing_lock like 'dispatch:email:%'").fetchall()
+    assert wakeups, "a retry schedules a wake-up at its due time"
+
+
+def test_retry_after_from_the_provider_is_a_floor(db, ready):
+    call(db, "notify_api.set_retry_policy_v1(%s, 5, 10, 100)", ready)
+    submit(db, ready, intent(channels=["email"]))
+    row = claim(db, "email")[0]
+    record(db, result(row, "retry", retry_after_seconds=30))
+    delay = db.execute("select extract(epoch from due_at - now()) from notify.notification_deliveries").fetchone()[0]
+    assert 29 <= float(delay) <= 31
+
+
+def test_retries_exhausted_end_failed(db, ready):
+    call(db, "notify_api.set_retry_policy_v1(%s, 2, 10, 10)", ready)
+    submit(db, ready, intent(channels=["email"]))
+    for _ in range(2):
+        db.execute("update notify.notification_deliveries set due_at = now()")
+        row = claim(db, "email")[0]
+        record(db, result(row, "retry", error_code="503", error_message="busy"))
+    assert status(db, row[1]) == ("failed", 2, "retries_exhausted")
+    db.execute("update notify.notification_deliveries set due_at = now()")
+    assert claim(db, "email") == []
+
+
+def test_failed_and_unknown_outcomes(db, ready):
+    submit(db, ready, intent(channels=["email"]))
+    submit(db, ready, intent(channels=["email"]))
+    a, b = claim(db, "email")
+    record(db, result(a, "failed", error_code="550", error_message="no such user"), result(b, "unknown", error_code="timeout"))
+    assert status(db, a[1]) == ("failed", 1, "provider_rejected")
+    assert status(db, b[1]) == ("unknown", 1, "outcome_unknown")
+    assert db.execute("select last_error_code, last_error_message from notify.notification_deliveries where id = %s", (a[1],)).fetchone() == ("550", "no such user")
+
+
+def test_an_unknown_outcome_name_is_refused(db, ready):
+    submit(db, ready, intent(channels=["email"]))
+    row = claim(db, "email")[0]
+    with pytest.raises(psycopg.Error) as info:
+        record(db, result(row, "exploded"))
+    assert info.value.sqlstate == "ND400"
+
+
+def test_claim_limit_is_checked(db, ready):
+    with pytest.raises(psycopg.Error) as info:
+        claim(db, "email", limit=0)
+    assert info.value.sqlstate == "ND400" and info.value.diag.column_name == "limit"
+
+
+def test_scheduled_deliveries_are_claimed_when_due(db, ready):
+    response, _ = submit(db, ready, intent(channels=["email"], send_at=(dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()))
+    assert claim(db, "email") == []
+    db.execute("update notify.notification_deliveries set due_at = now() - interval '1 second'")
+    rows = claim(db, "email")
+    assert [r[1] for r in rows] == [response["deliveries"][0]["id"]] or str(rows[0][1]) == response["deliveries"][0]["id"]
