@@ -15,10 +15,10 @@ from uuid import UUID
 import msgspec
 from litestar import Controller, Litestar, Request, Response, Router, get, post, put
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.params import Parameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from psycopg.types.json import Jsonb
 
 from api import problems
@@ -52,7 +52,7 @@ async def provide_db(state: State) -> Database:
     return state.db  # type: ignore[no-any-return]
 
 
-async def authenticate(request: Request[Any, Any, Any], db: Database) -> Tenant:
+async def authenticate(request: Request[Any, Any, Any], db: NamedDependency[Database]) -> Tenant:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
@@ -77,8 +77,8 @@ class Notifications(Controller):
           description="One delivery per channel; suppressed deliveries say why. A repeated Idempotency-Key with the "
                       "same body replays the original response with 200 and Idempotent-Replayed: true; with another body, 422.")
     async def submit(
-        self, request: Request[Any, Any, Any], data: NotificationIn, tenant: Tenant, db: Database,
-        idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", required=False, max_length=255)] = None,
+        self, request: Request[Any, Any, Any], data: JSONBody[NotificationIn], tenant: NamedDependency[Tenant], db: NamedDependency[Database],
+        idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", required=False, max_length=255)] = None,
     ) -> Response[NotificationAccepted]:
         row = await db.one(
             "select response::text, replayed from notify_api.submit_notification_v1(%s, %s::jsonb, %s)",
@@ -89,13 +89,13 @@ class Notifications(Controller):
         return _json(row[0], 202)
 
     @get("/{notification_id:uuid}", operation_id="getNotification", summary="Read a notification and its deliveries")
-    async def read(self, notification_id: UUID, tenant: Tenant, db: Database) -> Response[NotificationOut]:
+    async def read(self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[NotificationOut]:
         row = await db.one("select notify_api.get_notification_v1(%s, %s)::text", (tenant.id, notification_id))
         return _json(row[0] if row else None)
 
     @post("/{notification_id:uuid}/cancel", operation_id="cancelNotification", status_code=200,
           summary="Cancel what has not been claimed yet", description="Says per delivery whether it was cancelled and, if not, why.")
-    async def cancel(self, notification_id: UUID, tenant: Tenant, db: Database) -> Response[CancelResult]:
+    async def cancel(self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[CancelResult]:
         row = await db.one("select notify_api.cancel_notification_v1(%s, %s)::text", (tenant.id, notification_id))
         return _json(row[0] if row else None)
 
@@ -106,23 +106,23 @@ class Recipients(Controller):
 
     @put("/{ref:str}", operation_id="upsertRecipient", summary="Create or update a recipient and its addresses",
          description="An address set to null is removed.")
-    async def upsert(self, request: Request[Any, Any, Any], ref: str, data: RecipientPut, tenant: Tenant, db: Database) -> Response[RecipientOut]:
+    async def upsert(self, request: Request[Any, Any, Any], ref: FromPath[str], data: JSONBody[RecipientPut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[RecipientOut]:
         row = await db.one("select notify_api.upsert_recipient_v1(%s, %s, %s::jsonb)::text", (tenant.id, ref, await _body_text(request)))
         return _json(row[0] if row else None)
 
     @get("/{ref:str}", operation_id="getRecipient", summary="Read a recipient")
-    async def read(self, ref: str, tenant: Tenant, db: Database) -> Response[RecipientOut]:
+    async def read(self, ref: FromPath[str], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[RecipientOut]:
         row = await db.one("select notify_api.get_recipient_v1(%s, %s)::text", (tenant.id, ref))
         return _json(row[0] if row else None)
 
     @post("/{ref:str}/consents", operation_id="recordConsent", status_code=201, summary="Append a consent entry")
-    async def record_consent(self, request: Request[Any, Any, Any], ref: str, data: ConsentIn, tenant: Tenant, db: Database) -> Response[ConsentEntry]:
+    async def record_consent(self, request: Request[Any, Any, Any], ref: FromPath[str], data: JSONBody[ConsentIn], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[ConsentEntry]:
         row = await db.one("select notify_api.record_consent_v1(%s, %s, %s::jsonb, %s)::text",
                            (tenant.id, ref, await _body_text(request), f"api_key:{tenant.key_id}"))
         return _json(row[0] if row else None, 201)
 
     @get("/{ref:str}/consents", operation_id="listConsents", summary="Consent in force per channel, and the ledger")
-    async def list_consents(self, ref: str, tenant: Tenant, db: Database) -> Response[ConsentsOut]:
+    async def list_consents(self, ref: FromPath[str], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[ConsentsOut]:
         row = await db.one("select notify_api.list_consents_v1(%s, %s)::text", (tenant.id, ref))
         return _json(row[0] if row else None)
 
@@ -133,13 +133,13 @@ class Templates(Controller):
 
     @put("/{key:str}", operation_id="upsertTemplate", summary="Set a template's content for one locale",
          description="Placeholders are {{name}}; the variables a template needs are derived and checked at submit time.")
-    async def upsert(self, request: Request[Any, Any, Any], key: str, data: TemplatePut, tenant: Tenant, db: Database) -> Response[list[TemplateOut]]:
+    async def upsert(self, request: Request[Any, Any, Any], key: FromPath[str], data: JSONBody[TemplatePut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[TemplateOut]]:
         row = await db.one("select notify_api.upsert_template_v1(%s, %s, %s::jsonb)::text", (tenant.id, key, await _body_text(request)))
         return _json(row[0] if row else None)
 
     @get("/", operation_id="listTemplates", summary="List templates")
-    async def list(self, tenant: Tenant, db: Database,
-                   key: Annotated[str | None, Parameter(query="key", required=False)] = None) -> Response[list[TemplateOut]]:
+    async def list(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database],
+                   key: Annotated[str | None, QueryParameter(name="key", required=False)] = None) -> Response[list[TemplateOut]]:
         row = await db.one("select notify_api.list_templates_v1(%s, %s)::text", (tenant.id, key))
         return _json(row[0] if row else None)
 
@@ -149,12 +149,12 @@ class Channels(Controller):
     tags = ["consent"]
 
     @get("/policies", operation_id="listChannelPolicies", summary="Consent policy per channel")
-    async def policies(self, tenant: Tenant, db: Database) -> Response[list[PolicyOut]]:
+    async def policies(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[PolicyOut]]:
         row = await db.one("select notify_api.list_channel_policies_v1(%s)::text", (tenant.id,))
         return _json(row[0] if row else None)
 
     @put("/{channel:str}/policy", operation_id="setChannelPolicy", summary="Make a channel opt_in or opt_out")
-    async def set_policy(self, channel: str, data: PolicyPut, tenant: Tenant, db: Database) -> Response[PolicyOut]:
+    async def set_policy(self, channel: FromPath[str], data: JSONBody[PolicyPut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[PolicyOut]:
         if channel not in ("whatsapp", "email", "sms"):
             raise ProblemException(404, "not_found", f"no channel {channel}", "channel")
         row = await db.one("select notify_api.set_channel_policy_v1(%s, %s::notify.channel, %s::notify.consent_policy)::text",
@@ -167,9 +167,9 @@ class Mock(Controller):
     tags = ["mock provider"]
 
     @get("/messages", operation_id="listMockMessages", summary="What the mock provider would have sent")
-    async def messages(self, tenant: Tenant, db: Database,
-                       delivery_id: Annotated[UUID | None, Parameter(query="delivery_id", required=False)] = None,
-                       limit: Annotated[int, Parameter(query="limit", ge=1, le=1000)] = 100) -> Response[list[MockMessage]]:
+    async def messages(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database],
+                       delivery_id: Annotated[UUID | None, QueryParameter(name="delivery_id", required=False)] = None,
+                       limit: Annotated[int, QueryParameter(name="limit", ge=1, le=1000)] = 100) -> Response[list[MockMessage]]:
         row = await db.one("select notify_api.list_mock_messages_v1(%s, %s, %s)::text", (tenant.id, delivery_id, limit))
         return _json(row[0] if row else None)
 
@@ -183,7 +183,7 @@ INGEST = (
 @post("/webhooks/{provider:str}", operation_id="receiveWebhook", status_code=200, tags=["webhooks"],
       summary="Provider status reports", security=[],
       description="Verified over the raw body before anything is parsed; stored once per provider event; applied by rank.")
-async def receive_webhook(request: Request[Any, Any, Any], provider: str, db: Database, state: State) -> Response[WebhookAck]:
+async def receive_webhook(request: Request[Any, Any, Any], provider: FromPath[str], db: NamedDependency[Database], state: State) -> Response[WebhookAck]:
     adapter = state.webhook_adapters.get(provider)
     if adapter is None:
         raise ProblemException(404, "not_found", f"no webhook endpoint for provider {provider}", "provider")
@@ -203,7 +203,7 @@ async def receive_webhook(request: Request[Any, Any, Any], provider: str, db: Da
 
 
 @get("/health", operation_id="health", tags=["diagnostics"], security=[], summary="Liveness and database check")
-async def health(db: Database) -> Response[Health]:
+async def health(db: NamedDependency[Database]) -> Response[Health]:
     ok = await db.ping()
     body = Health(status="ok" if ok else "unavailable", database="ok" if ok else "unavailable")
     return Response(content=_encode(body), status_code=200 if ok else 503, media_type=JSON,

@@ -44,26 +44,22 @@ def problem(request: Request[Any, Any, Any] | None, status: int, type_: str, det
     return Response(content=_encode(body), status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
-_FIELD_IN_MSGSPEC = re.compile(r"at `\$(?P<path>[^`]*)`")
 _UNKNOWN = re.compile(r"unknown field `(?P<name>[^`]+)`")
+_MISSING = re.compile(r"missing required field `(?P<name>[^`]+)`")
 
 
 def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
-    """msgspec's message names the path ("... - at `$.recipient.ref`"); turn it into a dotted field."""
-    extra = exc.extra if isinstance(exc.extra, list) else []
-    message = str(extra[0].get("message")) if extra and isinstance(extra[0], dict) else exc.detail
-    field = None
-    key = extra[0].get("key") if extra and isinstance(extra[0], dict) else None
-    match = _FIELD_IN_MSGSPEC.search(message or "")
-    if match:
-        field = match.group("path").lstrip(".").replace("].", "]").replace("[", ".[").lstrip(".") or None
-        field = field.replace(".[", "[") if field else None
-    unknown = _UNKNOWN.search(message or "")
-    if unknown:
-        field = ".".join(p for p in ((field or ""), unknown.group("name")) if p)
-    if field is None and isinstance(key, str) and key:
+    """Litestar gives msgspec's message and the path ("recipient.addresses.whatsapp"); a missing or
+    unknown member's name is only in the message, so it is appended to the path."""
+    extra = exc.extra[0] if isinstance(exc.extra, list) and exc.extra and isinstance(exc.extra[0], dict) else {}
+    message = str(extra.get("message") or exc.detail)
+    key = extra.get("key") if isinstance(extra.get("key"), str) else ""
+    key = "" if key == "data" else key.removeprefix("data.")  # the body itself is "data"
+    named = _UNKNOWN.search(message) or _MISSING.search(message)
+    field = ".".join(p for p in (key, named.group("name") if named else "") if p) or None
+    if field and extra.get("source") == "header":
         field = key
-    return problem(request, 400, "unknown_field" if unknown else "invalid_request", message, field)
+    return problem(request, 400, "unknown_field" if _UNKNOWN.search(message) else "invalid_request", message, field)
 
 
 def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:

@@ -1,0 +1,198 @@
+"""The HTTP layer against a real database: auth, problem+json, idempotency headers, webhooks, OpenAPI."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from litestar.testing import TestClient
+from psycopg.types.json import Jsonb
+
+from api.app import create_app
+from dispatcher import keys
+from dispatcher.settings import Settings
+from providers import standard_webhooks as sw
+from tests.conftest import REMINDER, call, intent
+
+SECRET = sw.new_secret()
+
+
+def make_key(db: psycopg.Connection, tenant: str) -> tuple[str, str]:
+    key = keys.generate()
+    info = call(db, "notify_api.create_api_key_v1(%s, 'tests', %s, %s)", tenant, keys.display_prefix(key), keys.digest(key))
+    return key, info["id"]
+
+
+@pytest.fixture
+def client(db: psycopg.Connection, db_url: str, ready: str) -> Iterator[TestClient]:
+    settings = Settings(database_url=db_url, mock_webhook_secret=SECRET, max_body_bytes=64 * 1024)
+    key, _ = make_key(db, ready)
+    with TestClient(app=create_app(settings)) as c:
+        c.headers["Authorization"] = f"Bearer {key}"
+        yield c
+
+
+def is_problem(response, status: int, field: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status and body["type"].startswith("urn:notification-dispatcher:problem:") and body["title"]
+    if field is not None:
+        assert body.get("field") == field, body
+    return body
+
+
+def test_submit_then_replay_then_reuse(client):
+    first = client.post("/internal/notifications", json=intent(), headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == 202 and "idempotent-replayed" not in first.headers
+    body = first.json()
+    assert body["status"] == "accepted" and [d["channel"] for d in body["deliveries"]] == ["whatsapp", "email"]
+    again = client.post("/internal/notifications", json=intent(), headers={"Idempotency-Key": "k-1"})
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true" and again.json() == body
+    reused = client.post("/internal/notifications", json=intent(variables={"name": "Bob", "event": "x"}), headers={"Idempotency-Key": "k-1"})
+    assert is_problem(reused, 422, "Idempotency-Key")["type"].endswith("idempotency_key_reused")
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nd_00000000_wrong"}, {"Authorization": "Basic abc"}])
+def test_internal_routes_need_a_valid_key(client, headers):
+    client.headers.pop("Authorization")
+    response = client.get("/internal/templates", headers=headers)
+    is_problem(response, 401)
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_a_revoked_key_is_refused_at_once(client, db, ready):
+    key, key_id = make_key(db, ready)
+    assert client.get("/internal/templates", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    call(db, "notify_api.revoke_api_key_v1(%s, %s)", ready, key_id)
+    is_problem(client.get("/internal/templates", headers={"Authorization": f"Bearer {key}"}), 401)
+
+
+def test_another_tenants_notification_is_404(client, db):
+    created = client.post("/internal/notifications", json=intent()).json()
+    other = str(call(db, "notify_api.create_tenant_v1('other')")["id"])
+    other_key, _ = make_key(db, other)
+    headers = {"Authorization": f"Bearer {other_key}"}
+    is_problem(client.get(f"/internal/notifications/{created['id']}", headers=headers), 404, "id")
+    is_problem(client.post(f"/internal/notifications/{created['id']}/cancel", headers=headers), 404)
+    assert client.get(f"/internal/notifications/{created['id']}").status_code == 200
+
+
+@pytest.mark.parametrize(("body", "status", "field"), [
+    (intent(bogus=True), 400, "bogus"),
+    (intent(recipient={"ref": "r", "addresses": {"whatsapp": 5}}), 400, "recipient.addresses.whatsapp"),
+    (intent(channels=["pigeon"]), 400, "channels[0]"),
+    (intent(recipient={"ref": "r", "addresses": {"whatsapp": "0034 600"}}), 400, "recipient.addresses.whatsapp"),
+    (intent(template="missing"), 422, "template"),
+    (intent(variables={}), 422, "variables.event"),
+    ({"channels": ["email"]}, 400, "recipient"),
+])
+def test_bad_submissions_are_problems_naming_the_field(client, db, body, status, field):
+    is_problem(client.post("/internal/notifications", json=body), status, field)
+    assert db.execute("select count(*) from notify.notification_requests").fetchone()[0] == 0
+
+
+def test_malformed_json_and_nul_characters_are_400(client):
+    is_problem(client.post("/internal/notifications", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    body = intent(variables={"name": "A\u0000na", "event": "x"})
+    is_problem(client.post("/internal/notifications", json=body), 400)
+
+
+def test_oversized_bodies_are_413(client):
+    body = intent(metadata={"blob": "x" * 70_000})
+    is_problem(client.post("/internal/notifications", json=body), 413)
+
+
+def test_read_and_cancel(client):
+    created = client.post("/internal/notifications", json=intent(send_at="2099-01-01T00:00:00Z")).json()
+    read = client.get(f"/internal/notifications/{created['id']}").json()
+    assert read["status"] == "in_progress" and read["recipient"] == "runner-42"
+    assert read["deliveries"][0]["events"][0]["to"] == "scheduled"
+    cancelled = client.post(f"/internal/notifications/{created['id']}/cancel")
+    assert cancelled.status_code == 200 and all(d["cancelled"] for d in cancelled.json()["deliveries"])
+    assert client.get(f"/internal/notifications/{created['id']}").json()["status"] == "completed"
+    is_problem(client.get(f"/internal/notifications/{uuid.uuid4()}"), 404)
+    is_problem(client.get("/internal/notifications/not-a-uuid"), 404)
+
+
+def test_recipients_and_consents(client):
+    put = client.put("/internal/recipients/runner-7", json={"addresses": {"email": "r7@example.com"}, "locale": "es-ES"})
+    assert put.status_code == 200 and put.json()["addresses"] == {"email": "r7@example.com"}
+    assert client.get("/internal/recipients/runner-7").json()["locale"] == "es-ES"
+    is_problem(client.get("/internal/recipients/nobody"), 404)
+    created = client.post("/internal/recipients/runner-7/consents",
+                          json={"channel": "whatsapp", "status": "granted", "source": "app", "evidence": {"screen": "settings"}})
+    assert created.status_code == 201 and created.json()["recorded_by"].startswith("api_key:")
+    listed = client.get("/internal/recipients/runner-7/consents").json()
+    assert listed["current"][0] == {"channel": "whatsapp", "allowed": True, "policy": "opt_in"}
+    is_problem(client.post("/internal/recipients/runner-7/consents", json={"channel": "whatsapp", "status": "nope", "source": "x"}), 400, "status")
+
+
+def test_templates_and_policies(client):
+    put = client.put("/internal/templates/welcome", json={"locale": "es", "channels": {"sms": {"text": "Hola {{name}}"}}})
+    assert put.status_code == 200 and put.json()[0]["required_variables"] == ["name"]
+    keys_listed = {t["key"] for t in client.get("/internal/templates").json()}
+    assert keys_listed == {"welcome", "event_reminder"}
+    assert [t["key"] for t in client.get("/internal/templates", params={"key": "welcome"}).json()] == ["welcome"]
+    is_problem(client.put("/internal/templates/welcome", json={"channels": {"sms": {}}}), 400, "channels.sms.text")
+    assert client.put("/internal/channels/email/policy", json={"policy": "opt_in"}).json()["policy"] == "opt_in"
+    assert {p["channel"]: p["policy"] for p in client.get("/internal/channels/policies").json()}["email"] == "opt_in"
+    is_problem(client.put("/internal/channels/fax/policy", json={"policy": "opt_in"}), 404)
+
+
+def signed(body: dict, secret: str = SECRET, msg_id: str = "msg_1") -> tuple[bytes, dict]:
+    raw = json.dumps(body).encode()
+    return raw, {"content-type": "application/json", **sw.headers(secret, msg_id, raw)}
+
+
+def test_webhooks_verify_store_once_and_apply(client, db):
+    created = client.post("/internal/notifications", json=intent(channels=["email"])).json()
+    delivery = created["deliveries"][0]["id"]
+    db.execute("select * from notify_api.claim_deliveries_v1('email', 10)")
+    tenant = db.execute("select tenant_id from notify.notification_deliveries").fetchone()[0]
+    body = {"type": "message.status.delivered", "timestamp": "2026-11-26T10:00:00Z",
+            "data": {"message_id": "mock-x", "correlation_id": f"{tenant}:{delivery}", "status": "delivered"}}
+    raw, headers = signed(body)
+    client.headers.pop("Authorization")
+    forged = dict(headers, **{"webhook-signature": "v1," + "B" * 44})
+    is_problem(client.post("/public/webhooks/mock", content=raw, headers=forged), 401)
+    stale = dict(headers, **sw.headers(SECRET, "msg_1", raw, timestamp=1_700_000_000))
+    is_problem(client.post("/public/webhooks/mock", content=raw, headers=stale), 401)
+    assert db.execute("select count(*) from notify.webhook_events").fetchone()[0] == 0
+    ok = client.post("/public/webhooks/mock", content=raw, headers=headers)
+    assert ok.status_code == 200 and ok.json() == {"stored": True, "duplicate": False}
+    dup = client.post("/public/webhooks/mock", content=raw, headers=headers)
+    assert dup.status_code == 200 and dup.json() == {"stored": False, "duplicate": True}
+    assert db.execute("select count(*) from notify.webhook_events").fetchone()[0] == 1
+    assert db.execute("select status::text from notify.notification_deliveries").fetchone()[0] == "delivered"
+    is_problem(client.post("/public/webhooks/unknown-provider", content=raw, headers=headers), 404)
+    raw_bad, headers_bad = signed({"hello": 1}, msg_id="msg_2")
+    is_problem(client.post("/public/webhooks/mock", content=raw_bad, headers=headers_bad), 400)
+
+
+def test_health_version_and_openapi(client):
+    client.headers.pop("Authorization")
+    assert client.get("/health").json() == {"status": "ok", "database": "ok"}
+    assert client.get("/version").json()["schema"] == "0002_notify_core"
+    spec = client.get("/schema/openapi.json").json()
+    operations = {op["operationId"] for path in spec["paths"].values() for op in path.values() if isinstance(op, dict) and "operationId" in op}
+    assert {"submitNotification", "getNotification", "cancelNotification", "upsertRecipient", "getRecipient", "recordConsent",
+            "listConsents", "upsertTemplate", "listTemplates", "receiveWebhook", "health", "version"} <= operations
+    assert "BearerAuth" in spec["components"]["securitySchemes"]
+
+
+def test_a_database_outage_is_503_with_retry_after(tmp_path):
+    settings = Settings(database_url=f"postgresql://nobody@/nowhere?host={tmp_path}&connect_timeout=1", pool_min=0)
+    app = create_app(settings)
+    app.state.db.pool.timeout = 1.0
+    with TestClient(app=app) as c:
+        health = c.get("/health")
+        assert health.status_code == 503 and health.headers["retry-after"] == "2"
+        response = c.get("/internal/templates", headers={"Authorization": "Bearer nd_00000000_x"})
+        body = is_problem(response, 503)
+        assert response.headers["retry-after"] == "2" and "Traceback" not in json.dumps(body)
+
+

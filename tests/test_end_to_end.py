@@ -1,0 +1,156 @@
+"""The whole path with real processes: HTTP submit -> worker -> mock provider -> signed webhook -> status.
+
+`dispatcher serve` and `dispatcher worker` (or `procrastinate --app=runner.app.app worker`) run as
+subprocesses on a fresh database; the mock provider posts its status reports over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from tests.conftest import REMINDER, ROOT, Service, call, intent, start_service, stop_service, url_of
+
+pytestmark = pytest.mark.slow
+
+FAILS = "+34600000001"
+RETRIES = "retry@example.com"
+TIMES_OUT = "+34600000002"
+ASYNC_FAIL = "+34600000003"
+
+
+def setup_tenant(svc: Service) -> None:
+    with svc.client() as c:
+        assert c.put("/internal/templates/event_reminder", json=REMINDER).status_code == 200
+        for ref in ("runner-42", "r-fail", "r-timeout", "r-async"):
+            assert c.post(f"/internal/recipients/{ref}/consents",
+                          json={"channel": "whatsapp", "status": "granted", "source": "signup_form"}).status_code == 201
+
+
+def final(body: dict) -> bool:
+    return body["status"] == "completed" and all(d["status"] in ("read", "delivered", "failed", "unknown", "suppressed")
+                                                  for d in body["deliveries"])
+
+
+@pytest.fixture
+def svc(db: psycopg.Connection, tmp_path) -> Service:  # noqa: ANN001
+    outcomes = {FAILS: "failed", RETRIES: "retry", TIMES_OUT: "unknown", ASYNC_FAIL: "async_failed"}
+    service = start_service(url_of(db), tmp_path, {"DISPATCHER_MOCK_OUTCOMES": json.dumps(outcomes)})
+    setup_tenant(service)
+    yield service
+    stop_service(service)
+
+
+def test_submit_to_delivered_and_read_over_http(svc: Service) -> None:
+    started = time.monotonic()
+    with svc.client() as c:
+        accepted = c.post("/internal/notifications", json=intent(), headers={"Idempotency-Key": "e2e-1"})
+        assert accepted.status_code == 202
+        notification = accepted.json()
+    body = svc.wait_for(notification["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"read", "delivered"})
+    elapsed = time.monotonic() - started
+    by_channel = {d["channel"]: d for d in body["deliveries"]}
+    assert by_channel["whatsapp"]["status"] == "read" and by_channel["email"]["status"] == "delivered"
+    for d in body["deliveries"]:
+        assert d["attempts"] == 1 and d["provider"] == "mock" and d["provider_message_id"].startswith("mock-")
+        assert d["sent_at"] and d["delivered_at"] and d["attempt_history"][0]["outcome"] == "sent"
+        sources = [e["source"] for e in d["events"]]
+        assert sources[:2] == ["submit", "claim"] and "webhook" in sources
+    assert [e["to"] for e in by_channel["whatsapp"]["events"]] == ["queued", "sending", "sent", "delivered", "read"]
+    with svc.client() as c:
+        sent = c.get("/internal/mock/messages", params={"delivery_id": by_channel["email"]["id"]}).json()
+    assert sent[0]["rendered"]["subject"] == "Reminder: Long run" and "&lt;" not in sent[0]["rendered"]["text"]
+    assert elapsed < 15
+    print(f"\nsubmit -> read in {elapsed:.2f}s")
+
+
+def test_failure_classes_end_in_their_documented_states(svc: Service) -> None:
+    with psycopg.connect(svc.db_url, autocommit=True) as conn:
+        call(conn, "notify_api.set_retry_policy_v1(%s, 3, 50, 200)", svc.tenant_id)
+    cases = {
+        "r-fail": ({"whatsapp": FAILS}, ["whatsapp"], "failed", "provider_rejected"),
+        "r-retry": ({"email": RETRIES}, ["email"], "failed", "retries_exhausted"),
+        "r-timeout": ({"whatsapp": TIMES_OUT}, ["whatsapp"], "unknown", "outcome_unknown"),
+        "r-async": ({"whatsapp": ASYNC_FAIL}, ["whatsapp"], "failed", "provider_reported"),
+    }
+    ids = {}
+    with svc.client() as c:
+        for ref, (addresses, channels, _, _) in cases.items():
+            response = c.post("/internal/notifications", json=intent(recipient={"ref": ref, "addresses": addresses}, channels=channels))
+            assert response.status_code == 202, response.text
+            ids[ref] = response.json()["id"]
+    for ref, (_, _, status, reason) in cases.items():
+        body = svc.wait_for(ids[ref], lambda b, s=status: b["deliveries"][0]["status"] == s and (s != "failed" or b["status"] == "completed"))
+        delivery = body["deliveries"][0]
+        assert (delivery["status"], delivery["reason"]) == (status, reason), delivery
+    retried = svc.wait_for(ids["r-retry"], final)["deliveries"][0]
+    assert retried["attempts"] == 3 and [a["outcome"] for a in retried["attempt_history"]] == ["retry"] * 3
+    assert retried["error"] == {"code": "mock_503", "message": "mock provider unavailable"}
+
+
+def test_send_at_holds_the_message_until_then(svc: Service) -> None:
+    send_at = time.time() + 2.5
+    iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(send_at)) + f".{int(send_at % 1 * 1000):03d}Z"
+    with svc.client() as c:
+        created = c.post("/internal/notifications", json=intent(channels=["email"], send_at=iso)).json()
+        assert created["deliveries"][0]["status"] == "scheduled"
+        time.sleep(1.0)
+        assert c.get(f"/internal/notifications/{created['id']}").json()["deliveries"][0]["status"] == "scheduled"
+    body = svc.wait_for(created["id"], lambda b: b["deliveries"][0]["status"] == "delivered")
+    sent_at = body["deliveries"][0]["attempt_history"][0]["started_at"]
+    assert sent_at >= iso.replace("Z", "")[:19]
+
+
+def test_direct_sql_submission_exists_only_if_the_callers_transaction_commits(svc: Service) -> None:
+    """A trusted service calls the SQL function inside its own business transaction, as the notify_caller role."""
+    with psycopg.connect(svc.db_url) as conn:
+        conn.execute("set role notify_caller")
+        conn.execute("select * from notify_api.submit_notification_v1(%s, %s, 'sql-rollback')", (svc.tenant_id, Jsonb(intent())))
+        conn.rollback()                                  # the business change failed: no notification, nothing sent
+        conn.execute("set role notify_caller")
+        row = conn.execute("select response from notify_api.submit_notification_v1(%s, %s, 'sql-commit')",
+                           (svc.tenant_id, Jsonb(intent(channels=["email"])))).fetchone()
+        conn.commit()                                    # committed: the worker is woken by the commit's NOTIFY
+    notification_id = row[0]["id"]
+    body = svc.wait_for(notification_id, lambda b: b["deliveries"][0]["status"] == "delivered")
+    assert body["idempotency_key"] == "sql-commit"
+    with psycopg.connect(svc.db_url) as conn:
+        keys = [r[0] for r in conn.execute("select idempotency_key from notify.notification_requests")]
+        assert keys == ["sql-commit"]
+
+
+def test_logs_and_job_arguments_hold_no_personal_data(svc: Service) -> None:
+    with svc.client() as c:
+        created = c.post("/internal/notifications", json=intent()).json()
+    svc.wait_for(created["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"read", "delivered"})
+    with psycopg.connect(svc.db_url) as conn:
+        args = json.dumps([r[0] for r in conn.execute("select args from procrastinate_jobs")])
+    text = svc.log_text() + args
+    for secret in ("+34600111222", "34600111222", "ana@example.com", "Long run", svc.key):
+        assert secret not in text, secret
+    assert "webhook ingested" in svc.log_text()
+
+
+def test_the_procrastinate_cli_runs_the_same_worker(db: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
+    service = start_service(url_of(db), tmp_path)
+    worker = service.procs.pop()          # replace `dispatcher worker` by procrastinate's own CLI
+    worker.terminate()
+    worker.wait(30)
+    log = tmp_path / "procrastinate.log"
+    service.procs.append(subprocess.Popen([sys.executable, "-m", "procrastinate", "--app=runner.app.app", "worker"],
+                                          env=service.env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT))
+    service.logs.append(log)
+    try:
+        setup_tenant(service)
+        with service.client() as c:
+            created = c.post("/internal/notifications", json=intent()).json()
+        body = service.wait_for(created["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"read", "delivered"})
+        assert body["status"] == "completed"
+    finally:
+        stop_service(service)

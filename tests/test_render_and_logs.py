@@ -1,0 +1,44 @@
+"""Template rendering and log masking."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from dispatcher import keys
+from dispatcher.logs import JsonFormatter, mask
+from runner.render import RenderError, render
+
+
+def test_email_renders_text_plain_and_html_escaped():
+    out = render("email", {"subject": "Hi {{name}}", "text": "{{ name }} & co", "html": "<p>{{name}}</p>"}, {"name": "<Ana>"})
+    assert out == {"subject": "Hi <Ana>", "text": "<Ana> & co", "html": "<p>&lt;Ana&gt;</p>"}
+
+
+def test_whatsapp_template_parameters_follow_the_mapping():
+    out = render("whatsapp", {"name": "event_reminder", "language": "es", "parameters": ["event", "name"]}, {"name": "Ana", "event": 5})
+    assert out == {"template": "event_reminder", "language": "es", "parameters": ["5", "Ana"]}
+
+
+def test_plain_text_and_missing_variables():
+    assert render("sms", {"text": "Go {{x}}"}, {"x": True}) == {"text": "Go true"}
+    with pytest.raises(RenderError):
+        render("sms", {"text": "Go {{y}}"}, {})
+    with pytest.raises(RenderError):
+        render("email", None, {})
+
+
+def test_mask_hides_personal_data_and_secrets():
+    key = keys.generate()
+    text = mask(f"to +34 600 111 222 / 34600111222 / ana.garcia@example.com key {key} Bearer {key} whsec_abcDEF123=")
+    for secret in ("600 111", "34600111222", "ana.garcia", key, "abcDEF123"):
+        assert secret not in text
+    assert keys.display_prefix(key) in text and "example.com" in text
+
+
+def test_json_formatter_masks_extra_fields():
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "sent to %s", ("+34600111222",), None)
+    record.address = "ana@example.com"
+    line = JsonFormatter().format(record)
+    assert "+34600111222" not in line and "ana@example.com" not in line and '"event":"sent to ***22"' in line
