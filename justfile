@@ -1,0 +1,33 @@
+# Daily commands. `just` itself: `pip install rust-just` (or your package manager).
+
+# Bring up embedded Postgres + API + worker + mock provider (Quickstart)
+dev *ARGS:
+    bash scripts/dev.sh {{ARGS}}
+
+# Run the whole test suite (starts its own Postgres)
+test *ARGS:
+    bash scripts/test.sh {{ARGS}}
+
+# Only the SQL function tests
+test-sql *ARGS:
+    bash scripts/test.sh tests/sql {{ARGS}}
+
+# Apply migrations to $DATABASE_URL
+migrate:
+    .venv/bin/dispatcher migrate
+
+# API only, against $DATABASE_URL
+serve *ARGS:
+    .venv/bin/dispatcher serve {{ARGS}}
+
+# Worker only, against $DATABASE_URL
+worker:
+    .venv/bin/dispatcher worker
+
+# Check that landed migrations are unchanged
+verify-migrations:
+    .venv/bin/python -m dispatcher.schema verify
+
+# Record the checksum of a new migration (never rewrites a recorded one)
+record-migration:
+    .venv/bin/python -m dispatcher.schema record

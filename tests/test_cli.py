@@ -1,0 +1,46 @@
+"""The `dispatcher` CLI against a test database: migrate, tenant create, key create/list/revoke."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import psycopg
+from psycopg import sql
+
+from dispatcher import keys
+from tests.conftest import ROOT
+
+
+def run(url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": url}
+    return subprocess.run([sys.executable, "-m", "dispatcher", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=check)
+
+
+def test_migrate_tenant_and_keys(pg_server):  # noqa: ANN001
+    name = "cli_test"
+    with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+        admin.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+    url = pg_server.url(name)
+    try:
+        assert "0002_notify_core" in run(url, "migrate").stdout
+        assert "up to date" in run(url, "migrate").stdout
+        assert '"slug": "acme"' in run(url, "tenant", "create", "acme", "--name", "Acme").stdout
+        assert "already exists" in run(url, "tenant", "create", "acme", check=False).stderr
+        out = run(url, "key", "create", "--tenant", "acme", "--name", "ci").stdout
+        key = re.search(r"^(nd_\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+        key_id = re.search(r"id ([0-9a-f-]{36})", out).group(1)  # type: ignore[union-attr]
+        with psycopg.connect(url) as conn:
+            assert conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone()
+        listed = run(url, "key", "list", "--tenant", "acme").stdout
+        assert key_id in listed and key not in listed
+        run(url, "key", "revoke", "--tenant", "acme", key_id)
+        with psycopg.connect(url) as conn:
+            assert conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone() is None
+        assert "no tenant" in run(url, "key", "create", "--tenant", "nobody", check=False).stderr
+    finally:
+        with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+            admin.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
