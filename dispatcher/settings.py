@@ -43,7 +43,6 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_in_flight: int = 100
     lease_seconds: int = 60
     worker_concurrency: int = 2
-    maintenance_cron: str = "* * * * * */10"
     # mock provider
     mock_webhook_secret: str | None = None
     mock_webhook_url: str | None = None
@@ -71,7 +70,6 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             max_in_flight=_int("DISPATCHER_MAX_IN_FLIGHT", 100),
             lease_seconds=_int("DISPATCHER_LEASE_SECONDS", 60),
             worker_concurrency=_int("DISPATCHER_WORKER_CONCURRENCY", 2),
-            maintenance_cron=os.environ.get("DISPATCHER_MAINTENANCE_CRON", "* * * * * */10"),
             mock_webhook_secret=secret("DISPATCHER_MOCK_WEBHOOK_SECRET"),
             mock_webhook_url=os.environ.get("DISPATCHER_MOCK_WEBHOOK_URL")
             or f"http://127.0.0.1:{port}/public/webhooks/mock",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -118,10 +119,10 @@ async def dispatch(context: JobContext, channel: str) -> dict[str, int]:
     return await dispatcher_for(context).drain(channel)
 
 
-@app.periodic(cron="* * * * * */10", periodic_id="maintenance")
+@app.periodic(cron=os.environ.get("DISPATCHER_MAINTENANCE_CRON", "* * * * * */10"), periodic_id="maintenance")
 @app.task(name="maintenance", queue="maintenance", queueing_lock="maintenance", pass_context=True)
 async def maintenance(context: JobContext, timestamp: int) -> dict[str, Any]:
-    """Every 10 s: expired leases, expired deadlines, safety-net wake-ups, stalled procrastinate jobs."""
+    """Every 10 s (DISPATCHER_MAINTENANCE_CRON, seconds last): expired leases, expired deadlines, safety-net wake-ups, stalled procrastinate jobs."""
     assert context.app is not None
     row = await context.app.connector.execute_query_one_async(MAINTENANCE)
     result = dict(row["result"])

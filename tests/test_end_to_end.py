@@ -154,3 +154,41 @@ def test_the_procrastinate_cli_runs_the_same_worker(db: psycopg.Connection, tmp_
         assert body["status"] == "completed"
     finally:
         stop_service(service)
+
+
+def test_a_killed_worker_follows_the_crash_policy(db: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
+    """SIGKILL while both sends are in flight: e-mail is sent again, WhatsApp becomes unknown (never resent),
+    and the dead worker's stalled job is closed."""
+    service = start_service(url_of(db), tmp_path, {"DISPATCHER_MOCK_LATENCY_MS": "20000", "DISPATCHER_LEASE_SECONDS": "3",
+                                                  "DISPATCHER_MAINTENANCE_CRON": "* * * * * *"})
+    try:
+        setup_tenant(service)
+        with service.client() as c:
+            created = c.post("/internal/notifications", json=intent()).json()
+        service.wait_for(created["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"sending"})
+        doomed = service.procs.pop()
+        doomed.kill()                                           # SIGKILL: no graceful shutdown, no record_attempts
+        doomed.wait(10)
+        with psycopg.connect(service.db_url, autocommit=True) as conn:
+            # (a spare 'todo' wake-up may exist too: maintenance can wake a channel between submit and claim)
+            assert "doing" in {r[0] for r in conn.execute("select status::text from procrastinate_jobs where task_name = 'dispatch'")}
+            conn.execute("update procrastinate_workers set last_heartbeat = now() - interval '1 hour'")  # as if 30 s had passed
+        log = tmp_path / "worker2.log"
+        env = {**service.env, "DISPATCHER_MOCK_LATENCY_MS": "0"}
+        service.procs.append(subprocess.Popen([sys.executable, "-m", "dispatcher", "worker"], env=env, cwd=ROOT,
+                                              stdout=log.open("wb"), stderr=subprocess.STDOUT))
+        service.logs.append(log)
+        body = service.wait_for(created["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"unknown", "delivered"}, timeout=30)
+        by_channel = {d["channel"]: d for d in body["deliveries"]}
+        assert by_channel["whatsapp"]["reason"] == "lease_expired" and by_channel["whatsapp"]["attempts"] == 1
+        assert [a["outcome"] for a in by_channel["email"]["attempt_history"]] == ["lease_expired", "sent"]
+        with psycopg.connect(service.db_url) as conn:
+            sends = dict(conn.execute("select channel::text, count(*) from notify.mock_messages group by 1").fetchall())
+            assert sends == {"email": 1}                        # WhatsApp never sent twice (here: never reached the mock)
+            deadline = time.monotonic() + 10
+            while conn.execute("select count(*) from procrastinate_jobs where status = 'doing' and task_name = 'dispatch'").fetchone()[0]:
+                assert time.monotonic() < deadline, "the stalled job was not closed"
+                time.sleep(0.2)
+                conn.commit()
+    finally:
+        stop_service(service)
