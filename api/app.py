@@ -26,12 +26,14 @@ from api.db import Database
 from api.problems import ProblemException
 from api.schemas import (
     CancelResult, ConsentEntry, ConsentIn, ConsentsOut, Health, MockMessage, NotificationAccepted, NotificationIn,
-    NotificationOut, PolicyOut, PolicyPut, RecipientOut, RecipientPut, TemplateOut, TemplatePut, Version, WebhookAck,
+    NotificationOut, PolicyOut, PolicyPut, ProviderOut, ProviderPut, RecipientOut, RecipientPut, TemplateOut, TemplatePut, Version, WebhookAck,
 )
 from dispatcher import __version__, keys, schema
 from dispatcher.settings import Settings
 from providers.base import WebhookRejected
 from providers.registry import webhook_adapters
+from providers.unsubscribe import check_token
+from providers.whatsapp import verify_handshake
 
 log = logging.getLogger("api")
 JSON = "application/json"
@@ -153,6 +155,21 @@ class Channels(Controller):
         row = await db.one("select notify_api.list_channel_policies_v1(%s)::text", (tenant.id,))
         return _json(row[0] if row else None)
 
+    @get("/providers", operation_id="listChannelProviders", summary="The provider of each channel (secrets masked)")
+    async def providers(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[ProviderOut]]:
+        row = await db.one("select notify_api.list_channel_providers_v1(%s)::text", (tenant.id,))
+        return _json(row[0] if row else None)
+
+    @put("/{channel:str}/provider", operation_id="setChannelProvider", summary="Configure the provider of a channel",
+         description="Secrets are references (env:NAME or file:/path), resolved by the worker; never values.")
+    async def set_provider(self, request: Request[Any, Any, Any], channel: FromPath[str], data: JSONBody[ProviderPut],
+                           tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[ProviderOut]:
+        if channel not in ("whatsapp", "email", "sms"):
+            raise ProblemException(404, "not_found", f"no channel {channel}", "channel")
+        row = await db.one("select notify_api.set_channel_provider_v1(%s, %s::notify.channel, %s::jsonb)::text",
+                           (tenant.id, channel, await _body_text(request)))
+        return _json(row[0] if row else None)
+
     @put("/{channel:str}/policy", operation_id="setChannelPolicy", summary="Make a channel opt_in or opt_out")
     async def set_policy(self, channel: FromPath[str], data: JSONBody[PolicyPut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[PolicyOut]:
         if channel not in ("whatsapp", "email", "sms"):
@@ -176,7 +193,8 @@ class Mock(Controller):
 
 INGEST = (
     "select notify_api.ingest_webhook_v1(%s, %s, %s, "
-    "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r))::text"
+    "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r), "
+    "array(select r from jsonb_populate_recordset(null::notify.inbound_message, %s) r))::text"
 )
 
 
@@ -195,11 +213,53 @@ async def receive_webhook(request: Request[Any, Any, Any], provider: FromPath[st
         log.warning("webhook rejected", extra={"provider": provider, "reason": exc.reason})
         raise ProblemException(exc.status, "webhook_rejected", exc.reason) from None
     events = msgspec.to_builtins(parsed.events)
-    row = await db.one(INGEST, (provider, parsed.event_key, Jsonb(parsed.payload), Jsonb(events)))
+    inbound = msgspec.to_builtins(parsed.inbound)
+    row = await db.one(INGEST, (adapter.provider, parsed.event_key, Jsonb(parsed.payload), Jsonb(events), Jsonb(inbound)))
     result = msgspec.json.decode(row[0]) if row else {}
     log.info("webhook ingested", extra={"provider": provider, "duplicate": result.get("duplicate"),
                                         "outcomes": [o.get("outcome") for o in result.get("outcomes", [])]})
     return _json(_encode(WebhookAck(stored=bool(result.get("stored")), duplicate=bool(result.get("duplicate")))).decode())
+
+
+@get("/webhooks/{provider:str}", operation_id="verifyWebhook", tags=["webhooks"], security=[], media_type="text/plain",
+     summary="WhatsApp webhook verification handshake",
+     description="Meta's GET with hub.mode=subscribe, hub.verify_token and hub.challenge: the challenge is echoed if the "
+                 "token matches DISPATCHER_WHATSAPP_VERIFY_TOKEN, else 403.")
+async def verify_webhook(request: Request[Any, Any, Any], provider: FromPath[str], state: State) -> Response[str]:
+    if provider != "whatsapp":
+        raise ProblemException(404, "not_found", f"no verification handshake for provider {provider}", "provider")
+    challenge = verify_handshake(dict(request.query_params), state.settings.whatsapp_verify_token)
+    if challenge is None:
+        raise ProblemException(403, "forbidden", "verification token does not match")
+    return Response(content=challenge, media_type="text/plain")
+
+
+_UNSUBSCRIBE_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Unsubscribe</title></head><body>
+<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">
+<p>Stop receiving these e-mails?</p><button type="submit">Unsubscribe</button></form></body></html>"""
+
+
+def _unsubscribe_target(state: State, token: str) -> tuple[UUID, UUID]:
+    secret = state.settings.unsubscribe_secret
+    target = check_token(secret, token) if secret else None
+    if target is None:
+        raise ProblemException(404, "not_found", "unknown unsubscribe link")
+    return target
+
+
+@get("/unsubscribe/{token:str}", operation_id="unsubscribePage", tags=["unsubscribe"], security=[], media_type="text/html",
+     summary="The page behind a List-Unsubscribe link", description="Changes nothing (link scanners fetch it); its button POSTs.")
+async def unsubscribe_page(token: FromPath[str], state: State) -> Response[str]:
+    _unsubscribe_target(state, token)
+    return Response(content=_UNSUBSCRIBE_PAGE, media_type="text/html")
+
+
+@post("/unsubscribe/{token:str}", operation_id="unsubscribe", tags=["unsubscribe"], security=[], status_code=200,
+      summary="RFC 8058 one-click unsubscribe", description="Records an e-mail opt-out for the message's category.")
+async def unsubscribe(token: FromPath[str], state: State, db: NamedDependency[Database]) -> Response[str]:
+    tenant_id, delivery_id = _unsubscribe_target(state, token)
+    await db.one("select notify_api.unsubscribe_v1(%s, %s)", (tenant_id, delivery_id))
+    return Response(content="You are unsubscribed.", media_type="text/plain")
 
 
 @get("/health", operation_id="health", tags=["diagnostics"], security=[], summary="Liveness and database check")
@@ -232,7 +292,7 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
         dependencies={"tenant": Provide(authenticate)},
         security=[{"BearerAuth": []}],
     )
-    public = Router(path="/public", route_handlers=[receive_webhook])
+    public = Router(path="/public", route_handlers=[receive_webhook, verify_webhook, unsubscribe_page, unsubscribe])
     return Litestar(
         route_handlers=[internal, public, health, version],
         dependencies={"db": Provide(provide_db)},

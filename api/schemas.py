@@ -223,6 +223,21 @@ class PolicyOut(Base):
     updated_at: dt.datetime | None = None
 
 
+class ProviderPut(Base):
+    provider: Literal["mock", "whatsapp_cloud", "smtp"]
+    settings: dict[str, Any] | None = None
+    secrets: dict[str, Annotated[str, Meta(pattern=r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:/\S+)$")]] | None = None
+
+
+class ProviderOut(Base):
+    channel: Channel
+    provider: str
+    settings: dict[str, Any]
+    secrets: dict[str, str]
+    default: bool
+    updated_at: dt.datetime | None = None
+
+
 class MockMessage(Base):
     delivery_id: UUID
     attempt: int

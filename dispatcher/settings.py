@@ -51,6 +51,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     mock_status_delay_ms: float = 200.0
     mock_outcomes: dict[str, str] = {}
     webhook_tolerance_seconds: int = 300
+    # real providers: deployment-wide webhook secrets (a Meta app, an ESP account serve every tenant)
+    whatsapp_app_secrets: list[str] = []
+    whatsapp_verify_token: str | None = None
+    sendgrid_verification_key: str | None = None
+    mailgun_signing_key: str | None = None
+    public_url: str | None = None
+    unsubscribe_secret: str | None = None
     log_level: str = "INFO"
 
     @classmethod
@@ -78,6 +85,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             mock_status_delay_ms=_float("DISPATCHER_MOCK_STATUS_DELAY_MS", 200.0),
             mock_outcomes=msgspec.json.decode(os.environ.get("DISPATCHER_MOCK_OUTCOMES") or "{}", type=dict[str, str]),
             webhook_tolerance_seconds=_int("DISPATCHER_WEBHOOK_TOLERANCE_SECONDS", 300),
+            whatsapp_app_secrets=(secret("DISPATCHER_WHATSAPP_APP_SECRET") or "").split(),
+            whatsapp_verify_token=secret("DISPATCHER_WHATSAPP_VERIFY_TOKEN"),
+            sendgrid_verification_key=secret("DISPATCHER_SENDGRID_VERIFICATION_KEY"),
+            mailgun_signing_key=secret("DISPATCHER_MAILGUN_SIGNING_KEY"),
+            public_url=os.environ.get("DISPATCHER_PUBLIC_URL") or None,
+            unsubscribe_secret=secret("DISPATCHER_UNSUBSCRIBE_SECRET"),
             log_level=os.environ.get("DISPATCHER_LOG_LEVEL", "INFO"),
         )
         values.update(overrides)

@@ -1,5 +1,5 @@
 -- notification-dispatcher core schema, v1: the concatenation of sql/*.sql as they stood when this migration landed.
--- Never edited: later changes to sql/ land as new migrations, and tests/test_schema.py proves both builds agree.
+-- Never edited: later changes to sql/ land as new migrations, and tests/test_migrations.py proves both builds agree.
 
 -- ==== sql/000_schemas.sql ====
 -- Schemas and roles of notification-dispatcher.
@@ -33,7 +33,7 @@ create type notify.channel as enum ('whatsapp', 'email', 'sms');
 comment on type notify.channel is 'A delivery channel. A new channel is a new value (ALTER TYPE ... ADD VALUE).';
 
 create type notify.delivery_status as enum (
-    'scheduled',   -- waiting for send_at          -> queued | sending (claimed when due) | suppressed | cancelled | expired
+    'scheduled',   -- waiting for send_at          -> queued | sending (claimed when due) | suppressed | cancelled | expired | failed (refused at claim)
     'queued',      -- due, or a retry waiting       -> sending | suppressed | cancelled | expired | failed
     'sending',     -- claimed; provider call may be in flight
                    --                               -> queued (retry) | sent | delivered | read | failed | bounced | suppressed | unknown
@@ -62,7 +62,7 @@ create type notify.attempt_result as (
     tenant_id uuid,
     delivery_id uuid,
     attempt integer,
-    outcome text,               -- sent | retry | failed | unknown | suppressed
+    outcome text,               -- sent | retry | failed | unknown | suppressed | bounced
     provider text,
     provider_message_id text,
     error_code text,
@@ -79,10 +79,21 @@ create type notify.status_event as (
     status notify.delivery_status,
     occurred_at timestamptz,
     error_code text,
-    error_message text
+    error_message text,
+    flag text                   -- opened | clicked | complained: engagement, never a status
 );
 comment on type notify.status_event is
-    'A provider status report normalized by its adapter. The delivery is found by (tenant_id, delivery_id) when the provider echoes our correlation id, else by provider_message_id.';
+    'A provider status report normalized by its adapter: a status, or an engagement flag (status null). The delivery is found by (tenant_id, delivery_id) when the provider echoes our correlation id, else by provider_message_id.';
+
+create type notify.inbound_message as (
+    phone_number_id text,
+    sender text,
+    message_id text,
+    text text,
+    received_at timestamptz
+);
+comment on type notify.inbound_message is
+    'A message a recipient sent to a business number (WhatsApp): it opens the 24-hour window, and an opt-out keyword revokes consent.';
 
 create type notify.claimed_delivery as (
     tenant_id uuid,
@@ -95,10 +106,12 @@ create type notify.claimed_delivery as (
     content jsonb,
     variables jsonb,
     category text,
-    request_id uuid
+    request_id uuid,
+    provider text,
+    provider_config jsonb
 );
 comment on type notify.claimed_delivery is
-    'What the worker needs to send one claimed delivery: where to, the template content and the variables.';
+    'What the worker needs to send one claimed delivery: where to, the template content, the variables, and the tenant''s provider for the channel (settings and secret references, never secrets).';
 
 -- ==== sql/015_pure_helpers.sql ====
 -- Private helper functions that read no table: validation, ranks, transitions, error raising.
@@ -184,7 +197,7 @@ create function notify._transition_allowed(p_channel notify.channel, p_from noti
     set search_path = ''
 as $$
     select case p_from
-        when 'scheduled' then p_to in ('queued', 'sending', 'suppressed', 'cancelled', 'expired')
+        when 'scheduled' then p_to in ('queued', 'sending', 'suppressed', 'cancelled', 'expired', 'failed')
         when 'queued' then p_to in ('sending', 'suppressed', 'cancelled', 'expired', 'failed')
         when 'sending' then p_to in ('queued', 'sent', 'delivered', 'read', 'failed', 'bounced', 'suppressed', 'unknown')
         when 'unknown' then p_to in ('queued', 'sent', 'delivered', 'read', 'failed', 'bounced')
@@ -310,6 +323,19 @@ end
 $$;
 comment on function notify._channel_field(jsonb, text) is 'Reads a channel name, refusing unknown channels with the field named.';
 
+create function notify._secret_refs_valid(p_secrets jsonb)
+    returns boolean
+    language sql
+    immutable
+    set search_path = ''
+as $$
+    select jsonb_typeof(p_secrets) = 'object'
+       and not exists (select from jsonb_each(p_secrets) e
+                        where jsonb_typeof(e.value) <> 'string' or e.value #>> '{}' !~ '^(env:[A-Za-z_][A-Za-z0-9_]*|file:/[^\s]+)$')
+$$;
+comment on function notify._secret_refs_valid(jsonb) is
+    'True if every value is a secret reference (env:NAME or file:/absolute/path), so a secret itself can never be stored.';
+
 -- ==== sql/020_tables.sql ====
 -- Tables of notification-dispatcher: tenants, keys, recipients, consent, templates, requests, deliveries.
 -- Written only through notify_api functions; every primary and unique key starts with tenant_id except where noted.
@@ -359,6 +385,41 @@ create table notify.channel_policies (
 );
 comment on table notify.channel_policies is
     'Per-tenant consent policy of a channel. Missing row: opt_in for whatsapp and sms, opt_out for email (notify._default_policy).';
+
+create table notify.channel_providers (
+    tenant_id uuid not null references notify.tenants (id),
+    channel notify.channel not null,
+    provider text not null,
+    settings jsonb not null default '{}',
+    secrets jsonb not null default '{}',
+    updated_at timestamptz not null default now(),
+    primary key (tenant_id, channel),
+    constraint channel_providers_known check (
+        (provider = 'mock') or (provider = 'whatsapp_cloud' and channel = 'whatsapp') or (provider = 'smtp' and channel = 'email')),
+    constraint channel_providers_secret_refs check (notify._secret_refs_valid(secrets))
+);
+comment on table notify.channel_providers is
+    'Which provider serves a tenant''s channel, its settings, and references to its secrets. No row: the built-in mock provider.';
+comment on column notify.channel_providers.secrets is
+    'Secret references only, {"name": "env:VAR" | "file:/path"}; resolved by the worker at send time, never stored.';
+
+create table notify.whatsapp_windows (
+    tenant_id uuid not null references notify.tenants (id),
+    phone_number_id text not null,
+    wa_id text not null,
+    last_inbound_at timestamptz not null,
+    primary key (tenant_id, phone_number_id, wa_id)
+);
+comment on table notify.whatsapp_windows is
+    'Last inbound message per business number and user: free-form WhatsApp text is allowed only within 24 hours of it.';
+
+create table notify.rate_buckets (
+    key text primary key,
+    tokens double precision not null,
+    updated_at timestamptz not null
+);
+comment on table notify.rate_buckets is
+    'Token buckets shared by every worker process (e.g. outbound pacing per WhatsApp phone number). Global, not per tenant: a provider''s limit is per sender, whoever uses it.';
 
 create table notify.recipients (
     tenant_id uuid not null references notify.tenants (id),
@@ -474,6 +535,8 @@ create table notify.notification_deliveries (
     delivered_at timestamptz,
     read_at timestamptz,
     finished_at timestamptz,
+    opened_at timestamptz,
+    complained_at timestamptz,
     primary key (tenant_id, id),
     foreign key (tenant_id, request_id) references notify.notification_requests (tenant_id, id),
     foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
@@ -484,6 +547,8 @@ comment on table notify.notification_deliveries is
 comment on column notify.notification_deliveries.attempt is 'Claims so far. The fencing token: worker writes match on (id, attempt).';
 comment on column notify.notification_deliveries.seq is 'Incremented on every status change; delivery_events.seq follows it.';
 comment on column notify.notification_deliveries.due_at is 'When the delivery may be claimed: send_at, now, or the time of the next retry.';
+comment on column notify.notification_deliveries.opened_at is 'E-mail open reported by the provider: a flag, never a status (image proxies prefetch).';
+comment on column notify.notification_deliveries.complained_at is 'Spam complaint reported by the provider; e-mail consent is revoked at the same time.';
 comment on column notify.notification_deliveries.lease_expires_at is 'Set at claim; past it, maintenance treats the send as crashed (crash policy per channel).';
 -- The queue: only rows waiting to be claimed are indexed, so the hot set stays small however much history there is.
 create index notification_deliveries_due on notify.notification_deliveries (channel, due_at)
@@ -508,7 +573,7 @@ create table notify.delivery_attempts (
     error_message text,
     primary key (tenant_id, delivery_id, attempt),
     foreign key (tenant_id, delivery_id) references notify.notification_deliveries (tenant_id, id),
-    constraint delivery_attempts_outcome check (outcome in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'lease_expired'))
+    constraint delivery_attempts_outcome check (outcome in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'bounced', 'lease_expired'))
 );
 comment on table notify.delivery_attempts is 'One row per claim of a delivery; outcome null while the provider call is in flight.';
 
@@ -1427,6 +1492,173 @@ $$;
 comment on function notify_api.cancel_notification_v1(uuid, uuid) is
     'Cancels the deliveries of a notification that no worker has claimed yet; says per delivery whether it was cancelled and, if not, why.';
 
+-- ==== sql/075_api_providers.sql ====
+-- notify_api: per-tenant provider configuration, shared send pacing, one-click unsubscribe.
+-- Called by PUT/GET /internal/channels/*/provider, the `dispatcher provider` CLI, the worker and /public/unsubscribe.
+
+create function notify._provider_defaults(p_provider text)
+    returns jsonb
+    language sql
+    immutable
+    set search_path = ''
+as $$
+    select case p_provider
+        when 'whatsapp_cloud' then jsonb_build_object(
+            'api_version', 'v22.0', 'base_url', 'https://graph.facebook.com', 'rate_per_second', 80,
+            'timeout_seconds', 15, 'opt_out_keywords', jsonb_build_array('STOP', 'BAJA', 'UNSUBSCRIBE', 'CANCELAR'))
+        when 'smtp' then jsonb_build_object(
+            'port', 587, 'security', 'starttls', 'timeout_seconds', 30, 'validate_certs', true,
+            'transactional_categories', jsonb_build_array('transactional'), 'max_connections', 8)
+        else '{}'::jsonb
+    end
+$$;
+comment on function notify._provider_defaults(text) is 'Default settings of each provider, merged under what a tenant sets.';
+
+create function notify_api.set_channel_provider_v1(p_tenant_id uuid, p_channel notify.channel, p_body jsonb)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v_provider text;
+    v_settings jsonb;
+    v_secrets jsonb;
+    v_allowed text[];
+    v_required text[];
+    v_key text;
+begin
+    perform notify._check_keys(p_body, array['provider', 'settings', 'secrets'], '');
+    v_provider := notify._text_field(p_body, 'provider', '', true, 40);
+    if v_provider not in ('mock', 'whatsapp_cloud', 'smtp')
+       or (v_provider = 'whatsapp_cloud' and p_channel <> 'whatsapp') or (v_provider = 'smtp' and p_channel <> 'email') then
+        perform notify._raise('ND422', 'invalid_provider',
+            format('provider %s cannot serve %s (mock: any channel; whatsapp_cloud: whatsapp; smtp: email)', v_provider, p_channel), 'provider');
+    end if;
+    v_settings := coalesce(p_body -> 'settings', '{}');
+    v_secrets := coalesce(p_body -> 'secrets', '{}');
+    v_allowed := case v_provider
+        when 'whatsapp_cloud' then array['phone_number_id', 'api_version', 'base_url', 'rate_per_second', 'timeout_seconds', 'opt_out_keywords']
+        when 'smtp' then array['host', 'port', 'security', 'username', 'from_address', 'from_name', 'timeout_seconds', 'validate_certs',
+                               'esp', 'transactional_categories', 'max_connections', 'public_url']
+        else array[]::text[] end;
+    perform notify._check_keys(v_settings, v_allowed, 'settings');
+    perform notify._check_keys(v_secrets, case v_provider when 'whatsapp_cloud' then array['access_token']
+                                                          when 'smtp' then array['password'] else array[]::text[] end, 'secrets');
+    if not notify._secret_refs_valid(v_secrets) then
+        select k into v_key from jsonb_each(v_secrets) e(k, v) where not notify._secret_refs_valid(jsonb_build_object(k, v)) limit 1;
+        perform notify._raise('ND422', 'invalid_secret_reference',
+            'secrets take references, not values: "env:VARIABLE" or "file:/absolute/path"', 'secrets.' || v_key);
+    end if;
+    v_required := case v_provider when 'whatsapp_cloud' then array['settings.phone_number_id', 'secrets.access_token']
+                                  when 'smtp' then array['settings.host', 'settings.from_address'] else array[]::text[] end;
+    foreach v_key in array v_required loop
+        if jsonb_typeof(jsonb_build_object('settings', v_settings, 'secrets', v_secrets) #> string_to_array(v_key, '.')) is distinct from 'string' then
+            perform notify._raise('ND400', 'missing_field', format('%s is required for %s', v_key, v_provider), v_key);
+        end if;
+    end loop;
+    if v_provider = 'whatsapp_cloud' and v_settings ->> 'phone_number_id' !~ '^[0-9]{5,20}$' then
+        perform notify._raise('ND400', 'invalid_format', 'settings.phone_number_id is the numeric Graph id of the business number',
+                              'settings.phone_number_id');
+    end if;
+    if v_provider = 'smtp' then
+        if not notify._address_valid('email', v_settings ->> 'from_address') then
+            perform notify._raise('ND400', 'invalid_address', 'settings.from_address must be an e-mail address', 'settings.from_address');
+        end if;
+        if coalesce(v_settings ->> 'security', 'starttls') not in ('starttls', 'tls', 'none') then
+            perform notify._raise('ND400', 'invalid_value', 'settings.security must be starttls, tls or none', 'settings.security');
+        end if;
+        if coalesce(v_settings ->> 'esp', 'sendgrid') not in ('sendgrid', 'mailgun') then
+            perform notify._raise('ND400', 'invalid_value', 'settings.esp must be sendgrid or mailgun', 'settings.esp');
+        end if;
+        if v_settings ? 'port' and (jsonb_typeof(v_settings -> 'port') <> 'number' or (v_settings ->> 'port')::numeric not between 1 and 65535) then
+            perform notify._raise('ND400', 'invalid_value', 'settings.port must be 1-65535', 'settings.port');
+        end if;
+    end if;
+    if v_settings ? 'rate_per_second' and (jsonb_typeof(v_settings -> 'rate_per_second') <> 'number'
+                                            or (v_settings ->> 'rate_per_second')::numeric <= 0) then
+        perform notify._raise('ND400', 'invalid_value', 'settings.rate_per_second must be a positive number', 'settings.rate_per_second');
+    end if;
+
+    insert into notify.channel_providers as c (tenant_id, channel, provider, settings, secrets)
+    values (p_tenant_id, p_channel, v_provider, notify._provider_defaults(v_provider) || v_settings, v_secrets)
+    on conflict (tenant_id, channel) do update
+        set provider = excluded.provider, settings = excluded.settings, secrets = excluded.secrets, updated_at = now();
+    return (select p from jsonb_array_elements(notify_api.list_channel_providers_v1(p_tenant_id)) p where p ->> 'channel' = p_channel::text);
+end
+$$;
+comment on function notify_api.set_channel_provider_v1(uuid, notify.channel, jsonb) is
+    'Sets the provider of a tenant''s channel: {provider: mock|whatsapp_cloud|smtp, settings, secrets: {name: "env:VAR"|"file:/path"}}. Settings are checked per provider and merged over its defaults.';
+
+create function notify_api.list_channel_providers_v1(p_tenant_id uuid)
+    returns jsonb
+    language sql
+    stable
+    security definer
+    set search_path = ''
+as $$
+    select jsonb_agg(jsonb_build_object(
+               'channel', c, 'provider', coalesce(p.provider, 'mock'), 'settings', coalesce(p.settings, '{}'),
+               'secrets', coalesce((select jsonb_object_agg(k, split_part(v #>> '{}', ':', 1) || ':***') from jsonb_each(p.secrets) e(k, v)), '{}'),
+               'default', p.provider is null, 'updated_at', p.updated_at) order by c)
+      from unnest(enum_range(null::notify.channel)) c
+      left join notify.channel_providers p on p.tenant_id = p_tenant_id and p.channel = c
+$$;
+comment on function notify_api.list_channel_providers_v1(uuid) is
+    'The provider of every channel of a tenant; secret references are shown masked ("env:***").';
+
+create function notify_api.take_tokens_v1(p_key text, p_rate double precision, p_wanted integer)
+    returns integer
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v_tokens double precision;
+    v_granted integer;
+begin
+    -- A token bucket of capacity p_rate (one second of sending), refilled continuously; the row lock
+    -- serializes every worker process that sends for the same key.
+    insert into notify.rate_buckets as b (key, tokens, updated_at) values (p_key, p_rate, clock_timestamp())
+    on conflict (key) do update
+        set tokens = least(p_rate, b.tokens + extract(epoch from clock_timestamp() - b.updated_at) * p_rate),
+            updated_at = clock_timestamp()
+    returning tokens into v_tokens;
+    v_granted := greatest(0, least(p_wanted, floor(v_tokens)::integer));
+    update notify.rate_buckets set tokens = tokens - v_granted where key = p_key;
+    return v_granted;
+end
+$$;
+comment on function notify_api.take_tokens_v1(text, double precision, integer) is
+    'Takes up to p_wanted tokens from the shared bucket p_key (rate p_rate per second, burst one second); returns how many were granted.';
+
+create function notify_api.unsubscribe_v1(p_tenant_id uuid, p_delivery_id uuid, p_source text default 'list_unsubscribe')
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v record;
+begin
+    select d.recipient_id, d.channel, r.category into v
+      from notify.notification_deliveries d
+      join notify.notification_requests r on r.tenant_id = d.tenant_id and r.id = d.request_id
+     where d.tenant_id = p_tenant_id and d.id = p_delivery_id;
+    if v.recipient_id is null then
+        perform notify._raise('ND404', 'not_found', 'no such delivery', 'delivery_id');
+    end if;
+    if notify._consent_allows(p_tenant_id, v.recipient_id, v.channel, v.category) then
+        insert into notify.recipient_consents (tenant_id, recipient_id, channel, category, status, source, evidence, recorded_by)
+        values (p_tenant_id, v.recipient_id, v.channel, v.category, 'revoked', p_source,
+                jsonb_build_object('delivery_id', p_delivery_id), 'dispatcher');
+    end if;
+    return jsonb_build_object('channel', v.channel, 'category', v.category, 'unsubscribed', true);
+end
+$$;
+comment on function notify_api.unsubscribe_v1(uuid, uuid, text) is
+    'Records an opt-out for the channel and category of a delivery (RFC 8058 one-click unsubscribe). Idempotent.';
+
 -- ==== sql/080_api_worker.sql ====
 -- notify_api: the worker's side — claim due deliveries, record provider outcomes, periodic maintenance.
 -- Called by runner/ (procrastinate tasks) in batches; one call per batch, never per delivery.
@@ -1452,19 +1684,29 @@ begin
            for update skip locked
     ), decided as (
         -- Expiry and consent are checked again here: a revoke or a deadline between submit and send wins.
+        -- Free-form WhatsApp text outside the 24-hour customer-service window is refused, not sent to fail.
         select d.tenant_id, d.id,
                case when d.expires_at is not null and d.expires_at <= now() then 'expired'
                     when not notify._consent_allows(d.tenant_id, d.recipient_id, d.channel, r.category) then 'suppressed'
+                    when cp.provider = 'whatsapp_cloud' and t.content ? 'text' and not exists (
+                             select from notify.whatsapp_windows w
+                              where w.tenant_id = d.tenant_id and w.phone_number_id = cp.settings ->> 'phone_number_id'
+                                and w.wa_id = ltrim(d.address, '+') and w.last_inbound_at > now() - interval '24 hours')
+                         then 'failed'
                     else 'sending' end as next_status
           from due
           join notify.notification_deliveries d on d.tenant_id = due.tenant_id and d.id = due.id
           join notify.notification_requests r on r.tenant_id = d.tenant_id and r.id = d.request_id
+          left join notify.channel_providers cp on cp.tenant_id = d.tenant_id and cp.channel = d.channel
+          left join notify.templates t on t.tenant_id = d.tenant_id and t.key = r.template_key
+                                      and t.channel = d.channel and t.locale = d.template_locale
     ), updated as (
         update notify.notification_deliveries d
            set status = x.next_status::notify.delivery_status,
                attempt = d.attempt + (x.next_status = 'sending')::integer,
                lease_expires_at = case when x.next_status = 'sending' then now() + make_interval(secs => p_lease_seconds) end,
-               reason = case x.next_status when 'expired' then 'expired_before_send' when 'suppressed' then 'no_consent' else d.reason end
+               reason = case x.next_status when 'expired' then 'expired_before_send' when 'suppressed' then 'no_consent'
+                                           when 'failed' then 'outside_customer_service_window' else d.reason end
           from decided x
          where d.tenant_id = x.tenant_id and d.id = x.id
         returning d.*
@@ -1473,16 +1715,19 @@ begin
         select u.tenant_id, u.id, u.attempt from updated u where u.status = 'sending'
     )
     select u.tenant_id, u.id, u.attempt, u.channel, u.address, r.template_key, u.template_locale, t.content,
-           r.variables, r.category, u.request_id
+           r.variables, r.category, u.request_id, coalesce(cp.provider, 'mock'),
+           case when cp.provider is not null
+                then jsonb_build_object('settings', cp.settings, 'secrets', cp.secrets, 'updated_at', cp.updated_at) end
       from updated u
       join notify.notification_requests r on r.tenant_id = u.tenant_id and r.id = u.request_id
       left join notify.templates t on t.tenant_id = u.tenant_id and t.key = r.template_key
                                   and t.channel = u.channel and t.locale = u.template_locale
+      left join notify.channel_providers cp on cp.tenant_id = u.tenant_id and cp.channel = u.channel
      where u.status = 'sending';
 end
 $$;
 comment on function notify_api.claim_deliveries_v1(notify.channel, integer, integer) is
-    'Claims up to p_limit due deliveries of a channel (FOR UPDATE SKIP LOCKED): expired ones become expired, revoked ones suppressed, the rest sending with attempt+1 and a lease. Returns what the worker needs to send them.';
+    'Claims up to p_limit due deliveries of a channel (FOR UPDATE SKIP LOCKED): expired ones become expired, revoked ones suppressed, WhatsApp text outside the 24-hour window failed, the rest sending with attempt+1 and a lease. Returns what the worker needs to send them, with the tenant''s provider.';
 
 create function notify_api.record_attempts_v1(p_results notify.attempt_result[])
     returns table (delivery_id uuid, status notify.delivery_status, applied boolean)
@@ -1491,8 +1736,8 @@ create function notify_api.record_attempts_v1(p_results notify.attempt_result[])
     set search_path = ''
 as $$
 begin
-    if exists (select from unnest(p_results) r where r.outcome not in ('sent', 'retry', 'failed', 'unknown', 'suppressed')) then
-        perform notify._raise('ND400', 'invalid_value', 'outcome must be sent, retry, failed, unknown or suppressed', 'outcome');
+    if exists (select from unnest(p_results) r where r.outcome not in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'bounced')) then
+        perform notify._raise('ND400', 'invalid_value', 'outcome must be sent, retry, failed, unknown, suppressed or bounced', 'outcome');
     end if;
     perform notify._set_source('worker');
 
@@ -1517,12 +1762,14 @@ begin
                    when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'failed'
                    when i.outcome = 'unknown' and d.status = 'sending' then 'unknown'
                    when i.outcome = 'suppressed' and d.status = 'sending' then 'suppressed'
+                   when i.outcome = 'bounced' and d.status in ('sending', 'unknown') then 'bounced'
                    else d.status end::notify.delivery_status,
                reason = case
                    when i.outcome = 'retry' and d.status = 'sending' and d.attempt >= i.retry_max_attempts then 'retries_exhausted'
                    when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'provider_rejected'
                    when i.outcome = 'unknown' and d.status = 'sending' then 'outcome_unknown'
                    when i.outcome = 'suppressed' and d.status = 'sending' then 'provider_opt_out'
+                   when i.outcome = 'bounced' and d.status in ('sending', 'unknown') then 'rejected_by_recipient_server'
                    else d.reason end,
                due_at = case when i.outcome = 'retry' and d.status = 'sending' and d.attempt < i.retry_max_attempts
                              then now() + notify._backoff(i.tenant_id, d.attempt, i.retry_after_seconds)
@@ -1546,7 +1793,7 @@ begin
 end
 $$;
 comment on function notify_api.record_attempts_v1(notify.attempt_result[]) is
-    'Writes a batch of provider outcomes, each fenced by its attempt number (a stale worker changes nothing): sent, retry (backoff with jitter, or failed when attempts are used up), failed, unknown, suppressed. Wakes the worker for retries.';
+    'Writes a batch of provider outcomes, each fenced by its attempt number (a stale worker changes nothing): sent, retry (backoff with jitter, or failed when attempts are used up), failed, unknown, suppressed, bounced. Wakes the worker for retries.';
 
 create function notify_api.run_maintenance_v1()
     returns jsonb
@@ -1611,6 +1858,18 @@ comment on function notify_api.run_maintenance_v1() is
 -- notify_api: provider webhook ingestion — store once, apply status reports by rank.
 -- Called by POST /public/webhooks/{provider} after the signature over the raw body was verified.
 
+create function notify._provider_family(p_webhook_provider text)
+    returns text[]
+    language sql
+    immutable
+    set search_path = ''
+as $$
+    -- E-mail service providers report on messages we handed to them over SMTP.
+    select case when p_webhook_provider in ('sendgrid', 'mailgun') then array[p_webhook_provider, 'smtp']
+                else array[p_webhook_provider] end
+$$;
+comment on function notify._provider_family(text) is 'The sending providers whose messages a webhook provider reports on.';
+
 create function notify._apply_provider_status(p_provider text, e notify.status_event)
     returns text
     language plpgsql
@@ -1622,16 +1881,36 @@ declare
 begin
     if e.tenant_id is not null and e.delivery_id is not null then
         select * into d from notify.notification_deliveries x
-         where x.tenant_id = e.tenant_id and x.id = e.delivery_id and (x.provider is null or x.provider = p_provider)
+         where x.tenant_id = e.tenant_id and x.id = e.delivery_id and (x.provider is null or x.provider = any (notify._provider_family(p_provider)))
            for update;
     end if;
     if d.id is null and e.provider_message_id is not null then
         select * into d from notify.notification_deliveries x
-         where x.provider = p_provider and x.provider_message_id = e.provider_message_id
+         where x.provider = any (notify._provider_family(p_provider)) and x.provider_message_id = e.provider_message_id
            for update;
     end if;
     if d.id is null then
         return 'unmatched';
+    end if;
+
+    if e.status is null then
+        -- An engagement flag: never a status of its own, but it proves delivery, and a complaint is an opt-out.
+        if e.flag is null or e.flag not in ('opened', 'clicked', 'complained', 'unsubscribed') then
+            return 'ignored';
+        end if;
+        update notify.notification_deliveries x
+           set opened_at = case when e.flag in ('opened', 'clicked') then least(x.opened_at, v_at) else x.opened_at end,
+               complained_at = case when e.flag = 'complained' then least(x.complained_at, v_at) else x.complained_at end,
+               status = case when notify._rank(x.channel, 'delivered') > notify._rank(x.channel, x.status)
+                              and notify._transition_allowed(x.channel, x.status, 'delivered') then 'delivered' else x.status end,
+               delivered_at = case when x.status in ('sending', 'sent', 'unknown') then least(x.delivered_at, v_at) else x.delivered_at end
+         where x.tenant_id = d.tenant_id and x.id = d.id;
+        if e.flag in ('complained', 'unsubscribed') and notify._consent_allows(d.tenant_id, d.recipient_id, d.channel, null) then
+            insert into notify.recipient_consents (tenant_id, recipient_id, channel, status, source, evidence, recorded_by)
+            values (d.tenant_id, d.recipient_id, d.channel, 'revoked', case e.flag when 'complained' then 'complaint' else 'provider_unsubscribe' end,
+                    jsonb_build_object('delivery_id', d.id, 'provider', p_provider, 'reported_at', v_at), 'dispatcher');
+        end if;
+        return 'flagged';
     end if;
 
     if notify._rank(d.channel, e.status) > notify._rank(d.channel, d.status)
@@ -1661,9 +1940,46 @@ begin
 end
 $$;
 comment on function notify._apply_provider_status(text, notify.status_event) is
-    'Applies one provider status report to its delivery if it ranks higher and the move is legal (applied); otherwise only fills timestamps (stale). unmatched when no delivery is found.';
+    'Applies one provider status report to its delivery if it ranks higher and the move is legal (applied); otherwise only fills timestamps (stale). Flags (opened, clicked, complained, unsubscribed) set their time, imply delivered, and a complaint or unsubscribe revokes consent (flagged). unmatched when no delivery is found.';
 
-create function notify_api.ingest_webhook_v1(p_provider text, p_event_key text, p_payload jsonb, p_events notify.status_event[])
+create function notify._record_inbound(p_provider text, m notify.inbound_message)
+    returns text
+    language plpgsql
+    set search_path = ''
+as $$
+declare
+    v_tenant record;
+    v_outcome text := 'unmatched';
+    v_address text := '+' || ltrim(m.sender, '+');
+begin
+    for v_tenant in
+        select cp.tenant_id, cp.settings from notify.channel_providers cp
+         where cp.provider = p_provider and cp.channel = 'whatsapp' and cp.settings ->> 'phone_number_id' = m.phone_number_id
+    loop
+        insert into notify.whatsapp_windows as w (tenant_id, phone_number_id, wa_id, last_inbound_at)
+        values (v_tenant.tenant_id, m.phone_number_id, ltrim(m.sender, '+'), coalesce(m.received_at, now()))
+        on conflict (tenant_id, phone_number_id, wa_id) do update
+            set last_inbound_at = greatest(w.last_inbound_at, excluded.last_inbound_at);
+        v_outcome := 'window_opened';
+        if upper(btrim(coalesce(m.text, ''))) in (select upper(k) from jsonb_array_elements_text(coalesce(v_tenant.settings -> 'opt_out_keywords', '[]')) k) then
+            insert into notify.recipient_consents (tenant_id, recipient_id, channel, status, source, evidence, recorded_by)
+            select a.tenant_id, a.recipient_id, 'whatsapp', 'revoked', 'inbound_keyword',
+                   jsonb_build_object('message_id', m.message_id, 'text', m.text, 'received_at', m.received_at,
+                                      'phone_number_id', m.phone_number_id), 'dispatcher'
+              from notify.recipient_addresses a
+             where a.tenant_id = v_tenant.tenant_id and a.channel = 'whatsapp' and a.address = v_address
+               and notify._consent_allows(a.tenant_id, a.recipient_id, 'whatsapp', null);
+            v_outcome := 'opted_out';
+        end if;
+    end loop;
+    return v_outcome;
+end
+$$;
+comment on function notify._record_inbound(text, notify.inbound_message) is
+    'Records an inbound WhatsApp message for every tenant using that business number: opens the 24-hour window, and an opt-out keyword (settings.opt_out_keywords) revokes the sender''s WhatsApp consent with the message as evidence.';
+
+create function notify_api.ingest_webhook_v1(p_provider text, p_event_key text, p_payload jsonb, p_events notify.status_event[],
+                                            p_inbound notify.inbound_message[] default '{}')
     returns jsonb
     language plpgsql
     security definer
@@ -1695,12 +2011,16 @@ begin
                order by i), '[]')
       into v_outcomes
       from generate_subscripts(p_events, 1) as i;
+    select v_outcomes || coalesce(jsonb_agg(jsonb_build_object(
+               'inbound', (p_inbound[i]).message_id, 'outcome', notify._record_inbound(p_provider, p_inbound[i])) order by i), '[]')
+      into v_outcomes
+      from generate_subscripts(p_inbound, 1) as i;
     update notify.webhook_events set outcomes = v_outcomes where id = v_id;
     return jsonb_build_object('stored', true, 'duplicate', false, 'id', v_id, 'outcomes', v_outcomes);
 end
 $$;
-comment on function notify_api.ingest_webhook_v1(text, text, jsonb, notify.status_event[]) is
-    'Stores a verified provider webhook once per (provider, event key) and applies its normalized status events by rank. A duplicate changes nothing.';
+comment on function notify_api.ingest_webhook_v1(text, text, jsonb, notify.status_event[], notify.inbound_message[]) is
+    'Stores a verified provider webhook once per (provider, event key), applies its normalized status events by rank and records its inbound messages. A duplicate changes nothing.';
 
 -- ==== sql/100_api_mock.sql ====
 -- notify_api: the built-in mock provider's outbox.

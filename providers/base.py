@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
 import msgspec
 
-Outcome = Literal["sent", "retry", "failed", "unknown", "suppressed"]
+Outcome = Literal["sent", "retry", "failed", "unknown", "suppressed", "bounced"]
 
 
 class Message(msgspec.Struct, kw_only=True, frozen=True):
@@ -39,23 +41,44 @@ class SendResult(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class StatusEvent(msgspec.Struct, kw_only=True, frozen=True):
-    """A provider status report, normalized; becomes a notify.status_event."""
+    """A provider status report, normalized; becomes a notify.status_event. Either a status or a flag."""
 
-    status: str
+    status: str | None
     tenant_id: UUID | None = None
     delivery_id: UUID | None = None
     provider_message_id: str | None = None
     occurred_at: dt.datetime | None = None
     error_code: str | None = None
     error_message: str | None = None
+    flag: str | None = None
+
+
+class InboundMessage(msgspec.Struct, kw_only=True, frozen=True):
+    """A message a recipient sent us (WhatsApp); becomes a notify.inbound_message."""
+
+    phone_number_id: str
+    sender: str
+    message_id: str
+    text: str | None = None
+    received_at: dt.datetime | None = None
 
 
 class ParsedWebhook(msgspec.Struct, kw_only=True, frozen=True):
-    """A verified webhook: its dedup key, the payload to store, and its status events."""
+    """A verified webhook: its dedup key, the payload to store, its status events and inbound messages."""
 
     event_key: str
     payload: Any
     events: list[StatusEvent]
+    inbound: list[InboundMessage] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderContext:
+    """What a provider may use of the worker: shared pacing, the mock outbox, settings."""
+
+    take_tokens: Callable[[str, float, int], Awaitable[int]]
+    record_mock: Callable[[list[dict[str, Any]]], Awaitable[None]]
+    settings: Any
 
 
 class WebhookRejected(Exception):

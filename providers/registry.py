@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dispatcher.settings import Settings
-from providers.base import Provider, WebhookAdapter
+from providers.base import Provider, ProviderContext, WebhookAdapter
+from providers.email_webhooks import MailgunWebhooks, SendGridWebhooks
 from providers.mock import MockProvider, MockWebhooks
+from providers.smtp import Smtp
+from providers.whatsapp import WhatsAppCloud, WhatsAppWebhooks
 
 
-def provider_for(channel: str, settings: Settings, record_mock: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> Provider:
-    """The mock provider for every channel until real providers are configured per tenant (issue: real channels)."""
-    return MockProvider(
-        record=record_mock,
-        webhook_url=settings.mock_webhook_url,
-        webhook_secret=settings.mock_webhook_secret,
-        latency_ms=settings.mock_latency_ms,
-        failure_rate=settings.mock_failure_rate,
-        status_delay_ms=settings.mock_status_delay_ms,
-        outcomes=settings.mock_outcomes,
-    )
+def provider_for(name: str, config: dict[str, Any] | None, ctx: ProviderContext) -> Provider:
+    """A provider instance for a tenant's channel configuration (notify.channel_providers); mock without one."""
+    config = config or {}
+    settings, secrets = dict(config.get("settings") or {}), dict(config.get("secrets") or {})
+    if name == "whatsapp_cloud":
+        return WhatsAppCloud(settings, secrets, ctx)
+    if name == "smtp":
+        return Smtp(settings, secrets, ctx)
+    s: Settings = ctx.settings
+    return MockProvider(record=ctx.record_mock, webhook_url=s.mock_webhook_url, webhook_secret=s.mock_webhook_secret,
+                        latency_ms=s.mock_latency_ms, failure_rate=s.mock_failure_rate,
+                        status_delay_ms=s.mock_status_delay_ms, outcomes=s.mock_outcomes)
 
 
 def webhook_adapters(settings: Settings) -> dict[str, WebhookAdapter]:
-    secrets_ = [s for s in (settings.mock_webhook_secret or "").split() if s]
-    return {"mock": MockWebhooks(secrets_, settings.webhook_tolerance_seconds)}
+    tolerance = settings.webhook_tolerance_seconds
+    return {
+        "mock": MockWebhooks([s for s in (settings.mock_webhook_secret or "").split() if s], tolerance),
+        "whatsapp": WhatsAppWebhooks(settings.whatsapp_app_secrets),
+        "sendgrid": SendGridWebhooks(settings.sendgrid_verification_key, tolerance),
+        "mailgun": MailgunWebhooks(settings.mailgun_signing_key, tolerance),
+    }

@@ -1,16 +1,22 @@
-"""Renders template content with a delivery's variables: {{name}} placeholders, values HTML-escaped in html."""
+"""Renders template content with a delivery's variables in a sandboxed Jinja2 environment.
+
+Placeholders are {{ name }} (filters and conditionals work too); a variable the content needs but the
+intent lacks is an error, not an empty string. HTML bodies are autoescaped; subjects and texts are not.
+"""
 
 from __future__ import annotations
 
-import html
-import re
 from typing import Any
 
-PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import SandboxedEnvironment
+
+_plain = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+_html = SandboxedEnvironment(undefined=StrictUndefined, autoescape=True, keep_trailing_newline=True)
 
 
 class RenderError(Exception):
-    """The content cannot be rendered (template deleted, variable missing): the delivery fails."""
+    """The content cannot be rendered (template gone, variable missing, syntax): the delivery fails."""
 
 
 def _text(value: Any) -> str:
@@ -20,21 +26,18 @@ def _text(value: Any) -> str:
 
 
 def fill(template: str, variables: dict[str, Any], *, escape: bool = False) -> str:
-    def one(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in variables:
-            raise RenderError(f"variable {name} missing")
-        value = _text(variables[name])
-        return html.escape(value) if escape else value
-
-    return PLACEHOLDER.sub(one, template)
+    try:
+        return (_html if escape else _plain).from_string(template).render(variables)
+    except TemplateError as exc:
+        raise RenderError(f"template error: {exc.message or type(exc).__name__}") from None
 
 
 def render(channel: str, content: dict[str, Any] | None, variables: dict[str, Any]) -> dict[str, Any]:
     if content is None:
         raise RenderError("template content not found")
     if channel == "email":
-        out = {"subject": fill(content["subject"], variables), "text": fill(content["text"], variables)}
+        out = {"subject": fill(content["subject"], variables).replace("\r", " ").replace("\n", " "),
+               "text": fill(content["text"], variables)}
         if content.get("html"):
             out["html"] = fill(content["html"], variables, escape=True)
         return out

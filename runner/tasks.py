@@ -6,6 +6,7 @@ A dispatch job is only a wake-up ("there is due work on this channel"); the deli
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -16,7 +17,7 @@ from procrastinate import JobContext, jobs
 from psycopg.types.json import Jsonb
 
 from dispatcher.settings import Settings
-from providers.base import Message, Provider, SendResult
+from providers.base import Message, Provider, ProviderContext, SendResult
 from providers.registry import provider_for
 from runner.app import app
 from runner.render import RenderError, render
@@ -29,30 +30,38 @@ RECORD = (
     "array(select r from jsonb_populate_recordset(null::notify.attempt_result, %(results)s) r))"
 )
 RECORD_MOCK = "select notify_api.record_mock_messages_v1(%(messages)s)"
+TAKE_TOKENS = "select notify_api.take_tokens_v1(%(key)s, %(rate)s, %(wanted)s) as granted"
 MAINTENANCE = "select notify_api.run_maintenance_v1() as result"
 
 _to_builtins = msgspec.to_builtins
 
 
 class Dispatcher:
-    """Per-process state of the worker: settings and one provider instance per channel."""
+    """Per-process state of the worker: settings and one provider instance per tenant configuration."""
 
     def __init__(self, connector: Any, settings: Settings) -> None:
         self.connector = connector
         self.settings = settings
-        self.providers: dict[str, Provider] = {}
+        self.providers: dict[tuple[str, str, str], Provider] = {}
+        self.ctx = ProviderContext(take_tokens=self._take_tokens, record_mock=self._record_mock, settings=settings)
 
     async def _record_mock(self, rows: list[dict[str, Any]]) -> None:
         await self.connector.execute_query_one_async(RECORD_MOCK, messages=Jsonb(rows))
 
-    def provider(self, channel: str) -> Provider:
-        if channel not in self.providers:
-            self.providers[channel] = provider_for(channel, self.settings, self._record_mock)
-        return self.providers[channel]
+    async def _take_tokens(self, key: str, rate: float, wanted: int) -> int:
+        row = await self.connector.execute_query_one_async(TAKE_TOKENS, key=key, rate=rate, wanted=wanted)
+        return int(row["granted"])
+
+    def provider(self, name: str, config: dict[str, Any] | None) -> Provider:
+        """One instance per provider and configuration version (a changed configuration gets a new instance)."""
+        key = (name, json.dumps(config, sort_keys=True, default=str) if config else "", "")
+        if key not in self.providers:
+            self.providers[key] = provider_for(name, config, self.ctx)
+        return self.providers[key]
 
     async def send_batch(self, channel: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []
-        messages: list[Message] = []
+        groups: dict[str, tuple[str, dict[str, Any] | None, list[Message]]] = {}
         for row in rows:
             base = {"tenant_id": str(row["tenant_id"]), "delivery_id": str(row["delivery_id"]), "attempt": row["attempt"]}
             try:
@@ -60,21 +69,28 @@ class Dispatcher:
             except (RenderError, KeyError) as exc:
                 results.append({**base, "outcome": "failed", "provider": None, "error_code": "render_failed", "error_message": str(exc)})
                 continue
-            messages.append(Message(tenant_id=row["tenant_id"], delivery_id=row["delivery_id"], attempt=row["attempt"],
-                                    channel=channel, address=row["address"], rendered=rendered, category=row["category"]))
-        if messages:
-            provider = self.provider(channel)
-            try:
-                sent = await provider.send_many(messages)
-            except Exception as exc:  # the provider itself broke: we cannot know what left us
-                log.exception("provider crashed", extra={"channel": channel, "provider": provider.name})
-                outcome = "retry" if channel == "email" else "unknown"
-                sent = [SendResult(outcome=outcome, provider=provider.name, error_code="provider_exception",
-                                   error_message=type(exc).__name__) for _ in messages]
-            for message, result in zip(messages, sent, strict=True):
-                results.append({"tenant_id": str(message.tenant_id), "delivery_id": str(message.delivery_id),
-                                "attempt": message.attempt, **_to_builtins(result)})
+            message = Message(tenant_id=row["tenant_id"], delivery_id=row["delivery_id"], attempt=row["attempt"],
+                              channel=channel, address=row["address"], rendered=rendered, category=row["category"])
+            name, config = row.get("provider") or "mock", row.get("provider_config")
+            group_key = f"{name}:{json.dumps(config, sort_keys=True, default=str) if config else ''}"
+            groups.setdefault(group_key, (name, config, []))[2].append(message)
+        sent_groups = await asyncio.gather(*(self._send_group(channel, name, config, messages)
+                                             for name, config, messages in groups.values()))
+        for group in sent_groups:
+            results.extend(group)
         return results
+
+    async def _send_group(self, channel: str, name: str, config: dict[str, Any] | None, messages: list[Message]) -> list[dict[str, Any]]:
+        provider = self.provider(name, config)
+        try:
+            sent = await provider.send_many(messages)
+        except Exception as exc:  # the provider itself broke: we cannot know what left us
+            log.exception("provider crashed", extra={"channel": channel, "provider": provider.name})
+            outcome = "retry" if channel == "email" else "unknown"
+            sent = [SendResult(outcome=outcome, provider=provider.name, error_code="provider_exception",
+                               error_message=type(exc).__name__) for _ in messages]
+        return [{"tenant_id": str(m.tenant_id), "delivery_id": str(m.delivery_id), "attempt": m.attempt, **_to_builtins(r)}
+                for m, r in zip(messages, sent, strict=True)]
 
     async def drain(self, channel: str) -> dict[str, int]:
         """Claims, sends and records batches until a batch comes back short."""

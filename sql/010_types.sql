@@ -5,7 +5,7 @@ create type notify.channel as enum ('whatsapp', 'email', 'sms');
 comment on type notify.channel is 'A delivery channel. A new channel is a new value (ALTER TYPE ... ADD VALUE).';
 
 create type notify.delivery_status as enum (
-    'scheduled',   -- waiting for send_at          -> queued | sending (claimed when due) | suppressed | cancelled | expired
+    'scheduled',   -- waiting for send_at          -> queued | sending (claimed when due) | suppressed | cancelled | expired | failed (refused at claim)
     'queued',      -- due, or a retry waiting       -> sending | suppressed | cancelled | expired | failed
     'sending',     -- claimed; provider call may be in flight
                    --                               -> queued (retry) | sent | delivered | read | failed | bounced | suppressed | unknown
@@ -34,7 +34,7 @@ create type notify.attempt_result as (
     tenant_id uuid,
     delivery_id uuid,
     attempt integer,
-    outcome text,               -- sent | retry | failed | unknown | suppressed
+    outcome text,               -- sent | retry | failed | unknown | suppressed | bounced
     provider text,
     provider_message_id text,
     error_code text,
@@ -51,10 +51,21 @@ create type notify.status_event as (
     status notify.delivery_status,
     occurred_at timestamptz,
     error_code text,
-    error_message text
+    error_message text,
+    flag text                   -- opened | clicked | complained: engagement, never a status
 );
 comment on type notify.status_event is
-    'A provider status report normalized by its adapter. The delivery is found by (tenant_id, delivery_id) when the provider echoes our correlation id, else by provider_message_id.';
+    'A provider status report normalized by its adapter: a status, or an engagement flag (status null). The delivery is found by (tenant_id, delivery_id) when the provider echoes our correlation id, else by provider_message_id.';
+
+create type notify.inbound_message as (
+    phone_number_id text,
+    sender text,
+    message_id text,
+    text text,
+    received_at timestamptz
+);
+comment on type notify.inbound_message is
+    'A message a recipient sent to a business number (WhatsApp): it opens the 24-hour window, and an opt-out keyword revokes consent.';
 
 create type notify.claimed_delivery as (
     tenant_id uuid,
@@ -67,7 +78,9 @@ create type notify.claimed_delivery as (
     content jsonb,
     variables jsonb,
     category text,
-    request_id uuid
+    request_id uuid,
+    provider text,
+    provider_config jsonb
 );
 comment on type notify.claimed_delivery is
-    'What the worker needs to send one claimed delivery: where to, the template content and the variables.';
+    'What the worker needs to send one claimed delivery: where to, the template content, the variables, and the tenant''s provider for the channel (settings and secret references, never secrets).';

@@ -81,7 +81,7 @@ create function notify._transition_allowed(p_channel notify.channel, p_from noti
     set search_path = ''
 as $$
     select case p_from
-        when 'scheduled' then p_to in ('queued', 'sending', 'suppressed', 'cancelled', 'expired')
+        when 'scheduled' then p_to in ('queued', 'sending', 'suppressed', 'cancelled', 'expired', 'failed')
         when 'queued' then p_to in ('sending', 'suppressed', 'cancelled', 'expired', 'failed')
         when 'sending' then p_to in ('queued', 'sent', 'delivered', 'read', 'failed', 'bounced', 'suppressed', 'unknown')
         when 'unknown' then p_to in ('queued', 'sent', 'delivered', 'read', 'failed', 'bounced')
@@ -206,3 +206,16 @@ begin
 end
 $$;
 comment on function notify._channel_field(jsonb, text) is 'Reads a channel name, refusing unknown channels with the field named.';
+
+create function notify._secret_refs_valid(p_secrets jsonb)
+    returns boolean
+    language sql
+    immutable
+    set search_path = ''
+as $$
+    select jsonb_typeof(p_secrets) = 'object'
+       and not exists (select from jsonb_each(p_secrets) e
+                        where jsonb_typeof(e.value) <> 'string' or e.value #>> '{}' !~ '^(env:[A-Za-z_][A-Za-z0-9_]*|file:/[^\s]+)$')
+$$;
+comment on function notify._secret_refs_valid(jsonb) is
+    'True if every value is a secret reference (env:NAME or file:/absolute/path), so a secret itself can never be stored.';

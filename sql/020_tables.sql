@@ -47,6 +47,41 @@ create table notify.channel_policies (
 comment on table notify.channel_policies is
     'Per-tenant consent policy of a channel. Missing row: opt_in for whatsapp and sms, opt_out for email (notify._default_policy).';
 
+create table notify.channel_providers (
+    tenant_id uuid not null references notify.tenants (id),
+    channel notify.channel not null,
+    provider text not null,
+    settings jsonb not null default '{}',
+    secrets jsonb not null default '{}',
+    updated_at timestamptz not null default now(),
+    primary key (tenant_id, channel),
+    constraint channel_providers_known check (
+        (provider = 'mock') or (provider = 'whatsapp_cloud' and channel = 'whatsapp') or (provider = 'smtp' and channel = 'email')),
+    constraint channel_providers_secret_refs check (notify._secret_refs_valid(secrets))
+);
+comment on table notify.channel_providers is
+    'Which provider serves a tenant''s channel, its settings, and references to its secrets. No row: the built-in mock provider.';
+comment on column notify.channel_providers.secrets is
+    'Secret references only, {"name": "env:VAR" | "file:/path"}; resolved by the worker at send time, never stored.';
+
+create table notify.whatsapp_windows (
+    tenant_id uuid not null references notify.tenants (id),
+    phone_number_id text not null,
+    wa_id text not null,
+    last_inbound_at timestamptz not null,
+    primary key (tenant_id, phone_number_id, wa_id)
+);
+comment on table notify.whatsapp_windows is
+    'Last inbound message per business number and user: free-form WhatsApp text is allowed only within 24 hours of it.';
+
+create table notify.rate_buckets (
+    key text primary key,
+    tokens double precision not null,
+    updated_at timestamptz not null
+);
+comment on table notify.rate_buckets is
+    'Token buckets shared by every worker process (e.g. outbound pacing per WhatsApp phone number). Global, not per tenant: a provider''s limit is per sender, whoever uses it.';
+
 create table notify.recipients (
     tenant_id uuid not null references notify.tenants (id),
     id uuid not null default gen_random_uuid(),
@@ -161,6 +196,8 @@ create table notify.notification_deliveries (
     delivered_at timestamptz,
     read_at timestamptz,
     finished_at timestamptz,
+    opened_at timestamptz,
+    complained_at timestamptz,
     primary key (tenant_id, id),
     foreign key (tenant_id, request_id) references notify.notification_requests (tenant_id, id),
     foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
@@ -171,6 +208,8 @@ comment on table notify.notification_deliveries is
 comment on column notify.notification_deliveries.attempt is 'Claims so far. The fencing token: worker writes match on (id, attempt).';
 comment on column notify.notification_deliveries.seq is 'Incremented on every status change; delivery_events.seq follows it.';
 comment on column notify.notification_deliveries.due_at is 'When the delivery may be claimed: send_at, now, or the time of the next retry.';
+comment on column notify.notification_deliveries.opened_at is 'E-mail open reported by the provider: a flag, never a status (image proxies prefetch).';
+comment on column notify.notification_deliveries.complained_at is 'Spam complaint reported by the provider; e-mail consent is revoked at the same time.';
 comment on column notify.notification_deliveries.lease_expires_at is 'Set at claim; past it, maintenance treats the send as crashed (crash policy per channel).';
 -- The queue: only rows waiting to be claimed are indexed, so the hot set stays small however much history there is.
 create index notification_deliveries_due on notify.notification_deliveries (channel, due_at)
@@ -195,7 +234,7 @@ create table notify.delivery_attempts (
     error_message text,
     primary key (tenant_id, delivery_id, attempt),
     foreign key (tenant_id, delivery_id) references notify.notification_deliveries (tenant_id, id),
-    constraint delivery_attempts_outcome check (outcome in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'lease_expired'))
+    constraint delivery_attempts_outcome check (outcome in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'bounced', 'lease_expired'))
 );
 comment on table notify.delivery_attempts is 'One row per claim of a delivery; outcome null while the provider call is in flight.';
 

@@ -22,19 +22,29 @@ begin
            for update skip locked
     ), decided as (
         -- Expiry and consent are checked again here: a revoke or a deadline between submit and send wins.
+        -- Free-form WhatsApp text outside the 24-hour customer-service window is refused, not sent to fail.
         select d.tenant_id, d.id,
                case when d.expires_at is not null and d.expires_at <= now() then 'expired'
                     when not notify._consent_allows(d.tenant_id, d.recipient_id, d.channel, r.category) then 'suppressed'
+                    when cp.provider = 'whatsapp_cloud' and t.content ? 'text' and not exists (
+                             select from notify.whatsapp_windows w
+                              where w.tenant_id = d.tenant_id and w.phone_number_id = cp.settings ->> 'phone_number_id'
+                                and w.wa_id = ltrim(d.address, '+') and w.last_inbound_at > now() - interval '24 hours')
+                         then 'failed'
                     else 'sending' end as next_status
           from due
           join notify.notification_deliveries d on d.tenant_id = due.tenant_id and d.id = due.id
           join notify.notification_requests r on r.tenant_id = d.tenant_id and r.id = d.request_id
+          left join notify.channel_providers cp on cp.tenant_id = d.tenant_id and cp.channel = d.channel
+          left join notify.templates t on t.tenant_id = d.tenant_id and t.key = r.template_key
+                                      and t.channel = d.channel and t.locale = d.template_locale
     ), updated as (
         update notify.notification_deliveries d
            set status = x.next_status::notify.delivery_status,
                attempt = d.attempt + (x.next_status = 'sending')::integer,
                lease_expires_at = case when x.next_status = 'sending' then now() + make_interval(secs => p_lease_seconds) end,
-               reason = case x.next_status when 'expired' then 'expired_before_send' when 'suppressed' then 'no_consent' else d.reason end
+               reason = case x.next_status when 'expired' then 'expired_before_send' when 'suppressed' then 'no_consent'
+                                           when 'failed' then 'outside_customer_service_window' else d.reason end
           from decided x
          where d.tenant_id = x.tenant_id and d.id = x.id
         returning d.*
@@ -43,16 +53,19 @@ begin
         select u.tenant_id, u.id, u.attempt from updated u where u.status = 'sending'
     )
     select u.tenant_id, u.id, u.attempt, u.channel, u.address, r.template_key, u.template_locale, t.content,
-           r.variables, r.category, u.request_id
+           r.variables, r.category, u.request_id, coalesce(cp.provider, 'mock'),
+           case when cp.provider is not null
+                then jsonb_build_object('settings', cp.settings, 'secrets', cp.secrets, 'updated_at', cp.updated_at) end
       from updated u
       join notify.notification_requests r on r.tenant_id = u.tenant_id and r.id = u.request_id
       left join notify.templates t on t.tenant_id = u.tenant_id and t.key = r.template_key
                                   and t.channel = u.channel and t.locale = u.template_locale
+      left join notify.channel_providers cp on cp.tenant_id = u.tenant_id and cp.channel = u.channel
      where u.status = 'sending';
 end
 $$;
 comment on function notify_api.claim_deliveries_v1(notify.channel, integer, integer) is
-    'Claims up to p_limit due deliveries of a channel (FOR UPDATE SKIP LOCKED): expired ones become expired, revoked ones suppressed, the rest sending with attempt+1 and a lease. Returns what the worker needs to send them.';
+    'Claims up to p_limit due deliveries of a channel (FOR UPDATE SKIP LOCKED): expired ones become expired, revoked ones suppressed, WhatsApp text outside the 24-hour window failed, the rest sending with attempt+1 and a lease. Returns what the worker needs to send them, with the tenant''s provider.';
 
 create function notify_api.record_attempts_v1(p_results notify.attempt_result[])
     returns table (delivery_id uuid, status notify.delivery_status, applied boolean)
@@ -61,8 +74,8 @@ create function notify_api.record_attempts_v1(p_results notify.attempt_result[])
     set search_path = ''
 as $$
 begin
-    if exists (select from unnest(p_results) r where r.outcome not in ('sent', 'retry', 'failed', 'unknown', 'suppressed')) then
-        perform notify._raise('ND400', 'invalid_value', 'outcome must be sent, retry, failed, unknown or suppressed', 'outcome');
+    if exists (select from unnest(p_results) r where r.outcome not in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'bounced')) then
+        perform notify._raise('ND400', 'invalid_value', 'outcome must be sent, retry, failed, unknown, suppressed or bounced', 'outcome');
     end if;
     perform notify._set_source('worker');
 
@@ -87,12 +100,14 @@ begin
                    when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'failed'
                    when i.outcome = 'unknown' and d.status = 'sending' then 'unknown'
                    when i.outcome = 'suppressed' and d.status = 'sending' then 'suppressed'
+                   when i.outcome = 'bounced' and d.status in ('sending', 'unknown') then 'bounced'
                    else d.status end::notify.delivery_status,
                reason = case
                    when i.outcome = 'retry' and d.status = 'sending' and d.attempt >= i.retry_max_attempts then 'retries_exhausted'
                    when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'provider_rejected'
                    when i.outcome = 'unknown' and d.status = 'sending' then 'outcome_unknown'
                    when i.outcome = 'suppressed' and d.status = 'sending' then 'provider_opt_out'
+                   when i.outcome = 'bounced' and d.status in ('sending', 'unknown') then 'rejected_by_recipient_server'
                    else d.reason end,
                due_at = case when i.outcome = 'retry' and d.status = 'sending' and d.attempt < i.retry_max_attempts
                              then now() + notify._backoff(i.tenant_id, d.attempt, i.retry_after_seconds)
@@ -116,7 +131,7 @@ begin
 end
 $$;
 comment on function notify_api.record_attempts_v1(notify.attempt_result[]) is
-    'Writes a batch of provider outcomes, each fenced by its attempt number (a stale worker changes nothing): sent, retry (backoff with jitter, or failed when attempts are used up), failed, unknown, suppressed. Wakes the worker for retries.';
+    'Writes a batch of provider outcomes, each fenced by its attempt number (a stale worker changes nothing): sent, retry (backoff with jitter, or failed when attempts are used up), failed, unknown, suppressed, bounced. Wakes the worker for retries.';
 
 create function notify_api.run_maintenance_v1()
     returns jsonb

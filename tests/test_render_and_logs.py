@@ -21,8 +21,8 @@ def test_whatsapp_template_parameters_follow_the_mapping():
     assert out == {"template": "event_reminder", "language": "es", "parameters": ["5", "Ana"]}
 
 
-def test_plain_text_and_missing_variables():
-    assert render("sms", {"text": "Go {{x}}"}, {"x": True}) == {"text": "Go true"}
+def test_plain_text_conditionals_and_missing_variables():
+    assert render("sms", {"text": "Go {{x}}{% if late %}, late{% endif %}"}, {"x": 5, "late": True}) == {"text": "Go 5, late"}
     with pytest.raises(RenderError):
         render("sms", {"text": "Go {{y}}"}, {})
     with pytest.raises(RenderError):
@@ -42,3 +42,15 @@ def test_json_formatter_masks_extra_fields():
     record.address = "ana@example.com"
     line = JsonFormatter().format(record)
     assert "+34600111222" not in line and "ana@example.com" not in line and '"event":"sent to ***22"' in line
+
+
+def test_the_sandbox_refuses_unsafe_templates():
+    with pytest.raises(RenderError):
+        render("sms", {"text": "{{ x.__class__.__mro__[1].__subclasses__() }}"}, {"x": "a"})
+    with pytest.raises(RenderError):
+        render("sms", {"text": "{% if %}"}, {})
+
+
+def test_subjects_cannot_inject_headers():
+    out = render("email", {"subject": "Hi {{name}}", "text": "t"}, {"name": "A\r\nBcc: evil@example.com"})
+    assert "\n" not in out["subject"] and "\r" not in out["subject"]

@@ -1,0 +1,144 @@
+"""E-mail over SMTP (aiosmtplib): STARTTLS or implicit TLS, AUTH, per-tenant sender.
+
+One SMTP transaction per recipient, phase by phase (connect, AUTH, MAIL, RCPT, DATA), so that each reply
+is classified where it happened: 4xx anywhere -> retry with backoff; 5xx on RCPT -> bounced; 5xx on DATA ->
+failed; 5xx on connect/AUTH/MAIL (our configuration) -> retry while an operator fixes it; a timeout or
+disconnect inside DATA is ambiguous, and e-mail's policy is to retry (a duplicate beats a loss).
+The Message-ID carries our delivery id and stays the same across retries, so receivers can drop duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from email.message import EmailMessage
+from email.utils import formataddr, formatdate
+from typing import Any
+
+import aiosmtplib
+
+from providers.base import Message, ProviderContext, SendResult
+from providers.secrets import SecretMissing, resolve
+from providers.unsubscribe import make_token
+
+NAME = "smtp"
+log = logging.getLogger("providers.smtp")
+
+
+def build_message(message: Message, settings: dict[str, Any], unsubscribe_url: str | None) -> EmailMessage:
+    rendered = message.rendered
+    sender = str(settings["from_address"])
+    domain = sender.rsplit("@", 1)[1]
+    msg = EmailMessage()
+    msg["From"] = formataddr((str(settings.get("from_name") or ""), sender)) if settings.get("from_name") else sender
+    msg["To"] = message.address
+    msg["Subject"] = rendered["subject"]
+    msg["Date"] = formatdate(usegmt=True)
+    msg["Message-ID"] = f"<{message.delivery_id}@{domain}>"
+    msg["X-Dispatcher-Correlation"] = message.correlation_id
+    esp = settings.get("esp")
+    if esp == "sendgrid":
+        msg["X-SMTPAPI"] = json.dumps({"unique_args": {"nd_correlation": message.correlation_id}})
+    elif esp == "mailgun":
+        msg["X-Mailgun-Variables"] = json.dumps({"nd_correlation": message.correlation_id})
+    if unsubscribe_url:
+        msg["List-Unsubscribe"] = f"<{unsubscribe_url}>"
+        msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    msg.set_content(rendered["text"])
+    if rendered.get("html"):
+        msg.add_alternative(rendered["html"], subtype="html")
+    return msg
+
+
+class Smtp:
+    """One tenant's relay."""
+
+    name = NAME
+
+    def __init__(self, settings: dict[str, Any], secrets: dict[str, str], ctx: ProviderContext) -> None:
+        self._settings = settings
+        self._password_ref = secrets.get("password")
+        self._ctx = ctx
+        self._limit = asyncio.Semaphore(int(settings.get("max_connections") or 8))
+        self._transactional = set(settings.get("transactional_categories") or ["transactional"])
+
+    def _unsubscribe_url(self, message: Message) -> str | None:
+        base = self._settings.get("public_url") or getattr(self._ctx.settings, "public_url", None)
+        secret = getattr(self._ctx.settings, "unsubscribe_secret", None)
+        if message.category is None or message.category in self._transactional or not base or not secret:
+            return None
+        return f"{str(base).rstrip('/')}/public/unsubscribe/{make_token(secret, message.tenant_id, message.delivery_id)}"
+
+    def _client(self) -> aiosmtplib.SMTP:
+        s = self._settings
+        security = s.get("security") or "starttls"
+        context = None
+        if not s.get("validate_certs", True):
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return aiosmtplib.SMTP(hostname=str(s["host"]), port=int(s.get("port") or (465 if security == "tls" else 587)),
+                               use_tls=security == "tls", start_tls=security == "starttls",
+                               timeout=float(s.get("timeout_seconds") or 30), validate_certs=bool(s.get("validate_certs", True)),
+                               tls_context=context)
+
+    async def _one(self, message: Message, password: str | None) -> SendResult:
+        msg = build_message(message, self._settings, self._unsubscribe_url(message))
+        message_id = msg["Message-ID"].strip("<>")
+        client = self._client()
+        phase = "connect"
+        async with self._limit:
+            try:
+                await client.connect()
+                if self._settings.get("username"):
+                    phase = "auth"
+                    await client.login(str(self._settings["username"]), password or "")
+                phase = "mail"
+                await client.mail(str(self._settings["from_address"]))
+                phase = "rcpt"
+                await client.rcpt(message.address)
+                phase = "data"
+                await client.data(msg.as_bytes())
+                phase = "quit"
+                try:
+                    await client.quit()
+                except aiosmtplib.SMTPException:
+                    pass
+                return SendResult(outcome="sent", provider=NAME, provider_message_id=message_id)
+            except aiosmtplib.SMTPResponseException as exc:
+                return self._classify(phase, exc.code, exc.message, message_id)
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                if phase == "quit":
+                    return SendResult(outcome="sent", provider=NAME, provider_message_id=message_id)
+                code = "smtp_ambiguous" if phase == "data" else "smtp_unavailable"
+                return SendResult(outcome="retry", provider=NAME, provider_message_id=message_id if phase == "data" else None,
+                                  error_code=code, error_message=f"{type(exc).__name__} during {phase}")
+            finally:
+                client.close()
+
+    @staticmethod
+    def _classify(phase: str, code: int, text: str, message_id: str) -> SendResult:
+        error_code, error_message = f"smtp_{code}", f"{code} {text}"[:500]
+        if 400 <= code < 500 or code == 552 and phase == "rcpt":  # RFC 5321 4.5.3.1.10: 552 on RCPT is 452
+            return SendResult(outcome="retry", provider=NAME, error_code=error_code, error_message=error_message)
+        if phase == "rcpt" and not text.startswith("5.7"):
+            return SendResult(outcome="bounced", provider=NAME, error_code=error_code, error_message=error_message)
+        if phase in ("connect", "auth", "mail") or (phase == "rcpt" and text.startswith("5.7")):
+            # Our relay refuses us (credentials, relaying, sender): keep the message while an operator fixes it.
+            return SendResult(outcome="retry", provider=NAME, error_code=error_code, error_message=error_message,
+                              retry_after_seconds=300.0)
+        return SendResult(outcome="failed", provider=NAME, error_code=error_code, error_message=error_message)
+
+    async def send_many(self, messages: list[Message]) -> list[SendResult]:
+        try:
+            password = resolve(self._password_ref)
+        except SecretMissing as exc:
+            log.error("smtp password unavailable", extra={"reason": str(exc)})
+            return [SendResult(outcome="retry", provider=NAME, error_code="secret_missing", error_message=str(exc),
+                               retry_after_seconds=300.0) for _ in messages]
+        return list(await asyncio.gather(*(self._one(m, password) for m in messages)))
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,272 @@
+"""WhatsApp Cloud API (Meta Graph API): sending, and its webhooks.
+
+Sending: POST {base_url}/{api_version}/{phone_number_id}/messages with the tenant's access token; our
+correlation id travels as biz_opaque_callback_data; the returned wamid is the provider message id.
+Outbound pacing per phone number goes through a token bucket in Postgres, shared by every worker process.
+Errors are classified by Meta's error.code (not the HTTP status); a request that may have left us without
+an answer is `unknown`, never resent blindly.
+
+Webhooks: the GET verification handshake, X-Hub-Signature-256 over the raw body (HMAC-SHA256 with the app
+secret), statuses (sent, delivered, read, failed with errors) and inbound messages (24-hour window, opt-out
+keywords).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import hmac
+import logging
+from typing import Any
+from uuid import UUID
+
+import httpx
+import msgspec
+
+from providers.base import InboundMessage, Message, ParsedWebhook, ProviderContext, SendResult, StatusEvent, WebhookRejected
+from providers.secrets import SecretMissing, resolve
+
+NAME = "whatsapp_cloud"
+log = logging.getLogger("providers.whatsapp")
+
+# Meta's error codes by what we do about them (provider-protocols.md §1.4).
+RETRY_SOON = {1, 2, 131000, 131016, 130429}
+RETRY_LATER = {4, 80007, 131057}
+PAIR_RATE = {131056}
+OPTED_OUT = {131050}
+CONFIGURATION = {0, 190, 3, 10}  # auth and permissions: keep the message, retry while an operator fixes it
+
+
+def classify(code: int | None, title: str, http_status: int) -> SendResult:
+    """A Graph API error response as an attempt outcome."""
+    error_code = f"whatsapp_{code}" if code is not None else f"http_{http_status}"
+    if code in RETRY_SOON:
+        return SendResult(outcome="retry", provider=NAME, error_code=error_code, error_message=title, retry_after_seconds=1.0)
+    if code in RETRY_LATER:
+        return SendResult(outcome="retry", provider=NAME, error_code=error_code, error_message=title, retry_after_seconds=60.0)
+    if code in PAIR_RATE:
+        return SendResult(outcome="retry", provider=NAME, error_code=error_code, error_message=title, retry_after_seconds=6.0)
+    if code in OPTED_OUT:
+        return SendResult(outcome="suppressed", provider=NAME, error_code=error_code, error_message=title)
+    if code in CONFIGURATION or (code is not None and 200 <= code <= 299):
+        return SendResult(outcome="retry", provider=NAME, error_code=error_code, error_message=title, retry_after_seconds=300.0)
+    if code is None and http_status >= 500:
+        # No Meta error object: we cannot tell whether the message was accepted.
+        return SendResult(outcome="unknown", provider=NAME, error_code=error_code, error_message=title or "server error")
+    return SendResult(outcome="failed", provider=NAME, error_code=error_code, error_message=title)
+
+
+def request_body(message: Message) -> dict[str, Any]:
+    rendered = message.rendered
+    body: dict[str, Any] = {"messaging_product": "whatsapp", "recipient_type": "individual",
+                            "to": message.address.lstrip("+"), "biz_opaque_callback_data": message.correlation_id}
+    if "template" in rendered:
+        template: dict[str, Any] = {"name": rendered["template"], "language": {"code": rendered["language"]}}
+        if rendered["parameters"]:
+            template["components"] = [{"type": "body", "parameters": [{"type": "text", "text": p} for p in rendered["parameters"]]}]
+        body.update(type="template", template=template)
+    else:
+        body.update(type="text", text={"preview_url": False, "body": rendered["text"]})
+    return body
+
+
+class WhatsAppCloud:
+    """One tenant's business number."""
+
+    name = NAME
+
+    def __init__(self, settings: dict[str, Any], secrets: dict[str, str], ctx: ProviderContext) -> None:
+        self._settings = settings
+        self._token_ref = secrets.get("access_token")
+        self._ctx = ctx
+        self._phone = str(settings["phone_number_id"])
+        self._rate = float(settings.get("rate_per_second") or 80)
+        self._url = f"{str(settings.get('base_url') or 'https://graph.facebook.com').rstrip('/')}/{settings.get('api_version') or 'v22.0'}/{self._phone}/messages"
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(float(settings.get("timeout_seconds") or 15), connect=5.0),
+                                         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+
+    async def _paced(self, count: int) -> None:
+        """Waits until `count` sends fit in this number's shared budget."""
+        while count > 0:
+            granted = await self._ctx.take_tokens(f"whatsapp:{self._phone}", self._rate, count)
+            count -= granted
+            if count > 0:
+                await asyncio.sleep(min(1.0, max(0.01, min(count, self._rate) / self._rate)))
+
+    async def _one(self, message: Message, token: str) -> SendResult:
+        try:
+            response = await self._client.post(self._url, json=request_body(message), headers={"Authorization": f"Bearer {token}"})
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Never left us: safe to retry.
+            return SendResult(outcome="retry", provider=NAME, error_code="connect_failed", error_message=type(exc).__name__)
+        except httpx.HTTPError as exc:
+            # The request may have reached Meta: no blind resend on WhatsApp.
+            return SendResult(outcome="unknown", provider=NAME, error_code="no_response", error_message=type(exc).__name__)
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = {}
+        if response.status_code < 300 and isinstance(payload, dict) and payload.get("messages"):
+            return SendResult(outcome="sent", provider=NAME, provider_message_id=str(payload["messages"][0]["id"]))
+        error = payload.get("error") if isinstance(payload, dict) else None
+        code = error.get("code") if isinstance(error, dict) else None
+        title = str((error or {}).get("message") or (error or {}).get("error_user_title") or response.reason_phrase)
+        if response.status_code < 300:
+            return SendResult(outcome="unknown", provider=NAME, error_code="unexpected_response", error_message="2xx without a message id")
+        return classify(int(code) if isinstance(code, int | str) and str(code).isdigit() else None, title, response.status_code)
+
+    async def send_many(self, messages: list[Message]) -> list[SendResult]:
+        try:
+            token = resolve(self._token_ref) or ""
+        except SecretMissing as exc:
+            log.error("whatsapp access token unavailable", extra={"phone_number_id": self._phone, "reason": str(exc)})
+            return [SendResult(outcome="retry", provider=NAME, error_code="secret_missing", error_message=str(exc),
+                               retry_after_seconds=300.0) for _ in messages]
+        results: list[SendResult] = []
+        step = max(1, int(self._rate))
+        for start in range(0, len(messages), step):
+            chunk = messages[start:start + step]
+            await self._paced(len(chunk))
+            results.extend(await asyncio.gather(*(self._one(m, token) for m in chunk)))
+        return results
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+# --- webhooks -------------------------------------------------------------------------------------------
+
+def signature(app_secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify_handshake(params: dict[str, str], verify_token: str | None) -> str | None:
+    """The hub.challenge to echo if the GET verification request is ours, else None."""
+    if not verify_token or params.get("hub.mode") != "subscribe":
+        return None
+    offered = params.get("hub.verify_token", "")
+    if not hmac.compare_digest(offered.encode(), verify_token.encode()):
+        return None
+    return params.get("hub.challenge", "")
+
+
+class _Error(msgspec.Struct):
+    code: int | None = None
+    title: str | None = None
+    message: str | None = None
+
+
+class _Status(msgspec.Struct):
+    id: str
+    status: str
+    timestamp: str | None = None
+    recipient_id: str | None = None
+    biz_opaque_callback_data: str | None = None
+    errors: list[_Error] = []
+
+
+class _Text(msgspec.Struct):
+    body: str = ""
+
+
+class _Button(msgspec.Struct):
+    text: str | None = None
+    payload: str | None = None
+
+
+class _Inbound(msgspec.Struct):
+    id: str
+    type: str = "text"
+    timestamp: str | None = None
+    text: _Text | None = None
+    button: _Button | None = None
+    from_: str = msgspec.field(name="from", default="")
+
+
+class _Metadata(msgspec.Struct):
+    phone_number_id: str = ""
+    display_phone_number: str | None = None
+
+
+class _Value(msgspec.Struct):
+    metadata: _Metadata = msgspec.field(default_factory=_Metadata)
+    statuses: list[_Status] = []
+    messages: list[_Inbound] = []
+
+
+class _Change(msgspec.Struct):
+    field: str = ""
+    value: _Value = msgspec.field(default_factory=_Value)
+
+
+class _Entry(msgspec.Struct):
+    id: str = ""
+    changes: list[_Change] = []
+
+
+class _Envelope(msgspec.Struct):
+    object: str
+    entry: list[_Entry] = []
+
+
+_decode = msgspec.json.Decoder(_Envelope).decode
+STATUSES = {"sent", "delivered", "read", "failed"}
+
+
+def _time(ts: str | None) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(int(ts), dt.UTC) if ts and ts.isdigit() else None
+
+
+def _correlation(value: str | None) -> tuple[UUID | None, UUID | None]:
+    if value and value.count(":") == 1:
+        try:
+            tenant, delivery = value.split(":")
+            return UUID(tenant), UUID(delivery)
+        except ValueError:
+            pass
+    return None, None
+
+
+class WhatsAppWebhooks:
+    """POST /public/webhooks/whatsapp: X-Hub-Signature-256 with any configured app secret."""
+
+    provider = NAME
+
+    def __init__(self, app_secrets: list[str]) -> None:
+        self._secrets = app_secrets
+
+    def parse(self, headers: dict[str, str], body: bytes) -> ParsedWebhook:
+        if not self._secrets:
+            raise WebhookRejected("WhatsApp webhooks are not configured (DISPATCHER_WHATSAPP_APP_SECRET)", status=404)
+        offered = headers.get("x-hub-signature-256", "")
+        if not offered.startswith("sha256="):
+            raise WebhookRejected("missing X-Hub-Signature-256")
+        if not any(hmac.compare_digest(signature(s, body).encode(), offered.encode()) for s in self._secrets):
+            raise WebhookRejected("X-Hub-Signature-256 does not match")
+        try:
+            envelope = _decode(body)
+        except msgspec.DecodeError as exc:
+            raise WebhookRejected(f"invalid payload: {exc}", status=400) from None
+        events: list[StatusEvent] = []
+        inbound: list[InboundMessage] = []
+        for entry in envelope.entry:
+            for change in entry.changes:
+                value = change.value
+                for s in value.statuses:
+                    if s.status not in STATUSES:
+                        continue
+                    tenant_id, delivery_id = _correlation(s.biz_opaque_callback_data)
+                    error = s.errors[0] if s.errors else None
+                    status = "suppressed" if error and error.code in OPTED_OUT else s.status
+                    events.append(StatusEvent(
+                        status=status, tenant_id=tenant_id, delivery_id=delivery_id, provider_message_id=s.id,
+                        occurred_at=_time(s.timestamp), error_code=f"whatsapp_{error.code}" if error and error.code else None,
+                        error_message=(error.title or error.message) if error else None))
+                for m in value.messages:
+                    text = m.text.body if m.text else (m.button.text or m.button.payload if m.button else None)
+                    inbound.append(InboundMessage(phone_number_id=value.metadata.phone_number_id, sender=m.from_,
+                                                  message_id=m.id, text=text, received_at=_time(m.timestamp)))
+        # Meta has no event id; a retried POST carries the same bytes.
+        event_key = "sha256:" + hashlib.sha256(body).hexdigest()
+        return ParsedWebhook(event_key=event_key, payload=msgspec.json.decode(body), events=events, inbound=inbound)
