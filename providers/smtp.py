@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import ssl
+from email import policy
 from email.message import EmailMessage
 from email.utils import formataddr, formatdate
 from typing import Any
@@ -25,6 +26,8 @@ from providers.unsubscribe import make_token
 
 NAME = "smtp"
 log = logging.getLogger("providers.smtp")
+# CRLF line ends, and no folding of our long id headers (RFC 5322 allows 998 characters a line).
+WIRE = policy.SMTP.clone(max_line_length=998)
 
 
 def build_message(message: Message, settings: dict[str, Any], unsubscribe_url: str | None) -> EmailMessage:
@@ -100,7 +103,7 @@ class Smtp:
                 phase = "rcpt"
                 await client.rcpt(message.address)
                 phase = "data"
-                await client.data(msg.as_bytes())
+                await client.data(msg.as_bytes(policy=WIRE))
                 phase = "quit"
                 try:
                     await client.quit()

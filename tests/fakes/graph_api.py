@@ -1,0 +1,179 @@
+"""An HTTP fake of the WhatsApp Cloud (Graph) API, serving over a real socket.
+
+It records every request, returns wamids, injects Meta error codes, throttling and timeouts per recipient,
+and posts status webhooks signed with X-Hub-Signature-256 to the dispatcher — shuffled and with duplicates,
+as Meta does. It can also post inbound messages (for the 24-hour window and opt-out keywords).
+
+    python -m tests.fakes.graph_api --port 9100 --webhook http://127.0.0.1:8000/public/webhooks/whatsapp --app-secret S
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import itertools
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+
+ERRORS = {
+    130429: "(#130429) Rate limit hit", 131056: "(#131056) Pair rate limit hit", 131047: "Re-engagement message",
+    131026: "Message undeliverable", 132001: "Template name does not exist in the translation", 190: "Access token expired",
+    131050: "User has stopped marketing messages", 131000: "Something went wrong",
+}
+
+
+@dataclass
+class GraphFake:
+    access_token: str = "test-token"
+    app_secret: str = "test-app-secret"
+    webhook_url: str | None = None
+    phone_number_id: str = "106540352242922"
+    # per recipient (digits, no +): a list of scripted replies, used in order, the last one repeating:
+    # "ok", "error:<code>", "timeout", "http500", "async_failed:<code>", "silent"
+    scripts: dict[str, list[str]] = field(default_factory=dict)
+    duplicate_webhooks: bool = True
+    status_delay: float = 0.05
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    _counter: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _server: ThreadingHTTPServer | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- server ---------------------------------------------------------------------------------------------
+    def start(self, port: int = 0) -> str:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("content-length", "0"))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                status, reply, delay = fake.handle(self.path, self.headers.get("authorization", ""), body)
+                if delay:
+                    time.sleep(delay)
+                data = json.dumps(reply).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+    # -- the messages endpoint ------------------------------------------------------------------------------
+    def _next_script(self, to: str) -> str:
+        with self._lock:
+            steps = self.scripts.get(to) or ["ok"]
+            return steps.pop(0) if len(steps) > 1 else steps[0]
+
+    def handle(self, path: str, auth: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], float]:
+        with self._lock:
+            self.requests.append({"path": path, "authorization": auth, "body": body})
+        if not path.endswith(f"/{self.phone_number_id}/messages"):
+            return 400, {"error": {"code": 100, "message": "Unsupported post request"}}, 0
+        if auth != f"Bearer {self.access_token}":
+            return 401, {"error": {"code": 190, "message": ERRORS[190], "type": "OAuthException"}}, 0
+        to = str(body.get("to", ""))
+        script = self._next_script(to)
+        if script == "timeout":
+            return 200, {"messaging_product": "whatsapp"}, 30.0
+        if script == "http500":
+            return 500, {}, 0
+        if script.startswith("error:"):
+            code = int(script.split(":")[1])
+            return 400, {"error": {"message": ERRORS.get(code, "error"), "type": "OAuthException", "code": code,
+                                   "fbtrace_id": "Az8or2yhqkZfEZ"}}, 0
+        wamid = f"wamid.fake-{next(self._counter)}"
+        if script != "silent":
+            final = ["sent", "delivered", "read"]
+            if script.startswith("async_failed:"):
+                final = ["sent", ("failed", int(script.split(":")[1]))]  # type: ignore[list-item]
+            threading.Thread(target=self._post_statuses, args=(wamid, to, body.get("biz_opaque_callback_data"), final),
+                             daemon=True).start()
+        return 200, {"messaging_product": "whatsapp", "contacts": [{"input": to, "wa_id": to}],
+                     "messages": [{"id": wamid, "message_status": "accepted"}]}, 0
+
+    # -- webhooks -------------------------------------------------------------------------------------------
+    def sign(self, raw: bytes) -> str:
+        return "sha256=" + hmac.new(self.app_secret.encode(), raw, hashlib.sha256).hexdigest()
+
+    def post_webhook(self, value: dict[str, Any]) -> int:
+        assert self.webhook_url, "no webhook_url"
+        envelope = {"object": "whatsapp_business_account",
+                    "entry": [{"id": "WABA_ID", "changes": [{"field": "messages", "value": {
+                        "messaging_product": "whatsapp",
+                        "metadata": {"display_phone_number": "15550783881", "phone_number_id": self.phone_number_id},
+                        **value}}]}]}
+        raw = json.dumps(envelope).encode()
+        response = httpx.post(self.webhook_url, content=raw, timeout=10,
+                              headers={"content-type": "application/json", "x-hub-signature-256": self.sign(raw)})
+        return response.status_code
+
+    def _post_statuses(self, wamid: str, to: str, tracker: str | None, statuses: list[Any]) -> None:
+        if not self.webhook_url:
+            return
+        now = int(time.time())
+        payloads = []
+        for status in statuses:
+            name, code = (status if isinstance(status, tuple) else (status, None))
+            item: dict[str, Any] = {"id": wamid, "status": name, "timestamp": str(now), "recipient_id": to}
+            if tracker:
+                item["biz_opaque_callback_data"] = tracker
+            if code:
+                item["errors"] = [{"code": code, "title": ERRORS.get(code, "error"), "message": ERRORS.get(code, "error")}]
+            payloads.append({"statuses": [item]})
+        if self.duplicate_webhooks:
+            payloads.append(random.choice(payloads))
+        random.shuffle(payloads)
+        for value in payloads:
+            time.sleep(self.status_delay)
+            for _ in range(5):
+                try:
+                    if self.post_webhook(value) < 300:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+
+    def inbound(self, sender: str, text: str) -> int:
+        """A user writes to the business number."""
+        return self.post_webhook({
+            "contacts": [{"profile": {"name": "Test"}, "wa_id": sender.lstrip("+")}],
+            "messages": [{"from": sender.lstrip("+"), "id": f"wamid.in-{next(self._counter)}", "timestamp": str(int(time.time())),
+                          "type": "text", "text": {"body": text}}]})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--webhook", default=None)
+    parser.add_argument("--app-secret", default="test-app-secret")
+    parser.add_argument("--access-token", default="test-token")
+    args = parser.parse_args()
+    fake = GraphFake(access_token=args.access_token, app_secret=args.app_secret, webhook_url=args.webhook)
+    print(f"Graph API fake on {fake.start(args.port)} (phone_number_id {fake.phone_number_id})", flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
