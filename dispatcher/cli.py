@@ -8,6 +8,8 @@
     dispatcher key create --tenant S   create an API key and print it once
     dispatcher key revoke --tenant S ID
     dispatcher key list --tenant S
+    dispatcher provider set --tenant S --channel C --provider P [--setting K=V] [--secret K=env:VAR]
+    dispatcher provider list --tenant S
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import warnings
 from pathlib import Path
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from dispatcher import keys, logs, schema
 
@@ -79,6 +82,33 @@ def cmd_key_revoke(args: argparse.Namespace) -> None:
 def cmd_key_list(args: argparse.Namespace) -> None:
     with psycopg.connect(_url(), autocommit=True) as conn:
         row = conn.execute("select notify_api.list_api_keys_v1(%s)", (_tenant_id(conn, args.tenant),)).fetchone()
+    print(json.dumps(row[0] if row else [], indent=2))
+
+
+def _pairs(items: list[str], what: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"{what} must be NAME=VALUE, got {item!r}")
+        try:
+            out[name] = json.loads(raw) if what == "--setting" else raw
+        except json.JSONDecodeError:
+            out[name] = raw
+    return out
+
+
+def cmd_provider_set(args: argparse.Namespace) -> None:
+    body = {"provider": args.provider, "settings": _pairs(args.setting, "--setting"), "secrets": _pairs(args.secret, "--secret")}
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        row = conn.execute("select notify_api.set_channel_provider_v1(%s, %s::notify.channel, %s)",
+                           (_tenant_id(conn, args.tenant), args.channel, Jsonb(body))).fetchone()
+    print(json.dumps(row[0] if row else None, indent=2))
+
+
+def cmd_provider_list(args: argparse.Namespace) -> None:
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        row = conn.execute("select notify_api.list_channel_providers_v1(%s)", (_tenant_id(conn, args.tenant),)).fetchone()
     print(json.dumps(row[0] if row else [], indent=2))
 
 
@@ -228,6 +258,20 @@ def parser() -> argparse.ArgumentParser:
     kl = key.add_parser("list", help="list a tenant's keys (prefixes only)")
     kl.add_argument("--tenant", required=True)
     kl.set_defaults(func=cmd_key_list)
+
+    provider = sub.add_parser("provider", help="configure channel providers").add_subparsers(dest="action", required=True)
+    ps = provider.add_parser("set", help="set the provider of a tenant's channel",
+                             description="Secrets are references, never values: --secret access_token=env:WA_TOKEN "
+                                         "or --secret password=file:/run/secrets/smtp. Setting values are JSON when they parse.")
+    ps.add_argument("--tenant", required=True)
+    ps.add_argument("--channel", required=True, choices=["whatsapp", "email", "sms"])
+    ps.add_argument("--provider", required=True, choices=["mock", "whatsapp_cloud", "smtp"])
+    ps.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE")
+    ps.add_argument("--secret", action="append", default=[], metavar="NAME=env:VAR|file:/path")
+    ps.set_defaults(func=cmd_provider_set)
+    pl = provider.add_parser("list", help="the provider of each channel (secrets masked)")
+    pl.add_argument("--tenant", required=True)
+    pl.set_defaults(func=cmd_provider_list)
     return p
 
 

@@ -1537,6 +1537,9 @@ begin
     end if;
     v_settings := coalesce(p_body -> 'settings', '{}');
     v_secrets := coalesce(p_body -> 'secrets', '{}');
+    if jsonb_typeof(v_settings -> 'phone_number_id') = 'number' then  -- an id, whatever JSON type it came as
+        v_settings := v_settings || jsonb_build_object('phone_number_id', v_settings ->> 'phone_number_id');
+    end if;
     v_allowed := case v_provider
         when 'whatsapp_cloud' then array['phone_number_id', 'api_version', 'base_url', 'rate_per_second', 'timeout_seconds', 'opt_out_keywords']
         when 'smtp' then array['host', 'port', 'security', 'username', 'from_address', 'from_name', 'timeout_seconds', 'validate_certs',
@@ -1951,6 +1954,7 @@ declare
     v_tenant record;
     v_outcome text := 'unmatched';
     v_address text := '+' || ltrim(m.sender, '+');
+    v_revoked integer;
 begin
     for v_tenant in
         select cp.tenant_id, cp.settings from notify.channel_providers cp
@@ -1969,7 +1973,8 @@ begin
               from notify.recipient_addresses a
              where a.tenant_id = v_tenant.tenant_id and a.channel = 'whatsapp' and a.address = v_address
                and notify._consent_allows(a.tenant_id, a.recipient_id, 'whatsapp', null);
-            v_outcome := 'opted_out';
+            get diagnostics v_revoked = row_count;
+            v_outcome := case when v_revoked > 0 or v_outcome = 'opted_out' then 'opted_out' else 'opt_out_unknown_sender' end;
         end if;
     end loop;
     return v_outcome;

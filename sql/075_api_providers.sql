@@ -42,6 +42,9 @@ begin
     end if;
     v_settings := coalesce(p_body -> 'settings', '{}');
     v_secrets := coalesce(p_body -> 'secrets', '{}');
+    if jsonb_typeof(v_settings -> 'phone_number_id') = 'number' then  -- an id, whatever JSON type it came as
+        v_settings := v_settings || jsonb_build_object('phone_number_id', v_settings ->> 'phone_number_id');
+    end if;
     v_allowed := case v_provider
         when 'whatsapp_cloud' then array['phone_number_id', 'api_version', 'base_url', 'rate_per_second', 'timeout_seconds', 'opt_out_keywords']
         when 'smtp' then array['host', 'port', 'security', 'username', 'from_address', 'from_name', 'timeout_seconds', 'validate_certs',

@@ -94,6 +94,7 @@ declare
     v_tenant record;
     v_outcome text := 'unmatched';
     v_address text := '+' || ltrim(m.sender, '+');
+    v_revoked integer;
 begin
     for v_tenant in
         select cp.tenant_id, cp.settings from notify.channel_providers cp
@@ -112,7 +113,8 @@ begin
               from notify.recipient_addresses a
              where a.tenant_id = v_tenant.tenant_id and a.channel = 'whatsapp' and a.address = v_address
                and notify._consent_allows(a.tenant_id, a.recipient_id, 'whatsapp', null);
-            v_outcome := 'opted_out';
+            get diagnostics v_revoked = row_count;
+            v_outcome := case when v_revoked > 0 or v_outcome = 'opted_out' then 'opted_out' else 'opt_out_unknown_sender' end;
         end if;
     end loop;
     return v_outcome;

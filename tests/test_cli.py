@@ -41,6 +41,14 @@ def test_migrate_tenant_and_keys(pg_server):  # noqa: ANN001
         with psycopg.connect(url) as conn:
             assert conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone() is None
         assert "no tenant" in run(url, "key", "create", "--tenant", "nobody", check=False).stderr
+        out = run(url, "provider", "set", "--tenant", "acme", "--channel", "whatsapp", "--provider", "whatsapp_cloud",
+                  "--setting", "phone_number_id=106540352242922", "--setting", "rate_per_second=20",
+                  "--secret", "access_token=env:WA_TOKEN").stdout
+        assert '"rate_per_second": 20' in out and '"access_token": "env:***"' in out
+        refused = run(url, "provider", "set", "--tenant", "acme", "--channel", "whatsapp", "--provider", "whatsapp_cloud",
+                      "--setting", "phone_number_id=106540352242922", "--secret", "access_token=EAAGsecret", check=False)
+        assert refused.returncode != 0 and "references" in refused.stderr and "EAAGsecret" not in refused.stderr
+        assert '"provider": "whatsapp_cloud"' in run(url, "provider", "list", "--tenant", "acme").stdout
     finally:
         with psycopg.connect(pg_server.url(), autocommit=True) as admin:
             admin.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))

@@ -42,6 +42,7 @@ class GraphFake:
     duplicate_webhooks: bool = True
     status_delay: float = 0.05
     requests: list[dict[str, Any]] = field(default_factory=list)
+    posted: list[tuple[str, int]] = field(default_factory=list)   # (status, HTTP answer) of every webhook sent
     _counter: itertools.count = field(default_factory=lambda: itertools.count(1))
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -147,13 +148,17 @@ class GraphFake:
         random.shuffle(payloads)
         for value in payloads:
             time.sleep(self.status_delay)
+            answer = 0
             for _ in range(5):
                 try:
-                    if self.post_webhook(value) < 300:
+                    answer = self.post_webhook(value)
+                    if answer < 300:
                         break
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.2)
+            with self._lock:
+                self.posted.append((value["statuses"][0]["status"], answer))
 
     def inbound(self, sender: str, text: str) -> int:
         """A user writes to the business number."""
