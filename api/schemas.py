@@ -180,10 +180,20 @@ class EmailContent(Base):
     html: str | None = None
 
 
+class WhatsAppButton(Base):
+    sub_type: Literal["quick_reply", "url"]
+    index: int
+    parameter: str
+
+
 class WhatsAppContent(Base):
+    """An approved template (name, language, variables mapped to body, header and button parameters) or free-form text."""
+
     name: Annotated[str, Meta(max_length=512)] | None = None
     language: Annotated[str, Meta(max_length=16)] | None = None
     parameters: list[str] | None = None
+    header_parameters: list[str] | None = None
+    buttons: list[WhatsAppButton] | None = None
     text: Annotated[str, Meta(max_length=4096)] | None = None
 
 

@@ -63,8 +63,17 @@ def request_body(message: Message) -> dict[str, Any]:
                             "to": message.address.lstrip("+"), "biz_opaque_callback_data": message.correlation_id}
     if "template" in rendered:
         template: dict[str, Any] = {"name": rendered["template"], "language": {"code": rendered["language"]}}
+        components: list[dict[str, Any]] = []
+        if rendered.get("header_parameters"):
+            components.append({"type": "header", "parameters": [{"type": "text", "text": p} for p in rendered["header_parameters"]]})
         if rendered["parameters"]:
-            template["components"] = [{"type": "body", "parameters": [{"type": "text", "text": p} for p in rendered["parameters"]]}]
+            components.append({"type": "body", "parameters": [{"type": "text", "text": p} for p in rendered["parameters"]]})
+        for button in rendered.get("buttons") or []:
+            parameter = ({"type": "payload", "payload": button["value"]} if button["sub_type"] == "quick_reply"
+                         else {"type": "text", "text": button["value"]})
+            components.append({"type": "button", "sub_type": button["sub_type"], "index": str(button["index"]), "parameters": [parameter]})
+        if components:
+            template["components"] = components
         body.update(type="template", template=template)
     else:
         body.update(type="text", text={"preview_url": False, "body": rendered["text"]})

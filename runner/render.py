@@ -42,10 +42,17 @@ def render(channel: str, content: dict[str, Any] | None, variables: dict[str, An
             out["html"] = fill(content["html"], variables, escape=True)
         return out
     if channel == "whatsapp" and "name" in content:
-        params = content.get("parameters") or []
-        missing = [p for p in params if p not in variables]
+        params, header = content.get("parameters") or [], content.get("header_parameters") or []
+        buttons = content.get("buttons") or []
+        missing = [p for p in [*params, *header, *(b["parameter"] for b in buttons)] if p not in variables]
         if missing:
             raise RenderError(f"variable {missing[0]} missing")
-        return {"template": content["name"], "language": content.get("language") or "en",
-                "parameters": [_text(variables[p]) for p in params]}
+        out: dict[str, Any] = {"template": content["name"], "language": content.get("language") or "en",
+                               "parameters": [_text(variables[p]) for p in params]}
+        if header:
+            out["header_parameters"] = [_text(variables[p]) for p in header]
+        if buttons:
+            out["buttons"] = [{"sub_type": b["sub_type"], "index": int(b["index"]), "value": _text(variables[b["parameter"]])}
+                              for b in buttons]
+        return out
     return {"text": fill(content["text"], variables)}

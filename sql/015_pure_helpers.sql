@@ -107,13 +107,20 @@ as $$
         cross join lateral regexp_matches(s.value #>> '{}', '\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}', 'g') as m
         where jsonb_typeof(s.value) = 'string'
         union
-        -- WhatsApp parameter mappings name variables directly.
+        -- WhatsApp parameter mappings name variables directly (body, header, buttons).
         select jsonb_array_elements_text(p_content -> 'parameters')
         where jsonb_typeof(p_content -> 'parameters') = 'array'
+        union
+        select jsonb_array_elements_text(p_content -> 'header_parameters')
+        where jsonb_typeof(p_content -> 'header_parameters') = 'array'
+        union
+        select b ->> 'parameter' from jsonb_array_elements(case when jsonb_typeof(p_content -> 'buttons') = 'array'
+                                                              then p_content -> 'buttons' else '[]' end) b
+        where b ->> 'parameter' is not null
     ) names(v)
 $$;
 comment on function notify._template_variables(jsonb) is
-    'Variable names a template needs: every {{name}} placeholder in its strings plus the names in a WhatsApp parameters list.';
+    'Variable names a template needs: every {{name}} placeholder in its strings plus the variables a WhatsApp template maps to its body, header and button parameters.';
 
 create function notify._check_keys(p_object jsonb, p_allowed text[], p_path text)
     returns void

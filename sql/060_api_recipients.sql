@@ -221,7 +221,8 @@ begin
                 perform notify._text_field(v_content, 'text', 'channels.email', true, 100000);
                 perform notify._text_field(v_content, 'html', 'channels.email', false, 500000);
             when 'whatsapp' then
-                perform notify._check_keys(v_content, array['name', 'language', 'parameters', 'text'], 'channels.whatsapp');
+                perform notify._check_keys(v_content, array['name', 'language', 'parameters', 'header_parameters', 'buttons', 'text'],
+                                           'channels.whatsapp');
                 if (v_content ? 'text') = (v_content ? 'name') then
                     perform notify._raise('ND400', 'invalid_template',
                         'channels.whatsapp needs either name (an approved template) or text (free-form)', 'channels.whatsapp');
@@ -229,11 +230,24 @@ begin
                 perform notify._text_field(v_content, 'name', 'channels.whatsapp', false, 512);
                 perform notify._text_field(v_content, 'language', 'channels.whatsapp', false, 16);
                 perform notify._text_field(v_content, 'text', 'channels.whatsapp', false, 4096);
-                if v_content ? 'parameters' and (jsonb_typeof(v_content -> 'parameters') <> 'array'
-                     or exists (select from jsonb_array_elements(v_content -> 'parameters') e
-                                 where jsonb_typeof(e) <> 'string' or e #>> '{}' !~ '^[A-Za-z_][A-Za-z0-9_]*$')) then
-                    perform notify._raise('ND400', 'invalid_type', 'channels.whatsapp.parameters must be a list of variable names',
-                                          'channels.whatsapp.parameters');
+                foreach v_key in array array['parameters', 'header_parameters'] loop
+                    if v_content ? v_key and (jsonb_typeof(v_content -> v_key) <> 'array'
+                         or exists (select from jsonb_array_elements(v_content -> v_key) e
+                                     where jsonb_typeof(e) <> 'string' or e #>> '{}' !~ '^[A-Za-z_][A-Za-z0-9_]*$')) then
+                        perform notify._raise('ND400', 'invalid_type', format('channels.whatsapp.%s must be a list of variable names', v_key),
+                                              'channels.whatsapp.' || v_key);
+                    end if;
+                end loop;
+                if v_content ? 'buttons' and (jsonb_typeof(v_content -> 'buttons') <> 'array'
+                     or exists (select from jsonb_array_elements(v_content -> 'buttons') b
+                                 where jsonb_typeof(b) <> 'object'
+                                    or (select count(*) from jsonb_object_keys(b) k where k not in ('sub_type', 'index', 'parameter')) > 0
+                                    or b ->> 'sub_type' not in ('quick_reply', 'url')
+                                    or jsonb_typeof(b -> 'index') <> 'number'
+                                    or coalesce(b ->> 'parameter', '') !~ '^[A-Za-z_][A-Za-z0-9_]*$')) then
+                    perform notify._raise('ND400', 'invalid_type',
+                        'channels.whatsapp.buttons must be a list of {sub_type: quick_reply|url, index, parameter: variable name}',
+                        'channels.whatsapp.buttons');
                 end if;
             else
                 perform notify._check_keys(v_content, array['text'], 'channels.' || v_key);
@@ -250,7 +264,7 @@ begin
 end
 $$;
 comment on function notify_api.upsert_template_v1(uuid, text, jsonb) is
-    'Sets the content of a template key for one locale: {locale?, channels: {email: {subject, text, html?}, whatsapp: {name, language, parameters[]} | {text}, sms: {text}}}.';
+    'Sets the content of a template key for one locale: {locale?, channels: {email: {subject, text, html?}, whatsapp: {name, language, parameters[], header_parameters[], buttons[{sub_type, index, parameter}]} | {text}, sms: {text}}}.';
 
 create function notify_api.list_templates_v1(p_tenant_id uuid, p_key text default null)
     returns jsonb

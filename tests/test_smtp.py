@@ -142,3 +142,24 @@ def test_many_recipients_in_one_batch(server):
     results = send(smtp(server.port, max_connections=4), *messages)
     assert [r.outcome for r in results] == ["sent"] * 20
     assert sorted(r.recipients[0] for r in server.received) == sorted(m.address for m in messages)
+
+
+def test_implicit_tls():
+    from aiosmtpd.controller import Controller
+
+    from tests.fakes.smtp import self_signed_context
+
+    fake = SmtpFake()
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(fake, hostname="127.0.0.1", port=port, ssl_context=self_signed_context())
+    controller.start()
+    try:
+        [ok] = send(smtp(port, security="tls", validate_certs=False), message())
+        assert ok.outcome == "sent" and len(fake.received) == 1
+        [plain] = send(smtp(port, security="none", timeout_seconds=2), message())
+        assert plain.outcome == "retry" and len(fake.received) == 1
+    finally:
+        controller.stop()

@@ -216,3 +216,25 @@ def test_the_verification_handshake():
     assert verify_handshake({**params, "hub.verify_token": "nope"}, "vt") is None
     assert verify_handshake({**params, "hub.mode": "unsubscribe"}, "vt") is None
     assert verify_handshake(params, None) is None
+
+
+def test_header_body_and_button_parameters_are_mapped_from_variables(db, tenant):
+    from psycopg.types.json import Jsonb
+
+    from runner.render import render
+
+    content = {"name": "event_update", "language": "es", "header_parameters": ["club"], "parameters": ["name"],
+               "buttons": [{"sub_type": "url", "index": 0, "parameter": "event_id"}, {"sub_type": "quick_reply", "index": 1, "parameter": "rsvp"}]}
+    out = call(db, "notify_api.upsert_template_v1(%s, 'upd', %s)", tenant, Jsonb({"channels": {"whatsapp": content}}))
+    assert out[0]["required_variables"] == ["club", "event_id", "name", "rsvp"]
+    rendered = render("whatsapp", content, {"club": "RunFlow", "name": "Ana", "event_id": 42, "rsvp": "RSVP-42"})
+    body = request_body(message(**rendered))
+    assert body["template"]["components"] == [
+        {"type": "header", "parameters": [{"type": "text", "text": "RunFlow"}]},
+        {"type": "body", "parameters": [{"type": "text", "text": "Ana"}]},
+        {"type": "button", "sub_type": "url", "index": "0", "parameters": [{"type": "text", "text": "42"}]},
+        {"type": "button", "sub_type": "quick_reply", "index": "1", "parameters": [{"type": "payload", "payload": "RSVP-42"}]}]
+    with pytest.raises(psycopg.Error) as info:
+        call(db, "notify_api.upsert_template_v1(%s, 'bad', %s)", tenant,
+             Jsonb({"channels": {"whatsapp": {**content, "buttons": [{"sub_type": "call", "index": 0, "parameter": "x"}]}}}))
+    assert info.value.diag.column_name == "channels.whatsapp.buttons"
