@@ -151,7 +151,8 @@ create table notify.notification_requests (
     id uuid not null default gen_random_uuid(),
     idempotency_key text,
     fingerprint bytea not null,
-    recipient_id uuid not null,
+    recipient_id uuid,
+    recipient_count integer not null default 1,
     template_key text not null,
     variables jsonb not null default '{}',
     category text,
@@ -169,6 +170,7 @@ create table notify.notification_requests (
 comment on table notify.notification_requests is
     'One accepted notification intent. Its idempotency key lives as long as the row.';
 comment on column notify.notification_requests.fingerprint is 'SHA-256 of the canonical (jsonb) request body; a reused key with another body is refused.';
+comment on column notify.notification_requests.recipient_id is 'The one recipient of a single intent; null for a fan-out (see recipient_count and the deliveries).';
 comment on column notify.notification_requests.response is 'The response given at submission, replayed verbatim for a repeated idempotency key.';
 
 create table notify.notification_deliveries (
@@ -179,6 +181,7 @@ create table notify.notification_deliveries (
     channel notify.channel not null,
     address text,
     template_locale text,
+    variables jsonb,
     status notify.delivery_status not null,
     reason text,
     attempt integer not null default 0,
@@ -205,6 +208,7 @@ create table notify.notification_deliveries (
 );
 comment on table notify.notification_deliveries is
     'One message to one recipient on one channel: the work list of the worker and the unit of status.';
+comment on column notify.notification_deliveries.variables is 'Per-recipient variables of a fan-out, merged over the request''s variables at send time.';
 comment on column notify.notification_deliveries.attempt is 'Claims so far. The fencing token: worker writes match on (id, attempt).';
 comment on column notify.notification_deliveries.seq is 'Incremented on every status change; delivery_events.seq follows it.';
 comment on column notify.notification_deliveries.due_at is 'When the delivery may be claimed: send_at, now, or the time of the next retry.';
@@ -219,7 +223,7 @@ create index notification_deliveries_leases on notify.notification_deliveries (l
 -- Global, not per tenant: provider webhooks name only the provider's message id.
 create unique index notification_deliveries_provider_message on notify.notification_deliveries (provider, provider_message_id)
     where provider_message_id is not null;
-create index notification_deliveries_request on notify.notification_deliveries (tenant_id, request_id);
+-- (Reads by request use the unique key notification_deliveries_one_per_channel, which starts with tenant_id, request_id.)
 
 create table notify.delivery_attempts (
     tenant_id uuid not null,
@@ -233,7 +237,8 @@ create table notify.delivery_attempts (
     error_code text,
     error_message text,
     primary key (tenant_id, delivery_id, attempt),
-    foreign key (tenant_id, delivery_id) references notify.notification_deliveries (tenant_id, id),
+    -- No foreign key to notification_deliveries: rows are written only by claim_deliveries_v1 for the rows it
+    -- claims, and a per-row RI check costs more than the rest of the insert (docs/architecture.md).
     constraint delivery_attempts_outcome check (outcome in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'bounced', 'lease_expired'))
 );
 comment on table notify.delivery_attempts is 'One row per claim of a delivery; outcome null while the provider call is in flight.';
@@ -248,8 +253,9 @@ create table notify.delivery_events (
     source text not null,
     reason text,
     occurred_at timestamptz not null default now(),
-    primary key (tenant_id, id),
-    foreign key (tenant_id, delivery_id) references notify.notification_deliveries (tenant_id, id)
+    primary key (tenant_id, id)
+    -- No foreign key to notification_deliveries: rows are written only by the deliveries' own trigger
+    -- (_200_record_event_*), and a per-row RI check would double the cost of every status change.
 );
 comment on table notify.delivery_events is 'Status history of each delivery, appended by trigger on every status change.';
 comment on column notify.delivery_events.source is 'Who changed it: submit, claim, worker, webhook, cancel, maintenance (transaction setting notify.source).';

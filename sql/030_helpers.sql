@@ -1,11 +1,12 @@
 -- Private helpers that read tables: consent, template resolution, backoff, worker wake-ups.
 -- Called only by notify_api functions, inside the caller's transaction.
 
-create function notify._consent_allows(p_tenant_id uuid, p_recipient_id uuid, p_channel notify.channel, p_category text)
-    returns boolean
+create function notify._consent(p_tenant_id uuid, p_recipient_id uuid, p_channel notify.channel, p_category text)
+    returns table (allowed boolean)
     language sql
     stable
-    set search_path = ''
+    -- inlinable: no SET clause, and a set-returning SQL function is inlined into the caller's FROM (with its
+    -- subqueries), so a 10,000-recipient fan-out checks consent in one plan (see docs/architecture.md)
 as $$
     select coalesce(
         (select c.status = 'granted'
@@ -17,8 +18,19 @@ as $$
         coalesce((select p.policy from notify.channel_policies p where p.tenant_id = p_tenant_id and p.channel = p_channel),
                  notify._default_policy(p_channel)) = 'opt_out')
 $$;
+comment on function notify._consent(uuid, uuid, notify.channel, text) is
+    'Whether the recipient may be messaged on the channel for the category: the latest applicable ledger entry decides; without one, the tenant''s channel policy. Use in FROM (cross join lateral) for set-based checks.';
+
+create function notify._consent_allows(p_tenant_id uuid, p_recipient_id uuid, p_channel notify.channel, p_category text)
+    returns boolean
+    language sql
+    stable
+    set search_path = ''
+as $$
+    select allowed from notify._consent(p_tenant_id, p_recipient_id, p_channel, p_category)
+$$;
 comment on function notify._consent_allows(uuid, uuid, notify.channel, text) is
-    'True if the recipient may be messaged on the channel for the category: the latest applicable ledger entry decides; without one, the tenant''s channel policy.';
+    'notify._consent as a scalar, for single checks.';
 
 create function notify._resolve_template(p_tenant_id uuid, p_key text, p_channel notify.channel, p_locale text)
     returns notify.templates

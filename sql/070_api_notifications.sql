@@ -31,11 +31,16 @@ begin
         perform notify._raise('ND400', 'invalid_type', 'body must be a JSON object', '');
     end if;
     perform notify._check_keys(p_request,
-        array['recipient', 'channels', 'template', 'variables', 'category', 'send_at', 'expires_at', 'metadata'], '');
-    if jsonb_typeof(p_request -> 'recipient') is distinct from 'object' then
-        perform notify._raise('ND400', 'missing_field', 'recipient is required and must be an object', 'recipient');
+        array['recipient', 'recipients', 'channels', 'template', 'variables', 'category', 'send_at', 'expires_at', 'metadata'], '');
+    if (p_request ? 'recipient') = (p_request ? 'recipients') then
+        perform notify._raise('ND400', 'missing_field', 'give either recipient (one) or recipients (a fan-out), not both', 'recipient');
     end if;
-    perform notify._check_keys(p_request -> 'recipient', array['ref', 'addresses', 'locale', 'timezone'], 'recipient');
+    if p_request ? 'recipient' then
+        if jsonb_typeof(p_request -> 'recipient') is distinct from 'object' then
+            perform notify._raise('ND400', 'missing_field', 'recipient is required and must be an object', 'recipient');
+        end if;
+        perform notify._check_keys(p_request -> 'recipient', array['ref', 'addresses', 'locale', 'timezone'], 'recipient');
+    end if;
     if jsonb_typeof(p_request -> 'channels') is distinct from 'array' or jsonb_array_length(p_request -> 'channels') = 0 then
         perform notify._raise('ND400', 'missing_field', 'channels must be a non-empty list', 'channels');
     end if;
@@ -67,6 +72,11 @@ begin
     end if;
     if p_idempotency_key is not null and p_idempotency_key !~ '^[\x21-\x7e]{1,255}$' then
         perform notify._raise('ND400', 'invalid_idempotency_key', 'Idempotency-Key must be 1-255 printable ASCII characters', 'Idempotency-Key');
+    end if;
+    if p_request ? 'recipients' then
+        return query select * from notify._submit_fanout(p_tenant_id, p_request, p_idempotency_key, v_channels, v_template,
+                                                          v_variables, v_category, v_send_at, v_expires_at, v_metadata);
+        return;
     end if;
 
     -- 2. The recipient and its addresses.
@@ -155,7 +165,7 @@ begin
 end
 $$;
 comment on function notify_api.submit_notification_v1(uuid, jsonb, text) is
-    'Accepts a notification intent (the POST /internal/notifications body) in one transaction: idempotency, recipient upsert, template and variable checks, consent, one delivery per channel, worker wake-up. Returns the response and whether it is a replay.';
+    'Accepts a notification intent (the POST /internal/notifications body) in one transaction: idempotency, recipient upsert, template and variable checks, consent, one delivery per channel (per recipient for a fan-out), worker wake-up. Returns the response and whether it is a replay.';
 
 create function notify._delivery_json(d notify.notification_deliveries, p_detail boolean)
     returns jsonb
@@ -208,6 +218,7 @@ begin
         'id', v.id, 'status', case when v_open then 'in_progress' else 'completed' end,
         'created_at', v.created_at, 'idempotency_key', v.idempotency_key,
         'recipient', (select r.ref from notify.recipients r where r.tenant_id = v.tenant_id and r.id = v.recipient_id),
+        'recipient_count', case when v.recipient_id is null then v.recipient_count end,
         'template', v.template_key, 'category', v.category, 'channels', to_jsonb(v.channels),
         'send_at', v.send_at, 'expires_at', v.expires_at, 'metadata', v.metadata))
         || jsonb_build_object('deliveries', coalesce(v_deliveries, '[]'));

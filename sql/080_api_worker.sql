@@ -25,7 +25,7 @@ begin
         -- Free-form WhatsApp text outside the 24-hour customer-service window is refused, not sent to fail.
         select d.tenant_id, d.id,
                case when d.expires_at is not null and d.expires_at <= now() then 'expired'
-                    when not notify._consent_allows(d.tenant_id, d.recipient_id, d.channel, r.category) then 'suppressed'
+                    when not consent.allowed then 'suppressed'
                     when cp.provider = 'whatsapp_cloud' and t.content ? 'text' and not exists (
                              select from notify.whatsapp_windows w
                               where w.tenant_id = d.tenant_id and w.phone_number_id = cp.settings ->> 'phone_number_id'
@@ -35,6 +35,7 @@ begin
           from due
           join notify.notification_deliveries d on d.tenant_id = due.tenant_id and d.id = due.id
           join notify.notification_requests r on r.tenant_id = d.tenant_id and r.id = d.request_id
+         cross join lateral notify._consent(d.tenant_id, d.recipient_id, d.channel, r.category) consent
           left join notify.channel_providers cp on cp.tenant_id = d.tenant_id and cp.channel = d.channel
           left join notify.templates t on t.tenant_id = d.tenant_id and t.key = r.template_key
                                       and t.channel = d.channel and t.locale = d.template_locale
@@ -53,7 +54,7 @@ begin
         select u.tenant_id, u.id, u.attempt from updated u where u.status = 'sending'
     )
     select u.tenant_id, u.id, u.attempt, u.channel, u.address, r.template_key, u.template_locale, t.content,
-           r.variables, r.category, u.request_id, coalesce(cp.provider, 'mock'),
+           r.variables || coalesce(u.variables, '{}'), r.category, u.request_id, coalesce(cp.provider, 'mock'),
            case when cp.provider is not null
                 then jsonb_build_object('settings', cp.settings, 'secrets', cp.secrets, 'updated_at', cp.updated_at) end
       from updated u

@@ -5,7 +5,7 @@ create function notify._provider_family(p_webhook_provider text)
     returns text[]
     language sql
     immutable
-    set search_path = ''
+    -- inlinable: no SET clause (see docs/architecture.md, "Hot helpers are inlined")
 as $$
     -- E-mail service providers report on messages we handed to them over SMTP.
     select case when p_webhook_provider in ('sendgrid', 'mailgun') then array[p_webhook_provider, 'smtp']

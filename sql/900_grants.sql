@@ -28,3 +28,4 @@ grant execute on function notify_api.get_tenant_v1(text) to notify_caller;
 grant select, insert, update, delete on all tables in schema public to notify_service;
 grant usage, select on all sequences in schema public to notify_service;
 grant execute on all functions in schema public to notify_service;
+grant execute on function notify_api.submit_notifications_v1(uuid, jsonb) to notify_caller;

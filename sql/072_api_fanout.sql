@@ -1,0 +1,249 @@
+-- notify_api: volume — one intent to many recipients (fan-out) and many intents in one call (batch).
+-- Called by POST /internal/notifications (with "recipients") and POST /internal/notifications/batch, and by SQL clients.
+
+create function notify._submit_fanout(
+    p_tenant_id uuid, p_request jsonb, p_idempotency_key text, p_channels notify.channel[], p_template text,
+    p_variables jsonb, p_category text, p_send_at timestamptz, p_expires_at timestamptz, p_metadata jsonb)
+    returns table (response jsonb, replayed boolean)
+    language plpgsql
+    set search_path = ''
+as $$
+declare
+    v_items jsonb := p_request -> 'recipients';
+    v_count integer;
+    v_bad record;
+    v_request_id uuid;
+    v_existing notify.notification_requests;
+    v_default_locale text;
+    v_now timestamptz := now();
+    v_response jsonb;
+    v_channel_names text[] := enum_range(null::notify.channel)::text[];
+begin
+    if jsonb_typeof(v_items) is distinct from 'array' or jsonb_array_length(v_items) not between 1 and 10000 then
+        perform notify._raise('ND400', 'invalid_length', 'recipients must be a list of 1 to 10000 recipients', 'recipients');
+    end if;
+    v_count := jsonb_array_length(v_items);
+
+    -- 1. Every recipient checked set-based; the first offender is named.
+    select i - 1 as idx, r, k into v_bad
+      from jsonb_array_elements(v_items) with ordinality e(r, i)
+      left join lateral (select k from jsonb_object_keys(case when jsonb_typeof(r) = 'object' then r else '{}' end) k
+                          where k not in ('ref', 'addresses', 'locale', 'timezone', 'variables') limit 1) x on true
+     where jsonb_typeof(r) <> 'object' or x.k is not null
+        or jsonb_typeof(r -> 'ref') is distinct from 'string' or length(r ->> 'ref') not between 1 and 200
+        or (r ? 'addresses' and jsonb_typeof(r -> 'addresses') not in ('object', 'null'))
+        or (r ? 'variables' and jsonb_typeof(r -> 'variables') not in ('object', 'null'))
+        or (jsonb_typeof(r -> 'locale') = 'string' and r ->> 'locale' !~ '^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$')
+        or (r ? 'locale' and jsonb_typeof(r -> 'locale') not in ('string', 'null'))
+        or (r ? 'timezone' and jsonb_typeof(r -> 'timezone') not in ('string', 'null'))
+     order by i limit 1;
+    if found then
+        perform notify._raise('ND400', case when v_bad.k is not null then 'unknown_field' else 'invalid_value' end,
+            format('recipients[%s] is not a valid recipient (ref 1-200 characters; addresses, locale, timezone, variables)', v_bad.idx)
+            || coalesce(': unknown field ' || v_bad.k, ''),
+            format('recipients[%s]', v_bad.idx) || coalesce('.' || v_bad.k, ''));
+    end if;
+    select i - 1 as idx, a.key into v_bad
+      from jsonb_array_elements(v_items) with ordinality e(r, i)
+     cross join lateral jsonb_each(case when jsonb_typeof(r -> 'addresses') = 'object' then r -> 'addresses' else '{}' end) a
+     where a.key <> all (v_channel_names)
+        or (jsonb_typeof(a.value) <> 'null'
+            and (jsonb_typeof(a.value) <> 'string' or not notify._address_valid(a.key::notify.channel, a.value #>> '{}')))
+     order by i limit 1;
+    if found then
+        perform notify._raise('ND400', 'invalid_address', format('recipients[%s].addresses.%s is not a valid %s address', v_bad.idx, v_bad.key, v_bad.key),
+                              format('recipients[%s].addresses.%s', v_bad.idx, v_bad.key));
+    end if;
+    select i - 1 as idx into v_bad
+      from jsonb_array_elements(v_items) with ordinality e(r, i)
+     where jsonb_typeof(r -> 'timezone') = 'string'
+       and not exists (select from pg_catalog.pg_timezone_names z where z.name = r ->> 'timezone')
+     order by i limit 1;
+    if found then
+        perform notify._raise('ND400', 'invalid_timezone', format('recipients[%s].timezone is not an IANA time zone', v_bad.idx),
+                              format('recipients[%s].timezone', v_bad.idx));
+    end if;
+    select min(i) - 1 as idx, r ->> 'ref' as ref into v_bad
+      from jsonb_array_elements(v_items) with ordinality e(r, i)
+     group by r ->> 'ref' having count(*) > 1 order by min(i) limit 1;
+    if found then
+        perform notify._raise('ND400', 'duplicate_recipient', format('recipient %s appears more than once', v_bad.ref), 'recipients');
+    end if;
+
+    -- 2. Claim the idempotency key before the heavy work: a replay of a 10,000-recipient intent is one lookup.
+    insert into notify.notification_requests
+        (tenant_id, idempotency_key, fingerprint, recipient_id, recipient_count, template_key, variables, category, channels,
+         send_at, expires_at, metadata)
+    values (p_tenant_id, p_idempotency_key, sha256(convert_to(p_request::text, 'UTF8')), null, v_count, p_template, p_variables,
+            p_category, p_channels, p_send_at, p_expires_at, p_metadata)
+    on conflict (tenant_id, idempotency_key) do nothing
+    returning id into v_request_id;
+    if v_request_id is null then
+        select * into v_existing from notify.notification_requests r
+         where r.tenant_id = p_tenant_id and r.idempotency_key = p_idempotency_key;
+        if v_existing.fingerprint <> sha256(convert_to(p_request::text, 'UTF8')) then
+            perform notify._raise('ND422', 'idempotency_key_reused',
+                'this Idempotency-Key was used with a different request body', 'Idempotency-Key');
+        end if;
+        response := v_existing.response;
+        replayed := true;
+        return next;
+        return;
+    end if;
+
+    -- 3. Recipients and their addresses, set-based. The input goes into an analyzed temporary table first, so
+    --    the planner knows it has v_count rows (a function scan is estimated at 100) and joins accordingly.
+    create temporary table if not exists _fanout_input (
+        i integer, ref text, addresses jsonb, locale text, timezone text, variables jsonb, recipient_id uuid, effective_locale text
+    ) on commit drop;
+    truncate _fanout_input;
+    insert into _fanout_input (i, ref, addresses, locale, timezone, variables)
+    select i, r ->> 'ref', case when jsonb_typeof(r -> 'addresses') = 'object' then r -> 'addresses' end, r ->> 'locale',
+           r ->> 'timezone', case when jsonb_typeof(r -> 'variables') = 'object' then r -> 'variables' end
+      from jsonb_array_elements(v_items) with ordinality e(r, i);
+    analyze _fanout_input;
+
+    insert into notify.recipients as x (tenant_id, ref, locale, timezone)
+    select p_tenant_id, f.ref, f.locale, f.timezone from _fanout_input f
+    on conflict (tenant_id, ref) do update
+        set locale = coalesce(excluded.locale, x.locale), timezone = coalesce(excluded.timezone, x.timezone),
+            updated_at = now()
+        where (excluded.locale is not null and excluded.locale is distinct from x.locale)
+           or (excluded.timezone is not null and excluded.timezone is distinct from x.timezone);
+    v_default_locale := (select default_locale from notify.tenants where id = p_tenant_id);
+    update _fanout_input f set recipient_id = rec.id, effective_locale = coalesce(rec.locale, v_default_locale)
+      from notify.recipients rec
+     where rec.tenant_id = p_tenant_id and rec.ref = f.ref;
+    analyze _fanout_input;
+
+    insert into notify.recipient_addresses as a (tenant_id, recipient_id, channel, address)
+    select p_tenant_id, f.recipient_id, kv.key::notify.channel, kv.value #>> '{}'
+      from _fanout_input f cross join lateral jsonb_each(coalesce(f.addresses, '{}')) kv
+     where jsonb_typeof(kv.value) = 'string'
+    on conflict (tenant_id, recipient_id, channel) do update
+        set address = excluded.address, updated_at = now()
+        where a.address is distinct from excluded.address;
+    delete from notify.recipient_addresses a
+     using _fanout_input f, lateral jsonb_each(coalesce(f.addresses, '{}')) kv
+     where jsonb_typeof(kv.value) = 'null'
+       and a.tenant_id = p_tenant_id and a.recipient_id = f.recipient_id and a.channel = kv.key::notify.channel;
+
+    -- 4. Templates per channel and distinct locale (resolved once each), and the variables every recipient needs.
+    create temporary table if not exists _fanout_templates (
+        channel notify.channel, locale text, template_locale text, required_variables text[]) on commit drop;
+    truncate _fanout_templates;
+    insert into _fanout_templates
+    select c.channel, l.locale, t.locale, t.required_variables
+      from unnest(p_channels) c(channel)
+     cross join (select distinct f.effective_locale as locale from _fanout_input f) l
+     cross join lateral notify._resolve_template(p_tenant_id, p_template, c.channel, l.locale) t;
+    select channel, locale into v_bad from _fanout_templates where template_locale is null limit 1;
+    if found then
+        perform notify._raise('ND422', 'template_not_found',
+            format('template %s has no %s content for locale %s or its fallbacks', p_template, v_bad.channel, v_bad.locale), 'template');
+    end if;
+    select f.i - 1 as idx, need.v into v_bad
+      from _fanout_input f
+      join _fanout_templates t on t.locale = f.effective_locale
+     cross join lateral unnest(t.required_variables) need(v)
+     where not (p_variables || coalesce(f.variables, '{}')) ? need.v
+     order by f.i limit 1;
+    if found then
+        perform notify._raise('ND422', 'missing_variables', format('template %s needs variable %s for recipients[%s]', p_template, v_bad.v, v_bad.idx),
+                              format('recipients[%s].variables.%s', v_bad.idx, v_bad.v));
+    end if;
+
+    -- 5. One delivery per recipient and channel, consent checked set-based.
+    perform notify._set_source('submit');
+    with rows as materialized (
+        select f.recipient_id, c.channel, a.address, t.template_locale, f.variables, consent.allowed, f.i, c.ord
+          from _fanout_input f
+         cross join unnest(p_channels) with ordinality c(channel, ord)
+          join _fanout_templates t on t.channel = c.channel and t.locale = f.effective_locale
+          left join notify.recipient_addresses a on a.tenant_id = p_tenant_id and a.recipient_id = f.recipient_id and a.channel = c.channel
+         cross join lateral notify._consent(p_tenant_id, f.recipient_id, c.channel, p_category) consent
+    ), inserted as (
+        insert into notify.notification_deliveries
+            (tenant_id, request_id, recipient_id, channel, address, template_locale, variables, status, reason, due_at, expires_at)
+        select p_tenant_id, v_request_id, recipient_id, channel, address, template_locale, variables,
+               case when address is null or not allowed then 'suppressed'
+                    when p_send_at > v_now then 'scheduled' else 'queued' end::notify.delivery_status,
+               case when address is null then 'no_address' when not allowed then 'no_consent' end,
+               greatest(coalesce(p_send_at, v_now), v_now), p_expires_at
+          from rows order by i, ord
+        returning channel, status, reason
+    ), counted as (
+        select channel, status, reason, count(*) as n from inserted group by channel, status, reason
+    )
+    select jsonb_build_object(
+               'id', v_request_id, 'created_at', v_now, 'recipient_count', v_count,
+               'status', case when bool_and(status = 'suppressed') then 'suppressed' else 'accepted' end,
+               'summary', jsonb_agg(jsonb_strip_nulls(jsonb_build_object('channel', channel, 'status', status, 'reason', reason, 'count', n))
+                                    order by channel, status, reason))
+      into v_response
+      from counted;
+
+    update notify.notification_requests r set response = v_response
+     where r.tenant_id = p_tenant_id and r.id = v_request_id;
+    perform notify._wake(c, case when p_send_at > v_now then p_send_at end)
+       from unnest(p_channels) c
+      where exists (select from jsonb_array_elements(v_response -> 'summary') s
+                     where s ->> 'channel' = c::text and s ->> 'status' in ('queued', 'scheduled'));
+    response := v_response;
+    replayed := false;
+    return next;
+end
+$$;
+comment on function notify._submit_fanout(uuid, jsonb, text, notify.channel[], text, jsonb, text, timestamptz, timestamptz, jsonb) is
+    'The fan-out half of submit_notification_v1: up to 10,000 recipients, each with optional per-recipient variables; recipients, addresses, template checks, consent and deliveries are set-based statements, not per-row round trips. The response summarizes deliveries by channel, status and reason.';
+
+create function notify_api.submit_notifications_v1(p_tenant_id uuid, p_items jsonb)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v_item jsonb;
+    v_index integer := 0;
+    v_key text;
+    v_row record;
+    v_results jsonb := '[]';
+    v_state text;
+    v_message text;
+    v_type text;
+    v_field text;
+begin
+    if jsonb_typeof(p_items) is distinct from 'array' or jsonb_array_length(p_items) not between 1 and 1000 then
+        perform notify._raise('ND400', 'invalid_length', 'items must be a list of 1 to 1000 intents', 'items');
+    end if;
+    for v_item in select value from jsonb_array_elements(p_items) loop
+        begin
+            -- Each item is its own subtransaction: a bad one is rolled back alone and reported; the others stay.
+            if jsonb_typeof(v_item) <> 'object' or jsonb_typeof(v_item -> 'notification') <> 'object' then
+                perform notify._raise('ND400', 'invalid_type', 'each item is {"idempotency_key"?, "notification": {...}}', 'notification');
+            end if;
+            perform notify._check_keys(v_item, array['idempotency_key', 'notification'], '');
+            v_key := notify._text_field(v_item, 'idempotency_key', '', false, 255);
+            select * into v_row from notify_api.submit_notification_v1(p_tenant_id, v_item -> 'notification', v_key);
+            v_results := v_results || jsonb_build_object(
+                'index', v_index, 'outcome', case when v_row.replayed then 'replayed' else 'accepted' end,
+                'status', case when v_row.replayed then 200 else 202 end, 'body', v_row.response);
+        exception
+            when sqlstate 'ND400' or sqlstate 'ND404' or sqlstate 'ND409' or sqlstate 'ND422' then
+                get stacked diagnostics v_state = returned_sqlstate, v_message = message_text,
+                                        v_type = constraint_name, v_field = column_name;
+                v_results := v_results || jsonb_build_object(
+                    'index', v_index, 'outcome', 'error', 'status', substr(v_state, 3)::integer,
+                    'error', jsonb_strip_nulls(jsonb_build_object('type', v_type, 'detail', v_message, 'field', nullif(v_field, ''))));
+        end;
+        v_index := v_index + 1;
+    end loop;
+    return jsonb_build_object('items', v_results,
+        'accepted', (select count(*) from jsonb_array_elements(v_results) r where r ->> 'outcome' = 'accepted'),
+        'replayed', (select count(*) from jsonb_array_elements(v_results) r where r ->> 'outcome' = 'replayed'),
+        'failed', (select count(*) from jsonb_array_elements(v_results) r where r ->> 'outcome' = 'error'));
+end
+$$;
+comment on function notify_api.submit_notifications_v1(uuid, jsonb) is
+    'Batch: up to 1,000 independent intents [{idempotency_key?, notification}] in one call. Each item succeeds or fails alone (its own subtransaction); the answer reports each item''s outcome in order: accepted, replayed, or its error.';
