@@ -25,7 +25,7 @@ from api import problems
 from api.db import Database
 from api.problems import ProblemException
 from api.schemas import (
-    CancelResult, ConsentEntry, ConsentIn, ConsentsOut, Health, MockMessage, NotificationAccepted, NotificationIn,
+    BatchIn, BatchOut, CancelResult, ConsentEntry, ConsentIn, ConsentsOut, Health, MockMessage, NotificationAccepted, NotificationIn,
     NotificationOut, PolicyOut, PolicyPut, ProviderOut, ProviderPut, RecipientOut, RecipientPut, TemplateOut, TemplatePut, Version, WebhookAck,
 )
 from dispatcher import __version__, keys, schema
@@ -37,6 +37,7 @@ from providers.whatsapp import verify_handshake
 
 log = logging.getLogger("api")
 JSON = "application/json"
+BULK_BODY_BYTES = 16 * 1024 * 1024  # a 10,000-recipient fan-out or a 1,000-intent batch
 _encode = msgspec.json.Encoder().encode
 
 
@@ -74,10 +75,11 @@ class Notifications(Controller):
     path = "/notifications"
     tags = ["notifications"]
 
-    @post("/", operation_id="submitNotification", status_code=202,
+    @post("/", operation_id="submitNotification", status_code=202, request_max_body_size=BULK_BODY_BYTES,
           summary="Submit a notification intent",
-          description="One delivery per channel; suppressed deliveries say why. A repeated Idempotency-Key with the "
-                      "same body replays the original response with 200 and Idempotent-Replayed: true; with another body, 422.")
+          description="One delivery per channel (per recipient and channel for a fan-out with `recipients`); suppressed "
+                      "deliveries say why. A repeated Idempotency-Key with the same body replays the original response with "
+                      "200 and Idempotent-Replayed: true; with another body, 422.")
     async def submit(
         self, request: Request[Any, Any, Any], data: JSONBody[NotificationIn], tenant: NamedDependency[Tenant], db: NamedDependency[Database],
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", required=False, max_length=255)] = None,
@@ -89,6 +91,16 @@ class Notifications(Controller):
         if row[1]:
             return _json(row[0], 200, {"Idempotent-Replayed": "true"})
         return _json(row[0], 202)
+
+    @post("/batch", operation_id="submitNotificationBatch", status_code=200, request_max_body_size=BULK_BODY_BYTES,
+          summary="Submit up to 1,000 independent intents",
+          description="Each item has its own idempotency key and succeeds or fails alone; the answer reports each item's "
+                      "outcome (accepted, replayed, or its error) in order.")
+    async def batch(self, request: Request[Any, Any, Any], data: JSONBody[BatchIn], tenant: NamedDependency[Tenant],
+                    db: NamedDependency[Database]) -> Response[BatchOut]:
+        row = await db.one("select notify_api.submit_notifications_v1(%s, (%s::jsonb) -> 'items')::text",
+                           (tenant.id, await _body_text(request)))
+        return _json(row[0] if row else None)
 
     @get("/{notification_id:uuid}", operation_id="getNotification", summary="Read a notification and its deliveries")
     async def read(self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[NotificationOut]:

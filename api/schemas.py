@@ -33,10 +33,21 @@ class RecipientIn(Base):
     timezone: Annotated[str, Meta(max_length=64)] | None = None
 
 
+class FanoutRecipient(Base):
+    ref: Ref
+    addresses: Addresses | None = None
+    locale: Locale | None = None
+    timezone: Annotated[str, Meta(max_length=64)] | None = None
+    variables: dict[str, Any] | None = None
+
+
 class NotificationIn(Base):
-    recipient: RecipientIn
+    """One intent: either `recipient` (one) or `recipients` (a fan-out of up to 10,000, each with optional variables)."""
+
     channels: Annotated[list[Channel], Meta(min_length=1, max_length=3)]
     template: Annotated[str, Meta(min_length=1, max_length=100)]
+    recipient: RecipientIn | None = None
+    recipients: Annotated[list[FanoutRecipient], Meta(min_length=1, max_length=10_000)] | None = None
     variables: dict[str, Any] | None = None
     category: Annotated[str, Meta(max_length=100)] | None = None
     send_at: dt.datetime | None = None
@@ -51,11 +62,53 @@ class DeliverySummary(Base):
     reason: str | None = None
 
 
+class DeliveryCount(Base):
+    channel: Channel
+    status: str
+    count: int
+    reason: str | None = None
+
+
 class NotificationAccepted(Base):
+    """For one recipient: `deliveries`, one per channel. For a fan-out: `recipient_count` and a `summary` of the
+    deliveries by channel, status and reason (read them with GET /internal/notifications/{id})."""
+
     id: UUID
     status: Literal["accepted", "suppressed"]
     created_at: dt.datetime
-    deliveries: list[DeliverySummary]
+    deliveries: list[DeliverySummary] | None = None
+    recipient_count: int | None = None
+    summary: list[DeliveryCount] | None = None
+
+
+class BatchItem(Base):
+    notification: NotificationIn
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+
+
+class BatchIn(Base):
+    items: Annotated[list[BatchItem], Meta(min_length=1, max_length=1000)]
+
+
+class BatchError(Base):
+    type: str
+    detail: str
+    field: str | None = None
+
+
+class BatchResult(Base):
+    index: int
+    outcome: Literal["accepted", "replayed", "error"]
+    status: int
+    body: NotificationAccepted | None = None
+    error: BatchError | None = None
+
+
+class BatchOut(Base):
+    items: list[BatchResult]
+    accepted: int
+    replayed: int
+    failed: int
 
 
 class DeliveryEvent(Base):
@@ -104,11 +157,12 @@ class NotificationOut(Base):
     id: UUID
     status: Literal["in_progress", "completed"]
     created_at: dt.datetime
-    recipient: str
     template: str
     channels: list[Channel]
     deliveries: list[DeliveryOut]
     metadata: dict[str, Any]
+    recipient: str | None = None
+    recipient_count: int | None = None
     idempotency_key: str | None = None
     category: str | None = None
     send_at: dt.datetime | None = None

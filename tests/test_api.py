@@ -88,7 +88,8 @@ def test_another_tenants_notification_is_404(client, db):
     (intent(recipient={"ref": "r", "addresses": {"whatsapp": "0034 600"}}), 400, "recipient.addresses.whatsapp"),
     (intent(template="missing"), 422, "template"),
     (intent(variables={}), 422, "variables.event"),
-    ({"channels": ["email"]}, 400, "recipient"),
+    ({"channels": ["email"], "template": "event_reminder"}, 400, "recipient"),
+    ({"channels": ["email"]}, 400, "template"),
 ])
 def test_bad_submissions_are_problems_naming_the_field(client, db, body, status, field):
     is_problem(client.post("/internal/notifications", json=body), status, field)
@@ -102,8 +103,32 @@ def test_malformed_json_and_nul_characters_are_400(client):
 
 
 def test_oversized_bodies_are_413(client):
-    body = intent(metadata={"blob": "x" * 70_000})
+    is_problem(client.put("/internal/recipients/r1", json={"locale": "x" * 70_000}), 413)
+    body = intent(metadata={"blob": "x" * (17 * 1024 * 1024)})   # over the bulk limit of the submit routes
     is_problem(client.post("/internal/notifications", json=body), 413)
+
+
+def test_fanout_and_batch_over_http(client, db):
+    recipients = [{"ref": f"m{i}", "addresses": {"email": f"m{i}@example.com"}, "variables": {"name": f"M{i}"}} for i in range(300)]
+    body = {"recipients": recipients, "channels": ["email"], "template": "event_reminder", "variables": {"event": "Long run"}}
+    first = client.post("/internal/notifications", json=body, headers={"Idempotency-Key": "fan-1"})
+    assert first.status_code == 202 and first.json()["recipient_count"] == 300
+    assert first.json()["summary"] == [{"channel": "email", "status": "queued", "count": 300}]
+    again = client.post("/internal/notifications", json=body, headers={"Idempotency-Key": "fan-1"})
+    assert again.status_code == 200 and again.json() == first.json()
+    bad = dict(body, recipients=[*recipients[:5], {"ref": "x", "addresses": {"email": "nope"}}])
+    is_problem(client.post("/internal/notifications", json=bad), 400, "recipients[5].addresses.email")
+    read = client.get(f"/internal/notifications/{first.json()['id']}").json()
+    assert read["recipient_count"] == 300 and len(read["deliveries"]) == 300
+
+    items = [{"idempotency_key": f"b{i}", "notification": intent(channels=["email"], recipient={"ref": f"b{i}", "addresses": {"email": f"b{i}@example.com"}})}
+             for i in range(3)]
+    items[1]["notification"]["template"] = "missing"
+    out = client.post("/internal/notifications/batch", json={"items": items})
+    assert out.status_code == 200
+    assert [(i["outcome"], i["status"]) for i in out.json()["items"]] == [("accepted", 202), ("error", 422), ("accepted", 202)]
+    assert out.json()["items"][1]["error"]["field"] == "template"
+    is_problem(client.post("/internal/notifications/batch", json={"items": []}), 400, "items")
 
 
 def test_read_and_cancel(client):
@@ -180,7 +205,8 @@ def test_health_version_and_openapi(client):
     spec = client.get("/schema/openapi.json").json()
     operations = {op["operationId"] for path in spec["paths"].values() for op in path.values() if isinstance(op, dict) and "operationId" in op}
     assert {"submitNotification", "getNotification", "cancelNotification", "upsertRecipient", "getRecipient", "recordConsent",
-            "listConsents", "upsertTemplate", "listTemplates", "receiveWebhook", "health", "version"} <= operations
+            "listConsents", "upsertTemplate", "listTemplates", "receiveWebhook", "health", "version", "submitNotificationBatch",
+            "setChannelProvider", "verifyWebhook", "unsubscribe"} <= operations
     assert "BearerAuth" in spec["components"]["securitySchemes"]
 
 
