@@ -31,3 +31,9 @@ verify-migrations:
 # Record the checksum of a new migration (never rewrites a recorded one)
 record-migration:
     .venv/bin/python -m dispatcher.schema record
+
+# Benchmark suite (not part of CI): starts its own Postgres, API and worker; writes bench/results/latest.{json,md}
+bench *ARGS:
+    command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+    bash scripts/bootstrap.sh
+    .venv/bin/python -m bench.run {{ARGS}}

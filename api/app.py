@@ -47,6 +47,10 @@ class Tenant:
     key_id: UUID
 
 
+SUBMIT = ("select s.response::text, s.replayed from notify_api.authenticate_api_key_v1(%s) a "
+          "cross join lateral notify_api.submit_notification_v1(a.tenant_id, %s::jsonb, %s) s")
+
+
 def _json(text: str | None, status: int = 200, headers: dict[str, str] | None = None) -> Response[Any]:
     return Response(content=(text or "null").encode(), status_code=status, media_type=JSON, headers=headers)
 
@@ -55,15 +59,23 @@ async def provide_db(state: State) -> Database:
     return state.db  # type: ignore[no-any-return]
 
 
-async def authenticate(request: Request[Any, Any, Any], db: NamedDependency[Database]) -> Tenant:
+def _key_digest(request: Request[Any, Any, Any]) -> bytes:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise ProblemException(401, "unauthorized", "send an API key as Authorization: Bearer <key>",
                                headers={"WWW-Authenticate": "Bearer"})
-    row = await db.one("select tenant_id, api_key_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key.strip()),))
+    return keys.digest(key.strip())
+
+
+def _unauthorized() -> ProblemException:
+    return ProblemException(401, "unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def authenticate(request: Request[Any, Any, Any], db: NamedDependency[Database]) -> Tenant:
+    row = await db.one("select tenant_id, api_key_id from notify_api.authenticate_api_key_v1(%s)", (_key_digest(request),))
     if row is None:
-        raise ProblemException(401, "unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        raise _unauthorized()
     return Tenant(id=row[0], key_id=row[1])
 
 
@@ -81,13 +93,14 @@ class Notifications(Controller):
                       "deliveries say why. A repeated Idempotency-Key with the same body replays the original response with "
                       "200 and Idempotent-Replayed: true; with another body, 422.")
     async def submit(
-        self, request: Request[Any, Any, Any], data: JSONBody[NotificationIn], tenant: NamedDependency[Tenant], db: NamedDependency[Database],
+        self, request: Request[Any, Any, Any], data: JSONBody[NotificationIn], db: NamedDependency[Database],
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", required=False, max_length=255)] = None,
     ) -> Response[NotificationAccepted]:
-        row = await db.one(
-            "select response::text, replayed from notify_api.submit_notification_v1(%s, %s::jsonb, %s)",
-            (tenant.id, await _body_text(request), idempotency_key))
-        assert row is not None
+        # The hot path: authentication and submission in one statement, one round trip (a revoked key still
+        # gets 401 at once: no row from the authentication means no submission).
+        row = await db.one(SUBMIT, (_key_digest(request), await _body_text(request), idempotency_key))
+        if row is None:
+            raise _unauthorized()
         if row[1]:
             return _json(row[0], 200, {"Idempotent-Replayed": "true"})
         return _json(row[0], 202)
@@ -287,6 +300,13 @@ async def version() -> Version:
     return Version(version=__version__, schema=schema.latest_migration())
 
 
+@post("/bench/baseline", status_code=202, include_in_schema=False)
+async def bench_baseline(request: Request[Any, Any, Any], db: NamedDependency[Database]) -> Response[Any]:
+    """The benchmark's baseline: one INSERT of the same payload (only with DISPATCHER_BENCH_BASELINE=1)."""
+    row = await db.one("insert into bench_baseline (payload) values (%s::jsonb) returning id", (await _body_text(request),))
+    return _json(f'{{"id": {row[0] if row else 0}}}', 202)
+
+
 def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
     db = Database(settings.database_url, min_size=settings.pool_min, max_size=settings.pool_max)
 
@@ -306,7 +326,7 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
     )
     public = Router(path="/public", route_handlers=[receive_webhook, verify_webhook, unsubscribe_page, unsubscribe])
     return Litestar(
-        route_handlers=[internal, public, health, version],
+        route_handlers=[internal, public, health, version, *([bench_baseline] if settings.bench_baseline else [])],
         dependencies={"db": Provide(provide_db)},
         state=State({"db": db, "webhook_adapters": webhook_adapters(settings), "settings": settings}),
         lifespan=[lifespan],

@@ -42,6 +42,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     batch_size: int = 100
     max_in_flight: int = 100
     lease_seconds: int = 60
+    dispatch_linger_ms: float = 250.0
     worker_concurrency: int = 2
     # mock provider
     mock_webhook_secret: str | None = None
@@ -50,6 +51,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     mock_failure_rate: float = 0.0
     mock_status_delay_ms: float = 200.0
     mock_outcomes: dict[str, str] = {}
+    mock_record: bool = True
+    bench_baseline: bool = False
     webhook_tolerance_seconds: int = 300
     # real providers: deployment-wide webhook secrets (a Meta app, an ESP account serve every tenant)
     whatsapp_app_secrets: list[str] = []
@@ -76,6 +79,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             batch_size=_int("DISPATCHER_BATCH_SIZE", 100),
             max_in_flight=_int("DISPATCHER_MAX_IN_FLIGHT", 100),
             lease_seconds=_int("DISPATCHER_LEASE_SECONDS", 60),
+            dispatch_linger_ms=_float("DISPATCHER_DISPATCH_LINGER_MS", 250.0),
             worker_concurrency=_int("DISPATCHER_WORKER_CONCURRENCY", 2),
             mock_webhook_secret=secret("DISPATCHER_MOCK_WEBHOOK_SECRET"),
             mock_webhook_url=os.environ.get("DISPATCHER_MOCK_WEBHOOK_URL")
@@ -84,6 +88,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             mock_failure_rate=_float("DISPATCHER_MOCK_FAILURE_RATE", 0.0),
             mock_status_delay_ms=_float("DISPATCHER_MOCK_STATUS_DELAY_MS", 200.0),
             mock_outcomes=msgspec.json.decode(os.environ.get("DISPATCHER_MOCK_OUTCOMES") or "{}", type=dict[str, str]),
+            mock_record=os.environ.get("DISPATCHER_MOCK_RECORD", "1") not in ("0", "false", "no"),
+            bench_baseline=os.environ.get("DISPATCHER_BENCH_BASELINE", "") in ("1", "true", "yes"),
             webhook_tolerance_seconds=_int("DISPATCHER_WEBHOOK_TOLERANCE_SECONDS", 300),
             whatsapp_app_secrets=(secret("DISPATCHER_WHATSAPP_APP_SECRET") or "").split(),
             whatsapp_verify_token=secret("DISPATCHER_WHATSAPP_VERIFY_TOKEN"),

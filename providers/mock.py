@@ -67,6 +67,7 @@ class MockProvider:
         failure_rate: float = 0.0,
         status_delay_ms: float = 200.0,
         outcomes: dict[str, str] | None = None,
+        record_messages: bool = True,
     ) -> None:
         self._record = record
         self._url = webhook_url
@@ -75,6 +76,7 @@ class MockProvider:
         self._failure_rate = failure_rate
         self._delay = status_delay_ms / 1000.0
         self._outcomes = outcomes or {}
+        self._record_messages = record_messages
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: httpx.AsyncClient | None = None
 
@@ -103,7 +105,7 @@ class MockProvider:
     async def send_many(self, messages: list[Message]) -> list[SendResult]:
         done = await asyncio.gather(*(self._one(m) for m in messages))
         rows = [row for _, row in done if row is not None]
-        if rows:
+        if rows and self._record_messages:
             await self._record(rows)
         for message, (result, _) in zip(messages, done, strict=True):
             if result.outcome == "sent" and result.provider_message_id:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import msgspec
 import procrastinate
 
 
@@ -20,8 +21,10 @@ class _LazyConninfoConnector(procrastinate.PsycopgConnector):
         return await super().open_async(pool, **kwargs)
 
 
-def make_connector(conninfo: str = "", *, max_size: int = 10) -> procrastinate.PsycopgConnector:
-    kwargs = {"min_size": 1, "max_size": max_size, "kwargs": {"application_name": "dispatcher-worker"}}
+def make_connector(conninfo: str = "", *, max_size: int = int(os.environ.get("DISPATCHER_WORKER_POOL_MAX", "20"))) -> procrastinate.PsycopgConnector:
+    # msgspec for the jsonb the worker exchanges with Postgres (a batch is hundreds of objects each way).
+    kwargs = {"min_size": 1, "max_size": max_size, "kwargs": {"application_name": "dispatcher-worker"},
+              "json_dumps": msgspec.json.encode, "json_loads": msgspec.json.decode}
     if conninfo:
         return procrastinate.PsycopgConnector(conninfo=conninfo, **kwargs)
     return _LazyConninfoConnector(**kwargs)
@@ -34,8 +37,9 @@ app = procrastinate.App(
         "queues": ["dispatch", "maintenance"],
         # Wake-up jobs carry no information once done: keep procrastinate's tables small.
         "delete_jobs": "successful",
-        # LISTEN/NOTIFY wakes us for immediate work; scheduled wake-ups (send_at, retries) are polled this often.
-        "fetch_job_polling_interval": 1.0,
+        # LISTEN/NOTIFY wakes us for immediate work; scheduled wake-ups (send_at, retries), and a NOTIFY that
+        # arrived while every slot was busy, are found by polling this often (a cheap indexed query).
+        "fetch_job_polling_interval": 0.2,
         "concurrency": int(os.environ.get("DISPATCHER_WORKER_CONCURRENCY", "2")),
         "shutdown_graceful_timeout": 30.0,
     },

@@ -93,24 +93,62 @@ class Dispatcher:
                 for m, r in zip(messages, sent, strict=True)]
 
     async def drain(self, channel: str) -> dict[str, int]:
-        """Claims, sends and records batches until a batch comes back short."""
+        """Keeps up to max_in_flight provider calls going: claims a batch whenever that many slots are free,
+        sends it, frees its slots as soon as the provider answers, then records the outcomes. Claims and records
+        overlap other batches' provider calls, so a slow provider is bounded by in-flight / latency, not by our
+        round trips. Ends when nothing has been due for dispatch_linger_ms (a steady trickle of submissions
+        stays in one job instead of one procrastinate job per delivery)."""
+        limit = max(1, self.settings.max_in_flight)
+        batch = max(1, min(self.settings.batch_size, limit))
+        linger = self.settings.dispatch_linger_ms / 1000.0
+        free = limit
+        slots = asyncio.Condition()
+        running: set[asyncio.Task[None]] = set()
         counts: dict[str, int] = {}
-        batch = min(self.settings.batch_size, self.settings.max_in_flight)
-        while True:
+        idle_since: float | None = None
+
+        async def run(rows: list[dict[str, Any]]) -> None:
+            nonlocal free
             started = time.perf_counter()
-            rows = await self.connector.execute_query_all_async(
-                CLAIM, channel=channel, limit=batch, lease=self.settings.lease_seconds)
-            if not rows:
-                break
-            results = await self.send_batch(channel, rows)
+            try:
+                results = await self.send_batch(channel, rows)
+            finally:
+                async with slots:
+                    free += len(rows)
+                    slots.notify_all()
             await self.connector.execute_query_all_async(RECORD, results=Jsonb(results))
+            outcomes: dict[str, int] = {}
             for r in results:
+                outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
                 counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
-            log.info("batch dispatched", extra={"channel": channel, "claimed": len(rows),
-                                                "outcomes": {k: sum(1 for r in results if r["outcome"] == k) for k in {r["outcome"] for r in results}},
+            log.info("batch dispatched", extra={"channel": channel, "claimed": len(rows), "outcomes": outcomes,
                                                 "ms": round((time.perf_counter() - started) * 1000, 1)})
-            if len(rows) < batch:
+
+        def done(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                # The claimed rows keep their lease; maintenance applies the crash policy when it expires.
+                log.error("dispatch batch failed", exc_info=task.exception(), extra={"channel": channel})
+
+        while True:
+            async with slots:
+                await slots.wait_for(lambda: free >= batch)
+                want = batch
+            rows = await self.connector.execute_query_all_async(CLAIM, channel=channel, limit=want, lease=self.settings.lease_seconds)
+            if rows:
+                idle_since = None
+                async with slots:
+                    free -= len(rows)
+                task = asyncio.get_running_loop().create_task(run(rows))
+                running.add(task)
+                task.add_done_callback(done)
+                if len(rows) == want:
+                    continue
+            now = time.perf_counter()
+            idle_since = idle_since or now
+            if now - idle_since >= linger and not running:
                 break
+            await asyncio.sleep(0.01)
         return counts
 
     async def aclose(self) -> None:
