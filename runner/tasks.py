@@ -132,8 +132,9 @@ class Dispatcher:
 
         while True:
             async with slots:
-                await slots.wait_for(lambda: free >= batch)
-                want = batch
+                # A quarter of a batch free is enough to claim again: the in-flight count stays near the limit.
+                await slots.wait_for(lambda: free >= max(1, batch // 4))
+                want = min(batch, free)
             rows = await self.connector.execute_query_all_async(CLAIM, channel=channel, limit=want, lease=self.settings.lease_seconds)
             if rows:
                 idle_since = None
