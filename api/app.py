@@ -16,7 +16,7 @@ import msgspec
 from litestar import Controller, Litestar, Request, Response, Router, get, post, put
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from psycopg.types.json import Jsonb
@@ -26,7 +26,7 @@ from api.db import Database
 from api.problems import ProblemException
 from api.schemas import (
     BatchIn, BatchOut, CancelResult, ConsentEntry, ConsentIn, ConsentsOut, Health, MockMessage, NotificationAccepted, NotificationIn,
-    NotificationOut, PolicyOut, PolicyPut, ProviderOut, ProviderPut, RecipientOut, RecipientPut, TemplateOut, TemplatePut, Version, WebhookAck,
+    NotificationOut, PolicyOut, Problem, PolicyPut, ProviderOut, ProviderPut, RecipientOut, RecipientPut, TemplateOut, TemplatePut, Version, WebhookAck,
 )
 from dispatcher import __version__, keys, schema
 from dispatcher.settings import Settings
@@ -37,6 +37,14 @@ from providers.whatsapp import verify_handshake
 
 log = logging.getLogger("api")
 JSON = "application/json"
+# Every route may answer with a problem (RFC 9457); documented so clients and schema checkers expect it.
+ERRORS = {status: ResponseSpec(data_container=Problem, media_type="application/problem+json", generate_examples=False,
+                                description=description)
+          for status, description in {400: "Bad request: the body or a parameter is malformed; `field` names it",
+                                      401: "Missing, unknown or revoked API key, or an unverified webhook",
+                                      403: "Forbidden", 404: "No such object for this tenant, or no such route",
+                                      409: "Conflict", 413: "Body too large", 422: "Well-formed but refused; `field` names why",
+                                      503: "The database is unavailable; retry after Retry-After seconds"}.items()}
 BULK_BODY_BYTES = 16 * 1024 * 1024  # a 10,000-recipient fan-out or a 1,000-intent batch
 _encode = msgspec.json.Encoder().encode
 
@@ -87,7 +95,7 @@ class Notifications(Controller):
     path = "/notifications"
     tags = ["notifications"]
 
-    @post("/", operation_id="submitNotification", status_code=202, request_max_body_size=BULK_BODY_BYTES,
+    @post("/", responses=ERRORS, operation_id="submitNotification", status_code=202, request_max_body_size=BULK_BODY_BYTES,
           summary="Submit a notification intent",
           description="One delivery per channel (per recipient and channel for a fan-out with `recipients`); suppressed "
                       "deliveries say why. A repeated Idempotency-Key with the same body replays the original response with "
@@ -105,7 +113,7 @@ class Notifications(Controller):
             return _json(row[0], 200, {"Idempotent-Replayed": "true"})
         return _json(row[0], 202)
 
-    @post("/batch", operation_id="submitNotificationBatch", status_code=200, request_max_body_size=BULK_BODY_BYTES,
+    @post("/batch", responses=ERRORS, operation_id="submitNotificationBatch", status_code=200, request_max_body_size=BULK_BODY_BYTES,
           summary="Submit up to 1,000 independent intents",
           description="Each item has its own idempotency key and succeeds or fails alone; the answer reports each item's "
                       "outcome (accepted, replayed, or its error) in order.")
@@ -115,12 +123,12 @@ class Notifications(Controller):
                            (tenant.id, await _body_text(request)))
         return _json(row[0] if row else None)
 
-    @get("/{notification_id:uuid}", operation_id="getNotification", summary="Read a notification and its deliveries")
+    @get("/{notification_id:uuid}", responses=ERRORS, operation_id="getNotification", summary="Read a notification and its deliveries")
     async def read(self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[NotificationOut]:
         row = await db.one("select notify_api.get_notification_v1(%s, %s)::text", (tenant.id, notification_id))
         return _json(row[0] if row else None)
 
-    @post("/{notification_id:uuid}/cancel", operation_id="cancelNotification", status_code=200,
+    @post("/{notification_id:uuid}/cancel", responses=ERRORS, operation_id="cancelNotification", status_code=200,
           summary="Cancel what has not been claimed yet", description="Says per delivery whether it was cancelled and, if not, why.")
     async def cancel(self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[CancelResult]:
         row = await db.one("select notify_api.cancel_notification_v1(%s, %s)::text", (tenant.id, notification_id))
@@ -131,24 +139,24 @@ class Recipients(Controller):
     path = "/recipients"
     tags = ["recipients"]
 
-    @put("/{ref:str}", operation_id="upsertRecipient", summary="Create or update a recipient and its addresses",
+    @put("/{ref:str}", responses=ERRORS, operation_id="upsertRecipient", summary="Create or update a recipient and its addresses",
          description="An address set to null is removed.")
     async def upsert(self, request: Request[Any, Any, Any], ref: FromPath[str], data: JSONBody[RecipientPut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[RecipientOut]:
         row = await db.one("select notify_api.upsert_recipient_v1(%s, %s, %s::jsonb)::text", (tenant.id, ref, await _body_text(request)))
         return _json(row[0] if row else None)
 
-    @get("/{ref:str}", operation_id="getRecipient", summary="Read a recipient")
+    @get("/{ref:str}", responses=ERRORS, operation_id="getRecipient", summary="Read a recipient")
     async def read(self, ref: FromPath[str], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[RecipientOut]:
         row = await db.one("select notify_api.get_recipient_v1(%s, %s)::text", (tenant.id, ref))
         return _json(row[0] if row else None)
 
-    @post("/{ref:str}/consents", operation_id="recordConsent", status_code=201, summary="Append a consent entry")
+    @post("/{ref:str}/consents", responses=ERRORS, operation_id="recordConsent", status_code=201, summary="Append a consent entry")
     async def record_consent(self, request: Request[Any, Any, Any], ref: FromPath[str], data: JSONBody[ConsentIn], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[ConsentEntry]:
         row = await db.one("select notify_api.record_consent_v1(%s, %s, %s::jsonb, %s)::text",
                            (tenant.id, ref, await _body_text(request), f"api_key:{tenant.key_id}"))
         return _json(row[0] if row else None, 201)
 
-    @get("/{ref:str}/consents", operation_id="listConsents", summary="Consent in force per channel, and the ledger")
+    @get("/{ref:str}/consents", responses=ERRORS, operation_id="listConsents", summary="Consent in force per channel, and the ledger")
     async def list_consents(self, ref: FromPath[str], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[ConsentsOut]:
         row = await db.one("select notify_api.list_consents_v1(%s, %s)::text", (tenant.id, ref))
         return _json(row[0] if row else None)
@@ -158,13 +166,13 @@ class Templates(Controller):
     path = "/templates"
     tags = ["templates"]
 
-    @put("/{key:str}", operation_id="upsertTemplate", summary="Set a template's content for one locale",
+    @put("/{key:str}", responses=ERRORS, operation_id="upsertTemplate", summary="Set a template's content for one locale",
          description="Placeholders are {{name}}; the variables a template needs are derived and checked at submit time.")
     async def upsert(self, request: Request[Any, Any, Any], key: FromPath[str], data: JSONBody[TemplatePut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[TemplateOut]]:
         row = await db.one("select notify_api.upsert_template_v1(%s, %s, %s::jsonb)::text", (tenant.id, key, await _body_text(request)))
         return _json(row[0] if row else None)
 
-    @get("/", operation_id="listTemplates", summary="List templates")
+    @get("/", responses=ERRORS, operation_id="listTemplates", summary="List templates")
     async def list(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database],
                    key: Annotated[str | None, QueryParameter(name="key", required=False)] = None) -> Response[list[TemplateOut]]:
         row = await db.one("select notify_api.list_templates_v1(%s, %s)::text", (tenant.id, key))
@@ -175,17 +183,17 @@ class Channels(Controller):
     path = "/channels"
     tags = ["consent"]
 
-    @get("/policies", operation_id="listChannelPolicies", summary="Consent policy per channel")
+    @get("/policies", responses=ERRORS, operation_id="listChannelPolicies", summary="Consent policy per channel")
     async def policies(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[PolicyOut]]:
         row = await db.one("select notify_api.list_channel_policies_v1(%s)::text", (tenant.id,))
         return _json(row[0] if row else None)
 
-    @get("/providers", operation_id="listChannelProviders", summary="The provider of each channel (secrets masked)")
+    @get("/providers", responses=ERRORS, operation_id="listChannelProviders", summary="The provider of each channel (secrets masked)")
     async def providers(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[ProviderOut]]:
         row = await db.one("select notify_api.list_channel_providers_v1(%s)::text", (tenant.id,))
         return _json(row[0] if row else None)
 
-    @put("/{channel:str}/provider", operation_id="setChannelProvider", summary="Configure the provider of a channel",
+    @put("/{channel:str}/provider", responses=ERRORS, operation_id="setChannelProvider", summary="Configure the provider of a channel",
          description="Secrets are references (env:NAME or file:/path), resolved by the worker; never values.")
     async def set_provider(self, request: Request[Any, Any, Any], channel: FromPath[str], data: JSONBody[ProviderPut],
                            tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[ProviderOut]:
@@ -195,7 +203,7 @@ class Channels(Controller):
                            (tenant.id, channel, await _body_text(request)))
         return _json(row[0] if row else None)
 
-    @put("/{channel:str}/policy", operation_id="setChannelPolicy", summary="Make a channel opt_in or opt_out")
+    @put("/{channel:str}/policy", responses=ERRORS, operation_id="setChannelPolicy", summary="Make a channel opt_in or opt_out")
     async def set_policy(self, channel: FromPath[str], data: JSONBody[PolicyPut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[PolicyOut]:
         if channel not in ("whatsapp", "email", "sms"):
             raise ProblemException(404, "not_found", f"no channel {channel}", "channel")
@@ -208,7 +216,7 @@ class Mock(Controller):
     path = "/mock"
     tags = ["mock provider"]
 
-    @get("/messages", operation_id="listMockMessages", summary="What the mock provider would have sent")
+    @get("/messages", responses=ERRORS, operation_id="listMockMessages", summary="What the mock provider would have sent")
     async def messages(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database],
                        delivery_id: Annotated[UUID | None, QueryParameter(name="delivery_id", required=False)] = None,
                        limit: Annotated[int, QueryParameter(name="limit", ge=1, le=1000)] = 100) -> Response[list[MockMessage]]:
@@ -223,7 +231,7 @@ INGEST = (
 )
 
 
-@post("/webhooks/{provider:str}", operation_id="receiveWebhook", status_code=200, tags=["webhooks"],
+@post("/webhooks/{provider:str}", responses=ERRORS, operation_id="receiveWebhook", status_code=200, tags=["webhooks"],
       summary="Provider status reports", security=[],
       description="Verified over the raw body before anything is parsed; stored once per provider event; applied by rank.")
 async def receive_webhook(request: Request[Any, Any, Any], provider: FromPath[str], db: NamedDependency[Database], state: State) -> Response[WebhookAck]:
@@ -246,7 +254,7 @@ async def receive_webhook(request: Request[Any, Any, Any], provider: FromPath[st
     return _json(_encode(WebhookAck(stored=bool(result.get("stored")), duplicate=bool(result.get("duplicate")))).decode())
 
 
-@get("/webhooks/{provider:str}", operation_id="verifyWebhook", tags=["webhooks"], security=[], media_type="text/plain",
+@get("/webhooks/{provider:str}", responses=ERRORS, operation_id="verifyWebhook", tags=["webhooks"], security=[], media_type="text/plain",
      summary="WhatsApp webhook verification handshake",
      description="Meta's GET with hub.mode=subscribe, hub.verify_token and hub.challenge: the challenge is echoed if the "
                  "token matches DISPATCHER_WHATSAPP_VERIFY_TOKEN, else 403.")
@@ -272,14 +280,14 @@ def _unsubscribe_target(state: State, token: str) -> tuple[UUID, UUID]:
     return target
 
 
-@get("/unsubscribe/{token:str}", operation_id="unsubscribePage", tags=["unsubscribe"], security=[], media_type="text/html",
+@get("/unsubscribe/{token:str}", responses=ERRORS, operation_id="unsubscribePage", tags=["unsubscribe"], security=[], media_type="text/html",
      summary="The page behind a List-Unsubscribe link", description="Changes nothing (link scanners fetch it); its button POSTs.")
 async def unsubscribe_page(token: FromPath[str], state: State) -> Response[str]:
     _unsubscribe_target(state, token)
     return Response(content=_UNSUBSCRIBE_PAGE, media_type="text/html")
 
 
-@post("/unsubscribe/{token:str}", operation_id="unsubscribe", tags=["unsubscribe"], security=[], status_code=200,
+@post("/unsubscribe/{token:str}", responses=ERRORS, operation_id="unsubscribe", tags=["unsubscribe"], security=[], status_code=200,
       summary="RFC 8058 one-click unsubscribe", description="Records an e-mail opt-out for the message's category.")
 async def unsubscribe(token: FromPath[str], state: State, db: NamedDependency[Database]) -> Response[str]:
     tenant_id, delivery_id = _unsubscribe_target(state, token)
@@ -287,7 +295,7 @@ async def unsubscribe(token: FromPath[str], state: State, db: NamedDependency[Da
     return Response(content="You are unsubscribed.", media_type="text/plain")
 
 
-@get("/health", operation_id="health", tags=["diagnostics"], security=[], summary="Liveness and database check")
+@get("/health", responses=ERRORS, operation_id="health", tags=["diagnostics"], security=[], summary="Liveness and database check")
 async def health(db: NamedDependency[Database]) -> Response[Health]:
     ok = await db.ping()
     body = Health(status="ok" if ok else "unavailable", database="ok" if ok else "unavailable")
@@ -295,12 +303,12 @@ async def health(db: NamedDependency[Database]) -> Response[Health]:
                     headers=None if ok else {"Retry-After": "2"})
 
 
-@get("/version", operation_id="version", tags=["diagnostics"], security=[], summary="Service and schema version")
+@get("/version", responses=ERRORS, operation_id="version", tags=["diagnostics"], security=[], summary="Service and schema version")
 async def version() -> Version:
     return Version(version=__version__, schema=schema.latest_migration())
 
 
-@post("/bench/baseline", status_code=202, include_in_schema=False)
+@post("/bench/baseline", responses=ERRORS, status_code=202, include_in_schema=False)
 async def bench_baseline(request: Request[Any, Any, Any], db: NamedDependency[Database]) -> Response[Any]:
     """The benchmark's baseline: one INSERT of the same payload (only with DISPATCHER_BENCH_BASELINE=1)."""
     row = await db.one("insert into bench_baseline (payload) values (%s::jsonb) returning id", (await _body_text(request),))

@@ -55,6 +55,8 @@ def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Re
     message = str(extra.get("message") or exc.detail)
     key = extra.get("key") if isinstance(extra.get("key"), str) else ""
     key = "" if key == "data" else key.removeprefix("data.")  # the body itself is "data"
+    if not extra and message in ("'data'", "data"):
+        return problem(request, 400, "invalid_request", "the request body is missing or is not a JSON object", None)
     named = _UNKNOWN.search(message) or _MISSING.search(message)
     field = ".".join(p for p in (key, named.group("name") if named else "") if p) or None
     if field and extra.get("source") == "header":
