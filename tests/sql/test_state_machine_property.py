@@ -1,0 +1,102 @@
+"""A Hypothesis stateful test of the delivery state machine: random sequences of submits, claims, provider
+outcomes (some from stale attempts), webhooks (shuffled, duplicated, for any status), cancels, consent
+revokes and maintenance never reach an illegal state, never regress a provider-driven status, and keep a
+complete, gapless history."""
+
+from __future__ import annotations
+
+import itertools
+
+import psycopg
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from psycopg.types.json import Jsonb
+
+from tests.conftest import call, intent, submit
+from tests.sql.test_claim_and_record import claim, record, result
+
+STATUSES = ["sent", "delivered", "read", "failed", "bounced", "suppressed"]
+OUTCOMES = ["sent", "retry", "failed", "unknown", "suppressed", "bounced"]
+INGEST = ("select notify_api.ingest_webhook_v1('mock', %s, '{}', "
+          "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r))")
+
+
+def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None:
+    counter = itertools.count()
+    call(db, "notify_api.set_retry_policy_v1(%s, 3, 1, 1)", ready)
+
+    class Deliveries(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            # Every example starts from the same state, so what it draws depends only on its own steps.
+            db.execute("truncate notify.notification_deliveries, notify.delivery_events, notify.delivery_attempts, "
+                       "notify.webhook_events, notify.recipient_consents, notify.notification_requests")
+            self.claimed: list[tuple] = []        # every claim ever made (stale ones included)
+            self.requests: list[str] = []
+
+        @rule(channels=st.sampled_from([["email"], ["whatsapp"], ["whatsapp", "email"]]), scheduled=st.booleans())
+        def submit(self, channels: list[str], scheduled: bool) -> None:
+            extra = {"send_at": "2099-01-01T00:00:00Z"} if scheduled else {}
+            response, _ = submit(db, ready, intent(channels=channels, **extra))
+            self.requests.append(response["id"])
+
+        @rule(channel=st.sampled_from(["email", "whatsapp"]), due=st.booleans())
+        def claim(self, channel: str, due: bool) -> None:
+            if due:
+                db.execute("update notify.notification_deliveries set due_at = now() where status in ('queued', 'scheduled')")
+            self.claimed.extend(claim(db, channel, limit=3))
+
+        @rule(data=st.data(), outcome=st.sampled_from(OUTCOMES))
+        def record(self, data: st.DataObject, outcome: str) -> None:
+            if self.claimed:
+                row = data.draw(st.sampled_from(self.claimed))   # may be a stale attempt: must be fenced
+                record(db, result(row, outcome, provider_message_id=f"pm-{row[1]}-{row[2]}"))
+
+        @rule(data=st.data(), status=st.sampled_from(STATUSES), duplicate=st.booleans())
+        def webhook(self, data: st.DataObject, status: str, duplicate: bool) -> None:
+            if self.claimed:
+                row = data.draw(st.sampled_from(self.claimed))
+                key = f"k{next(counter)}"
+                event = [{"status": status, "tenant_id": str(row[0]), "delivery_id": str(row[1])}]
+                for _ in range(2 if duplicate else 1):
+                    db.execute(INGEST, (key, Jsonb(event)))
+
+        @rule(data=st.data())
+        def cancel(self, data: st.DataObject) -> None:
+            if self.requests:
+                call(db, "notify_api.cancel_notification_v1(%s, %s)", ready, data.draw(st.sampled_from(self.requests)))
+
+        @rule(channel=st.sampled_from(["email", "whatsapp"]), status=st.sampled_from(["granted", "revoked"]))
+        def consent(self, channel: str, status: str) -> None:
+            call(db, "notify_api.record_consent_v1(%s, 'runner-42', %s)", ready, Jsonb({"channel": channel, "status": status, "source": "t"}))
+
+        @rule()
+        def maintenance(self) -> None:
+            db.execute("update notify.notification_deliveries set lease_expires_at = now() - interval '1 second' where status = 'sending'")
+            call(db, "notify_api.run_maintenance_v1()")
+
+        @invariant()
+        def history_is_a_legal_gapless_chain(self) -> None:
+            broken = db.execute("""
+                with h as (
+                    select e.delivery_id, e.seq, e.from_status, e.to_status, e.source, d.channel,
+                           lag(e.to_status) over (partition by e.delivery_id order by e.seq) as previous,
+                           lag(e.seq) over (partition by e.delivery_id order by e.seq) as previous_seq
+                      from notify.delivery_events e join notify.notification_deliveries d on d.id = e.delivery_id)
+                select delivery_id, seq, from_status, to_status, source from h
+                 where (seq > 1 and (previous is distinct from from_status or previous_seq <> seq - 1))
+                    or (from_status is not null and not notify._transition_allowed(channel, from_status, to_status))
+                    or (source = 'webhook' and notify._rank(channel, to_status) <= notify._rank(channel, from_status))
+                 limit 1""").fetchall()
+            assert broken == []
+            current = db.execute("""
+                select count(*) from notify.notification_deliveries d
+                 where d.seq <> (select max(e.seq) from notify.delivery_events e where e.delivery_id = d.id)
+                    or d.status <> (select e.to_status from notify.delivery_events e where e.delivery_id = d.id order by e.seq desc limit 1)
+            """).fetchone()[0]
+            assert current == 0
+
+    run_state_machine_as_test(Deliveries, settings=settings(max_examples=150, stateful_step_count=30, deadline=None,
+                                                             suppress_health_check=list(HealthCheck)))
+
