@@ -69,6 +69,11 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         return problem(request, exc.status_code, exc.type_, exc.detail, exc.field, exc.headers)
     if isinstance(exc, ValidationException):
         return _validation(request, exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return problem(request, 400, "invalid_encoding", "the body is not valid UTF-8", None)
+    if isinstance(exc, (msgspec.DecodeError, RecursionError)):
+        detail = "JSON nested too deeply" if isinstance(exc, RecursionError) or "nest" in str(exc).lower() else f"malformed JSON: {exc}"
+        return problem(request, 400, "invalid_json", detail[:300], None)
     if isinstance(exc, psycopg.Error) and exc.sqlstate and exc.sqlstate.startswith("ND"):
         diag = exc.diag
         return problem(request, int(exc.sqlstate[2:]), diag.constraint_name or "error", diag.message_primary, diag.column_name)

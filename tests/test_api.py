@@ -222,3 +222,17 @@ def test_a_database_outage_is_503_with_retry_after(tmp_path):
         assert response.headers["retry-after"] == "2" and "Traceback" not in json.dumps(body)
 
 
+
+
+@pytest.mark.parametrize(("body", "type_"), [
+    (b"[" * 10_000 + b"]" * 10_000, "invalid_json"),
+    (b'{"channels":["email"],"template":"t","recipient":{"ref":"r"},"variables":{"a":' + b"[" * 10_000 + b"]" * 10_000 + b"}}", "invalid_json"),
+    (b'{"channels":["email"],"template":"\xff\xfe","recipient":{"ref":"r"}}', "invalid_encoding"),
+    (b'{"channels":["email"],"template":"' + b"x" * 2_000_000 + b'","recipient":{"ref":"r"}}', "invalid_request"),
+    (b'{"channels":["email"],"template":"event_reminder","recipient":{"ref":"r","addresses":{"email":"' + b"a" * 300 + b'@example.com"}}}',
+     "invalid_request"),
+])
+def test_hostile_bodies_are_clear_400s(client, db, body, type_):
+    response = client.post("/internal/notifications", content=body, headers={"content-type": "application/json"})
+    assert is_problem(response, 400)["type"].endswith(type_)
+    assert db.execute("select count(*) from notify.notification_requests").fetchone()[0] == 0
