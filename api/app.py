@@ -55,7 +55,7 @@ class Tenant:
     key_id: UUID
 
 
-SUBMIT = ("select s.response::text, s.replayed from notify_api.authenticate_api_key_v1(%s) a "
+SUBMIT = ("select s.response::text, s.replayed from notify_api.authorize_v1(%s, 'submit') a "
           "cross join lateral notify_api.submit_notification_v1(a.tenant_id, %s::jsonb, %s) s")
 
 
@@ -81,7 +81,10 @@ def _unauthorized() -> ProblemException:
 
 
 async def authenticate(request: Request[Any, Any, Any], db: NamedDependency[Database]) -> Tenant:
-    row = await db.one("select tenant_id, api_key_id from notify_api.authenticate_api_key_v1(%s)", (_key_digest(request),))
+    """The key's tenant, if the key may use this route: its scope is the handler's opt["scope"] (403 without it),
+    and the key's rate limit applies (429). Both are checked in Postgres, in the same call."""
+    scope = request.route_handler.opt.get("scope", "admin")
+    row = await db.one("select tenant_id, api_key_id from notify_api.authorize_v1(%s, %s)", (_key_digest(request), scope))
     if row is None:
         raise _unauthorized()
     return Tenant(id=row[0], key_id=row[1])
@@ -95,7 +98,7 @@ class Notifications(Controller):
     path = "/notifications"
     tags = ["notifications"]
 
-    @post("/", responses=ERRORS, operation_id="submitNotification", status_code=202, request_max_body_size=BULK_BODY_BYTES,
+    @post("/", responses=ERRORS, operation_id="submitNotification", opt={"scope": "submit"}, status_code=202, request_max_body_size=BULK_BODY_BYTES,
           summary="Submit a notification intent",
           description="One delivery per channel (per recipient and channel for a fan-out with `recipients`); suppressed "
                       "deliveries say why. A repeated Idempotency-Key with the same body replays the original response with "
@@ -113,7 +116,7 @@ class Notifications(Controller):
             return _json(row[0], 200, {"Idempotent-Replayed": "true"})
         return _json(row[0], 202)
 
-    @post("/batch", responses=ERRORS, operation_id="submitNotificationBatch", status_code=200, request_max_body_size=BULK_BODY_BYTES,
+    @post("/batch", responses=ERRORS, operation_id="submitNotificationBatch", opt={"scope": "submit"}, status_code=200, request_max_body_size=BULK_BODY_BYTES,
           summary="Submit up to 1,000 independent intents",
           description="Each item has its own idempotency key and succeeds or fails alone; the answer reports each item's "
                       "outcome (accepted, replayed, or its error) in order.")
@@ -123,12 +126,12 @@ class Notifications(Controller):
                            (tenant.id, await _body_text(request)))
         return _json(row[0] if row else None)
 
-    @get("/{notification_id:uuid}", responses=ERRORS, operation_id="getNotification", summary="Read a notification and its deliveries")
+    @get("/{notification_id:uuid}", responses=ERRORS, operation_id="getNotification", opt={"scope": "read"}, summary="Read a notification and its deliveries")
     async def read(self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[NotificationOut]:
         row = await db.one("select notify_api.get_notification_v1(%s, %s)::text", (tenant.id, notification_id))
         return _json(row[0] if row else None)
 
-    @post("/{notification_id:uuid}/cancel", responses=ERRORS, operation_id="cancelNotification", status_code=200,
+    @post("/{notification_id:uuid}/cancel", responses=ERRORS, operation_id="cancelNotification", opt={"scope": "submit"}, status_code=200,
           summary="Cancel what has not been claimed yet", description="Says per delivery whether it was cancelled and, if not, why.")
     async def cancel(self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[CancelResult]:
         row = await db.one("select notify_api.cancel_notification_v1(%s, %s)::text", (tenant.id, notification_id))
@@ -139,24 +142,24 @@ class Recipients(Controller):
     path = "/recipients"
     tags = ["recipients"]
 
-    @put("/{ref:str}", responses=ERRORS, operation_id="upsertRecipient", summary="Create or update a recipient and its addresses",
+    @put("/{ref:str}", responses=ERRORS, operation_id="upsertRecipient", opt={"scope": "submit"}, summary="Create or update a recipient and its addresses",
          description="An address set to null is removed.")
     async def upsert(self, request: Request[Any, Any, Any], ref: FromPath[str], data: JSONBody[RecipientPut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[RecipientOut]:
         row = await db.one("select notify_api.upsert_recipient_v1(%s, %s, %s::jsonb)::text", (tenant.id, ref, await _body_text(request)))
         return _json(row[0] if row else None)
 
-    @get("/{ref:str}", responses=ERRORS, operation_id="getRecipient", summary="Read a recipient")
+    @get("/{ref:str}", responses=ERRORS, operation_id="getRecipient", opt={"scope": "read"}, summary="Read a recipient")
     async def read(self, ref: FromPath[str], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[RecipientOut]:
         row = await db.one("select notify_api.get_recipient_v1(%s, %s)::text", (tenant.id, ref))
         return _json(row[0] if row else None)
 
-    @post("/{ref:str}/consents", responses=ERRORS, operation_id="recordConsent", status_code=201, summary="Append a consent entry")
+    @post("/{ref:str}/consents", responses=ERRORS, operation_id="recordConsent", opt={"scope": "submit"}, status_code=201, summary="Append a consent entry")
     async def record_consent(self, request: Request[Any, Any, Any], ref: FromPath[str], data: JSONBody[ConsentIn], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[ConsentEntry]:
         row = await db.one("select notify_api.record_consent_v1(%s, %s, %s::jsonb, %s)::text",
                            (tenant.id, ref, await _body_text(request), f"api_key:{tenant.key_id}"))
         return _json(row[0] if row else None, 201)
 
-    @get("/{ref:str}/consents", responses=ERRORS, operation_id="listConsents", summary="Consent in force per channel, and the ledger")
+    @get("/{ref:str}/consents", responses=ERRORS, operation_id="listConsents", opt={"scope": "read"}, summary="Consent in force per channel, and the ledger")
     async def list_consents(self, ref: FromPath[str], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[ConsentsOut]:
         row = await db.one("select notify_api.list_consents_v1(%s, %s)::text", (tenant.id, ref))
         return _json(row[0] if row else None)
@@ -166,13 +169,13 @@ class Templates(Controller):
     path = "/templates"
     tags = ["templates"]
 
-    @put("/{key:str}", responses=ERRORS, operation_id="upsertTemplate", summary="Set a template's content for one locale",
+    @put("/{key:str}", responses=ERRORS, operation_id="upsertTemplate", opt={"scope": "admin"}, summary="Set a template's content for one locale",
          description="Placeholders are {{name}}; the variables a template needs are derived and checked at submit time.")
     async def upsert(self, request: Request[Any, Any, Any], key: FromPath[str], data: JSONBody[TemplatePut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[TemplateOut]]:
         row = await db.one("select notify_api.upsert_template_v1(%s, %s, %s::jsonb)::text", (tenant.id, key, await _body_text(request)))
         return _json(row[0] if row else None)
 
-    @get("/", responses=ERRORS, operation_id="listTemplates", summary="List templates")
+    @get("/", responses=ERRORS, operation_id="listTemplates", opt={"scope": "read"}, summary="List templates")
     async def list(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database],
                    key: Annotated[str | None, QueryParameter(name="key", required=False)] = None) -> Response[list[TemplateOut]]:
         row = await db.one("select notify_api.list_templates_v1(%s, %s)::text", (tenant.id, key))
@@ -183,17 +186,17 @@ class Channels(Controller):
     path = "/channels"
     tags = ["consent"]
 
-    @get("/policies", responses=ERRORS, operation_id="listChannelPolicies", summary="Consent policy per channel")
+    @get("/policies", responses=ERRORS, operation_id="listChannelPolicies", opt={"scope": "read"}, summary="Consent policy per channel")
     async def policies(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[PolicyOut]]:
         row = await db.one("select notify_api.list_channel_policies_v1(%s)::text", (tenant.id,))
         return _json(row[0] if row else None)
 
-    @get("/providers", responses=ERRORS, operation_id="listChannelProviders", summary="The provider of each channel (secrets masked)")
+    @get("/providers", responses=ERRORS, operation_id="listChannelProviders", opt={"scope": "admin"}, summary="The provider of each channel (secrets masked)")
     async def providers(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[ProviderOut]]:
         row = await db.one("select notify_api.list_channel_providers_v1(%s)::text", (tenant.id,))
         return _json(row[0] if row else None)
 
-    @put("/{channel:str}/provider", responses=ERRORS, operation_id="setChannelProvider", summary="Configure the provider of a channel",
+    @put("/{channel:str}/provider", responses=ERRORS, operation_id="setChannelProvider", opt={"scope": "admin"}, summary="Configure the provider of a channel",
          description="Secrets are references (env:NAME or file:/path), resolved by the worker; never values.")
     async def set_provider(self, request: Request[Any, Any, Any], channel: FromPath[str], data: JSONBody[ProviderPut],
                            tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[ProviderOut]:
@@ -203,7 +206,7 @@ class Channels(Controller):
                            (tenant.id, channel, await _body_text(request)))
         return _json(row[0] if row else None)
 
-    @put("/{channel:str}/policy", responses=ERRORS, operation_id="setChannelPolicy", summary="Make a channel opt_in or opt_out")
+    @put("/{channel:str}/policy", responses=ERRORS, operation_id="setChannelPolicy", opt={"scope": "admin"}, summary="Make a channel opt_in or opt_out")
     async def set_policy(self, channel: FromPath[str], data: JSONBody[PolicyPut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[PolicyOut]:
         if channel not in ("whatsapp", "email", "sms"):
             raise ProblemException(404, "not_found", f"no channel {channel}", "channel")
@@ -216,7 +219,7 @@ class Mock(Controller):
     path = "/mock"
     tags = ["mock provider"]
 
-    @get("/messages", responses=ERRORS, operation_id="listMockMessages", summary="What the mock provider would have sent")
+    @get("/messages", responses=ERRORS, operation_id="listMockMessages", opt={"scope": "read"}, summary="What the mock provider would have sent")
     async def messages(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database],
                        delivery_id: Annotated[UUID | None, QueryParameter(name="delivery_id", required=False)] = None,
                        limit: Annotated[int, QueryParameter(name="limit", ge=1, le=1000)] = 100) -> Response[list[MockMessage]]:

@@ -76,7 +76,8 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         return problem(request, 400, "invalid_json", detail[:300], None)
     if isinstance(exc, psycopg.Error) and exc.sqlstate and exc.sqlstate.startswith("ND"):
         diag = exc.diag
-        return problem(request, int(exc.sqlstate[2:]), diag.constraint_name or "error", diag.message_primary, diag.column_name)
+        headers = {"Retry-After": "1"} if exc.sqlstate == "ND429" else None
+        return problem(request, int(exc.sqlstate[2:]), diag.constraint_name or "error", diag.message_primary, diag.column_name, headers)
     if isinstance(exc, psycopg.errors.DataError):
         return problem(request, 400, "invalid_value", exc.diag.message_primary, exc.diag.column_name)
     if isinstance(exc, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):

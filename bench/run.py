@@ -65,6 +65,7 @@ class Stack:
             self.key = keys.generate()
             conn.execute("select notify_api.create_api_key_v1(%s, 'bench', %s, %s)", (self.tenant_id, keys.display_prefix(self.key), keys.digest(self.key)))
             conn.execute("select notify_api.upsert_template_v1(%s, 'event_reminder', %s)", (self.tenant_id, Jsonb(TEMPLATE)))
+            conn.execute("select notify_api.set_api_rate_v1(%s, 1000000)", (self.tenant_id,))   # measure, not throttle
             conn.execute("create table if not exists public.bench_baseline (id bigserial primary key, payload jsonb not null)")
         self.port = free_port()
         self.api: subprocess.Popen[bytes] | None = None

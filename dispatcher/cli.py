@@ -7,6 +7,7 @@
     dispatcher tenant create SLUG      create a tenant
     dispatcher key create --tenant S   create an API key and print it once
     dispatcher key revoke --tenant S ID
+    dispatcher key rotate --tenant S ID [--overlap-seconds N]
     dispatcher key list --tenant S
     dispatcher provider set --tenant S --channel C --provider P [--setting K=V] [--secret K=env:VAR]
     dispatcher provider list --tenant S
@@ -59,18 +60,29 @@ def cmd_tenant_create(args: argparse.Namespace) -> None:
     print(json.dumps(row[0] if row else None, indent=2))
 
 
-def create_key(conn: psycopg.Connection, tenant_id: str, name: str, key: str | None = None) -> tuple[str, dict]:
+def create_key(conn: psycopg.Connection, tenant_id: str, name: str, key: str | None = None,
+               scopes: list[str] | None = None) -> tuple[str, dict]:
     key = key or keys.generate()
-    row = conn.execute("select notify_api.create_api_key_v1(%s, %s, %s, %s)",
-                       (tenant_id, name, keys.display_prefix(key), keys.digest(key))).fetchone()
+    row = conn.execute("select notify_api.create_api_key_v1(%s, %s, %s, %s, %s)",
+                       (tenant_id, name, keys.display_prefix(key), keys.digest(key), scopes or ["submit", "read", "admin"])).fetchone()
     assert row is not None
     return key, row[0]
 
 
 def cmd_key_create(args: argparse.Namespace) -> None:
     with psycopg.connect(_url(), autocommit=True) as conn:
-        key, info = create_key(conn, _tenant_id(conn, args.tenant), args.name)
-    print(f"API key for tenant {args.tenant} (id {info['id']}); shown once, store it now:\n{key}")
+        key, info = create_key(conn, _tenant_id(conn, args.tenant), args.name, scopes=args.scope or None)
+    print(f"API key for tenant {args.tenant} (id {info['id']}, scopes {', '.join(info['scopes'])}); shown once, store it now:\n{key}")
+
+
+def cmd_key_rotate(args: argparse.Namespace) -> None:
+    key = keys.generate()
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        row = conn.execute("select notify_api.rotate_api_key_v1(%s, %s, %s, %s, %s)",
+                           (_tenant_id(conn, args.tenant), args.key_id, keys.display_prefix(key), keys.digest(key), args.overlap_seconds)).fetchone()
+    info = row[0] if row else {}
+    print(f"new API key (id {info.get('id')}) replaces {args.key_id}, which works until {info.get('old_key_expires_at')}; "
+          f"shown once, store it now:\n{key}")
 
 
 def cmd_key_revoke(args: argparse.Namespace) -> None:
@@ -250,7 +262,14 @@ def parser() -> argparse.ArgumentParser:
     kc = key.add_parser("create", help="create a key and print it once")
     kc.add_argument("--tenant", required=True)
     kc.add_argument("--name", default="default")
+    kc.add_argument("--scope", action="append", choices=["submit", "read", "admin"],
+                    help="repeatable; default all three (submit: send and cancel; read: read; admin: configure)")
     kc.set_defaults(func=cmd_key_create)
+    kro = key.add_parser("rotate", help="replace a key; the old one keeps working for the overlap window")
+    kro.add_argument("--tenant", required=True)
+    kro.add_argument("key_id")
+    kro.add_argument("--overlap-seconds", type=int, default=86400)
+    kro.set_defaults(func=cmd_key_rotate)
     kr = key.add_parser("revoke", help="revoke a key at once")
     kr.add_argument("--tenant", required=True)
     kr.add_argument("key_id")

@@ -9,6 +9,7 @@ create table notify.tenants (
     retry_max_attempts integer not null default 5,
     retry_base_ms integer not null default 30000,
     retry_max_ms integer not null default 3600000,
+    api_rate_per_second double precision not null default 1000,
     created_at timestamptz not null default now(),
     constraint tenants_slug_key unique (slug),
     constraint tenants_slug_format check (slug ~ '^[a-z0-9][a-z0-9_-]{0,62}$'),
@@ -17,6 +18,7 @@ create table notify.tenants (
 comment on table notify.tenants is 'A calling organisation. Everything else belongs to exactly one tenant.';
 comment on column notify.tenants.default_locale is 'Last step of template locale fallback (es-ES -> es -> default_locale).';
 comment on column notify.tenants.retry_max_attempts is 'Attempts per delivery before a transient failure becomes failed.';
+comment on column notify.tenants.api_rate_per_second is 'Requests per second each API key of the tenant may make (burst: one second''s worth); over it, 429.';
 comment on column notify.tenants.retry_base_ms is 'Backoff before retry n is min(retry_max_ms, retry_base_ms * 2^(n-1)) scaled by a random factor in [0.5, 1).';
 
 create table notify.api_clients (
@@ -25,16 +27,21 @@ create table notify.api_clients (
     name text not null,
     prefix text not null,
     key_hash bytea not null,
+    scopes text[] not null default '{submit,read,admin}',
     created_at timestamptz not null default now(),
     last_used_at timestamptz,
+    expires_at timestamptz,
     revoked_at timestamptz,
     primary key (tenant_id, id),
     -- Global, not per tenant: a key is looked up before its tenant is known.
     constraint api_clients_key_hash_key unique (key_hash),
-    constraint api_clients_hash_length check (octet_length(key_hash) = 32)
+    constraint api_clients_hash_length check (octet_length(key_hash) = 32),
+    constraint api_clients_scopes check (scopes <@ array['submit', 'read', 'admin'] and cardinality(scopes) > 0)
 );
 comment on table notify.api_clients is 'API keys. Only the SHA-256 of a key is stored; the key itself is shown once at creation.';
 comment on column notify.api_clients.prefix is 'The first characters of the key, for people to tell keys apart. Not secret, not used to authenticate.';
+comment on column notify.api_clients.scopes is 'submit: send and cancel notifications; read: read them, recipients and templates; admin: change templates, consent policies, providers.';
+comment on column notify.api_clients.expires_at is 'Set when the key is rotated: it keeps working until then (the overlap window), then stops.';
 comment on column notify.api_clients.last_used_at is 'Updated at most once a minute per key, to keep authentication read-mostly.';
 
 create table notify.channel_policies (

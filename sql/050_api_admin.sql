@@ -59,7 +59,8 @@ end
 $$;
 comment on function notify_api.set_retry_policy_v1(uuid, integer, integer, integer) is 'Sets how often and how fast transient failures are retried for a tenant.';
 
-create function notify_api.create_api_key_v1(p_tenant_id uuid, p_name text, p_prefix text, p_key_hash bytea)
+create function notify_api.create_api_key_v1(p_tenant_id uuid, p_name text, p_prefix text, p_key_hash bytea,
+                                             p_scopes text[] default '{submit,read,admin}')
     returns jsonb
     language plpgsql
     security definer
@@ -68,19 +69,23 @@ as $$
 declare
     v notify.api_clients;
 begin
+    if p_scopes is null or cardinality(p_scopes) = 0 or not p_scopes <@ array['submit', 'read', 'admin'] then
+        perform notify._raise('ND422', 'invalid_scopes', 'scopes must be a non-empty subset of submit, read, admin', 'scopes');
+    end if;
     if not exists (select from notify.tenants where id = p_tenant_id) then
         perform notify._raise('ND404', 'not_found', 'no such tenant', 'tenant_id');
     end if;
     if octet_length(p_key_hash) is distinct from 32 then
         perform notify._raise('ND422', 'invalid_key_hash', 'key_hash must be a SHA-256 digest (32 bytes)', 'key_hash');
     end if;
-    insert into notify.api_clients (tenant_id, name, prefix, key_hash)
-    values (p_tenant_id, coalesce(p_name, 'default'), p_prefix, p_key_hash)
+    insert into notify.api_clients (tenant_id, name, prefix, key_hash, scopes)
+    values (p_tenant_id, coalesce(p_name, 'default'), p_prefix, p_key_hash, p_scopes)
     returning * into v;
-    return jsonb_build_object('id', v.id, 'tenant_id', v.tenant_id, 'name', v.name, 'prefix', v.prefix, 'created_at', v.created_at);
+    return jsonb_build_object('id', v.id, 'tenant_id', v.tenant_id, 'name', v.name, 'prefix', v.prefix,
+                              'scopes', to_jsonb(v.scopes), 'created_at', v.created_at);
 end
 $$;
-comment on function notify_api.create_api_key_v1(uuid, text, text, bytea) is
+comment on function notify_api.create_api_key_v1(uuid, text, text, bytea, text[]) is
     'Registers an API key by its SHA-256. The caller generates the key and shows it once; the database never sees it.';
 
 create function notify_api.revoke_api_key_v1(p_tenant_id uuid, p_key_id uuid)
@@ -110,8 +115,9 @@ create function notify_api.list_api_keys_v1(p_tenant_id uuid)
     security definer
     set search_path = ''
 as $$
-    select coalesce(jsonb_agg(jsonb_build_object('id', c.id, 'name', c.name, 'prefix', c.prefix, 'created_at', c.created_at,
-                                                 'last_used_at', c.last_used_at, 'revoked_at', c.revoked_at) order by c.created_at), '[]')
+    select coalesce(jsonb_agg(jsonb_build_object('id', c.id, 'name', c.name, 'prefix', c.prefix, 'scopes', to_jsonb(c.scopes),
+                                                 'created_at', c.created_at, 'last_used_at', c.last_used_at,
+                                                 'expires_at', c.expires_at, 'revoked_at', c.revoked_at) order by c.created_at), '[]')
       from notify.api_clients c where c.tenant_id = p_tenant_id
 $$;
 comment on function notify_api.list_api_keys_v1(uuid) is 'A tenant''s keys (prefix only, never a hash).';
@@ -125,7 +131,8 @@ as $$
 declare
     v notify.api_clients;
 begin
-    select * into v from notify.api_clients c where c.key_hash = p_key_hash and c.revoked_at is null;
+    select * into v from notify.api_clients c
+     where c.key_hash = p_key_hash and c.revoked_at is null and (c.expires_at is null or c.expires_at > now());
     if v.id is null then
         return;
     end if;
@@ -139,7 +146,83 @@ begin
 end
 $$;
 comment on function notify_api.authenticate_api_key_v1(bytea) is
-    'The tenant and key id of an unrevoked key with this SHA-256, or no row. Exact match on a 256-bit digest: nothing to time.';
+    'The tenant and key id of an unrevoked, unexpired key with this SHA-256, or no row. Exact match on a 256-bit digest: nothing to time.';
+
+create function notify_api.authorize_v1(p_key_hash bytea, p_scope text)
+    returns table (tenant_id uuid, api_key_id uuid)
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v notify.api_clients;
+    v_rate double precision;
+begin
+    select * into v from notify.api_clients c
+     where c.key_hash = p_key_hash and c.revoked_at is null and (c.expires_at is null or c.expires_at > now());
+    if v.id is null then
+        return;   -- 401
+    end if;
+    if not p_scope = any (v.scopes) then
+        perform notify._raise('ND403', 'insufficient_scope', format('this API key lacks the %s scope', p_scope), 'Authorization');
+    end if;
+    select t.api_rate_per_second into v_rate from notify.tenants t where t.id = v.tenant_id;
+    if notify_api.take_tokens_v1('api:' || v.id, v_rate, 1) < 1 then
+        perform notify._raise('ND429', 'rate_limited', format('more than %s requests per second with this key', v_rate), 'Authorization');
+    end if;
+    if v.last_used_at is null or v.last_used_at < now() - interval '1 minute' then
+        update notify.api_clients c set last_used_at = now() where c.tenant_id = v.tenant_id and c.id = v.id;
+    end if;
+    tenant_id := v.tenant_id;
+    api_key_id := v.id;
+    return next;
+end
+$$;
+comment on function notify_api.authorize_v1(bytea, text) is
+    'Authenticates a key (no row: 401), checks it has the scope (ND403) and is within its tenant''s rate (ND429, a token bucket per key shared by every API process).';
+
+create function notify_api.rotate_api_key_v1(p_tenant_id uuid, p_key_id uuid, p_prefix text, p_key_hash bytea, p_overlap_seconds integer default 86400)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v notify.api_clients;
+    v_new jsonb;
+begin
+    select * into v from notify.api_clients c
+     where c.tenant_id = p_tenant_id and c.id = p_key_id and c.revoked_at is null and (c.expires_at is null or c.expires_at > now())
+       for update;
+    if v.id is null then
+        perform notify._raise('ND404', 'not_found', 'no such active API key', 'key_id');
+    end if;
+    if p_overlap_seconds is null or p_overlap_seconds < 0 then
+        perform notify._raise('ND422', 'invalid_value', 'overlap must be zero or more seconds', 'overlap_seconds');
+    end if;
+    v_new := notify_api.create_api_key_v1(p_tenant_id, v.name, p_prefix, p_key_hash, v.scopes);
+    update notify.api_clients c set expires_at = now() + make_interval(secs => p_overlap_seconds)
+     where c.tenant_id = p_tenant_id and c.id = p_key_id;
+    return v_new || jsonb_build_object('replaces', p_key_id, 'old_key_expires_at', now() + make_interval(secs => p_overlap_seconds));
+end
+$$;
+comment on function notify_api.rotate_api_key_v1(uuid, uuid, text, bytea, integer) is
+    'Replaces a key with a new one of the same name and scopes; the old one keeps working for the overlap window, then stops.';
+
+create function notify_api.set_api_rate_v1(p_tenant_id uuid, p_rate_per_second double precision)
+    returns void
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+begin
+    if p_rate_per_second is null or p_rate_per_second <= 0 then
+        perform notify._raise('ND422', 'invalid_value', 'rate must be a positive number of requests per second', 'rate_per_second');
+    end if;
+    update notify.tenants set api_rate_per_second = p_rate_per_second where id = p_tenant_id;
+end
+$$;
+comment on function notify_api.set_api_rate_v1(uuid, double precision) is 'Sets how many requests per second each of a tenant''s keys may make.';
 
 create function notify_api.set_channel_policy_v1(p_tenant_id uuid, p_channel notify.channel, p_policy notify.consent_policy)
     returns jsonb

@@ -236,3 +236,19 @@ def test_hostile_bodies_are_clear_400s(client, db, body, type_):
     response = client.post("/internal/notifications", content=body, headers={"content-type": "application/json"})
     assert is_problem(response, 400)["type"].endswith(type_)
     assert db.execute("select count(*) from notify.notification_requests").fetchone()[0] == 0
+
+
+def test_scopes_and_rate_limits_over_http(client, db, ready):
+    reader = keys.generate()
+    call(db, "notify_api.create_api_key_v1(%s, 'reader', %s, %s, %s)", ready, keys.display_prefix(reader), keys.digest(reader), ["read"])
+    headers = {"Authorization": f"Bearer {reader}"}
+    assert client.get("/internal/templates", headers=headers).status_code == 200
+    denied = client.post("/internal/notifications", json=intent(), headers=headers)
+    assert is_problem(denied, 403)["type"].endswith("insufficient_scope")
+    assert is_problem(client.put("/internal/templates/x", json={"channels": {"sms": {"text": "t"}}}, headers=headers), 403)
+    assert db.execute("select count(*) from notify.notification_requests").fetchone()[0] == 0
+    call(db, "notify_api.set_api_rate_v1(%s, 2)", ready)
+    answers = [client.get("/internal/templates", headers=headers) for _ in range(4)]
+    limited = [r for r in answers if r.status_code == 429]
+    assert limited and limited[0].headers["retry-after"] == "1"
+    assert is_problem(limited[0], 429)["type"].endswith("rate_limited")

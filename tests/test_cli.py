@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -37,6 +38,16 @@ def test_migrate_tenant_and_keys(pg_server):  # noqa: ANN001
             assert conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone()
         listed = run(url, "key", "list", "--tenant", "acme").stdout
         assert key_id in listed and key not in listed
+        rotated = run(url, "key", "rotate", "--tenant", "acme", key_id, "--overlap-seconds", "0").stdout
+        new_key = re.search(r"^(nd_\S+)$", rotated, re.M).group(1)  # type: ignore[union-attr]
+        with psycopg.connect(url) as conn:
+            assert conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone() is None
+            assert conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(new_key),)).fetchone()
+        reader = run(url, "key", "create", "--tenant", "acme", "--scope", "read").stdout
+        assert "scopes read)" in reader
+        key = re.search(r"^(nd_\S+)$", run(url, "key", "create", "--tenant", "acme").stdout, re.M).group(1)  # type: ignore[union-attr]
+        listed = json.loads(run(url, "key", "list", "--tenant", "acme").stdout)
+        key_id = [k["id"] for k in listed if k["revoked_at"] is None and k["expires_at"] is None][-1]   # the one just made
         run(url, "key", "revoke", "--tenant", "acme", key_id)
         with psycopg.connect(url) as conn:
             assert conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone() is None
