@@ -18,6 +18,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from psycopg.types.json import Jsonb
 
@@ -28,7 +29,7 @@ from api.schemas import (
     BatchIn, BatchOut, CancelResult, ConsentEntry, ConsentIn, ConsentsOut, Health, MockMessage, NotificationAccepted, NotificationIn,
     NotificationOut, PolicyOut, Problem, PolicyPut, ProviderOut, ProviderPut, RecipientOut, RecipientPut, TemplateOut, TemplatePut, Version, WebhookAck,
 )
-from dispatcher import __version__, keys, schema
+from dispatcher import __version__, keys, metrics, schema
 from dispatcher.settings import Settings
 from providers.base import WebhookRejected
 from providers.registry import webhook_adapters
@@ -112,6 +113,7 @@ class Notifications(Controller):
         row = await db.one(SUBMIT, (_key_digest(request), await _body_text(request), idempotency_key))
         if row is None:
             raise _unauthorized()
+        metrics.SUBMISSIONS.labels("replayed" if row[1] else "accepted").inc()
         if row[1]:
             return _json(row[0], 200, {"Idempotent-Replayed": "true"})
         return _json(row[0], 202)
@@ -227,6 +229,13 @@ class Mock(Controller):
         return _json(row[0] if row else None)
 
 
+class MetricsController(PrometheusController):
+    """GET /metrics: Prometheus text format (HTTP, submissions, webhooks, queue health from Postgres)."""
+
+    path = "/metrics"
+    include_in_schema = False
+
+
 INGEST = (
     "select notify_api.ingest_webhook_v1(%s, %s, %s, "
     "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r), "
@@ -246,12 +255,17 @@ async def receive_webhook(request: Request[Any, Any, Any], provider: FromPath[st
     try:
         parsed = adapter.parse(headers, body)
     except WebhookRejected as exc:
+        metrics.WEBHOOKS.labels(provider, "rejected").inc()
         log.warning("webhook rejected", extra={"provider": provider, "reason": exc.reason})
         raise ProblemException(exc.status, "webhook_rejected", exc.reason) from None
     events = msgspec.to_builtins(parsed.events)
     inbound = msgspec.to_builtins(parsed.inbound)
     row = await db.one(INGEST, (adapter.provider, parsed.event_key, Jsonb(parsed.payload), Jsonb(events), Jsonb(inbound)))
     result = msgspec.json.decode(row[0]) if row else {}
+    if result.get("duplicate"):
+        metrics.WEBHOOKS.labels(provider, "duplicate").inc()
+    for outcome in result.get("outcomes", []):
+        metrics.WEBHOOKS.labels(provider, outcome.get("outcome", "unknown")).inc()
     log.info("webhook ingested", extra={"provider": provider, "duplicate": result.get("duplicate"),
                                         "outcomes": [o.get("outcome") for o in result.get("outcomes", [])]})
     return _json(_encode(WebhookAck(stored=bool(result.get("stored")), duplicate=bool(result.get("duplicate")))).decode())
@@ -329,6 +343,9 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
         finally:
             await db.close()
 
+    metrics.register_queue_health(settings.database_url)
+    prometheus = PrometheusConfig(app_name="dispatcher", prefix="dispatcher_http", group_path=True,
+                                  exclude=["/metrics"])
     internal = Router(
         path="/internal",
         route_handlers=[Notifications, Recipients, Templates, Channels, Mock],
@@ -337,7 +354,9 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
     )
     public = Router(path="/public", route_handlers=[receive_webhook, verify_webhook, unsubscribe_page, unsubscribe])
     return Litestar(
-        route_handlers=[internal, public, health, version, *([bench_baseline] if settings.bench_baseline else [])],
+        route_handlers=[internal, public, health, version, MetricsController,
+                        *([bench_baseline] if settings.bench_baseline else [])],
+        middleware=[prometheus.middleware],
         dependencies={"db": Provide(provide_db)},
         state=State({"db": db, "webhook_adapters": webhook_adapters(settings), "settings": settings}),
         lifespan=[lifespan],

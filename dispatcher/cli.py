@@ -2,6 +2,7 @@
 
     dispatcher dev [--port N]          embedded Postgres (if DATABASE_URL is unset) + migrate + dev tenant/key + API + worker
     dispatcher migrate                 apply pending migrations to DATABASE_URL
+    dispatcher status [--json]         queue health per tenant and channel
     dispatcher serve [--port N]        the HTTP API (uvicorn)
     dispatcher worker                  the procrastinate worker (same as: procrastinate --app=runner.app.app worker)
     dispatcher tenant create SLUG      create a tenant
@@ -124,6 +125,23 @@ def cmd_provider_list(args: argparse.Namespace) -> None:
     print(json.dumps(row[0] if row else [], indent=2))
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        rows = conn.execute("select * from notify_api.queue_health_v1()").fetchall()
+    if args.json:
+        cols = ["tenant", "channel", "due", "scheduled", "oldest_due_seconds", "sending", "leases_past_due", "unknown"]
+        print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], indent=2, default=str))
+        return
+    if not rows:
+        print("queue empty: nothing due, scheduled, in flight or unknown")
+        return
+    header = ("tenant", "channel", "due", "oldest due", "scheduled", "sending", "leases past due", "unknown")
+    table = [header] + [(r[0], r[1], str(r[2]), f"{r[4]:.1f}s", str(r[3]), str(r[5]), str(r[6]), str(r[7])) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -142,6 +160,14 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
     settings = Settings.from_env()
     logs.configure(settings.log_level)
+    metrics_port = os.environ.get("DISPATCHER_WORKER_METRICS_PORT")
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        from dispatcher import metrics
+
+        metrics.register_queue_health(settings.database_url)
+        start_http_server(int(metrics_port), addr=os.environ.get("DISPATCHER_WORKER_METRICS_HOST", "127.0.0.1"))
 
     async def main() -> None:
         async with app.open_async():
@@ -240,6 +266,10 @@ def parser() -> argparse.ArgumentParser:
     dev.set_defaults(func=cmd_dev)
 
     sub.add_parser("migrate", help="apply pending migrations to DATABASE_URL").set_defaults(func=cmd_migrate)
+
+    status = sub.add_parser("status", help="queue health per tenant and channel: due, oldest due, scheduled, in flight, stuck, unknown")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
 
     serve = sub.add_parser("serve", help="run the HTTP API")
     serve.add_argument("--host", default=None)

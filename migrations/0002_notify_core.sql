@@ -2250,6 +2250,48 @@ $$;
 comment on function notify_api.run_maintenance_v1() is
     'Periodic upkeep: expired leases (email -> queued, whatsapp/sms -> unknown), deliveries past expires_at -> expired, a wake-up for every channel with due work.';
 
+-- ==== sql/085_api_status.sql ====
+-- notify_api: queue health for operators — backlog, lag, stuck leases, unknown outcomes.
+-- Called by `dispatcher status` and the metrics endpoint; reads only the small partial indexes' hot set.
+
+create function notify_api.queue_health_v1()
+    returns table (tenant text, channel notify.channel, due bigint, scheduled bigint, oldest_due_seconds double precision,
+                   sending bigint, leases_past_due bigint, unknown bigint)
+    language sql
+    stable
+    security definer
+    set search_path = ''
+as $$
+    with waiting as (
+        select d.tenant_id, d.channel,
+               count(*) filter (where d.due_at <= now()) as due,
+               count(*) filter (where d.due_at > now()) as scheduled,
+               extract(epoch from now() - min(d.due_at) filter (where d.due_at <= now())) as oldest_due_seconds
+          from notify.notification_deliveries d
+         where d.status in ('queued', 'scheduled')
+         group by 1, 2
+    ), in_flight as (
+        select d.tenant_id, d.channel, count(*) as sending, count(*) filter (where d.lease_expires_at < now()) as leases_past_due
+          from notify.notification_deliveries d where d.status = 'sending' group by 1, 2
+    ), unresolved as (
+        select d.tenant_id, d.channel, count(*) as unknown
+          from notify.notification_deliveries d where d.status = 'unknown' group by 1, 2
+    ), keys as (
+        select tenant_id, channel from waiting union select tenant_id, channel from in_flight
+        union select tenant_id, channel from unresolved
+    )
+    select t.slug, k.channel, coalesce(w.due, 0), coalesce(w.scheduled, 0), coalesce(w.oldest_due_seconds, 0),
+           coalesce(f.sending, 0), coalesce(f.leases_past_due, 0), coalesce(u.unknown, 0)
+      from keys k
+      join notify.tenants t on t.id = k.tenant_id
+      left join waiting w on w.tenant_id = k.tenant_id and w.channel = k.channel
+      left join in_flight f on f.tenant_id = k.tenant_id and f.channel = k.channel
+      left join unresolved u on u.tenant_id = k.tenant_id and u.channel = k.channel
+     order by 1, 2
+$$;
+comment on function notify_api.queue_health_v1() is
+    'Per tenant and channel: deliveries due now, scheduled for later, age of the oldest due one, in flight, leases past due (crashed sends), and unknown outcomes. Only tenants and channels with any of these appear.';
+
 -- ==== sql/090_api_webhooks.sql ====
 -- notify_api: provider webhook ingestion — store once, apply status reports by rank.
 -- Called by POST /public/webhooks/{provider} after the signature over the raw body was verified.

@@ -16,6 +16,7 @@ import msgspec
 from procrastinate import JobContext, jobs
 from psycopg.types.json import Jsonb
 
+from dispatcher import metrics
 from dispatcher.settings import Settings
 from providers.base import Message, Provider, ProviderContext, SendResult
 from providers.registry import provider_for
@@ -82,6 +83,7 @@ class Dispatcher:
 
     async def _send_group(self, channel: str, name: str, config: dict[str, Any] | None, messages: list[Message]) -> list[dict[str, Any]]:
         provider = self.provider(name, config)
+        started = time.perf_counter()
         try:
             sent = await provider.send_many(messages)
         except Exception as exc:  # the provider itself broke: we cannot know what left us
@@ -89,6 +91,9 @@ class Dispatcher:
             outcome = "retry" if channel == "email" else "unknown"
             sent = [SendResult(outcome=outcome, provider=provider.name, error_code="provider_exception",
                                error_message=type(exc).__name__) for _ in messages]
+        metrics.PROVIDER_SECONDS.labels(channel, provider.name).observe(time.perf_counter() - started)
+        for r in sent:
+            metrics.DELIVERIES.labels(channel, provider.name, r.outcome, r.error_code or "").inc()
         return [{"tenant_id": str(m.tenant_id), "delivery_id": str(m.delivery_id), "attempt": m.attempt, **_to_builtins(r)}
                 for m, r in zip(messages, sent, strict=True)]
 

@@ -28,6 +28,7 @@ def test_migrate_tenant_and_keys(pg_server):  # noqa: ANN001
     url = pg_server.url(name)
     try:
         assert "0002_notify_core" in run(url, "migrate").stdout
+        assert "queue empty" in run(url, "status").stdout and json.loads(run(url, "status", "--json").stdout) == []
         assert "up to date" in run(url, "migrate").stdout
         assert '"slug": "acme"' in run(url, "tenant", "create", "acme", "--name", "Acme").stdout
         assert "already exists" in run(url, "tenant", "create", "acme", check=False).stderr

@@ -192,3 +192,28 @@ def test_a_killed_worker_follows_the_crash_policy(db: psycopg.Connection, tmp_pa
                 conn.commit()
     finally:
         stop_service(service)
+
+
+def test_metrics_from_the_api_and_the_worker(db: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
+    from tests.conftest import free_port
+
+    port = free_port()
+    service = start_service(url_of(db), tmp_path, {"DISPATCHER_WORKER_METRICS_PORT": str(port)})
+    try:
+        setup_tenant(service)
+        with service.client() as c:
+            created = c.post("/internal/notifications", json=intent()).json()
+            service.wait_for(created["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"read", "delivered"})
+            c.post("/internal/notifications", json=intent(channels=["email"], send_at="2099-01-01T00:00:00Z"))
+            api = c.get("/metrics").text
+        import httpx
+        worker = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    finally:
+        stop_service(service)
+    assert 'dispatcher_submissions_total{outcome="accepted"} 2.0' in api
+    assert 'dispatcher_http_requests_total{app_name="dispatcher",method="POST",path="/internal/notifications",status_code="202"}' in api
+    assert 'dispatcher_webhook_events_total{outcome="applied",provider="mock"}' in api
+    assert 'dispatcher_queue_scheduled{channel="email",tenant="acme"} 1.0' in api
+    assert "dispatcher_queue_health_up 1.0" in api
+    assert 'dispatcher_deliveries_total{channel="email",error_code="",outcome="sent",provider="mock"} 1.0' in worker
+    assert "dispatcher_provider_call_seconds_bucket" in worker

@@ -1,0 +1,75 @@
+"""Prometheus metrics shared by the API and the worker (prometheus_client's default registry).
+
+HTTP requests by route and status come from Litestar's Prometheus middleware (dispatcher_http_*); queue
+health is read from Postgres at scrape time (notify_api.queue_health_v1), so any API replica reports it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import psycopg
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+log = logging.getLogger("dispatcher.metrics")
+
+SUBMISSIONS = Counter("dispatcher_submissions_total", "Notification intents by outcome (accepted, replayed)", ["outcome"])
+DELIVERIES = Counter("dispatcher_deliveries_total", "Provider call outcomes by channel, provider and outcome",
+                     ["channel", "provider", "outcome", "error_code"])
+PROVIDER_SECONDS = Histogram("dispatcher_provider_call_seconds", "Time a provider took for one claimed batch",
+                             ["channel", "provider"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+WEBHOOKS = Counter("dispatcher_webhook_events_total", "Provider webhook events by provider and outcome "
+                   "(applied, stale, unmatched, flagged, duplicate, rejected)", ["provider", "outcome"])
+
+_QUEUE = {
+    "due": "Deliveries due now and not yet claimed",
+    "scheduled": "Deliveries waiting for send_at or a retry",
+    "oldest_due_seconds": "Age of the oldest due delivery (the dispatch lag)",
+    "sending": "Deliveries claimed and in flight",
+    "leases_past_due": "In-flight deliveries whose lease expired (a worker died mid-send)",
+    "unknown": "Deliveries whose outcome is unknown (awaiting a provider report)",
+}
+
+
+class QueueHealth:
+    """Collects notify_api.queue_health_v1() on every scrape."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+
+    def describe(self) -> Iterator[Metric]:
+        for name, doc in _QUEUE.items():
+            yield GaugeMetricFamily(f"dispatcher_queue_{name}", doc, labels=["tenant", "channel"])
+
+    def collect(self) -> Iterator[Metric]:
+        families = {name: GaugeMetricFamily(f"dispatcher_queue_{name}", doc, labels=["tenant", "channel"]) for name, doc in _QUEUE.items()}
+        up = GaugeMetricFamily("dispatcher_queue_health_up", "1 if queue health could be read from Postgres")
+        try:
+            with psycopg.connect(self.database_url, autocommit=True, connect_timeout=2) as conn:
+                for tenant, channel, due, scheduled, oldest, sending, past_due, unknown in conn.execute(
+                        "select * from notify_api.queue_health_v1()"):
+                    values = {"due": due, "scheduled": scheduled, "oldest_due_seconds": oldest, "sending": sending,
+                              "leases_past_due": past_due, "unknown": unknown}
+                    for name, value in values.items():
+                        families[name].add_metric([tenant, str(channel)], float(value))
+            up.add_metric([], 1.0)
+        except psycopg.Error as exc:
+            log.warning("queue health unavailable", extra={"error": type(exc).__name__})
+            up.add_metric([], 0.0)
+        yield from families.values()
+        yield up
+
+
+_collector: QueueHealth | None = None
+
+
+def register_queue_health(database_url: str) -> None:
+    """Registers (or re-points) the queue-health collector once per process."""
+    global _collector
+    if _collector is None:
+        _collector = QueueHealth(database_url)
+        REGISTRY.register(_collector)
+    else:
+        _collector.database_url = database_url
