@@ -79,6 +79,7 @@ class MockProvider:
         self._record_messages = record_messages
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: httpx.AsyncClient | None = None
+        self._posting = asyncio.Semaphore(16)   # a burst of sends must not open thousands of webhook connections
 
     async def _one(self, message: Message) -> tuple[SendResult, dict[str, Any] | None]:
         if self._latency:
@@ -143,10 +144,11 @@ class MockProvider:
             msg_id = f"msg_{secrets.token_hex(12)}"
             for attempt in range(5):
                 try:
-                    response = await self._client.post(
-                        self._url, content=body,
-                        headers={"content-type": "application/json", **standard_webhooks.headers(self._secret, msg_id, body)},
-                    )
+                    async with self._posting:
+                        response = await self._client.post(
+                            self._url, content=body,
+                            headers={"content-type": "application/json", **standard_webhooks.headers(self._secret, msg_id, body)},
+                        )
                     if response.status_code < 300:
                         break
                     log.warning("mock webhook refused", extra={"status_code": response.status_code, "webhook_id": msg_id})
