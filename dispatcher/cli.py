@@ -175,8 +175,12 @@ def cmd_worker(args: argparse.Namespace) -> None:
                 await app.run_worker_async(additional_context={"settings": settings},
                                            concurrency=args.concurrency or settings.worker_concurrency)
             finally:
+                # Pending mock status reports get a few seconds; a supervisor must see the exit promptly.
                 for d in list(_dispatchers.values()):
-                    await d.aclose()
+                    try:
+                        await asyncio.wait_for(d.aclose(), timeout=10)
+                    except (TimeoutError, Exception):  # noqa: BLE001
+                        log.warning("provider did not close in time")
 
     asyncio.run(main())
 
