@@ -753,6 +753,45 @@ end
 $$;
 comment on function notify._set_source(text) is 'Names who changes statuses in this transaction; the history trigger records it.';
 
+create function notify._replay(p_tenant_id uuid, p_idempotency_key text, p_fingerprint bytea)
+    returns jsonb
+    language plpgsql
+    stable
+    set search_path = ''
+as $$
+declare
+    v notify.notification_requests;
+begin
+    -- Called after the key's insert lost the race: the winner has committed, so its row is visible.
+    select * into v from notify.notification_requests r where r.tenant_id = p_tenant_id and r.idempotency_key = p_idempotency_key;
+    if v.fingerprint <> p_fingerprint then
+        perform notify._raise('ND422', 'idempotency_key_reused', 'this Idempotency-Key was used with a different request body',
+                              'Idempotency-Key');
+    end if;
+    return v.response;
+end
+$$;
+comment on function notify._replay(uuid, text, bytea) is
+    'The stored response for a repeated Idempotency-Key with the same body fingerprint; ND422 for another body.';
+
+create function notify._recipient_id(p_tenant_id uuid, p_ref text)
+    returns uuid
+    language plpgsql
+    stable
+    set search_path = ''
+as $$
+declare
+    v_id uuid;
+begin
+    select id into v_id from notify.recipients where tenant_id = p_tenant_id and ref = p_ref;
+    if v_id is null then
+        perform notify._raise('ND404', 'not_found', 'no such recipient', 'ref');
+    end if;
+    return v_id;
+end
+$$;
+comment on function notify._recipient_id(uuid, text) is 'A recipient''s id by ref; ND404 if the tenant has none.';
+
 -- ==== sql/040_triggers.sql ====
 -- Triggers on notification_deliveries: the state machine guard and the status history.
 -- Fire on every write, whoever makes it; named _NNN_ so alphabetical order is firing order.
@@ -1184,14 +1223,8 @@ create function notify_api.get_recipient_v1(p_tenant_id uuid, p_ref text)
     security definer
     set search_path = ''
 as $$
-declare
-    v_id uuid;
 begin
-    select id into v_id from notify.recipients where tenant_id = p_tenant_id and ref = p_ref;
-    if v_id is null then
-        perform notify._raise('ND404', 'not_found', 'no such recipient', 'ref');
-    end if;
-    return notify._recipient_json(p_tenant_id, v_id);
+    return notify._recipient_json(p_tenant_id, notify._recipient_id(p_tenant_id, p_ref));
 end
 $$;
 comment on function notify_api.get_recipient_v1(uuid, text) is 'A recipient by ref; 404 if it does not exist for this tenant.';
@@ -1239,12 +1272,8 @@ create function notify_api.list_consents_v1(p_tenant_id uuid, p_ref text)
     set search_path = ''
 as $$
 declare
-    v_id uuid;
+    v_id uuid := notify._recipient_id(p_tenant_id, p_ref);
 begin
-    select id into v_id from notify.recipients where tenant_id = p_tenant_id and ref = p_ref;
-    if v_id is null then
-        perform notify._raise('ND404', 'not_found', 'no such recipient', 'ref');
-    end if;
     return jsonb_build_object(
         'ref', p_ref,
         'current', (select jsonb_agg(jsonb_build_object(
@@ -1381,7 +1410,6 @@ declare
     v_expires_at timestamptz;
     v_metadata jsonb;
     v_request_id uuid;
-    v_existing notify.notification_requests;
     v_channel notify.channel;
     v_tpl notify.templates;
     v_missing text;
@@ -1456,13 +1484,7 @@ begin
     on conflict (tenant_id, idempotency_key) do nothing
     returning id into v_request_id;
     if v_request_id is null then
-        select * into v_existing from notify.notification_requests r
-         where r.tenant_id = p_tenant_id and r.idempotency_key = p_idempotency_key;
-        if v_existing.fingerprint <> v_fingerprint then
-            perform notify._raise('ND422', 'idempotency_key_reused',
-                'this Idempotency-Key was used with a different request body', 'Idempotency-Key');
-        end if;
-        response := v_existing.response;
+        response := notify._replay(p_tenant_id, p_idempotency_key, v_fingerprint);
         replayed := true;
         return next;
         return;
@@ -1649,7 +1671,6 @@ declare
     v_count integer;
     v_bad record;
     v_request_id uuid;
-    v_existing notify.notification_requests;
     v_default_locale text;
     v_now timestamptz := now();
     v_response jsonb;
@@ -1715,13 +1736,7 @@ begin
     on conflict (tenant_id, idempotency_key) do nothing
     returning id into v_request_id;
     if v_request_id is null then
-        select * into v_existing from notify.notification_requests r
-         where r.tenant_id = p_tenant_id and r.idempotency_key = p_idempotency_key;
-        if v_existing.fingerprint <> sha256(convert_to(p_request::text, 'UTF8')) then
-            perform notify._raise('ND422', 'idempotency_key_reused',
-                'this Idempotency-Key was used with a different request body', 'Idempotency-Key');
-        end if;
-        response := v_existing.response;
+        response := notify._replay(p_tenant_id, p_idempotency_key, sha256(convert_to(p_request::text, 'UTF8')));
         replayed := true;
         return next;
         return;

@@ -104,3 +104,42 @@ begin
 end
 $$;
 comment on function notify._set_source(text) is 'Names who changes statuses in this transaction; the history trigger records it.';
+
+create function notify._replay(p_tenant_id uuid, p_idempotency_key text, p_fingerprint bytea)
+    returns jsonb
+    language plpgsql
+    stable
+    set search_path = ''
+as $$
+declare
+    v notify.notification_requests;
+begin
+    -- Called after the key's insert lost the race: the winner has committed, so its row is visible.
+    select * into v from notify.notification_requests r where r.tenant_id = p_tenant_id and r.idempotency_key = p_idempotency_key;
+    if v.fingerprint <> p_fingerprint then
+        perform notify._raise('ND422', 'idempotency_key_reused', 'this Idempotency-Key was used with a different request body',
+                              'Idempotency-Key');
+    end if;
+    return v.response;
+end
+$$;
+comment on function notify._replay(uuid, text, bytea) is
+    'The stored response for a repeated Idempotency-Key with the same body fingerprint; ND422 for another body.';
+
+create function notify._recipient_id(p_tenant_id uuid, p_ref text)
+    returns uuid
+    language plpgsql
+    stable
+    set search_path = ''
+as $$
+declare
+    v_id uuid;
+begin
+    select id into v_id from notify.recipients where tenant_id = p_tenant_id and ref = p_ref;
+    if v_id is null then
+        perform notify._raise('ND404', 'not_found', 'no such recipient', 'ref');
+    end if;
+    return v_id;
+end
+$$;
+comment on function notify._recipient_id(uuid, text) is 'A recipient''s id by ref; ND404 if the tenant has none.';

@@ -105,14 +105,8 @@ create function notify_api.get_recipient_v1(p_tenant_id uuid, p_ref text)
     security definer
     set search_path = ''
 as $$
-declare
-    v_id uuid;
 begin
-    select id into v_id from notify.recipients where tenant_id = p_tenant_id and ref = p_ref;
-    if v_id is null then
-        perform notify._raise('ND404', 'not_found', 'no such recipient', 'ref');
-    end if;
-    return notify._recipient_json(p_tenant_id, v_id);
+    return notify._recipient_json(p_tenant_id, notify._recipient_id(p_tenant_id, p_ref));
 end
 $$;
 comment on function notify_api.get_recipient_v1(uuid, text) is 'A recipient by ref; 404 if it does not exist for this tenant.';
@@ -160,12 +154,8 @@ create function notify_api.list_consents_v1(p_tenant_id uuid, p_ref text)
     set search_path = ''
 as $$
 declare
-    v_id uuid;
+    v_id uuid := notify._recipient_id(p_tenant_id, p_ref);
 begin
-    select id into v_id from notify.recipients where tenant_id = p_tenant_id and ref = p_ref;
-    if v_id is null then
-        perform notify._raise('ND404', 'not_found', 'no such recipient', 'ref');
-    end if;
     return jsonb_build_object(
         'ref', p_ref,
         'current', (select jsonb_agg(jsonb_build_object(

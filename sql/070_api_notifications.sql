@@ -18,7 +18,6 @@ declare
     v_expires_at timestamptz;
     v_metadata jsonb;
     v_request_id uuid;
-    v_existing notify.notification_requests;
     v_channel notify.channel;
     v_tpl notify.templates;
     v_missing text;
@@ -93,13 +92,7 @@ begin
     on conflict (tenant_id, idempotency_key) do nothing
     returning id into v_request_id;
     if v_request_id is null then
-        select * into v_existing from notify.notification_requests r
-         where r.tenant_id = p_tenant_id and r.idempotency_key = p_idempotency_key;
-        if v_existing.fingerprint <> v_fingerprint then
-            perform notify._raise('ND422', 'idempotency_key_reused',
-                'this Idempotency-Key was used with a different request body', 'Idempotency-Key');
-        end if;
-        response := v_existing.response;
+        response := notify._replay(p_tenant_id, p_idempotency_key, v_fingerprint);
         replayed := true;
         return next;
         return;

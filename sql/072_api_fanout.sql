@@ -13,7 +13,6 @@ declare
     v_count integer;
     v_bad record;
     v_request_id uuid;
-    v_existing notify.notification_requests;
     v_default_locale text;
     v_now timestamptz := now();
     v_response jsonb;
@@ -79,13 +78,7 @@ begin
     on conflict (tenant_id, idempotency_key) do nothing
     returning id into v_request_id;
     if v_request_id is null then
-        select * into v_existing from notify.notification_requests r
-         where r.tenant_id = p_tenant_id and r.idempotency_key = p_idempotency_key;
-        if v_existing.fingerprint <> sha256(convert_to(p_request::text, 'UTF8')) then
-            perform notify._raise('ND422', 'idempotency_key_reused',
-                'this Idempotency-Key was used with a different request body', 'Idempotency-Key');
-        end if;
-        response := v_existing.response;
+        response := notify._replay(p_tenant_id, p_idempotency_key, sha256(convert_to(p_request::text, 'UTF8')));
         replayed := true;
         return next;
         return;
