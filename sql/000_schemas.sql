@@ -10,6 +10,18 @@ begin
     if not exists (select from pg_roles where rolname = 'notify_caller') then
         create role notify_caller nologin;
     end if;
+    -- Owners, never logged in as: notify_owner owns the tables and the tenant-scoped functions and is subject to
+    -- row security (FORCE); notify_system owns the named cross-tenant functions (worker, webhooks, key lookup).
+    if not exists (select from pg_roles where rolname = 'notify_owner') then
+        create role notify_owner nologin nosuperuser nobypassrls;
+    end if;
+    if not exists (select from pg_roles where rolname = 'notify_system') then
+        create role notify_system nologin nosuperuser nobypassrls;
+    end if;
+    -- ALTER ... OWNER TO needs membership; a superuser has it, a CREATEROLE migrator grants it to itself.
+    if not (select rolsuper from pg_roles where rolname = current_user) then
+        execute format('grant notify_owner, notify_system to %I', current_user);
+    end if;
 end
 $$;
 

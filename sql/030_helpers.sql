@@ -143,3 +143,35 @@ begin
 end
 $$;
 comment on function notify._recipient_id(uuid, text) is 'A recipient''s id by ref; ND404 if the tenant has none.';
+
+create function notify._tenant()
+    returns uuid
+    language sql
+    stable
+as $$
+    select nullif(pg_catalog.current_setting('notify.tenant_id', true), '')::uuid
+$$;
+comment on function notify._tenant() is
+    'The tenant this transaction belongs to (setting notify.tenant_id), or null: what every row security policy compares with. Inlined, so no SET clause.';
+
+create function notify._enter(p_tenant_id uuid)
+    returns void
+    language plpgsql
+    volatile
+    set search_path = ''
+as $$
+declare
+    v_current uuid := notify._tenant();
+begin
+    if p_tenant_id is null then
+        perform notify._raise('ND404', 'not_found', 'no such tenant', 'tenant_id');
+    elsif v_current is null then
+        perform set_config('notify.tenant_id', p_tenant_id::text, true);
+    elsif v_current <> p_tenant_id then
+        -- A transaction belongs to one tenant: the one a caller set, or the first a function entered.
+        perform notify._raise('ND404', 'not_found', 'no such tenant in this transaction', 'tenant_id');
+    end if;
+end
+$$;
+comment on function notify._enter(uuid) is
+    'Binds this transaction to a tenant (transaction-local notify.tenant_id) so row security shows only its rows; ND404 if the transaction is already bound to another tenant. First statement of every tenant-scoped notify_api function.';

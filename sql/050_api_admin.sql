@@ -46,6 +46,7 @@ create function notify_api.set_retry_policy_v1(p_tenant_id uuid, p_max_attempts 
     set search_path = ''
 as $$
 begin
+    perform notify._enter(p_tenant_id);
     update notify.tenants
        set retry_max_attempts = p_max_attempts, retry_base_ms = p_base_ms, retry_max_ms = p_max_ms
      where id = p_tenant_id;
@@ -69,6 +70,7 @@ as $$
 declare
     v notify.api_clients;
 begin
+    perform notify._enter(p_tenant_id);
     if p_scopes is null or cardinality(p_scopes) = 0 or not p_scopes <@ array['submit', 'read', 'admin'] then
         perform notify._raise('ND422', 'invalid_scopes', 'scopes must be a non-empty subset of submit, read, admin', 'scopes');
     end if;
@@ -97,6 +99,7 @@ as $$
 declare
     v notify.api_clients;
 begin
+    perform notify._enter(p_tenant_id);
     update notify.api_clients set revoked_at = coalesce(revoked_at, now())
      where tenant_id = p_tenant_id and id = p_key_id
     returning * into v;
@@ -115,6 +118,7 @@ create function notify_api.list_api_keys_v1(p_tenant_id uuid)
     security definer
     set search_path = ''
 as $$
+    select notify._enter(p_tenant_id);
     select coalesce(jsonb_agg(jsonb_build_object('id', c.id, 'name', c.name, 'prefix', c.prefix, 'scopes', to_jsonb(c.scopes),
                                                  'created_at', c.created_at, 'last_used_at', c.last_used_at,
                                                  'expires_at', c.expires_at, 'revoked_at', c.revoked_at) order by c.created_at), '[]')
@@ -191,6 +195,7 @@ declare
     v notify.api_clients;
     v_new jsonb;
 begin
+    perform notify._enter(p_tenant_id);
     select * into v from notify.api_clients c
      where c.tenant_id = p_tenant_id and c.id = p_key_id and c.revoked_at is null and (c.expires_at is null or c.expires_at > now())
        for update;
@@ -216,6 +221,7 @@ create function notify_api.set_api_rate_v1(p_tenant_id uuid, p_rate_per_second d
     set search_path = ''
 as $$
 begin
+    perform notify._enter(p_tenant_id);
     if p_rate_per_second is null or p_rate_per_second <= 0 then
         perform notify._raise('ND422', 'invalid_value', 'rate must be a positive number of requests per second', 'rate_per_second');
     end if;
@@ -230,6 +236,7 @@ create function notify_api.set_channel_policy_v1(p_tenant_id uuid, p_channel not
     security definer
     set search_path = ''
 as $$
+    select notify._enter(p_tenant_id);
     insert into notify.channel_policies (tenant_id, channel, policy) values (p_tenant_id, p_channel, p_policy)
     on conflict (tenant_id, channel) do update set policy = excluded.policy, updated_at = now()
     returning jsonb_build_object('channel', channel, 'policy', policy, 'updated_at', updated_at)
@@ -244,6 +251,7 @@ create function notify_api.list_channel_policies_v1(p_tenant_id uuid)
     security definer
     set search_path = ''
 as $$
+    select notify._enter(p_tenant_id);
     select jsonb_agg(jsonb_build_object('channel', c, 'policy', coalesce(p.policy, notify._default_policy(c)),
                                         'default', p.policy is null) order by c)
       from unnest(enum_range(null::notify.channel)) c

@@ -90,6 +90,7 @@ as $$
 declare
     v notify.recipients;
 begin
+    perform notify._enter(p_tenant_id);
     perform notify._check_keys(coalesce(p_body, '{}'), array['addresses', 'locale', 'timezone'], '');
     v := notify._upsert_recipient(p_tenant_id, p_ref, coalesce(p_body, '{}'), '');
     return notify._recipient_json(p_tenant_id, v.id);
@@ -106,6 +107,7 @@ create function notify_api.get_recipient_v1(p_tenant_id uuid, p_ref text)
     set search_path = ''
 as $$
 begin
+    perform notify._enter(p_tenant_id);
     return notify._recipient_json(p_tenant_id, notify._recipient_id(p_tenant_id, p_ref));
 end
 $$;
@@ -123,6 +125,7 @@ declare
     v_status text;
     v_entry notify.recipient_consents;
 begin
+    perform notify._enter(p_tenant_id);
     perform notify._check_keys(p_body, array['channel', 'status', 'category', 'source', 'evidence'], '');
     if p_body is null then
         perform notify._raise('ND400', 'missing_field', 'body is required', '');
@@ -154,8 +157,10 @@ create function notify_api.list_consents_v1(p_tenant_id uuid, p_ref text)
     set search_path = ''
 as $$
 declare
-    v_id uuid := notify._recipient_id(p_tenant_id, p_ref);
+    v_id uuid;
 begin
+    perform notify._enter(p_tenant_id);
+    v_id := notify._recipient_id(p_tenant_id, p_ref);
     return jsonb_build_object(
         'ref', p_ref,
         'current', (select jsonb_agg(jsonb_build_object(
@@ -185,6 +190,7 @@ declare
     v_content jsonb;
     v_channel notify.channel;
 begin
+    perform notify._enter(p_tenant_id);
     perform notify._check_keys(p_body, array['locale', 'channels'], '');
     if p_key is null or p_key !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$' then
         perform notify._raise('ND400', 'invalid_format', 'template key must be 1-100 letters, digits, _ . or -', 'key');
@@ -263,6 +269,7 @@ create function notify_api.list_templates_v1(p_tenant_id uuid, p_key text defaul
     security definer
     set search_path = ''
 as $$
+    select notify._enter(p_tenant_id);
     select coalesce(jsonb_agg(jsonb_build_object('key', t.key, 'channel', t.channel, 'locale', t.locale, 'content', t.content,
                                                  'required_variables', to_jsonb(t.required_variables), 'version', t.version,
                                                  'updated_at', t.updated_at) order by t.key, t.channel, t.locale), '[]')

@@ -25,6 +25,7 @@ declare
     v_now timestamptz := now();
     v_response jsonb;
 begin
+    perform notify._enter(p_tenant_id);
     -- 1. Validate the shape; every error names its field, nothing is written yet.
     if p_request is null or jsonb_typeof(p_request) <> 'object' then
         perform notify._raise('ND400', 'invalid_type', 'body must be a JSON object', '');
@@ -199,6 +200,7 @@ declare
     v_deliveries jsonb;
     v_open boolean;
 begin
+    perform notify._enter(p_tenant_id);
     select * into v from notify.notification_requests r where r.tenant_id = p_tenant_id and r.id = p_id;
     if v.id is null then
         perform notify._raise('ND404', 'not_found', 'no such notification', 'id');
@@ -229,6 +231,7 @@ as $$
 declare
     v_result jsonb;
 begin
+    perform notify._enter(p_tenant_id);
     if not exists (select from notify.notification_requests r where r.tenant_id = p_tenant_id and r.id = p_id) then
         perform notify._raise('ND404', 'not_found', 'no such notification', 'id');
     end if;

@@ -207,6 +207,7 @@ declare
     v_type text;
     v_field text;
 begin
+    perform notify._enter(p_tenant_id);
     if jsonb_typeof(p_items) is distinct from 'array' or jsonb_array_length(p_items) not between 1 and 1000 then
         perform notify._raise('ND400', 'invalid_length', 'items must be a list of 1 to 1000 intents', 'items');
     end if;

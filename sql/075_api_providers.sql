@@ -33,6 +33,7 @@ declare
     v_required text[];
     v_key text;
 begin
+    perform notify._enter(p_tenant_id);
     perform notify._check_keys(p_body, array['provider', 'settings', 'secrets'], '');
     v_provider := notify._text_field(p_body, 'provider', '', true, 40);
     if v_provider not in ('mock', 'whatsapp_cloud', 'smtp')
@@ -105,6 +106,7 @@ create function notify_api.list_channel_providers_v1(p_tenant_id uuid)
     security definer
     set search_path = ''
 as $$
+    select notify._enter(p_tenant_id);
     select jsonb_agg(jsonb_build_object(
                'channel', c, 'provider', coalesce(p.provider, 'mock'), 'settings', coalesce(p.settings, '{}'),
                'secrets', coalesce((select jsonb_object_agg(k, split_part(v #>> '{}', ':', 1) || ':***') from jsonb_each(p.secrets) e(k, v)), '{}'),
@@ -149,6 +151,7 @@ as $$
 declare
     v record;
 begin
+    perform notify._enter(p_tenant_id);
     select d.recipient_id, d.channel, r.category into v
       from notify.notification_deliveries d
       join notify.notification_requests r on r.tenant_id = d.tenant_id and r.id = d.request_id

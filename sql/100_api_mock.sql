@@ -25,6 +25,7 @@ create function notify_api.list_mock_messages_v1(p_tenant_id uuid, p_delivery_id
     security definer
     set search_path = ''
 as $$
+    select notify._enter(p_tenant_id);
     select coalesce(jsonb_agg(x.j order by x.id desc), '[]')
       from (select m.id, jsonb_build_object('delivery_id', m.delivery_id, 'attempt', m.attempt, 'channel', m.channel,
                                             'address', m.address, 'provider_message_id', m.provider_message_id,

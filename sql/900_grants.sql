@@ -29,3 +29,17 @@ grant select, insert, update, delete on all tables in schema public to notify_se
 grant usage, select on all sequences in schema public to notify_service;
 grant execute on all functions in schema public to notify_service;
 grant execute on function notify_api.submit_notifications_v1(uuid, jsonb) to notify_caller;
+
+-- The owning roles (sql/890_row_security.sql): notify_owner owns the tables; notify_system reads and writes every row
+-- through its own policy; both run procrastinate's wake-ups.
+-- (The revokes repeat the top of this file, so a migration ending with this block leaves no new function open.)
+revoke execute on all functions in schema notify from public;
+revoke execute on all functions in schema notify_api from public;
+grant usage on schema notify, notify_api to notify_owner, notify_system;
+grant select, insert, update, delete on all tables in schema notify to notify_system;
+grant usage, select on all sequences in schema notify to notify_system;
+grant execute on all functions in schema notify to notify_system;
+grant select, insert, update, delete on all tables in schema public to notify_owner, notify_system;
+grant usage, select on all sequences in schema public to notify_owner, notify_system;
+grant execute on all functions in schema public to notify_owner, notify_system;
+select notify._settle_owners();

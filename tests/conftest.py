@@ -75,9 +75,25 @@ def db(postgresql: psycopg.Connection) -> psycopg.Connection:
     return postgresql
 
 
-def url_of(conn: psycopg.Connection) -> str:
+def url_of(conn: psycopg.Connection, user: str | None = None) -> str:
     info = conn.info
-    return f"postgresql://{info.user}@/{info.dbname}?host={info.host}&port={info.port}"
+    return f"postgresql://{user or info.user}@/{info.dbname}?host={info.host}&port={info.port}"
+
+
+# Login roles as a deployment has them: members of notify_service (API, worker) or notify_caller (trusted SQL clients);
+# not superusers, not BYPASSRLS, owners of nothing. Cluster-wide, created once.
+APP_ROLES = {"dispatcher_app": "notify_service", "dispatcher_caller": "notify_caller"}
+
+
+def app_url(db_url: str, role: str = "dispatcher_app") -> str:
+    """The same database as db_url, logged in as an application role instead of the superuser."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for name, group in APP_ROLES.items():
+            try:
+                conn.execute(f"create role {name} login nosuperuser nobypassrls in role {group}")  # type: ignore[arg-type]
+            except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+                pass
+        return url_of(conn, role)
 
 
 @pytest.fixture
@@ -189,7 +205,7 @@ def start_service(db_url: str, tmp_path: Path, extra_env: dict[str, str] | None 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
     env.update({
-        "DATABASE_URL": db_url,
+        "DATABASE_URL": app_url(db_url),
         "DISPATCHER_PORT": str(port),
         "DISPATCHER_MOCK_WEBHOOK_SECRET": new_secret(),
         "DISPATCHER_MOCK_STATUS_DELAY_MS": "30",

@@ -12,10 +12,10 @@ from litestar.testing import TestClient
 from psycopg.types.json import Jsonb
 
 from api.app import create_app
-from dispatcher import keys
+from dispatcher import keys, schema
 from dispatcher.settings import Settings
 from providers import standard_webhooks as sw
-from tests.conftest import REMINDER, call, intent
+from tests.conftest import REMINDER, app_url, call, intent
 
 SECRET = sw.new_secret()
 
@@ -28,7 +28,7 @@ def make_key(db: psycopg.Connection, tenant: str) -> tuple[str, str]:
 
 @pytest.fixture
 def client(db: psycopg.Connection, db_url: str, ready: str) -> Iterator[TestClient]:
-    settings = Settings(database_url=db_url, mock_webhook_secret=SECRET, max_body_bytes=64 * 1024)
+    settings = Settings(database_url=app_url(db_url), mock_webhook_secret=SECRET, max_body_bytes=64 * 1024)
     key, _ = make_key(db, ready)
     with TestClient(app=create_app(settings)) as c:
         c.headers["Authorization"] = f"Bearer {key}"
@@ -201,7 +201,7 @@ def test_webhooks_verify_store_once_and_apply(client, db):
 def test_health_version_and_openapi(client):
     client.headers.pop("Authorization")
     assert client.get("/health").json() == {"status": "ok", "database": "ok"}
-    assert client.get("/version").json()["schema"] == "0002_notify_core"
+    assert client.get("/version").json()["schema"] == schema.migration_files()[-1].stem
     spec = client.get("/schema/openapi.json").json()
     operations = {op["operationId"] for path in spec["paths"].values() for op in path.values() if isinstance(op, dict) and "operationId" in op}
     assert {"submitNotification", "getNotification", "cancelNotification", "upsertRecipient", "getRecipient", "recordConsent",

@@ -11,7 +11,8 @@ from dispatcher import schema
 SNAPSHOT = """
 with ns as (select oid, nspname from pg_namespace where nspname in ('notify', 'notify_api', 'public'))
 select 'relation', ns.nspname || '.' || c.relname, c.relkind::text || ' ' || coalesce(obj_description(c.oid, 'pg_class'), '')
-       || ' acl=' || coalesce(c.relacl::text, '') || ' rls=' || c.relrowsecurity::text
+       || ' acl=' || coalesce(c.relacl::text, '') || ' rls=' || c.relrowsecurity::text || ' force=' || c.relforcerowsecurity::text
+       || ' owner=' || c.relowner::regrole::text
   from pg_class c join ns on ns.oid = c.relnamespace
  where c.relname not like '\\_yoyo%%' and c.relname not like 'yoyo%%'
 union all
@@ -31,6 +32,7 @@ select 'index', ns.nspname || '.' || c.relname, pg_get_indexdef(c.oid)
 union all
 select 'function', ns.nspname || '.' || p.oid::regprocedure::text,
        pg_get_functiondef(p.oid) || ' comment=' || coalesce(obj_description(p.oid, 'pg_proc'), '') || ' acl=' || coalesce(p.proacl::text, '')
+       || ' owner=' || p.proowner::regrole::text
   from pg_proc p join ns on ns.oid = p.pronamespace
 union all
 select 'trigger', t.tgrelid::regclass::text || '.' || t.tgname, pg_get_triggerdef(t.oid)
@@ -38,8 +40,12 @@ select 'trigger', t.tgrelid::regclass::text || '.' || t.tgname, pg_get_triggerde
 union all
 select 'type', ns.nspname || '.' || t.typname,
        t.typtype::text || ' ' || coalesce((select string_agg(enumlabel, ',' order by enumsortorder) from pg_enum where enumtypid = t.oid), '')
-       || ' ' || coalesce(obj_description(t.oid, 'pg_type'), '')
+       || ' ' || coalesce(obj_description(t.oid, 'pg_type'), '') || ' owner=' || t.typowner::regrole::text
   from pg_type t join ns on ns.oid = t.typnamespace where t.typtype in ('e', 'c') and t.typrelid = 0 or (t.typtype = 'c' and ns.nspname = 'notify')
+union all
+select 'policy', schemaname || '.' || tablename || '.' || policyname,
+       cmd || ' ' || roles::text || ' ' || coalesce(qual, '') || ' ' || coalesce(with_check, '')
+  from pg_policies where schemaname in ('notify', 'notify_api')
 union all
 select 'schema', nspname, coalesce(obj_description(oid, 'pg_namespace'), '') || ' acl=' || coalesce(nspacl::text, '')
   from pg_namespace where nspname in ('notify', 'notify_api')
@@ -71,7 +77,8 @@ def test_migrations_build_the_same_schema_as_sql_dir(db_url: str, empty_db: str)
     assert len(from_sql) > 200
     only_sql = sorted(set(from_sql) - set(from_migrations))
     only_migrations = sorted(set(from_migrations) - set(from_sql))
-    assert (only_sql, only_migrations) == ([], [])
+    differ = "\n".join(f"{a[1]}\n  sql/:        ...{a[2][-150:]}\n  migrations/: ...{b[2][-150:]}" for a, b in zip(only_sql, only_migrations))
+    assert (only_sql, only_migrations) == ([], []), differ[:4000]
 
 
 def test_migrating_again_applies_nothing(empty_db: str) -> None:
@@ -115,7 +122,8 @@ def test_every_table_and_function_is_commented(db: psycopg.Connection) -> None:
 
 # Hot, pure helpers carry no SET clause so the planner can inline them (docs/architecture.md). They must stay
 # private, SQL-language, not security definer, and name everything schema-qualified.
-INLINED = {"_address_valid", "_consent", "_default_policy", "_is_final", "_provider_family", "_rank", "_transition_allowed"}
+INLINED = {"_address_valid", "_consent", "_default_policy", "_is_final", "_provider_family", "_rank", "_tenant",
+           "_transition_allowed"}
 
 
 def test_every_function_pins_its_search_path_except_the_inlined_helpers(db: psycopg.Connection) -> None:
