@@ -189,3 +189,48 @@ def test_webhook_handshake_and_provider_admin_routes(stack: Stack) -> None:
         assert bad.json()["type"].endswith("invalid_secret_reference")
         wrong = c.put("/internal/channels/email/provider", json={"provider": "whatsapp_cloud"})
         assert wrong.status_code == 422 and wrong.json()["field"] == "provider"
+
+
+def test_a_provider_outage_is_ridden_out_and_nothing_expires(stack: Stack) -> None:
+    """For a few seconds the Graph API answers 503 (Meta code 2), then throttles (130429), and the SMTP server is down
+    (connection refused): deliveries back off, and after recovery every one is sent once, before its expires_at.
+    (A Graph API that drops connections after the request was written makes WhatsApp deliveries `unknown`, by design:
+    see test_each_failure_class_ends_in_its_documented_state.)"""
+    with psycopg.connect(stack.svc.db_url, autocommit=True) as conn:
+        call(conn, "notify_api.set_retry_policy_v1(%s, 30, 200, 1000)", stack.svc.tenant_id)
+    smtp_port = stack.smtp.controller.port  # type: ignore[union-attr]
+    stack.graph.outage = "http503"
+    stack.smtp.stop()
+    started = time.monotonic()
+    phones = [f"+3460000{n:04d}" for n in range(20)]
+    ids = []
+    for n, phone in enumerate(phones):
+        grant(stack, f"outage-{n}")
+        ids.append(submit(stack, recipient={"ref": f"outage-{n}", "addresses": {"whatsapp": phone, "email": f"outage-{n}@example.com"}},
+                          expires_at="2099-01-01T00:00:00Z" if n % 2 else _in_seconds(60)))
+    with psycopg.connect(stack.svc.db_url, autocommit=True) as conn:
+        deadline = time.monotonic() + 20
+        while conn.execute("select count(*) filter (where attempt >= 2), count(*) from notify.notification_deliveries").fetchone()[0] < 40:
+            assert time.monotonic() < deadline, "deliveries did not retry during the outage"
+            time.sleep(0.1)
+        stack.graph.outage = "error:130429"   # now throttling
+        time.sleep(1.5)
+        stack.graph.outage = None              # recovery
+        stack.smtp.start(smtp_port)
+        outage = time.monotonic() - started
+        for nid in ids:
+            stack.svc.wait_for(nid, lambda b: all(d["status"] in ("sent", "delivered", "read") for d in b["deliveries"]), timeout=30)
+        rows = conn.execute("""select channel, attempt, sent_at <= coalesce(expires_at, 'infinity'), status
+                                 from notify.notification_deliveries""").fetchall()
+        refused = conn.execute("select count(*) from notify.delivery_attempts where outcome = 'retry'").fetchone()[0]
+    assert len(rows) == 40 and all(in_time for _, _, in_time, _ in rows)
+    assert all(attempt >= 3 for _, attempt, _, _ in rows)
+    assert sorted(stack.graph.accepted) == sorted(p.lstrip("+") for p in phones)            # each WhatsApp message sent once
+    assert sorted(r for m in stack.smtp.received for r in m.recipients) == sorted(f"outage-{n}@example.com" for n in range(20))
+    print(f"\nprovider outage of {outage:.1f} s: 40 of 40 deliveries sent once after recovery, all before expires_at; "
+          f"{refused} retried attempts, at most {max(a for _, a, _, _ in rows)} attempts for one delivery")
+
+
+def _in_seconds(seconds: int) -> str:
+    import datetime as dt
+    return (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)).isoformat()

@@ -37,12 +37,14 @@ class GraphFake:
     webhook_url: str | None = None
     phone_number_id: str = "106540352242922"
     # per recipient (digits, no +): a list of scripted replies, used in order, the last one repeating:
-    # "ok", "error:<code>", "timeout", "http500", "async_failed:<code>", "silent"
+    # "ok", "error:<code>", "timeout", "http500", "http503", "async_failed:<code>", "silent"
     scripts: dict[str, list[str]] = field(default_factory=dict)
     duplicate_webhooks: bool = True
+    outage: str | None = None   # while set (a script step, e.g. "http503"), every send gets that answer: an outage
     status_delay: float = 0.05
     requests: list[dict[str, Any]] = field(default_factory=list)
     posted: list[tuple[str, int]] = field(default_factory=list)   # (status, HTTP answer) of every webhook sent
+    accepted: list[str] = field(default_factory=list)             # the recipient of every message given a wamid
     _counter: itertools.count = field(default_factory=lambda: itertools.count(1))
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -95,16 +97,20 @@ class GraphFake:
         if auth != f"Bearer {self.access_token}":
             return 401, {"error": {"code": 190, "message": ERRORS[190], "type": "OAuthException"}}, 0
         to = str(body.get("to", ""))
-        script = self._next_script(to)
+        script = self.outage or self._next_script(to)
         if script == "timeout":
             return 200, {"messaging_product": "whatsapp"}, 30.0
         if script == "http500":
             return 500, {}, 0
+        if script == "http503":   # Meta's "API Service temporarily unavailable"
+            return 503, {"error": {"code": 2, "message": "Service temporarily unavailable", "type": "OAuthException"}}, 0
         if script.startswith("error:"):
             code = int(script.split(":")[1])
             return 400, {"error": {"message": ERRORS.get(code, "error"), "type": "OAuthException", "code": code,
                                    "fbtrace_id": "Az8or2yhqkZfEZ"}}, 0
         wamid = f"wamid.fake-{next(self._counter)}"
+        with self._lock:
+            self.accepted.append(to)
         if script != "silent":
             final = ["sent", "delivered", "read"]
             if script.startswith("async_failed:"):

@@ -83,14 +83,16 @@ class SmtpFake:
         ok = isinstance(auth_data, LoginPassword) and (auth_data.login.decode(), auth_data.password.decode()) == self.credentials
         return AuthResult(success=ok, handled=False)
 
-    def start(self) -> int:
+    def start(self, port: int = 0) -> int:
+        """Listens on port (0: a free one); start(port) again after stop() brings the same server back."""
         kwargs: dict[str, Any] = {}
         if self.require_tls_auth:
             kwargs = {"tls_context": self_signed_context(), "require_starttls": True, "authenticator": self._authenticate,
                       "auth_required": True, "auth_require_tls": True}
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
+        if not port:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = int(probe.getsockname()[1])
         self.controller = Controller(self, hostname="127.0.0.1", port=port, **kwargs)
         self.controller.start()
         return port
