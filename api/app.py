@@ -22,7 +22,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from psycopg.types.json import Jsonb
 
-from api import problems
+from api import problems, request_ids
 from api.db import Database
 from api.problems import ProblemException
 from api.schemas import (
@@ -56,8 +56,13 @@ class Tenant:
     key_id: UUID
 
 
-SUBMIT = ("select s.response::text, s.replayed from notify_api.authorize_v1(%s, 'submit') a "
-          "cross join lateral notify_api.submit_notification_v1(a.tenant_id, %s::jsonb, %s) s")
+# The request id travels as the transaction setting notify.request_id (the column's default reads it). It is set in
+# the argument list, so it happens before the submission and within the same statement: still one round trip.
+_WITH_REQUEST_ID = "case when set_config('notify.request_id', coalesce(%(request_id)s, ''), true) is null then null else {} end"
+SUBMIT = ("select s.response::text, s.replayed from notify_api.authorize_v1(%(key)s, 'submit') a "
+          "cross join lateral notify_api.submit_notification_v1(a.tenant_id, %(body)s::jsonb, "
+          + _WITH_REQUEST_ID.format("%(idempotency_key)s::text") + ") s")
+BATCH = "select notify_api.submit_notifications_v1(%(tenant)s, " + _WITH_REQUEST_ID.format("(%(body)s::jsonb) -> 'items'") + ")::text"
 
 
 def _json(text: str | None, status: int = 200, headers: dict[str, str] | None = None) -> Response[Any]:
@@ -110,7 +115,8 @@ class Notifications(Controller):
     ) -> Response[NotificationAccepted]:
         # The hot path: authentication and submission in one statement, one round trip (a revoked key still
         # gets 401 at once: no row from the authentication means no submission).
-        row = await db.one(SUBMIT, (_key_digest(request), await _body_text(request), idempotency_key))
+        row = await db.one(SUBMIT, {"key": _key_digest(request), "body": await _body_text(request),
+                                    "request_id": request_ids.current(), "idempotency_key": idempotency_key})
         if row is None:
             raise _unauthorized()
         metrics.SUBMISSIONS.labels("replayed" if row[1] else "accepted").inc()
@@ -124,8 +130,7 @@ class Notifications(Controller):
                       "outcome (accepted, replayed, or its error) in order.")
     async def batch(self, request: Request[Any, Any, Any], data: JSONBody[BatchIn], tenant: NamedDependency[Tenant],
                     db: NamedDependency[Database]) -> Response[BatchOut]:
-        row = await db.one("select notify_api.submit_notifications_v1(%s, (%s::jsonb) -> 'items')::text",
-                           (tenant.id, await _body_text(request)))
+        row = await db.one(BATCH, {"tenant": tenant.id, "body": await _body_text(request), "request_id": request_ids.current()})
         return _json(row[0] if row else None)
 
     @get("/{notification_id:uuid}", responses=ERRORS, operation_id="getNotification", opt={"scope": "read"}, summary="Read a notification and its deliveries")
@@ -356,7 +361,7 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
     return Litestar(
         route_handlers=[internal, public, health, version, MetricsController,
                         *([bench_baseline] if settings.bench_baseline else [])],
-        middleware=[prometheus.middleware],
+        middleware=[request_ids.middleware, prometheus.middleware],
         dependencies={"db": Provide(provide_db)},
         state=State({"db": db, "webhook_adapters": webhook_adapters(settings), "settings": settings}),
         lifespan=[lifespan],

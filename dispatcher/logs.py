@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
 import sys
@@ -27,6 +28,8 @@ def mask(text: str) -> str:
 
 
 _encoder = msgspec.json.Encoder()
+# The X-Request-ID of the HTTP request being handled (api/request_ids.py binds it); every log line carries it.
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -41,6 +44,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": mask(record.getMessage()),
         }
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            event["request_id"] = mask(request_id)  # the caller chose it: it could hold anything
         for key, value in record.__dict__.items():
             if key not in self._skip and not key.startswith("_"):
                 event[key] = mask(value) if isinstance(value, str) else value

@@ -43,6 +43,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_in_flight: int = 100
     lease_seconds: int = 60
     dispatch_linger_ms: float = 250.0
+    log_deliveries: bool = True  # one log line per delivery attempt (DISPATCHER_LOG_DELIVERIES=0 turns it off)
     worker_concurrency: int = 2
     # mock provider
     mock_webhook_secret: str | None = None
@@ -80,6 +81,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             max_in_flight=_int("DISPATCHER_MAX_IN_FLIGHT", 100),
             lease_seconds=_int("DISPATCHER_LEASE_SECONDS", 60),
             dispatch_linger_ms=_float("DISPATCHER_DISPATCH_LINGER_MS", 250.0),
+            log_deliveries=os.environ.get("DISPATCHER_LOG_DELIVERIES", "1") not in ("0", "false", "no"),
             worker_concurrency=_int("DISPATCHER_WORKER_CONCURRENCY", 2),
             mock_webhook_secret=secret("DISPATCHER_MOCK_WEBHOOK_SECRET"),
             mock_webhook_url=os.environ.get("DISPATCHER_MOCK_WEBHOOK_URL")

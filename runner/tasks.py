@@ -123,9 +123,16 @@ class Dispatcher:
                     slots.notify_all()
             await self.connector.execute_query_all_async(RECORD, results=Jsonb(results))
             outcomes: dict[str, int] = {}
+            request_ids = {str(row["delivery_id"]): row.get("http_request_id") for row in rows}
             for r in results:
                 outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
                 counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+                if self.settings.log_deliveries:
+                    # One line per attempt, with the submitting request's X-Request-ID; no address, no content.
+                    log.info("delivery attempted", extra={
+                        "channel": channel, "delivery_id": r["delivery_id"], "tenant_id": r["tenant_id"],
+                        "attempt": r["attempt"], "outcome": r["outcome"], "provider": r.get("provider"),
+                        "error_code": r.get("error_code"), "request_id": request_ids.get(r["delivery_id"])})
             log.info("batch dispatched", extra={"channel": channel, "claimed": len(rows), "outcomes": outcomes,
                                                 "ms": round((time.perf_counter() - started) * 1000, 1)})
 

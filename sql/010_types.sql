@@ -80,7 +80,8 @@ create type notify.claimed_delivery as (
     category text,
     request_id uuid,
     provider text,
-    provider_config jsonb
+    provider_config jsonb,
+    http_request_id text
 );
 comment on type notify.claimed_delivery is
     'What the worker needs to send one claimed delivery: where to, the template content, the variables, and the tenant''s provider for the channel (settings and secret references, never secrets).';

@@ -172,13 +172,17 @@ create table notify.notification_requests (
     primary key (tenant_id, id),
     foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
     constraint notification_requests_idempotency_key unique (tenant_id, idempotency_key),
-    constraint notification_requests_key_format check (idempotency_key ~ '^[\x21-\x7e]{1,255}$')
+    constraint notification_requests_key_format check (idempotency_key ~ '^[\x21-\x7e]{1,255}$'),
+    http_request_id text default nullif(current_setting('notify.request_id', true), '')
+        constraint notification_requests_http_request_id check (http_request_id ~ '^[\x21-\x7e]{1,200}$')
 );
 comment on table notify.notification_requests is
     'One accepted notification intent. Its idempotency key lives as long as the row.';
 comment on column notify.notification_requests.fingerprint is 'SHA-256 of the canonical (jsonb) request body; a reused key with another body is refused.';
 comment on column notify.notification_requests.recipient_id is 'The one recipient of a single intent; null for a fan-out (see recipient_count and the deliveries).';
 comment on column notify.notification_requests.response is 'The response given at submission, replayed verbatim for a repeated idempotency key.';
+comment on column notify.notification_requests.http_request_id is
+    'The X-Request-ID of the submitting HTTP request (or a direct caller''s transaction setting notify.request_id): ties the API''s, the worker''s and the caller''s log lines together.';
 
 create table notify.notification_deliveries (
     tenant_id uuid not null,

@@ -215,7 +215,7 @@ begin
         'recipient', (select r.ref from notify.recipients r where r.tenant_id = v.tenant_id and r.id = v.recipient_id),
         'recipient_count', case when v.recipient_id is null then v.recipient_count end,
         'template', v.template_key, 'category', v.category, 'channels', to_jsonb(v.channels),
-        'send_at', v.send_at, 'expires_at', v.expires_at, 'metadata', v.metadata))
+        'send_at', v.send_at, 'expires_at', v.expires_at, 'metadata', v.metadata, 'http_request_id', v.http_request_id))
         || jsonb_build_object('deliveries', coalesce(v_deliveries, '[]'));
 end
 $$;

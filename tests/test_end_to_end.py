@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from tests.conftest import REMINDER, ROOT, Service, call, intent, start_service, stop_service, url_of
+from tests.conftest import REMINDER, ROOT, Service, call, intent, start_service, stop_service, submit, url_of
 
 pytestmark = pytest.mark.slow
 
@@ -135,6 +135,34 @@ def test_logs_and_job_arguments_hold_no_personal_data(svc: Service) -> None:
     for secret in ("+34600111222", "34600111222", "ana@example.com", "Long run", svc.key):
         assert secret not in text, secret
     assert "webhook ingested" in svc.log_text()
+
+
+def test_the_request_id_reaches_the_notification_and_the_workers_log_lines(svc: Service) -> None:
+    with svc.client() as c:
+        given = c.post("/internal/notifications", json=intent(), headers={"X-Request-ID": "runflow-req-7f3a"})
+        assert given.headers["x-request-id"] == "runflow-req-7f3a"
+        made = c.post("/internal/notifications", json=intent(variables={"name": "Bo", "event": "x"}),
+                      headers={"X-Request-ID": "bad id with spaces"})
+        created_id = made.headers["x-request-id"]
+        assert created_id != "bad id with spaces" and len(created_id) == 32   # refused and replaced by a fresh one
+        assert c.get("/health").headers["x-request-id"]
+    body = svc.wait_for(given.json()["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"read", "delivered"})
+    assert body["http_request_id"] == "runflow-req-7f3a"
+    assert svc.wait_for(made.json()["id"], lambda b: True)["http_request_id"] == created_id
+    lines = [json.loads(line) for line in svc.log_text().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("request_id") == "runflow-req-7f3a"]
+    api_lines = [line for line in mine if line["logger"] == "api.access"]
+    worker_lines = [line for line in mine if line["event"] == "delivery attempted"]
+    assert api_lines and api_lines[0]["status"] == 202 and api_lines[0]["path"] == "/internal/notifications"
+    delivery_ids = {d["id"] for d in body["deliveries"]}
+    assert {line["delivery_id"] for line in worker_lines} == delivery_ids
+    assert all(line["outcome"] == "sent" and "address" not in line for line in worker_lines)
+    with psycopg.connect(svc.db_url) as conn:   # direct SQL callers set it as a transaction setting
+        with conn.transaction():
+            conn.execute("select set_config('notify.request_id', 'sql-caller-1', true)")
+            response, _ = submit(conn, svc.tenant_id, intent(variables={"name": "Cy", "event": "y"}))
+        stored = conn.execute("select http_request_id from notify.notification_requests where id = %s", (response["id"],)).fetchone()[0]
+    assert stored == "sql-caller-1"
 
 
 def test_the_procrastinate_cli_runs_the_same_worker(db: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
