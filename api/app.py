@@ -26,11 +26,14 @@ from api import problems, request_ids
 from api.db import Database
 from api.problems import ProblemException
 from api.schemas import (
-    BatchIn, BatchOut, CancelResult, ConsentEntry, ConsentIn, ConsentsOut, Health, MockMessage, NotificationAccepted, NotificationIn,
-    NotificationOut, PolicyOut, Problem, PolicyPut, ProviderOut, ProviderPut, RecipientOut, RecipientPut, TemplateOut, TemplatePut, Version, WebhookAck,
+    BatchIn, BatchOut, CallbackMessage, CallbacksOut, CallbacksPut, CancelResult, ConsentEntry, ConsentIn, ConsentsOut, Health, MockMessage, NotificationAccepted, NotificationIn,
+    NotificationOut, PolicyOut, Problem, PolicyPut, ProviderOut, ProviderPut, RecipientOut, RecipientPut, SecretRotation, TemplateOut, TemplatePut, Version, WebhookAck,
 )
 from dispatcher import __version__, keys, metrics, schema
+from dispatcher.callback_urls import UnsafeUrl
+from dispatcher.callback_urls import resolve as resolve_callback_url
 from dispatcher.settings import Settings
+from providers import standard_webhooks
 from providers.base import WebhookRejected
 from providers.registry import webhook_adapters
 from providers.unsubscribe import check_token
@@ -100,6 +103,15 @@ async def _body_text(request: Request[Any, Any, Any]) -> str:
     return (await request.body()).decode("utf-8")
 
 
+async def _check_callback_url(state: State, url: str | None, field: str) -> None:
+    """SSRF: a callback URL must resolve to public addresses only (outside development mode); 422 names the field."""
+    if url is not None:
+        try:
+            await resolve_callback_url(url, allow_private=state.settings.dev_mode)
+        except UnsafeUrl as exc:
+            raise ProblemException(422, "unsafe_callback_url", str(exc), field) from None
+
+
 class Notifications(Controller):
     path = "/notifications"
     tags = ["notifications"]
@@ -110,11 +122,12 @@ class Notifications(Controller):
                       "deliveries say why. A repeated Idempotency-Key with the same body replays the original response with "
                       "200 and Idempotent-Replayed: true; with another body, 422.")
     async def submit(
-        self, request: Request[Any, Any, Any], data: JSONBody[NotificationIn], db: NamedDependency[Database],
+        self, request: Request[Any, Any, Any], data: JSONBody[NotificationIn], db: NamedDependency[Database], state: State,
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", required=False, max_length=255)] = None,
     ) -> Response[NotificationAccepted]:
         # The hot path: authentication and submission in one statement, one round trip (a revoked key still
         # gets 401 at once: no row from the authentication means no submission).
+        await _check_callback_url(state, data.callback_url, "callback_url")
         row = await db.one(SUBMIT, {"key": _key_digest(request), "body": await _body_text(request),
                                     "request_id": request_ids.current(), "idempotency_key": idempotency_key})
         if row is None:
@@ -129,7 +142,9 @@ class Notifications(Controller):
           description="Each item has its own idempotency key and succeeds or fails alone; the answer reports each item's "
                       "outcome (accepted, replayed, or its error) in order.")
     async def batch(self, request: Request[Any, Any, Any], data: JSONBody[BatchIn], tenant: NamedDependency[Tenant],
-                    db: NamedDependency[Database]) -> Response[BatchOut]:
+                    db: NamedDependency[Database], state: State) -> Response[BatchOut]:
+        for i, item in enumerate(data.items):
+            await _check_callback_url(state, item.notification.callback_url, f"items[{i}].notification.callback_url")
         row = await db.one(BATCH, {"tenant": tenant.id, "body": await _body_text(request), "request_id": request_ids.current()})
         return _json(row[0] if row else None)
 
@@ -142,6 +157,45 @@ class Notifications(Controller):
           summary="Cancel what has not been claimed yet", description="Says per delivery whether it was cancelled and, if not, why.")
     async def cancel(self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[CancelResult]:
         row = await db.one("select notify_api.cancel_notification_v1(%s, %s)::text", (tenant.id, notification_id))
+        return _json(row[0] if row else None)
+
+
+    @get("/{notification_id:uuid}/callbacks", responses=ERRORS, operation_id="listNotificationCallbacks", opt={"scope": "read"},
+         summary="The status callbacks of a notification, with every attempt",
+         description="One message per delivery status change, in sequence order per delivery; each attempt with the "
+                     "receiver's status code or the error.")
+    async def callbacks(self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[CallbackMessage]]:
+        row = await db.one("select notify_api.list_callbacks_v1(%s, %s)::text", (tenant.id, notification_id))
+        return _json(row[0] if row else None)
+
+
+class Callbacks(Controller):
+    path = "/callbacks"
+    tags = ["callbacks"]
+
+    @put("/", responses=ERRORS, operation_id="setCallbacks", opt={"scope": "admin"}, summary="Set up status callbacks",
+         description="Every delivery status change is posted to `url` (or to a request's own `callback_url`) as a Standard "
+                     "Webhooks message signed with the tenant's whsec_ secret, shown once in this answer when created. "
+                     "Private, loopback and link-local targets are refused outside development mode.")
+    async def set(self, request: Request[Any, Any, Any], data: JSONBody[CallbacksPut], tenant: NamedDependency[Tenant],
+                  db: NamedDependency[Database], state: State) -> Response[CallbacksOut]:
+        await _check_callback_url(state, data.url, "url")
+        row = await db.one("select notify_api.set_callbacks_v1(%s, %s::jsonb, %s)::text",
+                           (tenant.id, await _body_text(request), standard_webhooks.new_secret()))
+        return _json(row[0] if row else None)
+
+    @get("/", responses=ERRORS, operation_id="getCallbacks", opt={"scope": "admin"}, summary="Status callback settings (no secret)")
+    async def get(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[CallbacksOut]:
+        row = await db.one("select notify_api.get_callbacks_v1(%s)::text", (tenant.id,))
+        return _json(row[0] if row else None)
+
+    @post("/rotate-secret", responses=ERRORS, operation_id="rotateCallbackSecret", opt={"scope": "admin"}, status_code=200,
+          summary="Replace the signing secret", description="Messages carry signatures with both secrets until the overlap ends.")
+    async def rotate(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database],
+                     data: JSONBody[SecretRotation | None] = None) -> Response[CallbacksOut]:
+        overlap = data.overlap_seconds if data else 86_400
+        row = await db.one("select notify_api.rotate_callback_secret_v1(%s, %s, %s)::text",
+                           (tenant.id, standard_webhooks.new_secret(), overlap))
         return _json(row[0] if row else None)
 
 
@@ -353,7 +407,7 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
                                   exclude=["/metrics"])
     internal = Router(
         path="/internal",
-        route_handlers=[Notifications, Recipients, Templates, Channels, Mock],
+        route_handlers=[Notifications, Callbacks, Recipients, Templates, Channels, Mock],
         dependencies={"tenant": Provide(authenticate)},
         security=[{"BearerAuth": []}],
     )

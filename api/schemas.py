@@ -53,6 +53,8 @@ class NotificationIn(Base):
     send_at: dt.datetime | None = None
     expires_at: dt.datetime | None = None
     metadata: dict[str, Any] | None = None
+    # Where this request's status callbacks go instead of the tenant's URL (callbacks must be set up first).
+    callback_url: Annotated[str, Meta(min_length=8, max_length=2000)] | None = None
 
 
 class DeliverySummary(Base):
@@ -167,6 +169,8 @@ class NotificationOut(Base):
     category: str | None = None
     send_at: dt.datetime | None = None
     expires_at: dt.datetime | None = None
+    http_request_id: str | None = None
+    callback_url: str | None = None
 
 
 class CancelledDelivery(Base):
@@ -301,6 +305,50 @@ class ProviderOut(Base):
     secrets: dict[str, str]
     default: bool
     updated_at: dt.datetime | None = None
+
+
+class CallbacksPut(Base):
+    url: Annotated[str, Meta(min_length=8, max_length=2000)] | None = None
+    retry_schedule_ms: Annotated[list[Annotated[int, Meta(ge=0, le=86_400_000)]], Meta(min_length=1, max_length=20)] | None = None
+    enabled: bool | None = None
+
+
+class CallbacksOut(Base):
+    enabled: bool
+    retry_schedule_ms: list[int]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    url: str | None = None
+    secret: str | None = None  # only when created or rotated
+    previous_secret_valid_until: dt.datetime | None = None
+
+
+class SecretRotation(Base):
+    overlap_seconds: Annotated[int, Meta(ge=0, le=604_800)] = 86_400
+
+
+class CallbackAttempt(Base):
+    attempt: int
+    started_at: dt.datetime
+    finished_at: dt.datetime
+    outcome: Literal["delivered", "retry", "failed", "refused"]
+    status_code: int | None = None
+    error: str | None = None
+
+
+class CallbackMessage(Base):
+    id: UUID
+    delivery_id: UUID
+    sequence: int
+    status: Literal["pending", "sending", "delivered", "failed"]
+    url: str
+    event: dict[str, Any]
+    attempts: int
+    created_at: dt.datetime
+    attempt_history: list[CallbackAttempt]
+    next_attempt_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    last_error: str | None = None
 
 
 class MockMessage(Base):

@@ -156,7 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_worker(args: argparse.Namespace) -> None:
     from dispatcher.settings import Settings
     from runner.app import app
-    from runner.tasks import _dispatchers
+    from runner.tasks import _dispatchers, _senders
 
     settings = Settings.from_env()
     logs.configure(settings.log_level)
@@ -176,7 +176,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
                                            concurrency=args.concurrency or settings.worker_concurrency)
             finally:
                 # Pending mock status reports get a few seconds; a supervisor must see the exit promptly.
-                for d in list(_dispatchers.values()):
+                for d in [*_dispatchers.values(), *_senders.values()]:
                     try:
                         await asyncio.wait_for(d.aclose(), timeout=10)
                     except (TimeoutError, Exception):  # noqa: BLE001
@@ -222,6 +222,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
             create_key(conn, tenant_id, "dev", key)
     env.setdefault("DISPATCHER_MOCK_WEBHOOK_SECRET", _dev_file(data_dir, "mock_webhook_secret", new_secret))
     env["DISPATCHER_PORT"] = str(args.port)
+    env.setdefault("DISPATCHER_DEV_MODE", "1")  # status callbacks to a receiver on localhost are allowed
     env.setdefault("DISPATCHER_MOCK_WEBHOOK_URL", f"http://127.0.0.1:{args.port}/public/webhooks/mock")
 
     print(f"\nnotification-dispatcher is starting on http://127.0.0.1:{args.port}  (OpenAPI: /schema, Ctrl-C stops)\n"

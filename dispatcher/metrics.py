@@ -20,6 +20,8 @@ DELIVERIES = Counter("dispatcher_deliveries_total", "Provider call outcomes by c
                      ["channel", "provider", "outcome", "error_code"])
 PROVIDER_SECONDS = Histogram("dispatcher_provider_call_seconds", "Time a provider took for one claimed batch",
                              ["channel", "provider"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+CALLBACKS = Counter("dispatcher_callbacks_total", "Status callback attempts to callers by outcome "
+                    "(delivered, retry, failed, refused)", ["outcome"])
 WEBHOOKS = Counter("dispatcher_webhook_events_total", "Provider webhook events by provider and outcome "
                    "(applied, stale, unmatched, flagged, duplicate, rejected)", ["provider", "outcome"])
 

@@ -43,8 +43,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_in_flight: int = 100
     lease_seconds: int = 60
     dispatch_linger_ms: float = 250.0
+    callback_batch_size: int = 50
+    # Development mode: callback URLs may be http and private/loopback (a receiver on localhost).
+    dev_mode: bool = False
     log_deliveries: bool = True  # one log line per delivery attempt (DISPATCHER_LOG_DELIVERIES=0 turns it off)
-    worker_concurrency: int = 2
+    worker_concurrency: int = 4
     # mock provider
     mock_webhook_secret: str | None = None
     mock_webhook_url: str | None = None
@@ -81,8 +84,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             max_in_flight=_int("DISPATCHER_MAX_IN_FLIGHT", 100),
             lease_seconds=_int("DISPATCHER_LEASE_SECONDS", 60),
             dispatch_linger_ms=_float("DISPATCHER_DISPATCH_LINGER_MS", 250.0),
+            callback_batch_size=_int("DISPATCHER_CALLBACK_BATCH_SIZE", 50),
+            dev_mode=os.environ.get("DISPATCHER_DEV_MODE", "0") in ("1", "true", "yes"),
             log_deliveries=os.environ.get("DISPATCHER_LOG_DELIVERIES", "1") not in ("0", "false", "no"),
-            worker_concurrency=_int("DISPATCHER_WORKER_CONCURRENCY", 2),
+            worker_concurrency=_int("DISPATCHER_WORKER_CONCURRENCY", 4),
             mock_webhook_secret=secret("DISPATCHER_MOCK_WEBHOOK_SECRET"),
             mock_webhook_url=os.environ.get("DISPATCHER_MOCK_WEBHOOK_URL")
             or f"http://127.0.0.1:{port}/public/webhooks/mock",

@@ -34,13 +34,14 @@ app = procrastinate.App(
     connector=make_connector(),
     import_paths=["runner.tasks"],
     worker_defaults={
-        "queues": ["dispatch", "maintenance"],
+        "queues": ["dispatch", "callbacks", "maintenance"],
         # Wake-up jobs carry no information once done: keep procrastinate's tables small.
         "delete_jobs": "successful",
         # LISTEN/NOTIFY wakes us for immediate work; scheduled wake-ups (send_at, retries), and a NOTIFY that
         # arrived while every slot was busy, are found by polling this often (a cheap indexed query).
         "fetch_job_polling_interval": 0.2,
-        "concurrency": int(os.environ.get("DISPATCHER_WORKER_CONCURRENCY", "2")),
+        # Jobs at once: a drain per channel, the callbacks drain and maintenance.
+        "concurrency": int(os.environ.get("DISPATCHER_WORKER_CONCURRENCY", "4")),
         "shutdown_graceful_timeout": 30.0,
     },
 )

@@ -21,6 +21,7 @@ from dispatcher.settings import Settings
 from providers.base import Message, Provider, ProviderContext, SendResult
 from providers.registry import provider_for
 from runner.app import app
+from runner.callbacks import CallbackSender
 from runner.render import RenderError, render
 
 log = logging.getLogger("runner")
@@ -178,6 +179,24 @@ def dispatcher_for(context: JobContext) -> Dispatcher:
         settings = (context.additional_context or {}).get("settings") or Settings.from_env()
         _dispatchers[key] = Dispatcher(context.app.connector, settings)
     return _dispatchers[key]
+
+
+_senders: dict[int, CallbackSender] = {}
+
+
+def sender_for(context: JobContext) -> CallbackSender:
+    assert context.app is not None
+    key = id(context.app)
+    if key not in _senders:
+        settings = (context.additional_context or {}).get("settings") or Settings.from_env()
+        _senders[key] = CallbackSender(context.app.connector, settings)
+    return _senders[key]
+
+
+@app.task(name="callbacks", queue="callbacks", pass_context=True)
+async def callbacks(context: JobContext) -> dict[str, int]:
+    """Wake-up for status callbacks: post every due message of the outbox."""
+    return await sender_for(context).drain()
 
 
 @app.task(name="dispatch", queue="dispatch", pass_context=True)

@@ -24,6 +24,7 @@ declare
     v_locale text;
     v_now timestamptz := now();
     v_response jsonb;
+    v_callback_url text;
 begin
     perform notify._enter(p_tenant_id);
     -- 1. Validate the shape; every error names its field, nothing is written yet.
@@ -31,7 +32,8 @@ begin
         perform notify._raise('ND400', 'invalid_type', 'body must be a JSON object', '');
     end if;
     perform notify._check_keys(p_request,
-        array['recipient', 'recipients', 'channels', 'template', 'variables', 'category', 'send_at', 'expires_at', 'metadata'], '');
+        array['recipient', 'recipients', 'channels', 'template', 'variables', 'category', 'send_at', 'expires_at', 'metadata',
+              'callback_url'], '');
     if (p_request ? 'recipient') = (p_request ? 'recipients') then
         perform notify._raise('ND400', 'missing_field', 'give either recipient (one) or recipients (a fan-out), not both', 'recipient');
     end if;
@@ -73,6 +75,16 @@ begin
     if p_idempotency_key is not null and p_idempotency_key !~ '^[\x21-\x7e]{1,255}$' then
         perform notify._raise('ND400', 'invalid_idempotency_key', 'Idempotency-Key must be 1-255 printable ASCII characters', 'Idempotency-Key');
     end if;
+    v_callback_url := notify._text_field(p_request, 'callback_url', '', false, 2000);
+    if v_callback_url is not null then
+        if v_callback_url !~ '^https?://[^\s/?#@]+(/[^\s#]*)?$' then
+            perform notify._raise('ND400', 'invalid_format', 'callback_url must be an http(s) URL without credentials or fragment', 'callback_url');
+        end if;
+        if not exists (select from notify.callback_endpoints e where e.tenant_id = p_tenant_id and e.enabled) then
+            perform notify._raise('ND422', 'callbacks_not_configured',
+                'set up callbacks first (PUT /internal/callbacks): that gives the secret callbacks are signed with', 'callback_url');
+        end if;
+    end if;
     if p_request ? 'recipients' then
         return query select * from notify._submit_fanout(p_tenant_id, p_request, p_idempotency_key, v_channels, v_template,
                                                           v_variables, v_category, v_send_at, v_expires_at, v_metadata);
@@ -87,9 +99,9 @@ begin
     v_fingerprint := sha256(convert_to(p_request::text, 'UTF8'));
     insert into notify.notification_requests
         (tenant_id, idempotency_key, fingerprint, recipient_id, template_key, variables, category, channels,
-         send_at, expires_at, metadata)
+         send_at, expires_at, metadata, callback_url)
     values (p_tenant_id, p_idempotency_key, v_fingerprint, v_recipient.id, v_template, v_variables, v_category, v_channels,
-            v_send_at, v_expires_at, v_metadata)
+            v_send_at, v_expires_at, v_metadata, v_callback_url)
     on conflict (tenant_id, idempotency_key) do nothing
     returning id into v_request_id;
     if v_request_id is null then
@@ -215,7 +227,8 @@ begin
         'recipient', (select r.ref from notify.recipients r where r.tenant_id = v.tenant_id and r.id = v.recipient_id),
         'recipient_count', case when v.recipient_id is null then v.recipient_count end,
         'template', v.template_key, 'category', v.category, 'channels', to_jsonb(v.channels),
-        'send_at', v.send_at, 'expires_at', v.expires_at, 'metadata', v.metadata, 'http_request_id', v.http_request_id))
+        'send_at', v.send_at, 'expires_at', v.expires_at, 'metadata', v.metadata, 'http_request_id', v.http_request_id,
+        'callback_url', v.callback_url))
         || jsonb_build_object('deliveries', coalesce(v_deliveries, '[]'));
 end
 $$;

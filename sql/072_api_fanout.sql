@@ -72,9 +72,9 @@ begin
     -- 2. Claim the idempotency key before the heavy work: a replay of a 10,000-recipient intent is one lookup.
     insert into notify.notification_requests
         (tenant_id, idempotency_key, fingerprint, recipient_id, recipient_count, template_key, variables, category, channels,
-         send_at, expires_at, metadata)
+         send_at, expires_at, metadata, callback_url)
     values (p_tenant_id, p_idempotency_key, sha256(convert_to(p_request::text, 'UTF8')), null, v_count, p_template, p_variables,
-            p_category, p_channels, p_send_at, p_expires_at, p_metadata)
+            p_category, p_channels, p_send_at, p_expires_at, p_metadata, p_request ->> 'callback_url')
     on conflict (tenant_id, idempotency_key) do nothing
     returning id into v_request_id;
     if v_request_id is null then

@@ -42,4 +42,5 @@ grant execute on all functions in schema notify to notify_system;
 grant select, insert, update, delete on all tables in schema public to notify_owner, notify_system;
 grant usage, select on all sequences in schema public to notify_owner, notify_system;
 grant execute on all functions in schema public to notify_owner, notify_system;
+grant execute on function notify_api.list_callbacks_v1(uuid, uuid) to notify_caller;
 select notify._settle_owners();

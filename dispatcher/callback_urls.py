@@ -1,0 +1,68 @@
+"""Callback URLs are tenant input: refuse private, loopback, link-local, multicast and reserved targets (SSRF).
+
+Checked when a URL is registered or submitted (the API) and again at every send (the worker), where the request
+then goes to the address that was checked, so a DNS answer that changes in between (rebinding) cannot redirect it.
+Redirects are never followed. Development mode (DISPATCHER_DEV_MODE=1, set by `dispatcher dev`) allows private
+targets and plain http, so a receiver on localhost works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+
+class UnsafeUrl(ValueError):
+    """The URL may not be called: the message says why (no address is echoed back)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str            # the URL to request, with the checked IP address in place of the host name
+    host_header: str    # the original host[:port], for the Host header
+    sni_hostname: str | None  # for TLS: the name the certificate must match
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def check_syntax(url: str, *, allow_private: bool) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise UnsafeUrl("callback URLs must be http(s) URLs with a host")
+    if parts.scheme == "http" and not allow_private:
+        raise UnsafeUrl("callback URLs must use https")
+    if parts.username or parts.password or parts.fragment:
+        raise UnsafeUrl("callback URLs must not carry credentials or a fragment")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise UnsafeUrl("callback URL has an invalid port") from None
+    return parts.scheme, parts.hostname, port
+
+
+async def resolve(url: str, *, allow_private: bool) -> Target:
+    """Resolves the URL's host and checks every address; returns where to send. Raises UnsafeUrl."""
+    scheme, host, port = check_syntax(url, allow_private=allow_private)
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise UnsafeUrl("callback URL's host does not resolve") from None
+    addresses = sorted({str(info[4][0]) for info in infos})
+    if not addresses:
+        raise UnsafeUrl("callback URL's host does not resolve")
+    if not allow_private and not all(_is_public(a) for a in addresses):
+        raise UnsafeUrl("callback URLs must not point to private, loopback, link-local or reserved addresses")
+    address = addresses[0]
+    parts = urlsplit(url)
+    literal = f"[{address}]" if ":" in address else address
+    pinned = urlunsplit((scheme, f"{literal}:{port}", parts.path or "/", parts.query, ""))
+    return Target(url=pinned, host_header=parts.netloc, sni_hostname=host if scheme == "https" else None)
