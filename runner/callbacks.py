@@ -67,10 +67,12 @@ class CallbackSender:
                                               "request_id": row["payload"]["data"].get("http_request_id")})
         return result
 
-    async def drain(self) -> dict[str, int]:
-        """Claims and posts until nothing is due; one claim and one record per batch."""
+    async def drain(self, max_seconds: float = 10.0) -> dict[str, int]:
+        """Claims and posts until nothing is due, for at most max_seconds (recording a batch wakes the task again, so
+        a long backlog continues in the next job and a shutting-down worker is never held up for long)."""
         counts: dict[str, int] = {}
-        while True:
+        deadline = time.monotonic() + max_seconds
+        while time.monotonic() < deadline:
             rows = await self.connector.execute_query_all_async(CLAIM, limit=self.settings.callback_batch_size,
                                                                 lease=int(TIMEOUT_SECONDS * 2))
             if not rows:
@@ -79,6 +81,7 @@ class CallbackSender:
             await self.connector.execute_query_one_async(RECORD, results=Jsonb(results))
             for r in results:
                 counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+        return counts
 
     async def aclose(self) -> None:
         await self.client.aclose()

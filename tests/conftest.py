@@ -239,10 +239,10 @@ def start_service(db_url: str, tmp_path: Path, extra_env: dict[str, str] | None 
 
 
 def stop_service(service: Service) -> None:
-    for proc in service.procs:
+    """Stops the worker first (its pending mock status reports still reach the API), then the API."""
+    for proc in reversed(service.procs):
         if proc.poll() is None:
             proc.terminate()
-    for proc in service.procs:
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,283 @@
+"""Typed answers of the /internal API (msgspec structs). Unknown fields are ignored, so a newer server does not
+break an older client; fields the server may omit are optional."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+from uuid import UUID
+
+import msgspec
+
+Channel = Literal["whatsapp", "email", "sms"]
+
+
+class Model(msgspec.Struct, kw_only=True, omit_defaults=True):
+    pass
+
+
+# -- requests ----------------------------------------------------------------------------------------------------
+class Recipient(Model):
+    ref: str
+    addresses: dict[str, str | None] | None = None
+    locale: str | None = None
+    timezone: str | None = None
+
+
+class FanoutRecipient(Recipient):
+    variables: dict[str, Any] | None = None
+
+
+class Intent(Model):
+    """What to send: to `recipient` (one) or `recipients` (a fan-out of up to 10,000), on `channels` in order."""
+
+    channels: list[Channel]
+    template: str
+    recipient: Recipient | None = None
+    recipients: list[FanoutRecipient] | None = None
+    variables: dict[str, Any] | None = None
+    category: str | None = None
+    send_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    metadata: dict[str, Any] | None = None
+    callback_url: str | None = None
+
+
+# -- answers -----------------------------------------------------------------------------------------------------
+class DeliverySummary(Model):
+    id: UUID
+    channel: Channel
+    status: str
+    reason: str | None = None
+
+
+class DeliveryCount(Model):
+    channel: Channel
+    status: str
+    count: int
+    reason: str | None = None
+
+
+class Accepted(Model):
+    """The answer to a submission: `deliveries` for one recipient, `recipient_count` and `summary` for a fan-out.
+    `replayed` is true when the idempotency key had been used before (with the same body)."""
+
+    id: UUID
+    status: Literal["accepted", "suppressed"]
+    created_at: dt.datetime
+    deliveries: list[DeliverySummary] | None = None
+    recipient_count: int | None = None
+    summary: list[DeliveryCount] | None = None
+    replayed: bool = False
+
+
+class DeliveryEvent(Model):
+    seq: int
+    to: str
+    at: dt.datetime
+    source: str
+    reason: str | None = None
+    from_: str | None = msgspec.field(default=None, name="from")
+
+
+class Attempt(Model):
+    attempt: int
+    started_at: dt.datetime
+    outcome: str | None = None
+    provider: str | None = None
+    finished_at: dt.datetime | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    provider_message_id: str | None = None
+
+
+class Delivery(Model):
+    id: UUID
+    channel: Channel
+    status: str
+    attempts: int = 0
+    reason: str | None = None
+    provider: str | None = None
+    provider_message_id: str | None = None
+    sent_at: dt.datetime | None = None
+    delivered_at: dt.datetime | None = None
+    read_at: dt.datetime | None = None
+    events: list[DeliveryEvent] = []
+    attempt_history: list[Attempt] = []
+
+
+class Notification(Model):
+    id: UUID
+    status: Literal["in_progress", "completed"]
+    created_at: dt.datetime
+    template: str
+    channels: list[Channel]
+    deliveries: list[Delivery]
+    metadata: dict[str, Any] = {}
+    recipient: str | None = None
+    recipient_count: int | None = None
+    idempotency_key: str | None = None
+    category: str | None = None
+    send_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    http_request_id: str | None = None
+    callback_url: str | None = None
+
+
+class CancelledDelivery(Model):
+    id: UUID
+    channel: Channel
+    status: str
+    cancelled: bool
+    reason: str | None = None
+
+
+class CancelResult(Model):
+    id: UUID
+    deliveries: list[CancelledDelivery]
+
+
+class BatchError(Model):
+    type: str
+    detail: str
+    field: str | None = None
+
+
+class BatchItemResult(Model):
+    index: int
+    outcome: Literal["accepted", "replayed", "error"]
+    status: int
+    body: Accepted | None = None
+    error: BatchError | None = None
+
+
+class BatchResult(Model):
+    items: list[BatchItemResult]
+    accepted: int
+    replayed: int
+    failed: int
+
+
+class RecipientOut(Model):
+    ref: str
+    addresses: dict[str, str]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    locale: str | None = None
+    timezone: str | None = None
+
+
+class ConsentEntry(Model):
+    id: int
+    channel: Channel
+    status: Literal["granted", "revoked"]
+    source: str
+    recorded_at: dt.datetime
+    category: str | None = None
+    evidence: dict[str, Any] | None = None
+    recorded_by: str | None = None
+
+
+class ConsentInForce(Model):
+    channel: Channel
+    allowed: bool
+    policy: Literal["opt_in", "opt_out"]
+
+
+class Consents(Model):
+    ref: str
+    current: list[ConsentInForce]
+    history: list[ConsentEntry]
+
+
+class Template(Model):
+    key: str
+    channel: Channel
+    locale: str
+    content: dict[str, Any]
+    required_variables: list[str]
+    version: int = 1
+    updated_at: dt.datetime | None = None
+
+
+class Policy(Model):
+    channel: Channel
+    policy: Literal["opt_in", "opt_out"]
+    default: bool = False
+    updated_at: dt.datetime | None = None
+
+
+class ProviderConfig(Model):
+    channel: Channel
+    provider: str
+    settings: dict[str, Any]
+    secrets: dict[str, str]
+    default: bool
+    updated_at: dt.datetime | None = None
+
+
+class Callbacks(Model):
+    enabled: bool
+    retry_schedule_ms: list[int]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    url: str | None = None
+    secret: str | None = None
+    previous_secret_valid_until: dt.datetime | None = None
+
+
+class CallbackAttempt(Model):
+    attempt: int
+    started_at: dt.datetime
+    finished_at: dt.datetime
+    outcome: str
+    status_code: int | None = None
+    error: str | None = None
+
+
+class CallbackMessage(Model):
+    id: UUID
+    delivery_id: UUID
+    sequence: int
+    status: str
+    url: str
+    event: dict[str, Any]
+    attempts: int
+    created_at: dt.datetime
+    attempt_history: list[CallbackAttempt] = []
+    next_attempt_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    last_error: str | None = None
+
+
+class MockMessage(Model):
+    delivery_id: UUID
+    attempt: int
+    channel: Channel
+    address: str
+    provider_message_id: str
+    rendered: dict[str, Any]
+    sent_at: dt.datetime
+
+
+# -- status callbacks (what the dispatcher posts to the caller) ---------------------------------------------------
+class StatusChange(Model):
+    notification_id: UUID
+    delivery_id: UUID
+    sequence: int
+    channel: Channel
+    status: str
+    previous_status: str | None = None
+    reason: str | None = None
+    attempt: int | None = None
+    provider: str | None = None
+    provider_message_id: str | None = None
+    metadata: dict[str, Any] | None = None
+    http_request_id: str | None = None
+
+
+class CallbackEvent(Model):
+    type: str
+    timestamp: dt.datetime
+    data: StatusChange
+    webhook_id: str = ""
