@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
@@ -61,3 +63,38 @@ def test_each_key_is_held_to_its_tenants_rate(db, tenant):
     assert db.execute(AUTHORIZE, (keys.digest(b), "read")).fetchone() is not None   # another key has its own budget
     with pytest.raises(psycopg.Error):
         call(db, "notify_api.set_api_rate_v1(%s, 0)", tenant)
+
+
+def test_a_fast_keys_bucket_is_sharded_so_requests_do_not_queue_on_one_row(db, tenant, connect):
+    call(db, "notify_api.set_api_rate_v1(%s, 800)", tenant)          # 16 shards of 50/s
+    key, info = new_key(db, tenant)
+    key_id = info["id"]
+    admitted = 0
+    started = time.monotonic()
+    for _ in range(900):                                               # a burst well over one second's worth
+        try:
+            db.execute(AUTHORIZE, (keys.digest(key), "read"))
+            admitted += 1
+        except psycopg.Error as err:
+            assert err.sqlstate == "ND429"
+    shards = db.execute("select count(*) from notify.rate_buckets where key like %s", (f"api:{key_id}:%",)).fetchone()[0]
+    assert shards == 16
+    elapsed = time.monotonic() - started
+    assert 700 <= admitted <= 800 * (1 + elapsed) + 16, (admitted, elapsed)   # the burst plus the refill, no more
+    # Two transactions authorizing the same key at once do not wait for each other (with 16 shards they usually
+    # draw different rows; retried a few times so that a same-shard draw cannot fail the test).
+    a, b = connect(), connect()
+    for _ in range(5):
+        db.execute("update notify.rate_buckets set tokens = 50, updated_at = clock_timestamp() where key like %s", (f"api:{key_id}:%",))
+        a.execute(AUTHORIZE, (keys.digest(key), "read"))             # holds its shard's row until commit
+        b.execute("set lock_timeout = '200ms'")
+        try:
+            b.execute(AUTHORIZE, (keys.digest(key), "read"))
+            break
+        except psycopg.errors.LockNotAvailable:
+            b.rollback()
+        finally:
+            a.rollback()
+    else:
+        raise AssertionError("every second request waited for the first one's shard")
+    b.rollback()
