@@ -76,4 +76,9 @@ def test_the_service_rides_out_a_database_restart(mode: str, tmp_path) -> None: 
         print(f"\n{mode} restart: 503 after {waited:.2f}s while down, worker restarted {restarts} time(s), 10/10 sent")
     finally:
         stop_service(svc)
+        # The server was restarted with pg_ctl behind pgserver's back: stop it the same way, or it outlives the test.
+        try:
+            pg_ctl(pg, "-m", "fast", "stop")
+        except Exception:  # noqa: BLE001 - already stopped
+            pass
         pg.stop()
