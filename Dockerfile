@@ -7,6 +7,7 @@ COPY dispatcher ./dispatcher
 COPY api ./api
 COPY runner ./runner
 COPY providers ./providers
+COPY dispatcher_client ./dispatcher_client
 COPY sql ./sql
 COPY migrations ./migrations
 RUN pip install --no-cache-dir -e . && useradd --system --uid 10001 dispatcher
