@@ -29,7 +29,7 @@ from api.schemas import (
     BatchIn, BatchOut, CallbackMessage, CallbacksOut, CallbacksPut, CancelResult, ConsentEntry, ConsentIn, ConsentsOut, Health, MockMessage, NotificationAccepted, NotificationIn,
     NotificationOut, PolicyOut, Problem, PolicyPut, ProviderOut, ProviderPut, RecipientOut, RecipientPut, SecretRotation, TemplateOut, TemplatePut, Version, WebhookAck,
 )
-from dispatcher import __version__, keys, metrics, schema
+from dispatcher import __version__, keys, metrics, schema, tracing
 from dispatcher.callback_urls import UnsafeUrl
 from dispatcher.callback_urls import resolve as resolve_callback_url
 from dispatcher.settings import Settings
@@ -61,7 +61,8 @@ class Tenant:
 
 # The request id travels as the transaction setting notify.request_id (the column's default reads it). It is set in
 # the argument list, so it happens before the submission and within the same statement: still one round trip.
-_WITH_REQUEST_ID = "case when set_config('notify.request_id', coalesce(%(request_id)s, ''), true) is null then null else {} end"
+_WITH_REQUEST_ID = ("case when set_config('notify.request_id', coalesce(%(request_id)s, ''), true) is null"
+                    " or set_config('notify.traceparent', coalesce(%(traceparent)s, ''), true) is null then null else {} end")
 SUBMIT = ("select s.response::text, s.replayed from notify_api.authorize_v1(%(key)s, 'submit') a "
           "cross join lateral notify_api.submit_notification_v1(a.tenant_id, %(body)s::jsonb, "
           + _WITH_REQUEST_ID.format("%(idempotency_key)s::text") + ") s")
@@ -129,7 +130,8 @@ class Notifications(Controller):
         # gets 401 at once: no row from the authentication means no submission).
         await _check_callback_url(state, data.callback_url, "callback_url")
         row = await db.one(SUBMIT, {"key": _key_digest(request), "body": await _body_text(request),
-                                    "request_id": request_ids.current(), "idempotency_key": idempotency_key})
+                                    "request_id": request_ids.current(), "traceparent": tracing.current_traceparent(),
+                                    "idempotency_key": idempotency_key})
         if row is None:
             raise _unauthorized()
         metrics.SUBMISSIONS.labels("replayed" if row[1] else "accepted").inc()
@@ -145,7 +147,8 @@ class Notifications(Controller):
                     db: NamedDependency[Database], state: State) -> Response[BatchOut]:
         for i, item in enumerate(data.items):
             await _check_callback_url(state, item.notification.callback_url, f"items[{i}].notification.callback_url")
-        row = await db.one(BATCH, {"tenant": tenant.id, "body": await _body_text(request), "request_id": request_ids.current()})
+        row = await db.one(BATCH, {"tenant": tenant.id, "body": await _body_text(request), "request_id": request_ids.current(),
+                                   "traceparent": tracing.current_traceparent()})
         return _json(row[0] if row else None)
 
     @get("/{notification_id:uuid}", responses=ERRORS, operation_id="getNotification", opt={"scope": "read"}, summary="Read a notification and its deliveries")
@@ -412,7 +415,13 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
         security=[{"BearerAuth": []}],
     )
     public = Router(path="/public", route_handlers=[receive_webhook, verify_webhook, unsubscribe_page, unsubscribe])
+    plugins = []
+    if tracing.enabled:
+        from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+
+        plugins.append(OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/metrics", "/health"])))
     return Litestar(
+        plugins=plugins,
         route_handlers=[internal, public, health, version, MetricsController,
                         *([bench_baseline] if settings.bench_baseline else [])],
         middleware=[request_ids.middleware, prometheus.middleware],
@@ -437,4 +446,5 @@ def app_from_env() -> Litestar:
 
     settings = Settings.from_env()
     logs.configure(settings.log_level)
+    tracing.setup("dispatcher-api")
     return create_app(settings)

@@ -160,6 +160,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
     settings = Settings.from_env()
     logs.configure(settings.log_level)
+    from dispatcher import tracing
+
+    tracing.setup("dispatcher-worker")
     metrics_port = os.environ.get("DISPATCHER_WORKER_METRICS_PORT")
     if metrics_port:
         from prometheus_client import start_http_server

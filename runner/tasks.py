@@ -16,7 +16,7 @@ import msgspec
 from procrastinate import JobContext, jobs
 from psycopg.types.json import Jsonb
 
-from dispatcher import metrics
+from dispatcher import metrics, tracing
 from dispatcher.settings import Settings
 from providers.base import Message, Provider, ProviderContext, SendResult
 from providers.registry import provider_for
@@ -86,7 +86,9 @@ class Dispatcher:
         provider = self.provider(name, config)
         started = time.perf_counter()
         try:
-            sent = await provider.send_many(messages)
+            with tracing.span("provider.send", **{"notify.channel": channel, "notify.provider": provider.name,
+                                                  "notify.messages": len(messages)}):
+                sent = await provider.send_many(messages)
         except Exception as exc:  # the provider itself broke: we cannot know what left us
             log.exception("provider crashed", extra={"channel": channel, "provider": provider.name})
             outcome = "retry" if channel == "email" else "unknown"
@@ -116,13 +118,24 @@ class Dispatcher:
         async def run(rows: list[dict[str, Any]]) -> None:
             nonlocal free
             started = time.perf_counter()
+            started_ns = time.time_ns()
             try:
-                results = await self.send_batch(channel, rows)
+                with tracing.span("dispatch.batch", channel=channel, claimed=len(rows)):
+                    results = await self.send_batch(channel, rows)
             finally:
                 async with slots:
                     free += len(rows)
                     slots.notify_all()
-            await self.connector.execute_query_all_async(RECORD, results=Jsonb(results))
+            with tracing.span("dispatch.record", channel=channel, results=len(results)):
+                await self.connector.execute_query_all_async(RECORD, results=Jsonb(results))
+            if tracing.enabled:   # one span per delivery, in the trace of the request that submitted it
+                parents = {str(row["delivery_id"]): row.get("trace_parent") for row in rows}
+                ended = time.time_ns()
+                for r in results:
+                    tracing.record("notification.deliver", parent=parents.get(r["delivery_id"]), start_ns=started_ns, end_ns=ended,
+                                   **{"notify.delivery_id": r["delivery_id"], "notify.channel": channel, "notify.attempt": r["attempt"],
+                                      "notify.outcome": r["outcome"], "notify.provider": r.get("provider"),
+                                      "notify.error_code": r.get("error_code")})
             outcomes: dict[str, int] = {}
             request_ids = {str(row["delivery_id"]): row.get("http_request_id") for row in rows}
             for r in results:

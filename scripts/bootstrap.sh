@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (Python 3.11+) and installs the project with its test extras, once per pyproject change.
+# Creates .venv (Python 3.11+) and installs the project with its test, client and otel extras, once per pyproject change.
 # Sourced by scripts/dev.sh and scripts/test.sh; safe to run on its own.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,6 +13,6 @@ stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "installing notification-dispatcher and its test tools into .venv ..." >&2
   .venv/bin/python -m pip install --quiet --upgrade pip >&2
-  .venv/bin/python -m pip install --quiet -e '.[test]' >&2
+  .venv/bin/python -m pip install --quiet -e '.[test,client,otel]' >&2
   rm -f .venv/.installed-* && touch "$stamp"
 fi

@@ -81,7 +81,8 @@ create type notify.claimed_delivery as (
     request_id uuid,
     provider text,
     provider_config jsonb,
-    http_request_id text
+    http_request_id text,
+    trace_parent text
 );
 comment on type notify.claimed_delivery is
     'What the worker needs to send one claimed delivery: where to, the template content, the variables, and the tenant''s provider for the channel (settings and secret references, never secrets).';

@@ -57,7 +57,7 @@ begin
            r.variables || coalesce(u.variables, '{}'), r.category, u.request_id, coalesce(cp.provider, 'mock'),
            case when cp.provider is not null
                 then jsonb_build_object('settings', cp.settings, 'secrets', cp.secrets, 'updated_at', cp.updated_at) end,
-           r.http_request_id
+           r.http_request_id, r.trace_parent
       from updated u
       join notify.notification_requests r on r.tenant_id = u.tenant_id and r.id = u.request_id
       left join notify.templates t on t.tenant_id = u.tenant_id and t.key = r.template_key
