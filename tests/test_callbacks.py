@@ -263,3 +263,33 @@ def test_registration_and_sending_refuse_private_targets_outside_development_mod
         trap.shutdown()
         trap.server_close()
 
+
+
+def test_a_redirect_is_a_failed_attempt_and_is_not_followed() -> None:
+    import uuid
+
+    from dispatcher.settings import Settings
+    from runner.callbacks import CallbackSender
+
+    hits: list[str] = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Redirect", (BaseHTTPRequestHandler,), {
+        "do_POST": lambda self: (hits.append(self.path), self.send_response(302),
+                                 self.send_header("location", "/elsewhere"), self.send_header("content-length", "0"), self.end_headers()),
+        "log_message": lambda self, *a: None}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    row = {"tenant_id": uuid.uuid4(), "id": uuid.uuid4(), "attempt": 1, "url": f"http://127.0.0.1:{server.server_address[1]}/cb",
+           "secrets": [new_secret()], "payload": {"type": "delivery.status_changed", "data": {"delivery_id": "d", "sequence": 1}}}
+
+    async def post() -> dict[str, Any]:
+        sender = CallbackSender(None, Settings(database_url="", dev_mode=True))
+        try:
+            return await sender.post(row)
+        finally:
+            await sender.aclose()
+
+    try:
+        result = asyncio.run(post())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (result["outcome"], result["status_code"]) == ("retry", 302) and hits == ["/cb"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import psycopg
@@ -225,19 +226,32 @@ def test_a_killed_worker_follows_the_crash_policy(db: psycopg.Connection, tmp_pa
 def test_metrics_from_the_api_and_the_worker(db: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
     from tests.conftest import free_port
 
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
     port = free_port()
-    service = start_service(url_of(db), tmp_path, {"DISPATCHER_WORKER_METRICS_PORT": str(port)})
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), type("Ok", (BaseHTTPRequestHandler,), {
+        "do_POST": lambda self: (self.rfile.read(int(self.headers["content-length"])), self.send_response(204), self.end_headers()),
+        "log_message": lambda self, *a: None}))
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    service = start_service(url_of(db), tmp_path, {"DISPATCHER_WORKER_METRICS_PORT": str(port), "DISPATCHER_DEV_MODE": "1"})
     try:
         setup_tenant(service)
         with service.client() as c:
+            assert c.put("/internal/callbacks", json={"url": f"http://127.0.0.1:{receiver.server_address[1]}/cb"}).status_code == 200
             created = c.post("/internal/notifications", json=intent()).json()
             service.wait_for(created["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"read", "delivered"})
+            deadline = time.monotonic() + 10
+            while any(m["status"] != "delivered" for m in c.get(f"/internal/notifications/{created['id']}/callbacks").json()):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
             c.post("/internal/notifications", json=intent(channels=["email"], send_at="2099-01-01T00:00:00Z"))
             api = c.get("/metrics").text
         import httpx
         worker = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     finally:
         stop_service(service)
+        receiver.shutdown()
+        receiver.server_close()
     assert 'dispatcher_submissions_total{outcome="accepted"} 2.0' in api
     assert 'dispatcher_http_requests_total{app_name="dispatcher",method="POST",path="/internal/notifications",status_code="202"}' in api
     assert 'dispatcher_webhook_events_total{outcome="applied",provider="mock"}' in api
@@ -245,3 +259,6 @@ def test_metrics_from_the_api_and_the_worker(db: psycopg.Connection, tmp_path) -
     assert "dispatcher_queue_health_up 1.0" in api
     assert 'dispatcher_deliveries_total{channel="email",error_code="",outcome="sent",provider="mock"} 1.0' in worker
     assert "dispatcher_provider_call_seconds_bucket" in worker
+    assert 'dispatcher_callbacks_total{outcome="delivered"}' in worker
+    for family in ("due", "scheduled", "oldest_due_seconds", "sending", "leases_past_due", "unknown"):
+        assert f"dispatcher_queue_{family}" in api
