@@ -64,7 +64,7 @@ $$;
 comment on function notify._backoff(uuid, integer, double precision) is
     'Delay before retry after attempt n: exponential with jitter (factor 0.5-1), capped by the tenant''s maximum, never less than a provider''s Retry-After.';
 
-create function notify._wake(p_channel notify.channel, p_at timestamptz default null)
+create function notify._wake_task(p_task text, p_lock text, p_args jsonb, p_at timestamptz default null)
     returns void
     language plpgsql
     volatile
@@ -74,21 +74,31 @@ as $$
 declare
     v_bucket timestamptz;
 begin
-    -- One pending wake-up per channel (and per second for future work), however many deliveries ask for it.
+    -- One pending wake-up per lock (and per second for future work), however many changes ask for it.
     -- ON CONFLICT on procrastinate's queueing-lock index instead of procrastinate_defer_jobs_v1 inside an
     -- exception block: same row, same NOTIFY trigger, but no subtransaction per submission.
     if p_at is null or p_at <= now() then
         insert into public.procrastinate_jobs (queue_name, task_name, lock, queueing_lock, args, scheduled_at)
-        values ('dispatch', 'dispatch', null, 'dispatch:' || p_channel, jsonb_build_object('channel', p_channel), null)
+        values (p_task, p_task, null, p_lock, p_args, null)
         on conflict (queueing_lock) where status = 'todo' do nothing;
     else
         v_bucket := to_timestamp(ceil(extract(epoch from p_at)));
         insert into public.procrastinate_jobs (queue_name, task_name, lock, queueing_lock, args, scheduled_at)
-        values ('dispatch', 'dispatch', null, 'dispatch:' || p_channel || ':' || extract(epoch from v_bucket)::bigint,
-                jsonb_build_object('channel', p_channel), v_bucket)
+        values (p_task, p_task, null, p_lock || ':' || extract(epoch from v_bucket)::bigint, p_args, v_bucket)
         on conflict (queueing_lock) where status = 'todo' do nothing;
     end if;
 end
+$$;
+comment on function notify._wake_task(text, text, jsonb, timestamptz) is
+    'Defers a procrastinate job of task (and queue) p_task, coalesced by queueing lock p_lock: now, or at the second p_at falls in (lock p_lock:<epoch>). Commits (and NOTIFYs) with the caller''s transaction.';
+
+create function notify._wake(p_channel notify.channel, p_at timestamptz default null)
+    returns void
+    language sql
+    volatile
+    set search_path = ''
+as $$
+    select notify._wake_task('dispatch', 'dispatch:' || p_channel, jsonb_build_object('channel', p_channel), p_at)
 $$;
 comment on function notify._wake(notify.channel, timestamptz) is
     'Defers a procrastinate "dispatch" job for the channel, coalesced by queueing lock: now, or at the second p_at falls in. Commits (and NOTIFYs) with the caller''s transaction.';

@@ -71,25 +71,11 @@ create index notification_requests_with_callback on notify.notification_requests
 
 create function notify._wake_callbacks(p_at timestamptz default null)
     returns void
-    language plpgsql
+    language sql
     volatile
-    set search_path = pg_catalog, public
+    set search_path = ''
 as $$
-declare
-    v_bucket timestamptz;
-begin
-    -- Like notify._wake: one pending wake-up now, and one per second for later retries, coalesced by queueing lock.
-    if p_at is null or p_at <= now() then
-        insert into public.procrastinate_jobs (queue_name, task_name, lock, queueing_lock, args, scheduled_at)
-        values ('callbacks', 'callbacks', null, 'callbacks', '{}', null)
-        on conflict (queueing_lock) where status = 'todo' do nothing;
-    else
-        v_bucket := to_timestamp(ceil(extract(epoch from p_at)));
-        insert into public.procrastinate_jobs (queue_name, task_name, lock, queueing_lock, args, scheduled_at)
-        values ('callbacks', 'callbacks', null, 'callbacks:' || extract(epoch from v_bucket)::bigint, '{}', v_bucket)
-        on conflict (queueing_lock) where status = 'todo' do nothing;
-    end if;
-end
+    select notify._wake_task('callbacks', 'callbacks', '{}', p_at)
 $$;
 comment on function notify._wake_callbacks(timestamptz) is
     'Defers a procrastinate "callbacks" job now, or at the second p_at falls in; commits with the caller''s transaction.';
