@@ -128,7 +128,10 @@ class Notifications(Controller):
     ) -> Response[NotificationAccepted]:
         # The hot path: authentication and submission in one statement, one round trip (a revoked key still
         # gets 401 at once: no row from the authentication means no submission).
-        await _check_callback_url(state, data.callback_url, "callback_url")
+        if data.callback_url is not None:
+            # Resolving a caller's URL is work: only for an authenticated caller (one more round trip, these requests only).
+            await authenticate(request, db)
+            await _check_callback_url(state, data.callback_url, "callback_url")
         row = await db.one(SUBMIT, {"key": _key_digest(request), "body": await _body_text(request),
                                     "request_id": request_ids.current(), "traceparent": tracing.current_traceparent(),
                                     "idempotency_key": idempotency_key})
@@ -161,7 +164,6 @@ class Notifications(Controller):
     async def cancel(self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[CancelResult]:
         row = await db.one("select notify_api.cancel_notification_v1(%s, %s)::text", (tenant.id, notification_id))
         return _json(row[0] if row else None)
-
 
     @get("/{notification_id:uuid}/callbacks", responses=ERRORS, operation_id="listNotificationCallbacks", opt={"scope": "read"},
          summary="The status callbacks of a notification, with every attempt",
