@@ -63,7 +63,10 @@ class Tenant:
 # the argument list, so it happens before the submission and within the same statement: still one round trip.
 _WITH_REQUEST_ID = ("case when set_config('notify.request_id', coalesce(%(request_id)s, ''), true) is null"
                     " or set_config('notify.traceparent', coalesce(%(traceparent)s, ''), true) is null then null else {} end")
-SUBMIT = ("select s.response::text, s.replayed from notify_api.authorize_v1(%(key)s, 'submit') a "
+# The key is checked first and charged last (in the select list, evaluated after the submission): its rate bucket's
+# row lock is then held only while the transaction commits, and a 429 there rolls the submission back.
+SUBMIT = ("select s.response::text, s.replayed, notify_api.charge_api_key_v1(a.api_key_id, a.rate_per_second) "
+          "from notify_api.check_api_key_v1(%(key)s, 'submit') a "
           "cross join lateral notify_api.submit_notification_v1(a.tenant_id, %(body)s::jsonb, "
           + _WITH_REQUEST_ID.format("%(idempotency_key)s::text") + ") s")
 BATCH = "select notify_api.submit_notifications_v1(%(tenant)s, " + _WITH_REQUEST_ID.format("(%(body)s::jsonb) -> 'items'") + ")::text"

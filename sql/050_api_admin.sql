@@ -152,8 +152,8 @@ $$;
 comment on function notify_api.authenticate_api_key_v1(bytea) is
     'The tenant and key id of an unrevoked, unexpired key with this SHA-256, or no row. Exact match on a 256-bit digest: nothing to time.';
 
-create function notify_api.authorize_v1(p_key_hash bytea, p_scope text)
-    returns table (tenant_id uuid, api_key_id uuid)
+create function notify_api.check_api_key_v1(p_key_hash bytea, p_scope text)
+    returns table (tenant_id uuid, api_key_id uuid, rate_per_second double precision)
     language plpgsql
     security definer
     set search_path = ''
@@ -172,12 +172,12 @@ begin
         perform notify._raise('ND403', 'insufficient_scope', format('this API key lacks the %s scope', p_scope), 'Authorization');
     end if;
     select t.api_rate_per_second into v_rate from notify.tenants t where t.id = v.tenant_id;
-    -- The bucket is split into one shard per 50 requests/s of rate (at most 16), each with its share of the rate, and
-    -- a request draws from a random shard: a shard's row lock is held until commit, so one bucket row would
-    -- serialize every request of a busy key. Approximate at the limit (a request may find its shard empty while
-    -- another has tokens); exact for rates under 100/s, which have one shard.
+    -- A key over its rate is refused here, before any work, by a read without locks: every shard of its bucket is
+    -- empty. (The token itself is taken by charge_api_key_v1, at the end of the request's statement.)
     v_shards := greatest(1, least(16, floor(v_rate / 50)::integer));
-    if notify_api.take_tokens_v1('api:' || v.id || ':' || floor(random() * v_shards)::integer, v_rate / v_shards, 1) < 1 then
+    if (select count(*) = v_shards
+                and bool_and(b.tokens + extract(epoch from clock_timestamp() - b.updated_at) * v_rate / v_shards < 1)
+          from notify.rate_buckets b where b.key >= 'api:' || v.id || ':' and b.key < 'api:' || v.id || ';') then
         perform notify._raise('ND429', 'rate_limited', format('more than %s requests per second with this key', v_rate), 'Authorization');
     end if;
     if v.last_used_at is null or v.last_used_at < now() - interval '1 minute' then
@@ -185,11 +185,50 @@ begin
     end if;
     tenant_id := v.tenant_id;
     api_key_id := v.id;
+    rate_per_second := v_rate;
     return next;
 end
 $$;
+comment on function notify_api.check_api_key_v1(bytea, text) is
+    'Authenticates a key (no row: 401) and checks its scope (ND403); refuses it (ND429) if its whole bucket is empty, without taking a token or a lock. Pair it with charge_api_key_v1.';
+
+create function notify_api.charge_api_key_v1(p_api_key_id uuid, p_rate_per_second double precision)
+    returns boolean
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v_shards integer := greatest(1, least(16, floor(p_rate_per_second / 50)::integer));
+begin
+    -- The bucket is split into one shard per 50 requests/s of rate (at most 16), each with its share of the rate, and
+    -- a request draws from a random shard: a shard's row lock is held until commit, so one bucket row would
+    -- serialize every request of a busy key. Approximate at the limit (a request may find its shard empty while
+    -- another has tokens); exact for rates under 100/s, which have one shard. Called last in a statement, the lock
+    -- is held only while the transaction commits.
+    if notify_api.take_tokens_v1('api:' || p_api_key_id || ':' || floor(random() * v_shards)::integer,
+                                 p_rate_per_second / v_shards, 1) < 1 then
+        perform notify._raise('ND429', 'rate_limited', format('more than %s requests per second with this key', p_rate_per_second),
+                              'Authorization');
+    end if;
+    return true;
+end
+$$;
+comment on function notify_api.charge_api_key_v1(uuid, double precision) is
+    'Takes one token from the key''s (sharded) bucket, or raises ND429, which rolls back the statement it ends. The API calls it in the select list of the submission statement, after the work, to hold the bucket''s row lock briefly.';
+
+create function notify_api.authorize_v1(p_key_hash bytea, p_scope text)
+    returns table (tenant_id uuid, api_key_id uuid)
+    language sql
+    security definer
+    set search_path = ''
+as $$
+    select k.tenant_id, k.api_key_id
+      from notify_api.check_api_key_v1(p_key_hash, p_scope) k
+     where notify_api.charge_api_key_v1(k.api_key_id, k.rate_per_second)
+$$;
 comment on function notify_api.authorize_v1(bytea, text) is
-    'Authenticates a key (no row: 401), checks it has the scope (ND403) and is within its tenant''s rate (ND429, a token bucket per key shared by every API process, sharded by 50/s of rate).';
+    'check_api_key_v1 and charge_api_key_v1 at once: no row (401), ND403 without the scope, ND429 over the tenant''s per-key rate (a token bucket shared by every API process, sharded by 50/s of rate).';
 
 create function notify_api.rotate_api_key_v1(p_tenant_id uuid, p_key_id uuid, p_prefix text, p_key_hash bytea, p_overlap_seconds integer default 86400)
     returns jsonb

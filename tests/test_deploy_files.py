@@ -14,11 +14,16 @@ from tests.conftest import ROOT
 def test_compose_defines_the_stack():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"postgres", "migrate", "api", "worker"}
+    assert set(services) == {"postgres", "migrate", "api", "worker", "mailpit"}
     assert services["migrate"]["command"] == ["dispatcher", "migrate"]
+    assert services["migrate"]["environment"]["DATABASE_URL"].startswith("postgresql://dispatcher:")   # the owner migrates
     for name in ("api", "worker"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-        assert services[name]["environment"]["DATABASE_URL"].startswith("postgresql://")
+        assert services[name]["environment"]["DATABASE_URL"].startswith("postgresql://dispatcher_app:")   # the app role runs
+    init = (ROOT / "deploy" / "postgres-init.sql").read_text()
+    assert "create role dispatcher_app login" in init and "in role notify_service" in init
+    assert any(v.endswith("/docker-entrypoint-initdb.d/10-roles.sql:ro") for v in services["postgres"]["volumes"])
+    assert "1025:1025" in services["mailpit"]["ports"]
     assert services["postgres"]["healthcheck"]["test"]
 
 

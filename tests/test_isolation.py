@@ -22,7 +22,8 @@ GLOBAL_UNIQUE = {"tenants_pkey", "tenants_slug_key", "api_clients_key_hash_key",
 # Functions that see every tenant's rows (owned by notify_system): the worker, webhooks, key lookup, tenant creation.
 CROSS_TENANT = {"create_tenant_v1", "get_tenant_v1", "authenticate_api_key_v1", "authorize_v1", "take_tokens_v1",
                 "claim_deliveries_v1", "record_attempts_v1", "run_maintenance_v1", "queue_health_v1", "ingest_webhook_v1",
-                "record_mock_messages_v1", "claim_callbacks_v1", "record_callback_attempts_v1"}
+                "record_mock_messages_v1", "claim_callbacks_v1", "record_callback_attempts_v1",
+                "check_api_key_v1", "charge_api_key_v1"}
 APP_ROLES = ("notify_service", "notify_caller", "dispatcher_app", "dispatcher_caller")
 
 
