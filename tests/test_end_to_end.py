@@ -185,6 +185,35 @@ def test_the_procrastinate_cli_runs_the_same_worker(db: psycopg.Connection, tmp_
         stop_service(service)
 
 
+def test_sigterm_lets_in_flight_sends_finish_and_records_them(db: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
+    """SIGTERM (systemd stop, Cloud Run scale-in) while 20 sends are in flight at the provider: the worker waits for
+    them, records every outcome, and exits cleanly; nothing is left `sending` and nothing is sent twice."""
+    service = start_service(url_of(db), tmp_path, {"DISPATCHER_MOCK_LATENCY_MS": "1500", "DISPATCHER_MOCK_WEBHOOK_SECRET": ""})
+    try:
+        setup_tenant(service)
+        with service.client() as c:
+            ids = [c.post("/internal/notifications", json=intent(channels=["email"], variables={"name": f"N{n}", "event": "x"},
+                                                                 recipient={"ref": f"sig-{n}", "addresses": {"email": f"s{n}@example.com"}})
+                          ).json()["id"] for n in range(20)]
+        with psycopg.connect(service.db_url, autocommit=True) as conn:
+            deadline = time.monotonic() + 15
+            while conn.execute("select count(*) from notify.notification_deliveries where status = 'sending'").fetchone()[0] < 20:
+                assert time.monotonic() < deadline, "the sends did not start"
+                time.sleep(0.05)
+            worker = service.procs.pop()
+            worker.terminate()                                       # SIGTERM while every send is at the provider
+            code = worker.wait(30)
+            statuses = conn.execute("select status, count(*) from notify.notification_deliveries group by 1").fetchall()
+            attempts = conn.execute("select count(*), count(*) filter (where outcome = 'sent') from notify.delivery_attempts").fetchone()
+            sent_by_mock = conn.execute("select count(*) from notify.mock_messages").fetchone()[0]
+        assert code == 0, service.log_text()[-2000:]
+        assert statuses == [("sent", 20)] and attempts == (20, 20) and sent_by_mock == 20
+        print(f"\nSIGTERM with 20 sends in flight: worker exited {code}; 20 of 20 recorded sent, 0 left sending, 0 resent")
+        assert len(ids) == 20
+    finally:
+        stop_service(service)
+
+
 def test_a_killed_worker_follows_the_crash_policy(db: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
     """SIGKILL while both sends are in flight: e-mail is sent again, WhatsApp becomes unknown (never resent),
     and the dead worker's stalled job is closed."""
