@@ -10,7 +10,8 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgspec
 from procrastinate import JobContext, jobs
@@ -182,28 +183,28 @@ class Dispatcher:
         await asyncio.gather(*(p.aclose() for p in self.providers.values()), return_exceptions=True)
 
 
+# One Dispatcher and one CallbackSender per procrastinate App (tests derive apps for other databases), kept for the
+# worker's life; `dispatcher worker` closes them on shutdown.
 _dispatchers: dict[int, Dispatcher] = {}
+_senders: dict[int, CallbackSender] = {}
+T = TypeVar("T")
+
+
+def _per_app(registry: dict[int, T], context: JobContext, make: Callable[[Any, Settings], T]) -> T:
+    assert context.app is not None
+    key = id(context.app)
+    if key not in registry:
+        settings = (context.additional_context or {}).get("settings") or Settings.from_env()
+        registry[key] = make(context.app.connector, settings)
+    return registry[key]
 
 
 def dispatcher_for(context: JobContext) -> Dispatcher:
-    assert context.app is not None
-    key = id(context.app)
-    if key not in _dispatchers:
-        settings = (context.additional_context or {}).get("settings") or Settings.from_env()
-        _dispatchers[key] = Dispatcher(context.app.connector, settings)
-    return _dispatchers[key]
-
-
-_senders: dict[int, CallbackSender] = {}
+    return _per_app(_dispatchers, context, Dispatcher)
 
 
 def sender_for(context: JobContext) -> CallbackSender:
-    assert context.app is not None
-    key = id(context.app)
-    if key not in _senders:
-        settings = (context.additional_context or {}).get("settings") or Settings.from_env()
-        _senders[key] = CallbackSender(context.app.connector, settings)
-    return _senders[key]
+    return _per_app(_senders, context, CallbackSender)
 
 
 @app.task(name="callbacks", queue="callbacks", pass_context=True)
