@@ -1,5 +1,6 @@
 -- Tables of notification-dispatcher: tenants, keys, recipients, consent, templates, requests, deliveries.
 -- Written only through notify_api functions; every primary and unique key starts with tenant_id except where noted.
+-- Columns added after a table first landed stand at its end, in the order migrations added them (same column order as a migrated database).
 
 create table notify.tenants (
     id uuid primary key default gen_random_uuid(),
@@ -9,8 +10,8 @@ create table notify.tenants (
     retry_max_attempts integer not null default 5,
     retry_base_ms integer not null default 30000,
     retry_max_ms integer not null default 3600000,
-    api_rate_per_second double precision not null default 1000,
     created_at timestamptz not null default now(),
+    api_rate_per_second double precision not null default 1000,
     constraint tenants_slug_key unique (slug),
     constraint tenants_slug_format check (slug ~ '^[a-z0-9][a-z0-9_-]{0,62}$'),
     constraint tenants_retry_sane check (retry_max_attempts between 1 and 100 and retry_base_ms > 0 and retry_max_ms >= retry_base_ms)
@@ -27,11 +28,11 @@ create table notify.api_clients (
     name text not null,
     prefix text not null,
     key_hash bytea not null,
-    scopes text[] not null default '{submit,read,admin}',
     created_at timestamptz not null default now(),
     last_used_at timestamptz,
-    expires_at timestamptz,
     revoked_at timestamptz,
+    scopes text[] not null default '{submit,read,admin}',
+    expires_at timestamptz,
     primary key (tenant_id, id),
     -- Global, not per tenant: a key is looked up before its tenant is known.
     constraint api_clients_key_hash_key unique (key_hash),
@@ -159,7 +160,6 @@ create table notify.notification_requests (
     idempotency_key text,
     fingerprint bytea not null,
     recipient_id uuid,
-    recipient_count integer not null default 1,
     template_key text not null,
     variables jsonb not null default '{}',
     category text,
@@ -169,6 +169,7 @@ create table notify.notification_requests (
     metadata jsonb not null default '{}',
     response jsonb,
     created_at timestamptz not null default now(),
+    recipient_count integer not null default 1,
     primary key (tenant_id, id),
     foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
     constraint notification_requests_idempotency_key unique (tenant_id, idempotency_key),
@@ -192,7 +193,6 @@ create table notify.notification_deliveries (
     channel notify.channel not null,
     address text,
     template_locale text,
-    variables jsonb,
     status notify.delivery_status not null,
     reason text,
     attempt integer not null default 0,
@@ -210,6 +210,7 @@ create table notify.notification_deliveries (
     delivered_at timestamptz,
     read_at timestamptz,
     finished_at timestamptz,
+    variables jsonb,
     opened_at timestamptz,
     complained_at timestamptz,
     primary key (tenant_id, id),

@@ -1,4 +1,4 @@
--- 0009: notify_system (which owns only the named cross-tenant functions) gets BYPASSRLS where the migrating role may
+-- 0010: notify_system (which owns only the named cross-tenant functions) gets BYPASSRLS where the migrating role may
 -- grant it; elsewhere its system_rows policy keeps admitting every row, as before.
 
 do $$

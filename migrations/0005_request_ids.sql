@@ -1,10 +1,43 @@
--- 0007: the submitting request's W3C traceparent is kept with the notification and handed to the worker (tracing).
+-- 0005: X-Request-ID carried into the notification (notification_requests.http_request_id, from the transaction
+-- setting notify.request_id) and handed to the worker with each claimed delivery.
 
-alter table notify.notification_requests add column trace_parent text default nullif(current_setting('notify.traceparent', true), '')
-    constraint notification_requests_trace_parent check (trace_parent ~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$');
-comment on column notify.notification_requests.trace_parent is
-    'The W3C traceparent of the submitting request''s span (transaction setting notify.traceparent), when tracing is on: the worker''s delivery spans continue that trace.';
-alter type notify.claimed_delivery add attribute trace_parent text;
+alter table notify.notification_requests add column http_request_id text default nullif(current_setting('notify.request_id', true), '')
+    constraint notification_requests_http_request_id check (http_request_id ~ '^[\x21-\x7e]{1,200}$');
+comment on column notify.notification_requests.http_request_id is
+    'The X-Request-ID of the submitting HTTP request (or a direct caller''s transaction setting notify.request_id): ties the API''s, the worker''s and the caller''s log lines together.';
+alter type notify.claimed_delivery add attribute http_request_id text;
+
+create or replace function notify_api.get_notification_v1(p_tenant_id uuid, p_id uuid)
+    returns jsonb
+    language plpgsql
+    stable
+    security definer
+    set search_path = ''
+as $$
+declare
+    v notify.notification_requests;
+    v_deliveries jsonb;
+    v_open boolean;
+begin
+    perform notify._enter(p_tenant_id);
+    select * into v from notify.notification_requests r where r.tenant_id = p_tenant_id and r.id = p_id;
+    if v.id is null then
+        perform notify._raise('ND404', 'not_found', 'no such notification', 'id');
+    end if;
+    select jsonb_agg(notify._delivery_json(d, true) order by array_position(v.channels, d.channel), d.id),
+           bool_or(d.status in ('scheduled', 'queued', 'sending', 'unknown'))
+      into v_deliveries, v_open
+      from notify.notification_deliveries d where d.tenant_id = p_tenant_id and d.request_id = p_id;
+    return jsonb_strip_nulls(jsonb_build_object(
+        'id', v.id, 'status', case when v_open then 'in_progress' else 'completed' end,
+        'created_at', v.created_at, 'idempotency_key', v.idempotency_key,
+        'recipient', (select r.ref from notify.recipients r where r.tenant_id = v.tenant_id and r.id = v.recipient_id),
+        'recipient_count', case when v.recipient_id is null then v.recipient_count end,
+        'template', v.template_key, 'category', v.category, 'channels', to_jsonb(v.channels),
+        'send_at', v.send_at, 'expires_at', v.expires_at, 'metadata', v.metadata, 'http_request_id', v.http_request_id))
+        || jsonb_build_object('deliveries', coalesce(v_deliveries, '[]'));
+end
+$$;
 
 create or replace function notify_api.claim_deliveries_v1(p_channel notify.channel, p_limit integer, p_lease_seconds integer default 60)
     returns setof notify.claimed_delivery
@@ -62,7 +95,7 @@ begin
            r.variables || coalesce(u.variables, '{}'), r.category, u.request_id, coalesce(cp.provider, 'mock'),
            case when cp.provider is not null
                 then jsonb_build_object('settings', cp.settings, 'secrets', cp.secrets, 'updated_at', cp.updated_at) end,
-           r.http_request_id, r.trace_parent
+           r.http_request_id
       from updated u
       join notify.notification_requests r on r.tenant_id = u.tenant_id and r.id = u.request_id
       left join notify.templates t on t.tenant_id = u.tenant_id and t.key = r.template_key
@@ -71,5 +104,3 @@ begin
      where u.status = 'sending';
 end
 $$;
-
-select notify._settle_owners();

@@ -1,4 +1,4 @@
--- 0008: one wake-up helper (notify._wake_task) for the dispatch and callbacks tasks.
+-- 0009: one wake-up helper (notify._wake_task) for the dispatch and callbacks tasks.
 
 create function notify._wake_task(p_task text, p_lock text, p_args jsonb, p_at timestamptz default null)
     returns void

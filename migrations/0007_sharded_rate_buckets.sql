@@ -1,4 +1,4 @@
--- 0006: the per-key API rate bucket is sharded (one shard per 50/s of rate, at most 16), so a busy key's requests
+-- 0007: the per-key API rate bucket is sharded (one shard per 50/s of rate, at most 16), so a busy key's requests
 -- do not queue on one row lock until commit.
 
 create or replace function notify_api.authorize_v1(p_key_hash bytea, p_scope text)

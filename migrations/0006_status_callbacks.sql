@@ -1,4 +1,4 @@
--- 0005: status callbacks to callers (sql/095_callbacks.sql): endpoints with whsec_ secrets, the outbox written by a
+-- 0006: status callbacks to callers (sql/095_callbacks.sql): endpoints with whsec_ secrets, the outbox written by a
 -- trigger with each status change, attempts; callback_url on requests; row security and owners for the new tables.
 
 -- Status callbacks to callers: every delivery status change is posted to the tenant's (or the request's) callback URL

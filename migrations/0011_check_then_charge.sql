@@ -1,4 +1,4 @@
--- 0010: the API key is checked first (check_api_key_v1) and charged last (charge_api_key_v1), so the rate bucket's
+-- 0011: the API key is checked first (check_api_key_v1) and charged last (charge_api_key_v1), so the rate bucket's
 -- row lock is held only while a submission commits; authorize_v1 does both at once for the other routes.
 
 create function notify_api.check_api_key_v1(p_key_hash bytea, p_scope text)
