@@ -172,7 +172,9 @@ create table notify.notification_requests (
     recipient_count integer not null default 1,
     primary key (tenant_id, id),
     foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
-    constraint notification_requests_idempotency_key unique (tenant_id, idempotency_key),
+    -- The key leads, not tenant_id: an index starting (tenant_id) could be picked for a primary-key lookup (see
+    -- docs/architecture.md, "Indexes that tie with the primary key").
+    constraint notification_requests_idempotency_key unique (idempotency_key, tenant_id),
     constraint notification_requests_key_format check (idempotency_key ~ '^[\x21-\x7e]{1,255}$'),
     http_request_id text default nullif(current_setting('notify.request_id', true), '')
         constraint notification_requests_http_request_id check (http_request_id ~ '^[\x21-\x7e]{1,200}$')
@@ -216,7 +218,7 @@ create table notify.notification_deliveries (
     primary key (tenant_id, id),
     foreign key (tenant_id, request_id) references notify.notification_requests (tenant_id, id),
     foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
-    constraint notification_deliveries_one_per_channel unique (tenant_id, request_id, recipient_id, channel)
+    constraint notification_deliveries_one_per_channel unique (request_id, tenant_id, recipient_id, channel)  -- request_id leads, as above
 );
 comment on table notify.notification_deliveries is
     'One message to one recipient on one channel: the work list of the worker and the unit of status.';
@@ -235,7 +237,7 @@ create index notification_deliveries_leases on notify.notification_deliveries (l
 -- Global, not per tenant: provider webhooks name only the provider's message id.
 create unique index notification_deliveries_provider_message on notify.notification_deliveries (provider, provider_message_id)
     where provider_message_id is not null;
--- (Reads by request use the unique key notification_deliveries_one_per_channel, which starts with tenant_id, request_id.)
+-- (Reads by request use the unique key notification_deliveries_one_per_channel, which starts with request_id, tenant_id.)
 
 create table notify.delivery_attempts (
     tenant_id uuid not null,

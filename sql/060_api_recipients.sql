@@ -30,14 +30,20 @@ begin
                               ltrim(coalesce(v_prefix, '') || '.timezone', '.'));
     end if;
 
-    insert into notify.recipients as r (tenant_id, ref, locale, timezone)
-    values (p_tenant_id, p_ref, v_locale, v_timezone)
-    on conflict (tenant_id, ref) do update
-        set locale = coalesce(excluded.locale, r.locale),
-            timezone = coalesce(excluded.timezone, r.timezone),
-            updated_at = case when (excluded.locale, excluded.timezone) is distinct from (r.locale, r.timezone)
-                              then now() else r.updated_at end
-    returning * into v;
+    -- Known and unchanged (the usual case) is only read: no new row version, and no row lock held until commit
+    -- that would queue every other submission to the same recipient behind this one.
+    select * into v from notify.recipients r where r.tenant_id = p_tenant_id and r.ref = p_ref;
+    if v.id is null or (v_locale is not null and v_locale is distinct from v.locale)
+       or (v_timezone is not null and v_timezone is distinct from v.timezone) then
+        insert into notify.recipients as r (tenant_id, ref, locale, timezone)
+        values (p_tenant_id, p_ref, v_locale, v_timezone)
+        on conflict (tenant_id, ref) do update
+            set locale = coalesce(excluded.locale, r.locale),
+                timezone = coalesce(excluded.timezone, r.timezone),
+                updated_at = case when (excluded.locale, excluded.timezone) is distinct from (r.locale, r.timezone)
+                                  then now() else r.updated_at end
+        returning * into v;
+    end if;
 
     v_addresses := p_body -> 'addresses';
     if v_addresses is not null and jsonb_typeof(v_addresses) <> 'null' then
@@ -52,7 +58,10 @@ begin
                     case v_channel when 'email' then format('addresses.%s must be an e-mail address', v_key)
                                    else format('addresses.%s must be an E.164 phone number such as +34600111222', v_key) end,
                     ltrim(coalesce(v_prefix, '') || '.addresses.' || v_key, '.'));
-            else
+            elsif not exists (select from notify.recipient_addresses a
+                               where a.tenant_id = p_tenant_id and a.recipient_id = v.id and a.channel = v_channel
+                                 and a.address = v_value #>> '{}') then
+                -- (an unchanged address is only read: ON CONFLICT DO UPDATE would lock its row even when it writes nothing)
                 insert into notify.recipient_addresses as a (tenant_id, recipient_id, channel, address)
                 values (p_tenant_id, v.id, v_channel, v_value #>> '{}')
                 on conflict (tenant_id, recipient_id, channel) do update
