@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import select
 from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
+
+
+async def check_idle_connection(conn: psycopg.AsyncConnection[Any]) -> None:
+    """The pool's check at checkout, with no round trip for a healthy connection.
+
+    An idle connection has nothing to read unless the server has said goodbye (a restart sends FATAL and closes the
+    socket; a crash closes it): only then is the connection checked for real (`check_connection` sends an empty
+    query, which raises and makes the pool try another). Checking every checkout with a round trip cost each
+    request a second round trip (12% of the API process's samples under load)."""
+    try:
+        readable = bool(select.select([conn.pgconn.socket], [], [], 0)[0])
+    except (OSError, ValueError, psycopg.OperationalError):
+        readable = True
+    if readable or conn.broken:
+        await AsyncConnectionPool.check_connection(conn)
 
 
 class Database:
@@ -13,7 +29,7 @@ class Database:
         self.pool = AsyncConnectionPool(
             url, min_size=min_size, max_size=max_size, timeout=timeout, open=False,
             kwargs={"autocommit": True, "application_name": "dispatcher-api"},
-            check=AsyncConnectionPool.check_connection,
+            check=check_idle_connection,
         )
 
     async def open(self) -> None:
