@@ -27,6 +27,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -185,7 +186,17 @@ def cmd_worker(args: argparse.Namespace) -> None:
                     except (TimeoutError, Exception):  # noqa: BLE001
                         log.warning("provider did not close in time")
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(main())
+
+
+def _loop_factory() -> Any:
+    """uvloop where installed (every platform but Windows), as uvicorn does for the API; asyncio's loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _dev_file(data_dir: Path, name: str, make: callable) -> str:  # type: ignore[valid-type]
