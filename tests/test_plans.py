@@ -23,7 +23,7 @@ select c.conname, c.contype, t.oid::regclass::text,
                with ordinality k(n, o) join pg_attribute a on a.attrelid = t.oid and a.attnum = k.n order by k.o)
   from pg_constraint c
   join pg_class t on t.oid = case c.contype when 'f' then c.confrelid else c.conrelid end
- where c.contype in ('p', 'f') and c.connamespace = 'notify'::regnamespace
+ where c.contype in ('p', 'f', 'u') and c.connamespace = 'notify'::regnamespace
  order by 1
 """
 
@@ -50,7 +50,7 @@ def test_every_key_lookup_uses_every_key_column_on_a_new_database(db: psycopg.Co
         plan = generic_plan(db, table, columns, types)
         conditions = " ".join(line for line in plan.splitlines() if "Index Cond" in line)
         if "Filter" in plan or "Seq Scan" in plan or not all(f"{c} = $" in conditions for c in columns):
-            wrong.append(f"{name} ({'primary key' if kind == 'p' else 'foreign key'} of {table}):\n{plan}")
+            wrong.append(f"{name} ({ {'p': 'primary key', 'f': 'foreign key', 'u': 'unique key'}[kind]} of {table}):\n{plan}")
     print(f"\nkey lookups planned: {len(keys)}, without an index condition on every key column: {len(wrong)}")
     assert not wrong, "\n\n".join(wrong)
 
