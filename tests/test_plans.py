@@ -4,7 +4,7 @@ Postgres keeps the plan of a foreign-key check (and of a PL/pgSQL statement, onc
 connection. Planned on empty tables without statistics, a lookup by primary key (tenant_id, id) was served by
 another unique index that also started with tenant_id ("Index Cond: tenant_id = $1, Filter: id = $2"), so each
 check read every row of the tenant and submissions slowed down as the tables grew (migration 0012). These tests
-plan every primary-key lookup and every foreign-key check the way Postgres does, on the suite's new database,
+plan every lookup by a primary or unique key and every foreign-key check the way Postgres does, on the suite's new database,
 and require an index condition on every key column; and they prove that a submission costs the same after
 thousands of others.
 """
