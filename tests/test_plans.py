@@ -41,8 +41,10 @@ def generic_plan(conn: psycopg.Connection, table: str, columns: list[str], types
 
 
 def test_every_key_lookup_uses_every_key_column_on_a_new_database(db: psycopg.Connection) -> None:
-    assert db.execute("select count(*) from pg_class where relnamespace = 'notify'::regnamespace and relkind = 'r' "
-                      "and reltuples >= 0").fetchone()[0] == 0, "the suite's database should not be analyzed yet"
+    # The tables of the submission path are new and empty in every test's database: never analyzed, as in production
+    # before autovacuum's first visit (autovacuum does not analyze a table nothing was written to).
+    assert db.execute("select count(*) from pg_class where oid in ('notify.notification_requests'::regclass, "
+                      "'notify.notification_deliveries'::regclass, 'notify.recipients'::regclass) and reltuples < 0").fetchone()[0] == 3
     keys = db.execute(KEYS).fetchall()
     assert len(keys) > 20
     wrong = []
