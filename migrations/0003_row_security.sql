@@ -1,4 +1,4 @@
--- 0004: row-level security on every tenant table, owned by notify_owner (subject to it) and notify_system (cross-tenant).
+-- 0003: row-level security on every tenant table, owned by notify_owner (subject to it) and notify_system (cross-tenant).
 -- Tenant-scoped notify_api functions now bind the transaction to their tenant first (notify._enter).
 -- Same content as sql/000 (roles), sql/030 (helpers), the changed functions of sql/05x-10x, sql/890 and the end of sql/900.
 
