@@ -22,7 +22,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from psycopg.types.json import Jsonb
 
-from api import problems, request_ids
+from api import problems, reference, request_ids
 from api.db import Database
 from api.problems import ProblemException
 from api.schemas import (
@@ -438,9 +438,10 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
         debug=debug,
         logging_config=None,  # dispatcher.logs owns logging (JSON, masked)
         openapi_config=OpenAPIConfig(
-            title="notification-dispatcher", version=__version__, path="/schema",
+            title="notification-dispatcher", version=__version__, path=reference.SCHEMA_PATH,
             description="Multi-channel notification dispatcher. /internal routes take Authorization: Bearer <API key>.",
             components=Components(security_schemes={"BearerAuth": SecurityScheme(type="http", scheme="bearer")}),
+            render_plugins=[reference.LocalSwaggerPlugin()],  # Swagger UI served from the service itself: no CDN
         ),
     )
 

@@ -152,6 +152,7 @@ class DeliveryOut(Base):
     sent_at: dt.datetime | None = None
     delivered_at: dt.datetime | None = None
     read_at: dt.datetime | None = None
+    opened_at: dt.datetime | None = None  # e-mail: the first open or click reported; a flag, not a status
     finished_at: dt.datetime | None = None
 
 
@@ -220,10 +221,18 @@ class ConsentEntry(Base):
     recorded_by: str | None = None
 
 
+class CategoryConsent(Base):
+    category: str
+    allowed: bool
+
+
 class ConsentState(Base):
+    """`allowed`: messages without a category (and categories not listed); `categories`: each category the ledger names."""
+
     channel: Channel
     allowed: bool
     policy: Literal["opt_in", "opt_out"]
+    categories: list[CategoryConsent]
 
 
 class ConsentsOut(Base):

@@ -102,6 +102,8 @@ class Delivery(Model):
     sent_at: dt.datetime | None = None
     delivered_at: dt.datetime | None = None
     read_at: dt.datetime | None = None
+    opened_at: dt.datetime | None = None  # e-mail: the first open or click a provider reported (a flag, not a status)
+    finished_at: dt.datetime | None = None
     events: list[DeliveryEvent] = []
     attempt_history: list[Attempt] = []
 
@@ -178,10 +180,19 @@ class ConsentEntry(Model):
     recorded_by: str | None = None
 
 
+class CategoryConsent(Model):
+    category: str
+    allowed: bool
+
+
 class ConsentInForce(Model):
+    """`allowed` is the channel's state for messages without a category (and for any category not listed);
+    `categories` is the state in force for each category the recipient's ledger names on this channel."""
+
     channel: Channel
     allowed: bool
     policy: Literal["opt_in", "opt_out"]
+    categories: list[CategoryConsent] = []
 
 
 class Consents(Model):

@@ -163,19 +163,28 @@ create function notify_api.list_consents_v1(p_tenant_id uuid, p_ref text)
     language plpgsql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_id uuid;
 begin
     perform notify._enter(p_tenant_id);
     v_id := notify._recipient_id(p_tenant_id, p_ref);
+    -- the state in force is what submit and claim decide (notify._consent): per channel for messages without a
+    -- category (and any category the ledger never names), and per category the ledger names for that channel
     return jsonb_build_object(
         'ref', p_ref,
         'current', (select jsonb_agg(jsonb_build_object(
                         'channel', c, 'allowed', notify._consent_allows(p_tenant_id, v_id, c, null),
-                        'policy', coalesce(p.policy, notify._default_policy(c))) order by c)
-                      from unnest(enum_range(null::notify.channel)) c
+                        'policy', coalesce(p.policy, notify._default_policy(c)),
+                        'categories', coalesce((select jsonb_agg(jsonb_build_object(
+                                           'category', k.category,
+                                           'allowed', notify._consent_allows(p_tenant_id, v_id, c, k.category))
+                                           order by k.category)
+                                         from (select distinct e.category from notify.recipient_consents e
+                                                where e.tenant_id = p_tenant_id and e.recipient_id = v_id
+                                                  and e.channel = c and e.category is not null) k), '[]')) order by c)
+                      from pg_catalog.unnest(pg_catalog.enum_range(null::notify.channel)) c
                       left join notify.channel_policies p on p.tenant_id = p_tenant_id and p.channel = c),
         'history', coalesce((select jsonb_agg(jsonb_build_object(
                         'id', e.id, 'channel', e.channel, 'category', e.category, 'status', e.status, 'source', e.source,
@@ -184,7 +193,7 @@ begin
 end
 $$;
 comment on function notify_api.list_consents_v1(uuid, text) is
-    'The consent in force per channel (for messages without a category) and the full ledger of a recipient.';
+    'A recipient''s consent in force, as submit and claim decide it: per channel (allowed for messages without a category, and for categories the ledger never names) with the policy and, under categories, each category the ledger names for that channel; and the full ledger.';
 
 create function notify_api.upsert_template_v1(p_tenant_id uuid, p_key text, p_body jsonb)
     returns jsonb

@@ -177,7 +177,7 @@ create function notify._delivery_json(d notify.notification_deliveries, p_detail
     returns jsonb
     language sql
     stable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select jsonb_strip_nulls(jsonb_build_object(
         'id', d.id, 'channel', d.channel, 'status', d.status, 'reason', d.reason, 'attempts', d.attempt,
@@ -185,7 +185,8 @@ as $$
         'error', case when d.last_error_code is not null or d.last_error_message is not null
                       then jsonb_build_object('code', d.last_error_code, 'message', d.last_error_message) end,
         'due_at', d.due_at, 'expires_at', d.expires_at, 'created_at', d.created_at, 'updated_at', d.updated_at,
-        'sent_at', d.sent_at, 'delivered_at', d.delivered_at, 'read_at', d.read_at, 'finished_at', d.finished_at))
+        'sent_at', d.sent_at, 'delivered_at', d.delivered_at, 'read_at', d.read_at, 'opened_at', d.opened_at,
+        'finished_at', d.finished_at))
     || case when p_detail then jsonb_build_object(
         'events', coalesce((select jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
                         'seq', e.seq, 'from', e.from_status, 'to', e.to_status, 'source', e.source, 'reason', e.reason,
@@ -198,7 +199,8 @@ as $$
                     from notify.delivery_attempts a where a.tenant_id = d.tenant_id and a.delivery_id = d.id), '[]'))
        else '{}' end
 $$;
-comment on function notify._delivery_json(notify.notification_deliveries, boolean) is 'The public JSON form of a delivery, with its history when p_detail.';
+comment on function notify._delivery_json(notify.notification_deliveries, boolean) is
+    'The public JSON form of a delivery (timestamps include opened_at, the first e-mail open or click reported), with its history when p_detail.';
 
 create function notify_api.get_notification_v1(p_tenant_id uuid, p_id uuid)
     returns jsonb

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from html.parser import HTMLParser
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -152,7 +154,12 @@ def test_recipients_and_consents(client):
                           json={"channel": "whatsapp", "status": "granted", "source": "app", "evidence": {"screen": "settings"}})
     assert created.status_code == 201 and created.json()["recorded_by"].startswith("api_key:")
     listed = client.get("/internal/recipients/runner-7/consents").json()
-    assert listed["current"][0] == {"channel": "whatsapp", "allowed": True, "policy": "opt_in"}
+    assert listed["current"][0] == {"channel": "whatsapp", "allowed": True, "policy": "opt_in", "categories": []}
+    # a category-level revoke shows for that category; the channel-wide state stays as it is
+    assert client.post("/internal/recipients/runner-7/consents",
+                       json={"channel": "email", "status": "revoked", "source": "preferences", "category": "marketing"}).status_code == 201
+    email = [c for c in client.get("/internal/recipients/runner-7/consents").json()["current"] if c["channel"] == "email"]
+    assert email == [{"channel": "email", "allowed": True, "policy": "opt_out", "categories": [{"category": "marketing", "allowed": False}]}]
     is_problem(client.post("/internal/recipients/runner-7/consents", json={"channel": "whatsapp", "status": "nope", "source": "x"}), 400, "status")
 
 
@@ -208,6 +215,37 @@ def test_health_version_and_openapi(client):
             "listConsents", "upsertTemplate", "listTemplates", "receiveWebhook", "health", "version", "submitNotificationBatch",
             "setChannelProvider", "verifyWebhook", "unsubscribe"} <= operations
     assert "BearerAuth" in spec["components"]["securitySchemes"]
+
+
+class _Assets(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.urls += [value for name, value in attrs if tag in ("script", "link", "img") and name in ("src", "href") and value]
+
+
+@pytest.mark.parametrize("page", ["/schema", "/schema/swagger"])
+def test_the_api_reference_page_needs_no_other_host(client, page):
+    """/schema on an offline host: every script, style sheet and icon it references is served by the service itself."""
+    client.headers.pop("Authorization")
+    response = client.get(page)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert "SwaggerUIBundle" in response.text and '"openapi"' in response.text  # the document is inlined in the page
+    parser = _Assets()
+    parser.feed(response.text)
+    assert len(parser.urls) >= 4, parser.urls  # style sheet, bundle, preset, icon
+    for url in parser.urls:
+        assert urlsplit(url).scheme == "" and urlsplit(url).netloc == "" and url.startswith("/schema/assets/"), url
+        asset = client.get(url)
+        assert asset.status_code == 200 and len(asset.content) > 100, url
+    types = {url.rsplit(".", 1)[-1]: client.get(url).headers["content-type"] for url in parser.urls}
+    assert types["js"].startswith(("application/javascript", "text/javascript")) and types["css"].startswith("text/css")
+    assert "https://" not in "".join(parser.urls)
+    # only the page's own files: the wheel's other files (Swagger Editor, source maps) and escapes are not served
+    for url in ["/schema/assets/swagger-editor-bundle.js", "/schema/assets/../__init__.py", "/schema/assets/LICENSE"]:
+        assert client.get(url).status_code == 404, url
 
 
 def test_a_database_outage_is_503_with_retry_after(tmp_path):

@@ -96,6 +96,9 @@ def test_the_quickstart_flow_through_the_client(svc: Service) -> None:
         assert {d.channel: d.status for d in done.deliveries} == {"whatsapp": "read", "email": "delivered"}
         assert [m.channel for m in nd.list_mock_messages(limit=5)] and nd.get_recipient("runner-42").locale == "es-ES"
         assert nd.list_consents("runner-42").current[0].allowed
+        nd.record_consent("runner-42", channel="email", status="revoked", source="preferences", category="newsletter")
+        email = next(c for c in nd.list_consents("runner-42").current if c.channel == "email")
+        assert email.allowed and [(k.category, k.allowed) for k in email.categories] == [("newsletter", False)]
 
         # runflow-api use case 2: remind everyone with an RSVP (one intent, one key, per-runner variables).
         rsvps = [FanoutRecipient(ref=f"runner-{n}", addresses={"email": f"runner{n}@example.com"}, variables={"name": f"R{n}"})

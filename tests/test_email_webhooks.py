@@ -9,6 +9,7 @@ import hmac
 import json
 import time
 import uuid
+from datetime import datetime
 
 import msgspec
 import pytest
@@ -133,6 +134,10 @@ def test_reports_on_smtp_messages_apply_and_a_complaint_revokes_consent(db, read
     assert [o["outcome"] for o in out["outcomes"]] == ["stale", "applied", "flagged"]
     state = db.execute("select status::text, opened_at is not null, delivered_at is not null from notify.notification_deliveries").fetchone()
     assert state == ("delivered", True, True)
+    # the open is returned where the docs say: in the delivery's detail, the stored first open
+    request_id, opened = db.execute("select request_id, opened_at from notify.notification_deliveries").fetchone()
+    [email] = call(db, "notify_api.get_notification_v1(%s, %s)", ready, request_id)["deliveries"]
+    assert datetime.fromisoformat(email["opened_at"]) == opened
     complaint = [{"status": None, "flag": "complained", "provider_message_id": f"{row[1]}@runflow.example"}]
     out = db.execute(INGEST, ("sendgrid", "k2", Jsonb({}), Jsonb(complaint))).fetchone()[0]
     assert out["outcomes"][0]["outcome"] == "flagged"
