@@ -6,6 +6,7 @@ Each handler decodes, calls one notify_api function, and returns the JSON that f
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
+import psycopg
 from litestar import Controller, Litestar, Request, Response, Router, get, post, put
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
@@ -36,7 +38,7 @@ from dispatcher.callback_urls import UnsafeUrl
 from dispatcher.callback_urls import resolve as resolve_callback_url
 from dispatcher.settings import Settings
 from providers import standard_webhooks
-from providers.base import WebhookRejected
+from providers.base import ConfigurationError, WebhookRejected
 from providers.registry import webhook_adapters
 from providers.unsubscribe import check_token
 from providers.whatsapp import verify_handshake
@@ -337,7 +339,7 @@ class Mock(Controller):
 INGEST = (
     "select notify_api.ingest_webhook_v1(%s, %s, %s, "
     "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r), "
-    "array(select r from jsonb_populate_recordset(null::notify.inbound_message, %s) r))::text"
+    "array(select r from jsonb_populate_recordset(null::notify.inbound_message, %s) r), %s::text[])::text"
 )
 
 
@@ -356,9 +358,19 @@ async def receive_webhook(request: Request[Any, Any, Any], provider: FromPath[st
         metrics.WEBHOOKS.labels(provider, "rejected").inc()
         log.warning("webhook rejected", extra={"provider": provider, "reason": exc.reason})
         raise ProblemException(exc.status, "webhook_rejected", exc.reason) from None
-    events = msgspec.to_builtins(parsed.events)
-    inbound = msgspec.to_builtins(parsed.inbound)
-    row = await db.one(INGEST, (adapter.provider, parsed.event_key, Jsonb(parsed.payload), Jsonb(events), Jsonb(inbound)))
+    # Verified from here on: the provider gets 200 whatever the payload holds (a 4xx or 5xx makes it retry for hours
+    # and then drop the event); what cannot be applied is stored with its reason.
+    event_key = parsed.event_key if len(parsed.event_key) <= 500 else "sha256:" + hashlib.sha256(parsed.event_key.encode()).hexdigest()
+    try:
+        row = await db.one(INGEST, (adapter.provider, event_key, Jsonb(parsed.payload), Jsonb(msgspec.to_builtins(parsed.events)),
+                                    Jsonb(msgspec.to_builtins(parsed.inbound)), parsed.notes))
+    except (psycopg.Error, ValueError) as exc:
+        if isinstance(exc, psycopg.OperationalError):
+            raise  # the database is down: 503, and the provider retries later
+        # Something in the events does not fit the database (a value out of range, a NUL): store the event alone.
+        log.warning("webhook events not applied", extra={"provider": provider, "error": type(exc).__name__})
+        notes = [*parsed.notes, f"events not applied: {getattr(exc, 'sqlstate', None) or type(exc).__name__}"]
+        row = await db.one(INGEST, (adapter.provider, event_key, Jsonb(parsed.payload), Jsonb([]), Jsonb([]), notes))
     result = msgspec.json.decode(row[0]) if row else {}
     if result.get("duplicate"):
         metrics.WEBHOOKS.labels(provider, "duplicate").inc()
@@ -488,4 +500,7 @@ def app_from_env() -> Litestar:
     settings = Settings.from_env()
     logs.configure(settings.log_level)
     tracing.setup("dispatcher-api")
-    return create_app(settings)
+    try:
+        return create_app(settings)
+    except ConfigurationError as exc:
+        raise SystemExit(f"dispatcher api: configuration error: {exc}") from None
