@@ -6,6 +6,7 @@ Each handler decodes, calls one notify_api function, and returns the JSON that f
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,12 +14,15 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
+import psycopg
 from litestar import Controller, Litestar, Request, Response, Router, get, post, put
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
+from litestar.handlers.base import BaseRouteHandler
 from litestar.di import NamedDependency, Provide
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.prometheus import PrometheusConfig
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from psycopg.types.json import Jsonb
 
@@ -26,7 +30,7 @@ from api import problems, reference, request_ids
 from api.db import Database
 from api.problems import ProblemException
 from api.schemas import (
-    BatchIn, BatchOut, CallbackMessage, CallbacksOut, CallbacksPut, CancelResult, ConsentEntry, ConsentIn, ConsentsOut, Health, MockMessage, NotificationAccepted, NotificationIn,
+    BatchIn, BatchItem, BatchOut, CallbackMessage, CallbacksOut, CallbacksPut, CancelResult, ConsentEntry, ConsentIn, ConsentsOut, Health, MockMessage, NotificationAccepted, NotificationIn,
     NotificationOut, PolicyOut, Problem, PolicyPut, ProviderOut, ProviderPut, RecipientOut, RecipientPut, SecretRotation, TemplateOut, TemplatePut, Version, WebhookAck,
 )
 from dispatcher import __version__, keys, metrics, schema, tracing
@@ -34,7 +38,7 @@ from dispatcher.callback_urls import UnsafeUrl
 from dispatcher.callback_urls import resolve as resolve_callback_url
 from dispatcher.settings import Settings
 from providers import standard_webhooks
-from providers.base import WebhookRejected
+from providers.base import ConfigurationError, WebhookRejected
 from providers.registry import webhook_adapters
 from providers.unsubscribe import check_token
 from providers.whatsapp import verify_handshake
@@ -49,7 +53,6 @@ ERRORS = {status: ResponseSpec(data_container=Problem, media_type="application/p
                                       403: "Forbidden", 404: "No such object for this tenant, or no such route",
                                       409: "Conflict", 413: "Body too large", 422: "Well-formed but refused; `field` names why",
                                       503: "The database is unavailable; retry after Retry-After seconds"}.items()}
-BULK_BODY_BYTES = 16 * 1024 * 1024  # a 10,000-recipient fan-out or a 1,000-intent batch
 _encode = msgspec.json.Encoder().encode
 
 
@@ -63,11 +66,8 @@ class Tenant:
 # the argument list, so it happens before the submission and within the same statement: still one round trip.
 _WITH_REQUEST_ID = ("case when set_config('notify.request_id', coalesce(%(request_id)s, ''), true) is null"
                     " or set_config('notify.traceparent', coalesce(%(traceparent)s, ''), true) is null then null else {} end")
-# The key is checked first and charged last (in the select list, evaluated after the submission): its rate bucket's
-# row lock is then held only while the transaction commits, and a 429 there rolls the submission back.
-SUBMIT = ("select s.response::text, s.replayed, notify_api.charge_api_key_v1(a.api_key_id, a.rate_per_second) "
-          "from notify_api.check_api_key_v1(%(key)s, 'submit') a "
-          "cross join lateral notify_api.submit_notification_v1(a.tenant_id, %(body)s::jsonb, "
+# The key was checked and charged by the guard (before the body was read); the submission is one statement.
+SUBMIT = ("select s.response::text, s.replayed from notify_api.submit_notification_v1(%(tenant)s, %(body)s::jsonb, "
           + _WITH_REQUEST_ID.format("%(idempotency_key)s::text") + ") s")
 BATCH = "select notify_api.submit_notifications_v1(%(tenant)s, " + _WITH_REQUEST_ID.format("(%(body)s::jsonb) -> 'items'") + ")::text"
 
@@ -80,7 +80,7 @@ async def provide_db(state: State) -> Database:
     return state.db  # type: ignore[no-any-return]
 
 
-def _key_digest(request: Request[Any, Any, Any]) -> bytes:
+def _key_digest(request: ASGIConnection[Any, Any, Any, Any]) -> bytes:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
@@ -93,14 +93,28 @@ def _unauthorized() -> ProblemException:
     return ProblemException(401, "unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def authenticate(request: Request[Any, Any, Any], db: NamedDependency[Database]) -> Tenant:
-    """The key's tenant, if the key may use this route: its scope is the handler's opt["scope"] (403 without it),
-    and the key's rate limit applies (429). Both are checked in Postgres, in the same call."""
-    scope = request.route_handler.opt.get("scope", "admin")
-    row = await db.one("select tenant_id, api_key_id from notify_api.authorize_v1(%s, %s)", (_key_digest(request), scope))
+async def require_key(connection: ASGIConnection[Any, Any, Any, Any], route_handler: BaseRouteHandler) -> None:
+    """The guard of every /internal route, run before the body is read or decoded: the key's tenant, if the key may
+    use this route (its scope is the handler's opt["scope"]; 403 without it), and the key's rate limit (429). Both are
+    checked in Postgres, in one call. An anonymous caller costs no body parsing and learns nothing about the body."""
+    scope = route_handler.opt.get("scope", "admin")
+    db: Database = connection.app.state.db
+    row = await db.one("select tenant_id, api_key_id from notify_api.authorize_v1(%s, %s)", (_key_digest(connection), scope))
     if row is None:
         raise _unauthorized()
-    return Tenant(id=row[0], key_id=row[1])
+    connection.state.tenant = Tenant(id=row[0], key_id=row[1])
+
+
+async def authenticate(request: Request[Any, Any, Any]) -> Tenant:
+    """The tenant the guard found (require_key)."""
+    tenant = getattr(request.state, "tenant", None)
+    if tenant is None:  # a route outside the guarded routers
+        raise _unauthorized()
+    return tenant  # type: ignore[no-any-return]
+
+
+def _too_large(limit: int, setting: str) -> ProblemException:
+    return ProblemException(413, "payload_too_large", f"the body is over {limit} bytes ({setting})")
 
 
 async def _body_text(request: Request[Any, Any, Any]) -> str:
@@ -120,22 +134,24 @@ class Notifications(Controller):
     path = "/notifications"
     tags = ["notifications"]
 
-    @post("/", responses=ERRORS, operation_id="submitNotification", opt={"scope": "submit"}, status_code=202, request_max_body_size=BULK_BODY_BYTES,
+    @post("/", responses=ERRORS, operation_id="submitNotification", opt={"scope": "submit"}, status_code=202,
           summary="Submit a notification intent",
           description="One delivery per channel (per recipient and channel for a fan-out with `recipients`); suppressed "
                       "deliveries say why. A repeated Idempotency-Key with the same body replays the original response with "
-                      "200 and Idempotent-Replayed: true; with another body, 422.")
+                      "200 and Idempotent-Replayed: true; with another body, 422. Bodies over DISPATCHER_MAX_BODY_BYTES get "
+                      "413, except a fan-out, which may reach DISPATCHER_MAX_BULK_BODY_BYTES.")
     async def submit(
-        self, request: Request[Any, Any, Any], data: JSONBody[NotificationIn], db: NamedDependency[Database], state: State,
+        self, request: Request[Any, Any, Any], data: JSONBody[NotificationIn], tenant: NamedDependency[Tenant],
+        db: NamedDependency[Database], state: State,
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", required=False, max_length=255)] = None,
     ) -> Response[NotificationAccepted]:
-        # The hot path: authentication and submission in one statement, one round trip (a revoked key still
-        # gets 401 at once: no row from the authentication means no submission).
-        if data.callback_url is not None:
-            # Resolving a caller's URL is work: only for an authenticated caller (one more round trip, these requests only).
-            await authenticate(request, db)
-            await _check_callback_url(state, data.callback_url, "callback_url")
-        row = await db.one(SUBMIT, {"key": _key_digest(request), "body": await _body_text(request),
+        # The guard verified the key before the body was read; this router's body limit is the bulk one (a fan-out).
+        body = await request.body()
+        settings: Settings = state.settings
+        if data.recipients is None and len(body) > settings.max_body_bytes:
+            raise _too_large(settings.max_body_bytes, "DISPATCHER_MAX_BODY_BYTES")
+        await _check_callback_url(state, data.callback_url, "callback_url")
+        row = await db.one(SUBMIT, {"tenant": tenant.id, "body": body.decode("utf-8"),
                                     "request_id": request_ids.current(), "traceparent": tracing.current_traceparent(),
                                     "idempotency_key": idempotency_key})
         if row is None:
@@ -145,17 +161,41 @@ class Notifications(Controller):
             return _json(row[0], 200, {"Idempotent-Replayed": "true"})
         return _json(row[0], 202)
 
-    @post("/batch", responses=ERRORS, operation_id="submitNotificationBatch", opt={"scope": "submit"}, status_code=200, request_max_body_size=BULK_BODY_BYTES,
+    @post("/batch", responses=ERRORS, operation_id="submitNotificationBatch", opt={"scope": "submit"}, status_code=200,
           summary="Submit up to 1,000 independent intents",
-          description="Each item has its own idempotency key and succeeds or fails alone; the answer reports each item's "
-                      "outcome (accepted, replayed, or its error) in order.")
+          description="Each item has its own idempotency key and succeeds or fails alone, a `notification` of the wrong "
+                      "shape included; the answer reports each item's outcome (accepted, replayed, or its error) in order. "
+                      "Bodies up to DISPATCHER_MAX_BULK_BODY_BYTES.")
     async def batch(self, request: Request[Any, Any, Any], data: JSONBody[BatchIn], tenant: NamedDependency[Tenant],
                     db: NamedDependency[Database], state: State) -> Response[BatchOut]:
-        for i, item in enumerate(data.items):
-            await _check_callback_url(state, item.notification.callback_url, f"items[{i}].notification.callback_url")
-        row = await db.one(BATCH, {"tenant": tenant.id, "body": await _body_text(request), "request_id": request_ids.current(),
-                                   "traceparent": tracing.current_traceparent()})
-        return _json(row[0] if row else None)
+        # Only the envelope is decoded strictly; each item's shape is checked alone (a bad one fails alone).
+        failed: dict[int, dict[str, Any]] = {}
+        for i, raw in enumerate(data.items):
+            try:
+                item = msgspec.convert(raw, BatchItem)
+            except msgspec.ValidationError as exc:
+                failed[i] = problems.batch_item_error(str(exc), i)
+                continue
+            try:
+                await _check_callback_url(state, item.notification.callback_url, "callback_url")
+            except ProblemException as exc:
+                failed[i] = {"index": i, "outcome": "error", "status": exc.status_code,
+                             "error": {"type": exc.type_, "detail": exc.detail, "field": exc.field}}
+        kept = [i for i in range(len(data.items)) if i not in failed]
+        results: list[dict[str, Any]] = []
+        if kept:
+            items = [data.items[i] for i in kept] if failed else data.items
+            row = await db.one(BATCH, {"tenant": tenant.id, "body": _encode({"items": items}).decode() if failed else
+                                       (await request.body()).decode("utf-8"),
+                                       "request_id": request_ids.current(), "traceparent": tracing.current_traceparent()})
+            answer = msgspec.json.decode(row[0]) if row else {"items": []}
+            for position, result in zip(kept, answer["items"], strict=True):
+                results.append({**result, "index": position})
+        results.extend(failed.values())
+        results.sort(key=lambda r: r["index"])
+        out = {"items": results, **{name: sum(1 for r in results if r["outcome"] == outcome)
+                                    for name, outcome in (("accepted", "accepted"), ("replayed", "replayed"), ("failed", "error"))}}
+        return _json(_encode(out).decode())
 
     @get("/{notification_id:uuid}", responses=ERRORS, operation_id="getNotification", opt={"scope": "read"}, summary="Read a notification and its deliveries")
     async def read(self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[NotificationOut]:
@@ -296,17 +336,10 @@ class Mock(Controller):
         return _json(row[0] if row else None)
 
 
-class MetricsController(PrometheusController):
-    """GET /metrics: Prometheus text format (HTTP, submissions, webhooks, queue health from Postgres)."""
-
-    path = "/metrics"
-    include_in_schema = False
-
-
 INGEST = (
     "select notify_api.ingest_webhook_v1(%s, %s, %s, "
     "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r), "
-    "array(select r from jsonb_populate_recordset(null::notify.inbound_message, %s) r))::text"
+    "array(select r from jsonb_populate_recordset(null::notify.inbound_message, %s) r), %s::text[])::text"
 )
 
 
@@ -325,9 +358,19 @@ async def receive_webhook(request: Request[Any, Any, Any], provider: FromPath[st
         metrics.WEBHOOKS.labels(provider, "rejected").inc()
         log.warning("webhook rejected", extra={"provider": provider, "reason": exc.reason})
         raise ProblemException(exc.status, "webhook_rejected", exc.reason) from None
-    events = msgspec.to_builtins(parsed.events)
-    inbound = msgspec.to_builtins(parsed.inbound)
-    row = await db.one(INGEST, (adapter.provider, parsed.event_key, Jsonb(parsed.payload), Jsonb(events), Jsonb(inbound)))
+    # Verified from here on: the provider gets 200 whatever the payload holds (a 4xx or 5xx makes it retry for hours
+    # and then drop the event); what cannot be applied is stored with its reason.
+    event_key = parsed.event_key if len(parsed.event_key) <= 500 else "sha256:" + hashlib.sha256(parsed.event_key.encode()).hexdigest()
+    try:
+        row = await db.one(INGEST, (adapter.provider, event_key, Jsonb(parsed.payload), Jsonb(msgspec.to_builtins(parsed.events)),
+                                    Jsonb(msgspec.to_builtins(parsed.inbound)), parsed.notes))
+    except (psycopg.Error, ValueError) as exc:
+        if isinstance(exc, psycopg.OperationalError):
+            raise  # the database is down: 503, and the provider retries later
+        # Something in the events does not fit the database (a value out of range, a NUL): store the event alone.
+        log.warning("webhook events not applied", extra={"provider": provider, "error": type(exc).__name__})
+        notes = [*parsed.notes, f"events not applied: {getattr(exc, 'sqlstate', None) or type(exc).__name__}"]
+        row = await db.one(INGEST, (adapter.provider, event_key, Jsonb(parsed.payload), Jsonb([]), Jsonb([]), notes))
     result = msgspec.json.decode(row[0]) if row else {}
     if result.get("duplicate"):
         metrics.WEBHOOKS.labels(provider, "duplicate").inc()
@@ -405,20 +448,25 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await db.open()
+        metrics_server = metrics.serve(settings.metrics_host, settings.metrics_port) if settings.metrics_port else None
         try:
             yield
         finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             await db.close()
 
     metrics.register_queue_health(settings.database_url)
     prometheus = PrometheusConfig(app_name="dispatcher", prefix="dispatcher_http", group_path=True,
                                   exclude=["/metrics"])
-    internal = Router(
-        path="/internal",
-        route_handlers=[Notifications, Callbacks, Recipients, Templates, Channels, Mock],
-        dependencies={"tenant": Provide(authenticate)},
-        security=[{"BearerAuth": []}],
-    )
+    # Every /internal route is guarded by the API key check, which runs before the body is read (require_key).
+    # The notification routes take the bulk body limit (a fan-out, a batch); submit holds a single intent to the
+    # ordinary one itself; every other route has the ordinary limit (the app's).
+    guarded: dict[str, Any] = {"dependencies": {"tenant": Provide(authenticate)}, "guards": [require_key],
+                               "security": [{"BearerAuth": []}]}
+    bulk = Router(path="/internal", route_handlers=[Notifications], request_max_body_size=settings.max_bulk_body_bytes, **guarded)
+    internal = Router(path="/internal", route_handlers=[Callbacks, Recipients, Templates, Channels, Mock], **guarded)
     public = Router(path="/public", route_handlers=[receive_webhook, verify_webhook, unsubscribe_page, unsubscribe])
     plugins = []
     if tracing.enabled:
@@ -427,7 +475,7 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
         plugins.append(OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/metrics", "/health"])))
     return Litestar(
         plugins=plugins,
-        route_handlers=[internal, public, health, version, MetricsController,
+        route_handlers=[bulk, internal, public, health, version,
                         *([bench_baseline] if settings.bench_baseline else [])],
         middleware=[request_ids.middleware, prometheus.middleware],
         dependencies={"db": Provide(provide_db)},
@@ -453,4 +501,7 @@ def app_from_env() -> Litestar:
     settings = Settings.from_env()
     logs.configure(settings.log_level)
     tracing.setup("dispatcher-api")
-    return create_app(settings)
+    try:
+        return create_app(settings)
+    except ConfigurationError as exc:
+        raise SystemExit(f"dispatcher api: configuration error: {exc}") from None

@@ -65,6 +65,25 @@ def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Re
     return problem(request, 400, "unknown_field" if _UNKNOWN.search(message) else "invalid_request", message, field)
 
 
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def batch_item_error(message: str, index: int) -> dict[str, Any]:
+    """A batch item that failed msgspec's check, as its entry in the batch answer. The field is named within the
+    item's notification, as notify_api.submit_notifications_v1 names it for a direct SQL caller ("colour",
+    "recipient.addresses.email"); "notification" or "idempotency_key" when the item itself has the wrong shape."""
+    at = _AT.search(message)
+    path = at.group("path").removeprefix(".") if at else ""
+    detail = _AT.sub("", message)
+    named = _UNKNOWN.search(detail) or _MISSING.search(detail)
+    parts = [p for p in (path, named.group("name") if named else "") if p]
+    field = ".".join(parts)
+    if field != "notification":
+        field = field.removeprefix("notification.") if field.startswith("notification.") else (field or "notification")
+    return {"index": index, "outcome": "error", "status": 400,
+            "error": {"type": "unknown_field" if _UNKNOWN.search(detail) else "invalid_request", "detail": detail[:300], "field": field}}
+
+
 def _body_is_not_utf8(request: Request[Any, Any, Any]) -> bool:
     """Whether the body Litestar read is not UTF-8. Decided from the bytes, not from the decoder's error: msgspec
     and Litestar have raised UnicodeDecodeError, msgspec.DecodeError and a plain 400 for it in different versions."""

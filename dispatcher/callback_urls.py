@@ -26,10 +26,49 @@ class Target:
     sni_hostname: str | None  # for TLS: the name the certificate must match
 
 
+# IPv6 prefixes whose addresses carry an IPv4 address that a gateway or tunnel relays to (RFC 6052 NAT64 well-known
+# and local-use prefixes, the deprecated IPv4-compatible form): the embedded address decides.
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_TEREDO = ipaddress.ip_network("2001::/32")
+_SIXTOFOUR = ipaddress.ip_network("2002::/16")
+_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address embeds: IPv4-mapped, IPv4-compatible, NAT64, 6to4, Teredo (server and client)."""
+    found: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _COMPATIBLE and int(ip) > 1:  # ::a.b.c.d (not :: and ::1, which are judged as IPv6)
+        found.append(low32)
+    if ip in _NAT64[0]:
+        found.append(low32)
+    if ip in _NAT64[1]:
+        # RFC 6052 with a /48 prefix: the IPv4 address is bits 48-63 and 72-87 (bits 64-71 are the zero "u" octet).
+        value = int(ip)
+        found.append(ipaddress.IPv4Address((((value >> 64) & 0xFFFF) << 16) | ((value >> 40) & 0xFFFF)))
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    return found
+
+
 def _is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    """Whether an address (IPv4 or IPv6, maybe with a %zone) is a public unicast one. An IPv6 address that embeds an
+    IPv4 address (NAT64, 6to4, Teredo, IPv4-mapped or -compatible) is public only if every embedded one is; the
+    NAT64, 6to4 and Teredo ranges are not globally routable destinations of their own otherwise."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded:
+            return all(v4.is_global and not v4.is_multicast for v4 in embedded)
+        if any(ip in net for net in (*_NAT64, _TEREDO, _SIXTOFOUR)):
+            return False
     return ip.is_global and not ip.is_multicast
 
 

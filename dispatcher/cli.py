@@ -150,6 +150,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     settings = Settings.from_env()
     logs.configure(settings.log_level)
+    from providers.base import ConfigurationError
+    from providers.registry import webhook_adapters
+
+    try:
+        webhook_adapters(settings)  # a webhook secret that cannot work stops the API here, with one clear line
+    except ConfigurationError as exc:
+        raise SystemExit(f"dispatcher serve: configuration error: {exc}") from None
     uvicorn.run("api.app:app_from_env", factory=True, host=args.host or settings.host, port=args.port or settings.port,
                 workers=args.workers, log_config=None, access_log=False, timeout_graceful_shutdown=20)
 

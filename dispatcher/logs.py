@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import time
+from urllib.parse import unquote
 
 import msgspec
 
@@ -16,11 +17,28 @@ _PHONE = re.compile(r"\+\d[\d ()-]{5,18}\d|(?<![\w.:-])\d{11,15}(?![\w.:-])")
 _KEY = re.compile(r"\b(nd_[0-9a-f]{8})_[A-Za-z0-9_-]{20,}")
 _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
 _WHSEC = re.compile(r"whsec_[A-Za-z0-9+/=]+")
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+# An unsubscribe token is a capability ("<tenant>.<delivery>.<signature>", providers/unsubscribe.py): its signature
+# never reaches a log; nor does whatever follows /unsubscribe/ in a path (a probe's guess included).
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_UNSUBSCRIBE_TOKEN = re.compile(rf"({_UUID}\.{_UUID})\.[A-Za-z0-9_=-]+")
+_UNSUBSCRIBE_PATH = re.compile(r"(/unsubscribe/)[^/?#\s\"']+")
 
 
 def mask(text: str) -> str:
     """Masks e-mail addresses, phone numbers, API keys and webhook secrets in free text. Each pattern runs only
-    when a cheap substring test says it could match (logging is on the worker's hot path)."""
+    when a cheap substring test says it could match (logging is on the worker's hot path). Percent-encoded text
+    (a path such as /internal/recipients/carol%40example.net) is decoded first, so its encoded form is masked too."""
+    if "%" in text:
+        for _ in range(3):  # %2540 -> %40 -> @
+            decoded = unquote(text) if _PERCENT.search(text) else text
+            if decoded == text:
+                break
+            text = decoded
+    if "unsubscribe/" in text:
+        text = _UNSUBSCRIBE_PATH.sub(r"\1***", text)
+    if "-" in text and "." in text:
+        text = _UNSUBSCRIBE_TOKEN.sub(r"\1.***", text)
     if "nd_" in text:
         text = _KEY.sub(r"\1_***", text)
     if "earer" in text or "EARER" in text:

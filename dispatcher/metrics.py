@@ -2,12 +2,16 @@
 
 HTTP requests by route and status come from Litestar's Prometheus middleware (dispatcher_http_*); queue
 health is read from Postgres at scrape time (notify_api.queue_health_v1), so any API replica reports it.
+They show every tenant's slug and queue sizes, so they are served on a listener of their own
+(DISPATCHER_METRICS_PORT/HOST for the API, DISPATCHER_WORKER_METRICS_PORT/HOST for the worker; loopback by
+default), never on the API's public listener.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 from prometheus_client import REGISTRY, Counter, Histogram
@@ -62,6 +66,19 @@ class QueueHealth:
             up.add_metric([], 0.0)
         yield from families.values()
         yield up
+
+
+def serve(host: str, port: int) -> Any:
+    """Starts the operator's /metrics listener (a thread); returns the server, or None if the port is taken (with
+    several uvicorn workers in one container, the first one serves it)."""
+    from prometheus_client import start_http_server
+
+    try:
+        server, _ = start_http_server(port, addr=host)
+    except OSError as exc:
+        log.warning("metrics listener not started", extra={"port": port, "error": type(exc).__name__})
+        return None
+    return server
 
 
 _collector: QueueHealth | None = None

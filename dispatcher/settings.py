@@ -36,6 +36,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 256 * 1024
+    # A fan-out (up to 10,000 recipients) or a batch (up to 1,000 intents) may be this large.
+    max_bulk_body_bytes: int = 16 * 1024 * 1024
+    # The API's Prometheus /metrics: on its own listener (the operator's), never on the public one. No port: not served.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     pool_min: int = 2
     pool_max: int = 10
     # worker
@@ -78,6 +83,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             host=os.environ.get("DISPATCHER_HOST", "127.0.0.1"),
             port=port,
             max_body_bytes=_int("DISPATCHER_MAX_BODY_BYTES", 256 * 1024),
+            max_bulk_body_bytes=_int("DISPATCHER_MAX_BULK_BODY_BYTES", 16 * 1024 * 1024),
+            metrics_port=_int("DISPATCHER_METRICS_PORT", 0) or None,
+            metrics_host=os.environ.get("DISPATCHER_METRICS_HOST", "127.0.0.1"),
             pool_min=_int("DISPATCHER_POOL_MIN", 2),
             pool_max=_int("DISPATCHER_POOL_MAX", 10),
             batch_size=_int("DISPATCHER_BATCH_SIZE", 100),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol
 from uuid import UUID
@@ -70,6 +71,8 @@ class ParsedWebhook(msgspec.Struct, kw_only=True, frozen=True):
     payload: Any
     events: list[StatusEvent]
     inbound: list[InboundMessage] = []
+    # What of a verified payload could not be applied, and why: stored with the event (webhook_events.outcomes).
+    notes: list[str] = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,65 @@ class ProviderContext:
     take_tokens: Callable[[str, float, int], Awaitable[int]]
     record_mock: Callable[[list[dict[str, Any]]], Awaitable[None]]
     settings: Any
+
+
+class ConfigurationError(Exception):
+    """A webhook secret or key that cannot work (empty after its prefix, not decodable): the API refuses to start."""
+
+
+def _clean(value: Any) -> Any:
+    """JSON as Postgres can store it: NUL characters (which jsonb and text refuse) become U+FFFD."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    return value
+
+
+def json_payload(body: bytes) -> tuple[Any, list[str]]:
+    """A verified body as JSON to store; a body that is not JSON is kept as text, with a reason."""
+    try:
+        return _clean(msgspec.json.decode(body)), []
+    except (msgspec.DecodeError, RecursionError):
+        return {"unparsed_body": _clean(body.decode("utf-8", "replace"))}, ["payload is not JSON: stored as text"]
+
+
+def body_key(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def obj(value: Any) -> dict[str, Any]:
+    """A member that should be an object, or {} when a provider sent something else (a string, a list, null)."""
+    return value if isinstance(value, dict) else {}
+
+
+def text(value: Any, limit: int = 1000) -> str | None:
+    """A member that should be a short string: a number is written out, an object or list is not a string."""
+    if isinstance(value, bool) or value is None or isinstance(value, dict | list):
+        return None
+    return _clean(str(value))[:limit] or None
+
+
+def why(exc: BaseException) -> str:
+    """A parse failure as a stored reason: the exception's type and msgspec's message (types and paths, no values)."""
+    detail = str(exc)[:200] if isinstance(exc, msgspec.ValidationError) else ""
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+def salvage(body: bytes, event_key: str, parse: Callable[[Any], ParsedWebhook]) -> ParsedWebhook:
+    """Runs a parser on a VERIFIED body: whatever it raises, the payload is still stored (with the reason) and the
+    provider gets 200 (a 4xx or 5xx makes it retry for hours, then drop the event)."""
+    payload, notes = json_payload(body)
+    if notes:
+        return ParsedWebhook(event_key=event_key, payload=payload, events=[], notes=notes)
+    try:
+        parsed = parse(payload)
+    except Exception as exc:  # noqa: BLE001 - a verified payload is stored whatever the parser met
+        return ParsedWebhook(event_key=event_key, payload=payload, events=[], notes=[f"not parsed: {why(exc)}"])
+    return ParsedWebhook(event_key=parsed.event_key, payload=payload, events=parsed.events, inbound=parsed.inbound,
+                         notes=parsed.notes)
 
 
 class WebhookRejected(Exception):

@@ -13,6 +13,7 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
+import math
 import time
 from typing import Any
 from uuid import UUID
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from providers.base import ParsedWebhook, StatusEvent, WebhookRejected
+from providers.base import ConfigurationError, ParsedWebhook, StatusEvent, WebhookRejected, body_key, obj, salvage, text, why
 
 
 def _correlation(value: Any) -> tuple[UUID | None, UUID | None]:
@@ -38,27 +39,41 @@ def _correlation(value: Any) -> tuple[UUID | None, UUID | None]:
 
 def _when(ts: Any) -> dt.datetime | None:
     try:
-        return dt.datetime.fromtimestamp(float(ts), dt.UTC)
-    except (TypeError, ValueError, OverflowError):
+        return dt.datetime.fromtimestamp(float(ts), dt.UTC) if not isinstance(ts, bool) else None
+    except (TypeError, ValueError, OverflowError, OSError):
         return None
 
 
 def _fresh(ts: str, tolerance: int) -> None:
+    """Only a finite number is a time: "nan" compares false with everything (it would always look fresh)."""
     try:
-        if abs(time.time() - float(ts)) > tolerance:
-            raise WebhookRejected("timestamp outside the tolerance")
+        value = float(ts)
     except ValueError:
         raise WebhookRejected("timestamp is not a number") from None
+    if not math.isfinite(value) or abs(time.time() - value) > tolerance:
+        raise WebhookRejected("timestamp outside the tolerance")
 
 
-SUPPRESSION_REASONS = ("unsubscribed address", "bounced address", "spam reporting address", "invalid")
+# SendGrid drops for a reason on the recipient's side (its suppression lists): suppressed. Every other reason
+# ("Invalid SMTPAPI header", "Invalid", ...) is ours to fix: failed (provider-protocols.md §3, the status table).
+SUPPRESSION_REASONS = frozenset({"unsubscribed address", "bounced address", "spam reporting address"})
 
 
 class SendGridWebhooks:
     provider = "sendgrid"
 
     def __init__(self, verification_key: str | None, tolerance_seconds: int = 300) -> None:
-        self._key = load_der_public_key(base64.b64decode(verification_key)) if verification_key else None
+        # Read as SendGrid's libraries read it: base64 DER of the P-256 public key (PEM armour tolerated).
+        self._key = None
+        if verification_key:
+            der = "".join(l for l in verification_key.strip().splitlines() if not l.startswith("-----"))
+            try:
+                key = load_der_public_key(base64.b64decode(der, validate=True))
+            except ValueError:
+                raise ConfigurationError("DISPATCHER_SENDGRID_VERIFICATION_KEY is not a base64 DER public key") from None
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                raise ConfigurationError("DISPATCHER_SENDGRID_VERIFICATION_KEY is not an elliptic-curve (P-256) key")
+            self._key = key
         self._tolerance = tolerance_seconds
 
     def parse(self, headers: dict[str, str], body: bytes) -> ParsedWebhook:
@@ -70,34 +85,44 @@ class SendGridWebhooks:
             raise WebhookRejected("missing SendGrid signature headers")
         _fresh(timestamp, self._tolerance)
         try:
-            assert isinstance(self._key, ec.EllipticCurvePublicKey)
             self._key.verify(base64.b64decode(signature), timestamp.encode() + body, ec.ECDSA(hashes.SHA256()))
         except (InvalidSignature, ValueError):
             raise WebhookRejected("SendGrid signature does not verify") from None
-        try:
-            items = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
-            raise WebhookRejected(f"invalid payload: {exc}", status=400) from None
+        key = body_key(body)
+        return salvage(body, key, lambda payload: self._parse(key, payload))
+
+    def _parse(self, key: str, items: Any) -> ParsedWebhook:
         if not isinstance(items, list):
-            raise WebhookRejected("SendGrid posts a JSON array of events", status=400)
-        events = [e for e in (self._event(i) for i in items if isinstance(i, dict)) if e is not None]
-        return ParsedWebhook(event_key="sha256:" + hashlib.sha256(body).hexdigest(), payload=items, events=events)
+            return ParsedWebhook(event_key=key, payload=items, events=[], notes=["SendGrid posts a JSON array of events: nothing applied"])
+        events: list[StatusEvent] = []
+        notes: list[str] = []
+        for i, item in enumerate(items):
+            try:
+                event = self._event(item) if isinstance(item, dict) else None
+                if not isinstance(item, dict):
+                    notes.append(f"[{i}] not an object: not applied")
+            except Exception as exc:  # noqa: BLE001 - one bad event is kept with its reason; the others apply
+                notes.append(f"[{i}] not parsed: {why(exc)}")
+                continue
+            if event is not None:
+                events.append(event)
+        return ParsedWebhook(event_key=key, payload=items, events=events, notes=notes)
 
     @staticmethod
     def _event(item: dict[str, Any]) -> StatusEvent | None:
         tenant_id, delivery_id = _correlation(item.get("nd_correlation"))
         common = {"tenant_id": tenant_id, "delivery_id": delivery_id, "occurred_at": _when(item.get("timestamp")),
-                  "provider_message_id": str(item.get("smtp-id") or "").strip("<>") or None}
+                  "provider_message_id": (text(item.get("smtp-id"), 500) or "").strip("<>") or None}
         kind = item.get("event")
-        reason = str(item.get("reason") or item.get("response") or "")[:500] or None
+        reason = text(item.get("reason"), 500) or text(item.get("response"), 500)
         if kind == "processed":
             return StatusEvent(status="sent", **common)
         if kind == "delivered":
             return StatusEvent(status="delivered", **common)
         if kind == "bounce":
-            return StatusEvent(status="bounced", error_code=f"sendgrid_{item.get('type') or 'bounce'}", error_message=reason, **common)
+            return StatusEvent(status="bounced", error_code=f"sendgrid_{text(item.get('type'), 50) or 'bounce'}", error_message=reason, **common)
         if kind == "dropped":
-            suppressed = any(r in str(item.get("reason", "")).lower() for r in SUPPRESSION_REASONS)
+            suppressed = (text(item.get("reason")) or "").strip().lower() in SUPPRESSION_REASONS
             return StatusEvent(status="suppressed" if suppressed else "failed", error_code="sendgrid_dropped", error_message=reason, **common)
         flag = {"open": "opened", "click": "clicked", "spamreport": "complained", "unsubscribe": "unsubscribed",
                 "group_unsubscribe": "unsubscribed"}.get(str(kind))
@@ -110,9 +135,10 @@ class _Signature(msgspec.Struct):
     signature: str
 
 
-class _Mailgun(msgspec.Struct, rename={"event_data": "event-data"}):
+class _Mailgun(msgspec.Struct):
+    """Only the signature is decoded strictly (it is what is verified); the rest is parsed after verification."""
+
     signature: _Signature
-    event_data: dict[str, Any] = {}
 
 
 class MailgunWebhooks:
@@ -134,25 +160,32 @@ class MailgunWebhooks:
         if not hmac.compare_digest(expected.encode(), sig.signature.encode()):
             raise WebhookRejected("Mailgun signature does not verify")
         _fresh(sig.timestamp, self._tolerance)
-        data = payload.event_data
-        tenant_id, delivery_id = _correlation((data.get("user-variables") or {}).get("nd_correlation"))
-        message_id = ((data.get("message") or {}).get("headers") or {}).get("message-id")
+        key = "token:" + sig.token if len(sig.token) <= 400 else body_key(body)
+        return salvage(body, key, lambda whole: self._parse(key, whole))
+
+    @staticmethod
+    def _parse(key: str, whole: Any) -> ParsedWebhook:
+        data = obj(obj(whole).get("event-data"))
+        if not data:
+            return ParsedWebhook(event_key=key, payload=whole, events=[], notes=["no event-data object: nothing applied"])
+        tenant_id, delivery_id = _correlation(obj(data.get("user-variables")).get("nd_correlation"))
+        message_id = text(obj(obj(data.get("message")).get("headers")).get("message-id"), 500)
         common = {"tenant_id": tenant_id, "delivery_id": delivery_id, "occurred_at": _when(data.get("timestamp")),
-                  "provider_message_id": str(message_id).strip("<>") if message_id else None}
+                  "provider_message_id": message_id.strip("<>") if message_id else None}
         kind = data.get("event")
-        status = (data.get("delivery-status") or {})
-        reason = str(status.get("message") or status.get("description") or data.get("reason") or "")[:500] or None
+        status = obj(data.get("delivery-status"))
+        reason = text(status.get("message"), 500) or text(status.get("description"), 500) or text(data.get("reason"), 500)
         event: StatusEvent | None = None
         if kind == "accepted":
             event = StatusEvent(status="sent", **common)
         elif kind == "delivered":
             event = StatusEvent(status="delivered", **common)
         elif kind == "failed" and data.get("severity") == "permanent":
-            suppressed = str(data.get("reason", "")).startswith("suppress-")
-            event = StatusEvent(status="suppressed" if suppressed else "bounced",
-                                error_code=f"mailgun_{status.get('code') or data.get('reason') or 'failed'}", error_message=reason, **common)
+            suppressed = (text(data.get("reason")) or "").startswith("suppress-")
+            code = text(status.get("code"), 50) or text(data.get("reason"), 50) or "failed"
+            event = StatusEvent(status="suppressed" if suppressed else "bounced", error_code=f"mailgun_{code}", error_message=reason, **common)
         elif kind == "rejected":
             event = StatusEvent(status="failed", error_code="mailgun_rejected", error_message=reason, **common)
         elif kind in ("opened", "clicked", "complained", "unsubscribed"):
             event = StatusEvent(status=None, flag=str(kind), **common)
-        return ParsedWebhook(event_key="token:" + sig.token, payload=msgspec.json.decode(body), events=[event] if event else [])
+        return ParsedWebhook(event_key=key, payload=whole, events=[event] if event else [])

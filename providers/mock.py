@@ -23,7 +23,7 @@ import httpx
 import msgspec
 
 from providers import standard_webhooks
-from providers.base import Message, ParsedWebhook, SendResult, StatusEvent, WebhookRejected
+from providers.base import Message, ParsedWebhook, SendResult, StatusEvent, WebhookRejected, obj, salvage, text, why
 
 NAME = "mock"
 log = logging.getLogger("providers.mock")
@@ -49,7 +49,6 @@ class StatusPayload(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 _encode = msgspec.json.Encoder().encode
-_decode_payload = msgspec.json.Decoder(StatusPayload).decode
 
 
 class MockProvider:
@@ -174,6 +173,8 @@ class MockWebhooks:
     provider = NAME
 
     def __init__(self, secrets_: list[str], tolerance_seconds: int = 300) -> None:
+        for secret in secrets_:
+            standard_webhooks.check_secret(secret, "DISPATCHER_MOCK_WEBHOOK_SECRET")
         self._secrets = secrets_
         self._tolerance = tolerance_seconds
 
@@ -181,22 +182,32 @@ class MockWebhooks:
         if not self._secrets:
             raise WebhookRejected("mock webhooks are not configured (DISPATCHER_MOCK_WEBHOOK_SECRET)", status=404)
         webhook_id = standard_webhooks.verify(self._secrets, headers, body, self._tolerance)
+        return salvage(body, webhook_id, lambda payload: self._parse(webhook_id, payload))
+
+    @staticmethod
+    def _parse(webhook_id: str, payload: Any) -> ParsedWebhook:
+        """A verified report; what does not fit is kept as a note, never an error (the sender would retry)."""
+        data = obj(obj(payload).get("data"))
         try:
-            payload = _decode_payload(body)
-        except msgspec.DecodeError as exc:
-            raise WebhookRejected(f"invalid payload: {exc}", status=400) from None
-        data = payload.data
+            occurred_at = msgspec.convert(obj(payload).get("timestamp"), dt.datetime | None)
+        except msgspec.ValidationError as exc:
+            occurred_at, notes = None, [f"timestamp ignored: {why(exc)}"]
+        else:
+            notes = []
+        correlation = text(data.get("correlation_id"))
         tenant_id = delivery_id = None
-        if data.correlation_id and data.correlation_id.count(":") == 1:
+        if correlation and correlation.count(":") == 1:
             try:
-                tenant_raw, delivery_raw = data.correlation_id.split(":")
+                tenant_raw, delivery_raw = correlation.split(":")
                 tenant_id, delivery_id = UUID(tenant_raw), UUID(delivery_raw)
             except ValueError:
                 tenant_id = delivery_id = None
-        if data.status not in ("sent", "delivered", "read", "failed"):
-            raise WebhookRejected(f"unknown status {data.status!r}", status=400)
+        status = data.get("status")
+        if status not in ("sent", "delivered", "read", "failed"):
+            return ParsedWebhook(event_key=webhook_id, payload=payload, events=[], notes=[*notes, "no known status: not applied"])
+        error = obj(data.get("error"))
         event = StatusEvent(
-            status=data.status, tenant_id=tenant_id, delivery_id=delivery_id, provider_message_id=data.message_id,
-            occurred_at=payload.timestamp, error_code=(data.error or {}).get("code"), error_message=(data.error or {}).get("title"),
+            status=status, tenant_id=tenant_id, delivery_id=delivery_id, provider_message_id=text(data.get("message_id")),
+            occurred_at=occurred_at, error_code=text(error.get("code"), 200), error_message=text(error.get("title")),
         )
-        return ParsedWebhook(event_key=webhook_id, payload=msgspec.json.decode(body), events=[event])
+        return ParsedWebhook(event_key=webhook_id, payload=payload, events=[event], notes=notes)

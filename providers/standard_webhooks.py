@@ -13,7 +13,7 @@ import hmac
 import secrets
 import time
 
-from providers.base import WebhookRejected
+from providers.base import ConfigurationError, WebhookRejected
 
 PREFIX = "whsec_"
 
@@ -23,7 +23,22 @@ def new_secret() -> str:
 
 
 def _key(secret: str) -> bytes:
-    return base64.b64decode(secret.removeprefix(PREFIX))
+    """The key, read exactly as the reference library reads it (standardwebhooks.Webhook): the whsec_ prefix
+    removed, then base64 with padding added (so an unpadded secret works); an empty key is refused."""
+    key = base64.b64decode(secret.removeprefix(PREFIX) + "==")
+    if not key:
+        raise ConfigurationError("a Standard Webhooks secret is empty after its whsec_ prefix")
+    return key
+
+
+def check_secret(secret: str, setting: str) -> None:
+    """At start-up: a secret that cannot sign or verify is a configuration error naming its setting."""
+    try:
+        _key(secret)
+    except ConfigurationError:
+        raise ConfigurationError(f"{setting}: the secret is empty after its whsec_ prefix") from None
+    except ValueError:
+        raise ConfigurationError(f"{setting}: the secret is not base64 after its whsec_ prefix") from None
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:

@@ -24,18 +24,30 @@ from uuid import UUID
 import httpx
 import msgspec
 
-from providers.base import InboundMessage, Message, ParsedWebhook, ProviderContext, SendResult, StatusEvent, WebhookRejected
+from providers.base import (
+    InboundMessage, Message, ParsedWebhook, ProviderContext, SendResult, StatusEvent, WebhookRejected, body_key, obj, salvage, text, why,
+)
 from providers.secrets import SecretMissing, resolve
 
 NAME = "whatsapp_cloud"
 log = logging.getLogger("providers.whatsapp")
 
 # Meta's error codes by what we do about them (provider-protocols.md §1.4).
-RETRY_SOON = {1, 2, 131000, 131016, 130429}
+RETRY_SOON = {1, 2, 131000, 131016, 130429, 133004}
 RETRY_LATER = {4, 80007, 131057}
 PAIR_RATE = {131056}
 OPTED_OUT = {131050}
 CONFIGURATION = {0, 190, 3, 10}  # auth and permissions: keep the message, retry while an operator fixes it
+# Account-level errors (provider-protocols.md §1.4: "circuit-break channel; alert"): the business account is locked
+# or restricted for policy (131031, 368), has a payment issue (131042), its number's certificate or registration is
+# wrong (131045, 133xxx but 133004, which is a temporary outage). Nothing is wrong with the message: handled as
+# an invalid token is, the message kept and retried while an operator fixes the account.
+ACCOUNT = {131031, 131042, 131045, 368}
+
+
+def account_level(code: int | None) -> bool:
+    return code is not None and (code in ACCOUNT or code in CONFIGURATION or 200 <= code <= 299
+                                 or (133000 <= code <= 133999 and code not in RETRY_SOON))
 
 
 def classify(code: int | None, title: str, http_status: int) -> SendResult:
@@ -49,7 +61,8 @@ def classify(code: int | None, title: str, http_status: int) -> SendResult:
         return SendResult(outcome="retry", provider=NAME, error_code=error_code, error_message=title, retry_after_seconds=6.0)
     if code in OPTED_OUT:
         return SendResult(outcome="suppressed", provider=NAME, error_code=error_code, error_message=title)
-    if code in CONFIGURATION or (code is not None and 200 <= code <= 299):
+    if account_level(code):
+        log.error("whatsapp account or credentials need an operator", extra={"error_code": error_code})
         return SendResult(outcome="retry", provider=NAME, error_code=error_code, error_message=title, retry_after_seconds=300.0)
     if code is None and http_status >= 500:
         # No Meta error object: we cannot tell whether the message was accepted.
@@ -175,56 +188,31 @@ class _Status(msgspec.Struct):
     errors: list[_Error] = []
 
 
-class _Text(msgspec.Struct):
-    body: str = ""
-
-
-class _Button(msgspec.Struct):
-    text: str | None = None
-    payload: str | None = None
-
-
-class _Inbound(msgspec.Struct):
-    id: str
-    type: str = "text"
-    timestamp: str | None = None
-    text: _Text | None = None
-    button: _Button | None = None
-    from_: str = msgspec.field(name="from", default="")
-
-
-class _Metadata(msgspec.Struct):
-    phone_number_id: str = ""
-    display_phone_number: str | None = None
-
-
-class _Value(msgspec.Struct):
-    metadata: _Metadata = msgspec.field(default_factory=_Metadata)
-    statuses: list[_Status] = []
-    messages: list[_Inbound] = []
-
-
-class _Change(msgspec.Struct):
-    field: str = ""
-    value: _Value = msgspec.field(default_factory=_Value)
-
-
-class _Entry(msgspec.Struct):
-    id: str = ""
-    changes: list[_Change] = []
-
-
-class _Envelope(msgspec.Struct):
-    object: str
-    entry: list[_Entry] = []
-
-
-_decode = msgspec.json.Decoder(_Envelope).decode
 STATUSES = {"sent", "delivered", "read", "failed"}
+# Inbound types that carry what the user typed or tapped (opt-out keywords are matched against it). `system`
+# messages (the user changed their number) are WhatsApp's, not the user's: they open no 24-hour window.
+NOT_FROM_THE_USER = {"system", "unsupported", "errors"}
+
+
+def _inbound_text(m: dict[str, Any]) -> str | None:
+    kind = m.get("type")
+    if kind == "text":
+        return text(obj(m.get("text")).get("body"), 4096)
+    if kind == "button":
+        button = obj(m.get("button"))
+        return text(button.get("text")) or text(button.get("payload"))
+    if kind == "interactive":
+        interactive = obj(m.get("interactive"))
+        reply = obj(interactive.get("button_reply")) or obj(interactive.get("list_reply"))
+        return text(reply.get("title")) or text(reply.get("id"))
+    return None
 
 
 def _time(ts: str | None) -> dt.datetime | None:
-    return dt.datetime.fromtimestamp(int(ts), dt.UTC) if ts and ts.isdigit() else None
+    try:
+        return dt.datetime.fromtimestamp(int(ts), dt.UTC) if ts and ts.isascii() and ts.isdigit() else None
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _correlation(value: str | None) -> tuple[UUID | None, UUID | None]:
@@ -253,29 +241,53 @@ class WhatsAppWebhooks:
             raise WebhookRejected("missing X-Hub-Signature-256")
         if not any(hmac.compare_digest(signature(s, body).encode(), offered.encode()) for s in self._secrets):
             raise WebhookRejected("X-Hub-Signature-256 does not match")
-        try:
-            envelope = _decode(body)
-        except msgspec.DecodeError as exc:
-            raise WebhookRejected(f"invalid payload: {exc}", status=400) from None
+        key = body_key(body)  # Meta has no event id; a retried POST carries the same bytes.
+        return salvage(body, key, lambda payload: self._parse(key, payload))
+
+    @staticmethod
+    def _parse(key: str, payload: Any) -> ParsedWebhook:
+        """Each status and each message is parsed alone: a bad one is kept with its reason, the others apply."""
         events: list[StatusEvent] = []
         inbound: list[InboundMessage] = []
-        for entry in envelope.entry:
-            for change in entry.changes:
-                value = change.value
-                for s in value.statuses:
+        notes: list[str] = []
+        entries = obj(payload).get("entry")
+        for e, entry in enumerate(entries if isinstance(entries, list) else []):
+            changes = obj(entry).get("changes")
+            for c, change in enumerate(changes if isinstance(changes, list) else []):
+                value = obj(obj(change).get("value"))
+                phone_number_id = text(obj(value.get("metadata")).get("phone_number_id"), 64) or ""
+                statuses, messages = value.get("statuses"), value.get("messages")
+                for i, raw in enumerate(statuses if isinstance(statuses, list) else []):
+                    where = f"entry[{e}].changes[{c}].statuses[{i}]"
+                    try:
+                        s = msgspec.convert(raw, _Status, strict=False)
+                    except msgspec.ValidationError as exc:
+                        notes.append(f"{where} not parsed: {why(exc)}")
+                        continue
                     if s.status not in STATUSES:
                         continue
                     tenant_id, delivery_id = _correlation(s.biz_opaque_callback_data)
                     error = s.errors[0] if s.errors else None
+                    if error is not None and s.status == "failed" and account_level(error.code):
+                        log.error("whatsapp account needs an operator", extra={"error_code": f"whatsapp_{error.code}"})
+                        notes.append(f"{where}: account-level error whatsapp_{error.code} (configuration, not this "
+                                     "message's failure): not applied")
+                        continue
                     status = "suppressed" if error and error.code in OPTED_OUT else s.status
                     events.append(StatusEvent(
-                        status=status, tenant_id=tenant_id, delivery_id=delivery_id, provider_message_id=s.id,
+                        status=status, tenant_id=tenant_id, delivery_id=delivery_id, provider_message_id=s.id[:500],
                         occurred_at=_time(s.timestamp), error_code=f"whatsapp_{error.code}" if error and error.code else None,
-                        error_message=(error.title or error.message) if error else None))
-                for m in value.messages:
-                    text = m.text.body if m.text else (m.button.text or m.button.payload if m.button else None)
-                    inbound.append(InboundMessage(phone_number_id=value.metadata.phone_number_id, sender=m.from_,
-                                                  message_id=m.id, text=text, received_at=_time(m.timestamp)))
-        # Meta has no event id; a retried POST carries the same bytes.
-        event_key = "sha256:" + hashlib.sha256(body).hexdigest()
-        return ParsedWebhook(event_key=event_key, payload=msgspec.json.decode(body), events=events, inbound=inbound)
+                        error_message=text(error.title or error.message) if error else None))
+                for i, m in enumerate(messages if isinstance(messages, list) else []):
+                    where = f"entry[{e}].changes[{c}].messages[{i}]"
+                    m = obj(m)
+                    message_id, sender = text(m.get("id"), 500), text(m.get("from"), 64)
+                    if not message_id or not sender:
+                        notes.append(f"{where}: no id or sender: not applied")
+                        continue
+                    if m.get("type") in NOT_FROM_THE_USER:
+                        notes.append(f"{where}: {m.get('type')} message: not from the user, opens no window")
+                        continue
+                    inbound.append(InboundMessage(phone_number_id=phone_number_id, sender=sender, message_id=message_id,
+                                                  text=_inbound_text(m), received_at=_time(text(m.get("timestamp")))))
+        return ParsedWebhook(event_key=key, payload=payload, events=events, inbound=inbound, notes=notes)

@@ -124,7 +124,7 @@ comment on function notify._record_inbound(text, notify.inbound_message) is
     'Records an inbound WhatsApp message for every tenant using that business number: opens the 24-hour window, and an opt-out keyword (settings.opt_out_keywords) revokes the sender''s WhatsApp consent with the message as evidence.';
 
 create function notify_api.ingest_webhook_v1(p_provider text, p_event_key text, p_payload jsonb, p_events notify.status_event[],
-                                            p_inbound notify.inbound_message[] default '{}')
+                                            p_inbound notify.inbound_message[] default '{}', p_notes text[] default '{}')
     returns jsonb
     language plpgsql
     security definer
@@ -160,9 +160,13 @@ begin
                'inbound', (p_inbound[i]).message_id, 'outcome', notify._record_inbound(p_provider, p_inbound[i])) order by i), '[]')
       into v_outcomes
       from generate_subscripts(p_inbound, 1) as i;
+    -- What the adapter could not apply (a member of the wrong type, an account-level error): kept with its reason.
+    select v_outcomes || coalesce(jsonb_agg(jsonb_build_object('outcome', 'kept', 'reason', left(n, 500)) order by o), '[]')
+      into v_outcomes
+      from unnest(coalesce(p_notes, '{}')) with ordinality as x(n, o);
     update notify.webhook_events set outcomes = v_outcomes where id = v_id;
     return jsonb_build_object('stored', true, 'duplicate', false, 'id', v_id, 'outcomes', v_outcomes);
 end
 $$;
-comment on function notify_api.ingest_webhook_v1(text, text, jsonb, notify.status_event[], notify.inbound_message[]) is
-    'Stores a verified provider webhook once per (provider, event key), applies its normalized status events by rank and records its inbound messages. A duplicate changes nothing.';
+comment on function notify_api.ingest_webhook_v1(text, text, jsonb, notify.status_event[], notify.inbound_message[], text[]) is
+    'Stores a verified provider webhook once per (provider, event key), applies its normalized status events by rank and records its inbound messages; p_notes (what the adapter could not apply, and why) are kept as outcomes "kept" with their reason. A duplicate changes nothing.';

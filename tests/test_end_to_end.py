@@ -257,12 +257,13 @@ def test_metrics_from_the_api_and_the_worker(db: psycopg.Connection, tmp_path) -
 
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    port = free_port()
+    port, api_metrics = free_port(), free_port()
     receiver = ThreadingHTTPServer(("127.0.0.1", 0), type("Ok", (BaseHTTPRequestHandler,), {
         "do_POST": lambda self: (self.rfile.read(int(self.headers["content-length"])), self.send_response(204), self.end_headers()),
         "log_message": lambda self, *a: None}))
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    service = start_service(url_of(db), tmp_path, {"DISPATCHER_WORKER_METRICS_PORT": str(port), "DISPATCHER_DEV_MODE": "1"})
+    service = start_service(url_of(db), tmp_path, {"DISPATCHER_WORKER_METRICS_PORT": str(port), "DISPATCHER_DEV_MODE": "1",
+                                                        "DISPATCHER_METRICS_PORT": str(api_metrics)})
     try:
         setup_tenant(service)
         with service.client() as c:
@@ -274,8 +275,9 @@ def test_metrics_from_the_api_and_the_worker(db: psycopg.Connection, tmp_path) -
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
             c.post("/internal/notifications", json=intent(channels=["email"], send_at="2099-01-01T00:00:00Z"))
-            api = c.get("/metrics").text
+            assert c.get("/metrics").status_code == 404   # not on the public listener
         import httpx
+        api = httpx.get(f"http://127.0.0.1:{api_metrics}/metrics", timeout=5).text
         worker = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     finally:
         stop_service(service)

@@ -203,11 +203,11 @@ def test_any_configured_app_secret_verifies():
     assert WhatsAppWebhooks([SECRET, "second-app"]).parse(headers, raw).events == []
 
 
-def test_a_verified_but_malformed_payload_is_400():
+def test_a_verified_but_malformed_payload_is_kept_not_refused():
+    # A refusal makes Meta retry for days; a verified payload is stored, with nothing to apply.
     headers, raw = signed({"not": "whatsapp"})
-    with pytest.raises(WebhookRejected) as info:
-        WhatsAppWebhooks([SECRET]).parse(headers, raw)
-    assert info.value.status == 400
+    parsed = WhatsAppWebhooks([SECRET]).parse(headers, raw)
+    assert parsed.payload == {"not": "whatsapp"} and parsed.events == [] and parsed.inbound == []
 
 
 def test_the_verification_handshake():
