@@ -5,7 +5,7 @@ create function notify_api.submit_notification_v1(p_tenant_id uuid, p_request js
     returns table (response jsonb, replayed boolean)
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_fingerprint bytea;
@@ -177,7 +177,7 @@ create function notify._delivery_json(d notify.notification_deliveries, p_detail
     returns jsonb
     language sql
     stable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select jsonb_strip_nulls(jsonb_build_object(
         'id', d.id, 'channel', d.channel, 'status', d.status, 'reason', d.reason, 'attempts', d.attempt,
@@ -205,7 +205,7 @@ create function notify_api.get_notification_v1(p_tenant_id uuid, p_id uuid)
     language plpgsql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.notification_requests;
@@ -239,7 +239,7 @@ create function notify_api.cancel_notification_v1(p_tenant_id uuid, p_id uuid)
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_result jsonb;
