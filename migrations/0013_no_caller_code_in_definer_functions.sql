@@ -131,15 +131,19 @@ declare
     v notify.login_tenants;
 begin
     select t.id into v_tenant_id from notify.tenants t where t.slug = p_tenant_slug;
-    update notify.login_tenants l set tenant_ids = pg_catalog.array_remove(l.tenant_ids, v_tenant_id), updated_at = now()
-     where l.login = p_login and v_tenant_id = any (l.tenant_ids)
-    returning * into v;
+    select * into v from notify.login_tenants l where l.login = p_login and v_tenant_id = any (l.tenant_ids) for update;
     if v.login is null then
         perform notify._raise('ND404', 'not_found', 'this login is not bound to this tenant', 'tenant');
     end if;
-    -- The last binding gone, the login enters any tenant again (as before it was ever bound).
-    delete from notify.login_tenants l where l.login = p_login and cardinality(l.tenant_ids) = 0;
-    return coalesce(notify._login_json(v), jsonb_build_object('login', p_login, 'tenants', '[]'::jsonb));
+    if cardinality(v.tenant_ids) = 1 then
+        -- The last binding gone, the login enters any tenant again (as before it was ever bound).
+        delete from notify.login_tenants l where l.login = p_login;
+        return jsonb_build_object('login', p_login, 'tenants', '[]'::jsonb);
+    end if;
+    update notify.login_tenants l set tenant_ids = array_remove(l.tenant_ids, v_tenant_id), updated_at = now()
+     where l.login = p_login
+    returning * into v;
+    return notify._login_json(v);
 end
 $$;
 comment on function notify.unbind_login_v1(text, text) is

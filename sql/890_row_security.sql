@@ -2,7 +2,8 @@
 -- Tenant-scoped functions run as notify_owner, which owns the tables and is subject to the policies (FORCE); they bind
 -- the transaction to their tenant first (notify._enter). Cross-tenant functions run as notify_system, whose policy
 -- admits every row; nothing else has any privilege on these tables, so any other role sees nothing at all.
--- Not tenant tables (no tenant_id): rate_buckets (per sender) and webhook_events (deduplicated before the tenant is known).
+-- Not tenant tables (no tenant_id): rate_buckets (per sender), webhook_events (deduplicated before the tenant is known) and
+-- login_tenants (per database login, read by notify._enter before any tenant is entered).
 
 alter table notify.tenants enable row level security;
 alter table notify.tenants force row level security;
