@@ -21,7 +21,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from dispatcher import keys
-from tests.conftest import REMINDER, app_url, call, intent
+from tests.conftest import app_url, call, intent
 
 MARK = "planted code ran"
 PLANTED_HASH = keys.digest("nd_planted_key_of_the_attacker")
