@@ -12,6 +12,9 @@
     dispatcher key list --tenant S
     dispatcher provider set --tenant S --channel C --provider P [--setting K=V] [--secret K=env:VAR]
     dispatcher provider list --tenant S
+    dispatcher login bind --login NAME --tenant S     bind a database login to a tenant (it then enters only its tenants)
+    dispatcher login unbind --login NAME --tenant S
+    dispatcher login list [--login NAME]
 """
 
 from __future__ import annotations
@@ -123,6 +126,24 @@ def cmd_provider_set(args: argparse.Namespace) -> None:
 def cmd_provider_list(args: argparse.Namespace) -> None:
     with psycopg.connect(_url(), autocommit=True) as conn:
         row = conn.execute("select notify_api.list_channel_providers_v1(%s)", (_tenant_id(conn, args.tenant),)).fetchone()
+    print(json.dumps(row[0] if row else [], indent=2))
+
+
+def cmd_login_bind(args: argparse.Namespace) -> None:
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        row = conn.execute("select notify.bind_login_v1(%s, %s)", (args.login, args.tenant)).fetchone()
+    print(json.dumps(row[0] if row else None, indent=2))
+
+
+def cmd_login_unbind(args: argparse.Namespace) -> None:
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        row = conn.execute("select notify.unbind_login_v1(%s, %s)", (args.login, args.tenant)).fetchone()
+    print(json.dumps(row[0] if row else None, indent=2))
+
+
+def cmd_login_list(args: argparse.Namespace) -> None:
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        row = conn.execute("select notify.list_login_bindings_v1(%s)", (args.login,)).fetchone()
     print(json.dumps(row[0] if row else [], indent=2))
 
 
@@ -347,6 +368,22 @@ def parser() -> argparse.ArgumentParser:
     pl = provider.add_parser("list", help="the provider of each channel (secrets masked)")
     pl.add_argument("--tenant", required=True)
     pl.set_defaults(func=cmd_provider_list)
+
+    login = sub.add_parser("login", help="bind database logins to the tenants they serve (run as the migrating role)",
+                           description="A bound login enters only its tenants (ND403 tenant_not_allowed otherwise); "
+                                       "a login with no binding enters any tenant (docs/security.md, Tenant-bound logins).")
+    login_sub = login.add_subparsers(dest="action", required=True)
+    lb = login_sub.add_parser("bind", help="bind a login to one more tenant")
+    lb.add_argument("--login", required=True, help="the database role the client logs in as")
+    lb.add_argument("--tenant", required=True, help="tenant slug")
+    lb.set_defaults(func=cmd_login_bind)
+    lu = login_sub.add_parser("unbind", help="remove one tenant from a login's binding (the last one: unrestricted again)")
+    lu.add_argument("--login", required=True)
+    lu.add_argument("--tenant", required=True)
+    lu.set_defaults(func=cmd_login_unbind)
+    ll = login_sub.add_parser("list", help="the bound logins and their tenants")
+    ll.add_argument("--login", default=None)
+    ll.set_defaults(func=cmd_login_list)
     return p
 
 

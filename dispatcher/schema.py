@@ -92,7 +92,17 @@ def migrate(database_url: str) -> list[str]:
         for m in pending:
             log.info("applying migration", extra={"migration": m.id})
         backend.apply_migrations(pending)
+    restrict_public(database_url)
     return ids
+
+
+def restrict_public(database_url: str) -> None:
+    """Takes TEMPORARY (and CREATE on schema public) from PUBLIC on every run, not only in migration 0013: database
+    privileges are not copied by CREATE DATABASE ... TEMPLATE, nor restored into an existing database by pg_restore."""
+    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://", 1), autocommit=True) as conn:
+        row = conn.execute("select to_regprocedure('notify._restrict_public()') is not null").fetchone()
+        if row and row[0]:
+            conn.execute("select notify._restrict_public()")
 
 
 def latest_migration() -> str:

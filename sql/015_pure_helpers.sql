@@ -4,7 +4,7 @@
 create function notify._raise(p_code text, p_type text, p_message text, p_field text default null)
     returns void
     language plpgsql
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     -- Codes are ND + HTTP status (see docs/errors.md); CONSTRAINT carries the problem type, COLUMN the field.
@@ -99,7 +99,7 @@ create function notify._template_variables(p_content jsonb)
     returns text[]
     language sql
     immutable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select coalesce(array_agg(distinct v order by v), '{}')
     from (
@@ -127,7 +127,7 @@ create function notify._check_keys(p_object jsonb, p_allowed text[], p_path text
     returns void
     language plpgsql
     immutable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_key text;
@@ -151,7 +151,7 @@ create function notify._text_field(p_object jsonb, p_key text, p_path text, p_re
     returns text
     language plpgsql
     immutable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v jsonb := p_object -> p_key;
@@ -178,7 +178,7 @@ create function notify._time_field(p_object jsonb, p_key text, p_path text)
     returns timestamptz
     language plpgsql
     stable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v text := notify._text_field(p_object, p_key, p_path, false, 64);
@@ -202,7 +202,7 @@ create function notify._channel_field(p_value jsonb, p_path text)
     returns notify.channel
     language plpgsql
     immutable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     if jsonb_typeof(p_value) is distinct from 'string'
@@ -219,7 +219,7 @@ create function notify._secret_refs_valid(p_secrets jsonb)
     returns boolean
     language sql
     immutable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select jsonb_typeof(p_secrets) = 'object'
        and not exists (select from jsonb_each(p_secrets) e

@@ -304,3 +304,14 @@ create table notify.mock_messages (
 comment on table notify.mock_messages is
     'What the built-in mock provider would have sent, so a developer can look. One row per provider call.';
 create index mock_messages_delivery on notify.mock_messages (tenant_id, delivery_id);
+
+-- Not a tenant table: read before any tenant is entered (notify._enter), keyed by the database login.
+create table notify.login_tenants (
+    login text primary key,
+    tenant_ids uuid[] not null,
+    updated_at timestamptz not null default now(),
+    constraint login_tenants_some check (cardinality(tenant_ids) > 0)
+);
+comment on table notify.login_tenants is
+    'Database logins bound to the tenants they serve: a login listed here enters only these tenants (notify._enter, ND403) and looks up only these (get_tenant_v1); a login not listed enters any tenant. Managed with notify.bind_login_v1 / unbind_login_v1 (dispatcher login bind).';
+comment on column notify.login_tenants.login is 'The login role''s name, as session_user reports it (not current_user, which is a function''s owner inside security definer functions).';

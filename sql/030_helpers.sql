@@ -25,7 +25,7 @@ create function notify._consent_allows(p_tenant_id uuid, p_recipient_id uuid, p_
     returns boolean
     language sql
     stable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select allowed from notify._consent(p_tenant_id, p_recipient_id, p_channel, p_category)
 $$;
@@ -36,7 +36,7 @@ create function notify._resolve_template(p_tenant_id uuid, p_key text, p_channel
     returns notify.templates
     language sql
     stable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select t.*
       from notify.templates t
@@ -53,7 +53,7 @@ create function notify._backoff(p_tenant_id uuid, p_attempt integer, p_retry_aft
     returns interval
     language sql
     volatile
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select greatest(
         make_interval(secs => coalesce(p_retry_after, 0)),
@@ -68,8 +68,9 @@ create function notify._wake_task(p_task text, p_lock text, p_args jsonb, p_at t
     returns void
     language plpgsql
     volatile
-    -- procrastinate's trigger functions name their tables unqualified, so they need public on the path.
-    set search_path = pg_catalog, public
+    -- procrastinate's trigger functions name their tables unqualified, so they need public on the path; pg_temp comes
+    -- last, so a temporary table of the caller's cannot stand in for one of them (docs/architecture.md).
+    set search_path = pg_catalog, public, pg_temp
 as $$
 declare
     v_bucket timestamptz;
@@ -96,7 +97,7 @@ create function notify._wake(p_channel notify.channel, p_at timestamptz default 
     returns void
     language sql
     volatile
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select notify._wake_task('dispatch', 'dispatch:' || p_channel, jsonb_build_object('channel', p_channel), p_at)
 $$;
@@ -107,7 +108,7 @@ create function notify._set_source(p_source text)
     returns void
     language plpgsql
     volatile
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     perform set_config('notify.source', p_source, true);
@@ -119,7 +120,7 @@ create function notify._replay(p_tenant_id uuid, p_idempotency_key text, p_finge
     returns jsonb
     language plpgsql
     stable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.notification_requests;
@@ -140,7 +141,7 @@ create function notify._recipient_id(p_tenant_id uuid, p_ref text)
     returns uuid
     language plpgsql
     stable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_id uuid;
@@ -168,14 +169,22 @@ create function notify._enter(p_tenant_id uuid)
     returns void
     language plpgsql
     volatile
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_current uuid := notify._tenant();
+    v_allowed boolean;
 begin
     if p_tenant_id is null then
         perform notify._raise('ND404', 'not_found', 'no such tenant', 'tenant_id');
-    elsif v_current is null then
+    end if;
+    -- A login bound to tenants enters only those; one without a binding (null) any. session_user is the login that
+    -- connected; current_user here is the function's owner.
+    select p_tenant_id = any (l.tenant_ids) into v_allowed from notify.login_tenants l where l.login = session_user::text;
+    if not v_allowed then
+        perform notify._raise('ND403', 'tenant_not_allowed', 'this database login is not bound to the tenant', 'tenant_id');
+    end if;
+    if v_current is null then
         perform set_config('notify.tenant_id', p_tenant_id::text, true);
     elsif v_current <> p_tenant_id then
         -- A transaction belongs to one tenant: the one a caller set, or the first a function entered.
@@ -184,4 +193,4 @@ begin
 end
 $$;
 comment on function notify._enter(uuid) is
-    'Binds this transaction to a tenant (transaction-local notify.tenant_id) so row security shows only its rows; ND404 if the transaction is already bound to another tenant. First statement of every tenant-scoped notify_api function.';
+    'Binds this transaction to a tenant (transaction-local notify.tenant_id) so row security shows only its rows; ND403 if the session''s login is bound to other tenants only (notify.login_tenants), ND404 if the transaction is already bound to another tenant. First statement of every tenant-scoped notify_api function.';

@@ -4,7 +4,7 @@
 create function notify.tg_notification_deliveries__check_transition()
     returns trigger
     language plpgsql
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     if new.status is distinct from old.status then
@@ -34,7 +34,7 @@ create trigger _100_check_transition
 create function notify.tg_notification_deliveries__record_event()
     returns trigger
     language plpgsql
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     if tg_op = 'INSERT' then

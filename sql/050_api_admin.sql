@@ -5,7 +5,7 @@ create function notify_api.create_tenant_v1(p_slug text, p_name text default nul
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.tenants;
@@ -30,20 +30,24 @@ create function notify_api.get_tenant_v1(p_slug text)
     language sql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select jsonb_build_object('id', t.id, 'slug', t.slug, 'name', t.name, 'default_locale', t.default_locale,
                               'retry_max_attempts', t.retry_max_attempts, 'retry_base_ms', t.retry_base_ms,
                               'retry_max_ms', t.retry_max_ms, 'created_at', t.created_at)
-      from notify.tenants t where t.slug = p_slug
+      from notify.tenants t
+     where t.slug = p_slug
+       -- a login bound to tenants (notify.login_tenants) sees only those; one without a binding, any
+       and coalesce((select t.id = any (l.tenant_ids) from notify.login_tenants l where l.login = session_user::text), true)
 $$;
-comment on function notify_api.get_tenant_v1(text) is 'A tenant by slug, or null.';
+comment on function notify_api.get_tenant_v1(text) is
+    'A tenant by slug, or null (also for a tenant the session''s login is not bound to, when it is bound to some).';
 
 create function notify_api.set_retry_policy_v1(p_tenant_id uuid, p_max_attempts integer, p_base_ms integer, p_max_ms integer)
     returns void
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     perform notify._enter(p_tenant_id);
@@ -65,7 +69,7 @@ create function notify_api.create_api_key_v1(p_tenant_id uuid, p_name text, p_pr
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.api_clients;
@@ -94,7 +98,7 @@ create function notify_api.revoke_api_key_v1(p_tenant_id uuid, p_key_id uuid)
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.api_clients;
@@ -116,7 +120,7 @@ create function notify_api.list_api_keys_v1(p_tenant_id uuid)
     language sql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select notify._enter(p_tenant_id);
     select coalesce(jsonb_agg(jsonb_build_object('id', c.id, 'name', c.name, 'prefix', c.prefix, 'scopes', to_jsonb(c.scopes),
@@ -130,7 +134,7 @@ create function notify_api.authenticate_api_key_v1(p_key_hash bytea)
     returns table (tenant_id uuid, api_key_id uuid)
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.api_clients;
@@ -156,7 +160,7 @@ create function notify_api.check_api_key_v1(p_key_hash bytea, p_scope text)
     returns table (tenant_id uuid, api_key_id uuid, rate_per_second double precision)
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.api_clients;
@@ -196,7 +200,7 @@ create function notify_api.charge_api_key_v1(p_api_key_id uuid, p_rate_per_secon
     returns boolean
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_shards integer := greatest(1, least(16, floor(p_rate_per_second / 50)::integer));
@@ -221,7 +225,7 @@ create function notify_api.authorize_v1(p_key_hash bytea, p_scope text)
     returns table (tenant_id uuid, api_key_id uuid)
     language sql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select k.tenant_id, k.api_key_id
       from notify_api.check_api_key_v1(p_key_hash, p_scope) k
@@ -234,7 +238,7 @@ create function notify_api.rotate_api_key_v1(p_tenant_id uuid, p_key_id uuid, p_
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.api_clients;
@@ -263,7 +267,7 @@ create function notify_api.set_api_rate_v1(p_tenant_id uuid, p_rate_per_second d
     returns void
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     perform notify._enter(p_tenant_id);
@@ -279,7 +283,7 @@ create function notify_api.set_channel_policy_v1(p_tenant_id uuid, p_channel not
     returns jsonb
     language sql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select notify._enter(p_tenant_id);
     insert into notify.channel_policies (tenant_id, channel, policy) values (p_tenant_id, p_channel, p_policy)
@@ -294,7 +298,7 @@ create function notify_api.list_channel_policies_v1(p_tenant_id uuid)
     language sql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select notify._enter(p_tenant_id);
     select jsonb_agg(jsonb_build_object('channel', c, 'policy', coalesce(p.policy, notify._default_policy(c)),
@@ -303,3 +307,90 @@ as $$
       left join notify.channel_policies p on p.tenant_id = p_tenant_id and p.channel = c
 $$;
 comment on function notify_api.list_channel_policies_v1(uuid) is 'The consent policy in force for each channel.';
+
+-- Logins bound to tenants: for the operator (`dispatcher login bind|unbind|list`), run as the migrating role. Security
+-- invoker on purpose: only a role with privileges on notify.login_tenants (its owner notify_owner, notify_system, their
+-- members, superusers) can run them, whatever EXECUTE grants say; application roles have no table privileges.
+
+create function notify.bind_login_v1(p_login text, p_tenant_slug text)
+    returns jsonb
+    language plpgsql
+    volatile
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_tenant_id uuid;
+    v notify.login_tenants;
+begin
+    if not exists (select from pg_catalog.pg_roles r where r.rolname = p_login) then
+        perform notify._raise('ND404', 'not_found', 'no such database login', 'login');
+    end if;
+    select t.id into v_tenant_id from notify.tenants t where t.slug = p_tenant_slug;
+    if v_tenant_id is null then
+        perform notify._raise('ND404', 'not_found', 'no such tenant', 'tenant');
+    end if;
+    insert into notify.login_tenants as l (login, tenant_ids) values (p_login, array[v_tenant_id])
+    on conflict (login) do update
+        set tenant_ids = l.tenant_ids || excluded.tenant_ids, updated_at = now()
+        where not excluded.tenant_ids <@ l.tenant_ids;
+    select * into v from notify.login_tenants l where l.login = p_login;
+    return notify._login_json(v);
+end
+$$;
+comment on function notify.bind_login_v1(text, text) is
+    'Binds a database login to one more tenant (by slug): from then on it enters only its bound tenants. Idempotent. ND404 for an unknown login or tenant. Operator only (security invoker).';
+
+create function notify.unbind_login_v1(p_login text, p_tenant_slug text)
+    returns jsonb
+    language plpgsql
+    volatile
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_tenant_id uuid;
+    v notify.login_tenants;
+begin
+    select t.id into v_tenant_id from notify.tenants t where t.slug = p_tenant_slug;
+    select * into v from notify.login_tenants l where l.login = p_login and v_tenant_id = any (l.tenant_ids) for update;
+    if v.login is null then
+        perform notify._raise('ND404', 'not_found', 'this login is not bound to this tenant', 'tenant');
+    end if;
+    if cardinality(v.tenant_ids) = 1 then
+        -- The last binding gone, the login enters any tenant again (as before it was ever bound).
+        delete from notify.login_tenants l where l.login = p_login;
+        return jsonb_build_object('login', p_login, 'tenants', '[]'::jsonb);
+    end if;
+    update notify.login_tenants l set tenant_ids = array_remove(l.tenant_ids, v_tenant_id), updated_at = now()
+     where l.login = p_login
+    returning * into v;
+    return notify._login_json(v);
+end
+$$;
+comment on function notify.unbind_login_v1(text, text) is
+    'Removes one tenant from a login''s binding; with the last one removed the login is unbound (enters any tenant). ND404 if it was not bound to it. Operator only (security invoker).';
+
+create function notify._login_json(v notify.login_tenants)
+    returns jsonb
+    language sql
+    stable
+    set search_path = pg_catalog, pg_temp
+as $$
+    select case when v.login is not null and cardinality(v.tenant_ids) > 0 then jsonb_build_object(
+        'login', v.login,
+        'tenants', (select coalesce(jsonb_agg(jsonb_build_object('id', b.id, 'slug', t.slug) order by t.slug, b.id), '[]')
+                      from unnest(v.tenant_ids) b(id) left join notify.tenants t on t.id = b.id),
+        'updated_at', v.updated_at) end
+$$;
+comment on function notify._login_json(notify.login_tenants) is 'A login binding as JSON: the login and its tenants (id, slug); null when it has none.';
+
+create function notify.list_login_bindings_v1(p_login text default null)
+    returns jsonb
+    language sql
+    stable
+    set search_path = pg_catalog, pg_temp
+as $$
+    select coalesce(jsonb_agg(notify._login_json(l) order by l.login), '[]')
+      from notify.login_tenants l where p_login is null or l.login = p_login
+$$;
+comment on function notify.list_login_bindings_v1(text) is
+    'Every login binding (or one login''s): the logins that enter only the tenants listed. Operator only (security invoker).';

@@ -4,7 +4,7 @@
 create function notify._upsert_recipient(p_tenant_id uuid, p_ref text, p_body jsonb, p_path text)
     returns notify.recipients
     language plpgsql
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.recipients;
@@ -80,7 +80,7 @@ create function notify._recipient_json(p_tenant_id uuid, p_recipient_id uuid)
     returns jsonb
     language sql
     stable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select jsonb_build_object(
         'ref', r.ref, 'locale', r.locale, 'timezone', r.timezone, 'created_at', r.created_at, 'updated_at', r.updated_at,
@@ -94,7 +94,7 @@ create function notify_api.upsert_recipient_v1(p_tenant_id uuid, p_ref text, p_b
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.recipients;
@@ -113,7 +113,7 @@ create function notify_api.get_recipient_v1(p_tenant_id uuid, p_ref text)
     language plpgsql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     perform notify._enter(p_tenant_id);
@@ -126,7 +126,7 @@ create function notify_api.record_consent_v1(p_tenant_id uuid, p_ref text, p_bod
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_recipient notify.recipients;
@@ -199,7 +199,7 @@ create function notify_api.upsert_template_v1(p_tenant_id uuid, p_key text, p_bo
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_locale text;
@@ -285,7 +285,7 @@ create function notify_api.list_templates_v1(p_tenant_id uuid, p_key text defaul
     language sql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select notify._enter(p_tenant_id);
     select coalesce(jsonb_agg(jsonb_build_object('key', t.key, 'channel', t.channel, 'locale', t.locale, 'content', t.content,

@@ -5,7 +5,7 @@ create function notify_api.submit_notification_v1(p_tenant_id uuid, p_request js
     returns table (response jsonb, replayed boolean)
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_fingerprint bytea;
@@ -207,7 +207,7 @@ create function notify_api.get_notification_v1(p_tenant_id uuid, p_id uuid)
     language plpgsql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.notification_requests;
@@ -241,7 +241,7 @@ create function notify_api.cancel_notification_v1(p_tenant_id uuid, p_id uuid)
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_result jsonb;

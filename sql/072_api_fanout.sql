@@ -6,7 +6,7 @@ create function notify._submit_fanout(
     p_variables jsonb, p_category text, p_send_at timestamptz, p_expires_at timestamptz, p_metadata jsonb)
     returns table (response jsonb, replayed boolean)
     language plpgsql
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_items jsonb := p_request -> 'recipients';
@@ -86,58 +86,59 @@ begin
 
     -- 3. Recipients and their addresses, set-based. The input goes into an analyzed temporary table first, so
     --    the planner knows it has v_count rows (a function scan is estimated at 100) and joins accordingly.
-    create temporary table if not exists _fanout_input (
+    --    Our temporary tables are always new: a table of that name the caller planted in pg_temp (its triggers would
+    --    run as this function's owner) makes the create fail. They are dropped before returning, because a batch
+    --    fans out many times in one transaction; an error rolls their creation back with everything else.
+    create temporary table pg_temp._fanout_input (
         i integer, ref text, addresses jsonb, locale text, timezone text, variables jsonb, recipient_id uuid, effective_locale text
     ) on commit drop;
-    truncate _fanout_input;
-    insert into _fanout_input (i, ref, addresses, locale, timezone, variables)
+    insert into pg_temp._fanout_input (i, ref, addresses, locale, timezone, variables)
     select i, r ->> 'ref', case when jsonb_typeof(r -> 'addresses') = 'object' then r -> 'addresses' end, r ->> 'locale',
            r ->> 'timezone', case when jsonb_typeof(r -> 'variables') = 'object' then r -> 'variables' end
       from jsonb_array_elements(v_items) with ordinality e(r, i);
-    analyze _fanout_input;
+    analyze pg_temp._fanout_input;
 
     insert into notify.recipients as x (tenant_id, ref, locale, timezone)
-    select p_tenant_id, f.ref, f.locale, f.timezone from _fanout_input f
+    select p_tenant_id, f.ref, f.locale, f.timezone from pg_temp._fanout_input f
     on conflict (tenant_id, ref) do update
         set locale = coalesce(excluded.locale, x.locale), timezone = coalesce(excluded.timezone, x.timezone),
             updated_at = now()
         where (excluded.locale is not null and excluded.locale is distinct from x.locale)
            or (excluded.timezone is not null and excluded.timezone is distinct from x.timezone);
     v_default_locale := (select default_locale from notify.tenants where id = p_tenant_id);
-    update _fanout_input f set recipient_id = rec.id, effective_locale = coalesce(rec.locale, v_default_locale)
+    update pg_temp._fanout_input f set recipient_id = rec.id, effective_locale = coalesce(rec.locale, v_default_locale)
       from notify.recipients rec
      where rec.tenant_id = p_tenant_id and rec.ref = f.ref;
-    analyze _fanout_input;
+    analyze pg_temp._fanout_input;
 
     insert into notify.recipient_addresses as a (tenant_id, recipient_id, channel, address)
     select p_tenant_id, f.recipient_id, kv.key::notify.channel, kv.value #>> '{}'
-      from _fanout_input f cross join lateral jsonb_each(coalesce(f.addresses, '{}')) kv
+      from pg_temp._fanout_input f cross join lateral jsonb_each(coalesce(f.addresses, '{}')) kv
      where jsonb_typeof(kv.value) = 'string'
     on conflict (tenant_id, recipient_id, channel) do update
         set address = excluded.address, updated_at = now()
         where a.address is distinct from excluded.address;
     delete from notify.recipient_addresses a
-     using _fanout_input f, lateral jsonb_each(coalesce(f.addresses, '{}')) kv
+     using pg_temp._fanout_input f, lateral jsonb_each(coalesce(f.addresses, '{}')) kv
      where jsonb_typeof(kv.value) = 'null'
        and a.tenant_id = p_tenant_id and a.recipient_id = f.recipient_id and a.channel = kv.key::notify.channel;
 
     -- 4. Templates per channel and distinct locale (resolved once each), and the variables every recipient needs.
-    create temporary table if not exists _fanout_templates (
+    create temporary table pg_temp._fanout_templates (
         channel notify.channel, locale text, template_locale text, required_variables text[]) on commit drop;
-    truncate _fanout_templates;
-    insert into _fanout_templates
+    insert into pg_temp._fanout_templates
     select c.channel, l.locale, t.locale, t.required_variables
       from unnest(p_channels) c(channel)
-     cross join (select distinct f.effective_locale as locale from _fanout_input f) l
+     cross join (select distinct f.effective_locale as locale from pg_temp._fanout_input f) l
      cross join lateral notify._resolve_template(p_tenant_id, p_template, c.channel, l.locale) t;
-    select channel, locale into v_bad from _fanout_templates where template_locale is null limit 1;
+    select channel, locale into v_bad from pg_temp._fanout_templates where template_locale is null limit 1;
     if found then
         perform notify._raise('ND422', 'template_not_found',
             format('template %s has no %s content for locale %s or its fallbacks', p_template, v_bad.channel, v_bad.locale), 'template');
     end if;
     select f.i - 1 as idx, need.v into v_bad
-      from _fanout_input f
-      join _fanout_templates t on t.locale = f.effective_locale
+      from pg_temp._fanout_input f
+      join pg_temp._fanout_templates t on t.locale = f.effective_locale
      cross join lateral unnest(t.required_variables) need(v)
      where not (p_variables || coalesce(f.variables, '{}')) ? need.v
      order by f.i limit 1;
@@ -150,9 +151,9 @@ begin
     perform notify._set_source('submit');
     with rows as materialized (
         select f.recipient_id, c.channel, a.address, t.template_locale, f.variables, consent.allowed, f.i, c.ord
-          from _fanout_input f
+          from pg_temp._fanout_input f
          cross join unnest(p_channels) with ordinality c(channel, ord)
-          join _fanout_templates t on t.channel = c.channel and t.locale = f.effective_locale
+          join pg_temp._fanout_templates t on t.channel = c.channel and t.locale = f.effective_locale
           left join notify.recipient_addresses a on a.tenant_id = p_tenant_id and a.recipient_id = f.recipient_id and a.channel = c.channel
          cross join lateral notify._consent(p_tenant_id, f.recipient_id, c.channel, p_category) consent
     ), inserted as (
@@ -182,6 +183,7 @@ begin
        from unnest(p_channels) c
       where exists (select from jsonb_array_elements(v_response -> 'summary') s
                      where s ->> 'channel' = c::text and s ->> 'status' in ('queued', 'scheduled'));
+    drop table pg_temp._fanout_input, pg_temp._fanout_templates;
     response := v_response;
     replayed := false;
     return next;
@@ -194,7 +196,7 @@ create function notify_api.submit_notifications_v1(p_tenant_id uuid, p_items jso
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_item jsonb;

@@ -5,7 +5,7 @@ create function notify._provider_defaults(p_provider text)
     returns jsonb
     language sql
     immutable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select case p_provider
         when 'whatsapp_cloud' then jsonb_build_object(
@@ -23,7 +23,7 @@ create function notify_api.set_channel_provider_v1(p_tenant_id uuid, p_channel n
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_provider text;
@@ -104,7 +104,7 @@ create function notify_api.list_channel_providers_v1(p_tenant_id uuid)
     language sql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select notify._enter(p_tenant_id);
     select jsonb_agg(jsonb_build_object(
@@ -121,7 +121,7 @@ create function notify_api.take_tokens_v1(p_key text, p_rate double precision, p
     returns integer
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_tokens double precision;
@@ -146,7 +146,7 @@ create function notify_api.unsubscribe_v1(p_tenant_id uuid, p_delivery_id uuid, 
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v record;

@@ -5,7 +5,7 @@ create function notify_api.claim_deliveries_v1(p_channel notify.channel, p_limit
     returns setof notify.claimed_delivery
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     if p_limit is null or p_limit < 1 or p_limit > 10000 then
@@ -73,7 +73,7 @@ create function notify_api.record_attempts_v1(p_results notify.attempt_result[])
     returns table (delivery_id uuid, status notify.delivery_status, applied boolean)
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     if exists (select from unnest(p_results) r where r.outcome not in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'bounced')) then
@@ -139,7 +139,7 @@ create function notify_api.run_maintenance_v1()
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_requeued integer;

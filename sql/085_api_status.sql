@@ -7,7 +7,7 @@ create function notify_api.queue_health_v1()
     language sql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     with waiting as (
         select d.tenant_id, d.channel,

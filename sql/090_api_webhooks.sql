@@ -16,7 +16,7 @@ comment on function notify._provider_family(text) is 'The sending providers whos
 create function notify._apply_provider_status(p_provider text, e notify.status_event)
     returns text
     language plpgsql
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     d notify.notification_deliveries;
@@ -88,7 +88,7 @@ comment on function notify._apply_provider_status(text, notify.status_event) is
 create function notify._record_inbound(p_provider text, m notify.inbound_message)
     returns text
     language plpgsql
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_tenant record;
@@ -128,7 +128,7 @@ create function notify_api.ingest_webhook_v1(p_provider text, p_event_key text, 
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_id bigint;

@@ -73,7 +73,7 @@ create function notify._wake_callbacks(p_at timestamptz default null)
     returns void
     language sql
     volatile
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select notify._wake_task('callbacks', 'callbacks', '{}', p_at)
 $$;
@@ -84,7 +84,7 @@ create function notify._callback_event(c notify.notification_deliveries, p_previ
     returns jsonb
     language sql
     stable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select jsonb_build_object('type', 'delivery.status_changed', 'timestamp', now(), 'data', jsonb_strip_nulls(jsonb_build_object(
         'notification_id', c.request_id, 'delivery_id', c.id, 'sequence', c.seq, 'channel', c.channel,
@@ -98,7 +98,7 @@ comment on function notify._callback_event(notify.notification_deliveries, notif
 create function notify.tg_notification_deliveries__queue_callbacks()
     returns trigger
     language plpgsql
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_count integer;
@@ -149,7 +149,7 @@ create function notify._callback_json(e notify.callback_endpoints, p_secret text
     returns jsonb
     language sql
     stable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select jsonb_strip_nulls(jsonb_build_object(
         'url', e.url, 'enabled', e.enabled, 'retry_schedule_ms', to_jsonb(e.retry_schedule_ms),
@@ -162,7 +162,7 @@ create function notify_api.set_callbacks_v1(p_tenant_id uuid, p_body jsonb, p_ne
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.callback_endpoints;
@@ -217,7 +217,7 @@ create function notify_api.get_callbacks_v1(p_tenant_id uuid)
     language plpgsql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.callback_endpoints;
@@ -236,7 +236,7 @@ create function notify_api.rotate_callback_secret_v1(p_tenant_id uuid, p_new_sec
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.callback_endpoints;
@@ -267,7 +267,7 @@ create function notify_api.list_callbacks_v1(p_tenant_id uuid, p_notification_id
     language plpgsql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     perform notify._enter(p_tenant_id);
@@ -294,7 +294,7 @@ create function notify_api.claim_callbacks_v1(p_limit integer, p_lease_seconds i
     returns table (tenant_id uuid, id uuid, attempt integer, url text, payload jsonb, secrets text[], created_at timestamptz)
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     if p_limit is null or p_limit < 1 or p_limit > 1000 then
@@ -331,22 +331,24 @@ create function notify_api.record_callback_attempts_v1(p_results jsonb)
     returns integer
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_next timestamptz;
+    v_count integer;
 begin
     -- p_results: [{tenant_id, id, attempt, started_at, status_code?, error?, outcome: delivered|retry|failed|refused}]
-    create temporary table if not exists _callback_results (
+    -- Always a new table (a planted pg_temp._callback_results makes this fail instead of running its triggers as
+    -- notify_system), dropped before returning so the worker may record twice in one transaction.
+    create temporary table pg_temp._callback_results (
         tenant_id uuid, id uuid, attempt integer, started_at timestamptz, status_code integer, error text, outcome text
     ) on commit drop;
-    truncate _callback_results;
-    insert into _callback_results
+    insert into pg_temp._callback_results
     select * from jsonb_to_recordset(p_results) as x(tenant_id uuid, id uuid, attempt integer, started_at timestamptz,
                                                      status_code integer, error text, outcome text);
     insert into notify.callback_attempts (tenant_id, message_id, attempt, started_at, status_code, error, outcome)
     select r.tenant_id, r.id, r.attempt, r.started_at, r.status_code, left(r.error, 500), r.outcome
-      from _callback_results r
+      from pg_temp._callback_results r
       join notify.callback_messages m on m.tenant_id = r.tenant_id and m.id = r.id and m.attempts = r.attempt
     on conflict do nothing;
     with updated as (
@@ -361,7 +363,7 @@ begin
                finished_at = case when r.outcome <> 'retry' or m.attempts > cardinality(e.retry_schedule_ms) then now() end,
                last_error = case when r.outcome = 'delivered' then null
                                  else coalesce(r.error, 'HTTP ' || r.status_code) end
-          from _callback_results r, notify.callback_endpoints e
+          from pg_temp._callback_results r, notify.callback_endpoints e
          where m.tenant_id = r.tenant_id and m.id = r.id and m.attempts = r.attempt and m.status = 'sending'
            and e.tenant_id = m.tenant_id
         returning m.status, m.next_attempt_at
@@ -372,7 +374,9 @@ begin
     if v_next is not null and v_next > now() then
         perform notify._wake_callbacks(v_next);
     end if;
-    return (select count(*) from _callback_results);
+    select count(*) into v_count from pg_temp._callback_results;
+    drop table pg_temp._callback_results;
+    return v_count;
 end
 $$;
 comment on function notify_api.record_callback_attempts_v1(jsonb) is

@@ -5,7 +5,7 @@ create function notify_api.record_mock_messages_v1(p_messages jsonb)
     returns integer
     language sql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     with ins as (
         insert into notify.mock_messages (tenant_id, delivery_id, attempt, channel, address, provider_message_id, rendered)
@@ -23,7 +23,7 @@ create function notify_api.list_mock_messages_v1(p_tenant_id uuid, p_delivery_id
     language sql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select notify._enter(p_tenant_id);
     select coalesce(jsonb_agg(x.j order by x.id desc), '[]')

@@ -2,7 +2,8 @@
 -- Tenant-scoped functions run as notify_owner, which owns the tables and is subject to the policies (FORCE); they bind
 -- the transaction to their tenant first (notify._enter). Cross-tenant functions run as notify_system, whose policy
 -- admits every row; nothing else has any privilege on these tables, so any other role sees nothing at all.
--- Not tenant tables (no tenant_id): rate_buckets (per sender) and webhook_events (deduplicated before the tenant is known).
+-- Not tenant tables (no tenant_id): rate_buckets (per sender), webhook_events (deduplicated before the tenant is known) and
+-- login_tenants (per database login, read by notify._enter before any tenant is entered).
 
 alter table notify.tenants enable row level security;
 alter table notify.tenants force row level security;
@@ -31,7 +32,7 @@ $$;
 create function notify._settle_owners()
     returns void
     language plpgsql
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     r record;
@@ -55,3 +56,62 @@ end
 $$;
 comment on function notify._settle_owners() is
     'Gives every notify table, type and function to notify_owner, and the cross-tenant notify_api functions to notify_system. Run by the migrating role (a member of both) at the end of every migration that creates objects.';
+
+-- Nothing but the owning roles may create temporary objects: Postgres resolves relation and type names in the
+-- session's temporary schema (before pg_catalog, unless a path lists pg_temp), so a login's temporary table or domain
+-- could run its code inside a definer function (docs/security.md, "Database roles and temporary objects").
+create function notify._restrict_public()
+    returns void
+    language plpgsql
+    volatile
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_db text := current_database();
+begin
+    -- A database's privileges are not copied by CREATE DATABASE ... TEMPLATE nor restored by pg_restore into an
+    -- existing database, so `dispatcher migrate` runs this on every run, not only in its migration.
+    if exists (select from pg_database d, aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
+                where d.datname = v_db and a.grantee = 0 and a.privilege_type = 'TEMPORARY') then
+        execute format('revoke temporary on database %I from public', v_db);
+    end if;
+    if not (has_database_privilege('notify_owner', v_db, 'TEMPORARY') and has_database_privilege('notify_system', v_db, 'TEMPORARY')) then
+        execute format('grant temporary on database %I to notify_owner, notify_system', v_db);
+    end if;
+    -- Postgres 15 and later create schema public without CREATE for PUBLIC; a database upgraded from older ones kept it.
+    if exists (select from pg_namespace n, aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a
+                where n.nspname = 'public' and a.grantee = 0 and a.privilege_type = 'CREATE') then
+        revoke create on schema public from public;
+    end if;
+    -- A role without the grant option only gets a warning from REVOKE and GRANT: check what they did.
+    if exists (select from pg_database d, aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
+                where d.datname = v_db and a.grantee = 0 and a.privilege_type = 'TEMPORARY')
+       or has_schema_privilege('public', 'public', 'CREATE')
+       or not (has_database_privilege('notify_owner', v_db, 'TEMPORARY') and has_database_privilege('notify_system', v_db, 'TEMPORARY')) then
+        raise exception 'could not take TEMPORARY on database % (and CREATE on schema public) from PUBLIC, or grant TEMPORARY to notify_owner and notify_system', v_db
+            using hint = 'Run dispatcher migrate as the database''s owner (or a superuser); see docs/security.md.';
+    end if;
+end
+$$;
+comment on function notify._restrict_public() is
+    'Takes TEMPORARY on the current database and CREATE on schema public from PUBLIC and grants TEMPORARY to notify_owner and notify_system (their functions use temporary tables); raises if the running role could not. Idempotent; run by the sql/ build, migration 0013 and every dispatcher migrate.';
+
+-- procrastinate's functions name their tables unqualified; its trigger functions run inside our definer functions.
+create function notify._pin_procrastinate_search_paths()
+    returns void
+    language plpgsql
+    volatile
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    r record;
+begin
+    for r in select p.oid::regprocedure as fn from pg_proc p
+              where p.pronamespace = 'public'::regnamespace and p.proname like 'procrastinate%'
+                and not exists (select from unnest(coalesce(p.proconfig, '{}')) c where c like 'search_path=%') loop
+        execute format('alter function %s set search_path = pg_catalog, public, pg_temp', r.fn);
+    end loop;
+end
+$$;
+comment on function notify._pin_procrastinate_search_paths() is
+    'Pins search_path = pg_catalog, public, pg_temp on every procrastinate function in public that has none. Run by the sql/ build, migration 0013, and any later migration that upgrades procrastinate''s schema.';

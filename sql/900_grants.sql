@@ -43,4 +43,9 @@ grant select, insert, update, delete on all tables in schema public to notify_ow
 grant usage, select on all sequences in schema public to notify_owner, notify_system;
 grant execute on all functions in schema public to notify_owner, notify_system;
 grant execute on function notify_api.list_callbacks_v1(uuid, uuid) to notify_caller;
+
+-- Only the owning roles may create temporary objects, and procrastinate's functions get a pinned search_path
+-- (sql/890_row_security.sql; docs/security.md, "Database roles and temporary objects").
+select notify._restrict_public();
+select notify._pin_procrastinate_search_paths();
 select notify._settle_owners();

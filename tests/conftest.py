@@ -72,6 +72,8 @@ postgresql = factories.postgresql("notify_noproc")
 def db(postgresql: psycopg.Connection) -> psycopg.Connection:
     """A fresh database (cloned from the sql/ template) with an autocommit connection."""
     postgresql.autocommit = True
+    # A clone does not inherit the template's database privileges: take TEMPORARY from PUBLIC again, as a deployment has it.
+    postgresql.execute("select notify._restrict_public()")
     return postgresql
 
 
