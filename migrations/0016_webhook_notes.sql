@@ -8,7 +8,7 @@ create function notify_api.ingest_webhook_v1(p_provider text, p_event_key text, 
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_id bigint;
