@@ -239,7 +239,7 @@ def test_sendgrid_drops_for_our_own_reasons_are_failed(reason, status):
     assert SendGridWebhooks(SG_KEY).parse(headers, raw).events[0].status == status
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
                     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
                     max_leaves=20)
 KEYS = ["object", "entry", "changes", "value", "statuses", "messages", "errors", "metadata", "event-data", "user-variables",
