@@ -199,36 +199,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from dispatcher.settings import Settings
-    from runner.app import app
-    from runner.tasks import _dispatchers, _senders
+    # The process set-up (JSON logs, tracing, metrics listener, settings, closing the providers) is in
+    # runner.app.DispatcherApp.run_worker_async, so `procrastinate --app=runner.app.app worker` gets the same.
+    from runner.app import app, prepare_process
 
-    settings = Settings.from_env()
-    logs.configure(settings.log_level)
-    from dispatcher import tracing
-
-    tracing.setup("dispatcher-worker")
-    metrics_port = os.environ.get("DISPATCHER_WORKER_METRICS_PORT")
-    if metrics_port:
-        from prometheus_client import start_http_server
-
-        from dispatcher import metrics
-
-        metrics.register_queue_health(settings.database_url)
-        start_http_server(int(metrics_port), addr=os.environ.get("DISPATCHER_WORKER_METRICS_HOST", "127.0.0.1"))
+    settings = prepare_process()
 
     async def main() -> None:
         async with app.open_async():
-            try:
-                await app.run_worker_async(additional_context={"settings": settings},
-                                           concurrency=args.concurrency or settings.worker_concurrency)
-            finally:
-                # Pending mock status reports get a few seconds; a supervisor must see the exit promptly.
-                for d in [*_dispatchers.values(), *_senders.values()]:
-                    try:
-                        await asyncio.wait_for(d.aclose(), timeout=10)
-                    except (TimeoutError, Exception):  # noqa: BLE001
-                        log.warning("provider did not close in time")
+            await app.run_worker_async(concurrency=args.concurrency or settings.worker_concurrency)
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
@@ -316,6 +295,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    stop_postgres = None
     if env.get("DATABASE_URL"):
         owner_url = app_url = env["DATABASE_URL"]
         _say("database: DATABASE_URL (migrations, API and worker all use it as it is)")
@@ -328,6 +308,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
         pg = EmbeddedPostgres(pgdata)
         _say(f"postgres: {was} embedded PostgreSQL {os.environ.get('PGSERVER_POSTGRES_VERSION', DEV_POSTGRES_MAJOR)} in {pgdata}")
         owner_url = pg.ensure_database(DEV_DATABASE)
+        if was != "reusing the running":
+            stop_postgres = pg.stop   # at the end, even if it was restarted behind pgserver's back meanwhile
     try:
         applied = schema.migrate(owner_url)
     except schema.MigrationRefused as exc:
@@ -389,6 +371,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
             except subprocess.TimeoutExpired:
                 child.proc.kill()
     finally:
+        if stop_postgres is not None:
+            stop_postgres()
         print("stopped", flush=True)
     if failed:
         raise SystemExit(1)
