@@ -250,9 +250,8 @@ def ensure_app_login(owner_url: str, login: str = DEV_APP_LOGIN) -> None:
 
 
 class _Child:
-    """A process of the dev stack, restarted when it exits while the stack is not stopping."""
+    """A process of the dev stack, restarted (after a backoff) whenever it exits while the stack is not stopping."""
 
-    FIRST_START_GRACE = 10.0   # exiting sooner after the very first start is a configuration error: stop the stack
     MAX_BACKOFF = 30.0
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
@@ -266,17 +265,14 @@ class _Child:
         self.proc = subprocess.Popen(self.argv, env=self.env)
         self.started = time.monotonic()
 
-    def check(self, now: float) -> bool:
-        """Restarts the process when it exited (after a backoff); False when it failed at its first start."""
+    def check(self, now: float) -> None:
         if self.restart_at is None:
             code = self.proc.poll()
             if code is None:
-                return True
+                return
             ran = now - self.started
-            if self.restarts == 0 and ran < self.FIRST_START_GRACE:
-                _say(f"{self.name} exited with code {code} right after it started; stopping the stack")
-                return False
-            # 1 s, doubling up to 30 s while it keeps failing; back to 1 s once it ran for a while.
+            # 1 s, doubling up to 30 s while it keeps failing (Postgres still away, a port in use); 1 s again once
+            # it had run for 30 s.
             self.backoff = 1.0 if ran >= self.MAX_BACKOFF or not self.backoff else min(self.backoff * 2, self.MAX_BACKOFF)
             self.restart_at = now + self.backoff
             _say(f"{self.name} exited with code {code} after {ran:.0f}s; restarting it in {self.backoff:.0f}s")
@@ -285,7 +281,6 @@ class _Child:
             self.restarts += 1
             self.start()
             _say(f"{self.name} restarted (restart {self.restarts}, pid {self.proc.pid})")
-        return True
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
@@ -344,7 +339,6 @@ def cmd_dev(args: argparse.Namespace) -> None:
     ]
 
     stopping = False
-    failed = False
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -360,10 +354,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
         signal.signal(signal.SIGHUP, stop)
     try:
         while not stopping:
-            now = time.monotonic()
-            if not all(child.check(now) for child in children) and not stopping:
-                failed = True
-                stop(signal.SIGTERM, None)
+            for child in children:
+                if not stopping:
+                    child.check(time.monotonic())
             time.sleep(0.3)
         for child in children:
             try:
@@ -374,8 +367,6 @@ def cmd_dev(args: argparse.Namespace) -> None:
         if stop_postgres is not None:
             stop_postgres()
         print("stopped", flush=True)
-    if failed:
-        raise SystemExit(1)
 
 
 def parser() -> argparse.ArgumentParser:
