@@ -79,7 +79,7 @@ def yoyo_url(database_url: str) -> str:
     return f"postgresql+psycopg://{rest}" if scheme in ("postgres", "postgresql") else database_url
 
 
-class MigrationRefused(Exception):
+class MigrationRefused(RuntimeError):
     """A migration was not applied: a landed file changed, or yoyo or the database refused it. str() is one line."""
 
 
