@@ -120,7 +120,12 @@ def test_dev_restarts_the_worker_after_a_postgres_restart(dev: DevStack) -> None
     pgdata = dev.data / "pgdata"
     found = running_server(pgdata)
     assert found is not None
-    pg_ctl(pgdata, "-m", "fast", "stop")
+    try:
+        pg_ctl(pgdata, "-m", "fast", "stop")
+    except subprocess.CalledProcessError:
+        # Seen once under load in a combined run (pg_ctl's own message is in the captured log); what matters
+        # here is that the server is down before it is started again.
+        assert running_server(pgdata) is None, "pg_ctl stop failed and the server still runs"
     pg_ctl(pgdata, "-o", f'-h "" -k {found[0]}', "-l", str(pgdata / "log"), "start")
     deadline = time.monotonic() + 60
     while "dev: worker restarted" not in dev.text():
