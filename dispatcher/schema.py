@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -77,22 +79,49 @@ def yoyo_url(database_url: str) -> str:
     return f"postgresql+psycopg://{rest}" if scheme in ("postgres", "postgresql") else database_url
 
 
+class MigrationRefused(RuntimeError):
+    """A migration was not applied: a landed file changed, or yoyo or the database refused it. str() is one line."""
+
+
 def migrate(database_url: str) -> list[str]:
-    """Applies pending migrations (after checking that landed ones are unchanged); returns their ids."""
+    """Applies pending migrations (after checking that landed ones are unchanged); returns their ids.
+
+    Raises MigrationRefused with a one-line reason when a landed migration was edited or removed, or when yoyo or
+    the database refuses a migration (nothing of that migration is applied: each runs in its own transaction)."""
+    import yoyo.exceptions
     from yoyo import get_backend, read_migrations
 
     problems = [p for p in verify_checksums() if "not in migrations/CHECKSUMS" not in p]
     if problems:
-        raise RuntimeError("refusing to migrate: " + "; ".join(problems))
-    backend = get_backend(yoyo_url(database_url))
-    migrations = read_migrations(str(MIGRATIONS_DIR))
-    with backend.lock():
-        pending = backend.to_apply(migrations)
-        ids = [m.id for m in pending]
-        for m in pending:
-            log.info("applying migration", extra={"migration": m.id})
-        backend.apply_migrations(pending)
-    restrict_public(database_url)
+        raise MigrationRefused("refusing to migrate: " + "; ".join(problems))
+    current = None
+    try:
+        migrations = read_migrations(str(MIGRATIONS_DIR))
+        with get_backend(yoyo_url(database_url)) as backend, backend.lock():  # closes its connection at the end
+            pending = backend.to_apply(migrations)
+            ids = [m.id for m in pending]
+            for m in pending:
+                current = m.id
+                log.debug("applying migration", extra={"migration": m.id})
+                # yoyo prints the rows of every statement that returns some (our `select notify._settle_owners()`)
+                # as a psql-style table on stdout: swallow them, the caller prints one line.
+                with contextlib.redirect_stdout(io.StringIO()):
+                    backend.apply_one(m)
+            current = None
+            with contextlib.redirect_stdout(io.StringIO()):
+                backend.run_post_apply(pending)
+    except (yoyo.exceptions.BadMigration, yoyo.exceptions.LockTimeout, yoyo.exceptions.MigrationConflict) as exc:
+        raise MigrationRefused(f"migration {current or '(reading migrations)'} refused: {_one_line(exc)}") from exc
+    except psycopg.Error as exc:
+        if current is None:
+            raise  # could not connect or read yoyo's tables: the caller reports it like any database error
+        reason = exc.diag.message_primary or _one_line(exc)
+        raise MigrationRefused(f"migration {current} failed and was rolled back: {reason}") from exc
+    try:
+        restrict_public(database_url)
+    except psycopg.Error as exc:
+        raise MigrationRefused(f"migrations applied, but PUBLIC keeps TEMPORARY: {exc.diag.message_primary or _one_line(exc)} "
+                               "(run `dispatcher migrate` as the database owner or a superuser)") from exc
     return ids
 
 
@@ -103,6 +132,10 @@ def restrict_public(database_url: str) -> None:
         row = conn.execute("select to_regprocedure('notify._restrict_public()') is not null").fetchone()
         if row and row[0]:
             conn.execute("select notify._restrict_public()")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def latest_migration() -> str:

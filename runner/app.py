@@ -2,14 +2,25 @@
 
 The connection string comes from DATABASE_URL when the pool opens (not at import), so other
 code and tests can derive apps for other databases with `app.with_connector(...)`.
+
+Whichever CLI starts the worker, it is set up the same way, in `DispatcherApp.run_worker_async` (the one call both
+make): JSON logs with masking, tracing, DISPATCHER_WORKER_METRICS_PORT, the settings in the job context, and the
+providers closed at the end. Loaded by procrastinate's own CLI, this module also takes over that CLI's logging (which
+would otherwise be plain text) and routes its console messages through the JSON logs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import sys
+from typing import Any
 
 import msgspec
 import procrastinate
+
+log = logging.getLogger("runner")
 
 
 class _LazyConninfoConnector(procrastinate.PsycopgConnector):
@@ -30,7 +41,73 @@ def make_connector(conninfo: str = "", *, max_size: int = int(os.environ.get("DI
     return _LazyConninfoConnector(**kwargs)
 
 
-app = procrastinate.App(
+_settings: Any = None
+
+
+def prepare_process() -> Any:
+    """Once per worker process: settings, JSON masked logs, tracing, the metrics listener. Returns the Settings."""
+    global _settings
+    if _settings is None:
+        from dispatcher import logs, tracing
+        from dispatcher.settings import Settings
+
+        settings = Settings.from_env()
+        logs.configure(settings.log_level)
+        tracing.setup("dispatcher-worker")
+        metrics_port = os.environ.get("DISPATCHER_WORKER_METRICS_PORT")
+        if metrics_port:
+            from prometheus_client import start_http_server
+
+            from dispatcher import metrics
+
+            metrics.register_queue_health(settings.database_url)
+            start_http_server(int(metrics_port), addr=os.environ.get("DISPATCHER_WORKER_METRICS_HOST", "127.0.0.1"))
+        _settings = settings
+    return _settings
+
+
+async def close_providers() -> None:
+    """Pending mock status reports get a few seconds; a supervisor must see the exit promptly."""
+    from runner.tasks import _dispatchers, _senders
+
+    for d in [*_dispatchers.values(), *_senders.values()]:
+        try:
+            await asyncio.wait_for(d.aclose(), timeout=10)
+        except (TimeoutError, Exception):  # noqa: BLE001
+            log.warning("provider did not close in time")
+
+
+class DispatcherApp(procrastinate.App):
+    """procrastinate's App whose worker is set up as our production worker, whichever CLI runs it."""
+
+    async def run_worker_async(self, **kwargs: Any) -> None:
+        settings = prepare_process()
+        kwargs["additional_context"] = {"settings": settings, **(kwargs.get("additional_context") or {})}
+        try:
+            await super().run_worker_async(**kwargs)
+        finally:
+            await close_providers()
+
+
+def _adopt_procrastinate_cli() -> None:
+    """Under `procrastinate --app=runner.app.app …`: JSON logs from the first line (procrastinate's CLI then finds the
+    root logger configured and leaves it alone) and its console messages ("Launching a worker…", exit messages)
+    as JSON log lines too (errors when printed while handling an exception)."""
+    import procrastinate.cli
+
+    from dispatcher import logs
+
+    logs.configure(os.environ.get("DISPATCHER_LOG_LEVEL", "INFO"))
+    cli_log = logging.getLogger("runner.cli")
+
+    def print_stderr(*args: Any) -> None:
+        message = " ".join(str(a) for a in args)
+        (cli_log.error if sys.exc_info()[0] is not None else cli_log.info)(message)
+
+    procrastinate.cli.print_stderr = print_stderr  # type: ignore[assignment]
+
+
+app = DispatcherApp(
     connector=make_connector(),
     import_paths=["runner.tasks"],
     worker_defaults={
@@ -47,3 +124,6 @@ app = procrastinate.App(
 )
 
 import runner.tasks  # noqa: E402,F401  (registers the tasks on `app`)
+
+if "procrastinate.cli" in sys.modules:  # loaded by procrastinate's CLI (procrastinate --app=runner.app.app worker)
+    _adopt_procrastinate_cli()

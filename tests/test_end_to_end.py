@@ -166,14 +166,33 @@ def test_the_request_id_reaches_the_notification_and_the_workers_log_lines(svc: 
     assert stored == "sql-caller-1"
 
 
-def test_the_procrastinate_cli_runs_the_same_worker(db: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
+def worker_log_events(path) -> list[dict]:  # noqa: ANN001
+    """Every line the worker wrote, each parsed as JSON (a plain-text line fails the test)."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    assert lines, f"{path.name} is empty"
+    events = []
+    for line in lines:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise AssertionError(f"{path.name}: not a JSON log line: {line!r}") from None
+    return events
+
+
+@pytest.mark.parametrize("entry_point", [["-m", "dispatcher", "worker"], ["-m", "procrastinate", "--app=runner.app.app", "worker"]],
+                         ids=["dispatcher-worker", "procrastinate-cli"])
+def test_both_worker_entry_points_run_the_same_worker(entry_point: list[str], db: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
+    """`procrastinate --app=runner.app.app worker` is what `dispatcher worker` is: JSON logs, masked, and metrics."""
+    from tests.conftest import free_port
+
     service = start_service(url_of(db), tmp_path)
-    worker = service.procs.pop()          # replace `dispatcher worker` by procrastinate's own CLI
+    worker = service.procs.pop()
     worker.terminate()
     worker.wait(30)
-    log = tmp_path / "procrastinate.log"
-    service.procs.append(subprocess.Popen([sys.executable, "-m", "procrastinate", "--app=runner.app.app", "worker"],
-                                          env=service.env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT))
+    metrics_port = free_port()
+    log = tmp_path / "entry-point.log"
+    service.procs.append(subprocess.Popen([sys.executable, *entry_point], env={**service.env, "DISPATCHER_WORKER_METRICS_PORT": str(metrics_port)},
+                                          cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT))
     service.logs.append(log)
     try:
         setup_tenant(service)
@@ -181,8 +200,17 @@ def test_the_procrastinate_cli_runs_the_same_worker(db: psycopg.Connection, tmp_
             created = c.post("/internal/notifications", json=intent()).json()
         body = service.wait_for(created["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"read", "delivered"})
         assert body["status"] == "completed"
+        import httpx
+
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        assert 'dispatcher_deliveries_total{channel="email"' in scraped
     finally:
         stop_service(service)
+    events = worker_log_events(log)
+    attempts = [e for e in events if e["event"] == "delivery attempted"]
+    assert {e["channel"] for e in attempts} == {"whatsapp", "email"}, events
+    text = log.read_text()
+    assert "+34600111222" not in text and "ana@example.com" not in text
 
 
 def test_sigterm_lets_in_flight_sends_finish_and_records_them(db: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
