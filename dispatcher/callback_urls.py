@@ -54,7 +54,7 @@ async def resolve_host(host: str, port: int, *, allow_private: bool, what: str =
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
+    except (socket.gaierror, ValueError):  # ValueError: a name that cannot be encoded (UnicodeError, NUL)
         raise UnsafeUrl(f"{what}'s host does not resolve") from None
     addresses = sorted({str(info[4][0]) for info in infos})
     if not addresses:

@@ -87,6 +87,8 @@ async def endpoint(url: str, grants: Grants | None) -> tuple[str, str, int]:
         return scheme, await resolve_host(host, port, allow_private=allow, what="provider endpoint"), port
     except UnsafeUrl as exc:
         raise UnsafeUrl(str(exc).replace("callback URL", "provider endpoint")) from None
+    except ValueError:  # urlsplit: e.g. an unbalanced [
+        raise UnsafeUrl("provider endpoint is not a valid URL") from None
 
 
 async def check_endpoints(provider: str, settings: Mapping[str, Any] | None, grants: Grants) -> tuple[str, str] | None:
@@ -102,5 +104,9 @@ async def check_endpoints(provider: str, settings: Mapping[str, Any] | None, gra
             port = settings.get("port") if isinstance(settings.get("port"), int) else 587
             await resolve_host(settings["host"].strip("[]"), port, allow_private=False, what="provider endpoint")
     except UnsafeUrl as exc:
+        if "not a valid URL" in str(exc):
+            return None  # malformed: the database names the field (400 invalid_format)
         return ("settings.base_url" if provider == "whatsapp_cloud" else "settings.host"), str(exc)
+    except ValueError:  # a host getaddrinfo cannot even encode: the database judges its syntax
+        return None
     return None
