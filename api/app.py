@@ -40,6 +40,7 @@ from dispatcher.settings import Settings
 from providers import standard_webhooks
 from providers.base import ConfigurationError, WebhookRejected
 from providers.registry import webhook_adapters
+from providers.secrets import Grants, check_endpoints
 from providers.unsubscribe import check_token
 from providers.whatsapp import verify_handshake
 
@@ -300,17 +301,26 @@ class Channels(Controller):
         row = await db.one("select notify_api.list_channel_policies_v1(%s)::text", (tenant.id,))
         return _json(row[0] if row else None)
 
-    @get("/providers", responses=ERRORS, operation_id="listChannelProviders", opt={"scope": "admin"}, summary="The provider of each channel (secrets masked)")
+    @get("/providers", responses=ERRORS, operation_id="listChannelProviders", opt={"scope": "admin"}, summary="The provider of each channel (secret references shown, values never)")
     async def providers(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[ProviderOut]]:
         row = await db.one("select notify_api.list_channel_providers_v1(%s)::text", (tenant.id,))
         return _json(row[0] if row else None)
 
     @put("/{channel:str}/provider", responses=ERRORS, operation_id="setChannelProvider", opt={"scope": "admin"}, summary="Configure the provider of a channel",
-         description="Secrets are references (env:NAME or file:/path), resolved by the worker; never values.")
+         description="Secrets are references (env:NAME or file:/path) inside the namespace the operator granted the tenant, "
+                     "resolved by the worker; never values. base_url (WhatsApp) and host (SMTP) must be public hosts unless the "
+                     "operator granted private endpoints; a WhatsApp phone_number_id belongs to one tenant.")
     async def set_provider(self, request: Request[Any, Any, Any], channel: FromPath[str], data: JSONBody[ProviderPut],
                            tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[ProviderOut]:
         if channel not in ("whatsapp", "email", "sms"):
             raise ProblemException(404, "not_found", f"no channel {channel}", "channel")
+        if data.provider != "mock" and data.settings:
+            # SSRF: a name that resolves to a private address is refused now, not only at the first send (the database
+            # refuses private IP literals and local names itself; without the operator's private-endpoints grant).
+            grants = await db.one("select notify_api.get_provider_grants_v1(%s)", (tenant.id,))
+            refused = await check_endpoints(data.provider, data.settings, Grants.of(grants[0] if grants else None))
+            if refused is not None:
+                raise ProblemException(422, "unsafe_endpoint", refused[1], refused[0])
         row = await db.one("select notify_api.set_channel_provider_v1(%s, %s::notify.channel, %s::jsonb)::text",
                            (tenant.id, channel, await _body_text(request)))
         return _json(row[0] if row else None)

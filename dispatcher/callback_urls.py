@@ -87,20 +87,26 @@ def check_syntax(url: str, *, allow_private: bool) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname, port
 
 
-async def resolve(url: str, *, allow_private: bool) -> Target:
-    """Resolves the URL's host and checks every address; returns where to send. Raises UnsafeUrl."""
-    scheme, host, port = check_syntax(url, allow_private=allow_private)
+async def resolve_host(host: str, port: int, *, allow_private: bool, what: str = "callback URL") -> str:
+    """Resolves a host and checks every address it has; returns the one to connect to. Raises UnsafeUrl.
+    (Also the provider endpoints' check: a WhatsApp base_url, an SMTP host; `what` names the thing in the message.)"""
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        raise UnsafeUrl("callback URL's host does not resolve") from None
+    except (socket.gaierror, ValueError):  # ValueError: a name that cannot be encoded (UnicodeError, NUL)
+        raise UnsafeUrl(f"{what}'s host does not resolve") from None
     addresses = sorted({str(info[4][0]) for info in infos})
     if not addresses:
-        raise UnsafeUrl("callback URL's host does not resolve")
+        raise UnsafeUrl(f"{what}'s host does not resolve")
     if not allow_private and not all(_is_public(a) for a in addresses):
-        raise UnsafeUrl("callback URLs must not point to private, loopback, link-local or reserved addresses")
-    address = addresses[0]
+        raise UnsafeUrl(f"{what}s must not point to private, loopback, link-local or reserved addresses")
+    return addresses[0]
+
+
+async def resolve(url: str, *, allow_private: bool) -> Target:
+    """Resolves the URL's host and checks every address; returns where to send. Raises UnsafeUrl."""
+    scheme, host, port = check_syntax(url, allow_private=allow_private)
+    address = await resolve_host(host, port, allow_private=allow_private, what="callback URL")
     parts = urlsplit(url)
     literal = f"[{address}]" if ":" in address else address
     pinned = urlunsplit((scheme, f"{literal}:{port}", parts.path or "/", parts.query, ""))

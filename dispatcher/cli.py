@@ -7,6 +7,8 @@
     dispatcher serve [--port N]        the HTTP API (uvicorn)
     dispatcher worker                  the procrastinate worker (same as: procrastinate --app=runner.app.app worker)
     dispatcher tenant create SLUG      create a tenant
+    dispatcher tenant secrets --tenant S [--env-prefix P] [--file-dir D] [--private-endpoints|--public-endpoints-only]
+                                       what a tenant's provider settings may use (operator only)
     dispatcher key create --tenant S   create an API key and print it once
     dispatcher key revoke --tenant S ID
     dispatcher key rotate --tenant S ID [--overlap-seconds N]
@@ -107,6 +109,24 @@ def cmd_tenant_create(args: argparse.Namespace) -> None:
     with psycopg.connect(_url(args), autocommit=True) as conn:
         row = conn.execute("select notify_api.create_tenant_v1(%s, %s, %s)", (args.slug, args.name, args.locale)).fetchone()
     print(json.dumps(row[0] if row else None, indent=2))
+
+
+def grant_provider_use(conn: psycopg.Connection, tenant_id: str, env_prefix: str | None, file_dir: str | None,
+                       private_endpoints: bool | None) -> dict:
+    """Changes what the operator lets a tenant's providers use; None keeps the current value, "" clears a namespace."""
+    current = conn.execute("select notify_api.get_provider_grants_v1(%s)", (tenant_id,)).fetchone()[0]  # type: ignore[index]
+    row = conn.execute("select notify_api.set_provider_grants_v1(%s, %s, %s, %s)", (
+        tenant_id, current["env_prefix"] if env_prefix is None else env_prefix or None,
+        current["file_dir"] if file_dir is None else file_dir or None,
+        current["private_endpoints"] if private_endpoints is None else private_endpoints)).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def cmd_tenant_secrets(args: argparse.Namespace) -> None:
+    with psycopg.connect(_url(args, owner=True), autocommit=True) as conn:
+        out = grant_provider_use(conn, _tenant_id(conn, args.tenant), args.env_prefix, args.file_dir, args.private_endpoints)
+    print(json.dumps(out, indent=2))
 
 
 def create_key(conn: psycopg.Connection, tenant_id: str, name: str, key: str | None = None,
@@ -353,6 +373,16 @@ def cmd_dev(args: argparse.Namespace) -> None:
             conn.execute("select notify_api.create_tenant_v1('dev', 'Development')").fetchone()[0]["id"])  # type: ignore[index]
         if not conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone():
             create_key(conn, tenant_id, "dev", key)
+    # The dev tenant may reference DEV_* variables and files in <data-dir>/secrets/, and reach local fakes and relays:
+    # an operator's grant, so given as the owner (the app login may not).
+    with psycopg.connect(owner_url, autocommit=True) as conn:
+        (data_dir / "secrets").mkdir(mode=0o700, exist_ok=True)
+        try:
+            grant_provider_use(conn, tenant_id, "DEV_", f"{data_dir / 'secrets'}/", True)
+        except psycopg.Error as exc:  # a data dir the namespace rules refuse (spaces, say): no file references
+            if exc.sqlstate not in ("ND422", "ND409"):
+                raise
+            grant_provider_use(conn, tenant_id, "DEV_", "", True)
     _say(f"tenant: dev  API key: {key}  (kept in {data_dir / 'dev_api_key'})")
     env.setdefault("DISPATCHER_MOCK_WEBHOOK_SECRET", _dev_file(data_dir, "mock_webhook_secret", new_secret))
     env["DISPATCHER_PORT"] = str(args.port)
@@ -437,6 +467,18 @@ def parser() -> argparse.ArgumentParser:
     tc.add_argument("--name", default=None)
     tc.add_argument("--locale", default="en", help="default locale, last step of template fallback")
     tc.set_defaults(func=cmd_tenant_create)
+    ts = tenant.add_parser("secrets", parents=[db], help="what a tenant's provider settings may use: its secret namespace, private endpoints",
+                           description="Operator only (not reachable with an API key): the environment-variable prefix and the "
+                                       "directory a tenant's secret references must lie in, and whether its WhatsApp base_url / "
+                                       "SMTP host may be private hosts. Options left out keep their value; an empty value clears.")
+    ts.add_argument("--tenant", required=True)
+    ts.add_argument("--env-prefix", default=None, metavar="PREFIX", help="e.g. NOTIFY_TENANT_ACME_ (must end with _)")
+    ts.add_argument("--file-dir", default=None, metavar="DIR", help="e.g. /run/secrets/acme/ (absolute, ends with /)")
+    private = ts.add_mutually_exclusive_group()
+    private.add_argument("--private-endpoints", dest="private_endpoints", action="store_true", default=None,
+                         help="allow http and private, loopback or single-label hosts (a local relay)")
+    private.add_argument("--public-endpoints-only", dest="private_endpoints", action="store_false")
+    ts.set_defaults(func=cmd_tenant_secrets)
 
     key = sub.add_parser("key", help="manage API keys").add_subparsers(dest="action", required=True)
     kc = key.add_parser("create", parents=[db], help="create a key and print it once")
@@ -468,7 +510,7 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE")
     ps.add_argument("--secret", action="append", default=[], metavar="NAME=env:VAR|file:/path")
     ps.set_defaults(func=cmd_provider_set)
-    pl = provider.add_parser("list", parents=[db], help="the provider of each channel (secrets masked)")
+    pl = provider.add_parser("list", parents=[db], help="the provider of each channel (secret references, never values)")
     pl.add_argument("--tenant", required=True)
     pl.set_defaults(func=cmd_provider_list)
 

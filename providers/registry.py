@@ -8,6 +8,7 @@ from dispatcher.settings import Settings
 from providers.base import Provider, ProviderContext, WebhookAdapter
 from providers.email_webhooks import MailgunWebhooks, SendGridWebhooks
 from providers.mock import MockProvider, MockWebhooks
+from providers.secrets import Grants
 from providers.smtp import Smtp
 from providers.whatsapp import WhatsAppCloud, WhatsAppWebhooks
 
@@ -16,10 +17,11 @@ def provider_for(name: str, config: dict[str, Any] | None, ctx: ProviderContext)
     """A provider instance for a tenant's channel configuration (notify.channel_providers); mock without one."""
     config = config or {}
     settings, secrets = dict(config.get("settings") or {}), dict(config.get("secrets") or {})
+    grants = Grants.of(config.get("grants"))  # the operator's grant, from the claim: checked again at every send
     if name == "whatsapp_cloud":
-        return WhatsAppCloud(settings, secrets, ctx)
+        return WhatsAppCloud(settings, secrets, ctx, grants)
     if name == "smtp":
-        return Smtp(settings, secrets, ctx)
+        return Smtp(settings, secrets, ctx, grants)
     s: Settings = ctx.settings
     return MockProvider(record=ctx.record_mock, webhook_url=s.mock_webhook_url, webhook_secret=s.mock_webhook_secret,
                         latency_ms=s.mock_latency_ms, failure_rate=s.mock_failure_rate,

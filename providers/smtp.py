@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import ssl
 from email import policy
 from email.message import EmailMessage
@@ -21,7 +22,8 @@ from typing import Any
 import aiosmtplib
 
 from providers.base import Message, ProviderContext, SendResult
-from providers.secrets import SecretMissing, resolve
+from dispatcher.callback_urls import UnsafeUrl, resolve_host
+from providers.secrets import Grants, SecretMissing, resolve
 from providers.unsubscribe import make_token
 
 NAME = "smtp"
@@ -60,9 +62,10 @@ class Smtp:
 
     name = NAME
 
-    def __init__(self, settings: dict[str, Any], secrets: dict[str, str], ctx: ProviderContext) -> None:
+    def __init__(self, settings: dict[str, Any], secrets: dict[str, str], ctx: ProviderContext, grants: Grants | None = None) -> None:
         self._settings = settings
         self._password_ref = secrets.get("password")
+        self._grants = grants or Grants()
         self._ctx = ctx
         self._limit = asyncio.Semaphore(int(settings.get("max_connections") or 8))
         self._transactional = set(settings.get("transactional_categories") or ["transactional"])
@@ -74,7 +77,22 @@ class Smtp:
             return None
         return f"{str(base).rstrip('/')}/public/unsubscribe/{make_token(secret, message.tenant_id, message.delivery_id)}"
 
-    def _client(self) -> aiosmtplib.SMTP:
+    def _port(self) -> int:
+        return int(self._settings.get("port") or (465 if (self._settings.get("security") or "starttls") == "tls" else 587))
+
+    async def _socket(self, address: str) -> socket.socket:
+        """A connection to the address that passed the endpoint check (the host's name is still used for TLS)."""
+        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (address, self._port())),
+                                   float(self._settings.get("timeout_seconds") or 30))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _client(self, sock: socket.socket) -> aiosmtplib.SMTP:
         s = self._settings
         security = s.get("security") or "starttls"
         context = None
@@ -82,18 +100,19 @@ class Smtp:
             context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-        return aiosmtplib.SMTP(hostname=str(s["host"]), port=int(s.get("port") or (465 if security == "tls" else 587)),
+        return aiosmtplib.SMTP(hostname=str(s["host"]).strip("[]"), sock=sock,
                                use_tls=security == "tls", start_tls=security == "starttls",
                                timeout=float(s.get("timeout_seconds") or 30), validate_certs=bool(s.get("validate_certs", True)),
                                tls_context=context)
 
-    async def _one(self, message: Message, password: str | None) -> SendResult:
+    async def _one(self, message: Message, password: str | None, address: str) -> SendResult:
         msg = build_message(message, self._settings, self._unsubscribe_url(message))
         message_id = msg["Message-ID"].strip("<>")
-        client = self._client()
+        client: aiosmtplib.SMTP | None = None
         phase = "connect"
         async with self._limit:
             try:
+                client = self._client(await self._socket(address))
                 await client.connect()
                 if self._settings.get("username"):
                     phase = "auth"
@@ -119,7 +138,8 @@ class Smtp:
                 return SendResult(outcome="retry", provider=NAME, provider_message_id=message_id if phase == "data" else None,
                                   error_code=code, error_message=f"{type(exc).__name__} during {phase}")
             finally:
-                client.close()
+                if client is not None:
+                    client.close()
 
     @staticmethod
     def _classify(phase: str, code: int, text: str, message_id: str) -> SendResult:
@@ -135,13 +155,22 @@ class Smtp:
         return SendResult(outcome="failed", provider=NAME, error_code=error_code, error_message=error_message)
 
     async def send_many(self, messages: list[Message]) -> list[SendResult]:
+        # The relay's addresses are checked at every send (DNS may have changed since the host was saved), the
+        # password is read only after, and every connection goes to the checked address.
         try:
-            password = resolve(self._password_ref)
+            address = await resolve_host(str(self._settings["host"]).strip("[]"), self._port(),
+                                         allow_private=self._grants.private_endpoints, what="provider endpoint")
+        except UnsafeUrl as exc:
+            log.error("smtp host refused", extra={"reason": str(exc)})
+            return [SendResult(outcome="retry", provider=NAME, error_code="unsafe_endpoint", error_message=str(exc),
+                               retry_after_seconds=300.0) for _ in messages]
+        try:
+            password = resolve(self._password_ref, self._grants)
         except SecretMissing as exc:
             log.error("smtp password unavailable", extra={"reason": str(exc)})
-            return [SendResult(outcome="retry", provider=NAME, error_code="secret_missing", error_message=str(exc),
+            return [SendResult(outcome="retry", provider=NAME, error_code=exc.code, error_message=str(exc),
                                retry_after_seconds=300.0) for _ in messages]
-        return list(await asyncio.gather(*(self._one(m, password) for m in messages)))
+        return list(await asyncio.gather(*(self._one(m, password, address) for m in messages)))
 
     async def aclose(self) -> None:
         return None

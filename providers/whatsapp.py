@@ -19,15 +19,17 @@ import hashlib
 import hmac
 import logging
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import httpx
 import msgspec
 
+from dispatcher.callback_urls import UnsafeUrl
 from providers.base import (
     InboundMessage, Message, ParsedWebhook, ProviderContext, SendResult, StatusEvent, WebhookRejected, body_key, obj, salvage, text, why,
 )
-from providers.secrets import SecretMissing, resolve
+from providers.secrets import Grants, SecretMissing, endpoint, resolve
 
 NAME = "whatsapp_cloud"
 log = logging.getLogger("providers.whatsapp")
@@ -98,9 +100,10 @@ class WhatsAppCloud:
 
     name = NAME
 
-    def __init__(self, settings: dict[str, Any], secrets: dict[str, str], ctx: ProviderContext) -> None:
+    def __init__(self, settings: dict[str, Any], secrets: dict[str, str], ctx: ProviderContext, grants: Grants | None = None) -> None:
         self._settings = settings
         self._token_ref = secrets.get("access_token")
+        self._grants = grants or Grants()
         self._ctx = ctx
         self._phone = str(settings["phone_number_id"])
         self._rate = float(settings.get("rate_per_second") or 80)
@@ -116,9 +119,19 @@ class WhatsAppCloud:
             if count > 0:
                 await asyncio.sleep(min(1.0, max(0.01, min(count, self._rate) / self._rate)))
 
-    async def _one(self, message: Message, token: str) -> SendResult:
+    async def _target(self) -> tuple[str, dict[str, str], dict[str, Any] | None]:
+        """The URL to post to, pinned to the address that passed the endpoint check (no DNS rebinding in between)."""
+        scheme, address, port = await endpoint(self._url, self._grants)
+        parts = urlsplit(self._url)
+        literal = f"[{address}]" if ":" in address else address
+        pinned = urlunsplit((scheme, f"{literal}:{port}", parts.path, parts.query, ""))
+        return pinned, {"host": parts.netloc}, {"sni_hostname": parts.hostname} if scheme == "https" else None
+
+    async def _one(self, message: Message, token: str, target: tuple[str, dict[str, str], dict[str, Any] | None]) -> SendResult:
+        url, headers, extensions = target
         try:
-            response = await self._client.post(self._url, json=request_body(message), headers={"Authorization": f"Bearer {token}"})
+            response = await self._client.post(url, json=request_body(message), headers={**headers, "Authorization": f"Bearer {token}"},
+                                               extensions=extensions)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Never left us: safe to retry.
             return SendResult(outcome="retry", provider=NAME, error_code="connect_failed", error_message=type(exc).__name__)
@@ -139,18 +152,25 @@ class WhatsAppCloud:
         return classify(int(code) if isinstance(code, int | str) and str(code).isdigit() else None, title, response.status_code)
 
     async def send_many(self, messages: list[Message]) -> list[SendResult]:
+        # The endpoint first, then the token: a token is never read for, let alone sent to, a host that fails the check.
         try:
-            token = resolve(self._token_ref) or ""
+            target = await self._target()
+        except UnsafeUrl as exc:
+            log.error("whatsapp endpoint refused", extra={"phone_number_id": self._phone, "reason": str(exc)})
+            return [SendResult(outcome="retry", provider=NAME, error_code="unsafe_endpoint", error_message=str(exc),
+                               retry_after_seconds=300.0) for _ in messages]
+        try:
+            token = resolve(self._token_ref, self._grants) or ""
         except SecretMissing as exc:
             log.error("whatsapp access token unavailable", extra={"phone_number_id": self._phone, "reason": str(exc)})
-            return [SendResult(outcome="retry", provider=NAME, error_code="secret_missing", error_message=str(exc),
+            return [SendResult(outcome="retry", provider=NAME, error_code=exc.code, error_message=str(exc),
                                retry_after_seconds=300.0) for _ in messages]
         results: list[SendResult] = []
         step = max(1, int(self._rate))
         for start in range(0, len(messages), step):
             chunk = messages[start:start + step]
             await self._paced(len(chunk))
-            results.extend(await asyncio.gather(*(self._one(m, token) for m in chunk)))
+            results.extend(await asyncio.gather(*(self._one(m, token, target) for m in chunk)))
         return results
 
     async def aclose(self) -> None:

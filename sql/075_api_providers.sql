@@ -1,6 +1,88 @@
 -- notify_api: per-tenant provider configuration, shared send pacing, one-click unsubscribe.
 -- Called by PUT/GET /internal/channels/*/provider, the `dispatcher provider` CLI, the worker and /public/unsubscribe.
 
+-- What a tenant's providers may use is the operator's decision, never a tenant admin's: which secrets it may name
+-- (an environment-variable prefix, a file directory) and whether its endpoints may be private hosts.
+create table notify.provider_grants (
+    tenant_id uuid primary key references notify.tenants (id),
+    env_prefix text,
+    file_dir text,
+    private_endpoints boolean not null default false,
+    updated_at timestamptz not null default now(),
+    constraint provider_grants_env_prefix check (
+        env_prefix ~ '^[A-Za-z_][A-Za-z0-9_]{2,62}_$' and env_prefix !~* '^(DISPATCHER_|DATABASE_|PG)'),
+    constraint provider_grants_file_dir check (
+        file_dir ~ '^(/[A-Za-z0-9._-]+)+/$' and file_dir !~ '/\.\.?/' and length(file_dir) <= 500)
+);
+comment on table notify.provider_grants is
+    'Set by the operator only (notify_api.set_provider_grants_v1, `dispatcher tenant secrets`): the secrets a tenant''s provider settings may reference and whether its provider endpoints may be private. No row: no secrets, public endpoints only.';
+comment on column notify.provider_grants.env_prefix is
+    'Secret references env:NAME are allowed when NAME starts with this prefix (e.g. NOTIFY_TENANT_ACME_). Never a prefix or extension of another tenant''s.';
+comment on column notify.provider_grants.file_dir is
+    'Secret references file:/path are allowed when the path lies below this directory (e.g. /run/secrets/acme/), without . or .. segments; the worker also resolves symlinks before reading.';
+comment on column notify.provider_grants.private_endpoints is
+    'If true, the tenant''s WhatsApp base_url and SMTP host may be http, private, loopback or single-label hosts (a local relay, the dev stack). Otherwise public only, checked at save time and at every send.';
+
+-- A business number belongs to one tenant: inbound messages (the 24-hour window, opt-out keywords) are routed by it.
+-- (Global, not per tenant, like api_clients.key_hash: a webhook names the number before its tenant is known.)
+create unique index channel_providers_phone_number_id_key on notify.channel_providers ((settings ->> 'phone_number_id'))
+    where provider = 'whatsapp_cloud';
+
+create function notify._secret_ref_allowed(p_ref text, g notify.provider_grants)
+    returns boolean
+    language sql
+    immutable
+    set search_path = ''
+as $$
+    select case
+        when p_ref like 'env:%' then coalesce(starts_with(substr(p_ref, 5), g.env_prefix) and length(p_ref) - 4 > length(g.env_prefix), false)
+        when p_ref like 'file:%' then coalesce(starts_with(substr(p_ref, 6), g.file_dir) and length(p_ref) - 5 > length(g.file_dir)
+                                               and substr(p_ref, 6) !~ '(/\.\.?(/|$))|//', false)
+        else false end
+$$;
+comment on function notify._secret_ref_allowed(text, notify.provider_grants) is
+    'True if a secret reference lies inside the tenant''s grant: env:NAME with the granted prefix, file:/path below the granted directory with no . or .. segment. False without a grant.';
+
+create function notify._ip_public(p_address inet)
+    returns boolean
+    language sql
+    immutable
+    set search_path = ''
+as $$
+    select not p_address <<= any (array[
+        '0.0.0.0/8', '10.0.0.0/8', '100.64.0.0/10', '127.0.0.0/8', '169.254.0.0/16', '172.16.0.0/12', '192.0.0.0/24',
+        '192.0.2.0/24', '192.88.99.0/24', '192.168.0.0/16', '198.18.0.0/15', '198.51.100.0/24', '203.0.113.0/24', '224.0.0.0/3',
+        '::/127', '::ffff:0:0/96', '64:ff9b::/96', '100::/64', '2001::/23', '2001:db8::/32', 'fc00::/7', 'fe80::/10', 'ff00::/8']::inet[])
+$$;
+comment on function notify._ip_public(inet) is
+    'False for private, loopback, link-local, shared, documentation, multicast and reserved addresses (the ranges Python''s ipaddress is_global excludes).';
+
+create function notify._host_public(p_host text)
+    returns boolean
+    language plpgsql
+    immutable
+    set search_path = ''
+as $$
+begin
+    -- What can be told without DNS (the worker resolves and checks every address again at each send, see
+    -- dispatcher/callback_urls.py): an IP literal must be public; a name needs a dot, a TLD with a letter, and no
+    -- local suffix (single-label names like "postgres" or "mailpit" resolve inside the deployment's network).
+    if p_host ~ '^[0-9.]+$' and p_host !~ '^[0-9]{1,3}(\.[0-9]{1,3}){3}$' then
+        return false;  -- 2130706433, 127.1: what some resolvers read as an address, and not a name either
+    end if;
+    if p_host ~ '^\[[0-9A-Fa-f:.]+\]$' or p_host ~ '^[0-9.]+$' or p_host ~ ':' then
+        return notify._ip_public(btrim(p_host, '[]')::inet);
+    end if;
+    return lower(p_host) ~ '^([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?\.?$'
+       and lower(rtrim(p_host, '.')) !~ '(^|\.)(localhost|local|localdomain|internal|home\.arpa|lan|intranet|corp)$';
+exception
+    when invalid_text_representation then
+        return false;
+end
+$$;
+comment on function notify._host_public(text) is
+    'True if a host name or IP literal may be a tenant''s provider endpoint without a private_endpoints grant (syntax only; the worker checks the resolved addresses).';
+
 create function notify._provider_defaults(p_provider text)
     returns jsonb
     language sql
@@ -32,8 +114,12 @@ declare
     v_allowed text[];
     v_required text[];
     v_key text;
+    v_ref text;
+    v_grant notify.provider_grants;
+    v_host text;
 begin
     perform notify._enter(p_tenant_id);
+    select * into v_grant from notify.provider_grants g where g.tenant_id = p_tenant_id;
     perform notify._check_keys(p_body, array['provider', 'settings', 'secrets'], '');
     v_provider := notify._text_field(p_body, 'provider', '', true, 40);
     if v_provider not in ('mock', 'whatsapp_cloud', 'smtp')
@@ -59,6 +145,16 @@ begin
         perform notify._raise('ND422', 'invalid_secret_reference',
             'secrets take references, not values: "env:VARIABLE" or "file:/absolute/path"', 'secrets.' || v_key);
     end if;
+    for v_key, v_ref in select k, v #>> '{}' from jsonb_each(v_secrets) e(k, v) order by k loop
+        if not notify._secret_ref_allowed(v_ref, v_grant) then
+            perform notify._raise('ND422', 'secret_not_allowed',
+                case when v_grant.env_prefix is null and v_grant.file_dir is null
+                     then 'this tenant may not reference secrets until the operator grants it a namespace (dispatcher tenant secrets)'
+                     else 'secrets must name ' || concat_ws(' or ', 'an environment variable starting with ' || v_grant.env_prefix,
+                                                          'a file below ' || v_grant.file_dir) || ' (the namespace the operator granted this tenant)' end,
+                'secrets.' || v_key);
+        end if;
+    end loop;
     v_required := case v_provider when 'whatsapp_cloud' then array['settings.phone_number_id', 'secrets.access_token']
                                   when 'smtp' then array['settings.host', 'settings.from_address'] else array[]::text[] end;
     foreach v_key in array v_required loop
@@ -70,7 +166,26 @@ begin
         perform notify._raise('ND400', 'invalid_format', 'settings.phone_number_id is the numeric Graph id of the business number',
                               'settings.phone_number_id');
     end if;
+    if v_provider = 'whatsapp_cloud' and v_settings ? 'base_url' then
+        v_host := substring(v_settings ->> 'base_url' from '^https?://(\[[0-9A-Fa-f:.]+\]|[^][/?#@:\s]+)(:[0-9]{1,5})?(/[^\s?#]*)?$');
+        if jsonb_typeof(v_settings -> 'base_url') <> 'string' or v_host is null then
+            perform notify._raise('ND400', 'invalid_format', 'settings.base_url must be an http(s) URL without credentials, query or fragment',
+                                  'settings.base_url');
+        end if;
+        if not coalesce(v_grant.private_endpoints, false) and (v_settings ->> 'base_url' !~ '^https://' or not notify._host_public(v_host)) then
+            perform notify._raise('ND422', 'unsafe_endpoint',
+                'settings.base_url must be an https URL of a public host (private, loopback and single-label hosts need the operator''s grant)',
+                'settings.base_url');
+        end if;
+    end if;
     if v_provider = 'smtp' then
+        if v_settings ->> 'host' !~ '^([A-Za-z0-9_.-]{1,253}|\[?[0-9A-Fa-f:.]{2,45}\]?)$' then
+            perform notify._raise('ND400', 'invalid_format', 'settings.host must be a host name or an IP address', 'settings.host');
+        end if;
+        if not coalesce(v_grant.private_endpoints, false) and not notify._host_public(v_settings ->> 'host') then
+            perform notify._raise('ND422', 'unsafe_endpoint',
+                'settings.host must be a public host (private, loopback and single-label hosts need the operator''s grant)', 'settings.host');
+        end if;
         if not notify._address_valid('email', v_settings ->> 'from_address') then
             perform notify._raise('ND400', 'invalid_address', 'settings.from_address must be an e-mail address', 'settings.from_address');
         end if;
@@ -94,10 +209,15 @@ begin
     on conflict (tenant_id, channel) do update
         set provider = excluded.provider, settings = excluded.settings, secrets = excluded.secrets, updated_at = now();
     return (select p from jsonb_array_elements(notify_api.list_channel_providers_v1(p_tenant_id)) p where p ->> 'channel' = p_channel::text);
+exception
+    when unique_violation then  -- channel_providers_phone_number_id_key: the number is another tenant's
+        perform notify._raise('ND409', 'phone_number_taken',
+            'settings.phone_number_id is configured for another tenant: a WhatsApp business number belongs to one tenant',
+            'settings.phone_number_id');
 end
 $$;
 comment on function notify_api.set_channel_provider_v1(uuid, notify.channel, jsonb) is
-    'Sets the provider of a tenant''s channel: {provider: mock|whatsapp_cloud|smtp, settings, secrets: {name: "env:VAR"|"file:/path"}}. Settings are checked per provider and merged over its defaults.';
+    'Sets the provider of a tenant''s channel: {provider: mock|whatsapp_cloud|smtp, settings, secrets: {name: "env:VAR"|"file:/path"}}. Settings are checked per provider and merged over its defaults; secret references must lie in the tenant''s operator-set grant (notify.provider_grants), endpoints must be public hosts unless granted, a WhatsApp number belongs to one tenant.';
 
 create function notify_api.list_channel_providers_v1(p_tenant_id uuid)
     returns jsonb
@@ -109,13 +229,66 @@ as $$
     select notify._enter(p_tenant_id);
     select jsonb_agg(jsonb_build_object(
                'channel', c, 'provider', coalesce(p.provider, 'mock'), 'settings', coalesce(p.settings, '{}'),
-               'secrets', coalesce((select jsonb_object_agg(k, split_part(v #>> '{}', ':', 1) || ':***') from jsonb_each(p.secrets) e(k, v)), '{}'),
+               'secrets', coalesce(p.secrets, '{}'),
                'default', p.provider is null, 'updated_at', p.updated_at) order by c)
       from unnest(enum_range(null::notify.channel)) c
       left join notify.channel_providers p on p.tenant_id = p_tenant_id and p.channel = c
 $$;
 comment on function notify_api.list_channel_providers_v1(uuid) is
-    'The provider of every channel of a tenant; secret references are shown masked ("env:***").';
+    'The provider of every channel of a tenant, with its secret references ("env:NAME", "file:/path"; a name is not a secret, values are never stored).';
+
+create function notify_api.set_provider_grants_v1(p_tenant_id uuid, p_env_prefix text, p_file_dir text, p_private_endpoints boolean)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = ''
+as $$
+declare
+    v notify.provider_grants;
+begin
+    -- Operator only: not granted to notify_service (the API and worker) nor notify_caller (sql/900_grants.sql), so no
+    -- API key reaches it. Cross-tenant (owned by notify_system): a namespace may not overlap another tenant's.
+    if not exists (select from notify.tenants t where t.id = p_tenant_id) then
+        perform notify._raise('ND404', 'not_found', 'no such tenant', 'tenant');
+    end if;
+    if exists (select from notify.provider_grants g
+                where g.tenant_id <> p_tenant_id and (starts_with(g.env_prefix, p_env_prefix) or starts_with(p_env_prefix, g.env_prefix))) then
+        perform notify._raise('ND409', 'secret_namespace_overlaps', 'env_prefix overlaps another tenant''s prefix (one starts with the other)', 'env_prefix');
+    end if;
+    if exists (select from notify.provider_grants g
+                where g.tenant_id <> p_tenant_id and (starts_with(g.file_dir, p_file_dir) or starts_with(p_file_dir, g.file_dir))) then
+        perform notify._raise('ND409', 'secret_namespace_overlaps', 'file_dir overlaps another tenant''s directory (one contains the other)', 'file_dir');
+    end if;
+    insert into notify.provider_grants as g (tenant_id, env_prefix, file_dir, private_endpoints)
+    values (p_tenant_id, p_env_prefix, p_file_dir, coalesce(p_private_endpoints, false))
+    on conflict (tenant_id) do update
+        set env_prefix = excluded.env_prefix, file_dir = excluded.file_dir, private_endpoints = excluded.private_endpoints, updated_at = now()
+    returning * into v;
+    return jsonb_build_object('env_prefix', v.env_prefix, 'file_dir', v.file_dir, 'private_endpoints', v.private_endpoints, 'updated_at', v.updated_at);
+exception
+    when check_violation then
+        perform notify._raise('ND422', 'invalid_secret_namespace',
+            case when sqlerrm like '%file_dir%' then 'file_dir must be an absolute directory ending in /, without . or .. segments'
+                 else 'env_prefix must be a variable-name prefix ending in _ (4-64 characters), not DISPATCHER_, DATABASE_ or PG' end,
+            case when sqlerrm like '%file_dir%' then 'file_dir' else 'env_prefix' end);
+end
+$$;
+comment on function notify_api.set_provider_grants_v1(uuid, text, text, boolean) is
+    'Operator only (`dispatcher tenant secrets`): sets what a tenant''s provider settings may use: the env-variable prefix and the file directory its secret references must lie in (null: none), and whether its endpoints may be private hosts. Replaces the previous grant; references already saved are checked again by the worker at every send.';
+
+create function notify_api.get_provider_grants_v1(p_tenant_id uuid)
+    returns jsonb
+    language sql
+    stable
+    security definer
+    set search_path = ''
+as $$
+    select notify._enter(p_tenant_id);
+    select jsonb_build_object('env_prefix', g.env_prefix, 'file_dir', g.file_dir, 'private_endpoints', coalesce(g.private_endpoints, false))
+      from (select) x left join notify.provider_grants g on g.tenant_id = p_tenant_id
+$$;
+comment on function notify_api.get_provider_grants_v1(uuid) is
+    'The secret namespace and endpoint grant the operator gave a tenant (read-only for the tenant): {env_prefix, file_dir, private_endpoints}.';
 
 create function notify_api.take_tokens_v1(p_key text, p_rate double precision, p_wanted integer)
     returns integer

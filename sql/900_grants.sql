@@ -10,6 +10,8 @@ grant usage on schema notify_api to notify_service, notify_caller;
 
 -- The API and the worker: every notify_api function.
 grant execute on all functions in schema notify_api to notify_service;
+-- but not the operator's: what secrets and endpoints a tenant may use is never a tenant admin's (or the API process's) call.
+revoke execute on function notify_api.set_provider_grants_v1(uuid, text, text, boolean) from notify_service;
 grant usage on schema notify to notify_service;  -- composite and enum types in function signatures
 grant usage on schema notify to notify_caller;
 

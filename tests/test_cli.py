@@ -58,10 +58,17 @@ def test_migrate_tenant_and_keys(pg_server):  # noqa: ANN001
         with psycopg.connect(url) as conn:
             assert conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone() is None
         assert "no tenant" in run(url, "key", "create", "--tenant", "nobody", check=False).stderr
+        ungranted = run(url, "provider", "set", "--tenant", "acme", "--channel", "whatsapp", "--provider", "whatsapp_cloud",
+                        "--setting", "phone_number_id=106540352242922", "--secret", "access_token=env:ACME_WA_TOKEN", check=False)
+        assert ungranted.returncode != 0 and "namespace" in ungranted.stderr
+        granted = json.loads(run(url, "tenant", "secrets", "--tenant", "acme", "--env-prefix", "ACME_").stdout)
+        assert granted["env_prefix"] == "ACME_" and granted["private_endpoints"] is False
+        granted = json.loads(run(url, "tenant", "secrets", "--tenant", "acme", "--file-dir", "/run/secrets/acme/").stdout)
+        assert (granted["env_prefix"], granted["file_dir"]) == ("ACME_", "/run/secrets/acme/")   # options left out are kept
         out = run(url, "provider", "set", "--tenant", "acme", "--channel", "whatsapp", "--provider", "whatsapp_cloud",
                   "--setting", "phone_number_id=106540352242922", "--setting", "rate_per_second=20",
-                  "--secret", "access_token=env:WA_TOKEN").stdout
-        assert '"rate_per_second": 20' in out and '"access_token": "env:***"' in out
+                  "--secret", "access_token=env:ACME_WA_TOKEN").stdout
+        assert '"rate_per_second": 20' in out and '"access_token": "env:ACME_WA_TOKEN"' in out
         refused = run(url, "provider", "set", "--tenant", "acme", "--channel", "whatsapp", "--provider", "whatsapp_cloud",
                       "--setting", "phone_number_id=106540352242922", "--secret", "access_token=EAAGsecret", check=False)
         assert refused.returncode != 0 and "references" in refused.stderr and "EAAGsecret" not in refused.stderr

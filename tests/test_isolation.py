@@ -18,12 +18,14 @@ from dispatcher.settings import Settings
 from tests.conftest import REMINDER, app_url, call, intent, submit
 
 # Unique keys that do not start with tenant_id, each on purpose (sql/020_tables.sql says why).
-GLOBAL_UNIQUE = {"tenants_pkey", "tenants_slug_key", "api_clients_key_hash_key", "notification_deliveries_provider_message"}
+GLOBAL_UNIQUE = {"tenants_pkey", "tenants_slug_key", "api_clients_key_hash_key", "notification_deliveries_provider_message",
+                 "channel_providers_phone_number_id_key"}  # a WhatsApp business number belongs to one tenant (sql/075)
 # Functions that see every tenant's rows (owned by notify_system): the worker, webhooks, key lookup, tenant creation.
 CROSS_TENANT = {"create_tenant_v1", "get_tenant_v1", "authenticate_api_key_v1", "authorize_v1", "take_tokens_v1",
                 "claim_deliveries_v1", "record_attempts_v1", "run_maintenance_v1", "queue_health_v1", "ingest_webhook_v1",
                 "record_mock_messages_v1", "claim_callbacks_v1", "record_callback_attempts_v1",
-                "check_api_key_v1", "charge_api_key_v1"}
+                "check_api_key_v1", "charge_api_key_v1",
+                "set_provider_grants_v1"}  # the operator's: a tenant's secret namespace may not overlap another's
 APP_ROLES = ("notify_service", "notify_caller", "dispatcher_app", "dispatcher_caller")
 
 
@@ -140,7 +142,8 @@ def world(db: psycopg.Connection) -> dict[str, dict[str, Any]]:
 
 TENANT_TABLES = ["tenants", "api_clients", "channel_policies", "channel_providers", "whatsapp_windows", "recipients",
                  "recipient_addresses", "recipient_consents", "templates", "notification_requests", "notification_deliveries",
-                 "delivery_attempts", "delivery_events", "mock_messages", "callback_endpoints", "callback_messages", "callback_attempts"]
+                 "delivery_attempts", "delivery_events", "mock_messages", "callback_endpoints", "callback_messages", "callback_attempts",
+                 "provider_grants"]
 
 
 def test_policies_filter_every_tenant_table_for_the_owning_role(db: psycopg.Connection, world: dict[str, dict[str, Any]]) -> None:

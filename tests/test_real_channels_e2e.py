@@ -39,6 +39,8 @@ def stack(db: psycopg.Connection, tmp_path) -> Iterator[Stack]:  # noqa: ANN001
         "DISPATCHER_PUBLIC_URL": "http://public.example", "DISPATCHER_UNSUBSCRIBE_SECRET": "unsub-secret",
         "E2E_WA_TOKEN": graph.access_token})
     graph.webhook_url = f"{svc.base_url}/public/webhooks/whatsapp"
+    with psycopg.connect(svc.db_url, autocommit=True) as conn:   # the operator: E2E_* secrets, and the fakes on this machine
+        call(conn, "notify_api.set_provider_grants_v1(%s, 'E2E_', null, true)", svc.tenant_id)
     with svc.client() as c:
         assert c.put("/internal/templates/event_reminder", json=REMINDER).status_code == 200
         assert c.put("/internal/templates/chat", json={"channels": {"whatsapp": {"text": "Hola {{name}}"}}}).status_code == 200
@@ -182,7 +184,7 @@ def test_webhook_handshake_and_provider_admin_routes(stack: Stack) -> None:
     assert forged.status_code == 401 and forged.headers["content-type"].startswith("application/problem+json")
     with stack.svc.client() as c:
         listed = {p["channel"]: p for p in c.get("/internal/channels/providers").json()}
-        assert listed["whatsapp"]["secrets"] == {"access_token": "env:***"} and listed["email"]["provider"] == "smtp"
+        assert listed["whatsapp"]["secrets"] == {"access_token": "env:E2E_WA_TOKEN"} and listed["email"]["provider"] == "smtp"
         bad = c.put("/internal/channels/whatsapp/provider", json={"provider": "whatsapp_cloud", "settings": {"phone_number_id": "1234567"},
                                                                   "secrets": {"access_token": "EAAGm0PX4ZCpsBAKZ"}})
         assert bad.status_code == 422 and bad.json()["field"] == "secrets.access_token"

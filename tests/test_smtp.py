@@ -11,11 +11,13 @@ import pytest
 
 from dispatcher.settings import Settings
 from providers.base import Message, ProviderContext
+from providers.secrets import Grants
 from providers.smtp import Smtp
 from providers.unsubscribe import check_token
 from tests.fakes.smtp import SmtpFake
 
 TENANT = uuid.uuid4()
+LOCAL = Grants(env_prefix="TEST_", private_endpoints=True)  # the operator's grant for a relay on this machine
 
 
 async def _no_tokens(key: str, rate: float, wanted: int) -> int:
@@ -48,7 +50,7 @@ def message(address: str = "ana@example.com", category: str | None = "reminders"
 def smtp(port: int, context: ProviderContext | None = None, **settings: object) -> Smtp:
     base = {"host": "127.0.0.1", "port": port, "security": "none", "from_address": "club@runflow.example",
             "from_name": "RunFlow Club", "timeout_seconds": 5, "transactional_categories": ["transactional"]}
-    return Smtp({**base, **settings}, {}, context or ctx())
+    return Smtp({**base, **settings}, {}, context or ctx(), LOCAL)
 
 
 def send(provider: Smtp, *messages: Message) -> list:
@@ -121,7 +123,7 @@ def test_starttls_and_auth(monkeypatch):
     try:
         monkeypatch.setenv("TEST_SMTP_PASSWORD", "s3cret")
         secure = {"security": "starttls", "validate_certs": False, "username": "mailer"}
-        provider = Smtp({**smtp(port)._settings, **secure}, {"password": "env:TEST_SMTP_PASSWORD"}, ctx())
+        provider = Smtp({**smtp(port)._settings, **secure}, {"password": "env:TEST_SMTP_PASSWORD"}, ctx(), LOCAL)
         [ok] = send(provider, message())
         assert ok.outcome == "sent" and len(fake.received) == 1
         monkeypatch.setenv("TEST_SMTP_PASSWORD", "wrong")

@@ -14,11 +14,13 @@ import pytest
 
 from dispatcher.settings import Settings
 from providers.base import Message, ProviderContext, WebhookRejected
+from providers.secrets import Grants
 from providers.whatsapp import NAME, WhatsAppCloud, WhatsAppWebhooks, classify, request_body, verify_handshake
 from tests.conftest import call
 from tests.fakes.graph_api import GraphFake
 
 TENANT = uuid.uuid4()
+LOCAL = Grants(env_prefix="TEST_", private_endpoints=True)  # the operator's grant for the Graph API fake on this machine
 
 
 @pytest.fixture
@@ -48,7 +50,7 @@ def provider(graph: GraphFake, ctx: ProviderContext, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("TEST_WA_TOKEN", graph.access_token)
     base = {"phone_number_id": graph.phone_number_id, "base_url": graph.base_url, "api_version": "v22.0",  # type: ignore[attr-defined]
             "rate_per_second": 80, "timeout_seconds": 2}
-    return WhatsAppCloud({**base, **settings}, {"access_token": "env:TEST_WA_TOKEN"}, ctx)
+    return WhatsAppCloud({**base, **settings}, {"access_token": "env:TEST_WA_TOKEN"}, ctx, LOCAL)
 
 
 def message(to: str = "+34600111222", **rendered: object) -> Message:
@@ -118,7 +120,7 @@ def test_a_bad_token_is_kept_for_retry_not_failed(graph, ctx, monkeypatch):
 def test_an_unreachable_api_is_retried(ctx, monkeypatch):
     monkeypatch.setenv("TEST_WA_TOKEN", "t")
     p = WhatsAppCloud({"phone_number_id": "123456", "base_url": "http://127.0.0.1:1", "timeout_seconds": 1},
-                      {"access_token": "env:TEST_WA_TOKEN"}, ctx)
+                      {"access_token": "env:TEST_WA_TOKEN"}, ctx, LOCAL)
     [result] = send(p, message())
     assert (result.outcome, result.error_code) == ("retry", "connect_failed")
 

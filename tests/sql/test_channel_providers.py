@@ -11,20 +11,26 @@ from tests.conftest import call, intent, submit
 from tests.sql.test_claim_and_record import claim
 
 WA = {"provider": "whatsapp_cloud", "settings": {"phone_number_id": "106540352242922", "rate_per_second": 20},
-      "secrets": {"access_token": "env:WA_TOKEN"}}
+      "secrets": {"access_token": "env:TEST_WA_TOKEN"}}
 INGEST = ("select notify_api.ingest_webhook_v1('whatsapp_cloud', %s, '{}', array[]::notify.status_event[], "
           "array(select r from jsonb_populate_recordset(null::notify.inbound_message, %s) r))")
 
 
-def set_provider(db, tenant, channel, body):
+def grant(db, tenant, env_prefix="TEST_", file_dir=None, private=False):
+    return call(db, "notify_api.set_provider_grants_v1(%s, %s, %s, %s)", tenant, env_prefix, file_dir, private)
+
+
+def set_provider(db, tenant, channel, body, granted=True):
+    if granted:
+        grant(db, tenant)
     return call(db, "notify_api.set_channel_provider_v1(%s, %s, %s)", tenant, channel, Jsonb(body))
 
 
-def test_settings_merge_over_defaults_and_secrets_are_masked(db, tenant):
+def test_settings_merge_over_defaults_and_secret_references_are_shown(db, tenant):
     out = set_provider(db, tenant, "whatsapp", WA)
     assert out["provider"] == "whatsapp_cloud" and out["settings"]["rate_per_second"] == 20
     assert out["settings"]["api_version"] == "v22.0" and "STOP" in out["settings"]["opt_out_keywords"]
-    assert out["secrets"] == {"access_token": "env:***"}
+    assert out["secrets"] == {"access_token": "env:TEST_WA_TOKEN"}   # the variable's name, never its value
     listed = {p["channel"]: p for p in call(db, "notify_api.list_channel_providers_v1(%s)", tenant)}
     assert listed["email"]["provider"] == "mock" and listed["email"]["default"] is True
 
@@ -37,7 +43,8 @@ def test_settings_merge_over_defaults_and_secrets_are_masked(db, tenant):
     ("whatsapp", {**WA, "settings": {**WA["settings"], "colour": "red"}}, "settings.colour"),
     ("email", {"provider": "smtp", "settings": {"host": "smtp.example.com", "from_address": "nope"}}, "settings.from_address"),
     ("email", {"provider": "smtp", "settings": {"from_address": "a@example.com"}}, "settings.host"),
-    ("email", {"provider": "smtp", "settings": {"host": "h", "from_address": "a@example.com", "security": "ssl3"}}, "settings.security"),
+    ("email", {"provider": "smtp", "settings": {"host": "smtp.example.com", "from_address": "a@example.com", "security": "ssl3"}},
+     "settings.security"),
     ("email", {"provider": "sendmail"}, "provider"),
 ])
 def test_bad_configurations_are_refused_naming_the_field(db, tenant, channel, body, field):
@@ -58,7 +65,8 @@ def test_the_claim_carries_the_tenants_provider(db, ready):
     submit(db, ready, intent())
     wa, email = claim(db, "whatsapp")[0], claim(db, "email")[0]
     assert wa[11] == "whatsapp_cloud" and wa[12]["settings"]["phone_number_id"] == "106540352242922"
-    assert wa[12]["secrets"] == {"access_token": "env:WA_TOKEN"}
+    assert wa[12]["secrets"] == {"access_token": "env:TEST_WA_TOKEN"}
+    assert wa[12]["grants"] == {"env_prefix": "TEST_", "file_dir": None, "private_endpoints": False}
     assert email[11] == "mock" and email[12] is None
 
 
@@ -123,3 +131,82 @@ def test_an_opt_out_keyword_from_an_unknown_sender_revokes_nothing(db, ready):
     out = db.execute(INGEST, ("in-4", Jsonb([{"phone_number_id": "106540352242922", "sender": "34999999999", "message_id": "m",
                                                "text": "STOP", "received_at": None}]))).fetchone()[0]
     assert out["outcomes"][0]["outcome"] == "opt_out_unknown_sender"
+
+
+def test_the_operator_grant_decides_which_secrets_a_tenant_may_name(db, tenant):
+    body = {**WA, "secrets": {"access_token": "env:TEST_WA_TOKEN"}}
+    with pytest.raises(psycopg.Error) as info:
+        set_provider(db, tenant, "whatsapp", body, granted=False)   # no grant: no secrets at all
+    assert (info.value.diag.constraint_name, info.value.diag.column_name) == ("secret_not_allowed", "secrets.access_token")
+    grant(db, tenant, "NOTIFY_TENANT_ACME_", "/run/secrets/acme/")
+    for ref in ("env:TEST_WA_TOKEN", "env:NOTIFY_TENANT_ACME_", "env:DATABASE_URL", "file:/etc/passwd", "file:/run/secrets/acme/../x",
+                "file:/run/secrets/acme/./x", "file:/run/secrets/acme//x", "file:/run/secrets/acmex/t", "file:/run/secrets/acme/"):
+        with pytest.raises(psycopg.Error) as info:
+            set_provider(db, tenant, "whatsapp", {**WA, "secrets": {"access_token": ref}}, granted=False)
+        assert info.value.diag.constraint_name == "secret_not_allowed", ref
+    for ref in ("env:NOTIFY_TENANT_ACME_WA_TOKEN", "file:/run/secrets/acme/wa/token"):
+        assert set_provider(db, tenant, "whatsapp", {**WA, "secrets": {"access_token": ref}}, granted=False)["secrets"] == {"access_token": ref}
+
+
+@pytest.mark.parametrize(("env_prefix", "file_dir", "field"), [
+    ("DATABASE_", None, "env_prefix"), ("DISPATCHER_", None, "env_prefix"), ("PGPASS", None, "env_prefix"), ("A_", None, "env_prefix"),
+    ("NO_UNDERSCORE", None, "env_prefix"), (None, "/run/secrets/acme", "file_dir"), (None, "/run/secrets/../", "file_dir"),
+    (None, "relative/", "file_dir"),
+])
+def test_a_bad_namespace_is_refused(db, tenant, env_prefix, file_dir, field):
+    with pytest.raises(psycopg.Error) as info:
+        grant(db, tenant, env_prefix, file_dir)
+    assert (info.value.diag.constraint_name, info.value.diag.column_name) == ("invalid_secret_namespace", field)
+
+
+def test_namespaces_of_two_tenants_may_not_overlap(db, tenant):
+    other = call(db, "notify_api.create_tenant_v1('other')")["id"]
+    grant(db, tenant, "NT_ACME_", "/run/secrets/acme/")
+    for env_prefix, file_dir, field in (("NT_ACME_X_", None, "env_prefix"), ("NT_", None, "env_prefix"),
+                                        (None, "/run/secrets/acme/x/", "file_dir"), (None, "/run/secrets/", "file_dir")):
+        with pytest.raises(psycopg.Error) as info:
+            grant(db, other, env_prefix, file_dir)
+        assert (info.value.diag.constraint_name, info.value.diag.column_name) == ("secret_namespace_overlaps", field)
+    assert grant(db, other, "NT_OTHER_", "/run/secrets/other/")["env_prefix"] == "NT_OTHER_"
+
+
+@pytest.mark.parametrize("base_url", [
+    "http://graph.facebook.com", "https://127.0.0.1:8443", "https://10.1.2.3", "https://[::1]", "https://[fd00::1]/x",
+    "https://169.254.169.254", "https://localhost", "https://api.localhost", "https://graph", "https://printer.local",
+    "https://2130706433", "https://127.1", "https://0x7f.1", "https://[::ffff:127.0.0.1]",
+])
+def test_a_private_whatsapp_endpoint_is_refused_without_the_grant(db, tenant, base_url):
+    with pytest.raises(psycopg.Error) as info:
+        set_provider(db, tenant, "whatsapp", {**WA, "settings": {**WA["settings"], "base_url": base_url}})
+    assert (info.value.diag.constraint_name, info.value.diag.column_name) in (
+        ("unsafe_endpoint", "settings.base_url"), ("invalid_format", "settings.base_url"))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "mailpit", "10.0.0.5", "relay.internal", "::1", "[::1]", "192.168.1.1"])
+def test_a_private_smtp_host_is_refused_without_the_grant(db, tenant, host):
+    body = {"provider": "smtp", "settings": {"host": host, "from_address": "a@example.com"}}
+    with pytest.raises(psycopg.Error) as info:
+        set_provider(db, tenant, "email", body)
+    assert (info.value.diag.constraint_name, info.value.diag.column_name) == ("unsafe_endpoint", "settings.host")
+    call(db, "notify_api.set_provider_grants_v1(%s, null, null, true)", tenant)
+    assert call(db, "notify_api.set_channel_provider_v1(%s, 'email', %s)", tenant, Jsonb(body))["settings"]["host"] == host
+
+
+def test_public_endpoints_need_no_grant(db, tenant):
+    out = set_provider(db, tenant, "whatsapp", {**WA, "settings": {**WA["settings"], "base_url": "https://graph.facebook.com/"}})
+    assert out["settings"]["base_url"] == "https://graph.facebook.com/"
+    out = set_provider(db, tenant, "email", {"provider": "smtp", "settings": {"host": "smtp.sendgrid.net", "from_address": "a@example.com"}})
+    assert out["settings"]["host"] == "smtp.sendgrid.net"
+    assert call(db, "notify._host_public('8.8.8.8')") is True and call(db, "notify._host_public('[2606:4700::1111]')") is True
+
+
+def test_a_business_number_belongs_to_one_tenant(db, tenant):
+    other = call(db, "notify_api.create_tenant_v1('other')")["id"]
+    set_provider(db, tenant, "whatsapp", WA)
+    set_provider(db, tenant, "whatsapp", {**WA, "settings": {**WA["settings"], "rate_per_second": 10}})  # its own number again: fine
+    call(db, "notify_api.set_provider_grants_v1(%s, 'OTHER_', null, false)", other)
+    with pytest.raises(psycopg.Error) as info:
+        call(db, "notify_api.set_channel_provider_v1(%s, 'whatsapp', %s)", other,
+             Jsonb({**WA, "secrets": {"access_token": "env:OTHER_TOKEN"}}))
+    assert (info.value.sqlstate, info.value.diag.constraint_name, info.value.diag.column_name) == (
+        "ND409", "phone_number_taken", "settings.phone_number_id")
