@@ -23,7 +23,7 @@ from providers.base import Message, Provider, ProviderContext, SendResult
 from providers.registry import provider_for
 from runner.app import app
 from runner.callbacks import CallbackSender
-from runner.render import RenderError, render
+from runner.render_pool import RenderPool
 
 log = logging.getLogger("runner")
 
@@ -39,6 +39,10 @@ MAINTENANCE = "select notify_api.run_maintenance_v1() as result"
 _to_builtins = msgspec.to_builtins
 
 
+class _PrepareFailed(Exception):
+    """A delivery's render failed in the render pool; the message names the error's class."""
+
+
 class Dispatcher:
     """Per-process state of the worker: settings and one provider instance per tenant configuration."""
 
@@ -46,6 +50,7 @@ class Dispatcher:
         self.connector = connector
         self.settings = settings
         self.providers: dict[tuple[str, str, str], Provider] = {}
+        self.renderer = RenderPool(settings)
         self.ctx = ProviderContext(take_tokens=self._take_tokens, record_mock=self._record_mock, settings=settings)
 
     async def _record_mock(self, rows: list[dict[str, Any]]) -> None:
@@ -65,17 +70,26 @@ class Dispatcher:
     async def send_batch(self, channel: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []
         groups: dict[str, tuple[str, dict[str, Any] | None, list[Message]]] = {}
-        for row in rows:
+        # Off the event loop, bounded in time and memory; any failure preparing one delivery fails that delivery alone.
+        try:
+            prepared = await self.renderer.render(channel, [(row["content"], row["variables"] or {}) for row in rows])
+        except Exception as exc:  # noqa: BLE001 - the render pool itself broke: these deliveries fail, the batch is recorded
+            log.exception("render pool failed", extra={"channel": channel})
+            prepared = [(False, f"RenderCrashed: {type(exc).__name__}")] * len(rows)
+        for row, (ok, rendered) in zip(rows, prepared, strict=True):
             base = {"tenant_id": str(row["tenant_id"]), "delivery_id": str(row["delivery_id"]), "attempt": row["attempt"]}
             try:
-                rendered = render(channel, row["content"], row["variables"] or {})
-            except (RenderError, KeyError) as exc:
-                results.append({**base, "outcome": "failed", "provider": None, "error_code": "render_failed", "error_message": str(exc)})
+                if not ok:
+                    raise _PrepareFailed(rendered)
+                message = Message(tenant_id=row["tenant_id"], delivery_id=row["delivery_id"], attempt=row["attempt"],
+                                  channel=channel, address=row["address"], rendered=rendered, category=row["category"])
+                name, config = row.get("provider") or "mock", row.get("provider_config")
+                group_key = f"{name}:{json.dumps(config, sort_keys=True, default=str) if config else ''}"
+            except Exception as exc:  # noqa: BLE001
+                message_text = str(exc) if isinstance(exc, _PrepareFailed) else type(exc).__name__
+                results.append({**base, "outcome": "failed", "provider": None, "error_code": "render_failed",
+                                "error_message": message_text})
                 continue
-            message = Message(tenant_id=row["tenant_id"], delivery_id=row["delivery_id"], attempt=row["attempt"],
-                              channel=channel, address=row["address"], rendered=rendered, category=row["category"])
-            name, config = row.get("provider") or "mock", row.get("provider_config")
-            group_key = f"{name}:{json.dumps(config, sort_keys=True, default=str) if config else ''}"
             groups.setdefault(group_key, (name, config, []))[2].append(message)
         sent_groups = await asyncio.gather(*(self._send_group(channel, name, config, messages)
                                              for name, config, messages in groups.values()))
@@ -180,6 +194,7 @@ class Dispatcher:
         return counts
 
     async def aclose(self) -> None:
+        self.renderer.close()
         await asyncio.gather(*(p.aclose() for p in self.providers.values()), return_exceptions=True)
 
 
