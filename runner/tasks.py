@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from procrastinate import JobContext, jobs
+from procrastinate.exceptions import UniqueViolation
 from psycopg.types.json import Jsonb
 
 from dispatcher import metrics, tracing
@@ -115,6 +116,19 @@ class Dispatcher:
         return [{"tenant_id": str(m.tenant_id), "delivery_id": str(m.delivery_id), "attempt": m.attempt, **_to_builtins(r)}
                 for m, r in zip(messages, sent, strict=True)]
 
+    async def _record(self, results: list[dict[str, Any]]) -> None:
+        """One call for the batch. record_attempts_v1 leaves out a provider message id another delivery already has;
+        only a concurrent batch committing the same id in between can still hit the unique index: then the call is
+        simply made again (it sees that row now), rather than the whole batch staying `sending`."""
+        for attempt in range(3):
+            try:
+                await self.connector.execute_query_all_async(RECORD, results=Jsonb(results))
+                return
+            except UniqueViolation as exc:
+                if exc.constraint_name != "notification_deliveries_provider_message" or attempt == 2:
+                    raise
+                log.warning("provider message id raced another batch; recording again", extra={"results": len(results)})
+
     async def drain(self, channel: str) -> dict[str, int]:
         """Keeps up to max_in_flight provider calls going: claims a batch whenever that many slots are free,
         sends it, frees its slots as soon as the provider answers, then records the outcomes. Claims and records
@@ -142,7 +156,7 @@ class Dispatcher:
                     free += len(rows)
                     slots.notify_all()
             with tracing.span("dispatch.record", channel=channel, results=len(results)):
-                await self.connector.execute_query_all_async(RECORD, results=Jsonb(results))
+                await self._record(results)
             if tracing.enabled:   # one span per delivery, in the trace of the request that submitted it
                 parents = {str(row["delivery_id"]): row.get("trace_parent") for row in rows}
                 ended = time.time_ns()
