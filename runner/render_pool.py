@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from runner.render import Limits, RenderError, render
+from dispatcher.render import Limits, RenderError, render
 
 log = logging.getLogger("runner.render")
 Item = tuple[dict[str, Any] | None, dict[str, Any]]   # (content, variables)
