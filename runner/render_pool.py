@@ -20,7 +20,7 @@ from typing import Any
 from dispatcher.render import Limits, RenderError, render
 
 log = logging.getLogger("runner.render")
-Item = tuple[dict[str, Any] | None, dict[str, Any]]   # (content, variables)
+Item = tuple[Any, dict[str, Any] | None, dict[str, Any]]   # (content key, content, variables)
 Outcome = tuple[bool, Any]                            # (True, rendered) or (False, "ErrorClass: message")
 GRACE_SECONDS = 2.0
 
@@ -59,12 +59,27 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
-def render_many(channel: str, items: list[Item], limits: Limits, budget_seconds: float) -> list[Outcome]:
-    """Runs in a child: renders each item within its own time budget; every failure is that item's alone."""
+def _pack(items: list[Item]) -> tuple[list[Any], list[tuple[int, dict[str, Any]]]]:
+    """Each distinct content crosses the process boundary once per call, not once per delivery."""
+    index: dict[Any, int] = {}
+    contents: list[Any] = []
+    refs = []
+    for key, content, variables in items:
+        if key not in index:
+            index[key] = len(contents)
+            contents.append(content)
+        refs.append((index[key], variables))
+    return contents, refs
+
+
+def render_many(channel: str, contents: list[Any], refs: list[tuple[int, dict[str, Any]]], limits: Limits,
+                budget_seconds: float) -> list[Outcome]:
+    """Runs in a child: renders each delivery within its own time budget; every failure is that delivery's alone."""
     import signal
 
     out: list[Outcome] = []
-    for content, variables in items:
+    for ref, variables in refs:
+        content = contents[ref]
         try:
             signal.setitimer(signal.ITIMER_REAL, budget_seconds)
             try:
@@ -79,7 +94,7 @@ def render_many(channel: str, items: list[Item], limits: Limits, budget_seconds:
 def render_inline(channel: str, items: list[Item], limits: Limits) -> list[Outcome]:
     """Without isolation (DISPATCHER_RENDER_PROCESSES=0, for debugging only): same outcomes, no time or memory bound."""
     out: list[Outcome] = []
-    for content, variables in items:
+    for _, content, variables in items:
         try:
             out.append((True, render(channel, content, variables, limits)))
         except (Exception, MemoryError, RecursionError) as exc:  # noqa: BLE001
@@ -134,7 +149,8 @@ class RenderPool:
 
     async def _call(self, channel: str, items: list[Item]) -> list[Outcome]:
         pool = await self._executor()
-        future = asyncio.get_running_loop().run_in_executor(pool, render_many, channel, items, self.limits, self.budget)
+        contents, refs = _pack(items)
+        future = asyncio.get_running_loop().run_in_executor(pool, render_many, channel, contents, refs, self.limits, self.budget)
         try:
             return await asyncio.wait_for(future, timeout=self.budget * len(items) + GRACE_SECONDS)
         except TimeoutError:

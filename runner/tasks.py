@@ -73,7 +73,9 @@ class Dispatcher:
         groups: dict[str, tuple[str, dict[str, Any] | None, list[Message]]] = {}
         # Off the event loop, bounded in time and memory; any failure preparing one delivery fails that delivery alone.
         try:
-            prepared = await self.renderer.render(channel, [(row["content"], row["variables"] or {}) for row in rows])
+            # A claim returns one content per (tenant, template, locale): that is its key.
+            prepared = await self.renderer.render(channel, [((row["tenant_id"], row["template_key"], row["locale"]), row["content"],
+                                                             row["variables"] or {}) for row in rows])
         except Exception as exc:  # noqa: BLE001 - the render pool itself broke: these deliveries fail, the batch is recorded
             log.exception("render pool failed", extra={"channel": channel})
             prepared = [(False, f"RenderCrashed: {type(exc).__name__}")] * len(rows)
