@@ -5,6 +5,7 @@ Each handler decodes, calls one notify_api function, and returns the JSON that f
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
@@ -34,6 +35,7 @@ from api.schemas import (
     NotificationOut, PolicyOut, Problem, PolicyPut, ProviderOut, ProviderPut, RecipientOut, RecipientPut, SecretRotation, TemplateOut, TemplatePut, Version, WebhookAck,
 )
 from dispatcher import __version__, keys, metrics, schema, tracing
+from dispatcher.render import check_syntax
 from dispatcher.callback_urls import UnsafeUrl
 from dispatcher.callback_urls import resolve as resolve_callback_url
 from dispatcher.settings import Settings
@@ -120,6 +122,29 @@ def _too_large(limit: int, setting: str) -> ProblemException:
 
 async def _body_text(request: Request[Any, Any, Any]) -> str:
     return (await request.body()).decode("utf-8")
+
+
+TEMPLATE_TEXTS = ("subject", "text", "html")
+TEMPLATE_COMPILE_MAX = 262_144   # longer texts are refused by upsert_template_v1 (template_too_large) without compiling
+
+
+def _check_template_syntax(text: str) -> None:
+    """Every text of every channel must compile in the worker's sandbox: 422 invalid_template naming the field."""
+    try:
+        body = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return  # the schema check already answered
+    channels = body.get("channels") if isinstance(body, dict) else None
+    for channel, content in (channels.items() if isinstance(channels, dict) else ()):
+        if not isinstance(content, dict):
+            continue
+        for name in TEMPLATE_TEXTS:
+            source = content.get(name)
+            if isinstance(source, str) and len(source) <= TEMPLATE_COMPILE_MAX:
+                reason = check_syntax(source, escape=name == "html")
+                if reason is not None:
+                    field = f"channels.{channel}.{name}"
+                    raise ProblemException(422, "invalid_template", f"{field} does not compile: {reason}"[:500], field)
 
 
 async def _check_callback_url(state: State, url: str | None, field: str) -> None:
@@ -282,7 +307,9 @@ class Templates(Controller):
     @put("/{key:str}", responses=ERRORS, operation_id="upsertTemplate", opt={"scope": "admin"}, summary="Set a template's content for one locale",
          description="Placeholders are {{name}}; the variables a template needs are derived and checked at submit time.")
     async def upsert(self, request: Request[Any, Any, Any], key: FromPath[str], data: JSONBody[TemplatePut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[TemplateOut]]:
-        row = await db.one("select notify_api.upsert_template_v1(%s, %s, %s::jsonb)::text", (tenant.id, key, await _body_text(request)))
+        text = await _body_text(request)
+        await asyncio.to_thread(_check_template_syntax, text)   # compiling is CPU work: off the event loop
+        row = await db.one("select notify_api.upsert_template_v1(%s, %s, %s::jsonb)::text", (tenant.id, key, text))
         return _json(row[0] if row else None)
 
     @get("/", responses=ERRORS, operation_id="listTemplates", opt={"scope": "read"}, summary="List templates")

@@ -53,6 +53,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     dev_mode: bool = False
     log_deliveries: bool = True  # one log line per delivery attempt (DISPATCHER_LOG_DELIVERIES=0 turns it off)
     worker_concurrency: int = 4
+    # rendering (tenant templates are untrusted: docs/security.md, "Templates and the shared worker")
+    render_processes: int = 2
+    render_timeout_ms: float = 500.0
+    render_memory_mb: int = 256
+    render_max_chars: int = 64 * 1024
+    render_max_html_chars: int = 256 * 1024
+    render_max_subject_chars: int = 1024
     # mock provider
     mock_webhook_secret: str | None = None
     mock_webhook_url: str | None = None
@@ -96,6 +103,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             dev_mode=os.environ.get("DISPATCHER_DEV_MODE", "0") in ("1", "true", "yes"),
             log_deliveries=os.environ.get("DISPATCHER_LOG_DELIVERIES", "1") not in ("0", "false", "no"),
             worker_concurrency=_int("DISPATCHER_WORKER_CONCURRENCY", 4),
+            render_processes=_int("DISPATCHER_RENDER_PROCESSES", 2),
+            render_timeout_ms=_float("DISPATCHER_RENDER_TIMEOUT_MS", 500.0),
+            render_memory_mb=_int("DISPATCHER_RENDER_MEMORY_MB", 256),
+            render_max_chars=_int("DISPATCHER_RENDER_MAX_CHARS", 64 * 1024),
+            render_max_html_chars=_int("DISPATCHER_RENDER_MAX_HTML_CHARS", 256 * 1024),
+            render_max_subject_chars=_int("DISPATCHER_RENDER_MAX_SUBJECT_CHARS", 1024),
             mock_webhook_secret=secret("DISPATCHER_MOCK_WEBHOOK_SECRET"),
             mock_webhook_url=os.environ.get("DISPATCHER_MOCK_WEBHOOK_URL")
             or f"http://127.0.0.1:{port}/public/webhooks/mock",

@@ -5,6 +5,9 @@ is classified where it happened: 4xx anywhere -> retry with backoff; 5xx on RCPT
 failed; 5xx on connect/AUTH/MAIL (our configuration) -> retry while an operator fixes it; a timeout or
 disconnect inside DATA is ambiguous, and e-mail's policy is to retry (a duplicate beats a loss).
 The Message-ID carries our delivery id and stays the same across retries, so receivers can drop duplicates.
+Every message of a group is built before any is sent, and each message's build or send error is that message's
+outcome alone: one bad message never makes the group's other, already accepted, messages be sent again.
+An 8-bit body is declared with BODY=8BITMIME where the server offers it, else sent quoted-printable (7-bit clean).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import ssl
+from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
 from email.utils import formataddr, formatdate
@@ -30,16 +35,22 @@ NAME = "smtp"
 log = logging.getLogger("providers.smtp")
 # CRLF line ends, and no folding of our long id headers (RFC 5322 allows 998 characters a line).
 WIRE = policy.SMTP.clone(max_line_length=998)
+# Every character str.splitlines() breaks on: the e-mail package refuses a header value containing any of them.
+LINE_BREAKS = re.compile("[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
-def build_message(message: Message, settings: dict[str, Any], unsubscribe_url: str | None) -> EmailMessage:
+def _header_text(value: Any) -> str:
+    return LINE_BREAKS.sub(" ", str(value))
+
+
+def build_message(message: Message, settings: dict[str, Any], unsubscribe_url: str | None, cte: str | None = None) -> EmailMessage:
     rendered = message.rendered
     sender = str(settings["from_address"])
     domain = sender.rsplit("@", 1)[1]
     msg = EmailMessage()
     msg["From"] = formataddr((str(settings.get("from_name") or ""), sender)) if settings.get("from_name") else sender
     msg["To"] = message.address
-    msg["Subject"] = rendered["subject"]
+    msg["Subject"] = _header_text(rendered["subject"])
     msg["Date"] = formatdate(usegmt=True)
     msg["Message-ID"] = f"<{message.delivery_id}@{domain}>"
     msg["X-Dispatcher-Correlation"] = message.correlation_id
@@ -50,11 +61,30 @@ def build_message(message: Message, settings: dict[str, Any], unsubscribe_url: s
         msg["X-Mailgun-Variables"] = json.dumps({"nd_correlation": message.correlation_id})
     if unsubscribe_url:
         msg["List-Unsubscribe"] = f"<{unsubscribe_url}>"
-        msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-    msg.set_content(rendered["text"])
+        if unsubscribe_url.lower().startswith("https://"):  # RFC 8058: one-click only next to an https URI
+            msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    msg.set_content(rendered["text"], cte=cte)
     if rendered.get("html"):
-        msg.add_alternative(rendered["html"], subtype="html")
+        msg.add_alternative(rendered["html"], subtype="html", cte=cte)
     return msg
+
+
+@dataclass(frozen=True)
+class Built:
+    """One message ready for the wire: its bytes as built, and a 7-bit clean copy when those are 8-bit."""
+
+    message_id: str
+    data: bytes
+    seven_bit: bytes | None
+
+
+def build_wire(message: Message, settings: dict[str, Any], unsubscribe_url: str | None) -> Built:
+    msg = build_message(message, settings, unsubscribe_url)
+    data = msg.as_bytes(policy=WIRE)
+    seven_bit = None
+    if not data.isascii():
+        seven_bit = build_message(message, settings, unsubscribe_url, cte="quoted-printable").as_bytes(policy=WIRE)
+    return Built(msg["Message-ID"].strip("<>"), data, seven_bit)
 
 
 class Smtp:
@@ -105,9 +135,25 @@ class Smtp:
                                timeout=float(s.get("timeout_seconds") or 30), validate_certs=bool(s.get("validate_certs", True)),
                                tls_context=context)
 
-    async def _one(self, message: Message, password: str | None, address: str) -> SendResult:
-        msg = build_message(message, self._settings, self._unsubscribe_url(message))
-        message_id = msg["Message-ID"].strip("<>")
+    def _build(self, message: Message) -> Built | SendResult:
+        try:
+            return build_wire(message, self._settings, self._unsubscribe_url(message))
+        except Exception as exc:  # noqa: BLE001 - this message cannot be built: it fails alone, nothing was sent
+            return SendResult(outcome="failed", provider=NAME, error_code="message_invalid",
+                              error_message=f"{type(exc).__name__} while building the message")
+
+    async def _one(self, message: Message, built: Built | SendResult, password: str | None, address: str) -> SendResult:
+        if isinstance(built, SendResult):
+            return built
+        try:
+            return await self._send(message, built, password, address)
+        except Exception as exc:  # noqa: BLE001 - never let one message's surprise decide the others' outcomes
+            log.exception("smtp send crashed", extra={"delivery_id": str(message.delivery_id)})
+            return SendResult(outcome="retry", provider=NAME, provider_message_id=built.message_id,
+                              error_code="provider_exception", error_message=type(exc).__name__)
+
+    async def _send(self, message: Message, built: Built, password: str | None, address: str) -> SendResult:
+        message_id = built.message_id
         client: aiosmtplib.SMTP | None = None
         phase = "connect"
         async with self._limit:
@@ -118,11 +164,19 @@ class Smtp:
                     phase = "auth"
                     await client.login(str(self._settings["username"]), password or "")
                 phase = "mail"
-                await client.mail(str(self._settings["from_address"]))
+                if client.is_ehlo_or_helo_needed:
+                    await client.ehlo()
+                data, options = built.data, []
+                if built.seven_bit is not None:
+                    if client.supports_extension("8bitmime"):
+                        options = ["BODY=8BITMIME"]
+                    else:
+                        data = built.seven_bit
+                await client.mail(str(self._settings["from_address"]), options=options)
                 phase = "rcpt"
                 await client.rcpt(message.address)
                 phase = "data"
-                await client.data(msg.as_bytes(policy=WIRE))
+                await client.data(data)
                 phase = "quit"
                 try:
                     await client.quit()
@@ -170,7 +224,8 @@ class Smtp:
             log.error("smtp password unavailable", extra={"reason": str(exc)})
             return [SendResult(outcome="retry", provider=NAME, error_code=exc.code, error_message=str(exc),
                                retry_after_seconds=300.0) for _ in messages]
-        return list(await asyncio.gather(*(self._one(m, password, address) for m in messages)))
+        built = [self._build(m) for m in messages]   # all built before any is sent
+        return list(await asyncio.gather(*(self._one(m, b, password, address) for m, b in zip(messages, built, strict=True))))
 
     async def aclose(self) -> None:
         return None

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from procrastinate import JobContext, jobs
+from procrastinate.exceptions import UniqueViolation
 from psycopg.types.json import Jsonb
 
 from dispatcher import metrics, tracing
@@ -23,7 +24,7 @@ from providers.base import Message, Provider, ProviderContext, SendResult
 from providers.registry import provider_for
 from runner.app import app
 from runner.callbacks import CallbackSender
-from runner.render import RenderError, render
+from runner.render_pool import RenderPool
 
 log = logging.getLogger("runner")
 
@@ -39,6 +40,10 @@ MAINTENANCE = "select notify_api.run_maintenance_v1() as result"
 _to_builtins = msgspec.to_builtins
 
 
+class _PrepareFailed(Exception):
+    """A delivery's render failed in the render pool; the message names the error's class."""
+
+
 class Dispatcher:
     """Per-process state of the worker: settings and one provider instance per tenant configuration."""
 
@@ -46,6 +51,7 @@ class Dispatcher:
         self.connector = connector
         self.settings = settings
         self.providers: dict[tuple[str, str, str], Provider] = {}
+        self.renderer = RenderPool(settings)
         self.ctx = ProviderContext(take_tokens=self._take_tokens, record_mock=self._record_mock, settings=settings)
 
     async def _record_mock(self, rows: list[dict[str, Any]]) -> None:
@@ -65,17 +71,28 @@ class Dispatcher:
     async def send_batch(self, channel: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []
         groups: dict[str, tuple[str, dict[str, Any] | None, list[Message]]] = {}
-        for row in rows:
+        # Off the event loop, bounded in time and memory; any failure preparing one delivery fails that delivery alone.
+        try:
+            # A claim returns one content per (tenant, template, locale): that is its key.
+            prepared = await self.renderer.render(channel, [((row["tenant_id"], row["template_key"], row["locale"]), row["content"],
+                                                             row["variables"] or {}) for row in rows])
+        except Exception as exc:  # noqa: BLE001 - the render pool itself broke: these deliveries fail, the batch is recorded
+            log.exception("render pool failed", extra={"channel": channel})
+            prepared = [(False, f"RenderCrashed: {type(exc).__name__}")] * len(rows)
+        for row, (ok, rendered) in zip(rows, prepared, strict=True):
             base = {"tenant_id": str(row["tenant_id"]), "delivery_id": str(row["delivery_id"]), "attempt": row["attempt"]}
             try:
-                rendered = render(channel, row["content"], row["variables"] or {})
-            except (RenderError, KeyError) as exc:
-                results.append({**base, "outcome": "failed", "provider": None, "error_code": "render_failed", "error_message": str(exc)})
+                if not ok:
+                    raise _PrepareFailed(rendered)
+                message = Message(tenant_id=row["tenant_id"], delivery_id=row["delivery_id"], attempt=row["attempt"],
+                                  channel=channel, address=row["address"], rendered=rendered, category=row["category"])
+                name, config = row.get("provider") or "mock", row.get("provider_config")
+                group_key = f"{name}:{json.dumps(config, sort_keys=True, default=str) if config else ''}"
+            except Exception as exc:  # noqa: BLE001
+                message_text = str(exc) if isinstance(exc, _PrepareFailed) else type(exc).__name__
+                results.append({**base, "outcome": "failed", "provider": None, "error_code": "render_failed",
+                                "error_message": message_text})
                 continue
-            message = Message(tenant_id=row["tenant_id"], delivery_id=row["delivery_id"], attempt=row["attempt"],
-                              channel=channel, address=row["address"], rendered=rendered, category=row["category"])
-            name, config = row.get("provider") or "mock", row.get("provider_config")
-            group_key = f"{name}:{json.dumps(config, sort_keys=True, default=str) if config else ''}"
             groups.setdefault(group_key, (name, config, []))[2].append(message)
         sent_groups = await asyncio.gather(*(self._send_group(channel, name, config, messages)
                                              for name, config, messages in groups.values()))
@@ -100,6 +117,19 @@ class Dispatcher:
             metrics.DELIVERIES.labels(channel, provider.name, r.outcome, r.error_code or "").inc()
         return [{"tenant_id": str(m.tenant_id), "delivery_id": str(m.delivery_id), "attempt": m.attempt, **_to_builtins(r)}
                 for m, r in zip(messages, sent, strict=True)]
+
+    async def _record(self, results: list[dict[str, Any]]) -> None:
+        """One call for the batch. record_attempts_v1 leaves out a provider message id another delivery already has;
+        only a concurrent batch committing the same id in between can still hit the unique index: then the call is
+        simply made again (it sees that row now), rather than the whole batch staying `sending`."""
+        for attempt in range(3):
+            try:
+                await self.connector.execute_query_all_async(RECORD, results=Jsonb(results))
+                return
+            except UniqueViolation as exc:
+                if exc.constraint_name != "notification_deliveries_provider_message" or attempt == 2:
+                    raise
+                log.warning("provider message id raced another batch; recording again", extra={"results": len(results)})
 
     async def drain(self, channel: str) -> dict[str, int]:
         """Keeps up to max_in_flight provider calls going: claims a batch whenever that many slots are free,
@@ -128,7 +158,7 @@ class Dispatcher:
                     free += len(rows)
                     slots.notify_all()
             with tracing.span("dispatch.record", channel=channel, results=len(results)):
-                await self.connector.execute_query_all_async(RECORD, results=Jsonb(results))
+                await self._record(results)
             if tracing.enabled:   # one span per delivery, in the trace of the request that submitted it
                 parents = {str(row["delivery_id"]): row.get("trace_parent") for row in rows}
                 ended = time.time_ns()
@@ -180,6 +210,7 @@ class Dispatcher:
         return counts
 
     async def aclose(self) -> None:
+        self.renderer.close()
         await asyncio.gather(*(p.aclose() for p in self.providers.values()), return_exceptions=True)
 
 

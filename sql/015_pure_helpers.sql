@@ -174,6 +174,25 @@ end
 $$;
 comment on function notify._text_field(jsonb, text, text, boolean, integer) is 'Reads a string member of a JSON object, refusing a wrong type or length with the field named.';
 
+create function notify._template_text(p_object jsonb, p_key text, p_path text, p_required boolean, p_max integer)
+    returns text
+    language plpgsql
+    immutable
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v text := notify._text_field(p_object, p_key, p_path, p_required, 2147483647);
+    v_path text := ltrim(p_path || '.' || p_key, '.');
+begin
+    if length(v) > p_max then
+        perform notify._raise('ND422', 'template_too_large', format('%s must be at most %s characters', v_path, p_max), v_path);
+    end if;
+    return v;
+end
+$$;
+comment on function notify._template_text(jsonb, text, text, boolean, integer) is
+    'Reads a template text member like _text_field, but one over its size limit is refused as 422 template_too_large (the render limits are the same sizes).';
+
 create function notify._time_field(p_object jsonb, p_key text, p_path text)
     returns timestamptz
     language plpgsql

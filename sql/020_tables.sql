@@ -287,7 +287,7 @@ create table notify.webhook_events (
 );
 comment on table notify.webhook_events is
     'Every verified provider webhook, stored once per provider event key, with what each of its status events did.';
-comment on column notify.webhook_events.outcomes is 'Per status event: applied, stale (lower rank or illegal), or unmatched (no such delivery); per inbound message its outcome; kept (with a reason) for what the adapter could not apply.';
+comment on column notify.webhook_events.outcomes is 'Per status event: applied, stale (lower rank or illegal), unmatched (no such delivery) or ambiguous (two deliveries carry its provider message id); per inbound message its outcome; kept (with a reason) for what the adapter could not apply.';
 
 create table notify.mock_messages (
     tenant_id uuid not null,

@@ -231,9 +231,11 @@ begin
         case v_channel
             when 'email' then
                 perform notify._check_keys(v_content, array['subject', 'text', 'html'], 'channels.email');
-                perform notify._text_field(v_content, 'subject', 'channels.email', true, 998);
-                perform notify._text_field(v_content, 'text', 'channels.email', true, 100000);
-                perform notify._text_field(v_content, 'html', 'channels.email', false, 500000);
+                -- Sizes match the render limits (DISPATCHER_RENDER_MAX_*): a template that passes here fits when rendered
+                -- unless its variables or loops make it grow.
+                perform notify._template_text(v_content, 'subject', 'channels.email', true, 998);
+                perform notify._template_text(v_content, 'text', 'channels.email', true, 65536);
+                perform notify._template_text(v_content, 'html', 'channels.email', false, 262144);
             when 'whatsapp' then
                 perform notify._check_keys(v_content, array['name', 'language', 'parameters', 'header_parameters', 'buttons', 'text'],
                                            'channels.whatsapp');
@@ -243,7 +245,7 @@ begin
                 end if;
                 perform notify._text_field(v_content, 'name', 'channels.whatsapp', false, 512);
                 perform notify._text_field(v_content, 'language', 'channels.whatsapp', false, 16);
-                perform notify._text_field(v_content, 'text', 'channels.whatsapp', false, 4096);
+                perform notify._template_text(v_content, 'text', 'channels.whatsapp', false, 4096);
                 foreach v_key in array array['parameters', 'header_parameters'] loop
                     if v_content ? v_key and (jsonb_typeof(v_content -> v_key) <> 'array'
                          or exists (select from jsonb_array_elements(v_content -> v_key) e
@@ -265,7 +267,7 @@ begin
                 end if;
             else
                 perform notify._check_keys(v_content, array['text'], 'channels.' || v_key);
-                perform notify._text_field(v_content, 'text', 'channels.' || v_key, true, 1600);
+                perform notify._template_text(v_content, 'text', 'channels.' || v_key, true, 1600);
         end case;
         insert into notify.templates as t (tenant_id, key, channel, locale, content, required_variables)
         values (p_tenant_id, p_key, v_channel, v_locale, v_content, notify._template_variables(v_content))
@@ -278,7 +280,7 @@ begin
 end
 $$;
 comment on function notify_api.upsert_template_v1(uuid, text, jsonb) is
-    'Sets the content of a template key for one locale: {locale?, channels: {email: {subject, text, html?}, whatsapp: {name, language, parameters[], header_parameters[], buttons[{sub_type, index, parameter}]} | {text}, sms: {text}}}.';
+    'Sets the content of a template key for one locale: {locale?, channels: {email: {subject, text, html?}, whatsapp: {name, language, parameters[], header_parameters[], buttons[{sub_type, index, parameter}]} | {text}, sms: {text}}}. Texts over their size (subject 998, e-mail text 65,536, HTML 262,144, WhatsApp text 4,096, SMS 1,600 characters) are 422 template_too_large.';
 
 create function notify_api.list_templates_v1(p_tenant_id uuid, p_key text default null)
     returns jsonb

@@ -78,22 +78,38 @@ create function notify_api.record_attempts_v1(p_results notify.attempt_result[])
     security definer
     set search_path = pg_catalog, pg_temp
 as $$
+declare
+    -- Rows whose provider message id another delivery already has (in the table, or earlier in this batch): each
+    -- keeps its own outcome with the id left null, so one provider's reused ids cannot fail the whole batch's record.
+    v_duplicates uuid[];
 begin
     if exists (select from unnest(p_results) r where r.outcome not in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'bounced')) then
         perform notify._raise('ND400', 'invalid_value', 'outcome must be sent, retry, failed, unknown, suppressed or bounced', 'outcome');
     end if;
     perform notify._set_source('worker');
 
+    select coalesce(array_agg(q.delivery_id), '{}') into v_duplicates
+      from (select r.tenant_id, r.delivery_id, r.provider, r.provider_message_id,
+                   row_number() over (partition by r.provider, r.provider_message_id order by r.tenant_id, r.delivery_id) as n
+              from unnest(p_results) r
+             where r.provider_message_id is not null) q
+     where q.n > 1
+        or exists (select from notify.notification_deliveries x
+                    where x.provider = q.provider and x.provider_message_id = q.provider_message_id
+                      and not (x.tenant_id = q.tenant_id and x.id = q.delivery_id));
+
     -- The attempt rows first (fenced the same way), so the history is complete even when a webhook overtook us.
     update notify.delivery_attempts a
        set finished_at = now(), outcome = r.outcome, provider = r.provider, provider_message_id = r.provider_message_id,
-           error_code = r.error_code, error_message = left(r.error_message, 1000)
+           error_code = case when r.delivery_id = any (v_duplicates) then 'duplicate_provider_message_id' else r.error_code end,
+           error_message = case when r.delivery_id = any (v_duplicates) then 'the provider returned a message id another delivery already has'
+                                else left(r.error_message, 1000) end
       from unnest(p_results) r
      where a.tenant_id = r.tenant_id and a.delivery_id = r.delivery_id and a.attempt = r.attempt and a.finished_at is null;
 
     return query
     with input as (
-        select r.*, t.retry_max_attempts
+        select r.*, t.retry_max_attempts, r.delivery_id = any (v_duplicates) as duplicate
           from unnest(p_results) r
           join notify.tenants t on t.id = r.tenant_id
     ), changed as (
@@ -109,6 +125,7 @@ begin
                    else d.status end::notify.delivery_status,
                reason = case
                    when i.outcome = 'retry' and d.status = 'sending' and d.attempt >= i.retry_max_attempts then 'retries_exhausted'
+                   when i.outcome = 'failed' and d.status in ('sending', 'unknown') and i.error_code = 'render_failed' then 'render_failed'
                    when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'provider_rejected'
                    when i.outcome = 'unknown' and d.status = 'sending' then 'outcome_unknown'
                    when i.outcome = 'suppressed' and d.status = 'sending' then 'provider_opt_out'
@@ -118,10 +135,12 @@ begin
                              then now() + notify._backoff(i.tenant_id, d.attempt, i.retry_after_seconds)
                              else d.due_at end,
                provider = coalesce(i.provider, d.provider),
-               provider_message_id = coalesce(d.provider_message_id, i.provider_message_id),
+               provider_message_id = coalesce(d.provider_message_id, case when not i.duplicate then i.provider_message_id end),
                sent_at = case when i.outcome = 'sent' then coalesce(d.sent_at, now()) else d.sent_at end,
-               last_error_code = case when i.outcome = 'sent' then d.last_error_code else coalesce(i.error_code, d.last_error_code) end,
-               last_error_message = case when i.outcome = 'sent' then d.last_error_message
+               last_error_code = case when i.duplicate then 'duplicate_provider_message_id'
+                                      when i.outcome = 'sent' then d.last_error_code else coalesce(i.error_code, d.last_error_code) end,
+               last_error_message = case when i.duplicate then 'the provider returned a message id another delivery already has'
+                                         when i.outcome = 'sent' then d.last_error_message
                                          else coalesce(left(i.error_message, 1000), d.last_error_message) end
           from input i
          where d.tenant_id = i.tenant_id and d.id = i.delivery_id and d.attempt = i.attempt
@@ -136,7 +155,7 @@ begin
 end
 $$;
 comment on function notify_api.record_attempts_v1(notify.attempt_result[]) is
-    'Writes a batch of provider outcomes, each fenced by its attempt number (a stale worker changes nothing): sent, retry (backoff with jitter, or failed when attempts are used up), failed, unknown, suppressed, bounced. Wakes the worker for retries.';
+    'Writes a batch of provider outcomes, each fenced by its attempt number (a stale worker changes nothing): sent, retry (backoff with jitter, or failed when attempts are used up), failed (reason render_failed for a template that could not be rendered, else provider_rejected), unknown, suppressed, bounced. A provider message id another delivery already has (in the table or earlier in the batch) is not stored: that row keeps its outcome with error code duplicate_provider_message_id. Wakes the worker for retries.';
 
 create function notify_api.run_maintenance_v1()
     returns jsonb
@@ -147,6 +166,7 @@ as $$
 declare
     v_requeued integer;
     v_unknown integer;
+    v_exhausted integer;
     v_expired integer;
     v_woken text[];
 begin
@@ -154,26 +174,32 @@ begin
 
     -- Crashed sends (lease past due): e-mail may be sent twice, so it goes back to the queue;
     -- WhatsApp and SMS must not be, so they become unknown until a provider report says what happened.
+    -- An expired lease was an attempt: e-mail whose attempts are used up fails instead of being requeued forever.
     with stale as (
-        select d.tenant_id, d.id, d.attempt, d.channel
+        select d.tenant_id, d.id, d.attempt, d.channel, d.attempt >= t.retry_max_attempts as exhausted
           from notify.notification_deliveries d
+          join notify.tenants t on t.id = d.tenant_id
          where d.status = 'sending' and d.lease_expires_at < now()
-           for update skip locked
+           for update of d skip locked
     ), attempts as (
         update notify.delivery_attempts a set finished_at = now(), outcome = 'lease_expired'
           from stale s
          where a.tenant_id = s.tenant_id and a.delivery_id = s.id and a.attempt = s.attempt and a.finished_at is null
     ), moved as (
         update notify.notification_deliveries d
-           set status = case when s.channel = 'email' then 'queued' else 'unknown' end::notify.delivery_status,
-               reason = case when s.channel = 'email' then d.reason else 'lease_expired' end,
-               due_at = case when s.channel = 'email' then now() else d.due_at end
+           set status = case when s.channel <> 'email' then 'unknown' when s.exhausted then 'failed' else 'queued' end::notify.delivery_status,
+               reason = case when s.channel <> 'email' then 'lease_expired' when s.exhausted then 'retries_exhausted' else d.reason end,
+               last_error_code = case when s.channel = 'email' then 'lease_expired' else d.last_error_code end,
+               last_error_message = case when s.channel = 'email' then format('attempt %s: the worker''s lease expired before it recorded an outcome', s.attempt)
+                                         else d.last_error_message end,
+               due_at = case when s.channel = 'email' and not s.exhausted then now() else d.due_at end
           from stale s
          where d.tenant_id = s.tenant_id and d.id = s.id
         returning d.status
     )
-    select count(*) filter (where status = 'queued'), count(*) filter (where status = 'unknown')
-      into v_requeued, v_unknown from moved;
+    select count(*) filter (where status = 'queued'), count(*) filter (where status = 'unknown'),
+           count(*) filter (where status = 'failed')
+      into v_requeued, v_unknown, v_exhausted from moved;
 
     -- Deadlines: anything still waiting past its expires_at is never sent.
     with gone as (
@@ -190,9 +216,9 @@ begin
                     where d.channel = c and d.status in ('queued', 'scheduled') and d.due_at <= now());
     perform notify._wake(c::notify.channel) from unnest(v_woken) c;
 
-    return jsonb_build_object('requeued', v_requeued, 'unknown', v_unknown, 'expired', v_expired,
+    return jsonb_build_object('requeued', v_requeued, 'unknown', v_unknown, 'exhausted', v_exhausted, 'expired', v_expired,
                               'woken', coalesce(to_jsonb(v_woken), '[]'));
 end
 $$;
 comment on function notify_api.run_maintenance_v1() is
-    'Periodic upkeep: expired leases (email -> queued, whatsapp/sms -> unknown), deliveries past expires_at -> expired, a wake-up for every channel with due work.';
+    'Periodic upkeep: expired leases, each counted as an attempt (email -> queued, or failed/retries_exhausted when the tenant''s retry_max_attempts are used up; whatsapp/sms -> unknown), deliveries past expires_at -> expired, a wake-up for every channel with due work.';

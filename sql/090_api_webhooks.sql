@@ -21,6 +21,7 @@ as $$
 declare
     d notify.notification_deliveries;
     v_at timestamptz := coalesce(e.occurred_at, now());
+    v_matches integer;
 begin
     if e.tenant_id is not null and e.delivery_id is not null then
         select * into d from notify.notification_deliveries x
@@ -28,6 +29,13 @@ begin
            for update;
     end if;
     if d.id is null and e.provider_message_id is not null then
+        -- Two deliveries may carry the id (an ESP reporting on its own and on SMTP-relayed mail, or ids a provider
+        -- reused): the report cannot be attributed, so it changes nothing rather than pick one.
+        select count(*) into v_matches from notify.notification_deliveries x
+         where x.provider = any (notify._provider_family(p_provider)) and x.provider_message_id = e.provider_message_id;
+        if v_matches > 1 then
+            return 'ambiguous';
+        end if;
         select * into d from notify.notification_deliveries x
          where x.provider = any (notify._provider_family(p_provider)) and x.provider_message_id = e.provider_message_id
            for update;
@@ -62,7 +70,13 @@ begin
            set status = e.status,
                reason = case when e.status in ('failed', 'bounced', 'suppressed') then 'provider_reported' else x.reason end,
                provider = coalesce(x.provider, p_provider),
-               provider_message_id = coalesce(x.provider_message_id, e.provider_message_id),
+               -- The report's id is taken only if no other delivery has it (the unique index would fail the webhook).
+               provider_message_id = case
+                   when x.provider_message_id is null and e.provider_message_id is not null
+                        and not exists (select from notify.notification_deliveries y
+                                         where y.provider = coalesce(x.provider, p_provider) and y.provider_message_id = e.provider_message_id
+                                           and not (y.tenant_id = x.tenant_id and y.id = x.id))
+                   then e.provider_message_id else x.provider_message_id end,
                sent_at = case when e.status in ('sent', 'delivered', 'read') then least(x.sent_at, v_at) else x.sent_at end,
                delivered_at = case when e.status in ('delivered', 'read') then least(x.delivered_at, v_at) else x.delivered_at end,
                read_at = case when e.status = 'read' then least(x.read_at, v_at) else x.read_at end,
@@ -83,7 +97,7 @@ begin
 end
 $$;
 comment on function notify._apply_provider_status(text, notify.status_event) is
-    'Applies one provider status report to its delivery if it ranks higher and the move is legal (applied); otherwise only fills timestamps (stale). Flags (opened, clicked, complained, unsubscribed) set their time, imply delivered, and a complaint or unsubscribe revokes consent (flagged). unmatched when no delivery is found.';
+    'Applies one provider status report to its delivery if it ranks higher and the move is legal (applied); otherwise only fills timestamps (stale). A provider message id that two deliveries carry matches neither (ambiguous), and a report never gives its delivery an id another delivery has. Flags (opened, clicked, complained, unsubscribed) set their time, imply delivered, and a complaint or unsubscribe revokes consent (flagged). unmatched when no delivery is found.';
 
 create function notify._record_inbound(p_provider text, m notify.inbound_message)
     returns text

@@ -165,3 +165,27 @@ def test_implicit_tls():
         assert plain.outcome == "retry" and len(fake.received) == 1
     finally:
         controller.stop()
+
+
+def test_an_8bit_body_is_declared_8bitmime(server):
+    m = message(text="Tirada ñ el domingo 🏃")
+    [result] = send(smtp(server.port), m)
+    assert result.outcome == "sent"
+    [got] = server.received
+    assert "BODY=8BITMIME" in [o.upper() for o in got.mail_options]
+    assert got.message.get_body(("plain",)).get_content().strip() == "Tirada ñ el domingo 🏃"
+
+
+def test_the_7bit_copy_is_quoted_printable_and_ascii():
+    from providers.smtp import build_wire
+
+    built = build_wire(message(text="Tirada ñ"), {"from_address": "club@runflow.example"}, None)
+    assert not built.data.isascii() and built.seven_bit is not None and built.seven_bit.isascii()
+    assert b"quoted-printable" in built.seven_bit.lower()
+
+
+def test_one_click_unsubscribe_only_next_to_an_https_link(server):
+    provider = smtp(server.port, ctx(public_url="http://notify.example", unsubscribe_secret="u-secret"))
+    send(provider, message(category="newsletter"))
+    [got] = server.received
+    assert got.message["List-Unsubscribe"].startswith("<http://") and got.message["List-Unsubscribe-Post"] is None

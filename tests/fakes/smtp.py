@@ -50,6 +50,7 @@ class Received:
     recipients: list[str]
     message: EmailMessage
     raw: bytes
+    mail_options: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -76,7 +77,8 @@ class SmtpFake:
                 return script[5:]
         raw = envelope.original_content or envelope.content
         message = message_from_bytes(raw, policy=policy.default)
-        self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), message, raw))  # type: ignore[arg-type]
+        self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), message, raw,  # type: ignore[arg-type]
+                                      list(envelope.mail_options or [])))
         return "250 2.0.0 OK queued as FAKE"
 
     def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:

@@ -1,0 +1,203 @@
+"""Renders template content with a delivery's variables in a hardened, bounded Jinja2 sandbox.
+
+Placeholders are {{ name }} (filters and conditionals work too); a variable the content needs but the
+intent lacks is an error, not an empty string. HTML bodies are autoescaped; subjects and texts are not.
+
+A template is tenant input, so rendering is bounded (docs/security.md, "Templates and the shared worker"):
+- `**`, `*`, `+` and `%` are intercepted: no number over RENDER_MAX_INT_BITS bits, no string or list longer than the
+  output cap, no `%` format with a huge or `*` width;
+- `range` stops at 10,000 items; filters take no integer argument over the output cap, and are never evaluated at
+  compile time (so saving `{{ 'x'|center(10**9) }}` cannot exhaust the API either);
+- output is counted while it is generated and stops at the cap of its field (subject, text, HTML);
+- the worker renders in child processes (runner/render_pool.py) with an address-space limit and a time budget
+  per delivery, so a template that still manages to be slow or large fails alone and never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any
+
+from jinja2 import StrictUndefined, Template, TemplateError, pass_context
+from jinja2.runtime import Context
+from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from jinja2.utils import _PassArg
+
+# Characters Python's str.splitlines() breaks on; the e-mail package refuses a header containing any of them.
+LINE_BREAKS = re.compile("[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+MAX_RANGE = 10_000
+_PERCENT = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Bounds of one render (settings DISPATCHER_RENDER_*; docs/operations.md)."""
+
+    max_chars: int = 64 * 1024            # a text body (e-mail text, SMS, WhatsApp text)
+    max_html_chars: int = 256 * 1024      # an e-mail HTML body
+    max_subject_chars: int = 1024         # an e-mail subject
+    max_int_bits: int = 4096              # the largest number `*` or `**` may produce
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Limits:
+        return cls(max_chars=int(getattr(settings, "render_max_chars", cls.max_chars)),
+                   max_html_chars=int(getattr(settings, "render_max_html_chars", cls.max_html_chars)),
+                   max_subject_chars=int(getattr(settings, "render_max_subject_chars", cls.max_subject_chars)))
+
+
+class RenderError(Exception):
+    """The content cannot be rendered (template gone, variable missing, syntax, a bound hit): the delivery fails."""
+
+
+class OutputTooLarge(RenderError):
+    """The rendered field passed its size cap."""
+
+
+def _check_percent(fmt: str, limit: int) -> None:
+    for m in _PERCENT.finditer(fmt):
+        for width in m.groups():
+            if width == "*" or (width and int(width) > limit):
+                raise SecurityError("%-format width or precision too large")
+
+
+def _check_args(args: tuple[Any, ...], kwargs: dict[str, Any], limit: int) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
+            raise SecurityError(f"argument {value if abs(value) < 10**12 else 'of ' + str(value.bit_length()) + ' bits'} is too large")
+
+
+class BoundedEnvironment(SandboxedEnvironment):
+    """The sandbox with arithmetic, range, filter arguments and constant folding bounded."""
+
+    intercepted_binops = frozenset(["*", "**", "+", "%"])
+
+    def __init__(self, limits: Limits, **options: Any) -> None:
+        super().__init__(undefined=StrictUndefined, keep_trailing_newline=True, **options)
+        self.limits = limits
+        big = max(limits.max_chars, limits.max_html_chars)
+        self._big = big
+        self.globals.pop("lipsum", None)
+        self.globals["range"] = self._range
+        self.filters = {name: self._guard(name, f) for name, f in self.filters.items()}
+
+    def _range(self, *args: int) -> range:
+        rng = range(*args)
+        if len(rng) > MAX_RANGE:
+            raise SecurityError(f"range of more than {MAX_RANGE} items")
+        return rng
+
+    def _guard(self, name: str, f: Any) -> Any:
+        kind, big = _PassArg.from_obj(f), self._big
+
+        # pass_context: Jinja never calls such a filter at compile time (no constant folding of hostile literals).
+        @pass_context
+        def guarded(ctx: Context, value: Any = None, *args: Any, **kwargs: Any) -> Any:
+            if name == "format" and isinstance(value, str):
+                _check_percent(value, big)
+            else:
+                _check_args(args, kwargs, big)
+            if kind is _PassArg.context:
+                return f(ctx, value, *args, **kwargs)
+            if kind is _PassArg.eval_context:
+                return f(ctx.eval_ctx, value, *args, **kwargs)
+            if kind is _PassArg.environment:
+                return f(ctx.environment, value, *args, **kwargs)
+            return f(value, *args, **kwargs)
+
+        return guarded
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        bits, big = self.limits.max_int_bits, self._big
+        ints = isinstance(left, int) and isinstance(right, int)
+        if operator == "**":
+            if ints and right > 0 and max(1, abs(left).bit_length()) * right > bits and abs(left) > 1:
+                raise SecurityError("power too large")
+            return left ** right
+        if operator == "*":
+            if ints and abs(left).bit_length() + abs(right).bit_length() > bits:
+                raise SecurityError("product too large")
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > big:
+                    raise SecurityError("repeated sequence too long")
+            return left * right
+        if operator == "+":
+            if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) and len(left) + len(right) > big:
+                raise SecurityError("concatenation too long")
+            return left + right
+        if operator == "%":
+            if isinstance(left, str):
+                _check_percent(left, big)
+            return left % right
+        return super().call_binop(context, operator, left, right)
+
+
+@functools.lru_cache(maxsize=8)
+def environments(limits: Limits) -> tuple[BoundedEnvironment, BoundedEnvironment]:
+    return BoundedEnvironment(limits, autoescape=False), BoundedEnvironment(limits, autoescape=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(source: str, escape: bool, limits: Limits) -> Template:
+    """Compiling is ~100x the cost of rendering; a batch renders the same few templates many times."""
+    return environments(limits)[escape].from_string(source)
+
+
+def check_syntax(source: str, *, escape: bool = False, limits: Limits = Limits()) -> str | None:
+    """The reason a template cannot be compiled, or None. Used when a template is saved (no caching)."""
+    try:
+        environments(limits)[escape].compile(source)
+    except TemplateError as exc:
+        return exc.message or type(exc).__name__
+    except Exception as exc:  # e.g. RecursionError on absurd nesting, ValueError on a 5,000-digit literal
+        return type(exc).__name__
+    return None
+
+
+def fill(template: str, variables: dict[str, Any], *, escape: bool = False, limit: int | None = None,
+         limits: Limits = Limits()) -> str:
+    """Renders chunk by chunk, stopping as soon as the output passes `limit` characters."""
+    cap = limits.max_chars if limit is None else limit
+    try:
+        out, size = [], 0
+        for chunk in _compiled(template, escape, limits).generate(variables):
+            size += len(chunk)
+            if size > cap:
+                raise OutputTooLarge(f"OutputTooLarge: rendered output over {cap} characters")
+            out.append(chunk)
+        return "".join(out)
+    except TemplateError as exc:
+        raise RenderError(f"{type(exc).__name__}: {exc.message or 'template error'}") from None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def render(channel: str, content: dict[str, Any] | None, variables: dict[str, Any], limits: Limits = Limits()) -> dict[str, Any]:
+    if content is None:
+        raise RenderError("template content not found")
+    if channel == "email":
+        subject = fill(content["subject"], variables, limit=limits.max_subject_chars, limits=limits)
+        out = {"subject": LINE_BREAKS.sub(" ", subject), "text": fill(content["text"], variables, limits=limits)}
+        if content.get("html"):
+            out["html"] = fill(content["html"], variables, escape=True, limit=limits.max_html_chars, limits=limits)
+        return out
+    if channel == "whatsapp" and "name" in content:
+        params, header = content.get("parameters") or [], content.get("header_parameters") or []
+        buttons = content.get("buttons") or []
+        missing = [p for p in [*params, *header, *(b["parameter"] for b in buttons)] if p not in variables]
+        if missing:
+            raise RenderError(f"variable {missing[0]} missing")
+        out: dict[str, Any] = {"template": content["name"], "language": content.get("language") or "en",
+                               "parameters": [_text(variables[p]) for p in params]}
+        if header:
+            out["header_parameters"] = [_text(variables[p]) for p in header]
+        if buttons:
+            out["buttons"] = [{"sub_type": b["sub_type"], "index": int(b["index"]), "value": _text(variables[b["parameter"]])}
+                              for b in buttons]
+        return out
+    return {"text": fill(content["text"], variables, limits=limits)}
