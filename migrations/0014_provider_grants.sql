@@ -48,7 +48,7 @@ create function notify._secret_ref_allowed(p_ref text, g notify.provider_grants)
     returns boolean
     language sql
     immutable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select case
         when p_ref like 'env:%' then coalesce(starts_with(substr(p_ref, 5), g.env_prefix) and length(p_ref) - 4 > length(g.env_prefix), false)
@@ -63,7 +63,7 @@ create function notify._ip_public(p_address inet)
     returns boolean
     language sql
     immutable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select not p_address <<= any (array[
         '0.0.0.0/8', '10.0.0.0/8', '100.64.0.0/10', '127.0.0.0/8', '169.254.0.0/16', '172.16.0.0/12', '192.0.0.0/24',
@@ -77,7 +77,7 @@ create function notify._host_public(p_host text)
     returns boolean
     language plpgsql
     immutable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     -- What can be told without DNS (the worker resolves and checks every address again at each send, see
@@ -103,7 +103,7 @@ create or replace function notify_api.set_channel_provider_v1(p_tenant_id uuid, 
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_provider text;
@@ -222,7 +222,7 @@ create or replace function notify_api.list_channel_providers_v1(p_tenant_id uuid
     language sql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select notify._enter(p_tenant_id);
     select jsonb_agg(jsonb_build_object(
@@ -239,7 +239,7 @@ create function notify_api.set_provider_grants_v1(p_tenant_id uuid, p_env_prefix
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.provider_grants;
@@ -279,7 +279,7 @@ create function notify_api.get_provider_grants_v1(p_tenant_id uuid)
     language sql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select notify._enter(p_tenant_id);
     select jsonb_build_object('env_prefix', g.env_prefix, 'file_dir', g.file_dir, 'private_endpoints', coalesce(g.private_endpoints, false))
@@ -292,7 +292,7 @@ create or replace function notify_api.claim_deliveries_v1(p_channel notify.chann
     returns setof notify.claimed_delivery
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     if p_limit is null or p_limit < 1 or p_limit > 10000 then
@@ -362,7 +362,7 @@ comment on function notify_api.claim_deliveries_v1(notify.channel, integer, inte
 create or replace function notify._settle_owners()
     returns void
     language plpgsql
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     r record;

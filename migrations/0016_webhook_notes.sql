@@ -51,8 +51,8 @@ $$;
 comment on function notify_api.ingest_webhook_v1(text, text, jsonb, notify.status_event[], notify.inbound_message[], text[]) is
     'Stores a verified provider webhook once per (provider, event key), applies its normalized status events by rank and records its inbound messages; p_notes (what the adapter could not apply, and why) are kept as outcomes "kept" with their reason. A duplicate changes nothing.';
 
-comment on column notify.webhook_events.outcomes is 'Per status event: applied, stale (lower rank or illegal), or unmatched (no such delivery); per inbound message its outcome; kept (with a reason) for what the adapter could not apply.';
+comment on column notify.webhook_events.outcomes is 'Per status event: applied, stale (lower rank or illegal), unmatched (no such delivery) or ambiguous (two deliveries carry its provider message id); per inbound message its outcome; kept (with a reason) for what the adapter could not apply.';
 
-revoke execute on all functions in schema notify_api from public;
-grant execute on all functions in schema notify_api to notify_service;
+revoke execute on function notify_api.ingest_webhook_v1(text, text, jsonb, notify.status_event[], notify.inbound_message[], text[]) from public;
+grant execute on function notify_api.ingest_webhook_v1(text, text, jsonb, notify.status_event[], notify.inbound_message[], text[]) to notify_service;
 select notify._settle_owners();

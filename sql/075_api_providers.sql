@@ -32,7 +32,7 @@ create function notify._secret_ref_allowed(p_ref text, g notify.provider_grants)
     returns boolean
     language sql
     immutable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select case
         when p_ref like 'env:%' then coalesce(starts_with(substr(p_ref, 5), g.env_prefix) and length(p_ref) - 4 > length(g.env_prefix), false)
@@ -47,7 +47,7 @@ create function notify._ip_public(p_address inet)
     returns boolean
     language sql
     immutable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select not p_address <<= any (array[
         '0.0.0.0/8', '10.0.0.0/8', '100.64.0.0/10', '127.0.0.0/8', '169.254.0.0/16', '172.16.0.0/12', '192.0.0.0/24',
@@ -61,7 +61,7 @@ create function notify._host_public(p_host text)
     returns boolean
     language plpgsql
     immutable
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 begin
     -- What can be told without DNS (the worker resolves and checks every address again at each send, see
@@ -241,7 +241,7 @@ create function notify_api.set_provider_grants_v1(p_tenant_id uuid, p_env_prefix
     returns jsonb
     language plpgsql
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
 declare
     v notify.provider_grants;
@@ -281,7 +281,7 @@ create function notify_api.get_provider_grants_v1(p_tenant_id uuid)
     language sql
     stable
     security definer
-    set search_path = ''
+    set search_path = pg_catalog, pg_temp
 as $$
     select notify._enter(p_tenant_id);
     select jsonb_build_object('env_prefix', g.env_prefix, 'file_dir', g.file_dir, 'private_endpoints', coalesce(g.private_endpoints, false))
