@@ -144,6 +144,37 @@ def _compiled(source: str, escape: bool, limits: Limits) -> Template:
     return environments(limits)[escape].from_string(source)
 
 
+@functools.lru_cache(maxsize=4096)
+def _only_placeholders(source: str) -> bool:
+    """Whether a template is literal text and bare `{{ name }}` lookups only. Its output is then its own text plus the
+    variables' text (which the submission's body limit bounds), so it renders in linear time with nothing a tenant
+    can make slow or large: no loops, calls, filters, operators, attributes or tests."""
+    from jinja2 import nodes
+
+    try:
+        tree = environments(Limits())[0].parse(source)
+    except Exception:  # noqa: BLE001 - unparsable: the isolated path reports it
+        return False
+    for node in tree.body:
+        if not isinstance(node, nodes.Output):
+            return False
+        for child in node.nodes:
+            if not (isinstance(child, nodes.TemplateData) or (isinstance(child, nodes.Name) and child.ctx == "load")):
+                return False
+    return True
+
+
+def needs_isolation(channel: str, content: dict[str, Any] | None) -> bool:
+    """False for content that renders in bounded time and memory in the worker itself: WhatsApp template parameters
+    (no template engine at all) and texts of bare placeholders. Everything else renders in a child process."""
+    if content is None:
+        return False   # fails at once: "template content not found"
+    if channel == "whatsapp" and "name" in content:
+        return False
+    fields = ("subject", "text", "html") if channel == "email" else ("text",)
+    return not all(_only_placeholders(content[f]) for f in fields if isinstance(content.get(f), str))
+
+
 def check_syntax(source: str, *, escape: bool = False, limits: Limits = Limits()) -> str | None:
     """The reason a template cannot be compiled, or None. Used when a template is saved (no caching)."""
     try:

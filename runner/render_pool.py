@@ -2,7 +2,9 @@
 
 Each child has an address-space limit (RLIMIT_AS, DISPATCHER_RENDER_MEMORY_MB: a huge string is a MemoryError there,
 not the worker's memory) and a time budget per delivery (ITIMER_REAL + SIGALRM, DISPATCHER_RENDER_TIMEOUT_MS: a slow
-loop is interrupted between bytecodes). One call per batch keeps IPC cheap. If a call does not come back in time
+loop is interrupted between bytecodes). One call per batch keeps IPC cheap. Content that cannot be slow or large
+(WhatsApp template parameters, texts of bare `{{ name }}` placeholders: dispatcher.render.needs_isolation) skips the
+children and renders in the worker at once. If a call does not come back in time
 (something stuck inside one C call) or its process dies, the pool is killed and replaced, and that call's deliveries
 are rendered again one by one so that only the poison fails.
 """
@@ -17,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from dispatcher.render import Limits, RenderError, render
+from dispatcher.render import Limits, RenderError, needs_isolation, render
 
 log = logging.getLogger("runner.render")
 Item = tuple[Any, dict[str, Any] | None, dict[str, Any]]   # (content key, content, variables)
@@ -92,7 +94,8 @@ def render_many(channel: str, contents: list[Any], refs: list[tuple[int, dict[st
 
 
 def render_inline(channel: str, items: list[Item], limits: Limits) -> list[Outcome]:
-    """Without isolation (DISPATCHER_RENDER_PROCESSES=0, for debugging only): same outcomes, no time or memory bound."""
+    """In the worker itself: for content that needs no isolation, and for everything with DISPATCHER_RENDER_PROCESSES=0
+    (debugging only: same outcomes, no time or memory bound)."""
     out: list[Outcome] = []
     for _, content, variables in items:
         try:
@@ -173,10 +176,26 @@ class RenderPool:
         return (False, "RenderCrashed: the render process died")
 
     async def render(self, channel: str, items: list[Item]) -> list[Outcome]:
+        """Content that cannot be made slow or large (dispatcher.render.needs_isolation) renders here at once; the rest
+        in the child processes. Outcomes come back in the order of items."""
         if not items:
             return []
         if self.processes <= 0:
             return render_inline(channel, items, self.limits)
+        isolated = [i for i, (_, content, _) in enumerate(items) if needs_isolation(channel, content)]
+        if len(isolated) < len(items):
+            outcomes: list[Outcome | None] = [None] * len(items)
+            chosen = set(isolated)
+            inline = [i for i in range(len(items)) if i not in chosen]
+            for i, outcome in zip(inline, render_inline(channel, [items[i] for i in inline], self.limits), strict=True):
+                outcomes[i] = outcome
+            if isolated:
+                for i, outcome in zip(isolated, await self._isolated(channel, [items[i] for i in isolated]), strict=True):
+                    outcomes[i] = outcome
+            return outcomes  # type: ignore[return-value]
+        return await self._isolated(channel, items)
+
+    async def _isolated(self, channel: str, items: list[Item]) -> list[Outcome]:
         try:
             return await self._call(channel, items)
         except TimeoutError:

@@ -180,9 +180,10 @@ def test_a_nan_or_infinite_timestamp_is_not_fresh(client, db, timestamp):
 
 
 def _whatsapp_tenant(db: psycopg.Connection, tenant: str) -> None:
+    call(db, "notify_api.set_provider_grants_v1(%s, 'NOTIFY_TENANT_ACME_', null, false)", tenant)  # the operator's grant
     call(db, "notify_api.set_channel_provider_v1(%s, 'whatsapp', %s)", tenant, Jsonb({
         "provider": "whatsapp_cloud", "settings": {"phone_number_id": PHONE_ID, "opt_out_keywords": ["STOP", "BAJA"]},
-        "secrets": {"access_token": "env:WA_TOKEN"}}))
+        "secrets": {"access_token": "env:NOTIFY_TENANT_ACME_WA_TOKEN"}}))
     submit(db, tenant, intent(channels=["whatsapp"]))
     db.commit()
 
