@@ -63,16 +63,21 @@ _encode = msgspec.json.Encoder().encode
 class Tenant:
     id: UUID
     key_id: UUID
+    rate: float | None = None   # set when the route's own statement takes the rate token (opt charge="statement")
 
 
 # The request id travels as the transaction setting notify.request_id (the column's default reads it). It is set in
 # the argument list, so it happens before the submission and within the same statement: still one round trip.
 _WITH_REQUEST_ID = ("case when set_config('notify.request_id', coalesce(%(request_id)s, ''), true) is null"
                     " or set_config('notify.traceparent', coalesce(%(traceparent)s, ''), true) is null then null else {} end")
-# The key was checked and charged by the guard (before the body was read); the submission is one statement.
-SUBMIT = ("select s.response::text, s.replayed from notify_api.submit_notification_v1(%(tenant)s, %(body)s::jsonb, "
+# The guard checked the key (read-only, before the body was read); the submission statement takes the rate token last,
+# in its own transaction, so a submission is one commit and the bucket's row lock is held only while it commits.
+SUBMIT = ("select s.response::text, s.replayed, notify_api.charge_api_key_v1(%(key_id)s, %(rate)s) "
+          "from notify_api.submit_notification_v1(%(tenant)s, %(body)s::jsonb, "
           + _WITH_REQUEST_ID.format("%(idempotency_key)s::text") + ") s")
-BATCH = "select notify_api.submit_notifications_v1(%(tenant)s, " + _WITH_REQUEST_ID.format("(%(body)s::jsonb) -> 'items'") + ")::text"
+BATCH = ("select notify_api.submit_notifications_v1(%(tenant)s, " + _WITH_REQUEST_ID.format("(%(body)s::jsonb) -> 'items'")
+         + ")::text, notify_api.charge_api_key_v1(%(key_id)s, %(rate)s)")
+CHARGE = "select notify_api.charge_api_key_v1(%(key_id)s, %(rate)s)"
 
 
 def _json(text: str | None, status: int = 200, headers: dict[str, str] | None = None) -> Response[Any]:
@@ -102,10 +107,14 @@ async def require_key(connection: ASGIConnection[Any, Any, Any, Any], route_hand
     checked in Postgres, in one call. An anonymous caller costs no body parsing and learns nothing about the body."""
     scope = route_handler.opt.get("scope", "admin")
     db: Database = connection.app.state.db
-    row = await db.one("select tenant_id, api_key_id from notify_api.authorize_v1(%s, %s)", (_key_digest(connection), scope))
+    if route_handler.opt.get("charge") == "statement":   # the route's statement takes the token (SUBMIT, BATCH)
+        row = await db.one("select tenant_id, api_key_id, rate_per_second from notify_api.check_api_key_v1(%s, %s)",
+                           (_key_digest(connection), scope))
+    else:
+        row = await db.one("select tenant_id, api_key_id, null from notify_api.authorize_v1(%s, %s)", (_key_digest(connection), scope))
     if row is None:
         raise _unauthorized()
-    connection.state.tenant = Tenant(id=row[0], key_id=row[1])
+    connection.state.tenant = Tenant(id=row[0], key_id=row[1], rate=row[2])
 
 
 async def authenticate(request: Request[Any, Any, Any]) -> Tenant:
@@ -160,7 +169,7 @@ class Notifications(Controller):
     path = "/notifications"
     tags = ["notifications"]
 
-    @post("/", responses=ERRORS, operation_id="submitNotification", opt={"scope": "submit"}, status_code=202,
+    @post("/", responses=ERRORS, operation_id="submitNotification", opt={"scope": "submit", "charge": "statement"}, status_code=202,
           summary="Submit a notification intent",
           description="One delivery per channel (per recipient and channel for a fan-out with `recipients`); suppressed "
                       "deliveries say why. A repeated Idempotency-Key with the same body replays the original response with "
@@ -179,7 +188,7 @@ class Notifications(Controller):
         await _check_callback_url(state, data.callback_url, "callback_url")
         row = await db.one(SUBMIT, {"tenant": tenant.id, "body": body.decode("utf-8"),
                                     "request_id": request_ids.current(), "traceparent": tracing.current_traceparent(),
-                                    "idempotency_key": idempotency_key})
+                                    "idempotency_key": idempotency_key, "key_id": tenant.key_id, "rate": tenant.rate})
         if row is None:
             raise _unauthorized()
         metrics.SUBMISSIONS.labels("replayed" if row[1] else "accepted").inc()
@@ -187,7 +196,8 @@ class Notifications(Controller):
             return _json(row[0], 200, {"Idempotent-Replayed": "true"})
         return _json(row[0], 202)
 
-    @post("/batch", responses=ERRORS, operation_id="submitNotificationBatch", opt={"scope": "submit"}, status_code=200,
+    @post("/batch", responses=ERRORS, operation_id="submitNotificationBatch", opt={"scope": "submit", "charge": "statement"},
+          status_code=200,
           summary="Submit up to 1,000 independent intents",
           description="Each item has its own idempotency key and succeeds or fails alone, a `notification` of the wrong "
                       "shape included; the answer reports each item's outcome (accepted, replayed, or its error) in order. "
@@ -213,10 +223,13 @@ class Notifications(Controller):
             items = [data.items[i] for i in kept] if failed else data.items
             row = await db.one(BATCH, {"tenant": tenant.id, "body": _encode({"items": items}).decode() if failed else
                                        (await request.body()).decode("utf-8"),
-                                       "request_id": request_ids.current(), "traceparent": tracing.current_traceparent()})
+                                       "request_id": request_ids.current(), "traceparent": tracing.current_traceparent(),
+                                       "key_id": tenant.key_id, "rate": tenant.rate})
             answer = msgspec.json.decode(row[0]) if row else {"items": []}
             for position, result in zip(kept, answer["items"], strict=True):
                 results.append({**result, "index": position})
+        else:   # every item failed its shape: the request still takes its token
+            await db.one(CHARGE, {"key_id": tenant.key_id, "rate": tenant.rate})
         results.extend(failed.values())
         results.sort(key=lambda r: r["index"])
         out = {"items": results, **{name: sum(1 for r in results if r["outcome"] == outcome)

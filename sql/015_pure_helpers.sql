@@ -40,6 +40,18 @@ as $$
 $$;
 comment on function notify._default_policy(notify.channel) is 'Consent policy of a channel when the tenant has set none.';
 
+create function notify._is_http_url(p_url text)
+    returns boolean
+    language sql
+    immutable
+    parallel safe
+    set search_path = pg_catalog, pg_temp
+as $$
+    select p_url ~ '^https?://[^\s/?#@]+(/[^\s#]*)?$' and length(p_url) <= 2000
+$$;
+comment on function notify._is_http_url(text) is
+    'The one shape of a callback URL (a tenant''s and a request''s): http(s), a host, no credentials or fragment, at most 2,000 characters. Whether its address is public is decided when it is used (API and worker).';
+
 create function notify._is_final(p_status notify.delivery_status)
     returns boolean
     language sql

@@ -14,7 +14,7 @@ begin
         end if;
         new.seq := old.seq + 1;
         new.updated_at := now();
-        if new.status in ('read', 'bounced', 'suppressed', 'cancelled', 'expired', 'failed', 'delivered') then
+        if notify._is_final(new.status) then
             new.finished_at := coalesce(new.finished_at, now());
         end if;
         if new.status <> 'sending' then

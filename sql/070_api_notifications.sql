@@ -77,7 +77,7 @@ begin
     end if;
     v_callback_url := notify._text_field(p_request, 'callback_url', '', false, 2000);
     if v_callback_url is not null then
-        if v_callback_url !~ '^https?://[^\s/?#@]+(/[^\s#]*)?$' then
+        if not notify._is_http_url(v_callback_url) then
             perform notify._raise('ND400', 'invalid_format', 'callback_url must be an http(s) URL without credentials or fragment', 'callback_url');
         end if;
         if not exists (select from notify.callback_endpoints e where e.tenant_id = p_tenant_id and e.enabled) then

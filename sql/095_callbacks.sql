@@ -12,7 +12,7 @@ create table notify.callback_endpoints (
     enabled boolean not null default true,
     created_at timestamptz not null default now(),
     updated_at timestamptz not null default now(),
-    constraint callback_endpoints_url check (url ~ '^https?://[^\s/?#@]+(/[^\s#]*)?$' and length(url) <= 2000),
+    constraint callback_endpoints_url check (notify._is_http_url(url)),
     constraint callback_endpoints_secret check (secret ~ '^whsec_[A-Za-z0-9+/]{32,}={0,2}$'),
     constraint callback_endpoints_schedule check (cardinality(retry_schedule_ms) between 1 and 20
                                                   and 0 <= all (retry_schedule_ms) and 86400000 >= all (retry_schedule_ms))
@@ -65,7 +65,7 @@ comment on table notify.callback_attempts is
     'Every attempt to post a callback: the receiver''s status code or the error, and what it meant (refused: the URL resolved to a private or loopback address).';
 
 alter table notify.notification_requests add column callback_url text
-    constraint notification_requests_callback_url check (callback_url ~ '^https?://[^\s/?#@]+(/[^\s#]*)?$' and length(callback_url) <= 2000);
+    constraint notification_requests_callback_url check (notify._is_http_url(callback_url));
 comment on column notify.notification_requests.callback_url is 'Where this request''s status callbacks go, instead of the tenant''s callback URL.';
 create index notification_requests_with_callback on notify.notification_requests (tenant_id, id) where callback_url is not null;
 
@@ -176,7 +176,7 @@ begin
     end if;
     perform notify._check_keys(p_body, array['url', 'retry_schedule_ms', 'enabled'], '');
     v_url := notify._text_field(p_body, 'url', '', false, 2000);
-    if v_url is not null and v_url !~ '^https?://[^\s/?#@]+(/[^\s#]*)?$' then
+    if v_url is not null and not notify._is_http_url(v_url) then
         perform notify._raise('ND400', 'invalid_format', 'url must be an http(s) URL without credentials or fragment', 'url');
     end if;
     if p_body ? 'retry_schedule_ms' and jsonb_typeof(p_body -> 'retry_schedule_ms') <> 'null' then
