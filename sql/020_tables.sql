@@ -1,6 +1,8 @@
 -- Tables of notification-dispatcher: tenants, keys, recipients, consent, templates, requests, deliveries.
 -- Written only through notify_api functions; every primary and unique key starts with tenant_id except where noted.
 -- Columns added after a table first landed stand at its end, in the order migrations added them (same column order as a migrated database).
+-- Each table is written whole here (columns, constraints, indexes, comments); provider_grants (sql/075) and the callback
+-- outbox tables (sql/095) stand with the functions of their feature. Triggers: sql/040_triggers.sql.
 
 create table notify.tenants (
     id uuid primary key default gen_random_uuid(),
