@@ -1,6 +1,8 @@
 -- Tables of notification-dispatcher: tenants, keys, recipients, consent, templates, requests, deliveries.
 -- Written only through notify_api functions; every primary and unique key starts with tenant_id except where noted.
 -- Columns added after a table first landed stand at its end, in the order migrations added them (same column order as a migrated database).
+-- Each table is written whole here (columns, constraints, indexes, comments); provider_grants (sql/075) and the callback
+-- outbox tables (sql/095) stand with the functions of their feature. Triggers: sql/040_triggers.sql.
 
 create table notify.tenants (
     id uuid primary key default gen_random_uuid(),
@@ -71,6 +73,10 @@ comment on table notify.channel_providers is
     'Which provider serves a tenant''s channel, its settings, and references to its secrets. No row: the built-in mock provider.';
 comment on column notify.channel_providers.secrets is
     'Secret references only, {"name": "env:VAR" | "file:/path"}; resolved by the worker at send time, never stored.';
+-- A business number belongs to one tenant: inbound messages (the 24-hour window, opt-out keywords) are routed by it.
+-- (Global, not per tenant, like api_clients.key_hash: a webhook names the number before its tenant is known.)
+create unique index channel_providers_phone_number_id_key on notify.channel_providers ((settings ->> 'phone_number_id'))
+    where provider = 'whatsapp_cloud';
 
 create table notify.whatsapp_windows (
     tenant_id uuid not null references notify.tenants (id),
@@ -170,14 +176,20 @@ create table notify.notification_requests (
     metadata jsonb not null default '{}',
     response jsonb,
     created_at timestamptz not null default now(),
+    -- Added by migrations 0005 (request ids), 0006 (status callbacks) and 0008 (tracing), in that order. The two ids
+    -- default to transaction settings, so no notify_api signature carries them (docs/architecture.md).
+    http_request_id text default nullif(current_setting('notify.request_id', true), '')
+        constraint notification_requests_http_request_id check (http_request_id ~ '^[\x21-\x7e]{1,200}$'),
+    callback_url text
+        constraint notification_requests_callback_url check (notify._is_http_url(callback_url)),
+    trace_parent text default nullif(current_setting('notify.traceparent', true), '')
+        constraint notification_requests_trace_parent check (trace_parent ~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'),
     primary key (tenant_id, id),
     foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
     -- The key leads, not tenant_id: an index starting (tenant_id) could be picked for a primary-key lookup (see
     -- docs/architecture.md, "Indexes that tie with the primary key").
     constraint notification_requests_idempotency_key unique (idempotency_key, tenant_id),
-    constraint notification_requests_key_format check (idempotency_key ~ '^[\x21-\x7e]{1,255}$'),
-    http_request_id text default nullif(current_setting('notify.request_id', true), '')
-        constraint notification_requests_http_request_id check (http_request_id ~ '^[\x21-\x7e]{1,200}$')
+    constraint notification_requests_key_format check (idempotency_key ~ '^[\x21-\x7e]{1,255}$')
 );
 comment on table notify.notification_requests is
     'One accepted notification intent. Its idempotency key lives as long as the row.';
@@ -186,6 +198,11 @@ comment on column notify.notification_requests.recipient_id is 'The one recipien
 comment on column notify.notification_requests.response is 'The response given at submission, replayed verbatim for a repeated idempotency key.';
 comment on column notify.notification_requests.http_request_id is
     'The X-Request-ID of the submitting HTTP request (or a direct caller''s transaction setting notify.request_id): ties the API''s, the worker''s and the caller''s log lines together.';
+comment on column notify.notification_requests.callback_url is 'Where this request''s status callbacks go, instead of the tenant''s callback URL.';
+comment on column notify.notification_requests.trace_parent is
+    'The W3C traceparent of the submitting request''s span (transaction setting notify.traceparent), when tracing is on: the worker''s delivery spans continue that trace.';
+-- Partial: only the requests that name their own callback URL (status callbacks, sql/095_callbacks.sql).
+create index notification_requests_with_callback on notify.notification_requests (tenant_id, id) where callback_url is not null;
 
 create table notify.notification_deliveries (
     tenant_id uuid not null,

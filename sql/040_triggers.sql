@@ -1,5 +1,16 @@
--- Triggers on notification_deliveries: the state machine guard and the status history.
--- Fire on every write, whoever makes it; named _NNN_ so alphabetical order is firing order.
+-- Every trigger and its trigger function, grouped by table: the deliveries' state machine guard, status history, callback outbox.
+-- Fire on every write, whoever makes it (notify_api functions, maintenance, a trusted SQL client); nothing calls them directly.
+
+-- Names: functions notify.tg_<table>__<task>, triggers _NNN_<task>. Postgres fires the triggers of one table with the same
+-- timing, level and event in alphabetical order of their names, so that order is firing order.
+
+-- notify.notification_deliveries
+--   before update of status, per row:  _100_check_transition    (refuses an illegal change; sets seq, updated_at, finished_at)
+--   after insert, per statement:       _200_record_event_insert, then _300_queue_callbacks_insert
+--   after update, per statement:       _200_record_event_update, then _300_queue_callbacks_update
+-- _100 comes first because both after triggers copy the seq it sets. The history (_200) and the callback outbox (_300)
+-- neither read what the other writes; the history goes first, and the outbox, which also defers the callbacks task,
+-- last. A statement-level trigger with transition tables takes one event, hence the _insert/_update pairs.
 
 create function notify.tg_notification_deliveries__check_transition()
     returns trigger
@@ -65,3 +76,55 @@ create trigger _200_record_event_update
     after update on notify.notification_deliveries
     referencing old table as old_rows new table as new_rows
     for each statement execute function notify.tg_notification_deliveries__record_event();
+
+-- Status callbacks (sql/095_callbacks.sql): the outbox notify.callback_messages, its endpoints, notify._callback_event and
+-- notify._wake_callbacks are defined there, later in load order; a PL/pgSQL body resolves names when it first runs.
+create function notify.tg_notification_deliveries__queue_callbacks()
+    returns trigger
+    language plpgsql
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_count integer;
+begin
+    -- Statement-level and set-based, like the history trigger: one insert for a whole claim or submission.
+    -- A tenant without callbacks costs one index probe (and under row security only its own row is visible).
+    if not exists (select from notify.callback_endpoints e where e.enabled) then
+        return null;
+    end if;
+    if tg_op = 'INSERT' then
+        insert into notify.callback_messages (tenant_id, notification_id, delivery_id, seq, url, payload)
+        select c.tenant_id, c.request_id, c.id, c.seq, coalesce(r.callback_url, e.url), notify._callback_event(c, null, r)
+          from new_rows c
+          join notify.notification_requests r on r.tenant_id = c.tenant_id and r.id = c.request_id
+          join notify.callback_endpoints e on e.tenant_id = c.tenant_id and e.enabled   -- no endpoint: no secret to sign with
+         where coalesce(r.callback_url, e.url) is not null
+        on conflict (tenant_id, delivery_id, seq) do nothing;
+    else
+        insert into notify.callback_messages (tenant_id, notification_id, delivery_id, seq, url, payload)
+        select c.tenant_id, c.request_id, c.id, c.seq, coalesce(r.callback_url, e.url), notify._callback_event(c, o.status, r)
+          from new_rows c
+          join old_rows o on o.tenant_id = c.tenant_id and o.id = c.id
+          join notify.notification_requests r on r.tenant_id = c.tenant_id and r.id = c.request_id
+          join notify.callback_endpoints e on e.tenant_id = c.tenant_id and e.enabled
+         where c.status is distinct from o.status and coalesce(r.callback_url, e.url) is not null
+        on conflict (tenant_id, delivery_id, seq) do nothing;
+    end if;
+    get diagnostics v_count = row_count;
+    if v_count > 0 then
+        perform notify._wake_callbacks();
+    end if;
+    return null;
+end
+$$;
+comment on function notify.tg_notification_deliveries__queue_callbacks() is
+    'Writes one callback message per delivery status change whose request (or tenant) has a callback URL, in the same transaction, and wakes the callbacks task.';
+
+create trigger _300_queue_callbacks_insert
+    after insert on notify.notification_deliveries
+    referencing new table as new_rows
+    for each statement execute function notify.tg_notification_deliveries__queue_callbacks();
+create trigger _300_queue_callbacks_update
+    after update on notify.notification_deliveries
+    referencing old table as old_rows new table as new_rows
+    for each statement execute function notify.tg_notification_deliveries__queue_callbacks();

@@ -23,11 +23,6 @@ comment on column notify.provider_grants.file_dir is
 comment on column notify.provider_grants.private_endpoints is
     'If true, the tenant''s WhatsApp base_url and SMTP host may be http, private, loopback or single-label hosts (a local relay, the dev stack). Otherwise public only, checked at save time and at every send.';
 
--- A business number belongs to one tenant: inbound messages (the 24-hour window, opt-out keywords) are routed by it.
--- (Global, not per tenant, like api_clients.key_hash: a webhook names the number before its tenant is known.)
-create unique index channel_providers_phone_number_id_key on notify.channel_providers ((settings ->> 'phone_number_id'))
-    where provider = 'whatsapp_cloud';
-
 create function notify._secret_ref_allowed(p_ref text, g notify.provider_grants)
     returns boolean
     language sql

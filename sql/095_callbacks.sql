@@ -1,6 +1,10 @@
--- Status callbacks to callers: every delivery status change is posted to the tenant's (or the request's) callback URL
--- as a Standard Webhooks message. The outbox is notify.callback_messages, written by a trigger in the same transaction
--- as the status change; the worker's "callbacks" task claims, signs, posts and records every attempt.
+-- Status callbacks: the outbox tables, the callback settings functions, and the worker's claim and record of callbacks.
+-- Called by /internal/callbacks routes, GET /internal/notifications/{id}/callbacks, SQL clients and the worker's "callbacks" task.
+
+-- Every delivery status change is posted to the tenant's (or the request's) callback URL as a Standard Webhooks
+-- message. The outbox is notify.callback_messages, written by trigger _300_queue_callbacks_* (sql/040_triggers.sql) in
+-- the same transaction as the status change; a request's own URL is notify.notification_requests.callback_url
+-- (sql/020_tables.sql); the worker's "callbacks" task claims, signs, posts and records every attempt.
 
 create table notify.callback_endpoints (
     tenant_id uuid primary key references notify.tenants (id),
@@ -64,11 +68,6 @@ create table notify.callback_attempts (
 comment on table notify.callback_attempts is
     'Every attempt to post a callback: the receiver''s status code or the error, and what it meant (refused: the URL resolved to a private or loopback address).';
 
-alter table notify.notification_requests add column callback_url text
-    constraint notification_requests_callback_url check (notify._is_http_url(callback_url));
-comment on column notify.notification_requests.callback_url is 'Where this request''s status callbacks go, instead of the tenant''s callback URL.';
-create index notification_requests_with_callback on notify.notification_requests (tenant_id, id) where callback_url is not null;
-
 create function notify._wake_callbacks(p_at timestamptz default null)
     returns void
     language sql
@@ -94,56 +93,6 @@ as $$
 $$;
 comment on function notify._callback_event(notify.notification_deliveries, notify.delivery_status, notify.notification_requests) is
     'The Standard Webhooks payload of one delivery status change: ids, sequence, channel, status and reason, the request''s metadata. No address, no content.';
-
-create function notify.tg_notification_deliveries__queue_callbacks()
-    returns trigger
-    language plpgsql
-    set search_path = pg_catalog, pg_temp
-as $$
-declare
-    v_count integer;
-begin
-    -- Statement-level and set-based, like the history trigger: one insert for a whole claim or submission.
-    -- A tenant without callbacks costs one index probe (and under row security only its own row is visible).
-    if not exists (select from notify.callback_endpoints e where e.enabled) then
-        return null;
-    end if;
-    if tg_op = 'INSERT' then
-        insert into notify.callback_messages (tenant_id, notification_id, delivery_id, seq, url, payload)
-        select c.tenant_id, c.request_id, c.id, c.seq, coalesce(r.callback_url, e.url), notify._callback_event(c, null, r)
-          from new_rows c
-          join notify.notification_requests r on r.tenant_id = c.tenant_id and r.id = c.request_id
-          join notify.callback_endpoints e on e.tenant_id = c.tenant_id and e.enabled   -- no endpoint: no secret to sign with
-         where coalesce(r.callback_url, e.url) is not null
-        on conflict (tenant_id, delivery_id, seq) do nothing;
-    else
-        insert into notify.callback_messages (tenant_id, notification_id, delivery_id, seq, url, payload)
-        select c.tenant_id, c.request_id, c.id, c.seq, coalesce(r.callback_url, e.url), notify._callback_event(c, o.status, r)
-          from new_rows c
-          join old_rows o on o.tenant_id = c.tenant_id and o.id = c.id
-          join notify.notification_requests r on r.tenant_id = c.tenant_id and r.id = c.request_id
-          join notify.callback_endpoints e on e.tenant_id = c.tenant_id and e.enabled
-         where c.status is distinct from o.status and coalesce(r.callback_url, e.url) is not null
-        on conflict (tenant_id, delivery_id, seq) do nothing;
-    end if;
-    get diagnostics v_count = row_count;
-    if v_count > 0 then
-        perform notify._wake_callbacks();
-    end if;
-    return null;
-end
-$$;
-comment on function notify.tg_notification_deliveries__queue_callbacks() is
-    'Writes one callback message per delivery status change whose request (or tenant) has a callback URL, in the same transaction, and wakes the callbacks task.';
-
-create trigger _300_queue_callbacks_insert
-    after insert on notify.notification_deliveries
-    referencing new table as new_rows
-    for each statement execute function notify.tg_notification_deliveries__queue_callbacks();
-create trigger _300_queue_callbacks_update
-    after update on notify.notification_deliveries
-    referencing old table as old_rows new table as new_rows
-    for each statement execute function notify.tg_notification_deliveries__queue_callbacks();
 
 create function notify._callback_json(e notify.callback_endpoints, p_secret text)
     returns jsonb
