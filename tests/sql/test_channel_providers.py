@@ -7,8 +7,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from tests.conftest import call, intent, submit
-from tests.sql.test_claim_and_record import claim
+from tests.conftest import call, claim, intent, submit
 
 WA = {"provider": "whatsapp_cloud", "settings": {"phone_number_id": "106540352242922", "rate_per_second": 20},
       "secrets": {"access_token": "env:TEST_WA_TOKEN"}}

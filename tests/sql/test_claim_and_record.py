@@ -8,24 +8,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from tests.conftest import call, intent, submit
-
-CLAIM = "select * from notify_api.claim_deliveries_v1(%s::notify.channel, %s, %s)"
-RECORD = ("select delivery_id, status::text, applied from notify_api.record_attempts_v1("
-          "array(select r from jsonb_populate_recordset(null::notify.attempt_result, %s) r))")
-
-
-def claim(conn: psycopg.Connection, channel: str, limit: int = 100, lease: int = 60) -> list[tuple]:
-    return conn.execute(CLAIM, (channel, limit, lease)).fetchall()
-
-
-def record(conn: psycopg.Connection, *results: dict) -> list[tuple]:
-    return conn.execute(RECORD, (Jsonb(list(results)),)).fetchall()
-
-
-def result(row: tuple, outcome: str, **extra: object) -> dict:
-    return {"tenant_id": str(row[0]), "delivery_id": str(row[1]), "attempt": row[2], "outcome": outcome, "provider": "mock", **extra}
-
+from tests.conftest import call, claim, intent, record, result, submit
 
 def status(conn: psycopg.Connection, delivery_id: object) -> tuple:
     return conn.execute("select status::text, attempt, reason from notify.notification_deliveries where id = %s", (delivery_id,)).fetchone()

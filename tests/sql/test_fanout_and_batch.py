@@ -6,8 +6,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from tests.conftest import call, intent, submit
-from tests.sql.test_claim_and_record import claim
+from tests.conftest import call, claim, intent, submit
 
 
 def fanout(n: int, **overrides: object) -> dict:

@@ -8,8 +8,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from tests.conftest import intent, submit
-from tests.sql.test_claim_and_record import claim, record, result
+from tests.conftest import claim, intent, record, result, submit
 
 INGEST = ("select notify_api.ingest_webhook_v1(%s, %s, %s, "
           "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r))")
