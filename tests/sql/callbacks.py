@@ -9,6 +9,7 @@ from psycopg.types.json import Jsonb
 
 from providers.standard_webhooks import new_secret
 from runner.callbacks import CLAIM, RECORD
+
 from tests.conftest import call
 
 URL = "https://hooks.runflow.example/notify"

@@ -7,6 +7,7 @@ import psycopg
 import pytest
 
 from dispatcher import keys
+
 from tests.conftest import call
 
 CHECK = "select tenant_id, api_key_id, rate_per_second from notify_api.check_api_key_v1(%s, %s)"

@@ -7,6 +7,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from providers.standard_webhooks import new_secret
+
 from tests.conftest import call
 from tests.sql.callbacks import URL, configure
 
