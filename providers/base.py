@@ -30,6 +30,18 @@ class Message(msgspec.Struct, kw_only=True, frozen=True):
         return f"{self.tenant_id}:{self.delivery_id}"
 
 
+def parse_correlation_id(value: Any) -> tuple[UUID | None, UUID | None]:
+    """(tenant_id, delivery_id) from what `Message.correlation_id` wrote, as a provider hands it back; (None, None) for
+    anything else (not a string, not two UUIDs joined by one colon)."""
+    if isinstance(value, str) and value.count(":") == 1:
+        try:
+            tenant, delivery = value.split(":")
+            return UUID(tenant), UUID(delivery)
+        except ValueError:
+            pass
+    return None, None
+
+
 class SendResult(msgspec.Struct, kw_only=True, frozen=True):
     """What happened to one provider call; becomes a notify.attempt_result."""
 

@@ -16,7 +16,6 @@ import hmac
 import math
 import time
 from typing import Any
-from uuid import UUID
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -24,17 +23,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from providers.base import ConfigurationError, ParsedWebhook, StatusEvent, WebhookRejected, body_key, obj, salvage, text, why
-
-
-def _correlation(value: Any) -> tuple[UUID | None, UUID | None]:
-    if isinstance(value, str) and value.count(":") == 1:
-        try:
-            tenant, delivery = value.split(":")
-            return UUID(tenant), UUID(delivery)
-        except ValueError:
-            pass
-    return None, None
+from providers.base import (
+    ConfigurationError, ParsedWebhook, StatusEvent, WebhookRejected, body_key, obj, parse_correlation_id, salvage, text, why,
+)
 
 
 def _when(ts: Any) -> dt.datetime | None:
@@ -110,7 +101,7 @@ class SendGridWebhooks:
 
     @staticmethod
     def _event(item: dict[str, Any]) -> StatusEvent | None:
-        tenant_id, delivery_id = _correlation(item.get("nd_correlation"))
+        tenant_id, delivery_id = parse_correlation_id(item.get("nd_correlation"))
         common = {"tenant_id": tenant_id, "delivery_id": delivery_id, "occurred_at": _when(item.get("timestamp")),
                   "provider_message_id": (text(item.get("smtp-id"), 500) or "").strip("<>") or None}
         kind = item.get("event")
@@ -168,7 +159,7 @@ class MailgunWebhooks:
         data = obj(obj(whole).get("event-data"))
         if not data:
             return ParsedWebhook(event_key=key, payload=whole, events=[], notes=["no event-data object: nothing applied"])
-        tenant_id, delivery_id = _correlation(obj(data.get("user-variables")).get("nd_correlation"))
+        tenant_id, delivery_id = parse_correlation_id(obj(data.get("user-variables")).get("nd_correlation"))
         message_id = text(obj(obj(data.get("message")).get("headers")).get("message-id"), 500)
         common = {"tenant_id": tenant_id, "delivery_id": delivery_id, "occurred_at": _when(data.get("timestamp")),
                   "provider_message_id": message_id.strip("<>") if message_id else None}

@@ -17,13 +17,14 @@ import random
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
-from uuid import UUID
 
 import httpx
 import msgspec
 
 from providers import standard_webhooks
-from providers.base import Message, ParsedWebhook, SendResult, StatusEvent, WebhookRejected, obj, salvage, text, why
+from providers.base import (
+    Message, ParsedWebhook, SendResult, StatusEvent, WebhookRejected, obj, parse_correlation_id, salvage, text, why,
+)
 
 NAME = "mock"
 log = logging.getLogger("providers.mock")
@@ -194,14 +195,7 @@ class MockWebhooks:
             occurred_at, notes = None, [f"timestamp ignored: {why(exc)}"]
         else:
             notes = []
-        correlation = text(data.get("correlation_id"))
-        tenant_id = delivery_id = None
-        if correlation and correlation.count(":") == 1:
-            try:
-                tenant_raw, delivery_raw = correlation.split(":")
-                tenant_id, delivery_id = UUID(tenant_raw), UUID(delivery_raw)
-            except ValueError:
-                tenant_id = delivery_id = None
+        tenant_id, delivery_id = parse_correlation_id(text(data.get("correlation_id")))
         status = data.get("status")
         if status not in ("sent", "delivered", "read", "failed"):
             return ParsedWebhook(event_key=webhook_id, payload=payload, events=[], notes=[*notes, "no known status: not applied"])

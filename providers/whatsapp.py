@@ -20,14 +20,14 @@ import hmac
 import logging
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
-from uuid import UUID
 
 import httpx
 import msgspec
 
 from dispatcher.callback_urls import UnsafeUrl
 from providers.base import (
-    InboundMessage, Message, ParsedWebhook, ProviderContext, SendResult, StatusEvent, WebhookRejected, body_key, obj, salvage, text, why,
+    InboundMessage, Message, ParsedWebhook, ProviderContext, SendResult, StatusEvent, WebhookRejected, body_key, obj,
+    parse_correlation_id, salvage, text, why,
 )
 from providers.secrets import Grants, SecretMissing, endpoint, resolve
 
@@ -235,16 +235,6 @@ def _time(ts: str | None) -> dt.datetime | None:
         return None
 
 
-def _correlation(value: str | None) -> tuple[UUID | None, UUID | None]:
-    if value and value.count(":") == 1:
-        try:
-            tenant, delivery = value.split(":")
-            return UUID(tenant), UUID(delivery)
-        except ValueError:
-            pass
-    return None, None
-
-
 class WhatsAppWebhooks:
     """POST /public/webhooks/whatsapp: X-Hub-Signature-256 with any configured app secret."""
 
@@ -286,7 +276,7 @@ class WhatsAppWebhooks:
                         continue
                     if s.status not in STATUSES:
                         continue
-                    tenant_id, delivery_id = _correlation(s.biz_opaque_callback_data)
+                    tenant_id, delivery_id = parse_correlation_id(s.biz_opaque_callback_data)
                     error = s.errors[0] if s.errors else None
                     if error is not None and s.status == "failed" and account_level(error.code):
                         log.error("whatsapp account needs an operator", extra={"error_code": f"whatsapp_{error.code}"})

@@ -24,6 +24,7 @@ from pytest_postgresql import factories
 from dispatcher import keys, schema
 from dispatcher.embedded import FAST_TEST_SETTINGS, EmbeddedPostgres
 from providers.standard_webhooks import new_secret
+from runner.tasks import CLAIM, RECORD
 
 warnings.filterwarnings("ignore", module="platformdirs")
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,6 +166,21 @@ def submit(conn: psycopg.Connection, tenant: str, body: dict[str, Any], key: str
                        (tenant, Jsonb(body), key)).fetchone()
     assert row is not None
     return row[0], row[1]
+
+
+def claim(conn: psycopg.Connection, channel: str, limit: int = 100, lease: int = 60) -> list[tuple]:
+    """Claims as the worker does (its own statement, runner.tasks.CLAIM)."""
+    return conn.execute(CLAIM, {"channel": channel, "limit": limit, "lease": lease}).fetchall()
+
+
+def record(conn: psycopg.Connection, *results: dict) -> list[tuple]:
+    """Records outcomes as the worker does (its own statement, runner.tasks.RECORD): (delivery_id, status, applied) rows."""
+    return conn.execute(RECORD, {"results": Jsonb(list(results))}).fetchall()
+
+
+def result(row: tuple, outcome: str, **extra: object) -> dict:
+    """A notify.attempt_result for a claimed row."""
+    return {"tenant_id": str(row[0]), "delivery_id": str(row[1]), "attempt": row[2], "outcome": outcome, "provider": "mock", **extra}
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ from psycopg.types.json import Jsonb
 
 from dispatcher import schema
 from tests.conftest import APP_ROLES, app_url, intent
-from tests.test_migrations import empty_db  # noqa: F401  (fixture)
+from tests.catalog.test_migrations import empty_db  # noqa: F401  (fixture)
 
 GROUPS = ("notify_service", "notify_caller")
 PINNED = {"pg_catalog, pg_temp", "pg_catalog, public, pg_temp"}

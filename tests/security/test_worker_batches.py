@@ -15,13 +15,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from providers.base import Message
-from tests.conftest import app_url, call, intent, submit
-from tests.test_smtp import TENANT, server, smtp  # noqa: F401 - `server` is the aiosmtpd fixture
-
-CLAIM = "select * from notify_api.claim_deliveries_v1(%s::notify.channel, %s, %s)"
-RECORD = ("select delivery_id, status::text, applied from notify_api.record_attempts_v1("
-          "array(select r from jsonb_populate_recordset(null::notify.attempt_result, %s) r))")
-
+from tests.conftest import app_url, call, claim, intent, record, submit
+from tests.providers.test_smtp import TENANT, server, smtp  # noqa: F401 - `server` is the aiosmtpd fixture
 
 def worker(db_url: str) -> psycopg.Connection:
     """The worker's own login (notify_service): what a real worker can do, nothing more."""
@@ -45,11 +40,11 @@ def test_reused_provider_message_ids_give_each_row_its_own_outcome(db, ready, db
     for tenant in (ready, other, ready, other):
         submit(db, tenant, intent(channels=["email"]))
     with worker(db_url) as w:
-        first, *batch = w.execute(CLAIM, ("email", 1, 60)).fetchall() + w.execute(CLAIM, ("email", 3, 60)).fetchall()
-        w.execute(RECORD, (Jsonb([sent(first, "wamid.0")]),))
+        first, *batch = claim(w, "email", 1) + claim(w, "email", 3)
+        record(w, sent(first, "wamid.0"))
         # One batch: b reuses a's id, c reuses the id an earlier delivery already has.
         a, b, c = batch
-        out = w.execute(RECORD, (Jsonb([sent(a, "wamid.1"), sent(b, "wamid.1"), sent(c, "wamid.0")]),)).fetchall()
+        out = record(w, sent(a, "wamid.1"), sent(b, "wamid.1"), sent(c, "wamid.0"))
         assert {r[1] for r in out} == {"sent"} and all(r[2] for r in out)
         ids = {delivery(db, r[1])[1] for r in (a, b)}
         assert ids == {"wamid.1", None}
@@ -74,8 +69,8 @@ def test_a_report_for_an_id_two_deliveries_carry_changes_neither(db, ready, db_u
     for _ in range(2):
         submit(db, ready, intent(channels=["email"]))
     with worker(db_url) as w:
-        a, b = w.execute(CLAIM, ("email", 2, 60)).fetchall()
-        w.execute(RECORD, (Jsonb([{**sent(a, "esp-1"), "provider": "smtp"}, {**sent(b, "esp-1"), "provider": "sendgrid"}]),))
+        a, b = claim(w, "email", 2)
+        record(w, {**sent(a, "esp-1"), "provider": "smtp"}, {**sent(b, "esp-1"), "provider": "sendgrid"})
         event = {"provider_message_id": "esp-1", "status": "delivered"}
         result = w.execute("select notify_api.ingest_webhook_v1('sendgrid', 'evt-amb', '{}', "
                            "array(select e from jsonb_populate_recordset(null::notify.status_event, %s) e))", (Jsonb([event]),)).fetchone()[0]
@@ -89,7 +84,7 @@ def test_an_expired_lease_counts_against_the_retry_budget(db, ready, db_url):
     with worker(db_url) as w:
         attempts = []
         for _ in range(5):   # a poison that kills its batch every time: claimed, never recorded, lease expires
-            rows = w.execute(CLAIM, ("email", 10, 0)).fetchall()
+            rows = claim(w, "email", 10, 0)
             if not rows:
                 break
             attempts.append(rows[0][2])

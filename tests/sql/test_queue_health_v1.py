@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import intent, submit
-from tests.sql.test_claim_and_record import claim, record, result
+from tests.conftest import claim, intent, record, result, submit
 
 
 def health(db):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import call, intent, submit
-from tests.sql.test_claim_and_record import claim, record, result
+from tests.conftest import call, claim, intent, record, result, submit
 
 
 def test_expired_leases_follow_the_channel_crash_policy(db, ready):

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import REMINDER, Service, call, intent, start_service, stop_service, url_of
 from tests.fakes.graph_api import GraphFake
 from tests.fakes.smtp import SmtpFake
-from tests.test_email_webhooks import SendGridKeys
+from tests.providers.test_email_webhooks import SendGridKeys
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,7 @@ from psycopg.types.json import Jsonb
 
 from providers.base import WebhookRejected
 from providers.email_webhooks import MailgunWebhooks, SendGridWebhooks
-from tests.conftest import call, intent, submit
-from tests.sql.test_claim_and_record import claim, record, result
+from tests.conftest import call, claim, intent, record, result, submit
 
 TENANT, DELIVERY = uuid.uuid4(), uuid.uuid4()
 

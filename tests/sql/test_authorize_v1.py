@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from dispatcher import keys
+
 from tests.conftest import call
 
 AUTHORIZE = "select tenant_id from notify_api.authorize_v1(%s, %s)"
@@ -28,41 +29,6 @@ def test_a_key_is_allowed_only_its_scopes(db, tenant):
         with pytest.raises(psycopg.Error) as err:
             db.execute(AUTHORIZE, (keys.digest(key), scope))
         assert (err.value.sqlstate, err.value.diag.constraint_name) == ("ND403", "insufficient_scope")
-
-
-def test_scopes_are_checked(db, tenant):
-    with pytest.raises(psycopg.Error) as err:
-        new_key(db, tenant, ["superuser"])
-    assert err.value.sqlstate == "ND422" and err.value.diag.column_name == "scopes"
-
-
-def test_rotation_keeps_the_old_key_for_the_overlap_window(db, tenant):
-    old, info = new_key(db, tenant, ["submit"])
-    fresh = keys.generate()
-    out = call(db, "notify_api.rotate_api_key_v1(%s, %s, %s, %s, 3600)", tenant, info["id"], keys.display_prefix(fresh), keys.digest(fresh))
-    assert out["replaces"] == info["id"] and out["scopes"] == ["submit"]
-    assert db.execute(AUTHORIZE, (keys.digest(old), "submit")).fetchone() is not None
-    assert db.execute(AUTHORIZE, (keys.digest(fresh), "submit")).fetchone() is not None
-    db.execute("update notify.api_clients set expires_at = now() - interval '1 second' where id = %s", (info["id"],))
-    assert db.execute(AUTHORIZE, (keys.digest(old), "submit")).fetchone() is None
-    assert db.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(old),)).fetchone() is None
-    with pytest.raises(psycopg.Error) as err:
-        call(db, "notify_api.rotate_api_key_v1(%s, %s, %s, %s, 0)", tenant, info["id"], "p", keys.digest(keys.generate()))
-    assert err.value.sqlstate == "ND404"
-
-
-def test_each_key_is_held_to_its_tenants_rate(db, tenant):
-    call(db, "notify_api.set_api_rate_v1(%s, 3)", tenant)
-    a, _ = new_key(db, tenant)
-    b, _ = new_key(db, tenant)
-    for _ in range(3):
-        db.execute(AUTHORIZE, (keys.digest(a), "read"))
-    with pytest.raises(psycopg.Error) as err:
-        db.execute(AUTHORIZE, (keys.digest(a), "read"))
-    assert (err.value.sqlstate, err.value.diag.constraint_name) == ("ND429", "rate_limited")
-    assert db.execute(AUTHORIZE, (keys.digest(b), "read")).fetchone() is not None   # another key has its own budget
-    with pytest.raises(psycopg.Error):
-        call(db, "notify_api.set_api_rate_v1(%s, 0)", tenant)
 
 
 def test_a_fast_keys_bucket_is_sharded_so_requests_do_not_queue_on_one_row(db, tenant, connect):

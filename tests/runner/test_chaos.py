@@ -2,7 +2,7 @@
 one backlog. A checker then proves nothing was lost, WhatsApp was never sent twice, and counts e-mail duplicates.
 
 The suite (and CI) runs the full size, 20,000 deliveries and 20 kills (about 25 s here); CHAOS_DELIVERIES and
-CHAOS_KILLS change it, e.g. `CHAOS_DELIVERIES=50000 CHAOS_KILLS=40 scripts/test.sh tests/test_chaos.py -s`."""
+CHAOS_KILLS change it, e.g. `CHAOS_DELIVERIES=50000 CHAOS_KILLS=40 scripts/test.sh tests/runner/test_chaos.py -s`."""
 
 from __future__ import annotations
 

@@ -187,3 +187,8 @@ def test_every_delivery_starts_its_history(db, ready):
     response, _ = submit(db, ready, intent())
     rows = db.execute("select seq, from_status, to_status, source from notify.delivery_events order by delivery_id").fetchall()
     assert sorted(rows) == [(1, None, "queued", "submit")] * 2
+
+
+def test_recipient_locale_from_the_intent_updates_the_stored_one(db, ready):
+    submit(db, ready, intent(recipient={"ref": "runner-42", "locale": "pt-BR"}))
+    assert call(db, "notify_api.get_recipient_v1(%s, 'runner-42')", ready)["locale"] == "pt-BR"

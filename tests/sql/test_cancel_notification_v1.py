@@ -7,8 +7,7 @@ import threading
 import psycopg
 import pytest
 
-from tests.conftest import call, intent, submit
-from tests.sql.test_claim_and_record import claim, record, result
+from tests.conftest import call, claim, intent, record, result, submit
 
 
 def test_cancel_cancels_what_is_waiting(db, ready):
