@@ -151,7 +151,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         if not values.get("database_url") and "database_url" not in overrides:
             raise SystemExit("DATABASE_URL is not set (dispatcher dev starts an embedded Postgres instead)")
         if values.get("mock_webhook_url") is None and "mock_webhook_url" not in overrides:
-            values["mock_webhook_url"] = f"http://127.0.0.1:{overrides.get('port', values['port'])}/public/webhooks/mock"
+            port = overrides["port"] if "port" in overrides else values["port"]
+            values["mock_webhook_url"] = f"http://127.0.0.1:{port}/public/webhooks/mock"
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
 
