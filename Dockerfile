@@ -13,6 +13,7 @@ COPY dispatcher ./dispatcher
 COPY api ./api
 COPY runner ./runner
 COPY providers ./providers
+COPY cli ./cli
 COPY dispatcher_client ./dispatcher_client
 COPY sql ./sql
 COPY migrations ./migrations

@@ -25,6 +25,8 @@ from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 from jinja2.utils import _PassArg
 
+from dispatcher.settings import DECLARED, Settings
+
 # Characters Python's str.splitlines() breaks on; the e-mail package refuses a header containing any of them.
 LINE_BREAKS = re.compile("[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 MAX_RANGE = 10_000
@@ -35,16 +37,15 @@ _PERCENT = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
 class Limits:
     """Bounds of one render (settings DISPATCHER_RENDER_*; docs/operations.md)."""
 
-    max_chars: int = 64 * 1024            # a text body (e-mail text, SMS, WhatsApp text)
-    max_html_chars: int = 256 * 1024      # an e-mail HTML body
-    max_subject_chars: int = 1024         # an e-mail subject
+    max_chars: int = DECLARED["render_max_chars"].default                  # a text body (e-mail text, SMS, WhatsApp text)
+    max_html_chars: int = DECLARED["render_max_html_chars"].default        # an e-mail HTML body
+    max_subject_chars: int = DECLARED["render_max_subject_chars"].default  # an e-mail subject
     max_int_bits: int = 4096              # the largest number `*` or `**` may produce
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Limits:
-        return cls(max_chars=int(getattr(settings, "render_max_chars", cls.max_chars)),
-                   max_html_chars=int(getattr(settings, "render_max_html_chars", cls.max_html_chars)),
-                   max_subject_chars=int(getattr(settings, "render_max_subject_chars", cls.max_subject_chars)))
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(max_chars=settings.render_max_chars, max_html_chars=settings.render_max_html_chars,
+                   max_subject_chars=settings.render_max_subject_chars)
 
 
 class RenderError(Exception):

@@ -87,13 +87,42 @@ class ParsedWebhook(msgspec.Struct, kw_only=True, frozen=True):
     notes: list[str] = []
 
 
+class ProviderSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """The deployment's settings a provider or a webhook adapter may read, and nothing else (no database URL, no API or
+    worker knobs). Each is declared once, with its environment variable and default, in dispatcher/settings.py (group
+    "providers"); the worker and the API build this view with `ProviderSettings.of(settings)`. No defaults here on
+    purpose: they are Settings' (tests/test_settings.py checks that the names and types agree)."""
+
+    mock_webhook_secret: str | None
+    mock_webhook_url: str | None
+    mock_latency_ms: float
+    mock_failure_rate: float
+    mock_status_delay_ms: float
+    mock_outcomes: dict[str, str]
+    mock_record: bool
+    webhook_tolerance_seconds: int
+    whatsapp_app_secrets: list[str]
+    whatsapp_verify_token: str | None
+    sendgrid_verification_key: str | None
+    mailgun_signing_key: str | None
+    public_url: str | None
+    unsubscribe_secret: str | None
+
+    @classmethod
+    def of(cls, settings: object) -> ProviderSettings:
+        """The providers' part of a Settings (any object with these attributes); a ProviderSettings as it is."""
+        if isinstance(settings, cls):
+            return settings
+        return cls(**{name: getattr(settings, name) for name in cls.__struct_fields__})
+
+
 @dataclasses.dataclass(frozen=True)
 class ProviderContext:
-    """What a provider may use of the worker: shared pacing, the mock outbox, settings."""
+    """What a provider may use of the worker: shared pacing, the mock outbox, the providers' settings."""
 
     take_tokens: Callable[[str, float, int], Awaitable[int]]
     record_mock: Callable[[list[dict[str, Any]]], Awaitable[None]]
-    settings: Any
+    settings: ProviderSettings
 
 
 class ConfigurationError(Exception):

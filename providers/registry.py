@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dispatcher.settings import Settings
-from providers.base import Provider, ProviderContext, WebhookAdapter
+from providers.base import Provider, ProviderContext, ProviderSettings, WebhookAdapter
 from providers.email_webhooks import MailgunWebhooks, SendGridWebhooks
 from providers.mock import MockProvider, MockWebhooks
 from providers.secrets import Grants
@@ -22,13 +21,15 @@ def provider_for(name: str, config: dict[str, Any] | None, ctx: ProviderContext)
         return WhatsAppCloud(settings, secrets, ctx, grants)
     if name == "smtp":
         return Smtp(settings, secrets, ctx, grants)
-    s: Settings = ctx.settings
+    s = ctx.settings
     return MockProvider(record=ctx.record_mock, webhook_url=s.mock_webhook_url, webhook_secret=s.mock_webhook_secret,
                         latency_ms=s.mock_latency_ms, failure_rate=s.mock_failure_rate,
                         status_delay_ms=s.mock_status_delay_ms, outcomes=s.mock_outcomes, record_messages=s.mock_record)
 
 
-def webhook_adapters(settings: Settings) -> dict[str, WebhookAdapter]:
+def webhook_adapters(settings: ProviderSettings | object) -> dict[str, WebhookAdapter]:
+    """The webhook adapters, from the providers' settings (or a whole Settings, of which only that part is read)."""
+    settings = ProviderSettings.of(settings)
     tolerance = settings.webhook_tolerance_seconds
     return {
         "mock": MockWebhooks([s for s in (settings.mock_webhook_secret or "").split() if s], tolerance),

@@ -101,8 +101,8 @@ class Smtp:
         self._transactional = set(settings.get("transactional_categories") or ["transactional"])
 
     def _unsubscribe_url(self, message: Message) -> str | None:
-        base = self._settings.get("public_url") or getattr(self._ctx.settings, "public_url", None)
-        secret = getattr(self._ctx.settings, "unsubscribe_secret", None)
+        base = self._settings.get("public_url") or self._ctx.settings.public_url
+        secret = self._ctx.settings.unsubscribe_secret
         if message.category is None or message.category in self._transactional or not base or not secret:
             return None
         return f"{str(base).rstrip('/')}/public/unsubscribe/{make_token(secret, message.tenant_id, message.delivery_id)}"

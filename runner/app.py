@@ -3,22 +3,26 @@
 The connection string comes from DATABASE_URL when the pool opens (not at import), so other
 code and tests can derive apps for other databases with `app.with_connector(...)`.
 
-Whichever CLI starts the worker, it is set up the same way, in `DispatcherApp.run_worker_async` (the one call both
+Whichever CLI starts the worker, it is set up the same way, in `WorkerApp.run_worker_async` (the one call both
 make): JSON logs with masking, tracing, DISPATCHER_WORKER_METRICS_PORT, the settings in the job context, and the
-providers closed at the end. Loaded by procrastinate's own CLI, this module also takes over that CLI's logging (which
-would otherwise be plain text) and routes its console messages through the JSON logs.
+providers closed at the end. The tasks (runner/tasks.py) import this module and register on `app`; procrastinate
+imports them through `import_paths` when a worker starts or a task is deferred by name. Loaded by procrastinate's own
+CLI, this module also takes over that CLI's logging (which would otherwise be plain text) and routes its console
+messages through the JSON logs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import sys
 from typing import Any
 
 import msgspec
 import procrastinate
+
+from dispatcher import settings as declared
+from dispatcher.settings import Settings
+from runner.context import close_all
 
 log = logging.getLogger("runner")
 
@@ -28,11 +32,11 @@ class _LazyConninfoConnector(procrastinate.PsycopgConnector):
 
     async def open_async(self, pool=None, **kwargs):  # type: ignore[no-untyped-def]
         if pool is None and not self._pool_args.get("conninfo"):
-            self._pool_args["conninfo"] = os.environ.get("DATABASE_URL", "")
+            self._pool_args["conninfo"] = declared.read("database_url") or ""
         return await super().open_async(pool, **kwargs)
 
 
-def make_connector(conninfo: str = "", *, max_size: int = int(os.environ.get("DISPATCHER_WORKER_POOL_MAX", "20"))) -> procrastinate.PsycopgConnector:
+def make_connector(conninfo: str = "", *, max_size: int = declared.read("worker_pool_max")) -> procrastinate.PsycopgConnector:
     # msgspec for the jsonb the worker exchanges with Postgres (a batch is hundreds of objects each way).
     kwargs = {"min_size": 1, "max_size": max_size, "kwargs": {"application_name": "dispatcher-worker"},
               "json_dumps": msgspec.json.encode, "json_loads": msgspec.json.decode}
@@ -41,43 +45,30 @@ def make_connector(conninfo: str = "", *, max_size: int = int(os.environ.get("DI
     return _LazyConninfoConnector(**kwargs)
 
 
-_settings: Any = None
+_settings: Settings | None = None
 
 
-def prepare_process() -> Any:
+def prepare_process() -> Settings:
     """Once per worker process: settings, JSON masked logs, tracing, the metrics listener. Returns the Settings."""
     global _settings
     if _settings is None:
         from dispatcher import logs, tracing
-        from dispatcher.settings import Settings
 
         settings = Settings.from_env()
         logs.configure(settings.log_level)
         tracing.setup("dispatcher-worker")
-        metrics_port = os.environ.get("DISPATCHER_WORKER_METRICS_PORT")
-        if metrics_port:
+        if settings.worker_metrics_port:
             from prometheus_client import start_http_server
 
             from dispatcher import metrics
 
             metrics.register_queue_health(settings.database_url)
-            start_http_server(int(metrics_port), addr=os.environ.get("DISPATCHER_WORKER_METRICS_HOST", "127.0.0.1"))
+            start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
         _settings = settings
     return _settings
 
 
-async def close_providers() -> None:
-    """Pending mock status reports get a few seconds; a supervisor must see the exit promptly."""
-    from runner.tasks import _dispatchers, _senders
-
-    for d in [*_dispatchers.values(), *_senders.values()]:
-        try:
-            await asyncio.wait_for(d.aclose(), timeout=10)
-        except (TimeoutError, Exception):  # noqa: BLE001
-            log.warning("provider did not close in time")
-
-
-class DispatcherApp(procrastinate.App):
+class WorkerApp(procrastinate.App):
     """procrastinate's App whose worker is set up as our production worker, whichever CLI runs it."""
 
     async def run_worker_async(self, **kwargs: Any) -> None:
@@ -86,7 +77,7 @@ class DispatcherApp(procrastinate.App):
         try:
             await super().run_worker_async(**kwargs)
         finally:
-            await close_providers()
+            await close_all()   # the drainers and senders made for this App's jobs
 
 
 def _adopt_procrastinate_cli() -> None:
@@ -97,7 +88,7 @@ def _adopt_procrastinate_cli() -> None:
 
     from dispatcher import logs
 
-    logs.configure(os.environ.get("DISPATCHER_LOG_LEVEL", "INFO"))
+    logs.configure(declared.read("log_level"))
     cli_log = logging.getLogger("runner.cli")
 
     def print_stderr(*args: Any) -> None:
@@ -107,7 +98,7 @@ def _adopt_procrastinate_cli() -> None:
     procrastinate.cli.print_stderr = print_stderr  # type: ignore[assignment]
 
 
-app = DispatcherApp(
+app = WorkerApp(
     connector=make_connector(),
     import_paths=["runner.tasks"],
     worker_defaults={
@@ -118,12 +109,10 @@ app = DispatcherApp(
         # arrived while every slot was busy, are found by polling this often (a cheap indexed query).
         "fetch_job_polling_interval": 0.2,
         # Jobs at once: a drain per channel, the callbacks drain and maintenance.
-        "concurrency": int(os.environ.get("DISPATCHER_WORKER_CONCURRENCY", "4")),
+        "concurrency": declared.read("worker_concurrency"),
         "shutdown_graceful_timeout": 30.0,
     },
 )
-
-import runner.tasks  # noqa: E402,F401  (registers the tasks on `app`)
 
 if "procrastinate.cli" in sys.modules:  # loaded by procrastinate's CLI (procrastinate --app=runner.app.app worker)
     _adopt_procrastinate_cli()

@@ -20,6 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from dispatcher.render import Limits, RenderError, needs_isolation, render
+from dispatcher.settings import Settings
 
 log = logging.getLogger("runner.render")
 Item = tuple[Any, dict[str, Any] | None, dict[str, Any]]   # (content key, content, variables)
@@ -114,11 +115,11 @@ def _context() -> Any:
 
 
 class RenderPool:
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.limits = Limits.from_settings(settings)
-        self.processes = int(getattr(settings, "render_processes", 2))
-        self.budget = float(getattr(settings, "render_timeout_ms", 500.0)) / 1000.0
-        self.memory_bytes = int(getattr(settings, "render_memory_mb", 256)) * 1024 * 1024
+        self.processes = settings.render_processes
+        self.budget = settings.render_timeout_ms / 1000.0
+        self.memory_bytes = settings.render_memory_mb * 1024 * 1024
         self._pool: ProcessPoolExecutor | None = None
         self._ready: asyncio.Future[None] | None = None
 

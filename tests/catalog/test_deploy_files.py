@@ -30,7 +30,10 @@ def test_compose_defines_the_stack():
 def test_dockerfile_copies_everything_the_image_runs():
     text = (ROOT / "Dockerfile").read_text()
     assert text.startswith("#") and re.search(r"^FROM python:3\.1[1-9]", text, re.M)
-    for folder in ("dispatcher", "api", "runner", "providers", "sql", "migrations"):
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for folder in (*packages, "sql", "migrations"):   # every package the project installs (cli/ too)
         assert f"COPY {folder} ./{folder}" in text
     assert re.search(r"^USER \w+", text, re.M) and "CMD [" in text
 

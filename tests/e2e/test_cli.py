@@ -15,7 +15,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from dispatcher import cli, keys, schema
+from cli import commands as cli
+from dispatcher import keys, schema
 from dispatcher.embedded import EmbeddedPostgres
 from tests.conftest import ROOT
 

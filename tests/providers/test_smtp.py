@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from dispatcher.settings import Settings
-from providers.base import Message, ProviderContext
+from providers.base import Message, ProviderContext, ProviderSettings
 from providers.secrets import Grants
 from providers.smtp import Smtp
 from providers.unsubscribe import check_token
@@ -30,7 +30,7 @@ async def _no_mock(rows: list) -> None:
 
 def ctx(**settings: object) -> ProviderContext:
     return ProviderContext(take_tokens=_no_tokens, record_mock=_no_mock,
-                           settings=Settings(database_url="", **settings))  # type: ignore[arg-type]
+                           settings=ProviderSettings.of(Settings(database_url="", **settings)))  # type: ignore[arg-type]
 
 
 @pytest.fixture

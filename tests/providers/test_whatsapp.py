@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from dispatcher.settings import Settings
-from providers.base import Message, ProviderContext, WebhookRejected
+from providers.base import Message, ProviderContext, ProviderSettings, WebhookRejected
 from providers.secrets import Grants
 from providers.whatsapp import NAME, WhatsAppCloud, WhatsAppWebhooks, classify, request_body, verify_handshake
 from tests.conftest import call
@@ -43,7 +43,7 @@ def ctx(db_url: str) -> ProviderContext:
     async def no_mock(rows: list) -> None:
         raise AssertionError("not the mock")
 
-    return ProviderContext(take_tokens=take, record_mock=no_mock, settings=Settings(database_url=db_url))
+    return ProviderContext(take_tokens=take, record_mock=no_mock, settings=ProviderSettings.of(Settings(database_url=db_url)))
 
 
 def provider(graph: GraphFake, ctx: ProviderContext, monkeypatch: pytest.MonkeyPatch, **settings: object) -> WhatsAppCloud:

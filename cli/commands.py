@@ -44,6 +44,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from dispatcher import keys, logs, schema
+from dispatcher import settings as declared
 
 log = logging.getLogger("dispatcher")
 
@@ -57,12 +58,12 @@ DEV_OWNER_LOGIN = "postgres"
 
 
 def _data_dir(args: argparse.Namespace | None) -> Path:
-    return Path(getattr(args, "data_dir", None) or os.environ.get("DISPATCHER_DATA_DIR") or ".dispatcher")
+    return Path(getattr(args, "data_dir", None) or declared.read("data_dir"))
 
 
 def _url(args: argparse.Namespace | None = None, *, owner: bool = False) -> str:
     """DATABASE_URL, else the running dev database in the data folder (as the app login, or as its owner)."""
-    url = os.environ.get("DATABASE_URL")
+    url = declared.read("database_url")
     if url:
         return url
     from dispatcher.embedded import running_server, socket_url
@@ -231,9 +232,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from dispatcher.settings import Settings
-
-    settings = Settings.from_env()
+    settings = declared.Settings.from_env()
     logs.configure(settings.log_level)
     from providers.base import ConfigurationError
     from providers.registry import webhook_adapters
@@ -248,7 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> None:
     # The process set-up (JSON logs, tracing, metrics listener, settings, closing the providers) is in
-    # runner.app.DispatcherApp.run_worker_async, so `procrastinate --app=runner.app.app worker` gets the same.
+    # runner.app.WorkerApp.run_worker_async, so `procrastinate --app=runner.app.app worker` gets the same.
     from runner.app import app, prepare_process
 
     settings = prepare_process()
@@ -334,7 +333,7 @@ class _Child:
 def cmd_dev(args: argparse.Namespace) -> None:
     from providers.standard_webhooks import new_secret
 
-    logs.configure(os.environ.get("DISPATCHER_LOG_LEVEL", "INFO"))
+    logs.configure(declared.read("log_level"))
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -366,7 +365,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
         _say(f"database: {app_url}  (API, worker and CLI as {DEV_APP_LOGIN}, a notify_service login; "
              f"migrations and psql as {DEV_OWNER_LOGIN})")
 
-    key = env.get("DISPATCHER_DEV_API_KEY") or _dev_file(data_dir, "dev_api_key", keys.generate)
+    key = declared.read("dev_api_key") or _dev_file(data_dir, "dev_api_key", keys.generate)
     with psycopg.connect(app_url, autocommit=True) as conn:
         row = conn.execute("select notify_api.get_tenant_v1('dev')").fetchone()
         tenant_id = str(row[0]["id"]) if row and row[0] else str(
@@ -392,8 +391,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
     _say(f"starting the API on http://127.0.0.1:{args.port} (OpenAPI: /schema) and the worker with the mock provider; "
          "Ctrl-C stops all; in another shell: .venv/bin/dispatcher status")
     children = [
-        _Child("API", [sys.executable, "-m", "dispatcher", "serve", "--port", str(args.port)], env),
-        _Child("worker", [sys.executable, "-m", "dispatcher", "worker"], env),
+        _Child("API", [sys.executable, "-m", "cli", "serve", "--port", str(args.port)], env),
+        _Child("worker", [sys.executable, "-m", "cli", "worker"], env),
     ]
 
     stopping = False
@@ -437,8 +436,8 @@ def parser() -> argparse.ArgumentParser:
                     "(default: DISPATCHER_DATA_DIR or ./.dispatcher)")
 
     dev = sub.add_parser("dev", help="run everything locally (embedded Postgres unless DATABASE_URL is set)")
-    dev.add_argument("--port", type=int, default=int(os.environ.get("DISPATCHER_PORT", "8000")))
-    dev.add_argument("--data-dir", default=os.environ.get("DISPATCHER_DATA_DIR", ".dispatcher"))
+    dev.add_argument("--port", type=int, default=declared.read("port"))
+    dev.add_argument("--data-dir", default=declared.read("data_dir"))
     dev.set_defaults(func=cmd_dev)
 
     sub.add_parser("migrate", parents=[db], help="apply pending migrations (to DATABASE_URL or the dev database)").set_defaults(func=cmd_migrate)
@@ -454,7 +453,7 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP API")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
-    serve.add_argument("--workers", type=int, default=int(os.environ.get("DISPATCHER_API_WORKERS", "1")))
+    serve.add_argument("--workers", type=int, default=declared.read("api_workers"))
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="run the dispatch worker")

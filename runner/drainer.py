@@ -1,0 +1,210 @@
+"""The worker's delivery drain: claims due deliveries of one channel in batches, renders them, sends them through the
+tenants' providers and records the outcomes (docs/architecture.md, "Data flow", step 2). One DeliveryDrainer per
+procrastinate App and process (runner/context.py); the `dispatch` task (runner/tasks.py) runs its `drain`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import msgspec
+from procrastinate.exceptions import UniqueViolation
+from psycopg.types.json import Jsonb
+
+from dispatcher import metrics, tracing
+from dispatcher.settings import Settings
+from providers.base import Message, Provider, ProviderContext, ProviderSettings, SendResult
+from providers.registry import provider_for
+from runner.render_pool import RenderPool
+
+log = logging.getLogger("runner")
+
+CLAIM = "select * from notify_api.claim_deliveries_v1(%(channel)s::notify.channel, %(limit)s, %(lease)s)"
+RECORD = (
+    "select delivery_id, status::text, applied from notify_api.record_attempts_v1("
+    "array(select r from jsonb_populate_recordset(null::notify.attempt_result, %(results)s) r))"
+)
+RECORD_MOCK = "select notify_api.record_mock_messages_v1(%(messages)s)"
+TAKE_TOKENS = "select notify_api.take_tokens_v1(%(key)s, %(rate)s, %(wanted)s) as granted"
+
+_to_builtins = msgspec.to_builtins
+
+
+class _PrepareFailed(Exception):
+    """A delivery's render failed in the render pool; the message names the error's class."""
+
+
+class DeliveryDrainer:
+    """Drains a channel's due deliveries; keeps per process the settings, the render pool and one provider instance
+    per tenant configuration."""
+
+    def __init__(self, connector: Any, settings: Settings) -> None:
+        self.connector = connector
+        self.settings = settings
+        self.providers: dict[tuple[str, str, str], Provider] = {}
+        self.renderer = RenderPool(settings)
+        self.ctx = ProviderContext(take_tokens=self._take_tokens, record_mock=self._record_mock,
+                                   settings=ProviderSettings.of(settings))
+
+    async def _record_mock(self, rows: list[dict[str, Any]]) -> None:
+        await self.connector.execute_query_one_async(RECORD_MOCK, messages=Jsonb(rows))
+
+    async def _take_tokens(self, key: str, rate: float, wanted: int) -> int:
+        row = await self.connector.execute_query_one_async(TAKE_TOKENS, key=key, rate=rate, wanted=wanted)
+        return int(row["granted"])
+
+    def provider(self, name: str, config: dict[str, Any] | None) -> Provider:
+        """One instance per provider and configuration version (a changed configuration gets a new instance)."""
+        key = (name, json.dumps(config, sort_keys=True, default=str) if config else "", "")
+        if key not in self.providers:
+            self.providers[key] = provider_for(name, config, self.ctx)
+        return self.providers[key]
+
+    async def send_batch(self, channel: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
+        groups: dict[str, tuple[str, dict[str, Any] | None, list[Message]]] = {}
+        # Off the event loop, bounded in time and memory; any failure preparing one delivery fails that delivery alone.
+        try:
+            # A claim returns one content per (tenant, template, locale): that is its key.
+            prepared = await self.renderer.render(channel, [((row["tenant_id"], row["template_key"], row["locale"]), row["content"],
+                                                             row["variables"] or {}) for row in rows])
+        except Exception as exc:  # noqa: BLE001 - the render pool itself broke: these deliveries fail, the batch is recorded
+            log.exception("render pool failed", extra={"channel": channel})
+            prepared = [(False, f"RenderCrashed: {type(exc).__name__}")] * len(rows)
+        for row, (ok, rendered) in zip(rows, prepared, strict=True):
+            base = {"tenant_id": str(row["tenant_id"]), "delivery_id": str(row["delivery_id"]), "attempt": row["attempt"]}
+            try:
+                if not ok:
+                    raise _PrepareFailed(rendered)
+                message = Message(tenant_id=row["tenant_id"], delivery_id=row["delivery_id"], attempt=row["attempt"],
+                                  channel=channel, address=row["address"], rendered=rendered, category=row["category"])
+                name, config = row.get("provider") or "mock", row.get("provider_config")
+                group_key = f"{name}:{json.dumps(config, sort_keys=True, default=str) if config else ''}"
+            except Exception as exc:  # noqa: BLE001
+                message_text = str(exc) if isinstance(exc, _PrepareFailed) else type(exc).__name__
+                results.append({**base, "outcome": "failed", "provider": None, "error_code": "render_failed",
+                                "error_message": message_text})
+                continue
+            groups.setdefault(group_key, (name, config, []))[2].append(message)
+        sent_groups = await asyncio.gather(*(self._send_group(channel, name, config, messages)
+                                             for name, config, messages in groups.values()))
+        for group in sent_groups:
+            results.extend(group)
+        return results
+
+    async def _send_group(self, channel: str, name: str, config: dict[str, Any] | None, messages: list[Message]) -> list[dict[str, Any]]:
+        provider = self.provider(name, config)
+        started = time.perf_counter()
+        try:
+            with tracing.span("provider.send", **{"notify.channel": channel, "notify.provider": provider.name,
+                                                  "notify.messages": len(messages)}):
+                sent = await provider.send_many(messages)
+        except Exception as exc:  # the provider itself broke: we cannot know what left us
+            log.exception("provider crashed", extra={"channel": channel, "provider": provider.name})
+            outcome = "retry" if channel == "email" else "unknown"
+            sent = [SendResult(outcome=outcome, provider=provider.name, error_code="provider_exception",
+                               error_message=type(exc).__name__) for _ in messages]
+        metrics.PROVIDER_SECONDS.labels(channel, provider.name).observe(time.perf_counter() - started)
+        for r in sent:
+            metrics.DELIVERIES.labels(channel, provider.name, r.outcome, r.error_code or "").inc()
+        return [{"tenant_id": str(m.tenant_id), "delivery_id": str(m.delivery_id), "attempt": m.attempt, **_to_builtins(r)}
+                for m, r in zip(messages, sent, strict=True)]
+
+    async def _record(self, results: list[dict[str, Any]]) -> None:
+        """One call for the batch. record_attempts_v1 leaves out a provider message id another delivery already has;
+        only a concurrent batch committing the same id in between can still hit the unique index: then the call is
+        simply made again (it sees that row now), rather than the whole batch staying `sending`."""
+        for attempt in range(3):
+            try:
+                await self.connector.execute_query_all_async(RECORD, results=Jsonb(results))
+                return
+            except UniqueViolation as exc:
+                if exc.constraint_name != "notification_deliveries_provider_message" or attempt == 2:
+                    raise
+                log.warning("provider message id raced another batch; recording again", extra={"results": len(results)})
+
+    async def drain(self, channel: str) -> dict[str, int]:
+        """Keeps up to max_in_flight provider calls going: claims a batch whenever that many slots are free,
+        sends it, frees its slots as soon as the provider answers, then records the outcomes. Claims and records
+        overlap other batches' provider calls, so a slow provider is bounded by in-flight / latency, not by our
+        round trips. Ends when nothing has been due for dispatch_linger_ms (a steady trickle of submissions
+        stays in one job instead of one procrastinate job per delivery)."""
+        limit = max(1, self.settings.max_in_flight)
+        batch = max(1, min(self.settings.batch_size, limit))
+        linger = self.settings.dispatch_linger_ms / 1000.0
+        free = limit
+        slots = asyncio.Condition()
+        running: set[asyncio.Task[None]] = set()
+        counts: dict[str, int] = {}
+        idle_since: float | None = None
+
+        async def run(rows: list[dict[str, Any]]) -> None:
+            nonlocal free
+            started = time.perf_counter()
+            started_ns = time.time_ns()
+            try:
+                with tracing.span("dispatch.batch", channel=channel, claimed=len(rows)):
+                    results = await self.send_batch(channel, rows)
+            finally:
+                async with slots:
+                    free += len(rows)
+                    slots.notify_all()
+            with tracing.span("dispatch.record", channel=channel, results=len(results)):
+                await self._record(results)
+            if tracing.enabled:   # one span per delivery, in the trace of the request that submitted it
+                parents = {str(row["delivery_id"]): row.get("trace_parent") for row in rows}
+                ended = time.time_ns()
+                for r in results:
+                    tracing.record("notification.deliver", parent=parents.get(r["delivery_id"]), start_ns=started_ns, end_ns=ended,
+                                   **{"notify.delivery_id": r["delivery_id"], "notify.channel": channel, "notify.attempt": r["attempt"],
+                                      "notify.outcome": r["outcome"], "notify.provider": r.get("provider"),
+                                      "notify.error_code": r.get("error_code")})
+            outcomes: dict[str, int] = {}
+            request_ids = {str(row["delivery_id"]): row.get("http_request_id") for row in rows}
+            for r in results:
+                outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
+                counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+                if self.settings.log_deliveries:
+                    # One line per attempt, with the submitting request's X-Request-ID; no address, no content.
+                    log.info("delivery attempted", extra={
+                        "channel": channel, "delivery_id": r["delivery_id"], "tenant_id": r["tenant_id"],
+                        "attempt": r["attempt"], "outcome": r["outcome"], "provider": r.get("provider"),
+                        "error_code": r.get("error_code"), "request_id": request_ids.get(r["delivery_id"])})
+            log.info("batch dispatched", extra={"channel": channel, "claimed": len(rows), "outcomes": outcomes,
+                                                "ms": round((time.perf_counter() - started) * 1000, 1)})
+
+        def done(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                # The claimed rows keep their lease; maintenance applies the crash policy when it expires.
+                log.error("dispatch batch failed", exc_info=task.exception(), extra={"channel": channel})
+
+        while True:
+            async with slots:
+                # A quarter of a batch free is enough to claim again: the in-flight count stays near the limit.
+                await slots.wait_for(lambda: free >= max(1, batch // 4))
+                want = min(batch, free)
+            rows = await self.connector.execute_query_all_async(CLAIM, channel=channel, limit=want, lease=self.settings.lease_seconds)
+            if rows:
+                idle_since = None
+                async with slots:
+                    free -= len(rows)
+                task = asyncio.get_running_loop().create_task(run(rows))
+                running.add(task)
+                task.add_done_callback(done)
+                if len(rows) == want:
+                    continue
+            now = time.perf_counter()
+            idle_since = idle_since or now
+            if now - idle_since >= linger and not running:
+                break
+            await asyncio.sleep(0.01)
+        return counts
+
+    async def aclose(self) -> None:
+        self.renderer.close()
+        await asyncio.gather(*(p.aclose() for p in self.providers.values()), return_exceptions=True)
