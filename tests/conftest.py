@@ -24,7 +24,7 @@ from pytest_postgresql import factories
 from dispatcher import keys, schema
 from dispatcher.embedded import FAST_TEST_SETTINGS, EmbeddedPostgres
 from providers.standard_webhooks import new_secret
-from runner.tasks import CLAIM, RECORD
+from runner.drainer import CLAIM, RECORD
 
 warnings.filterwarnings("ignore", module="platformdirs")
 ROOT = Path(__file__).resolve().parent.parent

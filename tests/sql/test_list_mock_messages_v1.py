@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from psycopg.types.json import Jsonb
 
-from runner.tasks import RECORD_MOCK
+from runner.drainer import RECORD_MOCK
 
 from tests.conftest import call, claim, intent, submit
 

@@ -3,7 +3,7 @@ the worker's own statement."""
 
 from __future__ import annotations
 
-from runner.tasks import TAKE_TOKENS
+from runner.drainer import TAKE_TOKENS
 
 
 def take(db, key, rate, wanted):
