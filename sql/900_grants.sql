@@ -3,7 +3,7 @@
 
 -- Grouped by role, in this order: PUBLIC, notify_service, notify_caller, the owning roles, then procrastinate's objects.
 -- A role's grants are appended to each object's privileges in the order they run, so this order is also the order of
--- the entries in every ACL (tests/test_migrations.py compares them with the migrations'). A migration that creates a
+-- the entries in every ACL (tests/catalog/test_migrations.py compares them with the migrations'). A migration that creates a
 -- function revokes it from PUBLIC, grants it to the roles this file grants it to, and ends with notify._settle_owners().
 
 -- PUBLIC: nothing on our schemas or functions (a new function is executable by PUBLIC until revoked).
