@@ -31,6 +31,14 @@ ERRORS = {
 
 
 @dataclass
+class _Server(ThreadingHTTPServer):
+    """socketserver's listen backlog is 5: a worker's burst of concurrent sends on a loaded machine overflowed it,
+    and a connection the kernel had completed but the server never accepted was reset after the request was written
+    (a ReadError, so an `unknown` WhatsApp delivery). Meta's edge does not do that; the fake should not either."""
+
+    request_queue_size = 256
+
+
 class GraphFake:
     access_token: str = "test-token"
     app_secret: str = "test-app-secret"
@@ -51,6 +59,7 @@ class GraphFake:
 
     # -- server ---------------------------------------------------------------------------------------------
     def start(self, port: int = 0) -> str:
+        """Serves on 127.0.0.1 (port 0: a free one) in a thread; returns the base URL."""
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -73,7 +82,7 @@ class GraphFake:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server = _Server(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return f"http://127.0.0.1:{self._server.server_address[1]}"
