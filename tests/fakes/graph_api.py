@@ -30,7 +30,6 @@ ERRORS = {
 }
 
 
-@dataclass
 class _Server(ThreadingHTTPServer):
     """socketserver's listen backlog is 5: a worker's burst of concurrent sends on a loaded machine overflowed it,
     and a connection the kernel had completed but the server never accepted was reset after the request was written
@@ -39,6 +38,7 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256
 
 
+@dataclass
 class GraphFake:
     access_token: str = "test-token"
     app_secret: str = "test-app-secret"
