@@ -51,3 +51,9 @@ grant execute on function notify_api.list_callbacks_v1(uuid, uuid) to notify_cal
 select notify._restrict_public();
 select notify._pin_procrastinate_search_paths();
 select notify._settle_owners();
+
+-- The HTTP API's submission statements (sql/071_api_http.sql): the API's only, not a direct SQL caller's. They run as
+-- notify_owner and take the key's rate token last, so notify_owner may call charge_api_key_v1.
+grant execute on function notify_api.submit_notification_http_v1(uuid, jsonb, text, text, text, uuid, double precision) to notify_service;
+grant execute on function notify_api.submit_notifications_http_v1(uuid, jsonb, text, text, uuid, double precision) to notify_service;
+grant execute on function notify_api.charge_api_key_v1(uuid, double precision) to notify_owner;
