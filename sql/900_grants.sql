@@ -41,6 +41,8 @@ grant usage on schema notify, notify_api to notify_owner, notify_system;
 grant select, insert, update, delete on all tables in schema notify to notify_system;
 grant usage, select on all sequences in schema notify to notify_system;
 grant execute on all functions in schema notify to notify_system;
+-- The HTTP API's submission functions (sql/071_api_http.sql) run as notify_owner and take the key's rate token last.
+grant execute on function notify_api.charge_api_key_v1(uuid, double precision) to notify_owner;
 
 -- procrastinate's tables, sequences and functions (schema public): the worker running as notify_service, and the owning
 -- roles, whose functions defer wake-up jobs (notify._wake_task).
@@ -56,3 +58,4 @@ grant execute on all functions in schema public to notify_owner, notify_system;
 select notify._restrict_public();
 select notify._pin_procrastinate_search_paths();
 select notify._settle_owners();
+

@@ -78,7 +78,7 @@ def test_spans_go_from_the_http_request_through_sql_to_the_provider_call(db: psy
     spans = collector.spans
     http = next(s for s in spans if s["service"] == "dispatcher-api" and s["name"].startswith("POST /internal/notifications"))
     trace = [s for s in spans if s["trace"] == http["trace"]]
-    sql = [s for s in trace if s["service"] == "dispatcher-api" and "submit_notification_v1" in str(s["attributes"].get("db.statement", ""))]
+    sql = [s for s in trace if s["service"] == "dispatcher-api" and "submit_notification_http_v1" in str(s["attributes"].get("db.statement", ""))]
     assert sql, "the submission's SQL span is in the request's trace"
     deliver = next(s for s in spans if s["name"] == "notification.deliver")
     assert deliver["trace"] == http["trace"] and deliver["service"] == "dispatcher-worker"   # the worker continues the trace

@@ -1,0 +1,13 @@
+"""The HTTP routes, one module per route group (api/app.py mounts them):
+
+- notifications: /internal/notifications (submit, batch, read, cancel, callbacks of one notification)
+- recipients: /internal/recipients (addresses, consent)
+- templates: /internal/templates
+- channels: /internal/channels (providers and consent policies)
+- callbacks: /internal/callbacks (status callback settings)
+- mock: /internal/mock (the mock provider's messages)
+- webhooks: /public (provider webhooks, WhatsApp's handshake, one-click unsubscribe)
+- health: /health, /version (and the benchmark's baseline route)
+
+`common` holds what they share: the error responses, the guarded Tenant, and `sql_json`.
+"""

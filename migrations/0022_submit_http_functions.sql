@@ -1,0 +1,53 @@
+-- 0022: the HTTP API's submission statements are one SQL function each (sql/071_api_http.sql): they set the request's
+-- ids for the transaction, submit, then take the key's rate token last, instead of a statement assembled in Python.
+
+create or replace function notify_api.submit_notification_http_v1(p_tenant_id uuid, p_body jsonb, p_idempotency_key text, p_request_id text,
+                                                       p_traceparent text, p_key_id uuid, p_rate double precision)
+    returns table (response jsonb, replayed boolean)
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform notify._enter(p_tenant_id);
+    -- The columns' defaults read these settings (notify.notification_requests.http_request_id and trace_parent).
+    perform pg_catalog.set_config('notify.request_id', coalesce(p_request_id, ''), true),
+            pg_catalog.set_config('notify.traceparent', coalesce(p_traceparent, ''), true);
+    select s.response, s.replayed into response, replayed
+      from notify_api.submit_notification_v1(p_tenant_id, p_body, p_idempotency_key) s;
+    -- The guard only checked the key (check_api_key_v1); the token is taken last, so the bucket's row lock is held
+    -- only while the submission commits. ND429 here rolls the submission back.
+    perform notify_api.charge_api_key_v1(p_key_id, p_rate);
+    return next;
+end
+$$;
+comment on function notify_api.submit_notification_http_v1(uuid, jsonb, text, text, text, uuid, double precision) is
+    'POST /internal/notifications in one statement: sets notify.request_id and notify.traceparent for this transaction, calls submit_notification_v1, then takes the key''s rate token (charge_api_key_v1), last. Returns the response and whether it is a replay.';
+
+create or replace function notify_api.submit_notifications_http_v1(p_tenant_id uuid, p_body jsonb, p_request_id text, p_traceparent text,
+                                                        p_key_id uuid, p_rate double precision)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_answer jsonb;
+begin
+    perform notify._enter(p_tenant_id);
+    perform pg_catalog.set_config('notify.request_id', coalesce(p_request_id, ''), true),
+            pg_catalog.set_config('notify.traceparent', coalesce(p_traceparent, ''), true);
+    v_answer := notify_api.submit_notifications_v1(p_tenant_id, p_body -> 'items');
+    perform notify_api.charge_api_key_v1(p_key_id, p_rate);
+    return v_answer;
+end
+$$;
+comment on function notify_api.submit_notifications_http_v1(uuid, jsonb, text, text, uuid, double precision) is
+    'POST /internal/notifications/batch in one statement: sets notify.request_id and notify.traceparent for this transaction, calls submit_notifications_v1 on the body''s items, then takes the key''s rate token (charge_api_key_v1), last.';
+
+revoke execute on function notify_api.submit_notification_http_v1(uuid, jsonb, text, text, text, uuid, double precision) from public;
+revoke execute on function notify_api.submit_notifications_http_v1(uuid, jsonb, text, text, uuid, double precision) from public;
+grant execute on function notify_api.submit_notification_http_v1(uuid, jsonb, text, text, text, uuid, double precision) to notify_service;
+grant execute on function notify_api.submit_notifications_http_v1(uuid, jsonb, text, text, uuid, double precision) to notify_service;
+grant execute on function notify_api.charge_api_key_v1(uuid, double precision) to notify_owner;
+select notify._settle_owners();
