@@ -1,7 +1,8 @@
 -- 0020: one submission path. The body is read once into a notify.submission (notify._parse_submission); a single
 -- recipient and a fan-out share the idempotency claim (notify._claim_submission), template resolution
--- (notify._submission_templates) and the wake-up (notify._wake_submission). notify._submit_fanout takes the parsed
--- submission instead of its fields one by one. Answers, errors and replays are unchanged.
+-- (notify._resolve_template, once per channel and locale) and the wake-up (notify._wake_submission).
+-- notify._submit_fanout takes the parsed submission instead of its fields one by one. Answers, errors and replays
+-- are unchanged.
 
 drop function notify._submit_fanout(uuid, jsonb, text, notify.channel[], text, jsonb, text, timestamptz, timestamptz, jsonb);
 
@@ -122,21 +123,6 @@ end
 $$;
 comment on function notify._claim_submission(uuid, notify.submission, uuid, integer) is
     'Claims the submission''s idempotency key with its request row (recipient_id for one recipient, null for a fan-out of p_recipient_count): the new request''s id, or, when the key was taken, the stored response to replay (ND422 idempotency_key_reused for another body).';
-
-create or replace function notify._submission_templates(p_tenant_id uuid, s notify.submission, p_locales text[])
-    returns table (channel notify.channel, locale text, template_locale text, required_variables text[])
-    language sql
-    stable
-    set search_path = pg_catalog, pg_temp
-as $$
-    select c.channel, l.locale, t.locale, t.required_variables
-      from unnest(s.channels) with ordinality c(channel, ord)
-     cross join unnest(p_locales) with ordinality l(locale, lord)
-     cross join lateral notify._resolve_template(p_tenant_id, s.template, c.channel, l.locale) t
-     order by c.ord, l.lord
-$$;
-comment on function notify._submission_templates(uuid, notify.submission, text[]) is
-    'The submission''s template per channel and locale (in channel, then locale order), resolved once each with its fallbacks: the locale found (null when none, which the caller refuses as template_not_found) and the variables it needs.';
 
 create or replace function notify._wake_submission(s notify.submission, p_channels notify.channel[])
     returns void
@@ -270,8 +256,10 @@ begin
     create temporary table pg_temp._fanout_templates (
         channel notify.channel, locale text, template_locale text, required_variables text[]) on commit drop;
     insert into pg_temp._fanout_templates
-    select * from notify._submission_templates(p_tenant_id, s,
-                                               array(select distinct f.effective_locale from pg_temp._fanout_input f));
+    select c.channel, l.locale, t.locale, t.required_variables
+      from unnest(s.channels) c(channel)
+     cross join (select distinct f.effective_locale as locale from pg_temp._fanout_input f) l
+     cross join lateral notify._resolve_template(p_tenant_id, s.template, c.channel, l.locale) t;
     select channel, locale into v_bad from pg_temp._fanout_templates where template_locale is null limit 1;
     if found then
         perform notify._raise('ND422', 'template_not_found',
@@ -343,7 +331,8 @@ declare
     s notify.submission;
     v_recipient notify.recipients;
     v_claim record;
-    v_tpl record;
+    v_channel notify.channel;
+    v_tpl notify.templates;
     v_template_locales text[] := '{}';
     v_missing text;
     v_locale text;
@@ -374,19 +363,20 @@ begin
 
     -- 4. Templates and variables, checked now rather than at send time, channel by channel.
     v_locale := coalesce(v_recipient.locale, (select default_locale from notify.tenants where id = p_tenant_id));
-    for v_tpl in select * from notify._submission_templates(p_tenant_id, s, array[v_locale]) loop
-        if v_tpl.template_locale is null then
+    foreach v_channel in array s.channels loop
+        v_tpl := notify._resolve_template(p_tenant_id, s.template, v_channel, v_locale);
+        if v_tpl.key is null then
             perform notify._raise('ND422', 'template_not_found',
-                format('template %s has no %s content for locale %s or its fallbacks', s.template, v_tpl.channel, v_locale), 'template');
+                format('template %s has no %s content for locale %s or its fallbacks', s.template, v_channel, v_locale), 'template');
         end if;
         select string_agg(r, ', ') into v_missing
           from unnest(v_tpl.required_variables) r where not s.variables ? r;
         if v_missing is not null then
             perform notify._raise('ND422', 'missing_variables',
-                format('template %s (%s) needs variables: %s', s.template, v_tpl.channel, v_missing),
+                format('template %s (%s) needs variables: %s', s.template, v_channel, v_missing),
                 'variables.' || split_part(v_missing, ', ', 1));
         end if;
-        v_template_locales := v_template_locales || v_tpl.template_locale;
+        v_template_locales := v_template_locales || v_tpl.locale;   -- resolved once: the deliveries below reuse it
     end loop;
 
     -- 5. One delivery per channel, suppressed ones with their reason; consent checked now and again at claim.
@@ -434,12 +424,10 @@ comment on function notify_api.submit_notification_v1(uuid, jsonb, text) is
 
 revoke execute on function notify._parse_submission(uuid, jsonb, text) from public;
 revoke execute on function notify._claim_submission(uuid, notify.submission, uuid, integer) from public;
-revoke execute on function notify._submission_templates(uuid, notify.submission, text[]) from public;
 revoke execute on function notify._wake_submission(notify.submission, notify.channel[]) from public;
 revoke execute on function notify._submit_fanout(uuid, notify.submission) from public;
 grant execute on function notify._parse_submission(uuid, jsonb, text) to notify_system;
 grant execute on function notify._claim_submission(uuid, notify.submission, uuid, integer) to notify_system;
-grant execute on function notify._submission_templates(uuid, notify.submission, text[]) to notify_system;
 grant execute on function notify._wake_submission(notify.submission, notify.channel[]) to notify_system;
 grant execute on function notify._submit_fanout(uuid, notify.submission) to notify_system;
 select notify._settle_owners();

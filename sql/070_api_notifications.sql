@@ -2,8 +2,8 @@
 -- Called by POST/GET /internal/notifications and by trusted SQL clients inside their own transactions.
 
 -- One submission path: the body is read once into a notify.submission; a single recipient and a fan-out then share
--- the idempotency claim (_claim_submission), template resolution (_submission_templates) and the wake-up
--- (_wake_submission). Only what differs in kind is their own: the single recipient's few rows in one statement each,
+-- the idempotency claim (_claim_submission), template resolution (_resolve_template, sql/030_helpers.sql) and the
+-- wake-up (_wake_submission). Only what differs in kind is their own: the single recipient's few rows in one statement each,
 -- the fan-out's set-based statements over an analyzed temporary table (sql/072_api_fanout.sql).
 create type notify.submission as (
     idempotency_key text,
@@ -123,21 +123,6 @@ $$;
 comment on function notify._claim_submission(uuid, notify.submission, uuid, integer) is
     'Claims the submission''s idempotency key with its request row (recipient_id for one recipient, null for a fan-out of p_recipient_count): the new request''s id, or, when the key was taken, the stored response to replay (ND422 idempotency_key_reused for another body).';
 
-create function notify._submission_templates(p_tenant_id uuid, s notify.submission, p_locales text[])
-    returns table (channel notify.channel, locale text, template_locale text, required_variables text[])
-    language sql
-    stable
-    set search_path = pg_catalog, pg_temp
-as $$
-    select c.channel, l.locale, t.locale, t.required_variables
-      from unnest(s.channels) with ordinality c(channel, ord)
-     cross join unnest(p_locales) with ordinality l(locale, lord)
-     cross join lateral notify._resolve_template(p_tenant_id, s.template, c.channel, l.locale) t
-     order by c.ord, l.lord
-$$;
-comment on function notify._submission_templates(uuid, notify.submission, text[]) is
-    'The submission''s template per channel and locale (in channel, then locale order), resolved once each with its fallbacks: the locale found (null when none, which the caller refuses as template_not_found) and the variables it needs.';
-
 create function notify._wake_submission(s notify.submission, p_channels notify.channel[])
     returns void
     language plpgsql
@@ -162,7 +147,8 @@ declare
     s notify.submission;
     v_recipient notify.recipients;
     v_claim record;
-    v_tpl record;
+    v_channel notify.channel;
+    v_tpl notify.templates;
     v_template_locales text[] := '{}';
     v_missing text;
     v_locale text;
@@ -193,19 +179,20 @@ begin
 
     -- 4. Templates and variables, checked now rather than at send time, channel by channel.
     v_locale := coalesce(v_recipient.locale, (select default_locale from notify.tenants where id = p_tenant_id));
-    for v_tpl in select * from notify._submission_templates(p_tenant_id, s, array[v_locale]) loop
-        if v_tpl.template_locale is null then
+    foreach v_channel in array s.channels loop
+        v_tpl := notify._resolve_template(p_tenant_id, s.template, v_channel, v_locale);
+        if v_tpl.key is null then
             perform notify._raise('ND422', 'template_not_found',
-                format('template %s has no %s content for locale %s or its fallbacks', s.template, v_tpl.channel, v_locale), 'template');
+                format('template %s has no %s content for locale %s or its fallbacks', s.template, v_channel, v_locale), 'template');
         end if;
         select string_agg(r, ', ') into v_missing
           from unnest(v_tpl.required_variables) r where not s.variables ? r;
         if v_missing is not null then
             perform notify._raise('ND422', 'missing_variables',
-                format('template %s (%s) needs variables: %s', s.template, v_tpl.channel, v_missing),
+                format('template %s (%s) needs variables: %s', s.template, v_channel, v_missing),
                 'variables.' || split_part(v_missing, ', ', 1));
         end if;
-        v_template_locales := v_template_locales || v_tpl.template_locale;
+        v_template_locales := v_template_locales || v_tpl.locale;   -- resolved once: the deliveries below reuse it
     end loop;
 
     -- 5. One delivery per channel, suppressed ones with their reason; consent checked now and again at claim.

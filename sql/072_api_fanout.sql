@@ -119,8 +119,10 @@ begin
     create temporary table pg_temp._fanout_templates (
         channel notify.channel, locale text, template_locale text, required_variables text[]) on commit drop;
     insert into pg_temp._fanout_templates
-    select * from notify._submission_templates(p_tenant_id, s,
-                                               array(select distinct f.effective_locale from pg_temp._fanout_input f));
+    select c.channel, l.locale, t.locale, t.required_variables
+      from unnest(s.channels) c(channel)
+     cross join (select distinct f.effective_locale as locale from pg_temp._fanout_input f) l
+     cross join lateral notify._resolve_template(p_tenant_id, s.template, c.channel, l.locale) t;
     select channel, locale into v_bad from pg_temp._fanout_templates where template_locale is null limit 1;
     if found then
         perform notify._raise('ND422', 'template_not_found',
