@@ -131,8 +131,9 @@ create or replace function notify._wake_submission(s notify.submission, p_channe
     set search_path = pg_catalog, pg_temp
 as $$
 begin
-    -- With the caller's commit: now, or when the scheduled work falls due.
-    perform notify._wake(c, case when s.send_at > now() then s.send_at end) from unnest(p_channels) c;
+    -- With the caller's commit: now, or when the scheduled work falls due. In channel order, whatever order the
+    -- caller gave: a wake-up's insert waits for a concurrent one of the same lock, so every submission takes them alike.
+    perform notify._wake(c, case when s.send_at > now() then s.send_at end) from unnest(p_channels) c order by c;
 end
 $$;
 comment on function notify._wake_submission(notify.submission, notify.channel[]) is
