@@ -1,33 +1,37 @@
 -- notify_api: submit, read and cancel notifications.
 -- Called by POST/GET /internal/notifications and by trusted SQL clients inside their own transactions.
 
-create function notify_api.submit_notification_v1(p_tenant_id uuid, p_request jsonb, p_idempotency_key text default null)
-    returns table (response jsonb, replayed boolean)
+-- One submission path: the body is read once into a notify.submission; a single recipient and a fan-out then share
+-- the idempotency claim (_claim_submission), template resolution (_resolve_template, sql/030_helpers.sql) and the
+-- wake-up (_wake_submission). Only what differs in kind is their own: the single recipient's few rows in one statement each,
+-- the fan-out's set-based statements over an analyzed temporary table (sql/072_api_fanout.sql).
+create type notify.submission as (
+    idempotency_key text,
+    fingerprint bytea,
+    recipient jsonb,
+    recipients jsonb,
+    channels notify.channel[],
+    template text,
+    variables jsonb,
+    category text,
+    send_at timestamptz,
+    expires_at timestamptz,
+    metadata jsonb,
+    callback_url text
+);
+comment on type notify.submission is
+    'A submission body read and checked once (notify._parse_submission): recipient (one, the object) or recipients (a fan-out, the list, checked by notify._submit_fanout), and what every recipient shares. fingerprint is the body''s SHA-256, compared on replay.';
+
+create function notify._parse_submission(p_tenant_id uuid, p_request jsonb, p_idempotency_key text)
+    returns notify.submission
     language plpgsql
-    security definer
+    stable
     set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_fingerprint bytea;
-    v_recipient notify.recipients;
-    v_channels notify.channel[];
-    v_template text;
-    v_variables jsonb;
-    v_category text;
-    v_send_at timestamptz;
-    v_expires_at timestamptz;
-    v_metadata jsonb;
-    v_request_id uuid;
-    v_channel notify.channel;
-    v_tpl notify.templates;
-    v_missing text;
-    v_locale text;
-    v_now timestamptz := now();
-    v_response jsonb;
-    v_callback_url text;
+    s notify.submission;
 begin
-    perform notify._enter(p_tenant_id);
-    -- 1. Validate the shape; every error names its field, nothing is written yet.
+    -- Every error names its field; nothing is written yet.
     if p_request is null or jsonb_typeof(p_request) <> 'object' then
         perform notify._raise('ND400', 'invalid_type', 'body must be a JSON object', '');
     end if;
@@ -42,42 +46,46 @@ begin
             perform notify._raise('ND400', 'missing_field', 'recipient is required and must be an object', 'recipient');
         end if;
         perform notify._check_keys(p_request -> 'recipient', array['ref', 'addresses', 'locale', 'timezone'], 'recipient');
+        s.recipient := p_request -> 'recipient';
+    else
+        s.recipients := p_request -> 'recipients';
     end if;
     if jsonb_typeof(p_request -> 'channels') is distinct from 'array' or jsonb_array_length(p_request -> 'channels') = 0 then
         perform notify._raise('ND400', 'missing_field', 'channels must be a non-empty list', 'channels');
     end if;
     select array_agg(notify._channel_field(c, 'channels[' || (i - 1) || ']') order by i)
-      into v_channels
+      into s.channels
       from jsonb_array_elements(p_request -> 'channels') with ordinality as e(c, i);
-    if cardinality(v_channels) <> (select count(distinct c) from unnest(v_channels) c) then
+    if cardinality(s.channels) <> (select count(distinct c) from unnest(s.channels) c) then
         perform notify._raise('ND400', 'duplicate_channel', 'channels must not repeat a channel', 'channels');
     end if;
-    v_template := notify._text_field(p_request, 'template', '', true, 100);
-    v_variables := coalesce(p_request -> 'variables', '{}');
-    if jsonb_typeof(v_variables) = 'null' then v_variables := '{}'; end if;
-    if jsonb_typeof(v_variables) <> 'object' then
+    s.template := notify._text_field(p_request, 'template', '', true, 100);
+    s.variables := coalesce(p_request -> 'variables', '{}');
+    if jsonb_typeof(s.variables) = 'null' then s.variables := '{}'; end if;
+    if jsonb_typeof(s.variables) <> 'object' then
         perform notify._raise('ND400', 'invalid_type', 'variables must be an object', 'variables');
     end if;
-    v_category := notify._text_field(p_request, 'category', '', false, 100);
-    v_send_at := notify._time_field(p_request, 'send_at', '');
-    v_expires_at := notify._time_field(p_request, 'expires_at', '');
-    if v_expires_at is not null and v_expires_at <= v_now then
+    s.category := notify._text_field(p_request, 'category', '', false, 100);
+    s.send_at := notify._time_field(p_request, 'send_at', '');
+    s.expires_at := notify._time_field(p_request, 'expires_at', '');
+    if s.expires_at is not null and s.expires_at <= now() then
         perform notify._raise('ND422', 'invalid_expiry', 'expires_at must be in the future', 'expires_at');
     end if;
-    if v_expires_at is not null and v_send_at is not null and v_expires_at <= v_send_at then
+    if s.expires_at is not null and s.send_at is not null and s.expires_at <= s.send_at then
         perform notify._raise('ND422', 'invalid_expiry', 'expires_at must be after send_at', 'expires_at');
     end if;
-    v_metadata := coalesce(p_request -> 'metadata', '{}');
-    if jsonb_typeof(v_metadata) = 'null' then v_metadata := '{}'; end if;
-    if jsonb_typeof(v_metadata) <> 'object' then
+    s.metadata := coalesce(p_request -> 'metadata', '{}');
+    if jsonb_typeof(s.metadata) = 'null' then s.metadata := '{}'; end if;
+    if jsonb_typeof(s.metadata) <> 'object' then
         perform notify._raise('ND400', 'invalid_type', 'metadata must be an object', 'metadata');
     end if;
     if p_idempotency_key is not null and p_idempotency_key !~ '^[\x21-\x7e]{1,255}$' then
         perform notify._raise('ND400', 'invalid_idempotency_key', 'Idempotency-Key must be 1-255 printable ASCII characters', 'Idempotency-Key');
     end if;
-    v_callback_url := notify._text_field(p_request, 'callback_url', '', false, 2000);
-    if v_callback_url is not null then
-        if not notify._is_http_url(v_callback_url) then
+    s.idempotency_key := p_idempotency_key;
+    s.callback_url := notify._text_field(p_request, 'callback_url', '', false, 2000);
+    if s.callback_url is not null then
+        if not notify._is_http_url(s.callback_url) then
             perform notify._raise('ND400', 'invalid_format', 'callback_url must be an http(s) URL without credentials or fragment', 'callback_url');
         end if;
         if not exists (select from notify.callback_endpoints e where e.tenant_id = p_tenant_id and e.enabled) then
@@ -85,47 +93,107 @@ begin
                 'set up callbacks first (PUT /internal/callbacks): that gives the secret callbacks are signed with', 'callback_url');
         end if;
     end if;
-    if p_request ? 'recipients' then
-        return query select * from notify._submit_fanout(p_tenant_id, p_request, p_idempotency_key, v_channels, v_template,
-                                                          v_variables, v_category, v_send_at, v_expires_at, v_metadata);
+    s.fingerprint := sha256(convert_to(p_request::text, 'UTF8'));
+    return s;
+end
+$$;
+comment on function notify._parse_submission(uuid, jsonb, text) is
+    'Reads and checks a submission body (everything but the recipients themselves) into a notify.submission, refusing the first wrong field by name. Writes nothing.';
+
+create function notify._claim_submission(p_tenant_id uuid, s notify.submission, p_recipient_id uuid, p_recipient_count integer,
+                                         out request_id uuid, out replay jsonb)
+    language plpgsql
+    volatile
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    -- A concurrent twin waits here for our commit, then replays it.
+    insert into notify.notification_requests
+        (tenant_id, idempotency_key, fingerprint, recipient_id, recipient_count, template_key, variables, category, channels,
+         send_at, expires_at, metadata, callback_url)
+    values (p_tenant_id, s.idempotency_key, s.fingerprint, p_recipient_id, p_recipient_count, s.template, s.variables,
+            s.category, s.channels, s.send_at, s.expires_at, s.metadata, s.callback_url)
+    on conflict (tenant_id, idempotency_key) do nothing
+    returning id into request_id;
+    if request_id is null then
+        replay := notify._replay(p_tenant_id, s.idempotency_key, s.fingerprint);
+    end if;
+end
+$$;
+comment on function notify._claim_submission(uuid, notify.submission, uuid, integer) is
+    'Claims the submission''s idempotency key with its request row (recipient_id for one recipient, null for a fan-out of p_recipient_count): the new request''s id, or, when the key was taken, the stored response to replay (ND422 idempotency_key_reused for another body).';
+
+create function notify._wake_submission(s notify.submission, p_channels notify.channel[])
+    returns void
+    language plpgsql
+    volatile
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    -- With the caller's commit: now, or when the scheduled work falls due. In channel order, whatever order the
+    -- caller gave: a wake-up's insert waits for a concurrent one of the same lock, so every submission takes them alike.
+    perform notify._wake(c, case when s.send_at > now() then s.send_at end) from unnest(p_channels) c order by c;
+end
+$$;
+comment on function notify._wake_submission(notify.submission, notify.channel[]) is
+    'Wakes the worker for the channels a submission queued or scheduled deliveries on: now, or at send_at if it is in the future.';
+
+create function notify_api.submit_notification_v1(p_tenant_id uuid, p_request jsonb, p_idempotency_key text default null)
+    returns table (response jsonb, replayed boolean)
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    s notify.submission;
+    v_recipient notify.recipients;
+    v_claim record;
+    v_channel notify.channel;
+    v_tpl notify.templates;
+    v_template_locales text[] := '{}';
+    v_missing text;
+    v_locale text;
+    v_now timestamptz := now();
+    v_response jsonb;
+    v_open notify.channel[];
+begin
+    perform notify._enter(p_tenant_id);
+    -- 1. The body, read and checked once; every error names its field, nothing is written yet.
+    s := notify._parse_submission(p_tenant_id, p_request, p_idempotency_key);
+    if s.recipient is null then
+        return query select * from notify._submit_fanout(p_tenant_id, s);
         return;
     end if;
 
     -- 2. The recipient and its addresses.
-    v_recipient := notify._upsert_recipient(p_tenant_id, notify._text_field(p_request -> 'recipient', 'ref', 'recipient', true, 200),
-                                            p_request -> 'recipient', 'recipient');
+    v_recipient := notify._upsert_recipient(p_tenant_id, notify._text_field(s.recipient, 'ref', 'recipient', true, 200),
+                                            s.recipient, 'recipient');
 
-    -- 3. Claim the idempotency key. A concurrent twin waits here for our commit, then replays it.
-    v_fingerprint := sha256(convert_to(p_request::text, 'UTF8'));
-    insert into notify.notification_requests
-        (tenant_id, idempotency_key, fingerprint, recipient_id, template_key, variables, category, channels,
-         send_at, expires_at, metadata, callback_url)
-    values (p_tenant_id, p_idempotency_key, v_fingerprint, v_recipient.id, v_template, v_variables, v_category, v_channels,
-            v_send_at, v_expires_at, v_metadata, v_callback_url)
-    on conflict (tenant_id, idempotency_key) do nothing
-    returning id into v_request_id;
-    if v_request_id is null then
-        response := notify._replay(p_tenant_id, p_idempotency_key, v_fingerprint);
+    -- 3. Claim the idempotency key, or replay the request that holds it.
+    v_claim := notify._claim_submission(p_tenant_id, s, v_recipient.id, 1);
+    if v_claim.request_id is null then
+        response := v_claim.replay;
         replayed := true;
         return next;
         return;
     end if;
 
-    -- 4. Templates and variables, checked now rather than at send time.
+    -- 4. Templates and variables, checked now rather than at send time, channel by channel.
     v_locale := coalesce(v_recipient.locale, (select default_locale from notify.tenants where id = p_tenant_id));
-    foreach v_channel in array v_channels loop
-        v_tpl := notify._resolve_template(p_tenant_id, v_template, v_channel, v_locale);
+    foreach v_channel in array s.channels loop
+        v_tpl := notify._resolve_template(p_tenant_id, s.template, v_channel, v_locale);
         if v_tpl.key is null then
             perform notify._raise('ND422', 'template_not_found',
-                format('template %s has no %s content for locale %s or its fallbacks', v_template, v_channel, v_locale), 'template');
+                format('template %s has no %s content for locale %s or its fallbacks', s.template, v_channel, v_locale), 'template');
         end if;
         select string_agg(r, ', ') into v_missing
-          from unnest(v_tpl.required_variables) r where not v_variables ? r;
+          from unnest(v_tpl.required_variables) r where not s.variables ? r;
         if v_missing is not null then
             perform notify._raise('ND422', 'missing_variables',
-                format('template %s (%s) needs variables: %s', v_template, v_channel, v_missing),
+                format('template %s (%s) needs variables: %s', s.template, v_channel, v_missing),
                 'variables.' || split_part(v_missing, ', ', 1));
         end if;
+        v_template_locales := v_template_locales || v_tpl.locale;   -- resolved once: the deliveries below reuse it
     end loop;
 
     -- 5. One delivery per channel, suppressed ones with their reason; consent checked now and again at claim.
@@ -133,37 +201,35 @@ begin
     with inserted as (
         insert into notify.notification_deliveries
             (tenant_id, request_id, recipient_id, channel, address, template_locale, status, reason, due_at, expires_at)
-        select p_tenant_id, v_request_id, v_recipient.id, c.channel, a.address,
-               (notify._resolve_template(p_tenant_id, v_template, c.channel, v_locale)).locale,
-               case when a.address is null or not notify._consent_allows(p_tenant_id, v_recipient.id, c.channel, v_category)
-                        then 'suppressed'
-                    when v_send_at > v_now then 'scheduled'
+        select p_tenant_id, v_claim.request_id, v_recipient.id, c.channel, a.address, v_template_locales[c.ord],
+               case when a.address is null or not c.allowed then 'suppressed'
+                    when s.send_at > v_now then 'scheduled'
                     else 'queued' end::notify.delivery_status,
                case when a.address is null then 'no_address'
-                    when not notify._consent_allows(p_tenant_id, v_recipient.id, c.channel, v_category) then 'no_consent' end,
-               greatest(coalesce(v_send_at, v_now), v_now), v_expires_at
-          from unnest(v_channels) with ordinality as c(channel, ord)
+                    when not c.allowed then 'no_consent' end,
+               greatest(coalesce(s.send_at, v_now), v_now), s.expires_at
+          from (select u.channel, u.ord, notify._consent_allows(p_tenant_id, v_recipient.id, u.channel, s.category) as allowed
+                  from unnest(s.channels) with ordinality as u(channel, ord) offset 0) c
           left join notify.recipient_addresses a
                  on a.tenant_id = p_tenant_id and a.recipient_id = v_recipient.id and a.channel = c.channel
          order by c.ord
         returning *
     )
     select jsonb_build_object(
-               'id', v_request_id, 'created_at', v_now,
+               'id', v_claim.request_id, 'created_at', v_now,
                'status', case when bool_and(i.status = 'suppressed') then 'suppressed' else 'accepted' end,
                'deliveries', jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
                     'id', i.id, 'channel', i.channel, 'status', i.status, 'reason', i.reason))
-                    order by array_position(v_channels, i.channel)))
-      into v_response
+                    order by array_position(s.channels, i.channel))),
+           array_agg(i.channel) filter (where i.status in ('queued', 'scheduled'))
+      into v_response, v_open
       from inserted i;
 
     update notify.notification_requests r set response = v_response
-     where r.tenant_id = p_tenant_id and r.id = v_request_id;
+     where r.tenant_id = p_tenant_id and r.id = v_claim.request_id;
 
     -- 6. Wake the worker, with the caller's commit: now, or when the scheduled work falls due.
-    perform notify._wake(d.channel, d.due_at)
-       from (select distinct channel, due_at from notify.notification_deliveries
-              where tenant_id = p_tenant_id and request_id = v_request_id and status in ('queued', 'scheduled')) d;
+    perform notify._wake_submission(s, v_open);
 
     response := v_response;
     replayed := false;

@@ -1,18 +1,16 @@
 -- notify_api: volume — one intent to many recipients (fan-out) and many intents in one call (batch).
 -- Called by POST /internal/notifications (with "recipients") and POST /internal/notifications/batch, and by SQL clients.
 
-create function notify._submit_fanout(
-    p_tenant_id uuid, p_request jsonb, p_idempotency_key text, p_channels notify.channel[], p_template text,
-    p_variables jsonb, p_category text, p_send_at timestamptz, p_expires_at timestamptz, p_metadata jsonb)
+create function notify._submit_fanout(p_tenant_id uuid, s notify.submission)
     returns table (response jsonb, replayed boolean)
     language plpgsql
     set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_items jsonb := p_request -> 'recipients';
+    v_items jsonb := s.recipients;
     v_count integer;
     v_bad record;
-    v_request_id uuid;
+    v_claim record;
     v_default_locale text;
     v_now timestamptz := now();
     v_response jsonb;
@@ -70,15 +68,9 @@ begin
     end if;
 
     -- 2. Claim the idempotency key before the heavy work: a replay of a 10,000-recipient intent is one lookup.
-    insert into notify.notification_requests
-        (tenant_id, idempotency_key, fingerprint, recipient_id, recipient_count, template_key, variables, category, channels,
-         send_at, expires_at, metadata, callback_url)
-    values (p_tenant_id, p_idempotency_key, sha256(convert_to(p_request::text, 'UTF8')), null, v_count, p_template, p_variables,
-            p_category, p_channels, p_send_at, p_expires_at, p_metadata, p_request ->> 'callback_url')
-    on conflict (tenant_id, idempotency_key) do nothing
-    returning id into v_request_id;
-    if v_request_id is null then
-        response := notify._replay(p_tenant_id, p_idempotency_key, sha256(convert_to(p_request::text, 'UTF8')));
+    v_claim := notify._claim_submission(p_tenant_id, s, null, v_count);
+    if v_claim.request_id is null then
+        response := v_claim.replay;
         replayed := true;
         return next;
         return;
@@ -128,22 +120,22 @@ begin
         channel notify.channel, locale text, template_locale text, required_variables text[]) on commit drop;
     insert into pg_temp._fanout_templates
     select c.channel, l.locale, t.locale, t.required_variables
-      from unnest(p_channels) c(channel)
+      from unnest(s.channels) c(channel)
      cross join (select distinct f.effective_locale as locale from pg_temp._fanout_input f) l
-     cross join lateral notify._resolve_template(p_tenant_id, p_template, c.channel, l.locale) t;
+     cross join lateral notify._resolve_template(p_tenant_id, s.template, c.channel, l.locale) t;
     select channel, locale into v_bad from pg_temp._fanout_templates where template_locale is null limit 1;
     if found then
         perform notify._raise('ND422', 'template_not_found',
-            format('template %s has no %s content for locale %s or its fallbacks', p_template, v_bad.channel, v_bad.locale), 'template');
+            format('template %s has no %s content for locale %s or its fallbacks', s.template, v_bad.channel, v_bad.locale), 'template');
     end if;
     select f.i - 1 as idx, need.v into v_bad
       from pg_temp._fanout_input f
       join pg_temp._fanout_templates t on t.locale = f.effective_locale
      cross join lateral unnest(t.required_variables) need(v)
-     where not (p_variables || coalesce(f.variables, '{}')) ? need.v
+     where not (s.variables || coalesce(f.variables, '{}')) ? need.v
      order by f.i limit 1;
     if found then
-        perform notify._raise('ND422', 'missing_variables', format('template %s needs variable %s for recipients[%s]', p_template, v_bad.v, v_bad.idx),
+        perform notify._raise('ND422', 'missing_variables', format('template %s needs variable %s for recipients[%s]', s.template, v_bad.v, v_bad.idx),
                               format('recipients[%s].variables.%s', v_bad.idx, v_bad.v));
     end if;
 
@@ -152,25 +144,25 @@ begin
     with rows as materialized (
         select f.recipient_id, c.channel, a.address, t.template_locale, f.variables, consent.allowed, f.i, c.ord
           from pg_temp._fanout_input f
-         cross join unnest(p_channels) with ordinality c(channel, ord)
+         cross join unnest(s.channels) with ordinality c(channel, ord)
           join pg_temp._fanout_templates t on t.channel = c.channel and t.locale = f.effective_locale
           left join notify.recipient_addresses a on a.tenant_id = p_tenant_id and a.recipient_id = f.recipient_id and a.channel = c.channel
-         cross join lateral notify._consent(p_tenant_id, f.recipient_id, c.channel, p_category) consent
+         cross join lateral notify._consent(p_tenant_id, f.recipient_id, c.channel, s.category) consent
     ), inserted as (
         insert into notify.notification_deliveries
             (tenant_id, request_id, recipient_id, channel, address, template_locale, variables, status, reason, due_at, expires_at)
-        select p_tenant_id, v_request_id, recipient_id, channel, address, template_locale, variables,
+        select p_tenant_id, v_claim.request_id, recipient_id, channel, address, template_locale, variables,
                case when address is null or not allowed then 'suppressed'
-                    when p_send_at > v_now then 'scheduled' else 'queued' end::notify.delivery_status,
+                    when s.send_at > v_now then 'scheduled' else 'queued' end::notify.delivery_status,
                case when address is null then 'no_address' when not allowed then 'no_consent' end,
-               greatest(coalesce(p_send_at, v_now), v_now), p_expires_at
+               greatest(coalesce(s.send_at, v_now), v_now), s.expires_at
           from rows order by i, ord
         returning channel, status, reason
     ), counted as (
         select channel, status, reason, count(*) as n from inserted group by channel, status, reason
     )
     select jsonb_build_object(
-               'id', v_request_id, 'created_at', v_now, 'recipient_count', v_count,
+               'id', v_claim.request_id, 'created_at', v_now, 'recipient_count', v_count,
                'status', case when bool_and(status = 'suppressed') then 'suppressed' else 'accepted' end,
                'summary', jsonb_agg(jsonb_strip_nulls(jsonb_build_object('channel', channel, 'status', status, 'reason', reason, 'count', n))
                                     order by channel, status, reason))
@@ -178,19 +170,19 @@ begin
       from counted;
 
     update notify.notification_requests r set response = v_response
-     where r.tenant_id = p_tenant_id and r.id = v_request_id;
-    perform notify._wake(c, case when p_send_at > v_now then p_send_at end)
-       from unnest(p_channels) c
-      where exists (select from jsonb_array_elements(v_response -> 'summary') s
-                     where s ->> 'channel' = c::text and s ->> 'status' in ('queued', 'scheduled'));
+     where r.tenant_id = p_tenant_id and r.id = v_claim.request_id;
+    perform notify._wake_submission(s, array(
+        select c from unnest(s.channels) c
+         where exists (select from jsonb_array_elements(v_response -> 'summary') x
+                        where x ->> 'channel' = c::text and x ->> 'status' in ('queued', 'scheduled'))));
     drop table pg_temp._fanout_input, pg_temp._fanout_templates;
     response := v_response;
     replayed := false;
     return next;
 end
 $$;
-comment on function notify._submit_fanout(uuid, jsonb, text, notify.channel[], text, jsonb, text, timestamptz, timestamptz, jsonb) is
-    'The fan-out half of submit_notification_v1: up to 10,000 recipients, each with optional per-recipient variables; recipients, addresses, template checks, consent and deliveries are set-based statements, not per-row round trips. The response summarizes deliveries by channel, status and reason.';
+comment on function notify._submit_fanout(uuid, notify.submission) is
+    'The fan-out half of submit_notification_v1, given the body it read (notify._parse_submission): up to 10,000 recipients, each with optional per-recipient variables; the same idempotency claim, template resolution and wake-up as one recipient, but recipients, addresses, template checks, consent and deliveries are set-based statements, not per-row round trips. The response summarizes deliveries by channel, status and reason.';
 
 create function notify_api.submit_notifications_v1(p_tenant_id uuid, p_items jsonb)
     returns jsonb
