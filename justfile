@@ -13,6 +13,15 @@ lock *ARGS:
     bash scripts/lock.sh {{ARGS}}
     bash scripts/test.sh
 
+# The linter and the formatter check, as .ci/run runs them (`just fmt` to apply the formatter)
+lint:
+    .venv/bin/ruff check .
+    .venv/bin/ruff format --check .
+
+fmt:
+    .venv/bin/ruff format .
+    .venv/bin/ruff check --fix .
+
 # Only the SQL function tests
 test-sql *ARGS:
     bash scripts/test.sh tests/sql {{ARGS}}

@@ -13,8 +13,8 @@ from typing import Any
 from litestar import Litestar, Request, Router
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.handlers.base import BaseRouteHandler
 from litestar.di import Provide
+from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusConfig
@@ -47,8 +47,9 @@ def _key_digest(request: ASGIConnection[Any, Any, Any, Any]) -> bytes:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise ProblemException(401, "unauthorized", "send an API key as Authorization: Bearer <key>",
-                               headers={"WWW-Authenticate": "Bearer"})
+        raise ProblemException(
+            401, "unauthorized", "send an API key as Authorization: Bearer <key>", headers={"WWW-Authenticate": "Bearer"}
+        )
     return keys.digest(key.strip())
 
 
@@ -58,11 +59,15 @@ async def require_key(connection: ASGIConnection[Any, Any, Any, Any], route_hand
     checked in Postgres, in one call. An anonymous caller costs no body parsing and learns nothing about the body."""
     scope = route_handler.opt.get("scope", "admin")
     db: Database = connection.app.state.db
-    if route_handler.opt.get("charge") == "statement":   # the route's statement takes the token (api/routes/notifications.py)
-        row = await db.one("select tenant_id, api_key_id, rate_per_second from notify_api.check_api_key_v1(%s, %s)",
-                           (_key_digest(connection), scope))
+    if route_handler.opt.get("charge") == "statement":  # the route's statement takes the token (api/routes/notifications.py)
+        row = await db.one(
+            "select tenant_id, api_key_id, rate_per_second from notify_api.check_api_key_v1(%s, %s)",
+            (_key_digest(connection), scope),
+        )
     else:
-        row = await db.one("select tenant_id, api_key_id, null from notify_api.authorize_v1(%s, %s)", (_key_digest(connection), scope))
+        row = await db.one(
+            "select tenant_id, api_key_id, null from notify_api.authorize_v1(%s, %s)", (_key_digest(connection), scope)
+        )
     if row is None:
         raise unauthorized()
     connection.state.tenant = Tenant(id=row[0], key_id=row[1], rate=row[2])
@@ -92,13 +97,15 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
             await db.close()
 
     metrics.register_queue_health(settings.database_url)
-    prometheus = PrometheusConfig(app_name="dispatcher", prefix="dispatcher_http", group_path=True,
-                                  exclude=["/metrics"])
+    prometheus = PrometheusConfig(app_name="dispatcher", prefix="dispatcher_http", group_path=True, exclude=["/metrics"])
     # Every /internal route is guarded by the API key check, which runs before the body is read (require_key).
     # The notification routes take the bulk body limit (a fan-out, a batch); submit holds a single intent to the
     # ordinary one itself; every other route has the ordinary limit (the app's).
-    guarded: dict[str, Any] = {"dependencies": {"tenant": Provide(authenticate)}, "guards": [require_key],
-                               "security": [{"BearerAuth": []}]}
+    guarded: dict[str, Any] = {
+        "dependencies": {"tenant": Provide(authenticate)},
+        "guards": [require_key],
+        "security": [{"BearerAuth": []}],
+    }
     bulk = Router(path="/internal", route_handlers=[Notifications], request_max_body_size=settings.max_bulk_body_bytes, **guarded)
     internal = Router(path="/internal", route_handlers=[Callbacks, Recipients, Templates, Channels, Mock], **guarded)
     public = Router(path="/public", route_handlers=[receive_webhook, verify_webhook, unsubscribe_page, unsubscribe])
@@ -109,8 +116,7 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
         plugins.append(OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/metrics", "/health"])))
     return Litestar(
         plugins=plugins,
-        route_handlers=[bulk, internal, public, health, version,
-                        *([bench_baseline] if settings.bench_baseline else [])],
+        route_handlers=[bulk, internal, public, health, version, *([bench_baseline] if settings.bench_baseline else [])],
         middleware=[request_ids.middleware, prometheus.middleware],
         dependencies={"db": Provide(provide_db)},
         state=State({"db": db, "webhook_adapters": webhook_adapters(settings), "settings": settings}),
@@ -120,7 +126,9 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
         debug=debug,
         logging_config=None,  # dispatcher.logs owns logging (JSON, masked)
         openapi_config=OpenAPIConfig(
-            title="notification-dispatcher", version=__version__, path=reference.SCHEMA_PATH,
+            title="notification-dispatcher",
+            version=__version__,
+            path=reference.SCHEMA_PATH,
             description="Multi-channel notification dispatcher. /internal routes take Authorization: Bearer <API key>.",
             components=Components(security_schemes={"BearerAuth": SecurityScheme(type="http", scheme="bearer")}),
             render_plugins=[reference.LocalSwaggerPlugin()],  # Swagger UI served from the service itself: no CDN

@@ -27,7 +27,11 @@ async def check_idle_connection(conn: psycopg.AsyncConnection[Any]) -> None:
 class Database:
     def __init__(self, url: str, *, min_size: int = 2, max_size: int = 10, timeout: float = 5.0) -> None:
         self.pool = AsyncConnectionPool(
-            url, min_size=min_size, max_size=max_size, timeout=timeout, open=False,
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            open=False,
             kwargs={"autocommit": True, "application_name": "dispatcher-api"},
             check=check_idle_connection,
         )

@@ -23,9 +23,20 @@ from api.schemas import Problem
 log = logging.getLogger("api")
 MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "urn:notification-dispatcher:problem:"
-_TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found", 405: "Method not allowed",
-           409: "Conflict", 413: "Payload too large", 415: "Unsupported media type", 422: "Unprocessable content",
-           429: "Too many requests", 500: "Internal server error", 503: "Service unavailable"}
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Payload too large",
+    415: "Unsupported media type",
+    422: "Unprocessable content",
+    429: "Too many requests",
+    500: "Internal server error",
+    503: "Service unavailable",
+}
 _encode = msgspec.json.Encoder().encode
 
 
@@ -38,10 +49,22 @@ class ProblemException(HTTPException):
         self.field = field
 
 
-def problem(request: Request[Any, Any, Any] | None, status: int, type_: str, detail: str | None, field: str | None = None,
-            headers: dict[str, str] | None = None) -> Response[bytes]:
-    body = Problem(type=TYPE_BASE + type_, title=_TITLES.get(status, "Error"), status=status, detail=detail,
-                   field=field or None, instance=request.url.path if request is not None else None)
+def problem(
+    request: Request[Any, Any, Any] | None,
+    status: int,
+    type_: str,
+    detail: str | None,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[bytes]:
+    body = Problem(
+        type=TYPE_BASE + type_,
+        title=_TITLES.get(status, "Error"),
+        status=status,
+        detail=detail,
+        field=field or None,
+        instance=request.url.path if request is not None else None,
+    )
     return Response(content=_encode(body), status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
@@ -80,8 +103,16 @@ def batch_item_error(message: str, index: int) -> dict[str, Any]:
     field = ".".join(parts)
     if field != "notification":
         field = field.removeprefix("notification.") if field.startswith("notification.") else (field or "notification")
-    return {"index": index, "outcome": "error", "status": 400,
-            "error": {"type": "unknown_field" if _UNKNOWN.search(detail) else "invalid_request", "detail": detail[:300], "field": field}}
+    return {
+        "index": index,
+        "outcome": "error",
+        "status": 400,
+        "error": {
+            "type": "unknown_field" if _UNKNOWN.search(detail) else "invalid_request",
+            "detail": detail[:300],
+            "field": field,
+        },
+    }
 
 
 def _body_is_not_utf8(request: Request[Any, Any, Any]) -> bool:
@@ -101,28 +132,42 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     if isinstance(exc, ProblemException):
         return problem(request, exc.status_code, exc.type_, exc.detail, exc.field, exc.headers)
     decoding = isinstance(exc, (UnicodeDecodeError, msgspec.DecodeError)) or (
-        isinstance(exc, HTTPException) and exc.status_code == 400)
+        isinstance(exc, HTTPException) and exc.status_code == 400
+    )
     if decoding and _body_is_not_utf8(request):
         return problem(request, 400, "invalid_encoding", "the body is not valid UTF-8", None)
     if isinstance(exc, ValidationException):
         return _validation(request, exc)
     if isinstance(exc, (msgspec.DecodeError, RecursionError)):
-        detail = "JSON nested too deeply" if isinstance(exc, RecursionError) or "nest" in str(exc).lower() else f"malformed JSON: {exc}"
+        detail = (
+            "JSON nested too deeply"
+            if isinstance(exc, RecursionError) or "nest" in str(exc).lower()
+            else f"malformed JSON: {exc}"
+        )
         return problem(request, 400, "invalid_json", detail[:300], None)
     if isinstance(exc, psycopg.Error) and exc.sqlstate and exc.sqlstate.startswith("ND"):
         diag = exc.diag
         headers = {"Retry-After": "1"} if exc.sqlstate == "ND429" else None
-        return problem(request, int(exc.sqlstate[2:]), diag.constraint_name or "error", diag.message_primary, diag.column_name, headers)
+        return problem(
+            request, int(exc.sqlstate[2:]), diag.constraint_name or "error", diag.message_primary, diag.column_name, headers
+        )
     if isinstance(exc, psycopg.errors.DataError):
         return problem(request, 400, "invalid_value", exc.diag.message_primary, exc.diag.column_name)
     if isinstance(exc, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):
         log.warning("database unavailable", extra={"error": type(exc).__name__, "path": request.url.path})
-        return problem(request, 503, "database_unavailable", "the database is not reachable; retry shortly", None,
-                       {"Retry-After": "2"})
+        return problem(
+            request, 503, "database_unavailable", "the database is not reachable; retry shortly", None, {"Retry-After": "2"}
+        )
     if isinstance(exc, HTTPException):
         status = exc.status_code
-        slug = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-                415: "unsupported_media_type", 429: "rate_limited"}.get(status, "http_error")
+        slug = {
+            401: "unauthorized",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "payload_too_large",
+            415: "unsupported_media_type",
+            429: "rate_limited",
+        }.get(status, "http_error")
         return problem(request, status, slug, exc.detail, None, exc.headers)
     log.exception("unhandled error", extra={"path": request.url.path})
     return problem(request, 500, "internal_error", "an unexpected error occurred", None)

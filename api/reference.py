@@ -50,9 +50,15 @@ class LocalSwaggerPlugin(SwaggerRenderPlugin):
 
     def receive_router(self, router: Router) -> None:
         super().receive_router(router)
-        router.register(create_static_files_router(
-            path=ASSETS, directories=[self.directory], include_in_schema=False, name="api_reference_assets",
-            guards=[_only_the_pages_files]))
+        router.register(
+            create_static_files_router(
+                path=ASSETS,
+                directories=[self.directory],
+                include_in_schema=False,
+                name="api_reference_assets",
+                guards=[_only_the_pages_files],
+            )
+        )
 
 
 def _only_the_pages_files(connection: ASGIConnection, _handler: BaseRouteHandler) -> None:

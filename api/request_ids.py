@@ -12,6 +12,7 @@ from typing import Any
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from dispatcher.logs import REQUEST_ID
+
 HEADER = b"x-request-id"
 _VALID = re.compile(rb"[\x21-\x7e]{1,200}")
 log = logging.getLogger("api.access")
@@ -50,8 +51,15 @@ def middleware(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, send_with_id)
         finally:
-            log.info("request", extra={"method": scope["method"], "path": scope["path"], "status": status,
-                                       "ms": round((time.perf_counter() - started) * 1000, 2)})
+            log.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
             REQUEST_ID.reset(token)
 
     return handle

@@ -92,8 +92,10 @@ class BatchIn(Base):
     """Each item is a BatchItem ({"idempotency_key"?, "notification": {...}}); it is checked alone, so an item of the
     wrong shape fails alone (its error in the answer) and the others are still submitted."""
 
-    items: Annotated[list[Any], Meta(min_length=1, max_length=1000,
-                                     description='Each {"idempotency_key"?: string, "notification": NotificationIn}')]
+    items: Annotated[
+        list[Any],
+        Meta(min_length=1, max_length=1000, description='Each {"idempotency_key"?: string, "notification": NotificationIn}'),
+    ]
 
 
 class BatchError(Base):

@@ -31,14 +31,19 @@ def main() -> None:
     def start_worker(tree: Path, **env: str) -> subprocess.Popen[bytes]:
         environment = stack.env(**env)
         environment["PYTHONPATH"] = str(tree)
-        stack.worker = subprocess.Popen([sys.executable, "-m", "dispatcher", "worker"], env=environment, cwd=tree,
-                                        stdout=subprocess.DEVNULL, stderr=(stack.work / "worker.log").open("ab"))
+        stack.worker = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", "worker"],
+            env=environment,
+            cwd=tree,
+            stdout=subprocess.DEVNULL,
+            stderr=(stack.work / "worker.log").open("ab"),
+        )
         return stack.worker
 
     try:
         stack.start_api()
         for run in range(args.runs):
-            for side in (("old", "new") if run % 2 == 0 else ("new", "old")):
+            for side in ("old", "new") if run % 2 == 0 else ("new", "old"):
                 backlog(stack, args.backlog, f"ab{run}{side}-")
                 stack.start_worker = lambda tree=trees[side], **env: start_worker(tree, **env)  # type: ignore[method-assign]
                 out = drain(stack, args.backlog, DISPATCHER_BATCH_SIZE="500", DISPATCHER_MAX_IN_FLIGHT="1000")
@@ -46,8 +51,14 @@ def main() -> None:
                 log(f"run {run} {side}: {out}")
     finally:
         stack.close()
-    summary = {side: {"per_s": [r["per_s"] for r in rs], "median_per_s": statistics.median(r["per_s"] for r in rs),
-                      "worker_peak_rss_mb": max(r["worker_peak_rss_mb"] for r in rs)} for side, rs in results.items()}
+    summary = {
+        side: {
+            "per_s": [r["per_s"] for r in rs],
+            "median_per_s": statistics.median(r["per_s"] for r in rs),
+            "worker_peak_rss_mb": max(r["worker_peak_rss_mb"] for r in rs),
+        }
+        for side, rs in results.items()
+    }
     summary["ratio_new_over_old"] = round(summary["new"]["median_per_s"] / summary["old"]["median_per_s"], 3)
     print(json.dumps(summary, indent=2))
 

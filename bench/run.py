@@ -36,9 +36,13 @@ warnings.filterwarnings("ignore", module="platformdirs")
 from dispatcher import keys, schema  # noqa: E402
 from dispatcher.embedded import EmbeddedPostgres  # noqa: E402
 
-TEMPLATE = {"locale": "en", "channels": {
-    "email": {"subject": "Reminder: {{event}}", "text": "Hi {{name}}, see you at {{event}}."},
-    "whatsapp": {"name": "event_reminder", "language": "en", "parameters": ["name", "event"]}}}
+TEMPLATE = {
+    "locale": "en",
+    "channels": {
+        "email": {"subject": "Reminder: {{event}}", "text": "Hi {{name}}, see you at {{event}}."},
+        "whatsapp": {"name": "event_reminder", "language": "en", "parameters": ["name", "event"]},
+    },
+}
 
 
 def log(msg: str) -> None:
@@ -63,9 +67,12 @@ class Stack:
             tenant = conn.execute("select notify_api.create_tenant_v1('bench')").fetchone()[0]  # type: ignore[index]
             self.tenant_id = tenant["id"]
             self.key = keys.generate()
-            conn.execute("select notify_api.create_api_key_v1(%s, 'bench', %s, %s)", (self.tenant_id, keys.display_prefix(self.key), keys.digest(self.key)))
+            conn.execute(
+                "select notify_api.create_api_key_v1(%s, 'bench', %s, %s)",
+                (self.tenant_id, keys.display_prefix(self.key), keys.digest(self.key)),
+            )
             conn.execute("select notify_api.upsert_template_v1(%s, 'event_reminder', %s)", (self.tenant_id, Jsonb(TEMPLATE)))
-            conn.execute("select notify_api.set_api_rate_v1(%s, 1000000)", (self.tenant_id,))   # measure, not throttle
+            conn.execute("select notify_api.set_api_rate_v1(%s, 1000000)", (self.tenant_id,))  # measure, not throttle
             conn.execute("create table if not exists public.bench_baseline (id bigserial primary key, payload jsonb not null)")
         self.port = free_port()
         self.api: subprocess.Popen[bytes] | None = None
@@ -73,15 +80,29 @@ class Stack:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
-        env.update({"DATABASE_URL": self.url, "PYTHONPATH": str(ROOT), "DISPATCHER_LOG_LEVEL": "WARNING",
-                    "DISPATCHER_PORT": str(self.port), "DISPATCHER_BENCH_BASELINE": "1", "DISPATCHER_MOCK_RECORD": "0",
-                    "DISPATCHER_POOL_MIN": "8", "DISPATCHER_POOL_MAX": "16"})
+        env.update(
+            {
+                "DATABASE_URL": self.url,
+                "PYTHONPATH": str(ROOT),
+                "DISPATCHER_LOG_LEVEL": "WARNING",
+                "DISPATCHER_PORT": str(self.port),
+                "DISPATCHER_BENCH_BASELINE": "1",
+                "DISPATCHER_MOCK_RECORD": "0",
+                "DISPATCHER_POOL_MIN": "8",
+                "DISPATCHER_POOL_MAX": "16",
+            }
+        )
         env.update(extra)
         return env
 
     def start_api(self, workers: int = 2) -> None:
-        self.api = subprocess.Popen([sys.executable, "-m", "dispatcher", "serve", "--port", str(self.port), "--workers", str(workers)],
-                                    env=self.env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(self.work / "api.log").open("ab"))
+        self.api = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", "serve", "--port", str(self.port), "--workers", str(workers)],
+            env=self.env(),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=(self.work / "api.log").open("ab"),
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -92,8 +113,13 @@ class Stack:
         raise RuntimeError("API did not start")
 
     def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
-        self.worker = subprocess.Popen([sys.executable, "-m", "dispatcher", "worker"], env=self.env(**env), cwd=ROOT,
-                                       stdout=subprocess.DEVNULL, stderr=(self.work / "worker.log").open("ab"))
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", "worker"],
+            env=self.env(**env),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=(self.work / "worker.log").open("ab"),
+        )
         return self.worker
 
     @staticmethod
@@ -140,20 +166,46 @@ def _children(pid: int) -> list[int]:
 
 # --- scenario 1: ingest ------------------------------------------------------------------------------------
 
+
 def wrk(stack: Stack, path: str, key: str, seconds: int, connections: int = 32, delay_ms: float = 0) -> dict[str, float]:
-    env = {**os.environ, "BENCH_PATH": path, "BENCH_KEY": key, "BENCH_DELAY_MS": str(int(delay_ms)),
-           "BENCH_RUN": f"{time.time_ns()}"}
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(ROOT / "bench" / "post.lua"),
-                          f"http://127.0.0.1:{stack.port}"], env=env, capture_output=True, text=True, check=True).stdout
+    env = {
+        **os.environ,
+        "BENCH_PATH": path,
+        "BENCH_KEY": key,
+        "BENCH_DELAY_MS": str(int(delay_ms)),
+        "BENCH_RUN": f"{time.time_ns()}",
+    }
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(ROOT / "bench" / "post.lua"),
+            f"http://127.0.0.1:{stack.port}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
     def ms(label: str) -> float:
         m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
         if not m:
             return float("nan")
         return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     # a replayed key answers 200 too: count what was really created, so a replay can never pass for ingest
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-            "p50_ms": ms("50"), "p99_ms": ms("99"), "non_2xx": int(errors.group(1)) if errors else 0}
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": ms("50"),
+        "p99_ms": ms("99"),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+    }
 
 
 def scenario_ingest(stack: Stack, seconds: int, warmup: int) -> dict[str, Any]:
@@ -173,9 +225,17 @@ def scenario_ingest(stack: Stack, seconds: int, warmup: int) -> dict[str, Any]:
 
 # --- scenario 2: fan-out and batch ------------------------------------------------------------------------
 
+
 def fanout_body(n: int, prefix: str) -> dict[str, Any]:
-    return {"recipients": [{"ref": f"{prefix}-{i}", "addresses": {"email": f"{prefix}{i}@example.com"}, "variables": {"name": f"M{i}"}}
-                           for i in range(n)], "channels": ["email"], "template": "event_reminder", "variables": {"event": "Long run"}}
+    return {
+        "recipients": [
+            {"ref": f"{prefix}-{i}", "addresses": {"email": f"{prefix}{i}@example.com"}, "variables": {"name": f"M{i}"}}
+            for i in range(n)
+        ],
+        "channels": ["email"],
+        "template": "event_reminder",
+        "variables": {"event": "Long run"},
+    }
 
 
 def scenario_volume(stack: Stack, runs: int) -> dict[str, Any]:
@@ -196,25 +256,39 @@ def scenario_volume(stack: Stack, runs: int) -> dict[str, Any]:
             assert r.status_code == 202, r.text[:300]
         batches = []
         for run in range(runs):
-            items = [{"idempotency_key": f"batch{run}-{i}", "notification": {
-                "recipient": {"ref": f"member-{i}", "addresses": {"email": f"member{i}@example.com"}}, "channels": ["email"],
-                "template": "event_reminder", "variables": {"name": "Ana", "event": "Long run"}}} for i in range(1000)]
+            items = [
+                {
+                    "idempotency_key": f"batch{run}-{i}",
+                    "notification": {
+                        "recipient": {"ref": f"member-{i}", "addresses": {"email": f"member{i}@example.com"}},
+                        "channels": ["email"],
+                        "template": "event_reminder",
+                        "variables": {"name": "Ana", "event": "Long run"},
+                    },
+                }
+                for i in range(1000)
+            ]
             t0 = time.perf_counter()
             r = c.post("/internal/notifications/batch", json={"items": items})
             batches.append(time.perf_counter() - t0)
             assert r.status_code == 200 and r.json()["accepted"] == 1000, r.text[:300]
-    return {"fanout_10k_new_recipients_s": round(statistics.median(new), 3),
-            "fanout_10k_known_recipients_s": round(statistics.median(known), 3),
-            "fanout_deliveries_per_s": round(10_000 / statistics.median(known)),
-            "batch_1000_s": round(statistics.median(batches), 3),
-            "batch_deliveries_per_s": round(1000 / statistics.median(batches))}
+    return {
+        "fanout_10k_new_recipients_s": round(statistics.median(new), 3),
+        "fanout_10k_known_recipients_s": round(statistics.median(known), 3),
+        "fanout_deliveries_per_s": round(10_000 / statistics.median(known)),
+        "batch_1000_s": round(statistics.median(batches), 3),
+        "batch_deliveries_per_s": round(1000 / statistics.median(batches)),
+    }
 
 
 # --- scenarios 3 and 4: dispatch -----------------------------------------------------------------------------
 
+
 def backlog(stack: Stack, n: int, prefix: str) -> None:
     """n queued e-mail deliveries, submitted as 10,000-recipient fan-outs with the worker stopped."""
-    with httpx.Client(base_url=f"http://127.0.0.1:{stack.port}", headers={"Authorization": f"Bearer {stack.key}"}, timeout=120) as c:
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{stack.port}", headers={"Authorization": f"Bearer {stack.key}"}, timeout=120
+    ) as c:
         for chunk in range(0, n, 10_000):
             size = min(10_000, n - chunk)
             r = c.post("/internal/notifications", json=fanout_body(size, f"{prefix}{chunk}"))
@@ -230,7 +304,10 @@ def drain(stack: Stack, n: int, **env: str) -> dict[str, Any]:
         if time.monotonic() > deadline or worker.poll() is not None:
             raise RuntimeError("dispatch did not finish")
         time.sleep(0.25)
-    span = stack.sql("select extract(epoch from max(finished_at) - min(started_at)) from notify.delivery_attempts where started_at >= %s", started)
+    span = stack.sql(
+        "select extract(epoch from max(finished_at) - min(started_at)) from notify.delivery_attempts where started_at >= %s",
+        started,
+    )
     done = stack.sql("select count(*) from notify.delivery_attempts where started_at >= %s and outcome = 'sent'", started)
     peak = rss_mb(worker.pid)
     stack.stop(worker)
@@ -239,7 +316,11 @@ def drain(stack: Stack, n: int, **env: str) -> dict[str, Any]:
 
 def procrastinate_baseline(stack: Stack, n: int) -> dict[str, Any]:
     env = stack.env()
-    subprocess.run([sys.executable, "-c", f"""
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import asyncio
 from bench.baseline_app import app, noop
 async def main():
@@ -247,21 +328,44 @@ async def main():
         for start in range(0, {n}, 1000):
             await noop.batch_defer_async(*({{"n": i}} for i in range(start, min({n}, start + 1000))))
 asyncio.run(main())
-"""], env=env, cwd=ROOT, check=True)
-    worker = subprocess.Popen([sys.executable, "-m", "procrastinate", "--app=bench.baseline_app.app", "worker", "--queues", "bench",
-                               "--concurrency", "2"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+""",
+        ],
+        env=env,
+        cwd=ROOT,
+        check=True,
+    )
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "procrastinate",
+            "--app=bench.baseline_app.app",
+            "worker",
+            "--queues",
+            "bench",
+            "--concurrency",
+            "2",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 900
     while stack.sql("select count(*) from procrastinate_jobs where queue_name = 'bench' and status in ('todo', 'doing')") > 0:
         if time.monotonic() > deadline:
             raise RuntimeError("baseline did not finish")
         time.sleep(0.25)
     stack.stop(worker)
-    span = stack.sql("""select extract(epoch from max(e.at) filter (where e.type = 'succeeded') - min(e.at) filter (where e.type = 'started'))
-                          from procrastinate_events e join procrastinate_jobs j on j.id = e.job_id where j.queue_name = 'bench'""")
+    span = stack.sql("""select extract(epoch from max(e.at) filter (where e.type = 'succeeded') - min(e.at) filter (where
+      e.type = 'started'))
+                          from procrastinate_events e join procrastinate_jobs j on j.id = e.job_id where j.queue_name =
+                            'bench'""")
     return {"jobs": n, "seconds": round(float(span), 2), "per_s": round(n / float(span))}
 
 
 # --- scenario 5: end-to-end latency ------------------------------------------------------------------------
+
 
 def scenario_latency(stack: Stack, rate: float, seconds: int) -> dict[str, Any]:
     """wrk, paced by its delay() hook (16 connections, each waiting 16/rate s between requests): a C load
@@ -274,52 +378,93 @@ def scenario_latency(stack: Stack, rate: float, seconds: int) -> dict[str, Any]:
     time.sleep(3)
     stack.stop(worker)
     with psycopg.connect(stack.url) as conn:
-        row = conn.execute("""select percentile_cont(0.5) within group (order by ms), percentile_cont(0.99) within group (order by ms), count(*)
+        row = conn.execute(
+            """select percentile_cont(0.5) within group (order by ms), percentile_cont(0.99) within group (order by ms), count(*)
                                 from (select extract(epoch from a.started_at - r.created_at) * 1000 as ms
                                         from notify.notification_requests r
                                         join notify.notification_deliveries d on d.tenant_id = r.tenant_id and d.request_id = r.id
-                                        join notify.delivery_attempts a on a.tenant_id = d.tenant_id and a.delivery_id = d.id and a.attempt = 1
-                                       where r.created_at >= %s) x""", (since,)).fetchone()
+                                        join notify.delivery_attempts a on a.tenant_id = d.tenant_id and a.delivery_id = d.id
+                                          and a.attempt = 1
+                                       where r.created_at >= %s) x""",
+            (since,),
+        ).fetchone()
         submitted = conn.execute("select count(*) from notify.notification_requests where created_at >= %s", (since,)).fetchone()
     assert row is not None and submitted is not None
     if not row[2]:
-        raise RuntimeError(f"latency: nothing was dispatched (wrk: {load}, submitted: {submitted[0]}); see {stack.work}/worker.log")
-    return {"rate_per_s": round(load["rps"]), "target_rate_per_s": round(rate), "submitted": submitted[0], "measured": row[2],
-            "non_2xx": load["non_2xx"], "p50_ms": round(row[0], 1), "p99_ms": round(row[1], 1)}
+        raise RuntimeError(
+            f"latency: nothing was dispatched (wrk: {load}, submitted: {submitted[0]}); see {stack.work}/worker.log"
+        )
+    return {
+        "rate_per_s": round(load["rps"]),
+        "target_rate_per_s": round(rate),
+        "submitted": submitted[0],
+        "measured": row[2],
+        "non_2xx": load["non_2xx"],
+        "p50_ms": round(row[0], 1),
+        "p99_ms": round(row[1], 1),
+    }
 
 
 # --- scenario 6: growth -------------------------------------------------------------------------------------
+
 
 def grow(stack: Stack, finished: int, scheduled: int) -> None:
     log(f"growth: inserting {finished:,} finished and {scheduled:,} scheduled deliveries")
     with psycopg.connect(stack.url, autocommit=True) as conn:
         conn.execute("set notify.source = 'bench'")
-        rid = conn.execute("""insert into notify.recipients (tenant_id, ref) values (%s, 'growth') returning id""", (stack.tenant_id,)).fetchone()[0]  # type: ignore[index]
-        for status, total, due in (("delivered", finished, "now() - interval '1 day'"), ("scheduled", scheduled, "now() + interval '30 days'")):
+        rid = conn.execute(
+            """insert into notify.recipients (tenant_id, ref) values (%s, 'growth') returning id""", (stack.tenant_id,)
+        ).fetchone()[0]  # type: ignore[index]
+        for status, total, due in (
+            ("delivered", finished, "now() - interval '1 day'"),
+            ("scheduled", scheduled, "now() + interval '30 days'"),
+        ):
             for start in range(0, total, 100_000):
                 size = min(100_000, total - start)
-                req = conn.execute("""insert into notify.notification_requests (tenant_id, fingerprint, recipient_id, template_key, channels)
-                                      values (%s, '\\x00', %s, 'event_reminder', '{email}') returning id""", (stack.tenant_id, rid)).fetchone()[0]  # type: ignore[index]
+                req = conn.execute(
+                    """insert into notify.notification_requests (tenant_id, fingerprint, recipient_id, template_key, channels)
+                                      values (%s, '\\x00', %s, 'event_reminder', '{email}') returning id""",
+                    (stack.tenant_id, rid),
+                ).fetchone()[0]  # type: ignore[index]
                 # one request per 100,000 rows; recipient varies by a generated recipient row each
-                conn.execute(f"""
+                conn.execute(
+                    f"""
                     with r as (insert into notify.recipients (tenant_id, ref)
                                select %s, 'growth-{status}-' || ({start} + g) from generate_series(1, {size}) g returning id)
-                    insert into notify.notification_deliveries (tenant_id, request_id, recipient_id, channel, address, template_locale,
+                    insert into notify.notification_deliveries (tenant_id, request_id, recipient_id, channel, address,
+                      template_locale,
                                                                 status, attempt, due_at, finished_at, delivered_at, sent_at)
-                    select %s, %s, r.id, 'email', 'growth@example.com', 'en', '{status}', {1 if status == 'delivered' else 0}, {due},
-                           {'now()' if status == 'delivered' else 'null'}, {'now()' if status == 'delivered' else 'null'},
-                           {'now()' if status == 'delivered' else 'null'}
-                      from r""", (stack.tenant_id, stack.tenant_id, req))
+                    select %s, %s, r.id, 'email', 'growth@example.com', 'en', '{status}', {1 if status == "delivered" else 0}, {
+                        due
+                    },
+                           {"now()" if status == "delivered" else "null"}, {"now()" if status == "delivered" else "null"},
+                           {"now()" if status == "delivered" else "null"}
+                      from r""",
+                    (stack.tenant_id, stack.tenant_id, req),
+                )
         conn.execute("analyze")
 
 
 # --- report ---------------------------------------------------------------------------------------------------
 
+
 def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
     mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) // 1024 // 1024  # type: ignore[union-attr]
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
@@ -331,42 +476,72 @@ def report(results: dict[str, Any], out: Path) -> str:
     r = results
     m = r["machine"]
     lines = [
-        "# Benchmarks", "",
+        "# Benchmarks",
+        "",
         f"Latest run: {m['date']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}, "
         f"PostgreSQL {r.get('postgres_version', '?')} (embedded, default settings: fsync and synchronous_commit on). "
         "Everything (load generator, API with 2 workers, worker, Postgres) shares the same 2 cores. Produced by "
-        "`just bench` (`python -m bench.run`); raw figures in `bench/results/latest.json`.", "",
-        "| # | scenario | ours | baseline (same run) | ratio / figure | target | |", "|---|---|---|---|---|---|---|",
+        "`just bench` (`python -m bench.run`); raw figures in `bench/results/latest.json`.",
+        "",
+        "| # | scenario | ours | baseline (same run) | ratio / figure | target | |",
+        "|---|---|---|---|---|---|---|",
     ]
     if "ingest" in r:
         i = r["ingest"]
-        lines.append(f"| 1 | ingest, 32 connections | {i['ours']['rps']:.0f} req/s, p50 {i['ours']['p50_ms']:.1f} ms, p99 {i['ours']['p99_ms']:.1f} ms "
-                     f"| {i['baseline']['rps']:.0f} req/s (one INSERT), p50 {i['baseline']['p50_ms']:.1f} ms | {i['ratio']:.0%} | ≥ 70% | {verdict(i['ratio'], 0.7)} |")
+        lines.append(
+            f"| 1 | ingest, 32 connections | {i['ours']['rps']:.0f} req/s, p50 {i['ours']['p50_ms']:.1f} ms, p99 "
+            f"{i['ours']['p99_ms']:.1f} ms "
+            f"| {i['baseline']['rps']:.0f} req/s (one INSERT), p50 {i['baseline']['p50_ms']:.1f} ms | {i['ratio']:.0%} | ≥ 70% "
+            f"| {verdict(i['ratio'], 0.7)} |"
+        )
     if "volume" in r:
         v = r["volume"]
-        lines.append(f"| 2 | fan-out, 10,000 recipients (known / new) | {v['fanout_10k_known_recipients_s']} s / {v['fanout_10k_new_recipients_s']} s "
-                     f"({v['fanout_deliveries_per_s']:,} deliveries/s) | — | — | < 1 s | {verdict(v['fanout_10k_known_recipients_s'], 1.0, False)} |")
-        lines.append(f"| 2 | batch, 1,000 intents | {v['batch_1000_s']} s ({v['batch_deliveries_per_s']:,} deliveries/s) | — | — | — | |")
+        lines.append(
+            f"| 2 | fan-out, 10,000 recipients (known / new) | {v['fanout_10k_known_recipients_s']} s / "
+            f"{v['fanout_10k_new_recipients_s']} s "
+            f"({v['fanout_deliveries_per_s']:,} deliveries/s) | — | — | < 1 s | "
+            f"{verdict(v['fanout_10k_known_recipients_s'], 1.0, False)} |"
+        )
+        lines.append(
+            f"| 2 | batch, 1,000 intents | {v['batch_1000_s']} s ({v['batch_deliveries_per_s']:,} deliveries/s) | — | — | — | |"
+        )
     if "dispatch_0ms" in r:
         d = r["dispatch_0ms"]
-        lines.append(f"| 3 | dispatch, provider 0 ms, backlog {d['ours']['deliveries']:,} | {d['ours']['per_s']:,} deliveries/s | "
-                     f"{d['baseline']['per_s']:,} no-op jobs/s (plain procrastinate) | {d['ratio']:.1f}× | ≥ 25× | {verdict(d['ratio'], 25)} |")
+        lines.append(
+            f"| 3 | dispatch, provider 0 ms, backlog {d['ours']['deliveries']:,} | {d['ours']['per_s']:,} deliveries/s | "
+            f"{d['baseline']['per_s']:,} no-op jobs/s (plain procrastinate) | {d['ratio']:.1f}× | ≥ 25× | "
+            f"{verdict(d['ratio'], 25)} |"
+        )
     if "dispatch_100ms" in r:
         d = r["dispatch_100ms"]
-        lines.append(f"| 4 | dispatch, provider 100 ms, in-flight {d['in_flight']} | {d['ours']['per_s']:,} deliveries/s | ceiling {d['ceiling']:,}/s "
-                     f"| {d['ratio']:.0%} | ≥ 80% | {verdict(d['ratio'], 0.8)} |")
+        lines.append(
+            f"| 4 | dispatch, provider 100 ms, in-flight {d['in_flight']} | {d['ours']['per_s']:,} deliveries/s | ceiling "
+            f"{d['ceiling']:,}/s "
+            f"| {d['ratio']:.0%} | ≥ 80% | {verdict(d['ratio'], 0.8)} |"
+        )
     if "latency" in r:
         lat = r["latency"]
-        lines.append(f"| 5 | submit → provider call at {lat['rate_per_s']} req/s (half of max ingest) | p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms "
-                     f"| — | — | p50 ≤ 20, p99 ≤ 150 ms | {verdict(max(lat['p50_ms'] / 20, lat['p99_ms'] / 150), 1.0, False)} |")
+        lines.append(
+            f"| 5 | submit → provider call at {lat['rate_per_s']} req/s (half of max ingest) | p50 {lat['p50_ms']} ms, p99 "
+            f"{lat['p99_ms']} ms "
+            f"| — | — | p50 ≤ 20, p99 ≤ 150 ms | {verdict(max(lat['p50_ms'] / 20, lat['p99_ms'] / 150), 1.0, False)} |"
+        )
     if "growth" in r:
         g = r["growth"]
-        lines.append(f"| 6 | growth (+{g['finished']:,} finished, +{g['scheduled']:,} scheduled): ingest | {g['ingest_rps']:.0f} req/s | "
-                     f"{g['empty_ingest_rps']:.0f} req/s empty | {g['ingest_ratio']:.0%} | ≥ 80% | {verdict(g['ingest_ratio'], 0.8)} |")
-        lines.append(f"| 6 | growth: dispatch | {g['dispatch_per_s']:,}/s | {g['empty_dispatch_per_s']:,}/s empty | {g['dispatch_ratio']:.0%} | ≥ 80% | {verdict(g['dispatch_ratio'], 0.8)} |")
+        lines.append(
+            f"| 6 | growth (+{g['finished']:,} finished, +{g['scheduled']:,} scheduled): ingest | {g['ingest_rps']:.0f} req/s | "
+            f"{g['empty_ingest_rps']:.0f} req/s empty | {g['ingest_ratio']:.0%} | ≥ 80% | {verdict(g['ingest_ratio'], 0.8)} |"
+        )
+        lines.append(
+            f"| 6 | growth: dispatch | {g['dispatch_per_s']:,}/s | {g['empty_dispatch_per_s']:,}/s empty | "
+            f"{g['dispatch_ratio']:.0%} | ≥ 80% | {verdict(g['dispatch_ratio'], 0.8)} |"
+        )
     if "rss" in r:
         s = r["rss"]
-        lines.append(f"| 7 | peak RSS: API worker process / dispatch worker with {s['in_flight']} in flight | {s['api_mb']} MB / {s['worker_mb']} MB | — | — | worker ≤ 200 MB | {verdict(s['worker_mb'], 200, False)} |")
+        lines.append(
+            f"| 7 | peak RSS: API worker process / dispatch worker with {s['in_flight']} in flight | {s['api_mb']} MB / "
+            f"{s['worker_mb']} MB | — | — | worker ≤ 200 MB | {verdict(s['worker_mb'], 200, False)} |"
+        )
     text = "\n".join(lines) + "\n"
     (out / "latest.md").write_text(text)
     return text
@@ -390,8 +565,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="dispatcher-bench-"))
     stack = Stack(work)
-    results: dict[str, Any] = {"machine": machine(), "args": vars(args),
-                               "postgres_version": stack.sql("show server_version")}
+    results: dict[str, Any] = {"machine": machine(), "args": vars(args), "postgres_version": stack.sql("show server_version")}
     try:
         stack.start_api()
         if 1 in only or 5 in only or 6 in only:
@@ -414,18 +588,35 @@ def main() -> None:
             n, in_flight = 30_000, 200
             log(f"dispatch 100 ms: backlog of {n:,}, {in_flight} in flight")
             backlog(stack, n, "d100-")
-            ours = drain(stack, n, DISPATCHER_MOCK_LATENCY_MS="100", DISPATCHER_BATCH_SIZE="100", DISPATCHER_MAX_IN_FLIGHT=str(in_flight),
-                         DISPATCHER_WORKER_CONCURRENCY="1")   # one dispatch job, so the in-flight limit is exact
-            ceiling = in_flight * 10   # in-flight limit / 0.1 s
-            results["dispatch_100ms"] = {"ours": ours, "in_flight": in_flight, "ceiling": ceiling, "ratio": round(ours["per_s"] / ceiling, 3)}
+            ours = drain(
+                stack,
+                n,
+                DISPATCHER_MOCK_LATENCY_MS="100",
+                DISPATCHER_BATCH_SIZE="100",
+                DISPATCHER_MAX_IN_FLIGHT=str(in_flight),
+                DISPATCHER_WORKER_CONCURRENCY="1",
+            )  # one dispatch job, so the in-flight limit is exact
+            ceiling = in_flight * 10  # in-flight limit / 0.1 s
+            results["dispatch_100ms"] = {
+                "ours": ours,
+                "in_flight": in_flight,
+                "ceiling": ceiling,
+                "ratio": round(ours["per_s"] / ceiling, 3),
+            }
             log(f"dispatch 100 ms: {results['dispatch_100ms']}")
         if 7 in only:
             n = 20_000
             log(f"worker memory: backlog of {n:,} at 100 ms, 1,000 in flight")
             backlog(stack, n, "rss-")
-            heavy = drain(stack, n, DISPATCHER_MOCK_LATENCY_MS="100", DISPATCHER_BATCH_SIZE="100", DISPATCHER_MAX_IN_FLIGHT="1000")
-            results["rss"] = {"api_mb": rss_mb(stack.api.pid) if stack.api else 0.0, "in_flight": 1000,
-                              "worker_mb": heavy["worker_peak_rss_mb"], "deliveries_per_s_at_1000_in_flight": heavy["per_s"]}
+            heavy = drain(
+                stack, n, DISPATCHER_MOCK_LATENCY_MS="100", DISPATCHER_BATCH_SIZE="100", DISPATCHER_MAX_IN_FLIGHT="1000"
+            )
+            results["rss"] = {
+                "api_mb": rss_mb(stack.api.pid) if stack.api else 0.0,
+                "in_flight": 1000,
+                "worker_mb": heavy["worker_peak_rss_mb"],
+                "deliveries_per_s_at_1000_in_flight": heavy["per_s"],
+            }
             log(f"rss: {results['rss']}")
         if 5 in only and "ingest" in results:
             rate = results["ingest"]["ours"]["rps"] / 2
@@ -437,11 +628,16 @@ def main() -> None:
             ingest = wrk(stack, "/internal/notifications", stack.key, args.seconds)
             backlog(stack, min(args.backlog, 50_000), "g-")
             dispatch = drain(stack, min(args.backlog, 50_000), DISPATCHER_BATCH_SIZE="500", DISPATCHER_MAX_IN_FLIGHT="1000")
-            results["growth"] = {"finished": args.growth_finished, "scheduled": args.growth_scheduled,
-                                 "ingest_rps": ingest["rps"], "empty_ingest_rps": results["ingest"]["ours"]["rps"],
-                                 "ingest_ratio": round(ingest["rps"] / results["ingest"]["ours"]["rps"], 3),
-                                 "dispatch_per_s": dispatch["per_s"], "empty_dispatch_per_s": results["dispatch_0ms"]["ours"]["per_s"],
-                                 "dispatch_ratio": round(dispatch["per_s"] / results["dispatch_0ms"]["ours"]["per_s"], 3)}
+            results["growth"] = {
+                "finished": args.growth_finished,
+                "scheduled": args.growth_scheduled,
+                "ingest_rps": ingest["rps"],
+                "empty_ingest_rps": results["ingest"]["ours"]["rps"],
+                "ingest_ratio": round(ingest["rps"] / results["ingest"]["ours"]["rps"], 3),
+                "dispatch_per_s": dispatch["per_s"],
+                "empty_dispatch_per_s": results["dispatch_0ms"]["ours"]["per_s"],
+                "dispatch_ratio": round(dispatch["per_s"] / results["dispatch_0ms"]["ours"]["per_s"], 3),
+            }
             log(f"growth: {results['growth']}")
     finally:
         stack.close()

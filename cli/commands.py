@@ -71,12 +71,16 @@ def _url(args: argparse.Namespace | None = None, *, owner: bool = False) -> str:
     data_dir = _data_dir(args)
     pgdata = data_dir / "pgdata"
     if not (pgdata / "PG_VERSION").exists():
-        raise SystemExit(f"error: DATABASE_URL is not set and there is no dev database in {data_dir}/ "
-                         "(set DATABASE_URL, or start the dev stack: dispatcher dev)")
+        raise SystemExit(
+            f"error: DATABASE_URL is not set and there is no dev database in {data_dir}/ "
+            "(set DATABASE_URL, or start the dev stack: dispatcher dev)"
+        )
     found = running_server(pgdata.resolve())
     if found is None:
-        raise SystemExit(f"error: DATABASE_URL is not set and the dev database in {data_dir}/ is not running "
-                         "(start it with `dispatcher dev` in another terminal, or set DATABASE_URL)")
+        raise SystemExit(
+            f"error: DATABASE_URL is not set and the dev database in {data_dir}/ is not running "
+            "(start it with `dispatcher dev` in another terminal, or set DATABASE_URL)"
+        )
     return socket_url(*found, DEV_OWNER_LOGIN if owner else DEV_APP_LOGIN, DEV_DATABASE)
 
 
@@ -112,14 +116,20 @@ def cmd_tenant_create(args: argparse.Namespace) -> None:
     print(json.dumps(row[0] if row else None, indent=2))
 
 
-def grant_provider_use(conn: psycopg.Connection, tenant_id: str, env_prefix: str | None, file_dir: str | None,
-                       private_endpoints: bool | None) -> dict:
+def grant_provider_use(
+    conn: psycopg.Connection, tenant_id: str, env_prefix: str | None, file_dir: str | None, private_endpoints: bool | None
+) -> dict:
     """Changes what the operator lets a tenant's providers use; None keeps the current value, "" clears a namespace."""
     current = conn.execute("select notify_api.get_provider_grants_v1(%s)", (tenant_id,)).fetchone()[0]  # type: ignore[index]
-    row = conn.execute("select notify_api.set_provider_grants_v1(%s, %s, %s, %s)", (
-        tenant_id, current["env_prefix"] if env_prefix is None else env_prefix or None,
-        current["file_dir"] if file_dir is None else file_dir or None,
-        current["private_endpoints"] if private_endpoints is None else private_endpoints)).fetchone()
+    row = conn.execute(
+        "select notify_api.set_provider_grants_v1(%s, %s, %s, %s)",
+        (
+            tenant_id,
+            current["env_prefix"] if env_prefix is None else env_prefix or None,
+            current["file_dir"] if file_dir is None else file_dir or None,
+            current["private_endpoints"] if private_endpoints is None else private_endpoints,
+        ),
+    ).fetchone()
     assert row is not None
     return row[0]
 
@@ -130,11 +140,14 @@ def cmd_tenant_secrets(args: argparse.Namespace) -> None:
     print(json.dumps(out, indent=2))
 
 
-def create_key(conn: psycopg.Connection, tenant_id: str, name: str, key: str | None = None,
-               scopes: list[str] | None = None) -> tuple[str, dict]:
+def create_key(
+    conn: psycopg.Connection, tenant_id: str, name: str, key: str | None = None, scopes: list[str] | None = None
+) -> tuple[str, dict]:
     key = key or keys.generate()
-    row = conn.execute("select notify_api.create_api_key_v1(%s, %s, %s, %s, %s)",
-                       (tenant_id, name, keys.display_prefix(key), keys.digest(key), scopes or ["submit", "read", "admin"])).fetchone()
+    row = conn.execute(
+        "select notify_api.create_api_key_v1(%s, %s, %s, %s, %s)",
+        (tenant_id, name, keys.display_prefix(key), keys.digest(key), scopes or ["submit", "read", "admin"]),
+    ).fetchone()
     assert row is not None
     return key, row[0]
 
@@ -142,17 +155,24 @@ def create_key(conn: psycopg.Connection, tenant_id: str, name: str, key: str | N
 def cmd_key_create(args: argparse.Namespace) -> None:
     with psycopg.connect(_url(args), autocommit=True) as conn:
         key, info = create_key(conn, _tenant_id(conn, args.tenant), args.name, scopes=args.scope or None)
-    print(f"API key for tenant {args.tenant} (id {info['id']}, scopes {', '.join(info['scopes'])}); shown once, store it now:\n{key}")
+    print(
+        f"API key for tenant {args.tenant} (id {info['id']}, scopes {', '.join(info['scopes'])}); shown once, store it "
+        f"now:\n{key}"
+    )
 
 
 def cmd_key_rotate(args: argparse.Namespace) -> None:
     key = keys.generate()
     with psycopg.connect(_url(args), autocommit=True) as conn:
-        row = conn.execute("select notify_api.rotate_api_key_v1(%s, %s, %s, %s, %s)",
-                           (_tenant_id(conn, args.tenant), args.key_id, keys.display_prefix(key), keys.digest(key), args.overlap_seconds)).fetchone()
+        row = conn.execute(
+            "select notify_api.rotate_api_key_v1(%s, %s, %s, %s, %s)",
+            (_tenant_id(conn, args.tenant), args.key_id, keys.display_prefix(key), keys.digest(key), args.overlap_seconds),
+        ).fetchone()
     info = row[0] if row else {}
-    print(f"new API key (id {info.get('id')}) replaces {args.key_id}, which works until {info.get('old_key_expires_at')}; "
-          f"shown once, store it now:\n{key}")
+    print(
+        f"new API key (id {info.get('id')}) replaces {args.key_id}, which works until {info.get('old_key_expires_at')}; "
+        f"shown once, store it now:\n{key}"
+    )
 
 
 def cmd_key_revoke(args: argparse.Namespace) -> None:
@@ -183,8 +203,10 @@ def _pairs(items: list[str], what: str) -> dict[str, object]:
 def cmd_provider_set(args: argparse.Namespace) -> None:
     body = {"provider": args.provider, "settings": _pairs(args.setting, "--setting"), "secrets": _pairs(args.secret, "--secret")}
     with psycopg.connect(_url(args), autocommit=True) as conn:
-        row = conn.execute("select notify_api.set_channel_provider_v1(%s, %s::notify.channel, %s)",
-                           (_tenant_id(conn, args.tenant), args.channel, Jsonb(body))).fetchone()
+        row = conn.execute(
+            "select notify_api.set_channel_provider_v1(%s, %s::notify.channel, %s)",
+            (_tenant_id(conn, args.tenant), args.channel, Jsonb(body)),
+        ).fetchone()
     print(json.dumps(row[0] if row else None, indent=2))
 
 
@@ -241,8 +263,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
         webhook_adapters(settings)  # a webhook secret that cannot work stops the API here, with one clear line
     except ConfigurationError as exc:
         raise SystemExit(f"dispatcher serve: configuration error: {exc}") from None
-    uvicorn.run("api.app:app_from_env", factory=True, host=args.host or settings.host, port=args.port or settings.port,
-                workers=args.workers, log_config=None, access_log=False, timeout_graceful_shutdown=20)
+    uvicorn.run(
+        "api.app:app_from_env",
+        factory=True,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        workers=args.workers,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=20,
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -290,8 +320,11 @@ def ensure_app_login(owner_url: str, login: str = DEV_APP_LOGIN) -> None:
     with psycopg.connect(owner_url, autocommit=True) as conn:
         if not conn.execute("select 1 from pg_roles where rolname = %s", (login,)).fetchone():
             try:
-                conn.execute(psycopg.sql.SQL("create role {} login nosuperuser nobypassrls in role notify_service")
-                             .format(psycopg.sql.Identifier(login)))
+                conn.execute(
+                    psycopg.sql.SQL("create role {} login nosuperuser nobypassrls in role notify_service").format(
+                        psycopg.sql.Identifier(login)
+                    )
+                )
             except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
                 pass  # a concurrent start made it
 
@@ -351,25 +384,35 @@ def cmd_dev(args: argparse.Namespace) -> None:
         _say(f"postgres: {was} embedded PostgreSQL {os.environ.get('PGSERVER_POSTGRES_VERSION', DEV_POSTGRES_MAJOR)} in {pgdata}")
         owner_url = pg.ensure_database(DEV_DATABASE)
         if was != "reusing the running":
-            stop_postgres = pg.stop   # at the end, even if it was restarted behind pgserver's back meanwhile
+            stop_postgres = pg.stop  # at the end, even if it was restarted behind pgserver's back meanwhile
     try:
         applied = schema.migrate(owner_url)
     except schema.MigrationRefused as exc:
         raise SystemExit(f"error: {exc}") from None
-    _say(f"migrations: applied {len(applied)} ({applied[0]} … {applied[-1]})" if len(applied) > 1
-         else f"migrations: applied {applied[0]}" if applied else "migrations: up to date")
+    _say(
+        f"migrations: applied {len(applied)} ({applied[0]} … {applied[-1]})"
+        if len(applied) > 1
+        else f"migrations: applied {applied[0]}"
+        if applied
+        else "migrations: up to date"
+    )
     if not env.get("DATABASE_URL"):
         ensure_app_login(owner_url)
         app_url = pg.url(DEV_DATABASE, DEV_APP_LOGIN)
         env["DATABASE_URL"] = app_url
-        _say(f"database: {app_url}  (API, worker and CLI as {DEV_APP_LOGIN}, a notify_service login; "
-             f"migrations and psql as {DEV_OWNER_LOGIN})")
+        _say(
+            f"database: {app_url}  (API, worker and CLI as {DEV_APP_LOGIN}, a notify_service login; "
+            f"migrations and psql as {DEV_OWNER_LOGIN})"
+        )
 
     key = declared.read("dev_api_key") or _dev_file(data_dir, "dev_api_key", keys.generate)
     with psycopg.connect(app_url, autocommit=True) as conn:
         row = conn.execute("select notify_api.get_tenant_v1('dev')").fetchone()
-        tenant_id = str(row[0]["id"]) if row and row[0] else str(
-            conn.execute("select notify_api.create_tenant_v1('dev', 'Development')").fetchone()[0]["id"])  # type: ignore[index]
+        tenant_id = (
+            str(row[0]["id"])
+            if row and row[0]
+            else str(conn.execute("select notify_api.create_tenant_v1('dev', 'Development')").fetchone()[0]["id"])
+        )  # type: ignore[index]
         if not conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone():
             create_key(conn, tenant_id, "dev", key)
     # The dev tenant may reference DEV_* variables and files in <data-dir>/secrets/, and reach local fakes and relays:
@@ -388,8 +431,10 @@ def cmd_dev(args: argparse.Namespace) -> None:
     env.setdefault("DISPATCHER_DEV_MODE", "1")  # status callbacks to a receiver on localhost are allowed
     env.setdefault("DISPATCHER_MOCK_WEBHOOK_URL", f"http://127.0.0.1:{args.port}/public/webhooks/mock")
 
-    _say(f"starting the API on http://127.0.0.1:{args.port} (OpenAPI: /schema) and the worker with the mock provider; "
-         "Ctrl-C stops all; in another shell: .venv/bin/dispatcher status")
+    _say(
+        f"starting the API on http://127.0.0.1:{args.port} (OpenAPI: /schema) and the worker with the mock provider; "
+        "Ctrl-C stops all; in another shell: .venv/bin/dispatcher status"
+    )
     children = [
         _Child("API", [sys.executable, "-m", "cli", "serve", "--port", str(args.port)], env),
         _Child("worker", [sys.executable, "-m", "cli", "worker"], env),
@@ -427,26 +472,40 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dispatcher", description="notification-dispatcher. Without DATABASE_URL, every "
-                                "command but serve and worker uses the running dev database of `dispatcher dev`.")
+    p = argparse.ArgumentParser(
+        prog="dispatcher",
+        description="notification-dispatcher. Without DATABASE_URL, every "
+        "command but serve and worker uses the running dev database of `dispatcher dev`.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     # The commands that talk to a database: where to find the dev database when DATABASE_URL is unset.
     db = argparse.ArgumentParser(add_help=False)
-    db.add_argument("--data-dir", default=None, help="the dev stack's data folder, used when DATABASE_URL is unset "
-                    "(default: DISPATCHER_DATA_DIR or ./.dispatcher)")
+    db.add_argument(
+        "--data-dir",
+        default=None,
+        help="the dev stack's data folder, used when DATABASE_URL is unset (default: DISPATCHER_DATA_DIR or ./.dispatcher)",
+    )
 
     dev = sub.add_parser("dev", help="run everything locally (embedded Postgres unless DATABASE_URL is set)")
     dev.add_argument("--port", type=int, default=declared.read("port"))
     dev.add_argument("--data-dir", default=declared.read("data_dir"))
     dev.set_defaults(func=cmd_dev)
 
-    sub.add_parser("migrate", parents=[db], help="apply pending migrations (to DATABASE_URL or the dev database)").set_defaults(func=cmd_migrate)
+    sub.add_parser("migrate", parents=[db], help="apply pending migrations (to DATABASE_URL or the dev database)").set_defaults(
+        func=cmd_migrate
+    )
 
-    sub.add_parser("psql", parents=[db], help="psql on the database as its owner; other arguments go to psql",
-                   description="Opens psql on DATABASE_URL, or on the running dev database as its superuser; "
-                               "every argument not listed here goes to psql, e.g. dispatcher psql -c 'select 1'.").set_defaults(func=cmd_psql)
+    sub.add_parser(
+        "psql",
+        parents=[db],
+        help="psql on the database as its owner; other arguments go to psql",
+        description="Opens psql on DATABASE_URL, or on the running dev database as its superuser; "
+        "every argument not listed here goes to psql, e.g. dispatcher psql -c 'select 1'.",
+    ).set_defaults(func=cmd_psql)
 
-    status = sub.add_parser("status", parents=[db], help="queue health per tenant and channel: due, oldest due, scheduled, in flight, stuck, unknown")
+    status = sub.add_parser(
+        "status", parents=[db], help="queue health per tenant and channel: due, oldest due, scheduled, in flight, stuck, unknown"
+    )
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
@@ -466,16 +525,25 @@ def parser() -> argparse.ArgumentParser:
     tc.add_argument("--name", default=None)
     tc.add_argument("--locale", default="en", help="default locale, last step of template fallback")
     tc.set_defaults(func=cmd_tenant_create)
-    ts = tenant.add_parser("secrets", parents=[db], help="what a tenant's provider settings may use: its secret namespace, private endpoints",
-                           description="Operator only (not reachable with an API key): the environment-variable prefix and the "
-                                       "directory a tenant's secret references must lie in, and whether its WhatsApp base_url / "
-                                       "SMTP host may be private hosts. Options left out keep their value; an empty value clears.")
+    ts = tenant.add_parser(
+        "secrets",
+        parents=[db],
+        help="what a tenant's provider settings may use: its secret namespace, private endpoints",
+        description="Operator only (not reachable with an API key): the environment-variable prefix and the "
+        "directory a tenant's secret references must lie in, and whether its WhatsApp base_url / "
+        "SMTP host may be private hosts. Options left out keep their value; an empty value clears.",
+    )
     ts.add_argument("--tenant", required=True)
     ts.add_argument("--env-prefix", default=None, metavar="PREFIX", help="e.g. NOTIFY_TENANT_ACME_ (must end with _)")
     ts.add_argument("--file-dir", default=None, metavar="DIR", help="e.g. /run/secrets/acme/ (absolute, ends with /)")
     private = ts.add_mutually_exclusive_group()
-    private.add_argument("--private-endpoints", dest="private_endpoints", action="store_true", default=None,
-                         help="allow http and private, loopback or single-label hosts (a local relay)")
+    private.add_argument(
+        "--private-endpoints",
+        dest="private_endpoints",
+        action="store_true",
+        default=None,
+        help="allow http and private, loopback or single-label hosts (a local relay)",
+    )
     private.add_argument("--public-endpoints-only", dest="private_endpoints", action="store_false")
     ts.set_defaults(func=cmd_tenant_secrets)
 
@@ -483,8 +551,12 @@ def parser() -> argparse.ArgumentParser:
     kc = key.add_parser("create", parents=[db], help="create a key and print it once")
     kc.add_argument("--tenant", required=True)
     kc.add_argument("--name", default="default")
-    kc.add_argument("--scope", action="append", choices=["submit", "read", "admin"],
-                    help="repeatable; default all three (submit: send and cancel; read: read; admin: configure)")
+    kc.add_argument(
+        "--scope",
+        action="append",
+        choices=["submit", "read", "admin"],
+        help="repeatable; default all three (submit: send and cancel; read: read; admin: configure)",
+    )
     kc.set_defaults(func=cmd_key_create)
     kro = key.add_parser("rotate", parents=[db], help="replace a key; the old one keeps working for the overlap window")
     kro.add_argument("--tenant", required=True)
@@ -500,9 +572,13 @@ def parser() -> argparse.ArgumentParser:
     kl.set_defaults(func=cmd_key_list)
 
     provider = sub.add_parser("provider", help="configure channel providers").add_subparsers(dest="action", required=True)
-    ps = provider.add_parser("set", parents=[db], help="set the provider of a tenant's channel",
-                             description="Secrets are references, never values: --secret access_token=env:WA_TOKEN "
-                                         "or --secret password=file:/run/secrets/smtp. Setting values are JSON when they parse.")
+    ps = provider.add_parser(
+        "set",
+        parents=[db],
+        help="set the provider of a tenant's channel",
+        description="Secrets are references, never values: --secret access_token=env:WA_TOKEN "
+        "or --secret password=file:/run/secrets/smtp. Setting values are JSON when they parse.",
+    )
     ps.add_argument("--tenant", required=True)
     ps.add_argument("--channel", required=True, choices=["whatsapp", "email", "sms"])
     ps.add_argument("--provider", required=True, choices=["mock", "whatsapp_cloud", "smtp"])
@@ -513,15 +589,20 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--tenant", required=True)
     pl.set_defaults(func=cmd_provider_list)
 
-    login = sub.add_parser("login", help="bind database logins to the tenants they serve (run as the migrating role)",
-                           description="A bound login enters only its tenants (ND403 tenant_not_allowed otherwise); "
-                                       "a login with no binding enters any tenant (docs/security.md, Tenant-bound logins).")
+    login = sub.add_parser(
+        "login",
+        help="bind database logins to the tenants they serve (run as the migrating role)",
+        description="A bound login enters only its tenants (ND403 tenant_not_allowed otherwise); "
+        "a login with no binding enters any tenant (docs/security.md, Tenant-bound logins).",
+    )
     login_sub = login.add_subparsers(dest="action", required=True)
     lb = login_sub.add_parser("bind", parents=[db], help="bind a login to one more tenant")
     lb.add_argument("--login", required=True, help="the database role the client logs in as")
     lb.add_argument("--tenant", required=True, help="tenant slug")
     lb.set_defaults(func=cmd_login_bind)
-    lu = login_sub.add_parser("unbind", parents=[db], help="remove one tenant from a login's binding (the last one: unrestricted again)")
+    lu = login_sub.add_parser(
+        "unbind", parents=[db], help="remove one tenant from a login's binding (the last one: unrestricted again)"
+    )
     lu.add_argument("--login", required=True)
     lu.add_argument("--tenant", required=True)
     lu.set_defaults(func=cmd_login_unbind)
@@ -535,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
     p = parser()
     args, extra = p.parse_known_args(argv)
     if args.func is cmd_psql:
-        args.psql_args = extra   # everything we do not know goes to psql: dispatcher psql -c 'select 1'
+        args.psql_args = extra  # everything we do not know goes to psql: dispatcher psql -c 'select 1'
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

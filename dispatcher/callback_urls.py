@@ -21,8 +21,8 @@ class UnsafeUrl(ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    url: str            # the URL to request, with the checked IP address in place of the host name
-    host_header: str    # the original host[:port], for the Host header
+    url: str  # the URL to request, with the checked IP address in place of the host name
+    host_header: str  # the original host[:port], for the Host header
     sni_hostname: str | None  # for TLS: the name the certificate must match
 
 

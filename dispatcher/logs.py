@@ -52,8 +52,26 @@ def mask(text: str) -> str:
 
 # Fields that only ever hold our own ids, codes and counts: not masked (the worker logs one line per delivery).
 # Everything else, free text and caller-chosen values such as request_id and path included, is masked.
-SAFE_FIELDS = frozenset({"delivery_id", "tenant_id", "message_id", "notification_id", "webhook_id", "channel", "outcome",
-                         "provider", "error_code", "attempt", "status", "status_code", "sequence", "method", "ms", "claimed"})
+SAFE_FIELDS = frozenset(
+    {
+        "delivery_id",
+        "tenant_id",
+        "message_id",
+        "notification_id",
+        "webhook_id",
+        "channel",
+        "outcome",
+        "provider",
+        "error_code",
+        "attempt",
+        "status",
+        "status_code",
+        "sequence",
+        "method",
+        "ms",
+        "claimed",
+    }
+)
 
 
 _encoder = msgspec.json.Encoder()

@@ -20,14 +20,27 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 log = logging.getLogger("dispatcher.metrics")
 
 SUBMISSIONS = Counter("dispatcher_submissions_total", "Notification intents by outcome (accepted, replayed)", ["outcome"])
-DELIVERIES = Counter("dispatcher_deliveries_total", "Provider call outcomes by channel, provider and outcome",
-                     ["channel", "provider", "outcome", "error_code"])
-PROVIDER_SECONDS = Histogram("dispatcher_provider_call_seconds", "Time a provider took for one claimed batch",
-                             ["channel", "provider"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-CALLBACKS = Counter("dispatcher_callbacks_total", "Status callback attempts to callers by outcome "
-                    "(delivered, retry, failed, refused)", ["outcome"])
-WEBHOOKS = Counter("dispatcher_webhook_events_total", "Provider webhook events by provider and outcome "
-                   "(applied, stale, unmatched, flagged, duplicate, rejected)", ["provider", "outcome"])
+DELIVERIES = Counter(
+    "dispatcher_deliveries_total",
+    "Provider call outcomes by channel, provider and outcome",
+    ["channel", "provider", "outcome", "error_code"],
+)
+PROVIDER_SECONDS = Histogram(
+    "dispatcher_provider_call_seconds",
+    "Time a provider took for one claimed batch",
+    ["channel", "provider"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+CALLBACKS = Counter(
+    "dispatcher_callbacks_total",
+    "Status callback attempts to callers by outcome (delivered, retry, failed, refused)",
+    ["outcome"],
+)
+WEBHOOKS = Counter(
+    "dispatcher_webhook_events_total",
+    "Provider webhook events by provider and outcome (applied, stale, unmatched, flagged, duplicate, rejected)",
+    ["provider", "outcome"],
+)
 
 _QUEUE = {
     "due": "Deliveries due now and not yet claimed",
@@ -50,14 +63,23 @@ class QueueHealth:
             yield GaugeMetricFamily(f"dispatcher_queue_{name}", doc, labels=["tenant", "channel"])
 
     def collect(self) -> Iterator[Metric]:
-        families = {name: GaugeMetricFamily(f"dispatcher_queue_{name}", doc, labels=["tenant", "channel"]) for name, doc in _QUEUE.items()}
+        families = {
+            name: GaugeMetricFamily(f"dispatcher_queue_{name}", doc, labels=["tenant", "channel"]) for name, doc in _QUEUE.items()
+        }
         up = GaugeMetricFamily("dispatcher_queue_health_up", "1 if queue health could be read from Postgres")
         try:
             with psycopg.connect(self.database_url, autocommit=True, connect_timeout=2) as conn:
                 for tenant, channel, due, scheduled, oldest, sending, past_due, unknown in conn.execute(
-                        "select * from notify_api.queue_health_v1()"):
-                    values = {"due": due, "scheduled": scheduled, "oldest_due_seconds": oldest, "sending": sending,
-                              "leases_past_due": past_due, "unknown": unknown}
+                    "select * from notify_api.queue_health_v1()"
+                ):
+                    values = {
+                        "due": due,
+                        "scheduled": scheduled,
+                        "oldest_due_seconds": oldest,
+                        "sending": sending,
+                        "leases_past_due": past_due,
+                        "unknown": unknown,
+                    }
                     for name, value in values.items():
                         families[name].add_metric([tenant, str(channel)], float(value))
             up.add_metric([], 1.0)

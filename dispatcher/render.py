@@ -37,15 +37,18 @@ _PERCENT = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
 class Limits:
     """Bounds of one render (settings DISPATCHER_RENDER_*; docs/operations.md)."""
 
-    max_chars: int = DECLARED["render_max_chars"].default                  # a text body (e-mail text, SMS, WhatsApp text)
-    max_html_chars: int = DECLARED["render_max_html_chars"].default        # an e-mail HTML body
+    max_chars: int = DECLARED["render_max_chars"].default  # a text body (e-mail text, SMS, WhatsApp text)
+    max_html_chars: int = DECLARED["render_max_html_chars"].default  # an e-mail HTML body
     max_subject_chars: int = DECLARED["render_max_subject_chars"].default  # an e-mail subject
-    max_int_bits: int = 4096              # the largest number `*` or `**` may produce
+    max_int_bits: int = 4096  # the largest number `*` or `**` may produce
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
-        return cls(max_chars=settings.render_max_chars, max_html_chars=settings.render_max_html_chars,
-                   max_subject_chars=settings.render_max_subject_chars)
+        return cls(
+            max_chars=settings.render_max_chars,
+            max_html_chars=settings.render_max_html_chars,
+            max_subject_chars=settings.render_max_subject_chars,
+        )
 
 
 class RenderError(Exception):
@@ -66,7 +69,9 @@ def _check_percent(fmt: str, limit: int) -> None:
 def _check_args(args: tuple[Any, ...], kwargs: dict[str, Any], limit: int) -> None:
     for value in (*args, *kwargs.values()):
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
-            raise SecurityError(f"argument {value if abs(value) < 10**12 else 'of ' + str(value.bit_length()) + ' bits'} is too large")
+            raise SecurityError(
+                f"argument {value if abs(value) < 10**12 else 'of ' + str(value.bit_length()) + ' bits'} is too large"
+            )
 
 
 class BoundedEnvironment(SandboxedEnvironment):
@@ -115,7 +120,7 @@ class BoundedEnvironment(SandboxedEnvironment):
         if operator == "**":
             if ints and right > 0 and max(1, abs(left).bit_length()) * right > bits and abs(left) > 1:
                 raise SecurityError("power too large")
-            return left ** right
+            return left**right
         if operator == "*":
             if ints and abs(left).bit_length() + abs(right).bit_length() > bits:
                 raise SecurityError("product too large")
@@ -169,7 +174,7 @@ def needs_isolation(channel: str, content: dict[str, Any] | None) -> bool:
     """False for content that renders in bounded time and memory in the worker itself: WhatsApp template parameters
     (no template engine at all) and texts of bare placeholders. Everything else renders in a child process."""
     if content is None:
-        return False   # fails at once: "template content not found"
+        return False  # fails at once: "template content not found"
     if channel == "whatsapp" and "name" in content:
         return False
     fields = ("subject", "text", "html") if channel == "email" else ("text",)
@@ -187,8 +192,9 @@ def check_syntax(source: str, *, escape: bool = False, limits: Limits = Limits()
     return None
 
 
-def fill(template: str, variables: dict[str, Any], *, escape: bool = False, limit: int | None = None,
-         limits: Limits = Limits()) -> str:
+def fill(
+    template: str, variables: dict[str, Any], *, escape: bool = False, limit: int | None = None, limits: Limits = Limits()
+) -> str:
     """Renders chunk by chunk, stopping as soon as the output passes `limit` characters."""
     cap = limits.max_chars if limit is None else limit
     try:
@@ -224,12 +230,16 @@ def render(channel: str, content: dict[str, Any] | None, variables: dict[str, An
         missing = [p for p in [*params, *header, *(b["parameter"] for b in buttons)] if p not in variables]
         if missing:
             raise RenderError(f"variable {missing[0]} missing")
-        out: dict[str, Any] = {"template": content["name"], "language": content.get("language") or "en",
-                               "parameters": [_text(variables[p]) for p in params]}
+        out: dict[str, Any] = {
+            "template": content["name"],
+            "language": content.get("language") or "en",
+            "parameters": [_text(variables[p]) for p in params],
+        }
         if header:
             out["header_parameters"] = [_text(variables[p]) for p in header]
         if buttons:
-            out["buttons"] = [{"sub_type": b["sub_type"], "index": int(b["index"]), "value": _text(variables[b["parameter"]])}
-                              for b in buttons]
+            out["buttons"] = [
+                {"sub_type": b["sub_type"], "index": int(b["index"]), "value": _text(variables[b["parameter"]])} for b in buttons
+            ]
         return out
     return {"text": fill(content["text"], variables, limits=limits)}

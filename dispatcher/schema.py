@@ -59,7 +59,11 @@ def verify_checksums() -> list[str]:
     present = {p.name: file_checksum(p) for p in migration_files()}
     problems = [f"{name}: edited after landing" for name in recorded if name in present and present[name] != recorded[name]]
     problems += [f"{name}: removed after landing" for name in recorded if name not in present]
-    problems += [f"{name}: not in migrations/CHECKSUMS (run: python -m dispatcher.schema record)" for name in present if name not in recorded]
+    problems += [
+        f"{name}: not in migrations/CHECKSUMS (run: python -m dispatcher.schema record)"
+        for name in present
+        if name not in recorded
+    ]
     return problems
 
 
@@ -120,8 +124,10 @@ def migrate(database_url: str) -> list[str]:
     try:
         restrict_public(database_url)
     except psycopg.Error as exc:
-        raise MigrationRefused(f"migrations applied, but PUBLIC keeps TEMPORARY: {exc.diag.message_primary or _one_line(exc)} "
-                               "(run `dispatcher migrate` as the database owner or a superuser)") from exc
+        raise MigrationRefused(
+            f"migrations applied, but PUBLIC keeps TEMPORARY: {exc.diag.message_primary or _one_line(exc)} "
+            "(run `dispatcher migrate` as the database owner or a superuser)"
+        ) from exc
     return ids
 
 

@@ -35,11 +35,11 @@ def secret(name: str, default: str | None = None) -> str | None:
 class Group(enum.StrEnum):
     """Who reads a setting."""
 
-    COMMON = "common"        # every process: the database, the logs
-    API = "api"              # `dispatcher serve`
-    WORKER = "worker"        # `dispatcher worker` / `procrastinate --app=runner.app.app worker`
+    COMMON = "common"  # every process: the database, the logs
+    API = "api"  # `dispatcher serve`
+    WORKER = "worker"  # `dispatcher worker` / `procrastinate --app=runner.app.app worker`
     PROVIDERS = "providers"  # channel providers and webhook adapters (providers.base.ProviderSettings), the mock
-    DEV = "dev"              # `dispatcher dev`, the CLI's dev database, benchmarks
+    DEV = "dev"  # `dispatcher dev`, the CLI's dev database, benchmarks
 
 
 _TRUE = ("1", "true", "yes")
@@ -63,11 +63,11 @@ class Env:
 
 
 def _port_or_none(raw: str) -> int | None:
-    return int(raw) or None   # 0: not served
+    return int(raw) or None  # 0: not served
 
 
 def _words(raw: str) -> list[str]:
-    return raw.split()        # several values, space-separated (secrets while rotating)
+    return raw.split()  # several values, space-separated (secrets while rotating)
 
 
 def _json_object(raw: str) -> dict[str, str]:
@@ -89,10 +89,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     api_workers: Annotated[int, Env("DISPATCHER_API_WORKERS", A, "uvicorn worker processes of `serve`")] = 1
     max_body_bytes: Annotated[int, Env("DISPATCHER_MAX_BODY_BYTES", A, "request body limit")] = 256 * 1024
     # A fan-out (up to 10,000 recipients) or a batch (up to 1,000 intents) may be this large.
-    max_bulk_body_bytes: Annotated[int, Env("DISPATCHER_MAX_BULK_BODY_BYTES", A, "body limit of a fan-out or a batch")] = 16 * 1024 * 1024
+    max_bulk_body_bytes: Annotated[int, Env("DISPATCHER_MAX_BULK_BODY_BYTES", A, "body limit of a fan-out or a batch")] = (
+        16 * 1024 * 1024
+    )
     # The API's Prometheus /metrics: on its own listener (the operator's), never on the public one. No port: not served.
-    metrics_port: Annotated[int | None, Env("DISPATCHER_METRICS_PORT", A, "port of the API's /metrics listener",
-                                            parse=_port_or_none)] = None
+    metrics_port: Annotated[
+        int | None, Env("DISPATCHER_METRICS_PORT", A, "port of the API's /metrics listener", parse=_port_or_none)
+    ] = None
     metrics_host: Annotated[str, Env("DISPATCHER_METRICS_HOST", A, "address of the API's /metrics listener")] = "127.0.0.1"
     pool_min: Annotated[int, Env("DISPATCHER_POOL_MIN", A, "API connection pool, smallest")] = 2
     pool_max: Annotated[int, Env("DISPATCHER_POOL_MAX", A, "API connection pool, largest")] = 10
@@ -105,10 +108,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     log_deliveries: Annotated[bool, Env("DISPATCHER_LOG_DELIVERIES", W, "one log line per delivery attempt")] = True
     worker_concurrency: Annotated[int, Env("DISPATCHER_WORKER_CONCURRENCY", W, "procrastinate jobs at once per process")] = 4
     worker_pool_max: Annotated[int, Env("DISPATCHER_WORKER_POOL_MAX", W, "the worker's connection pool, largest")] = 20
-    worker_metrics_port: Annotated[int | None, Env("DISPATCHER_WORKER_METRICS_PORT", W, "port of the worker's metrics listener",
-                                                   parse=_port_or_none)] = None
-    worker_metrics_host: Annotated[str, Env("DISPATCHER_WORKER_METRICS_HOST", W, "address of the worker's metrics listener")] = "127.0.0.1"
-    maintenance_cron: Annotated[str, Env("DISPATCHER_MAINTENANCE_CRON", W, "when maintenance runs (cron, seconds last)")] = "* * * * * */10"
+    worker_metrics_port: Annotated[
+        int | None, Env("DISPATCHER_WORKER_METRICS_PORT", W, "port of the worker's metrics listener", parse=_port_or_none)
+    ] = None
+    worker_metrics_host: Annotated[str, Env("DISPATCHER_WORKER_METRICS_HOST", W, "address of the worker's metrics listener")] = (
+        "127.0.0.1"
+    )
+    maintenance_cron: Annotated[str, Env("DISPATCHER_MAINTENANCE_CRON", W, "when maintenance runs (cron, seconds last)")] = (
+        "* * * * * */10"
+    )
     # rendering (tenant templates are untrusted: docs/security.md, "Templates and the shared worker")
     render_processes: Annotated[int, Env("DISPATCHER_RENDER_PROCESSES", W, "render child processes")] = 2
     render_timeout_ms: Annotated[float, Env("DISPATCHER_RENDER_TIMEOUT_MS", W, "time budget of one render")] = 500.0
@@ -117,27 +125,38 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     render_max_html_chars: Annotated[int, Env("DISPATCHER_RENDER_MAX_HTML_CHARS", W, "largest rendered HTML body")] = 256 * 1024
     render_max_subject_chars: Annotated[int, Env("DISPATCHER_RENDER_MAX_SUBJECT_CHARS", W, "largest rendered subject")] = 1024
     # providers: the mock
-    mock_webhook_secret: Annotated[str | None, Env("DISPATCHER_MOCK_WEBHOOK_SECRET", P, "whsec_ secret(s) of the mock's reports",
-                                                   secret=True)] = None
+    mock_webhook_secret: Annotated[
+        str | None, Env("DISPATCHER_MOCK_WEBHOOK_SECRET", P, "whsec_ secret(s) of the mock's reports", secret=True)
+    ] = None
     # from_env: http://127.0.0.1:$DISPATCHER_PORT/public/webhooks/mock when unset
     mock_webhook_url: Annotated[str | None, Env("DISPATCHER_MOCK_WEBHOOK_URL", P, "where the mock posts status reports")] = None
     mock_latency_ms: Annotated[float, Env("DISPATCHER_MOCK_LATENCY_MS", P, "the mock's send latency")] = 0.0
     mock_failure_rate: Annotated[float, Env("DISPATCHER_MOCK_FAILURE_RATE", P, "share of transient mock failures")] = 0.0
     mock_status_delay_ms: Annotated[float, Env("DISPATCHER_MOCK_STATUS_DELAY_MS", P, "delay between mock status reports")] = 200.0
-    mock_outcomes: Annotated[dict[str, str], Env("DISPATCHER_MOCK_OUTCOMES", P, "scripted mock outcomes by address (JSON)",
-                                                 parse=_json_object)] = {}
-    mock_record: Annotated[bool, Env("DISPATCHER_MOCK_RECORD", P, "the mock records what it sent (GET /internal/mock/messages)")] = True
+    mock_outcomes: Annotated[
+        dict[str, str], Env("DISPATCHER_MOCK_OUTCOMES", P, "scripted mock outcomes by address (JSON)", parse=_json_object)
+    ] = {}
+    mock_record: Annotated[
+        bool, Env("DISPATCHER_MOCK_RECORD", P, "the mock records what it sent (GET /internal/mock/messages)")
+    ] = True
     # providers: real ones, deployment-wide webhook secrets (a Meta app, an ESP account serve every tenant)
     webhook_tolerance_seconds: Annotated[int, Env("DISPATCHER_WEBHOOK_TOLERANCE_SECONDS", P, "accepted webhook clock skew")] = 300
-    whatsapp_app_secrets: Annotated[list[str], Env("DISPATCHER_WHATSAPP_APP_SECRET", P, "Meta app secret(s)", secret=True,
-                                                   parse=_words)] = []
-    whatsapp_verify_token: Annotated[str | None, Env("DISPATCHER_WHATSAPP_VERIFY_TOKEN", P, "the WhatsApp webhook verify token",
-                                                     secret=True)] = None
-    sendgrid_verification_key: Annotated[str | None, Env("DISPATCHER_SENDGRID_VERIFICATION_KEY", P, "SendGrid webhook key",
-                                                         secret=True)] = None
-    mailgun_signing_key: Annotated[str | None, Env("DISPATCHER_MAILGUN_SIGNING_KEY", P, "Mailgun webhook key", secret=True)] = None
+    whatsapp_app_secrets: Annotated[
+        list[str], Env("DISPATCHER_WHATSAPP_APP_SECRET", P, "Meta app secret(s)", secret=True, parse=_words)
+    ] = []
+    whatsapp_verify_token: Annotated[
+        str | None, Env("DISPATCHER_WHATSAPP_VERIFY_TOKEN", P, "the WhatsApp webhook verify token", secret=True)
+    ] = None
+    sendgrid_verification_key: Annotated[
+        str | None, Env("DISPATCHER_SENDGRID_VERIFICATION_KEY", P, "SendGrid webhook key", secret=True)
+    ] = None
+    mailgun_signing_key: Annotated[str | None, Env("DISPATCHER_MAILGUN_SIGNING_KEY", P, "Mailgun webhook key", secret=True)] = (
+        None
+    )
     public_url: Annotated[str | None, Env("DISPATCHER_PUBLIC_URL", P, "base URL of /public/unsubscribe links")] = None
-    unsubscribe_secret: Annotated[str | None, Env("DISPATCHER_UNSUBSCRIBE_SECRET", P, "signs unsubscribe links", secret=True)] = None
+    unsubscribe_secret: Annotated[str | None, Env("DISPATCHER_UNSUBSCRIBE_SECRET", P, "signs unsubscribe links", secret=True)] = (
+        None
+    )
     # development
     # Callback URLs may be http and private/loopback (a receiver on localhost).
     dev_mode: Annotated[bool, Env("DISPATCHER_DEV_MODE", D, "callback URLs may be http and private")] = False
@@ -173,8 +192,11 @@ def _declared() -> dict[str, Declared]:
     for field in msgspec.structs.fields(Settings):
         hint = hints[field.name]
         env = next(m for m in hint.__metadata__ if isinstance(m, Env))
-        default = field.default if field.default is not msgspec.NODEFAULT else (
-            field.default_factory() if field.default_factory is not msgspec.NODEFAULT else None)
+        default = (
+            field.default
+            if field.default is not msgspec.NODEFAULT
+            else (field.default_factory() if field.default_factory is not msgspec.NODEFAULT else None)
+        )
         out[field.name] = Declared(field.name, typing.get_args(hint)[0], default, env)
     return out
 
@@ -189,7 +211,7 @@ def read(name: str) -> Any:
     if not raw and d.env.fallback:
         raw = secret(d.env.fallback)
     if not raw:
-        return copy.copy(d.default)   # a list or dict default is never shared between Settings
+        return copy.copy(d.default)  # a list or dict default is never shared between Settings
     if d.env.parse is not None:
         return d.env.parse(raw)
     if d.type is bool:

@@ -60,8 +60,9 @@ def span(name: str, *, parent: str | None = None, **attributes: Any) -> Iterator
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     context = TraceContextTextMapPropagator().extract({"traceparent": parent}) if parent else None
-    with trace.get_tracer("dispatcher").start_as_current_span(name, context=context,
-                                                                attributes={k: v for k, v in attributes.items() if v is not None}) as current:
+    with trace.get_tracer("dispatcher").start_as_current_span(
+        name, context=context, attributes={k: v for k, v in attributes.items() if v is not None}
+    ) as current:
         yield current
 
 
@@ -84,6 +85,7 @@ def record(name: str, *, parent: str | None, start_ns: int, end_ns: int, **attri
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     context = TraceContextTextMapPropagator().extract({"traceparent": parent}) if parent else None
-    recorded = trace.get_tracer("dispatcher").start_span(name, context=context, start_time=start_ns,
-                                                         attributes={k: v for k, v in attributes.items() if v is not None})
+    recorded = trace.get_tracer("dispatcher").start_span(
+        name, context=context, start_time=start_ns, attributes={k: v for k, v in attributes.items() if v is not None}
+    )
     recorded.end(end_time=end_ns)

@@ -75,8 +75,12 @@ class _Api:
 
     def submit_batch(self, intents: Sequence[m.Intent | tuple[m.Intent, str]]) -> m.BatchResult:
         """Up to 1,000 independent intents, each with its own key (given as (intent, key), or generated)."""
-        items = [{"notification": i[0], "idempotency_key": i[1]} if isinstance(i, tuple) else {"notification": i, "idempotency_key": _key()}
-                 for i in intents]
+        items = [
+            {"notification": i[0], "idempotency_key": i[1]}
+            if isinstance(i, tuple)
+            else {"notification": i, "idempotency_key": _key()}
+            for i in intents
+        ]
         return self._call(Call("POST", "/internal/notifications/batch", m.BatchResult, {"items": items}))
 
     def get_notification(self, notification_id: uuid.UUID | str) -> m.Notification:
@@ -89,19 +93,42 @@ class _Api:
         return self._call(Call("GET", f"/internal/notifications/{notification_id}/callbacks", list[m.CallbackMessage]))
 
     # recipients and consent
-    def upsert_recipient(self, ref: str, *, addresses: Mapping[str, str | None] | None = None, locale: str | None = None,
-                         timezone: str | None = None) -> m.RecipientOut:
+    def upsert_recipient(
+        self,
+        ref: str,
+        *,
+        addresses: Mapping[str, str | None] | None = None,
+        locale: str | None = None,
+        timezone: str | None = None,
+    ) -> m.RecipientOut:
         body = {k: v for k, v in {"addresses": addresses, "locale": locale, "timezone": timezone}.items() if v is not None}
         return self._call(Call("PUT", f"/internal/recipients/{_ref(ref)}", m.RecipientOut, body))
 
     def get_recipient(self, ref: str) -> m.RecipientOut:
         return self._call(Call("GET", f"/internal/recipients/{_ref(ref)}", m.RecipientOut))
 
-    def record_consent(self, ref: str, *, channel: m.Channel, status: Literal["granted", "revoked"], source: str,
-                       category: str | None = None, evidence: Mapping[str, Any] | None = None) -> m.ConsentEntry:
+    def record_consent(
+        self,
+        ref: str,
+        *,
+        channel: m.Channel,
+        status: Literal["granted", "revoked"],
+        source: str,
+        category: str | None = None,
+        evidence: Mapping[str, Any] | None = None,
+    ) -> m.ConsentEntry:
         """Appends to the consent ledger: retried only when the request cannot have arrived (it is not idempotent)."""
-        body = {k: v for k, v in {"channel": channel, "status": status, "source": source, "category": category,
-                                  "evidence": evidence}.items() if v is not None}
+        body = {
+            k: v
+            for k, v in {
+                "channel": channel,
+                "status": status,
+                "source": source,
+                "category": category,
+                "evidence": evidence,
+            }.items()
+            if v is not None
+        }
         return self._call(Call("POST", f"/internal/recipients/{_ref(ref)}/consents", m.ConsentEntry, body, retry="unsent"))
 
     def list_consents(self, ref: str) -> m.Consents:
@@ -126,24 +153,35 @@ class _Api:
     def list_channel_providers(self) -> list[m.ProviderConfig]:
         return self._call(Call("GET", "/internal/channels/providers", list[m.ProviderConfig]))
 
-    def set_channel_provider(self, channel: m.Channel, provider: str, *, settings: Mapping[str, Any] | None = None,
-                             secrets: Mapping[str, str] | None = None) -> m.ProviderConfig:
+    def set_channel_provider(
+        self,
+        channel: m.Channel,
+        provider: str,
+        *,
+        settings: Mapping[str, Any] | None = None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> m.ProviderConfig:
         body = {k: v for k, v in {"provider": provider, "settings": settings, "secrets": secrets}.items() if v is not None}
         return self._call(Call("PUT", f"/internal/channels/{channel}/provider", m.ProviderConfig, body))
 
-    def set_callbacks(self, url: str | None = None, *, retry_schedule_ms: Sequence[int] | None = None,
-                      enabled: bool | None = None) -> m.Callbacks:
+    def set_callbacks(
+        self, url: str | None = None, *, retry_schedule_ms: Sequence[int] | None = None, enabled: bool | None = None
+    ) -> m.Callbacks:
         """Sets up status callbacks; the answer holds the whsec_ signing secret the first time only."""
-        body = {"url": url, **({"retry_schedule_ms": list(retry_schedule_ms)} if retry_schedule_ms else {}),
-                **({"enabled": enabled} if enabled is not None else {})}
+        body = {
+            "url": url,
+            **({"retry_schedule_ms": list(retry_schedule_ms)} if retry_schedule_ms else {}),
+            **({"enabled": enabled} if enabled is not None else {}),
+        }
         return self._call(Call("PUT", "/internal/callbacks", m.Callbacks, body))
 
     def get_callbacks(self) -> m.Callbacks:
         return self._call(Call("GET", "/internal/callbacks", m.Callbacks))
 
     def rotate_callback_secret(self, overlap_seconds: int = 86_400) -> m.Callbacks:
-        return self._call(Call("POST", "/internal/callbacks/rotate-secret", m.Callbacks, {"overlap_seconds": overlap_seconds},
-                               retry="unsent"))
+        return self._call(
+            Call("POST", "/internal/callbacks/rotate-secret", m.Callbacks, {"overlap_seconds": overlap_seconds}, retry="unsent")
+        )
 
     def list_mock_messages(self, delivery_id: uuid.UUID | str | None = None, limit: int = 100) -> list[m.MockMessage]:
         params: dict[str, Any] = {"limit": limit}
@@ -155,22 +193,30 @@ class _Api:
 class _Runner:
     def __init__(self, base_url: str, api_key: str, *, max_retries: int = 4, backoff_seconds: float = 0.2) -> None:
         self.base_url = base_url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {api_key}", "content-type": "application/json",
-                        "user-agent": "notification-dispatcher-client/0.1"}
+        self.headers = {
+            "Authorization": f"Bearer {api_key}",
+            "content-type": "application/json",
+            "user-agent": "notification-dispatcher-client/0.1",
+        }
         self.max_retries = max_retries
         self.backoff = backoff_seconds
 
     def _prepare(self, call: Call[Any]) -> dict[str, Any]:
         headers = {**self.headers, "X-Request-ID": uuid.uuid4().hex, **call.headers}
         params = {k: v for k, v in (call.params or {}).items() if v is not None}
-        return {"method": call.method, "url": self.base_url + call.path, "content": call.content(), "headers": headers,
-                "params": params or None}
+        return {
+            "method": call.method,
+            "url": self.base_url + call.path,
+            "content": call.content(),
+            "headers": headers,
+            "params": params or None,
+        }
 
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
         hinted = response.headers.get("retry-after") if response is not None else None
         if hinted and hinted.replace(".", "", 1).isdigit():
             return min(float(hinted), 30.0)
-        return min(self.backoff * 2 ** attempt, 10.0) * (0.5 + random.random() / 2)
+        return min(self.backoff * 2**attempt, 10.0) * (0.5 + random.random() / 2)
 
     def _retryable(self, call: Call[Any], error: BaseException | None, response: httpx.Response | None) -> bool:
         if error is not None:
@@ -186,7 +232,9 @@ class _Runner:
                 problem = msgspec.json.decode(response.content)
             except msgspec.DecodeError:
                 problem = {"title": response.text[:200]}
-            raise DispatcherError(response.status_code, problem if isinstance(problem, dict) else {}, response.headers.get("x-request-id"))
+            raise DispatcherError(
+                response.status_code, problem if isinstance(problem, dict) else {}, response.headers.get("x-request-id")
+            )
         answer = msgspec.json.decode(response.content, type=call.answer)
         if isinstance(answer, m.Accepted) and response.headers.get("idempotent-replayed") == "true":
             answer.replayed = True
@@ -196,13 +244,20 @@ class _Runner:
 class Client(_Runner, _Api):
     """Synchronous client: `with Client(url, key) as nd: nd.submit(...)`."""
 
-    def __init__(self, base_url: str, api_key: str, *, timeout: float = 10.0, max_retries: int = 4,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 10.0,
+        max_retries: int = 4,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         super().__init__(base_url, api_key, max_retries=max_retries)
         self.http = httpx.Client(timeout=timeout, transport=transport)
 
     def _call(self, call: Call[Any]) -> Any:
-        request = self._prepare(call)   # one request id and idempotency key for every retry
+        request = self._prepare(call)  # one request id and idempotency key for every retry
         for attempt in range(self.max_retries + 1):
             response = error = None
             try:
@@ -229,10 +284,18 @@ class Client(_Runner, _Api):
 
 
 class AsyncClient(_Runner, _Api):
-    """Asynchronous client with the same methods, each awaitable: `async with AsyncClient(url, key) as nd: await nd.submit(...)`."""
+    """Asynchronous client with the same methods, each awaitable: `async with AsyncClient(url, key) as nd: await "
+    "nd.submit(...)`."""
 
-    def __init__(self, base_url: str, api_key: str, *, timeout: float = 10.0, max_retries: int = 4,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 10.0,
+        max_retries: int = 4,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         super().__init__(base_url, api_key, max_retries=max_retries)
         self.http = httpx.AsyncClient(timeout=timeout, transport=transport)
 

@@ -180,8 +180,9 @@ def salvage(body: bytes, event_key: str, parse: Callable[[Any], ParsedWebhook]) 
         parsed = parse(payload)
     except Exception as exc:  # noqa: BLE001 - a verified payload is stored whatever the parser met
         return ParsedWebhook(event_key=event_key, payload=payload, events=[], notes=[f"not parsed: {why(exc)}"])
-    return ParsedWebhook(event_key=parsed.event_key, payload=payload, events=parsed.events, inbound=parsed.inbound,
-                         notes=parsed.notes)
+    return ParsedWebhook(
+        event_key=parsed.event_key, payload=payload, events=parsed.events, inbound=parsed.inbound, notes=parsed.notes
+    )
 
 
 class WebhookRejected(Exception):

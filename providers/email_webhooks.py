@@ -24,7 +24,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from providers.base import (
-    ConfigurationError, ParsedWebhook, StatusEvent, WebhookRejected, body_key, obj, parse_correlation_id, salvage, text, why,
+    ConfigurationError,
+    ParsedWebhook,
+    StatusEvent,
+    WebhookRejected,
+    body_key,
+    obj,
+    parse_correlation_id,
+    salvage,
+    text,
+    why,
 )
 
 
@@ -57,7 +66,7 @@ class SendGridWebhooks:
         # Read as SendGrid's libraries read it: base64 DER of the P-256 public key (PEM armour tolerated).
         self._key = None
         if verification_key:
-            der = "".join(l for l in verification_key.strip().splitlines() if not l.startswith("-----"))
+            der = "".join(line for line in verification_key.strip().splitlines() if not line.startswith("-----"))
             try:
                 key = load_der_public_key(base64.b64decode(der, validate=True))
             except ValueError:
@@ -84,7 +93,9 @@ class SendGridWebhooks:
 
     def _parse(self, key: str, items: Any) -> ParsedWebhook:
         if not isinstance(items, list):
-            return ParsedWebhook(event_key=key, payload=items, events=[], notes=["SendGrid posts a JSON array of events: nothing applied"])
+            return ParsedWebhook(
+                event_key=key, payload=items, events=[], notes=["SendGrid posts a JSON array of events: nothing applied"]
+            )
         events: list[StatusEvent] = []
         notes: list[str] = []
         for i, item in enumerate(items):
@@ -102,8 +113,12 @@ class SendGridWebhooks:
     @staticmethod
     def _event(item: dict[str, Any]) -> StatusEvent | None:
         tenant_id, delivery_id = parse_correlation_id(item.get("nd_correlation"))
-        common = {"tenant_id": tenant_id, "delivery_id": delivery_id, "occurred_at": _when(item.get("timestamp")),
-                  "provider_message_id": (text(item.get("smtp-id"), 500) or "").strip("<>") or None}
+        common = {
+            "tenant_id": tenant_id,
+            "delivery_id": delivery_id,
+            "occurred_at": _when(item.get("timestamp")),
+            "provider_message_id": (text(item.get("smtp-id"), 500) or "").strip("<>") or None,
+        }
         kind = item.get("event")
         reason = text(item.get("reason"), 500) or text(item.get("response"), 500)
         if kind == "processed":
@@ -111,12 +126,21 @@ class SendGridWebhooks:
         if kind == "delivered":
             return StatusEvent(status="delivered", **common)
         if kind == "bounce":
-            return StatusEvent(status="bounced", error_code=f"sendgrid_{text(item.get('type'), 50) or 'bounce'}", error_message=reason, **common)
+            return StatusEvent(
+                status="bounced", error_code=f"sendgrid_{text(item.get('type'), 50) or 'bounce'}", error_message=reason, **common
+            )
         if kind == "dropped":
             suppressed = (text(item.get("reason")) or "").strip().lower() in SUPPRESSION_REASONS
-            return StatusEvent(status="suppressed" if suppressed else "failed", error_code="sendgrid_dropped", error_message=reason, **common)
-        flag = {"open": "opened", "click": "clicked", "spamreport": "complained", "unsubscribe": "unsubscribed",
-                "group_unsubscribe": "unsubscribed"}.get(str(kind))
+            return StatusEvent(
+                status="suppressed" if suppressed else "failed", error_code="sendgrid_dropped", error_message=reason, **common
+            )
+        flag = {
+            "open": "opened",
+            "click": "clicked",
+            "spamreport": "complained",
+            "unsubscribe": "unsubscribed",
+            "group_unsubscribe": "unsubscribed",
+        }.get(str(kind))
         return StatusEvent(status=None, flag=flag, **common) if flag else None
 
 
@@ -161,8 +185,12 @@ class MailgunWebhooks:
             return ParsedWebhook(event_key=key, payload=whole, events=[], notes=["no event-data object: nothing applied"])
         tenant_id, delivery_id = parse_correlation_id(obj(data.get("user-variables")).get("nd_correlation"))
         message_id = text(obj(obj(data.get("message")).get("headers")).get("message-id"), 500)
-        common = {"tenant_id": tenant_id, "delivery_id": delivery_id, "occurred_at": _when(data.get("timestamp")),
-                  "provider_message_id": message_id.strip("<>") if message_id else None}
+        common = {
+            "tenant_id": tenant_id,
+            "delivery_id": delivery_id,
+            "occurred_at": _when(data.get("timestamp")),
+            "provider_message_id": message_id.strip("<>") if message_id else None,
+        }
         kind = data.get("event")
         status = obj(data.get("delivery-status"))
         reason = text(status.get("message"), 500) or text(status.get("description"), 500) or text(data.get("reason"), 500)
@@ -174,7 +202,9 @@ class MailgunWebhooks:
         elif kind == "failed" and data.get("severity") == "permanent":
             suppressed = (text(data.get("reason")) or "").startswith("suppress-")
             code = text(status.get("code"), 50) or text(data.get("reason"), 50) or "failed"
-            event = StatusEvent(status="suppressed" if suppressed else "bounced", error_code=f"mailgun_{code}", error_message=reason, **common)
+            event = StatusEvent(
+                status="suppressed" if suppressed else "bounced", error_code=f"mailgun_{code}", error_message=reason, **common
+            )
         elif kind == "rejected":
             event = StatusEvent(status="failed", error_code="mailgun_rejected", error_message=reason, **common)
         elif kind in ("opened", "clicked", "complained", "unsubscribed"):

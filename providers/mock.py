@@ -23,7 +23,16 @@ import msgspec
 
 from providers import standard_webhooks
 from providers.base import (
-    Message, ParsedWebhook, SendResult, StatusEvent, WebhookRejected, obj, parse_correlation_id, salvage, text, why,
+    Message,
+    ParsedWebhook,
+    SendResult,
+    StatusEvent,
+    WebhookRejected,
+    obj,
+    parse_correlation_id,
+    salvage,
+    text,
+    why,
 )
 
 NAME = "mock"
@@ -79,18 +88,24 @@ class MockProvider:
         self._record_messages = record_messages
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: httpx.AsyncClient | None = None
-        self._posting = asyncio.Semaphore(16)   # a burst of sends must not open thousands of webhook connections
+        self._posting = asyncio.Semaphore(16)  # a burst of sends must not open thousands of webhook connections
 
     async def _one(self, message: Message) -> tuple[SendResult, dict[str, Any] | None]:
         if self._latency:
             await asyncio.sleep(self._latency)
         script = self._outcomes.get(message.address)
         if script == "failed":
-            return SendResult(outcome="failed", provider=NAME, error_code="mock_rejected", error_message="recipient refused by the mock"), None
+            return SendResult(
+                outcome="failed", provider=NAME, error_code="mock_rejected", error_message="recipient refused by the mock"
+            ), None
         if script == "retry" or (script is None and self._failure_rate and random.random() < self._failure_rate):
-            return SendResult(outcome="retry", provider=NAME, error_code="mock_503", error_message="mock provider unavailable"), None
+            return SendResult(
+                outcome="retry", provider=NAME, error_code="mock_503", error_message="mock provider unavailable"
+            ), None
         if script == "unknown":
-            return SendResult(outcome="unknown", provider=NAME, error_code="mock_timeout", error_message="no answer from the mock"), None
+            return SendResult(
+                outcome="unknown", provider=NAME, error_code="mock_timeout", error_message="no answer from the mock"
+            ), None
         message_id = f"mock-{secrets.token_hex(12)}"
         row = {
             "tenant_id": str(message.tenant_id),
@@ -136,17 +151,20 @@ class MockProvider:
         for status in statuses:
             await asyncio.sleep(self._delay)
             error = {"code": "mock_undeliverable", "title": "the mock could not deliver"} if status == "failed" else None
-            body = _encode(StatusPayload(
-                type=f"message.status.{status}",
-                timestamp=dt.datetime.now(dt.UTC),
-                data=StatusData(message_id=message_id, correlation_id=message.correlation_id, status=status, error=error),
-            ))
+            body = _encode(
+                StatusPayload(
+                    type=f"message.status.{status}",
+                    timestamp=dt.datetime.now(dt.UTC),
+                    data=StatusData(message_id=message_id, correlation_id=message.correlation_id, status=status, error=error),
+                )
+            )
             msg_id = f"msg_{secrets.token_hex(12)}"
             for attempt in range(5):
                 try:
                     async with self._posting:
                         response = await self._client.post(
-                            self._url, content=body,
+                            self._url,
+                            content=body,
                             headers={"content-type": "application/json", **standard_webhooks.headers(self._secret, msg_id, body)},
                         )
                     if response.status_code < 300:
@@ -201,7 +219,12 @@ class MockWebhooks:
             return ParsedWebhook(event_key=webhook_id, payload=payload, events=[], notes=[*notes, "no known status: not applied"])
         error = obj(data.get("error"))
         event = StatusEvent(
-            status=status, tenant_id=tenant_id, delivery_id=delivery_id, provider_message_id=text(data.get("message_id")),
-            occurred_at=occurred_at, error_code=text(error.get("code"), 200), error_message=text(error.get("title")),
+            status=status,
+            tenant_id=tenant_id,
+            delivery_id=delivery_id,
+            provider_message_id=text(data.get("message_id")),
+            occurred_at=occurred_at,
+            error_code=text(error.get("code"), 200),
+            error_message=text(error.get("title")),
         )
         return ParsedWebhook(event_key=webhook_id, payload=payload, events=[event], notes=notes)

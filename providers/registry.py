@@ -22,9 +22,16 @@ def provider_for(name: str, config: dict[str, Any] | None, ctx: ProviderContext)
     if name == "smtp":
         return Smtp(settings, secrets, ctx, grants)
     s = ctx.settings
-    return MockProvider(record=ctx.record_mock, webhook_url=s.mock_webhook_url, webhook_secret=s.mock_webhook_secret,
-                        latency_ms=s.mock_latency_ms, failure_rate=s.mock_failure_rate,
-                        status_delay_ms=s.mock_status_delay_ms, outcomes=s.mock_outcomes, record_messages=s.mock_record)
+    return MockProvider(
+        record=ctx.record_mock,
+        webhook_url=s.mock_webhook_url,
+        webhook_secret=s.mock_webhook_secret,
+        latency_ms=s.mock_latency_ms,
+        failure_rate=s.mock_failure_rate,
+        status_delay_ms=s.mock_status_delay_ms,
+        outcomes=s.mock_outcomes,
+        record_messages=s.mock_record,
+    )
 
 
 def webhook_adapters(settings: ProviderSettings | object) -> dict[str, WebhookAdapter]:

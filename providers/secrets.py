@@ -42,8 +42,11 @@ class Grants:
     @classmethod
     def of(cls, raw: Mapping[str, Any] | None) -> Grants:
         raw = raw or {}
-        return cls(env_prefix=raw.get("env_prefix") or None, file_dir=raw.get("file_dir") or None,
-                   private_endpoints=bool(raw.get("private_endpoints")))
+        return cls(
+            env_prefix=raw.get("env_prefix") or None,
+            file_dir=raw.get("file_dir") or None,
+            private_endpoints=bool(raw.get("private_endpoints")),
+        )
 
 
 def _inside(path: str, directory: str) -> Path | None:

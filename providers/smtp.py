@@ -26,8 +26,8 @@ from typing import Any
 
 import aiosmtplib
 
-from providers.base import Message, ProviderContext, SendResult
 from dispatcher.callback_urls import UnsafeUrl, resolve_host
+from providers.base import Message, ProviderContext, SendResult
 from providers.secrets import Grants, SecretMissing, resolve
 from providers.unsubscribe import make_token
 
@@ -43,7 +43,9 @@ def _header_text(value: Any) -> str:
     return LINE_BREAKS.sub(" ", str(value))
 
 
-def build_message(message: Message, settings: dict[str, Any], unsubscribe_url: str | None, cte: str | None = None) -> EmailMessage:
+def build_message(
+    message: Message, settings: dict[str, Any], unsubscribe_url: str | None, cte: str | None = None
+) -> EmailMessage:
     rendered = message.rendered
     sender = str(settings["from_address"])
     domain = sender.rsplit("@", 1)[1]
@@ -92,7 +94,9 @@ class Smtp:
 
     name = NAME
 
-    def __init__(self, settings: dict[str, Any], secrets: dict[str, str], ctx: ProviderContext, grants: Grants | None = None) -> None:
+    def __init__(
+        self, settings: dict[str, Any], secrets: dict[str, str], ctx: ProviderContext, grants: Grants | None = None
+    ) -> None:
         self._settings = settings
         self._password_ref = secrets.get("password")
         self._grants = grants or Grants()
@@ -115,8 +119,10 @@ class Smtp:
         sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (address, self._port())),
-                                   float(self._settings.get("timeout_seconds") or 30))
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(sock, (address, self._port())),
+                float(self._settings.get("timeout_seconds") or 30),
+            )
         except BaseException:
             sock.close()
             raise
@@ -130,17 +136,26 @@ class Smtp:
             context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-        return aiosmtplib.SMTP(hostname=str(s["host"]).strip("[]"), sock=sock,
-                               use_tls=security == "tls", start_tls=security == "starttls",
-                               timeout=float(s.get("timeout_seconds") or 30), validate_certs=bool(s.get("validate_certs", True)),
-                               tls_context=context)
+        return aiosmtplib.SMTP(
+            hostname=str(s["host"]).strip("[]"),
+            sock=sock,
+            use_tls=security == "tls",
+            start_tls=security == "starttls",
+            timeout=float(s.get("timeout_seconds") or 30),
+            validate_certs=bool(s.get("validate_certs", True)),
+            tls_context=context,
+        )
 
     def _build(self, message: Message) -> Built | SendResult:
         try:
             return build_wire(message, self._settings, self._unsubscribe_url(message))
         except Exception as exc:  # noqa: BLE001 - this message cannot be built: it fails alone, nothing was sent
-            return SendResult(outcome="failed", provider=NAME, error_code="message_invalid",
-                              error_message=f"{type(exc).__name__} while building the message")
+            return SendResult(
+                outcome="failed",
+                provider=NAME,
+                error_code="message_invalid",
+                error_message=f"{type(exc).__name__} while building the message",
+            )
 
     async def _one(self, message: Message, built: Built | SendResult, password: str | None, address: str) -> SendResult:
         if isinstance(built, SendResult):
@@ -149,8 +164,13 @@ class Smtp:
             return await self._send(message, built, password, address)
         except Exception as exc:  # noqa: BLE001 - never let one message's surprise decide the others' outcomes
             log.exception("smtp send crashed", extra={"delivery_id": str(message.delivery_id)})
-            return SendResult(outcome="retry", provider=NAME, provider_message_id=built.message_id,
-                              error_code="provider_exception", error_message=type(exc).__name__)
+            return SendResult(
+                outcome="retry",
+                provider=NAME,
+                provider_message_id=built.message_id,
+                error_code="provider_exception",
+                error_message=type(exc).__name__,
+            )
 
     async def _send(self, message: Message, built: Built, password: str | None, address: str) -> SendResult:
         message_id = built.message_id
@@ -189,8 +209,13 @@ class Smtp:
                 if phase == "quit":
                     return SendResult(outcome="sent", provider=NAME, provider_message_id=message_id)
                 code = "smtp_ambiguous" if phase == "data" else "smtp_unavailable"
-                return SendResult(outcome="retry", provider=NAME, provider_message_id=message_id if phase == "data" else None,
-                                  error_code=code, error_message=f"{type(exc).__name__} during {phase}")
+                return SendResult(
+                    outcome="retry",
+                    provider=NAME,
+                    provider_message_id=message_id if phase == "data" else None,
+                    error_code=code,
+                    error_message=f"{type(exc).__name__} during {phase}",
+                )
             finally:
                 if client is not None:
                     client.close()
@@ -204,27 +229,42 @@ class Smtp:
             return SendResult(outcome="bounced", provider=NAME, error_code=error_code, error_message=error_message)
         if phase in ("connect", "auth", "mail") or (phase == "rcpt" and text.startswith("5.7")):
             # Our relay refuses us (credentials, relaying, sender): keep the message while an operator fixes it.
-            return SendResult(outcome="retry", provider=NAME, error_code=error_code, error_message=error_message,
-                              retry_after_seconds=300.0)
+            return SendResult(
+                outcome="retry", provider=NAME, error_code=error_code, error_message=error_message, retry_after_seconds=300.0
+            )
         return SendResult(outcome="failed", provider=NAME, error_code=error_code, error_message=error_message)
 
     async def send_many(self, messages: list[Message]) -> list[SendResult]:
         # The relay's addresses are checked at every send (DNS may have changed since the host was saved), the
         # password is read only after, and every connection goes to the checked address.
         try:
-            address = await resolve_host(str(self._settings["host"]).strip("[]"), self._port(),
-                                         allow_private=self._grants.private_endpoints, what="provider endpoint")
+            address = await resolve_host(
+                str(self._settings["host"]).strip("[]"),
+                self._port(),
+                allow_private=self._grants.private_endpoints,
+                what="provider endpoint",
+            )
         except UnsafeUrl as exc:
             log.error("smtp host refused", extra={"reason": str(exc)})
-            return [SendResult(outcome="retry", provider=NAME, error_code="unsafe_endpoint", error_message=str(exc),
-                               retry_after_seconds=300.0) for _ in messages]
+            return [
+                SendResult(
+                    outcome="retry",
+                    provider=NAME,
+                    error_code="unsafe_endpoint",
+                    error_message=str(exc),
+                    retry_after_seconds=300.0,
+                )
+                for _ in messages
+            ]
         try:
             password = resolve(self._password_ref, self._grants)
         except SecretMissing as exc:
             log.error("smtp password unavailable", extra={"reason": str(exc)})
-            return [SendResult(outcome="retry", provider=NAME, error_code=exc.code, error_message=str(exc),
-                               retry_after_seconds=300.0) for _ in messages]
-        built = [self._build(m) for m in messages]   # all built before any is sent
+            return [
+                SendResult(outcome="retry", provider=NAME, error_code=exc.code, error_message=str(exc), retry_after_seconds=300.0)
+                for _ in messages
+            ]
+        built = [self._build(m) for m in messages]  # all built before any is sent
         return list(await asyncio.gather(*(self._one(m, b, password, address) for m, b in zip(messages, built, strict=True))))
 
     async def aclose(self) -> None:

@@ -26,8 +26,19 @@ import msgspec
 
 from dispatcher.callback_urls import UnsafeUrl
 from providers.base import (
-    InboundMessage, Message, ParsedWebhook, ProviderContext, SendResult, StatusEvent, WebhookRejected, body_key, obj,
-    parse_correlation_id, salvage, text, why,
+    InboundMessage,
+    Message,
+    ParsedWebhook,
+    ProviderContext,
+    SendResult,
+    StatusEvent,
+    WebhookRejected,
+    body_key,
+    obj,
+    parse_correlation_id,
+    salvage,
+    text,
+    why,
 )
 from providers.secrets import Grants, SecretMissing, endpoint, resolve
 
@@ -48,8 +59,9 @@ ACCOUNT = {131031, 131042, 131045, 368}
 
 
 def account_level(code: int | None) -> bool:
-    return code is not None and (code in ACCOUNT or code in CONFIGURATION or 200 <= code <= 299
-                                 or (133000 <= code <= 133999 and code not in RETRY_SOON))
+    return code is not None and (
+        code in ACCOUNT or code in CONFIGURATION or 200 <= code <= 299 or (133000 <= code <= 133999 and code not in RETRY_SOON)
+    )
 
 
 def classify(code: int | None, title: str, http_status: int) -> SendResult:
@@ -74,19 +86,30 @@ def classify(code: int | None, title: str, http_status: int) -> SendResult:
 
 def request_body(message: Message) -> dict[str, Any]:
     rendered = message.rendered
-    body: dict[str, Any] = {"messaging_product": "whatsapp", "recipient_type": "individual",
-                            "to": message.address.lstrip("+"), "biz_opaque_callback_data": message.correlation_id}
+    body: dict[str, Any] = {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": message.address.lstrip("+"),
+        "biz_opaque_callback_data": message.correlation_id,
+    }
     if "template" in rendered:
         template: dict[str, Any] = {"name": rendered["template"], "language": {"code": rendered["language"]}}
         components: list[dict[str, Any]] = []
         if rendered.get("header_parameters"):
-            components.append({"type": "header", "parameters": [{"type": "text", "text": p} for p in rendered["header_parameters"]]})
+            components.append(
+                {"type": "header", "parameters": [{"type": "text", "text": p} for p in rendered["header_parameters"]]}
+            )
         if rendered["parameters"]:
             components.append({"type": "body", "parameters": [{"type": "text", "text": p} for p in rendered["parameters"]]})
         for button in rendered.get("buttons") or []:
-            parameter = ({"type": "payload", "payload": button["value"]} if button["sub_type"] == "quick_reply"
-                         else {"type": "text", "text": button["value"]})
-            components.append({"type": "button", "sub_type": button["sub_type"], "index": str(button["index"]), "parameters": [parameter]})
+            parameter = (
+                {"type": "payload", "payload": button["value"]}
+                if button["sub_type"] == "quick_reply"
+                else {"type": "text", "text": button["value"]}
+            )
+            components.append(
+                {"type": "button", "sub_type": button["sub_type"], "index": str(button["index"]), "parameters": [parameter]}
+            )
         if components:
             template["components"] = components
         body.update(type="template", template=template)
@@ -100,16 +123,21 @@ class WhatsAppCloud:
 
     name = NAME
 
-    def __init__(self, settings: dict[str, Any], secrets: dict[str, str], ctx: ProviderContext, grants: Grants | None = None) -> None:
+    def __init__(
+        self, settings: dict[str, Any], secrets: dict[str, str], ctx: ProviderContext, grants: Grants | None = None
+    ) -> None:
         self._settings = settings
         self._token_ref = secrets.get("access_token")
         self._grants = grants or Grants()
         self._ctx = ctx
         self._phone = str(settings["phone_number_id"])
         self._rate = float(settings.get("rate_per_second") or 80)
-        self._url = f"{str(settings.get('base_url') or 'https://graph.facebook.com').rstrip('/')}/{settings.get('api_version') or 'v22.0'}/{self._phone}/messages"
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(float(settings.get("timeout_seconds") or 15), connect=5.0),
-                                         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+        base = str(settings.get("base_url") or "https://graph.facebook.com").rstrip("/")
+        self._url = f"{base}/{settings.get('api_version') or 'v22.0'}/{self._phone}/messages"
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(float(settings.get("timeout_seconds") or 15), connect=5.0),
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        )
 
     async def _paced(self, count: int) -> None:
         """Waits until `count` sends fit in this number's shared budget."""
@@ -130,8 +158,9 @@ class WhatsAppCloud:
     async def _one(self, message: Message, token: str, target: tuple[str, dict[str, str], dict[str, Any] | None]) -> SendResult:
         url, headers, extensions = target
         try:
-            response = await self._client.post(url, json=request_body(message), headers={**headers, "Authorization": f"Bearer {token}"},
-                                               extensions=extensions)
+            response = await self._client.post(
+                url, json=request_body(message), headers={**headers, "Authorization": f"Bearer {token}"}, extensions=extensions
+            )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Never left us: safe to retry.
             return SendResult(outcome="retry", provider=NAME, error_code="connect_failed", error_message=type(exc).__name__)
@@ -148,7 +177,9 @@ class WhatsAppCloud:
         code = error.get("code") if isinstance(error, dict) else None
         title = str((error or {}).get("message") or (error or {}).get("error_user_title") or response.reason_phrase)
         if response.status_code < 300:
-            return SendResult(outcome="unknown", provider=NAME, error_code="unexpected_response", error_message="2xx without a message id")
+            return SendResult(
+                outcome="unknown", provider=NAME, error_code="unexpected_response", error_message="2xx without a message id"
+            )
         return classify(int(code) if isinstance(code, int | str) and str(code).isdigit() else None, title, response.status_code)
 
     async def send_many(self, messages: list[Message]) -> list[SendResult]:
@@ -157,18 +188,28 @@ class WhatsAppCloud:
             target = await self._target()
         except UnsafeUrl as exc:
             log.error("whatsapp endpoint refused", extra={"phone_number_id": self._phone, "reason": str(exc)})
-            return [SendResult(outcome="retry", provider=NAME, error_code="unsafe_endpoint", error_message=str(exc),
-                               retry_after_seconds=300.0) for _ in messages]
+            return [
+                SendResult(
+                    outcome="retry",
+                    provider=NAME,
+                    error_code="unsafe_endpoint",
+                    error_message=str(exc),
+                    retry_after_seconds=300.0,
+                )
+                for _ in messages
+            ]
         try:
             token = resolve(self._token_ref, self._grants) or ""
         except SecretMissing as exc:
             log.error("whatsapp access token unavailable", extra={"phone_number_id": self._phone, "reason": str(exc)})
-            return [SendResult(outcome="retry", provider=NAME, error_code=exc.code, error_message=str(exc),
-                               retry_after_seconds=300.0) for _ in messages]
+            return [
+                SendResult(outcome="retry", provider=NAME, error_code=exc.code, error_message=str(exc), retry_after_seconds=300.0)
+                for _ in messages
+            ]
         results: list[SendResult] = []
         step = max(1, int(self._rate))
         for start in range(0, len(messages), step):
-            chunk = messages[start:start + step]
+            chunk = messages[start : start + step]
             await self._paced(len(chunk))
             results.extend(await asyncio.gather(*(self._one(m, token, target) for m in chunk)))
         return results
@@ -178,6 +219,7 @@ class WhatsAppCloud:
 
 
 # --- webhooks -------------------------------------------------------------------------------------------
+
 
 def signature(app_secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
@@ -280,14 +322,23 @@ class WhatsAppWebhooks:
                     error = s.errors[0] if s.errors else None
                     if error is not None and s.status == "failed" and account_level(error.code):
                         log.error("whatsapp account needs an operator", extra={"error_code": f"whatsapp_{error.code}"})
-                        notes.append(f"{where}: account-level error whatsapp_{error.code} (configuration, not this "
-                                     "message's failure): not applied")
+                        notes.append(
+                            f"{where}: account-level error whatsapp_{error.code} (configuration, not this "
+                            "message's failure): not applied"
+                        )
                         continue
                     status = "suppressed" if error and error.code in OPTED_OUT else s.status
-                    events.append(StatusEvent(
-                        status=status, tenant_id=tenant_id, delivery_id=delivery_id, provider_message_id=s.id[:500],
-                        occurred_at=_time(s.timestamp), error_code=f"whatsapp_{error.code}" if error and error.code else None,
-                        error_message=text(error.title or error.message) if error else None))
+                    events.append(
+                        StatusEvent(
+                            status=status,
+                            tenant_id=tenant_id,
+                            delivery_id=delivery_id,
+                            provider_message_id=s.id[:500],
+                            occurred_at=_time(s.timestamp),
+                            error_code=f"whatsapp_{error.code}" if error and error.code else None,
+                            error_message=text(error.title or error.message) if error else None,
+                        )
+                    )
                 for i, m in enumerate(messages if isinstance(messages, list) else []):
                     where = f"entry[{e}].changes[{c}].messages[{i}]"
                     m = obj(m)
@@ -298,6 +349,13 @@ class WhatsAppWebhooks:
                     if m.get("type") in NOT_FROM_THE_USER:
                         notes.append(f"{where}: {m.get('type')} message: not from the user, opens no window")
                         continue
-                    inbound.append(InboundMessage(phone_number_id=phone_number_id, sender=sender, message_id=message_id,
-                                                  text=_inbound_text(m), received_at=_time(text(m.get("timestamp")))))
+                    inbound.append(
+                        InboundMessage(
+                            phone_number_id=phone_number_id,
+                            sender=sender,
+                            message_id=message_id,
+                            text=_inbound_text(m),
+                            received_at=_time(text(m.get("timestamp"))),
+                        )
+                    )
         return ParsedWebhook(event_key=key, payload=payload, events=events, inbound=inbound, notes=notes)

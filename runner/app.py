@@ -38,8 +38,13 @@ class _LazyConninfoConnector(procrastinate.PsycopgConnector):
 
 def make_connector(conninfo: str = "", *, max_size: int = declared.read("worker_pool_max")) -> procrastinate.PsycopgConnector:
     # msgspec for the jsonb the worker exchanges with Postgres (a batch is hundreds of objects each way).
-    kwargs = {"min_size": 1, "max_size": max_size, "kwargs": {"application_name": "dispatcher-worker"},
-              "json_dumps": msgspec.json.encode, "json_loads": msgspec.json.decode}
+    kwargs = {
+        "min_size": 1,
+        "max_size": max_size,
+        "kwargs": {"application_name": "dispatcher-worker"},
+        "json_dumps": msgspec.json.encode,
+        "json_loads": msgspec.json.decode,
+    }
     if conninfo:
         return procrastinate.PsycopgConnector(conninfo=conninfo, **kwargs)
     return _LazyConninfoConnector(**kwargs)
@@ -77,7 +82,7 @@ class WorkerApp(procrastinate.App):
         try:
             await super().run_worker_async(**kwargs)
         finally:
-            await close_all()   # the drainers and senders made for this App's jobs
+            await close_all()  # the drainers and senders made for this App's jobs
 
 
 def _adopt_procrastinate_cli() -> None:

@@ -31,13 +31,18 @@ class CallbackSender:
     def __init__(self, connector: Any, settings: Settings) -> None:
         self.connector = connector
         self.settings = settings
-        self.client = httpx.AsyncClient(timeout=TIMEOUT_SECONDS, follow_redirects=False,
-                                        headers={"user-agent": f"notification-dispatcher/{__version__}"})
+        self.client = httpx.AsyncClient(
+            timeout=TIMEOUT_SECONDS, follow_redirects=False, headers={"user-agent": f"notification-dispatcher/{__version__}"}
+        )
 
     async def post(self, row: dict[str, Any]) -> dict[str, Any]:
         started = dt.datetime.now(dt.UTC)
-        result: dict[str, Any] = {"tenant_id": str(row["tenant_id"]), "id": str(row["id"]), "attempt": row["attempt"],
-                                  "started_at": started.isoformat()}
+        result: dict[str, Any] = {
+            "tenant_id": str(row["tenant_id"]),
+            "id": str(row["id"]),
+            "attempt": row["attempt"],
+            "started_at": started.isoformat(),
+        }
         body = _encode(row["payload"])
         msg_id = "msg_" + str(row["id"]).replace("-", "")
         timestamp = int(time.time())
@@ -45,10 +50,17 @@ class CallbackSender:
         try:
             target = await resolve(row["url"], allow_private=self.settings.dev_mode)
             response = await self.client.post(
-                target.url, content=body,
-                headers={"host": target.host_header, "content-type": "application/json", "webhook-id": msg_id,
-                         "webhook-timestamp": str(timestamp), "webhook-signature": signature},
-                extensions={"sni_hostname": target.sni_hostname} if target.sni_hostname else None)
+                target.url,
+                content=body,
+                headers={
+                    "host": target.host_header,
+                    "content-type": "application/json",
+                    "webhook-id": msg_id,
+                    "webhook-timestamp": str(timestamp),
+                    "webhook-signature": signature,
+                },
+                extensions={"sni_hostname": target.sni_hostname} if target.sni_hostname else None,
+            )
         except UnsafeUrl as exc:
             result.update(outcome="refused", error=str(exc))
         except httpx.HTTPError as exc:
@@ -57,14 +69,25 @@ class CallbackSender:
             result["status_code"] = response.status_code
             # 2xx: delivered. 410 Gone: the receiver wants no more. Anything else (3xx included: redirects are not
             # followed) is retried on the tenant's schedule.
-            result["outcome"] = "delivered" if 200 <= response.status_code < 300 else "failed" if response.status_code == 410 else "retry"
+            result["outcome"] = (
+                "delivered" if 200 <= response.status_code < 300 else "failed" if response.status_code == 410 else "retry"
+            )
         metrics.CALLBACKS.labels(result["outcome"]).inc()
-        log.info("callback attempted", extra={"message_id": result["id"], "tenant_id": result["tenant_id"],
-                                              "delivery_id": row["payload"]["data"]["delivery_id"],
-                                              "sequence": row["payload"]["data"]["sequence"], "attempt": row["attempt"],
-                                              "host": urlsplit(row["url"]).hostname, "status_code": result.get("status_code"),
-                                              "outcome": result["outcome"], "error": result.get("error"),
-                                              "request_id": row["payload"]["data"].get("http_request_id")})
+        log.info(
+            "callback attempted",
+            extra={
+                "message_id": result["id"],
+                "tenant_id": result["tenant_id"],
+                "delivery_id": row["payload"]["data"]["delivery_id"],
+                "sequence": row["payload"]["data"]["sequence"],
+                "attempt": row["attempt"],
+                "host": urlsplit(row["url"]).hostname,
+                "status_code": result.get("status_code"),
+                "outcome": result["outcome"],
+                "error": result.get("error"),
+                "request_id": row["payload"]["data"].get("http_request_id"),
+            },
+        )
         return result
 
     async def drain(self, max_seconds: float = 10.0) -> dict[str, int]:
@@ -73,8 +96,9 @@ class CallbackSender:
         counts: dict[str, int] = {}
         deadline = time.monotonic() + max_seconds
         while time.monotonic() < deadline:
-            rows = await self.connector.execute_query_all_async(CLAIM, limit=self.settings.callback_batch_size,
-                                                                lease=int(TIMEOUT_SECONDS * 2))
+            rows = await self.connector.execute_query_all_async(
+                CLAIM, limit=self.settings.callback_batch_size, lease=int(TIMEOUT_SECONDS * 2)
+            )
             if not rows:
                 return counts
             results = await asyncio.gather(*(self.post(dict(row)) for row in rows))

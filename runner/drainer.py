@@ -47,8 +47,9 @@ class DeliveryDrainer:
         self.settings = settings
         self.providers: dict[tuple[str, str, str], Provider] = {}
         self.renderer = RenderPool(settings)
-        self.ctx = ProviderContext(take_tokens=self._take_tokens, record_mock=self._record_mock,
-                                   settings=ProviderSettings.of(settings))
+        self.ctx = ProviderContext(
+            take_tokens=self._take_tokens, record_mock=self._record_mock, settings=ProviderSettings.of(settings)
+        )
 
     async def _record_mock(self, rows: list[dict[str, Any]]) -> None:
         await self.connector.execute_query_one_async(RECORD_MOCK, messages=Jsonb(rows))
@@ -70,8 +71,13 @@ class DeliveryDrainer:
         # Off the event loop, bounded in time and memory; any failure preparing one delivery fails that delivery alone.
         try:
             # A claim returns one content per (tenant, template, locale): that is its key.
-            prepared = await self.renderer.render(channel, [((row["tenant_id"], row["template_key"], row["locale"]), row["content"],
-                                                             row["variables"] or {}) for row in rows])
+            prepared = await self.renderer.render(
+                channel,
+                [
+                    ((row["tenant_id"], row["template_key"], row["locale"]), row["content"], row["variables"] or {})
+                    for row in rows
+                ],
+            )
         except Exception as exc:  # noqa: BLE001 - the render pool itself broke: these deliveries fail, the batch is recorded
             log.exception("render pool failed", extra={"channel": channel})
             prepared = [(False, f"RenderCrashed: {type(exc).__name__}")] * len(rows)
@@ -80,39 +86,57 @@ class DeliveryDrainer:
             try:
                 if not ok:
                     raise _PrepareFailed(rendered)
-                message = Message(tenant_id=row["tenant_id"], delivery_id=row["delivery_id"], attempt=row["attempt"],
-                                  channel=channel, address=row["address"], rendered=rendered, category=row["category"])
+                message = Message(
+                    tenant_id=row["tenant_id"],
+                    delivery_id=row["delivery_id"],
+                    attempt=row["attempt"],
+                    channel=channel,
+                    address=row["address"],
+                    rendered=rendered,
+                    category=row["category"],
+                )
                 name, config = row.get("provider") or "mock", row.get("provider_config")
                 group_key = f"{name}:{json.dumps(config, sort_keys=True, default=str) if config else ''}"
             except Exception as exc:  # noqa: BLE001
                 message_text = str(exc) if isinstance(exc, _PrepareFailed) else type(exc).__name__
-                results.append({**base, "outcome": "failed", "provider": None, "error_code": "render_failed",
-                                "error_message": message_text})
+                results.append(
+                    {**base, "outcome": "failed", "provider": None, "error_code": "render_failed", "error_message": message_text}
+                )
                 continue
             groups.setdefault(group_key, (name, config, []))[2].append(message)
-        sent_groups = await asyncio.gather(*(self._send_group(channel, name, config, messages)
-                                             for name, config, messages in groups.values()))
+        sent_groups = await asyncio.gather(
+            *(self._send_group(channel, name, config, messages) for name, config, messages in groups.values())
+        )
         for group in sent_groups:
             results.extend(group)
         return results
 
-    async def _send_group(self, channel: str, name: str, config: dict[str, Any] | None, messages: list[Message]) -> list[dict[str, Any]]:
+    async def _send_group(
+        self, channel: str, name: str, config: dict[str, Any] | None, messages: list[Message]
+    ) -> list[dict[str, Any]]:
         provider = self.provider(name, config)
         started = time.perf_counter()
         try:
-            with tracing.span("provider.send", **{"notify.channel": channel, "notify.provider": provider.name,
-                                                  "notify.messages": len(messages)}):
+            with tracing.span(
+                "provider.send", **{"notify.channel": channel, "notify.provider": provider.name, "notify.messages": len(messages)}
+            ):
                 sent = await provider.send_many(messages)
         except Exception as exc:  # the provider itself broke: we cannot know what left us
             log.exception("provider crashed", extra={"channel": channel, "provider": provider.name})
             outcome = "retry" if channel == "email" else "unknown"
-            sent = [SendResult(outcome=outcome, provider=provider.name, error_code="provider_exception",
-                               error_message=type(exc).__name__) for _ in messages]
+            sent = [
+                SendResult(
+                    outcome=outcome, provider=provider.name, error_code="provider_exception", error_message=type(exc).__name__
+                )
+                for _ in messages
+            ]
         metrics.PROVIDER_SECONDS.labels(channel, provider.name).observe(time.perf_counter() - started)
         for r in sent:
             metrics.DELIVERIES.labels(channel, provider.name, r.outcome, r.error_code or "").inc()
-        return [{"tenant_id": str(m.tenant_id), "delivery_id": str(m.delivery_id), "attempt": m.attempt, **_to_builtins(r)}
-                for m, r in zip(messages, sent, strict=True)]
+        return [
+            {"tenant_id": str(m.tenant_id), "delivery_id": str(m.delivery_id), "attempt": m.attempt, **_to_builtins(r)}
+            for m, r in zip(messages, sent, strict=True)
+        ]
 
     async def _record(self, results: list[dict[str, Any]]) -> None:
         """One call for the batch. record_attempts_v1 leaves out a provider message id another delivery already has;
@@ -155,14 +179,24 @@ class DeliveryDrainer:
                     slots.notify_all()
             with tracing.span("dispatch.record", channel=channel, results=len(results)):
                 await self._record(results)
-            if tracing.enabled:   # one span per delivery, in the trace of the request that submitted it
+            if tracing.enabled:  # one span per delivery, in the trace of the request that submitted it
                 parents = {str(row["delivery_id"]): row.get("trace_parent") for row in rows}
                 ended = time.time_ns()
                 for r in results:
-                    tracing.record("notification.deliver", parent=parents.get(r["delivery_id"]), start_ns=started_ns, end_ns=ended,
-                                   **{"notify.delivery_id": r["delivery_id"], "notify.channel": channel, "notify.attempt": r["attempt"],
-                                      "notify.outcome": r["outcome"], "notify.provider": r.get("provider"),
-                                      "notify.error_code": r.get("error_code")})
+                    tracing.record(
+                        "notification.deliver",
+                        parent=parents.get(r["delivery_id"]),
+                        start_ns=started_ns,
+                        end_ns=ended,
+                        **{
+                            "notify.delivery_id": r["delivery_id"],
+                            "notify.channel": channel,
+                            "notify.attempt": r["attempt"],
+                            "notify.outcome": r["outcome"],
+                            "notify.provider": r.get("provider"),
+                            "notify.error_code": r.get("error_code"),
+                        },
+                    )
             outcomes: dict[str, int] = {}
             request_ids = {str(row["delivery_id"]): row.get("http_request_id") for row in rows}
             for r in results:
@@ -170,12 +204,28 @@ class DeliveryDrainer:
                 counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
                 if self.settings.log_deliveries:
                     # One line per attempt, with the submitting request's X-Request-ID; no address, no content.
-                    log.info("delivery attempted", extra={
-                        "channel": channel, "delivery_id": r["delivery_id"], "tenant_id": r["tenant_id"],
-                        "attempt": r["attempt"], "outcome": r["outcome"], "provider": r.get("provider"),
-                        "error_code": r.get("error_code"), "request_id": request_ids.get(r["delivery_id"])})
-            log.info("batch dispatched", extra={"channel": channel, "claimed": len(rows), "outcomes": outcomes,
-                                                "ms": round((time.perf_counter() - started) * 1000, 1)})
+                    log.info(
+                        "delivery attempted",
+                        extra={
+                            "channel": channel,
+                            "delivery_id": r["delivery_id"],
+                            "tenant_id": r["tenant_id"],
+                            "attempt": r["attempt"],
+                            "outcome": r["outcome"],
+                            "provider": r.get("provider"),
+                            "error_code": r.get("error_code"),
+                            "request_id": request_ids.get(r["delivery_id"]),
+                        },
+                    )
+            log.info(
+                "batch dispatched",
+                extra={
+                    "channel": channel,
+                    "claimed": len(rows),
+                    "outcomes": outcomes,
+                    "ms": round((time.perf_counter() - started) * 1000, 1),
+                },
+            )
 
         def done(task: asyncio.Task[None]) -> None:
             running.discard(task)
@@ -186,9 +236,11 @@ class DeliveryDrainer:
         while True:
             async with slots:
                 # A quarter of a batch free is enough to claim again: the in-flight count stays near the limit.
-                await slots.wait_for(lambda: free >= max(1, batch // 4))
+                await slots.wait_for(lambda: free >= max(1, batch // 4))  # noqa: B023 - the current count, by design
                 want = min(batch, free)
-            rows = await self.connector.execute_query_all_async(CLAIM, channel=channel, limit=want, lease=self.settings.lease_seconds)
+            rows = await self.connector.execute_query_all_async(
+                CLAIM, channel=channel, limit=want, lease=self.settings.lease_seconds
+            )
             if rows:
                 idle_since = None
                 async with slots:

@@ -23,8 +23,8 @@ from dispatcher.render import Limits, RenderError, needs_isolation, render
 from dispatcher.settings import Settings
 
 log = logging.getLogger("runner.render")
-Item = tuple[Any, dict[str, Any] | None, dict[str, Any]]   # (content key, content, variables)
-Outcome = tuple[bool, Any]                            # (True, rendered) or (False, "ErrorClass: message")
+Item = tuple[Any, dict[str, Any] | None, dict[str, Any]]  # (content key, content, variables)
+Outcome = tuple[bool, Any]  # (True, rendered) or (False, "ErrorClass: message")
 GRACE_SECONDS = 2.0
 
 
@@ -75,8 +75,9 @@ def _pack(items: list[Item]) -> tuple[list[Any], list[tuple[int, dict[str, Any]]
     return contents, refs
 
 
-def render_many(channel: str, contents: list[Any], refs: list[tuple[int, dict[str, Any]]], limits: Limits,
-                budget_seconds: float) -> list[Outcome]:
+def render_many(
+    channel: str, contents: list[Any], refs: list[tuple[int, dict[str, Any]]], limits: Limits, budget_seconds: float
+) -> list[Outcome]:
     """Runs in a child: renders each delivery within its own time budget; every failure is that delivery's alone."""
     import signal
 
@@ -125,11 +126,14 @@ class RenderPool:
 
     async def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=self.processes, mp_context=_context(),
-                                             initializer=_child_init, initargs=(self.memory_bytes,))
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.processes, mp_context=_context(), initializer=_child_init, initargs=(self.memory_bytes,)
+            )
             pool, loop = self._pool, asyncio.get_running_loop()
             # Start the children before the first timed call: a cold start is not a stuck template.
-            self._ready = asyncio.ensure_future(asyncio.gather(*(loop.run_in_executor(pool, _ping) for _ in range(self.processes))))
+            self._ready = asyncio.ensure_future(
+                asyncio.gather(*(loop.run_in_executor(pool, _ping) for _ in range(self.processes)))
+            )
         pool, ready = self._pool, self._ready
         if ready is not None:
             try:
@@ -173,7 +177,7 @@ class RenderPool:
             except TimeoutError:
                 return (False, "RenderTimeout: render time budget exceeded")
             except BrokenProcessPool:
-                continue   # this item's process died, or another call's kill took it down: try again in a fresh one
+                continue  # this item's process died, or another call's kill took it down: try again in a fresh one
         return (False, "RenderCrashed: the render process died")
 
     async def render(self, channel: str, items: list[Item]) -> list[Outcome]:

@@ -36,7 +36,8 @@ async def dispatch(context: JobContext, channel: str) -> dict[str, int]:
 @app.periodic(cron=settings.read("maintenance_cron"), periodic_id="maintenance")
 @app.task(name="maintenance", queue="maintenance", queueing_lock="maintenance", pass_context=True)
 async def maintenance(context: JobContext, timestamp: int) -> dict[str, Any]:
-    """Every 10 s (DISPATCHER_MAINTENANCE_CRON, seconds last): expired leases, expired deadlines, safety-net wake-ups, stalled procrastinate jobs."""
+    """Every 10 s (DISPATCHER_MAINTENANCE_CRON, seconds last): expired leases, expired deadlines, safety-net wake-ups, stalled "
+    "procrastinate jobs."""
     assert context.app is not None
     row = await context.app.connector.execute_query_one_async(MAINTENANCE)
     result = dict(row["result"])
@@ -49,4 +50,3 @@ async def maintenance(context: JobContext, timestamp: int) -> dict[str, Any]:
     if any(result.get(k) for k in ("requeued", "unknown", "expired", "stalled_jobs")):
         log.info("maintenance", extra=result)
     return result
-

@@ -133,8 +133,11 @@ def tenant(db: psycopg.Connection) -> str:
 REMINDER = {
     "locale": "en",
     "channels": {
-        "email": {"subject": "Reminder: {{event}}", "text": "Hi {{name}}, see you at {{event}}.",
-                  "html": "<p>Hi {{name}}, see you at <b>{{event}}</b>.</p>"},
+        "email": {
+            "subject": "Reminder: {{event}}",
+            "text": "Hi {{name}}, see you at {{event}}.",
+            "html": "<p>Hi {{name}}, see you at <b>{{event}}</b>.</p>",
+        },
         "whatsapp": {"name": "event_reminder", "language": "en", "parameters": ["name", "event"]},
         "sms": {"text": "Hi {{name}}: {{event}}"},
     },
@@ -156,14 +159,19 @@ def intent(**overrides: Any) -> dict[str, Any]:
 def ready(db: psycopg.Connection, tenant: str) -> str:
     """A tenant with the event_reminder template and WhatsApp consent for runner-42."""
     call(db, "notify_api.upsert_template_v1(%s, 'event_reminder', %s)", tenant, Jsonb(REMINDER))
-    call(db, "notify_api.record_consent_v1(%s, 'runner-42', %s)", tenant,
-         Jsonb({"channel": "whatsapp", "status": "granted", "source": "signup_form"}))
+    call(
+        db,
+        "notify_api.record_consent_v1(%s, 'runner-42', %s)",
+        tenant,
+        Jsonb({"channel": "whatsapp", "status": "granted", "source": "signup_form"}),
+    )
     return tenant
 
 
 def submit(conn: psycopg.Connection, tenant: str, body: dict[str, Any], key: str | None = None) -> tuple[dict[str, Any], bool]:
-    row = conn.execute("select response, replayed from notify_api.submit_notification_v1(%s, %s, %s)",
-                       (tenant, Jsonb(body), key)).fetchone()
+    row = conn.execute(
+        "select response, replayed from notify_api.submit_notification_v1(%s, %s, %s)", (tenant, Jsonb(body), key)
+    ).fetchone()
     assert row is not None
     return row[0], row[1]
 
@@ -180,7 +188,14 @@ def record(conn: psycopg.Connection, *results: dict) -> list[tuple]:
 
 def result(row: tuple, outcome: str, **extra: object) -> dict:
     """A notify.attempt_result for a claimed row."""
-    return {"tenant_id": str(row[0]), "delivery_id": str(row[1]), "attempt": row[2], "outcome": outcome, "provider": "mock", **extra}
+    return {
+        "tenant_id": str(row[0]),
+        "delivery_id": str(row[1]),
+        "attempt": row[2],
+        "outcome": outcome,
+        "provider": "mock",
+        **extra,
+    }
 
 
 def free_port() -> int:
@@ -222,14 +237,16 @@ class Service:
 def start_service(db_url: str, tmp_path: Path, extra_env: dict[str, str] | None = None) -> Service:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
-    env.update({
-        "DATABASE_URL": app_url(db_url),
-        "DISPATCHER_PORT": str(port),
-        "DISPATCHER_MOCK_WEBHOOK_SECRET": new_secret(),
-        "DISPATCHER_MOCK_STATUS_DELAY_MS": "30",
-        "DISPATCHER_LOG_LEVEL": "INFO",
-        "PYTHONPATH": str(ROOT),
-    })
+    env.update(
+        {
+            "DATABASE_URL": app_url(db_url),
+            "DISPATCHER_PORT": str(port),
+            "DISPATCHER_MOCK_WEBHOOK_SECRET": new_secret(),
+            "DISPATCHER_MOCK_STATUS_DELAY_MS": "30",
+            "DISPATCHER_LOG_LEVEL": "INFO",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
     env.update(extra_env or {})
     with psycopg.connect(db_url, autocommit=True) as conn:
         row = conn.execute("select notify_api.get_tenant_v1('acme')").fetchone()
@@ -240,8 +257,11 @@ def start_service(db_url: str, tmp_path: Path, extra_env: dict[str, str] | None 
     for name, args in (("api", ["serve", "--port", str(port)]), ("worker", ["worker"])):
         log = tmp_path / f"{name}.log"
         service.logs.append(log)
-        service.procs.append(subprocess.Popen([sys.executable, "-m", "dispatcher", *args], env=env, cwd=ROOT,
-                                              stdout=log.open("wb"), stderr=subprocess.STDOUT))
+        service.procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "dispatcher", *args], env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT
+            )
+        )
     deadline = time.monotonic() + 30
     while True:
         try:

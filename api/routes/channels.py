@@ -19,20 +19,44 @@ class Channels(Controller):
     path = "/channels"
     tags = ["consent"]
 
-    @get("/policies", responses=ERRORS, operation_id="listChannelPolicies", opt={"scope": "read"}, summary="Consent policy per channel")
+    @get(
+        "/policies",
+        responses=ERRORS,
+        operation_id="listChannelPolicies",
+        opt={"scope": "read"},
+        summary="Consent policy per channel",
+    )
     async def policies(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[PolicyOut]]:
         return await sql_json(db, "notify_api.list_channel_policies_v1(%s)", tenant.id)
 
-    @get("/providers", responses=ERRORS, operation_id="listChannelProviders", opt={"scope": "admin"}, summary="The provider of each channel (secret references shown, values never)")
+    @get(
+        "/providers",
+        responses=ERRORS,
+        operation_id="listChannelProviders",
+        opt={"scope": "admin"},
+        summary="The provider of each channel (secret references shown, values never)",
+    )
     async def providers(self, tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[ProviderOut]]:
         return await sql_json(db, "notify_api.list_channel_providers_v1(%s)", tenant.id)
 
-    @put("/{channel:str}/provider", responses=ERRORS, operation_id="setChannelProvider", opt={"scope": "admin"}, summary="Configure the provider of a channel",
-         description="Secrets are references (env:NAME or file:/path) inside the namespace the operator granted the tenant, "
-                     "resolved by the worker; never values. base_url (WhatsApp) and host (SMTP) must be public hosts unless the "
-                     "operator granted private endpoints; a WhatsApp phone_number_id belongs to one tenant.")
-    async def set_provider(self, request: Request[Any, Any, Any], channel: FromPath[str], data: JSONBody[ProviderPut],
-                           tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[ProviderOut]:
+    @put(
+        "/{channel:str}/provider",
+        responses=ERRORS,
+        operation_id="setChannelProvider",
+        opt={"scope": "admin"},
+        summary="Configure the provider of a channel",
+        description="Secrets are references (env:NAME or file:/path) inside the namespace the operator granted the tenant, "
+        "resolved by the worker; never values. base_url (WhatsApp) and host (SMTP) must be public hosts unless the "
+        "operator granted private endpoints; a WhatsApp phone_number_id belongs to one tenant.",
+    )
+    async def set_provider(
+        self,
+        request: Request[Any, Any, Any],
+        channel: FromPath[str],
+        data: JSONBody[ProviderPut],
+        tenant: NamedDependency[Tenant],
+        db: NamedDependency[Database],
+    ) -> Response[ProviderOut]:
         if channel not in ("whatsapp", "email", "sms"):
             raise ProblemException(404, "not_found", f"no channel {channel}", "channel")
         if data.provider != "mock" and data.settings:
@@ -42,12 +66,30 @@ class Channels(Controller):
             refused = await check_endpoints(data.provider, data.settings, Grants.of(grants[0] if grants else None))
             if refused is not None:
                 raise ProblemException(422, "unsafe_endpoint", refused[1], refused[0])
-        return await sql_json(db, "notify_api.set_channel_provider_v1(%s, %s::notify.channel, %s::jsonb)",
-                              tenant.id, channel, await body_text(request))
+        return await sql_json(
+            db,
+            "notify_api.set_channel_provider_v1(%s, %s::notify.channel, %s::jsonb)",
+            tenant.id,
+            channel,
+            await body_text(request),
+        )
 
-    @put("/{channel:str}/policy", responses=ERRORS, operation_id="setChannelPolicy", opt={"scope": "admin"}, summary="Make a channel opt_in or opt_out")
-    async def set_policy(self, channel: FromPath[str], data: JSONBody[PolicyPut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[PolicyOut]:
+    @put(
+        "/{channel:str}/policy",
+        responses=ERRORS,
+        operation_id="setChannelPolicy",
+        opt={"scope": "admin"},
+        summary="Make a channel opt_in or opt_out",
+    )
+    async def set_policy(
+        self, channel: FromPath[str], data: JSONBody[PolicyPut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]
+    ) -> Response[PolicyOut]:
         if channel not in ("whatsapp", "email", "sms"):
             raise ProblemException(404, "not_found", f"no channel {channel}", "channel")
-        return await sql_json(db, "notify_api.set_channel_policy_v1(%s, %s::notify.channel, %s::notify.consent_policy)",
-                              tenant.id, channel, data.policy)
+        return await sql_json(
+            db,
+            "notify_api.set_channel_policy_v1(%s, %s::notify.channel, %s::notify.consent_policy)",
+            tenant.id,
+            channel,
+            data.policy,
+        )

@@ -20,13 +20,21 @@ from dispatcher.callback_urls import resolve as resolve_callback_url
 
 JSON = "application/json"
 # Every route may answer with a problem (RFC 9457); documented so clients and schema checkers expect it.
-ERRORS = {status: ResponseSpec(data_container=Problem, media_type="application/problem+json", generate_examples=False,
-                                description=description)
-          for status, description in {400: "Bad request: the body or a parameter is malformed; `field` names it",
-                                      401: "Missing, unknown or revoked API key, or an unverified webhook",
-                                      403: "Forbidden", 404: "No such object for this tenant, or no such route",
-                                      409: "Conflict", 413: "Body too large", 422: "Well-formed but refused; `field` names why",
-                                      503: "The database is unavailable; retry after Retry-After seconds"}.items()}
+ERRORS = {
+    status: ResponseSpec(
+        data_container=Problem, media_type="application/problem+json", generate_examples=False, description=description
+    )
+    for status, description in {
+        400: "Bad request: the body or a parameter is malformed; `field` names it",
+        401: "Missing, unknown or revoked API key, or an unverified webhook",
+        403: "Forbidden",
+        404: "No such object for this tenant, or no such route",
+        409: "Conflict",
+        413: "Body too large",
+        422: "Well-formed but refused; `field` names why",
+        503: "The database is unavailable; retry after Retry-After seconds",
+    }.items()
+}
 encode = msgspec.json.Encoder().encode
 
 
@@ -34,7 +42,7 @@ encode = msgspec.json.Encoder().encode
 class Tenant:
     id: UUID
     key_id: UUID
-    rate: float | None = None   # set when the route's own statement takes the rate token (opt charge="statement")
+    rate: float | None = None  # set when the route's own statement takes the rate token (opt charge="statement")
 
 
 def json_response(text: str | None, status: int = 200, headers: dict[str, str] | None = None) -> Response[Any]:
@@ -42,7 +50,9 @@ def json_response(text: str | None, status: int = 200, headers: dict[str, str] |
     return Response(content=(text or "null").encode(), status_code=status, media_type=JSON, headers=headers)
 
 
-async def sql_json(db: Database, call: str, *args: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[Any]:
+async def sql_json(
+    db: Database, call: str, *args: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response[Any]:
     """Calls one notify_api function and answers with the JSON it returns: `call` is the function with a %s per argument
     (casts included, e.g. "notify_api.get_recipient_v1(%s, %s)"), run as `select <call>::text` in one round trip."""
     row = await db.one(f"select {call}::text", args)

@@ -17,11 +17,14 @@ from dispatcher import __version__, schema
 async def health(db: NamedDependency[Database]) -> Response[Health]:
     ok = await db.ping()
     body = Health(status="ok" if ok else "unavailable", database="ok" if ok else "unavailable")
-    return Response(content=encode(body), status_code=200 if ok else 503, media_type=JSON,
-                    headers=None if ok else {"Retry-After": "2"})
+    return Response(
+        content=encode(body), status_code=200 if ok else 503, media_type=JSON, headers=None if ok else {"Retry-After": "2"}
+    )
 
 
-@get("/version", responses=ERRORS, operation_id="version", tags=["diagnostics"], security=[], summary="Service and schema version")
+@get(
+    "/version", responses=ERRORS, operation_id="version", tags=["diagnostics"], security=[], summary="Service and schema version"
+)
 async def version() -> Version:
     return Version(version=__version__, schema=schema.latest_migration())
 

@@ -15,7 +15,16 @@ from api import problems, request_ids
 from api.db import Database
 from api.problems import ProblemException
 from api.routes.common import ERRORS, Tenant, check_callback_url, encode, json_response, sql_json, too_large, unauthorized
-from api.schemas import BatchIn, BatchItem, BatchOut, CallbackMessage, CancelResult, NotificationAccepted, NotificationIn, NotificationOut
+from api.schemas import (
+    BatchIn,
+    BatchItem,
+    BatchOut,
+    CallbackMessage,
+    CancelResult,
+    NotificationAccepted,
+    NotificationIn,
+    NotificationOut,
+)
 from dispatcher import metrics, tracing
 from dispatcher.settings import Settings
 
@@ -30,15 +39,25 @@ class Notifications(Controller):
     path = "/notifications"
     tags = ["notifications"]
 
-    @post("/", responses=ERRORS, operation_id="submitNotification", opt={"scope": "submit", "charge": "statement"}, status_code=202,
-          summary="Submit a notification intent",
-          description="One delivery per channel (per recipient and channel for a fan-out with `recipients`); suppressed "
-                      "deliveries say why. A repeated Idempotency-Key with the same body replays the original response with "
-                      "200 and Idempotent-Replayed: true; with another body, 422. Bodies over DISPATCHER_MAX_BODY_BYTES get "
-                      "413, except a fan-out, which may reach DISPATCHER_MAX_BULK_BODY_BYTES.")
+    @post(
+        "/",
+        responses=ERRORS,
+        operation_id="submitNotification",
+        opt={"scope": "submit", "charge": "statement"},
+        status_code=202,
+        summary="Submit a notification intent",
+        description="One delivery per channel (per recipient and channel for a fan-out with `recipients`); suppressed "
+        "deliveries say why. A repeated Idempotency-Key with the same body replays the original response with "
+        "200 and Idempotent-Replayed: true; with another body, 422. Bodies over DISPATCHER_MAX_BODY_BYTES get "
+        "413, except a fan-out, which may reach DISPATCHER_MAX_BULK_BODY_BYTES.",
+    )
     async def submit(
-        self, request: Request[Any, Any, Any], data: JSONBody[NotificationIn], tenant: NamedDependency[Tenant],
-        db: NamedDependency[Database], state: State,
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[NotificationIn],
+        tenant: NamedDependency[Tenant],
+        db: NamedDependency[Database],
+        state: State,
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", required=False, max_length=255)] = None,
     ) -> Response[NotificationAccepted]:
         # The guard verified the key before the body was read; this router's body limit is the bulk one (a fan-out).
@@ -47,8 +66,18 @@ class Notifications(Controller):
         if data.recipients is None and len(body) > settings.max_body_bytes:
             raise too_large(settings.max_body_bytes, "DISPATCHER_MAX_BODY_BYTES")
         await check_callback_url(state, data.callback_url, "callback_url")
-        row = await db.one(SUBMIT, (tenant.id, body.decode("utf-8"), idempotency_key, request_ids.current(),
-                                    tracing.current_traceparent(), tenant.key_id, tenant.rate))
+        row = await db.one(
+            SUBMIT,
+            (
+                tenant.id,
+                body.decode("utf-8"),
+                idempotency_key,
+                request_ids.current(),
+                tracing.current_traceparent(),
+                tenant.key_id,
+                tenant.rate,
+            ),
+        )
         if row is None:
             raise unauthorized()
         metrics.SUBMISSIONS.labels("replayed" if row[1] else "accepted").inc()
@@ -56,14 +85,25 @@ class Notifications(Controller):
             return json_response(row[0], 200, {"Idempotent-Replayed": "true"})
         return json_response(row[0], 202)
 
-    @post("/batch", responses=ERRORS, operation_id="submitNotificationBatch", opt={"scope": "submit", "charge": "statement"},
-          status_code=200,
-          summary="Submit up to 1,000 independent intents",
-          description="Each item has its own idempotency key and succeeds or fails alone, a `notification` of the wrong "
-                      "shape included; the answer reports each item's outcome (accepted, replayed, or its error) in order. "
-                      "Bodies up to DISPATCHER_MAX_BULK_BODY_BYTES.")
-    async def batch(self, request: Request[Any, Any, Any], data: JSONBody[BatchIn], tenant: NamedDependency[Tenant],
-                    db: NamedDependency[Database], state: State) -> Response[BatchOut]:
+    @post(
+        "/batch",
+        responses=ERRORS,
+        operation_id="submitNotificationBatch",
+        opt={"scope": "submit", "charge": "statement"},
+        status_code=200,
+        summary="Submit up to 1,000 independent intents",
+        description="Each item has its own idempotency key and succeeds or fails alone, a `notification` of the wrong "
+        "shape included; the answer reports each item's outcome (accepted, replayed, or its error) in order. "
+        "Bodies up to DISPATCHER_MAX_BULK_BODY_BYTES.",
+    )
+    async def batch(
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[BatchIn],
+        tenant: NamedDependency[Tenant],
+        db: NamedDependency[Database],
+        state: State,
+    ) -> Response[BatchOut]:
         # Only the envelope is decoded strictly; each item's shape is checked alone (a bad one fails alone).
         failed: dict[int, dict[str, Any]] = {}
         for i, raw in enumerate(data.items):
@@ -75,37 +115,72 @@ class Notifications(Controller):
             try:
                 await check_callback_url(state, item.notification.callback_url, "callback_url")
             except ProblemException as exc:
-                failed[i] = {"index": i, "outcome": "error", "status": exc.status_code,
-                             "error": {"type": exc.type_, "detail": exc.detail, "field": exc.field}}
+                failed[i] = {
+                    "index": i,
+                    "outcome": "error",
+                    "status": exc.status_code,
+                    "error": {"type": exc.type_, "detail": exc.detail, "field": exc.field},
+                }
         kept = [i for i in range(len(data.items)) if i not in failed]
         results: list[dict[str, Any]] = []
         if kept:
             items = [data.items[i] for i in kept] if failed else data.items
             body = encode({"items": items}).decode() if failed else (await request.body()).decode("utf-8")
-            row = await db.one(BATCH, (tenant.id, body, request_ids.current(), tracing.current_traceparent(), tenant.key_id, tenant.rate))
+            row = await db.one(
+                BATCH, (tenant.id, body, request_ids.current(), tracing.current_traceparent(), tenant.key_id, tenant.rate)
+            )
             answer = msgspec.json.decode(row[0]) if row else {"items": []}
             for position, result in zip(kept, answer["items"], strict=True):
                 results.append({**result, "index": position})
-        else:   # every item failed its shape: the request still takes its token
+        else:  # every item failed its shape: the request still takes its token
             await db.one(CHARGE, (tenant.key_id, tenant.rate))
         results.extend(failed.values())
         results.sort(key=lambda r: r["index"])
-        out = {"items": results, **{name: sum(1 for r in results if r["outcome"] == outcome)
-                                    for name, outcome in (("accepted", "accepted"), ("replayed", "replayed"), ("failed", "error"))}}
+        out = {
+            "items": results,
+            **{
+                name: sum(1 for r in results if r["outcome"] == outcome)
+                for name, outcome in (("accepted", "accepted"), ("replayed", "replayed"), ("failed", "error"))
+            },
+        }
         return json_response(encode(out).decode())
 
-    @get("/{notification_id:uuid}", responses=ERRORS, operation_id="getNotification", opt={"scope": "read"}, summary="Read a notification and its deliveries")
-    async def read(self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[NotificationOut]:
+    @get(
+        "/{notification_id:uuid}",
+        responses=ERRORS,
+        operation_id="getNotification",
+        opt={"scope": "read"},
+        summary="Read a notification and its deliveries",
+    )
+    async def read(
+        self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]
+    ) -> Response[NotificationOut]:
         return await sql_json(db, "notify_api.get_notification_v1(%s, %s)", tenant.id, notification_id)
 
-    @post("/{notification_id:uuid}/cancel", responses=ERRORS, operation_id="cancelNotification", opt={"scope": "submit"}, status_code=200,
-          summary="Cancel what has not been claimed yet", description="Says per delivery whether it was cancelled and, if not, why.")
-    async def cancel(self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[CancelResult]:
+    @post(
+        "/{notification_id:uuid}/cancel",
+        responses=ERRORS,
+        operation_id="cancelNotification",
+        opt={"scope": "submit"},
+        status_code=200,
+        summary="Cancel what has not been claimed yet",
+        description="Says per delivery whether it was cancelled and, if not, why.",
+    )
+    async def cancel(
+        self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]
+    ) -> Response[CancelResult]:
         return await sql_json(db, "notify_api.cancel_notification_v1(%s, %s)", tenant.id, notification_id)
 
-    @get("/{notification_id:uuid}/callbacks", responses=ERRORS, operation_id="listNotificationCallbacks", opt={"scope": "read"},
-         summary="The status callbacks of a notification, with every attempt",
-         description="One message per delivery status change, in sequence order per delivery; each attempt with the "
-                     "receiver's status code or the error.")
-    async def callbacks(self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[list[CallbackMessage]]:
+    @get(
+        "/{notification_id:uuid}/callbacks",
+        responses=ERRORS,
+        operation_id="listNotificationCallbacks",
+        opt={"scope": "read"},
+        summary="The status callbacks of a notification, with every attempt",
+        description="One message per delivery status change, in sequence order per delivery; each attempt with the "
+        "receiver's status code or the error.",
+    )
+    async def callbacks(
+        self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]
+    ) -> Response[list[CallbackMessage]]:
         return await sql_json(db, "notify_api.list_callbacks_v1(%s, %s)", tenant.id, notification_id)

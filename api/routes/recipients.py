@@ -17,20 +17,64 @@ class Recipients(Controller):
     path = "/recipients"
     tags = ["recipients"]
 
-    @put("/{ref:str}", responses=ERRORS, operation_id="upsertRecipient", opt={"scope": "submit"}, summary="Create or update a recipient and its addresses",
-         description="An address set to null is removed.")
-    async def upsert(self, request: Request[Any, Any, Any], ref: FromPath[str], data: JSONBody[RecipientPut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[RecipientOut]:
+    @put(
+        "/{ref:str}",
+        responses=ERRORS,
+        operation_id="upsertRecipient",
+        opt={"scope": "submit"},
+        summary="Create or update a recipient and its addresses",
+        description="An address set to null is removed.",
+    )
+    async def upsert(
+        self,
+        request: Request[Any, Any, Any],
+        ref: FromPath[str],
+        data: JSONBody[RecipientPut],
+        tenant: NamedDependency[Tenant],
+        db: NamedDependency[Database],
+    ) -> Response[RecipientOut]:
         return await sql_json(db, "notify_api.upsert_recipient_v1(%s, %s, %s::jsonb)", tenant.id, ref, await body_text(request))
 
     @get("/{ref:str}", responses=ERRORS, operation_id="getRecipient", opt={"scope": "read"}, summary="Read a recipient")
-    async def read(self, ref: FromPath[str], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[RecipientOut]:
+    async def read(
+        self, ref: FromPath[str], tenant: NamedDependency[Tenant], db: NamedDependency[Database]
+    ) -> Response[RecipientOut]:
         return await sql_json(db, "notify_api.get_recipient_v1(%s, %s)", tenant.id, ref)
 
-    @post("/{ref:str}/consents", responses=ERRORS, operation_id="recordConsent", opt={"scope": "submit"}, status_code=201, summary="Append a consent entry")
-    async def record_consent(self, request: Request[Any, Any, Any], ref: FromPath[str], data: JSONBody[ConsentIn], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[ConsentEntry]:
-        return await sql_json(db, "notify_api.record_consent_v1(%s, %s, %s::jsonb, %s)",
-                              tenant.id, ref, await body_text(request), f"api_key:{tenant.key_id}", status=201)
+    @post(
+        "/{ref:str}/consents",
+        responses=ERRORS,
+        operation_id="recordConsent",
+        opt={"scope": "submit"},
+        status_code=201,
+        summary="Append a consent entry",
+    )
+    async def record_consent(
+        self,
+        request: Request[Any, Any, Any],
+        ref: FromPath[str],
+        data: JSONBody[ConsentIn],
+        tenant: NamedDependency[Tenant],
+        db: NamedDependency[Database],
+    ) -> Response[ConsentEntry]:
+        return await sql_json(
+            db,
+            "notify_api.record_consent_v1(%s, %s, %s::jsonb, %s)",
+            tenant.id,
+            ref,
+            await body_text(request),
+            f"api_key:{tenant.key_id}",
+            status=201,
+        )
 
-    @get("/{ref:str}/consents", responses=ERRORS, operation_id="listConsents", opt={"scope": "read"}, summary="Consent in force per channel, and the ledger")
-    async def list_consents(self, ref: FromPath[str], tenant: NamedDependency[Tenant], db: NamedDependency[Database]) -> Response[ConsentsOut]:
+    @get(
+        "/{ref:str}/consents",
+        responses=ERRORS,
+        operation_id="listConsents",
+        opt={"scope": "read"},
+        summary="Consent in force per channel, and the ledger",
+    )
+    async def list_consents(
+        self, ref: FromPath[str], tenant: NamedDependency[Tenant], db: NamedDependency[Database]
+    ) -> Response[ConsentsOut]:
         return await sql_json(db, "notify_api.list_consents_v1(%s, %s)", tenant.id, ref)

@@ -34,10 +34,19 @@ INGEST = (
 )
 
 
-@post("/webhooks/{provider:str}", responses=ERRORS, operation_id="receiveWebhook", status_code=200, tags=["webhooks"],
-      summary="Provider status reports", security=[],
-      description="Verified over the raw body before anything is parsed; stored once per provider event; applied by rank.")
-async def receive_webhook(request: Request[Any, Any, Any], provider: FromPath[str], db: NamedDependency[Database], state: State) -> Response[WebhookAck]:
+@post(
+    "/webhooks/{provider:str}",
+    responses=ERRORS,
+    operation_id="receiveWebhook",
+    status_code=200,
+    tags=["webhooks"],
+    summary="Provider status reports",
+    security=[],
+    description="Verified over the raw body before anything is parsed; stored once per provider event; applied by rank.",
+)
+async def receive_webhook(
+    request: Request[Any, Any, Any], provider: FromPath[str], db: NamedDependency[Database], state: State
+) -> Response[WebhookAck]:
     adapter = state.webhook_adapters.get(provider)
     if adapter is None:
         raise ProblemException(404, "not_found", f"no webhook endpoint for provider {provider}", "provider")
@@ -51,10 +60,21 @@ async def receive_webhook(request: Request[Any, Any, Any], provider: FromPath[st
         raise ProblemException(exc.status, "webhook_rejected", exc.reason) from None
     # Verified from here on: the provider gets 200 whatever the payload holds (a 4xx or 5xx makes it retry for hours
     # and then drop the event); what cannot be applied is stored with its reason.
-    event_key = parsed.event_key if len(parsed.event_key) <= 500 else "sha256:" + hashlib.sha256(parsed.event_key.encode()).hexdigest()
+    event_key = (
+        parsed.event_key if len(parsed.event_key) <= 500 else "sha256:" + hashlib.sha256(parsed.event_key.encode()).hexdigest()
+    )
     try:
-        row = await db.one(INGEST, (adapter.provider, event_key, Jsonb(parsed.payload), Jsonb(msgspec.to_builtins(parsed.events)),
-                                    Jsonb(msgspec.to_builtins(parsed.inbound)), parsed.notes))
+        row = await db.one(
+            INGEST,
+            (
+                adapter.provider,
+                event_key,
+                Jsonb(parsed.payload),
+                Jsonb(msgspec.to_builtins(parsed.events)),
+                Jsonb(msgspec.to_builtins(parsed.inbound)),
+                parsed.notes,
+            ),
+        )
     except (psycopg.Error, ValueError) as exc:
         if isinstance(exc, psycopg.OperationalError):
             raise  # the database is down: 503, and the provider retries later
@@ -67,15 +87,28 @@ async def receive_webhook(request: Request[Any, Any, Any], provider: FromPath[st
         metrics.WEBHOOKS.labels(provider, "duplicate").inc()
     for outcome in result.get("outcomes", []):
         metrics.WEBHOOKS.labels(provider, outcome.get("outcome", "unknown")).inc()
-    log.info("webhook ingested", extra={"provider": provider, "duplicate": result.get("duplicate"),
-                                        "outcomes": [o.get("outcome") for o in result.get("outcomes", [])]})
+    log.info(
+        "webhook ingested",
+        extra={
+            "provider": provider,
+            "duplicate": result.get("duplicate"),
+            "outcomes": [o.get("outcome") for o in result.get("outcomes", [])],
+        },
+    )
     return json_response(encode(WebhookAck(stored=bool(result.get("stored")), duplicate=bool(result.get("duplicate")))).decode())
 
 
-@get("/webhooks/{provider:str}", responses=ERRORS, operation_id="verifyWebhook", tags=["webhooks"], security=[], media_type="text/plain",
-     summary="WhatsApp webhook verification handshake",
-     description="Meta's GET with hub.mode=subscribe, hub.verify_token and hub.challenge: the challenge is echoed if the "
-                 "token matches DISPATCHER_WHATSAPP_VERIFY_TOKEN, else 403.")
+@get(
+    "/webhooks/{provider:str}",
+    responses=ERRORS,
+    operation_id="verifyWebhook",
+    tags=["webhooks"],
+    security=[],
+    media_type="text/plain",
+    summary="WhatsApp webhook verification handshake",
+    description="Meta's GET with hub.mode=subscribe, hub.verify_token and hub.challenge: the challenge is echoed if the "
+    "token matches DISPATCHER_WHATSAPP_VERIFY_TOKEN, else 403.",
+)
 async def verify_webhook(request: Request[Any, Any, Any], provider: FromPath[str], state: State) -> Response[str]:
     if provider != "whatsapp":
         raise ProblemException(404, "not_found", f"no verification handshake for provider {provider}", "provider")
@@ -98,15 +131,31 @@ def _unsubscribe_target(state: State, token: str) -> tuple[UUID, UUID]:
     return target
 
 
-@get("/unsubscribe/{token:str}", responses=ERRORS, operation_id="unsubscribePage", tags=["unsubscribe"], security=[], media_type="text/html",
-     summary="The page behind a List-Unsubscribe link", description="Changes nothing (link scanners fetch it); its button POSTs.")
+@get(
+    "/unsubscribe/{token:str}",
+    responses=ERRORS,
+    operation_id="unsubscribePage",
+    tags=["unsubscribe"],
+    security=[],
+    media_type="text/html",
+    summary="The page behind a List-Unsubscribe link",
+    description="Changes nothing (link scanners fetch it); its button POSTs.",
+)
 async def unsubscribe_page(token: FromPath[str], state: State) -> Response[str]:
     _unsubscribe_target(state, token)
     return Response(content=_UNSUBSCRIBE_PAGE, media_type="text/html")
 
 
-@post("/unsubscribe/{token:str}", responses=ERRORS, operation_id="unsubscribe", tags=["unsubscribe"], security=[], status_code=200,
-      summary="RFC 8058 one-click unsubscribe", description="Records an e-mail opt-out for the message's category.")
+@post(
+    "/unsubscribe/{token:str}",
+    responses=ERRORS,
+    operation_id="unsubscribe",
+    tags=["unsubscribe"],
+    security=[],
+    status_code=200,
+    summary="RFC 8058 one-click unsubscribe",
+    description="Records an e-mail opt-out for the message's category.",
+)
 async def unsubscribe(token: FromPath[str], state: State, db: NamedDependency[Database]) -> Response[str]:
     tenant_id, delivery_id = _unsubscribe_target(state, token)
     await db.one("select notify_api.unsubscribe_v1(%s, %s)", (tenant_id, delivery_id))

@@ -11,13 +11,12 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 from litestar.testing import TestClient
-from psycopg.types.json import Jsonb
 
 from api.app import create_app
 from dispatcher import keys, schema
 from dispatcher.settings import Settings
 from providers import standard_webhooks as sw
-from tests.conftest import REMINDER, app_url, call, intent
+from tests.conftest import app_url, call, intent
 
 SECRET = sw.new_secret()
 
@@ -54,7 +53,9 @@ def test_submit_then_replay_then_reuse(client):
     assert body["status"] == "accepted" and [d["channel"] for d in body["deliveries"]] == ["whatsapp", "email"]
     again = client.post("/internal/notifications", json=intent(), headers={"Idempotency-Key": "k-1"})
     assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true" and again.json() == body
-    reused = client.post("/internal/notifications", json=intent(variables={"name": "Bob", "event": "x"}), headers={"Idempotency-Key": "k-1"})
+    reused = client.post(
+        "/internal/notifications", json=intent(variables={"name": "Bob", "event": "x"}), headers={"Idempotency-Key": "k-1"}
+    )
     assert is_problem(reused, 422, "Idempotency-Key")["type"].endswith("idempotency_key_reused")
 
 
@@ -83,16 +84,19 @@ def test_another_tenants_notification_is_404(client, db):
     assert client.get(f"/internal/notifications/{created['id']}").status_code == 200
 
 
-@pytest.mark.parametrize(("body", "status", "field"), [
-    (intent(bogus=True), 400, "bogus"),
-    (intent(recipient={"ref": "r", "addresses": {"whatsapp": 5}}), 400, "recipient.addresses.whatsapp"),
-    (intent(channels=["pigeon"]), 400, "channels[0]"),
-    (intent(recipient={"ref": "r", "addresses": {"whatsapp": "0034 600"}}), 400, "recipient.addresses.whatsapp"),
-    (intent(template="missing"), 422, "template"),
-    (intent(variables={}), 422, "variables.event"),
-    ({"channels": ["email"], "template": "event_reminder"}, 400, "recipient"),
-    ({"channels": ["email"]}, 400, "template"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        (intent(bogus=True), 400, "bogus"),
+        (intent(recipient={"ref": "r", "addresses": {"whatsapp": 5}}), 400, "recipient.addresses.whatsapp"),
+        (intent(channels=["pigeon"]), 400, "channels[0]"),
+        (intent(recipient={"ref": "r", "addresses": {"whatsapp": "0034 600"}}), 400, "recipient.addresses.whatsapp"),
+        (intent(template="missing"), 422, "template"),
+        (intent(variables={}), 422, "variables.event"),
+        ({"channels": ["email"], "template": "event_reminder"}, 400, "recipient"),
+        ({"channels": ["email"]}, 400, "template"),
+    ],
+)
 def test_bad_submissions_are_problems_naming_the_field(client, db, body, status, field):
     is_problem(client.post("/internal/notifications", json=body), status, field)
     assert db.execute("select count(*) from notify.notification_requests").fetchone()[0] == 0
@@ -106,12 +110,14 @@ def test_malformed_json_and_nul_characters_are_400(client):
 
 def test_oversized_bodies_are_413(client):
     is_problem(client.put("/internal/recipients/r1", json={"locale": "x" * 70_000}), 413)
-    body = intent(metadata={"blob": "x" * (17 * 1024 * 1024)})   # over the bulk limit of the submit routes
+    body = intent(metadata={"blob": "x" * (17 * 1024 * 1024)})  # over the bulk limit of the submit routes
     is_problem(client.post("/internal/notifications", json=body), 413)
 
 
 def test_fanout_and_batch_over_http(client, db):
-    recipients = [{"ref": f"m{i}", "addresses": {"email": f"m{i}@example.com"}, "variables": {"name": f"M{i}"}} for i in range(300)]
+    recipients = [
+        {"ref": f"m{i}", "addresses": {"email": f"m{i}@example.com"}, "variables": {"name": f"M{i}"}} for i in range(300)
+    ]
     body = {"recipients": recipients, "channels": ["email"], "template": "event_reminder", "variables": {"event": "Long run"}}
     first = client.post("/internal/notifications", json=body, headers={"Idempotency-Key": "fan-1"})
     assert first.status_code == 202 and first.json()["recipient_count"] == 300
@@ -123,8 +129,13 @@ def test_fanout_and_batch_over_http(client, db):
     read = client.get(f"/internal/notifications/{first.json()['id']}").json()
     assert read["recipient_count"] == 300 and len(read["deliveries"]) == 300
 
-    items = [{"idempotency_key": f"b{i}", "notification": intent(channels=["email"], recipient={"ref": f"b{i}", "addresses": {"email": f"b{i}@example.com"}})}
-             for i in range(3)]
+    items = [
+        {
+            "idempotency_key": f"b{i}",
+            "notification": intent(channels=["email"], recipient={"ref": f"b{i}", "addresses": {"email": f"b{i}@example.com"}}),
+        }
+        for i in range(3)
+    ]
     items[1]["notification"]["template"] = "missing"
     out = client.post("/internal/notifications/batch", json={"items": items})
     assert out.status_code == 200
@@ -150,17 +161,30 @@ def test_recipients_and_consents(client):
     assert put.status_code == 200 and put.json()["addresses"] == {"email": "r7@example.com"}
     assert client.get("/internal/recipients/runner-7").json()["locale"] == "es-ES"
     is_problem(client.get("/internal/recipients/nobody"), 404)
-    created = client.post("/internal/recipients/runner-7/consents",
-                          json={"channel": "whatsapp", "status": "granted", "source": "app", "evidence": {"screen": "settings"}})
+    created = client.post(
+        "/internal/recipients/runner-7/consents",
+        json={"channel": "whatsapp", "status": "granted", "source": "app", "evidence": {"screen": "settings"}},
+    )
     assert created.status_code == 201 and created.json()["recorded_by"].startswith("api_key:")
     listed = client.get("/internal/recipients/runner-7/consents").json()
     assert listed["current"][0] == {"channel": "whatsapp", "allowed": True, "policy": "opt_in", "categories": []}
     # a category-level revoke shows for that category; the channel-wide state stays as it is
-    assert client.post("/internal/recipients/runner-7/consents",
-                       json={"channel": "email", "status": "revoked", "source": "preferences", "category": "marketing"}).status_code == 201
+    assert (
+        client.post(
+            "/internal/recipients/runner-7/consents",
+            json={"channel": "email", "status": "revoked", "source": "preferences", "category": "marketing"},
+        ).status_code
+        == 201
+    )
     email = [c for c in client.get("/internal/recipients/runner-7/consents").json()["current"] if c["channel"] == "email"]
-    assert email == [{"channel": "email", "allowed": True, "policy": "opt_out", "categories": [{"category": "marketing", "allowed": False}]}]
-    is_problem(client.post("/internal/recipients/runner-7/consents", json={"channel": "whatsapp", "status": "nope", "source": "x"}), 400, "status")
+    assert email == [
+        {"channel": "email", "allowed": True, "policy": "opt_out", "categories": [{"category": "marketing", "allowed": False}]}
+    ]
+    is_problem(
+        client.post("/internal/recipients/runner-7/consents", json={"channel": "whatsapp", "status": "nope", "source": "x"}),
+        400,
+        "status",
+    )
 
 
 def test_templates_and_policies(client):
@@ -185,8 +209,11 @@ def test_webhooks_verify_store_once_and_apply(client, db):
     delivery = created["deliveries"][0]["id"]
     db.execute("select * from notify_api.claim_deliveries_v1('email', 10)")
     tenant = db.execute("select tenant_id from notify.notification_deliveries").fetchone()[0]
-    body = {"type": "message.status.delivered", "timestamp": "2026-11-26T10:00:00Z",
-            "data": {"message_id": "mock-x", "correlation_id": f"{tenant}:{delivery}", "status": "delivered"}}
+    body = {
+        "type": "message.status.delivered",
+        "timestamp": "2026-11-26T10:00:00Z",
+        "data": {"message_id": "mock-x", "correlation_id": f"{tenant}:{delivery}", "status": "delivered"},
+    }
     raw, headers = signed(body)
     client.headers.pop("Authorization")
     forged = dict(headers, **{"webhook-signature": "v1," + "B" * 44})
@@ -202,7 +229,7 @@ def test_webhooks_verify_store_once_and_apply(client, db):
     assert db.execute("select status::text from notify.notification_deliveries").fetchone()[0] == "delivered"
     is_problem(client.post("/public/webhooks/unknown-provider", content=raw, headers=headers), 404)
     raw_bad, headers_bad = signed({"hello": 1}, msg_id="msg_2")
-    kept = client.post("/public/webhooks/mock", content=raw_bad, headers=headers_bad)   # verified: stored, not refused
+    kept = client.post("/public/webhooks/mock", content=raw_bad, headers=headers_bad)  # verified: stored, not refused
     assert kept.status_code == 200 and kept.json() == {"stored": True, "duplicate": False}
 
 
@@ -211,10 +238,30 @@ def test_health_version_and_openapi(client):
     assert client.get("/health").json() == {"status": "ok", "database": "ok"}
     assert client.get("/version").json()["schema"] == schema.migration_files()[-1].stem
     spec = client.get("/schema/openapi.json").json()
-    operations = {op["operationId"] for path in spec["paths"].values() for op in path.values() if isinstance(op, dict) and "operationId" in op}
-    assert {"submitNotification", "getNotification", "cancelNotification", "upsertRecipient", "getRecipient", "recordConsent",
-            "listConsents", "upsertTemplate", "listTemplates", "receiveWebhook", "health", "version", "submitNotificationBatch",
-            "setChannelProvider", "verifyWebhook", "unsubscribe"} <= operations
+    operations = {
+        op["operationId"]
+        for path in spec["paths"].values()
+        for op in path.values()
+        if isinstance(op, dict) and "operationId" in op
+    }
+    assert {
+        "submitNotification",
+        "getNotification",
+        "cancelNotification",
+        "upsertRecipient",
+        "getRecipient",
+        "recordConsent",
+        "listConsents",
+        "upsertTemplate",
+        "listTemplates",
+        "receiveWebhook",
+        "health",
+        "version",
+        "submitNotificationBatch",
+        "setChannelProvider",
+        "verifyWebhook",
+        "unsubscribe",
+    } <= operations
     assert "BearerAuth" in spec["components"]["securitySchemes"]
 
 
@@ -261,16 +308,27 @@ def test_a_database_outage_is_503_with_retry_after(tmp_path):
         assert response.headers["retry-after"] == "2" and "Traceback" not in json.dumps(body)
 
 
-
-
-@pytest.mark.parametrize(("body", "type_"), [
-    (b"[" * 10_000 + b"]" * 10_000, "invalid_json"),
-    (b'{"channels":["email"],"template":"t","recipient":{"ref":"r"},"variables":{"a":' + b"[" * 10_000 + b"]" * 10_000 + b"}}", "invalid_json"),
-    (b'{"channels":["email"],"template":"\xff\xfe","recipient":{"ref":"r"}}', "invalid_encoding"),
-    (b'{"channels":["email"],"template":"' + b"x" * 2_000_000 + b'","recipient":{"ref":"r"}}', "invalid_request"),
-    (b'{"channels":["email"],"template":"event_reminder","recipient":{"ref":"r","addresses":{"email":"' + b"a" * 300 + b'@example.com"}}}',
-     "invalid_request"),
-])
+@pytest.mark.parametrize(
+    ("body", "type_"),
+    [
+        (b"[" * 10_000 + b"]" * 10_000, "invalid_json"),
+        (
+            b'{"channels":["email"],"template":"t","recipient":{"ref":"r"},"variables":{"a":'
+            + b"[" * 10_000
+            + b"]" * 10_000
+            + b"}}",
+            "invalid_json",
+        ),
+        (b'{"channels":["email"],"template":"\xff\xfe","recipient":{"ref":"r"}}', "invalid_encoding"),
+        (b'{"channels":["email"],"template":"' + b"x" * 2_000_000 + b'","recipient":{"ref":"r"}}', "invalid_request"),
+        (
+            b'{"channels":["email"],"template":"event_reminder","recipient":{"ref":"r","addresses":{"email":"'
+            + b"a" * 300
+            + b'@example.com"}}}',
+            "invalid_request",
+        ),
+    ],
+)
 def test_hostile_bodies_are_clear_400s(client, db, body, type_):
     response = client.post("/internal/notifications", content=body, headers={"content-type": "application/json"})
     assert is_problem(response, 400)["type"].endswith(type_)
@@ -279,7 +337,14 @@ def test_hostile_bodies_are_clear_400s(client, db, body, type_):
 
 def test_scopes_and_rate_limits_over_http(client, db, ready):
     reader = keys.generate()
-    call(db, "notify_api.create_api_key_v1(%s, 'reader', %s, %s, %s)", ready, keys.display_prefix(reader), keys.digest(reader), ["read"])
+    call(
+        db,
+        "notify_api.create_api_key_v1(%s, 'reader', %s, %s, %s)",
+        ready,
+        keys.display_prefix(reader),
+        keys.digest(reader),
+        ["read"],
+    )
     headers = {"Authorization": f"Bearer {reader}"}
     assert client.get("/internal/templates", headers=headers).status_code == 200
     denied = client.post("/internal/notifications", json=intent(), headers=headers)

@@ -25,9 +25,25 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 def schemathesis(service, *args: str, examples: int = 15) -> int:  # noqa: ANN001
     """Runs the CLI against the service; returns the number of generated cases, after asserting the run passed."""
     result = subprocess.run(
-        [sys.executable, "-m", "schemathesis.cli", "run", f"{service.base_url}/schema/openapi.json", *args,
-         "--phases", "examples,fuzzing,stateful", "--max-examples", str(examples), "--seed", "1", "--no-color"],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            f"{service.base_url}/schema/openapi.json",
+            *args,
+            "--phases",
+            "examples,fuzzing,stateful",
+            "--max-examples",
+            str(examples),
+            "--seed",
+            "1",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     summary = result.stdout[-3000:]
     generated = re.search(r"(\d+) generated", summary)
     assert result.returncode == 0, summary
@@ -44,15 +60,26 @@ def test_schemathesis_finds_no_server_error_and_no_contract_violation(db: psycop
         print(f"\nschemathesis with a valid key: {generated} generated")
         assert generated > 200
         revoked = keys.generate()
-        info = call(db, "notify_api.create_api_key_v1(%s, 'revoked', %s, %s)", service.tenant_id, keys.display_prefix(revoked), keys.digest(revoked))
+        info = call(
+            db,
+            "notify_api.create_api_key_v1(%s, 'revoked', %s, %s)",
+            service.tenant_id,
+            keys.display_prefix(revoked),
+            keys.digest(revoked),
+        )
         call(db, "notify_api.revoke_api_key_v1(%s, %s)", service.tenant_id, info["id"])
-        footprint = "select (select count(*) from notify.notification_requests), (select count(*) from notify.recipients), " \
-                    "(select count(*) from notify.templates), (select count(*) from notify.channel_policies)"
+        footprint = (
+            "select (select count(*) from notify.notification_requests), (select count(*) from notify.recipients), "
+            "(select count(*) from notify.templates), (select count(*) from notify.channel_policies)"
+        )
         before = db.execute(footprint).fetchone()
-        for label, headers in (("no key", []), ("an unknown key", ["-H", f"Authorization: Bearer {keys.generate()}"]),
-                               ("a revoked key", ["-H", f"Authorization: Bearer {revoked}"])):
+        for label, headers in (
+            ("no key", []),
+            ("an unknown key", ["-H", f"Authorization: Bearer {keys.generate()}"]),
+            ("a revoked key", ["-H", f"Authorization: Bearer {revoked}"]),
+        ):
             generated = schemathesis(service, *headers, "--checks", CHECKS, examples=5)
             print(f"schemathesis with {label}: {generated} generated")
-        assert db.execute(footprint).fetchone() == before   # the keyless runs changed nothing
+        assert db.execute(footprint).fetchone() == before  # the keyless runs changed nothing
     finally:
         stop_service(service)

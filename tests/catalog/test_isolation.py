@@ -18,14 +18,32 @@ from dispatcher.settings import Settings
 from tests.conftest import REMINDER, app_url, call, intent, submit
 
 # Unique keys that do not start with tenant_id, each on purpose (sql/020_tables.sql says why).
-GLOBAL_UNIQUE = {"tenants_pkey", "tenants_slug_key", "api_clients_key_hash_key", "notification_deliveries_provider_message",
-                 "channel_providers_phone_number_id_key"}  # a WhatsApp business number belongs to one tenant (sql/075)
+GLOBAL_UNIQUE = {
+    "tenants_pkey",
+    "tenants_slug_key",
+    "api_clients_key_hash_key",
+    "notification_deliveries_provider_message",
+    "channel_providers_phone_number_id_key",
+}  # a WhatsApp business number belongs to one tenant (sql/075)
 # Functions that see every tenant's rows (owned by notify_system): the worker, webhooks, key lookup, tenant creation.
-CROSS_TENANT = {"create_tenant_v1", "get_tenant_v1", "authenticate_api_key_v1", "authorize_v1", "take_tokens_v1",
-                "claim_deliveries_v1", "record_attempts_v1", "run_maintenance_v1", "queue_health_v1", "ingest_webhook_v1",
-                "record_mock_messages_v1", "claim_callbacks_v1", "record_callback_attempts_v1",
-                "check_api_key_v1", "charge_api_key_v1",
-                "set_provider_grants_v1"}  # the operator's: a tenant's secret namespace may not overlap another's
+CROSS_TENANT = {
+    "create_tenant_v1",
+    "get_tenant_v1",
+    "authenticate_api_key_v1",
+    "authorize_v1",
+    "take_tokens_v1",
+    "claim_deliveries_v1",
+    "record_attempts_v1",
+    "run_maintenance_v1",
+    "queue_health_v1",
+    "ingest_webhook_v1",
+    "record_mock_messages_v1",
+    "claim_callbacks_v1",
+    "record_callback_attempts_v1",
+    "check_api_key_v1",
+    "charge_api_key_v1",
+    "set_provider_grants_v1",
+}  # the operator's: a tenant's secret namespace may not overlap another's
 APP_ROLES = ("notify_service", "notify_caller", "dispatcher_app", "dispatcher_caller")
 
 
@@ -44,31 +62,43 @@ def violations(db: psycopg.Connection) -> list[str]:
             found.append(f"{name}: row security not enabled and forced")
         if owner != "notify_owner":
             found.append(f"{name}: owned by {owner}")
-        policies = {r[0] for r in db.execute("select policyname from pg_policies where schemaname = 'notify' and tablename = %s", (name,))}
+        policies = {
+            r[0] for r in db.execute("select policyname from pg_policies where schemaname = 'notify' and tablename = %s", (name,))
+        }
         if policies != {"tenant_rows", "system_rows"}:
             found.append(f"{name}: policies {sorted(policies)}")
     for role, superuser, bypass, login in db.execute(
-            "select rolname, rolsuper, rolbypassrls, rolcanlogin from pg_roles where rolname = any(%s) or rolname in ('notify_owner', 'notify_system')",
-            (list(APP_ROLES),)).fetchall():
+        "select rolname, rolsuper, rolbypassrls, rolcanlogin from pg_roles where rolname = any(%s) or rolname in "
+        "('notify_owner', 'notify_system')",
+        (list(APP_ROLES),),
+    ).fetchall():
         # notify_system may bypass row security (the named cross-tenant functions' role, reliability.md 4.1); no other.
         if superuser or (bypass and role != "notify_system"):
             found.append(f"role {role}: superuser or BYPASSRLS")
         if role in ("notify_owner", "notify_system") and login:
             found.append(f"role {role}: can log in")
-    for role, owned in db.execute("""
+    for role, owned in db.execute(
+        """
             select r.rolname, count(c.oid) + count(p.oid) from pg_roles r
-              left join pg_class c on c.relowner = r.oid and c.relnamespace in ('notify'::regnamespace, 'notify_api'::regnamespace)
+              left join pg_class c on c.relowner = r.oid and c.relnamespace in ('notify'::regnamespace,
+                'notify_api'::regnamespace)
               left join pg_proc p on p.proowner = r.oid and p.pronamespace in ('notify'::regnamespace, 'notify_api'::regnamespace)
-             where r.rolname = any(%s) group by r.rolname""", (list(APP_ROLES),)).fetchall():
+             where r.rolname = any(%s) group by r.rolname""",
+        (list(APP_ROLES),),
+    ).fetchall():
         if owned:
             found.append(f"role {role}: owns {owned} objects")
     for role in APP_ROLES:
         for owner in ("notify_owner", "notify_system"):
             if db.execute("select pg_has_role(%s, %s, 'member')", (role, owner)).fetchone()[0]:
                 found.append(f"role {role}: member of {owner}")
-    found += [f"view {r[0]}: not security_invoker" for r in db.execute("""
-        select c.relname from pg_class c where c.relkind = 'v' and c.relnamespace in ('notify'::regnamespace, 'notify_api'::regnamespace)
-           and not coalesce('security_invoker=true' = any(c.reloptions), false)""")]
+    found += [
+        f"view {r[0]}: not security_invoker"
+        for r in db.execute("""
+        select c.relname from pg_class c where c.relkind = 'v' and c.relnamespace in ('notify'::regnamespace,
+          'notify_api'::regnamespace)
+           and not coalesce('security_invoker=true' = any(c.reloptions), false)""")
+    ]
     for name, config, owner, src, args in db.execute("""
             select p.proname, p.proconfig, p.proowner::regrole::text, p.prosrc, pg_get_function_arguments(p.oid)
               from pg_proc p where p.pronamespace = 'notify_api'::regnamespace"""):
@@ -85,17 +115,22 @@ def violations(db: psycopg.Connection) -> list[str]:
         select p.proname from pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
          where p.pronamespace in ('notify'::regnamespace, 'notify_api'::regnamespace) and a.grantee = 0""").fetchall()
     found += [f"{r[0]}: PUBLIC may execute" for r in public_exec]
-    found += [f"{r[0]}.{r[1]}: unique or foreign key without tenant_id" for r in db.execute("""
+    found += [
+        f"{r[0]}.{r[1]}: unique or foreign key without tenant_id"
+        for r in db.execute("""
         select c.conrelid::regclass::text, c.conname from pg_constraint c
          where c.connamespace = 'notify'::regnamespace and c.contype in ('u', 'p', 'f')
-           and not exists (select from pg_attribute a where a.attrelid = c.conrelid and a.attnum = any(c.conkey) and a.attname = 'tenant_id')
+           and not exists (select from pg_attribute a where a.attrelid = c.conrelid and a.attnum = any(c.conkey) and
+             a.attname = 'tenant_id')
            and c.conrelid::regclass::text not in ('notify.rate_buckets', 'notify.webhook_events', 'notify.login_tenants')
         union all
         select i.indrelid::regclass::text, x.relname from pg_index i join pg_class x on x.oid = i.indexrelid
          where x.relnamespace = 'notify'::regnamespace and i.indisunique
-           and not exists (select from pg_attribute a where a.attrelid = i.indrelid and a.attnum = any(i.indkey) and a.attname = 'tenant_id')
+           and not exists (select from pg_attribute a where a.attrelid = i.indrelid and a.attnum = any(i.indkey) and
+             a.attname = 'tenant_id')
            and i.indrelid::regclass::text not in ('notify.rate_buckets', 'notify.webhook_events', 'notify.login_tenants')""")
-        if r[1] not in GLOBAL_UNIQUE]
+        if r[1] not in GLOBAL_UNIQUE
+    ]
     return found
 
 
@@ -127,23 +162,53 @@ def world(db: psycopg.Connection) -> dict[str, dict[str, Any]]:
         tid = str(call(db, "notify_api.create_tenant_v1(%s)", name)["id"])
         call(db, "notify_api.upsert_template_v1(%s, 'event_reminder', %s)", tid, Jsonb(REMINDER))
         call(db, "notify_api.upsert_template_v1(%s, %s, %s)", tid, f"only-{name}", Jsonb(REMINDER))
-        call(db, "notify_api.record_consent_v1(%s, %s, %s)", tid, f"only-{name}",
-             Jsonb({"channel": "whatsapp", "status": "granted", "source": "signup_form"}))
+        call(
+            db,
+            "notify_api.record_consent_v1(%s, %s, %s)",
+            tid,
+            f"only-{name}",
+            Jsonb({"channel": "whatsapp", "status": "granted", "source": "signup_form"}),
+        )
         call(db, "notify_api.set_channel_policy_v1(%s, 'sms', 'opt_in')", tid)
-        body = intent(recipient={"ref": f"only-{name}", "addresses": {"whatsapp": "+34600111222"}}, channels=["whatsapp"],
-                      send_at="2099-01-01T00:00:00Z")
+        body = intent(
+            recipient={"ref": f"only-{name}", "addresses": {"whatsapp": "+34600111222"}},
+            channels=["whatsapp"],
+            send_at="2099-01-01T00:00:00Z",
+        )
         created, _ = submit(db, tid, body, f"key-{name}")
         key = keys.generate()
         key_info = call(db, "notify_api.create_api_key_v1(%s, 'tests', %s, %s)", tid, keys.display_prefix(key), keys.digest(key))
-        tenants[name] = {"id": tid, "notification": created["id"], "delivery": created["deliveries"][0]["id"], "key": key,
-                         "key_id": key_info["id"], "ref": f"only-{name}"}
+        tenants[name] = {
+            "id": tid,
+            "notification": created["id"],
+            "delivery": created["deliveries"][0]["id"],
+            "key": key,
+            "key_id": key_info["id"],
+            "ref": f"only-{name}",
+        }
     return tenants
 
 
-TENANT_TABLES = ["tenants", "api_clients", "channel_policies", "channel_providers", "whatsapp_windows", "recipients",
-                 "recipient_addresses", "recipient_consents", "templates", "notification_requests", "notification_deliveries",
-                 "delivery_attempts", "delivery_events", "mock_messages", "callback_endpoints", "callback_messages", "callback_attempts",
-                 "provider_grants"]
+TENANT_TABLES = [
+    "tenants",
+    "api_clients",
+    "channel_policies",
+    "channel_providers",
+    "whatsapp_windows",
+    "recipients",
+    "recipient_addresses",
+    "recipient_consents",
+    "templates",
+    "notification_requests",
+    "notification_deliveries",
+    "delivery_attempts",
+    "delivery_events",
+    "mock_messages",
+    "callback_endpoints",
+    "callback_messages",
+    "callback_attempts",
+    "provider_grants",
+]
 
 
 def test_policies_filter_every_tenant_table_for_the_owning_role(db: psycopg.Connection, world: dict[str, dict[str, Any]]) -> None:
@@ -181,7 +246,9 @@ def expect_404(conn: psycopg.Connection, query: str, *params: Any) -> None:
     assert err.value.sqlstate == "ND404", (query, err.value)
 
 
-def test_direct_sql_as_the_application_role_sees_nothing_of_another_tenant(db: psycopg.Connection, world: dict[str, dict[str, Any]]) -> None:
+def test_direct_sql_as_the_application_role_sees_nothing_of_another_tenant(
+    db: psycopg.Connection, world: dict[str, dict[str, Any]]
+) -> None:
     north, south = world["north"], world["south"]
     checks = 0
     with psycopg.connect(app_url(url_of_db(db), "dispatcher_caller"), autocommit=True) as caller:
@@ -205,7 +272,10 @@ def test_direct_sql_as_the_application_role_sees_nothing_of_another_tenant(db: p
         checks += 3
         listed = call(caller, "notify_api.list_templates_v1(%s)", north["id"])
         assert {t["key"] for t in listed} == {"event_reminder", "only-north"}
-        assert call(caller, "notify_api.get_notification_v1(%s, %s)", north["id"], north["notification"])["id"] == north["notification"]
+        assert (
+            call(caller, "notify_api.get_notification_v1(%s, %s)", north["id"], north["notification"])["id"]
+            == north["notification"]
+        )
         caller.execute("reset notify.tenant_id")
         # Per transaction: the first tenant a transaction enters is the only one it may touch; the next transaction is free.
         with pytest.raises(psycopg.Error) as err, caller.transaction():
@@ -213,7 +283,10 @@ def test_direct_sql_as_the_application_role_sees_nothing_of_another_tenant(db: p
             call(caller, "notify_api.get_notification_v1(%s, %s)", south["id"], south["notification"])
         assert err.value.sqlstate == "ND404"
         checks += 1
-        assert call(caller, "notify_api.get_notification_v1(%s, %s)", south["id"], south["notification"])["id"] == south["notification"]
+        assert (
+            call(caller, "notify_api.get_notification_v1(%s, %s)", south["id"], south["notification"])["id"]
+            == south["notification"]
+        )
     with psycopg.connect(app_url(url_of_db(db), "dispatcher_caller"), autocommit=True) as caller:
         # notify_caller has no key, worker or webhook functions at all.
         for query in ("notify_api.list_api_keys_v1(%s)", "notify_api.claim_deliveries_v1('whatsapp', 10)"):
@@ -232,24 +305,34 @@ def http(db: psycopg.Connection, db_url: str) -> Iterator[TestClient]:
         yield client
 
 
-def test_cross_tenant_matrix_over_http_is_all_404(http: TestClient, db: psycopg.Connection, world: dict[str, dict[str, Any]]) -> None:
+def test_cross_tenant_matrix_over_http_is_all_404(
+    http: TestClient, db: psycopg.Connection, world: dict[str, dict[str, Any]]
+) -> None:
     tried = succeeded = 0
     for name, me in world.items():
         auth = {"Authorization": f"Bearer {me['key']}"}
         for other_name, other in world.items():
             if other_name == name:
                 continue
-            for method, path in (("GET", f"/internal/notifications/{other['notification']}"),
-                                 ("POST", f"/internal/notifications/{other['notification']}/cancel"),
-                                 ("GET", f"/internal/recipients/{other['ref']}"),
-                                 ("GET", f"/internal/recipients/{other['ref']}/consents")):
+            for method, path in (
+                ("GET", f"/internal/notifications/{other['notification']}"),
+                ("POST", f"/internal/notifications/{other['notification']}/cancel"),
+                ("GET", f"/internal/recipients/{other['ref']}"),
+                ("GET", f"/internal/recipients/{other['ref']}/consents"),
+            ):
                 response = http.request(method, path, headers=auth)
                 tried += 1
                 if response.status_code != 404:
                     succeeded += 1
-                assert response.status_code == 404 and response.headers["content-type"].startswith("application/problem+json"), (method, path)
-            for path in ("/internal/templates", f"/internal/templates?key=only-{other_name}",
-                         f"/internal/mock/messages?delivery_id={other['delivery']}"):
+                assert response.status_code == 404 and response.headers["content-type"].startswith("application/problem+json"), (
+                    method,
+                    path,
+                )
+            for path in (
+                "/internal/templates",
+                f"/internal/templates?key=only-{other_name}",
+                f"/internal/mock/messages?delivery_id={other['delivery']}",
+            ):
                 listed = http.get(path, headers=auth)
                 tried += 1
                 assert listed.status_code == 200
@@ -260,8 +343,13 @@ def test_cross_tenant_matrix_over_http_is_all_404(http: TestClient, db: psycopg.
         assert {p["channel"]: p["policy"] for p in policies}["sms"] == "opt_in"
     # A tenant writing under a shared ref touches only its own recipient.
     north = {"Authorization": f"Bearer {world['north']['key']}"}
-    assert http.put("/internal/recipients/only-south", json={"addresses": {"email": "x@example.com"}}, headers=north).status_code == 200
-    owners = db.execute("select t.slug from notify.recipients r join notify.tenants t on t.id = r.tenant_id where r.ref = 'only-south' order by 1").fetchall()
+    assert (
+        http.put("/internal/recipients/only-south", json={"addresses": {"email": "x@example.com"}}, headers=north).status_code
+        == 200
+    )
+    owners = db.execute(
+        "select t.slug from notify.recipients r join notify.tenants t on t.id = r.tenant_id where r.ref = 'only-south' order by 1"
+    ).fetchall()
     assert [o[0] for o in owners] == ["north", "south"]
     assert db.execute("select count(*) from notify.notification_deliveries where status = 'cancelled'").fetchone()[0] == 0
     assert http.get(f"/internal/notifications/{uuid.uuid4()}", headers=north).status_code == 404  # unknown looks the same

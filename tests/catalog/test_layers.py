@@ -83,8 +83,11 @@ def test_no_import_cycles_between_modules():
     """runner/app.py and runner/tasks.py once imported each other (one of the two imports hidden in a function): the
     graph of the project's modules, imports inside functions included, has no cycle."""
     graph: dict[str, set[str]] = {}
-    names = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-             for package in ALLOWED for p in files(package)}
+    names = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+        for package in ALLOWED
+        for p in files(package)
+    }
     for name, path in names.items():
         graph[name] = {module for _, module, _ in imports(path) if module in names and module != name}
     state: dict[str, int] = {}
@@ -95,7 +98,7 @@ def test_no_import_cycles_between_modules():
         stack.append(node)
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(nxt):], nxt]))
+                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(nxt) :], nxt]))
             if nxt not in state:
                 walk(nxt)
         stack.pop()
@@ -116,7 +119,12 @@ def test_the_checker_sees_what_it_must_refuse(tmp_path: Path):
     global ROOT
     saved, ROOT = ROOT, tmp_path
     try:
-        assert imports(src) == [(1, "api.app", False), (2, "runner", False), (2, "runner.tasks", False),
-                                (5, "providers.base", True), (5, "providers.base.Message", True)]
+        assert imports(src) == [
+            (1, "api.app", False),
+            (2, "runner", False),
+            (2, "runner.tasks", False),
+            (5, "providers.base", True),
+            (5, "providers.base.Message", True),
+        ]
     finally:
         ROOT = saved

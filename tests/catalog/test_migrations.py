@@ -17,7 +17,8 @@ select 'relation', ns.nspname || '.' || c.relname, c.relkind::text || ' ' || coa
  where c.relname not like '\\_yoyo%%' and c.relname not like 'yoyo%%'
 union all
 select 'column', ns.nspname || '.' || c.relname || '.' || a.attname,
-       format_type(a.atttypid, a.atttypmod) || ' notnull=' || a.attnotnull || ' default=' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
+       format_type(a.atttypid, a.atttypmod) || ' notnull=' || a.attnotnull || ' default=' || coalesce(pg_get_expr(d.adbin,
+         d.adrelid), '')
        || ' ' || coalesce(col_description(c.oid, a.attnum), '') || ' ' || a.attnum
   from pg_attribute a join pg_class c on c.oid = a.attrelid join ns on ns.oid = c.relnamespace
   left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
@@ -31,7 +32,8 @@ select 'index', ns.nspname || '.' || c.relname, pg_get_indexdef(c.oid)
  where c.relname not like '\\_yoyo%%' and c.relname not like 'yoyo%%'
 union all
 select 'function', ns.nspname || '.' || p.oid::regprocedure::text,
-       pg_get_functiondef(p.oid) || ' comment=' || coalesce(obj_description(p.oid, 'pg_proc'), '') || ' acl=' || coalesce(p.proacl::text, '')
+       pg_get_functiondef(p.oid) || ' comment=' || coalesce(obj_description(p.oid, 'pg_proc'), '') || ' acl=' ||
+         coalesce(p.proacl::text, '')
        || ' owner=' || p.proowner::regrole::text
   from pg_proc p join ns on ns.oid = p.pronamespace
 union all
@@ -39,9 +41,11 @@ select 'trigger', t.tgrelid::regclass::text || '.' || t.tgname, pg_get_triggerde
   from pg_trigger t join pg_class c on c.oid = t.tgrelid join ns on ns.oid = c.relnamespace where not t.tgisinternal
 union all
 select 'type', ns.nspname || '.' || t.typname,
-       t.typtype::text || ' ' || coalesce((select string_agg(enumlabel, ',' order by enumsortorder) from pg_enum where enumtypid = t.oid), '')
+       t.typtype::text || ' ' || coalesce((select string_agg(enumlabel, ',' order by enumsortorder) from pg_enum where
+         enumtypid = t.oid), '')
        || ' ' || coalesce(obj_description(t.oid, 'pg_type'), '') || ' owner=' || t.typowner::regrole::text
-  from pg_type t join ns on ns.oid = t.typnamespace where t.typtype in ('e', 'c') and t.typrelid = 0 or (t.typtype = 'c' and ns.nspname = 'notify')
+  from pg_type t join ns on ns.oid = t.typnamespace where t.typtype in ('e', 'c') and t.typrelid = 0 or (t.typtype = 'c' and
+    ns.nspname = 'notify')
 union all
 select 'policy', schemaname || '.' || tablename || '.' || policyname,
        cmd || ' ' || roles::text || ' ' || coalesce(qual, '') || ' ' || coalesce(with_check, '')
@@ -77,7 +81,10 @@ def test_migrations_build_the_same_schema_as_sql_dir(db_url: str, empty_db: str)
     assert len(from_sql) > 200
     only_sql = sorted(set(from_sql) - set(from_migrations))
     only_migrations = sorted(set(from_migrations) - set(from_sql))
-    differ = "\n".join(f"{a[1]}\n  sql/:        ...{a[2][-150:]}\n  migrations/: ...{b[2][-150:]}" for a, b in zip(only_sql, only_migrations))
+    differ = "\n".join(
+        f"{a[1]}\n  sql/:        ...{a[2][-150:]}\n  migrations/: ...{b[2][-150:]}"
+        for a, b in zip(only_sql, only_migrations, strict=False)
+    )
     assert (only_sql, only_migrations) == ([], []), differ[:4000]
 
 
@@ -122,8 +129,16 @@ def test_every_table_and_function_is_commented(db: psycopg.Connection) -> None:
 
 # Hot, pure helpers carry no SET clause so the planner can inline them (docs/architecture.md). They must stay
 # private, SQL-language, not security definer, and name everything schema-qualified.
-INLINED = {"_address_valid", "_consent", "_default_policy", "_is_final", "_provider_family", "_rank", "_tenant",
-           "_transition_allowed"}
+INLINED = {
+    "_address_valid",
+    "_consent",
+    "_default_policy",
+    "_is_final",
+    "_provider_family",
+    "_rank",
+    "_tenant",
+    "_transition_allowed",
+}
 
 
 def test_every_function_pins_its_search_path_except_the_inlined_helpers(db: psycopg.Connection) -> None:

@@ -43,8 +43,13 @@ def generic_plan(conn: psycopg.Connection, table: str, columns: list[str], types
 def test_every_key_lookup_uses_every_key_column_on_a_new_database(db: psycopg.Connection) -> None:
     # The tables of the submission path are new and empty in every test's database: never analyzed, as in production
     # before autovacuum's first visit (autovacuum does not analyze a table nothing was written to).
-    assert db.execute("select count(*) from pg_class where oid in ('notify.notification_requests'::regclass, "
-                      "'notify.notification_deliveries'::regclass, 'notify.recipients'::regclass) and reltuples < 0").fetchone()[0] == 3
+    assert (
+        db.execute(
+            "select count(*) from pg_class where oid in ('notify.notification_requests'::regclass, "
+            "'notify.notification_deliveries'::regclass, 'notify.recipients'::regclass) and reltuples < 0"
+        ).fetchone()[0]
+        == 3
+    )
     keys = db.execute(KEYS).fetchall()
     assert len(keys) > 20
     wrong = []
@@ -52,7 +57,7 @@ def test_every_key_lookup_uses_every_key_column_on_a_new_database(db: psycopg.Co
         plan = generic_plan(db, table, columns, types)
         conditions = " ".join(line for line in plan.splitlines() if "Index Cond" in line)
         if "Filter" in plan or "Seq Scan" in plan or not all(f"{c} = $" in conditions for c in columns):
-            wrong.append(f"{name} ({ {'p': 'primary key', 'f': 'foreign key', 'u': 'unique key'}[kind]} of {table}):\n{plan}")
+            wrong.append(f"{name} ({ {'p': 'primary key', 'f': 'foreign key', 'u': 'unique key'}[kind] } of {table}):\n{plan}")
     print(f"\nkey lookups planned: {len(keys)}, without an index condition on every key column: {len(wrong)}")
     assert not wrong, "\n\n".join(wrong)
 
@@ -67,12 +72,20 @@ def test_a_submission_reads_as_much_after_thousands(db: psycopg.Connection, read
     """On one connection (whose cached plans were made when the tables were empty), a submission reads a few index
     entries however many requests exist: counted by Postgres for the current transaction, not timed. Before
     migration 0012 each submission read every earlier request of its tenant."""
-    call(db, "notify_api.upsert_template_v1(%s, 'plain', %s)", ready, psycopg.types.json.Jsonb(
-        {"locale": "en", "channels": {"email": {"subject": "Hi", "text": "Hi {{name}}"}}}))
+    call(
+        db,
+        "notify_api.upsert_template_v1(%s, 'plain', %s)",
+        ready,
+        psycopg.types.json.Jsonb({"locale": "en", "channels": {"email": {"subject": "Hi", "text": "Hi {{name}}"}}}),
+    )
 
     def body(i: int) -> dict:
-        return intent(recipient={"ref": f"r-{i % 300}", "addresses": {"email": f"r{i % 300}@example.com"}},
-                      channels=["email"], template="plain", variables={"name": "A"})
+        return intent(
+            recipient={"ref": f"r-{i % 300}", "addresses": {"email": f"r{i % 300}@example.com"}},
+            channels=["email"],
+            template="plain",
+            variables={"name": "A"},
+        )
 
     def index_tuples_per_submission(first: int, n: int) -> float:
         with db.transaction(force_rollback=True):
@@ -81,7 +94,7 @@ def test_a_submission_reads_as_much_after_thousands(db: psycopg.Connection, read
                 submit(db, ready, body(i), key=f"k-{i}")
             return float(db.execute(INDEX_TUPLES_READ).fetchone()[0] - before) / n
 
-    early = index_tuples_per_submission(0, 300)   # the first 300 recipients are created here (and rolled back)
+    early = index_tuples_per_submission(0, 300)  # the first 300 recipients are created here (and rolled back)
     for i in range(2000):
         submit(db, ready, body(i), key=f"k-{i}")
     late = index_tuples_per_submission(2000, 300)

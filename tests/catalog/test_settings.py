@@ -22,7 +22,7 @@ NAME = re.compile(r"`((?:DISPATCHER_[A-Z0-9_]+)|DATABASE_URL)`")
 def readme_rows() -> list[tuple[list[str], str, str]]:
     """The configuration table: (variables of the first column, defaults cell, the whole row)."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Configuration"):]
+    section = text[text.index("## Configuration") :]
     section = section[: section.index("\n## ", 1)]
     rows = []
     for line in section.splitlines():
@@ -69,7 +69,7 @@ def test_the_readme_states_the_declared_defaults():
         assert len(cells) == len(names), row
         for name, cell in zip(names, cells, strict=True):
             d = by_env[name]
-            if d.default is None:   # no value, or one derived from others (DISPATCHER_MOCK_WEBHOOK_URL): described
+            if d.default is None:  # no value, or one derived from others (DISPATCHER_MOCK_WEBHOOK_URL): described
                 continue
             shown = re.match(r"`([^`]*)`", cell)
             assert (shown.group(1) if shown else cell) == _shown(d.default), f"{name}: README says {cell}, declared {d.default!r}"
@@ -111,7 +111,7 @@ def test_only_the_declarations_read_the_services_variables(package: str):
         for node in ast.walk(ast.parse(path.read_text())):
             name = _reads_the_environment(node)
             if name and (name in own or name.startswith("DISPATCHER_")):
-                direct.append(f"{path.relative_to(ROOT)}:{node.lineno} reads {name}")   # type: ignore[attr-defined]
+                direct.append(f"{path.relative_to(ROOT)}:{node.lineno} reads {name}")  # type: ignore[attr-defined]
     assert not direct, "read it through dispatcher.settings (Settings.from_env or read):\n" + "\n".join(direct)
 
 
@@ -124,11 +124,11 @@ def test_values_are_parsed_as_declared(monkeypatch: pytest.MonkeyPatch, tmp_path
     secret_file.write_text("postgresql:///from-file\n")
     monkeypatch.setenv("DISPATCHER_DATABASE_URL_FILE", str(secret_file))
     monkeypatch.setenv("DISPATCHER_PORT", "9001")
-    monkeypatch.setenv("DISPATCHER_HOST", "")                     # empty: the default
-    monkeypatch.setenv("DISPATCHER_METRICS_PORT", "0")            # 0: not served
+    monkeypatch.setenv("DISPATCHER_HOST", "")  # empty: the default
+    monkeypatch.setenv("DISPATCHER_METRICS_PORT", "0")  # 0: not served
     monkeypatch.setenv("DISPATCHER_DEV_MODE", "yes")
     monkeypatch.setenv("DISPATCHER_LOG_DELIVERIES", "0")
-    monkeypatch.setenv("DISPATCHER_MOCK_RECORD", "maybe")         # neither: the default
+    monkeypatch.setenv("DISPATCHER_MOCK_RECORD", "maybe")  # neither: the default
     monkeypatch.setenv("DISPATCHER_WHATSAPP_APP_SECRET", "new old")
     monkeypatch.setenv("DISPATCHER_MOCK_OUTCOMES", '{"+34600000001": "failed"}')
     monkeypatch.setenv("DISPATCHER_RENDER_TIMEOUT_MS", "750")
@@ -147,11 +147,14 @@ def test_values_are_parsed_as_declared(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def test_the_maintenance_cron_is_still_configurable():
     """It is read when runner.tasks registers the periodic task (procrastinate needs it then)."""
-    code = ("from runner.app import app; app.perform_import_paths(); "
-            "print([t.cron for t in app.periodic_registry.periodic_tasks.values()])")
+    code = (
+        "from runner.app import app; app.perform_import_paths(); "
+        "print([t.cron for t in app.periodic_registry.periodic_tasks.values()])"
+    )
     env = {"PATH": "/usr/bin:/bin", "DISPATCHER_MAINTENANCE_CRON": "*/5 * * * * 30"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['*/5 * * * * 30']"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PATH": "/usr/bin:/bin"}, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == repr([DECLARED["maintenance_cron"].default])

@@ -23,7 +23,9 @@ from tests.conftest import ROOT
 
 def run(url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": url}
-    return subprocess.run([sys.executable, "-m", "dispatcher", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=check)
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=check
+    )
 
 
 def test_migrate_tenant_and_keys(pg_server):  # noqa: ANN001
@@ -48,30 +50,80 @@ def test_migrate_tenant_and_keys(pg_server):  # noqa: ANN001
         rotated = run(url, "key", "rotate", "--tenant", "acme", key_id, "--overlap-seconds", "0").stdout
         new_key = re.search(r"^(nd_\S+)$", rotated, re.M).group(1)  # type: ignore[union-attr]
         with psycopg.connect(url) as conn:
-            assert conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone() is None
-            assert conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(new_key),)).fetchone()
+            assert (
+                conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone()
+                is None
+            )
+            assert conn.execute(
+                "select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(new_key),)
+            ).fetchone()
         reader = run(url, "key", "create", "--tenant", "acme", "--scope", "read").stdout
         assert "scopes read)" in reader
         key = re.search(r"^(nd_\S+)$", run(url, "key", "create", "--tenant", "acme").stdout, re.M).group(1)  # type: ignore[union-attr]
         listed = json.loads(run(url, "key", "list", "--tenant", "acme").stdout)
-        key_id = [k["id"] for k in listed if k["revoked_at"] is None and k["expires_at"] is None][-1]   # the one just made
+        key_id = [k["id"] for k in listed if k["revoked_at"] is None and k["expires_at"] is None][-1]  # the one just made
         run(url, "key", "revoke", "--tenant", "acme", key_id)
         with psycopg.connect(url) as conn:
-            assert conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone() is None
+            assert (
+                conn.execute("select tenant_id from notify_api.authenticate_api_key_v1(%s)", (keys.digest(key),)).fetchone()
+                is None
+            )
         assert "no tenant" in run(url, "key", "create", "--tenant", "nobody", check=False).stderr
-        ungranted = run(url, "provider", "set", "--tenant", "acme", "--channel", "whatsapp", "--provider", "whatsapp_cloud",
-                        "--setting", "phone_number_id=106540352242922", "--secret", "access_token=env:ACME_WA_TOKEN", check=False)
+        ungranted = run(
+            url,
+            "provider",
+            "set",
+            "--tenant",
+            "acme",
+            "--channel",
+            "whatsapp",
+            "--provider",
+            "whatsapp_cloud",
+            "--setting",
+            "phone_number_id=106540352242922",
+            "--secret",
+            "access_token=env:ACME_WA_TOKEN",
+            check=False,
+        )
         assert ungranted.returncode != 0 and "namespace" in ungranted.stderr
         granted = json.loads(run(url, "tenant", "secrets", "--tenant", "acme", "--env-prefix", "ACME_").stdout)
         assert granted["env_prefix"] == "ACME_" and granted["private_endpoints"] is False
         granted = json.loads(run(url, "tenant", "secrets", "--tenant", "acme", "--file-dir", "/run/secrets/acme/").stdout)
-        assert (granted["env_prefix"], granted["file_dir"]) == ("ACME_", "/run/secrets/acme/")   # options left out are kept
-        out = run(url, "provider", "set", "--tenant", "acme", "--channel", "whatsapp", "--provider", "whatsapp_cloud",
-                  "--setting", "phone_number_id=106540352242922", "--setting", "rate_per_second=20",
-                  "--secret", "access_token=env:ACME_WA_TOKEN").stdout
+        assert (granted["env_prefix"], granted["file_dir"]) == ("ACME_", "/run/secrets/acme/")  # options left out are kept
+        out = run(
+            url,
+            "provider",
+            "set",
+            "--tenant",
+            "acme",
+            "--channel",
+            "whatsapp",
+            "--provider",
+            "whatsapp_cloud",
+            "--setting",
+            "phone_number_id=106540352242922",
+            "--setting",
+            "rate_per_second=20",
+            "--secret",
+            "access_token=env:ACME_WA_TOKEN",
+        ).stdout
         assert '"rate_per_second": 20' in out and '"access_token": "env:ACME_WA_TOKEN"' in out
-        refused = run(url, "provider", "set", "--tenant", "acme", "--channel", "whatsapp", "--provider", "whatsapp_cloud",
-                      "--setting", "phone_number_id=106540352242922", "--secret", "access_token=EAAGsecret", check=False)
+        refused = run(
+            url,
+            "provider",
+            "set",
+            "--tenant",
+            "acme",
+            "--channel",
+            "whatsapp",
+            "--provider",
+            "whatsapp_cloud",
+            "--setting",
+            "phone_number_id=106540352242922",
+            "--secret",
+            "access_token=EAAGsecret",
+            check=False,
+        )
         assert refused.returncode != 0 and "references" in refused.stderr and "EAAGsecret" not in refused.stderr
         assert '"provider": "whatsapp_cloud"' in run(url, "provider", "list", "--tenant", "acme").stdout
     finally:
@@ -81,8 +133,14 @@ def test_migrate_tenant_and_keys(pg_server):  # noqa: ANN001
 
 def run_without_url(*args: str, cwd: Path = ROOT, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("DISPATCHER_")}
-    return subprocess.run([sys.executable, "-m", "dispatcher", *args], cwd=cwd, env={**clean, "PYTHONPATH": str(ROOT), **env},
-                          capture_output=True, text=True, check=check)
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher", *args],
+        cwd=cwd,
+        env={**clean, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        check=check,
+    )
 
 
 @pytest.mark.slow
@@ -105,7 +163,10 @@ def test_without_database_url_the_cli_uses_the_running_dev_database(tmp_path: Pa
         assert "queue empty" in run_without_url("status", DISPATCHER_DATA_DIR=str(data)).stdout
         (tmp_path / "checkout").mkdir()
         (tmp_path / "checkout" / ".dispatcher").symlink_to(data)
-        assert json.loads(run_without_url("key", "list", "--tenant", "acme", cwd=tmp_path / "checkout").stdout)[0]["name"] == "default"
+        assert (
+            json.loads(run_without_url("key", "list", "--tenant", "acme", cwd=tmp_path / "checkout").stdout)[0]["name"]
+            == "default"
+        )
         # psql: the wheel's own binary, on the dev database as its owner
         out = run_without_url("psql", *d, "-tA", "-c", "select current_user, count(*) from notify.tenants").stdout
         assert out.strip() == "postgres|1"
@@ -146,13 +207,18 @@ def test_a_refused_migration_is_one_line_on_stderr(pg_server: EmbeddedPostgres, 
         f.write("\n-- edited after landing\n")
     url = fresh_database(pg_server, "cli_refused")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    edited = subprocess.run([sys.executable, "-m", "dispatcher", "migrate"], cwd=copy, env={**env, "DATABASE_URL": url},
-                            capture_output=True, text=True)
+    edited = subprocess.run(
+        [sys.executable, "-m", "dispatcher", "migrate"],
+        cwd=copy,
+        env={**env, "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+    )
     assert edited.returncode == 1, edited
     assert edited.stderr.strip() == "error: refusing to migrate: 0002_notify_core.sql: edited after landing", edited.stderr
     assert edited.stdout == ""
 
-    with psycopg.connect(url, autocommit=True) as conn:   # 0001 creates procrastinate_jobs: make it fail
+    with psycopg.connect(url, autocommit=True) as conn:  # 0001 creates procrastinate_jobs: make it fail
         conn.execute("create table public.procrastinate_jobs (id int)")
     failed = run(url, "migrate", check=False)
     assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr

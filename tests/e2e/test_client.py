@@ -37,8 +37,10 @@ def svc(db: psycopg.Connection, tmp_path: Path) -> Iterator[Service]:
 
 # The mock provider reports WhatsApp messages delivered and then read, e-mail delivered: "delivered" is final only for
 # e-mail, or a WhatsApp delivery caught between its two reports would pass.
-FINAL = {"whatsapp": {"read", "failed", "suppressed", "cancelled", "expired"},
-         "email": {"delivered", "failed", "suppressed", "cancelled", "expired", "bounced"}}
+FINAL = {
+    "whatsapp": {"read", "failed", "suppressed", "cancelled", "expired"},
+    "email": {"delivered", "failed", "suppressed", "cancelled", "expired", "bounced"},
+}
 
 
 def wait_completed(nd: Client, notification_id: Any, timeout: float = 15.0) -> Any:
@@ -78,17 +80,22 @@ def test_the_quickstart_flow_through_the_client(svc: Service) -> None:
     with Client(svc.base_url, svc.key) as nd:
         # Setup (admin scope): a template, WhatsApp consent, status callbacks to runflow-api.
         assert {t.channel for t in nd.upsert_template("event_reminder", TEMPLATE, locale="es")} == {"whatsapp", "email"}
-        nd.upsert_template("event_reminder", TEMPLATE)   # and for the tenant's default locale (en)
+        nd.upsert_template("event_reminder", TEMPLATE)  # and for the tenant's default locale (en)
         assert nd.record_consent("runner-42", channel="whatsapp", status="granted", source="signup_form").status == "granted"
         secret = nd.set_callbacks(inbox.url).secret
         assert secret and secret.startswith("whsec_") and nd.get_callbacks().secret is None
 
         # runflow-api use case 1: remind one runner of tomorrow's event.
-        reminder = Intent(recipient=Recipient(ref="runner-42", addresses={"whatsapp": "+34600111222", "email": "ana@example.com"},
-                                              locale="es-ES"),
-                          channels=["whatsapp", "email"], template="event_reminder",
-                          variables={"name": "Ana", "event": "Tirada larga"}, category="reminders",
-                          metadata={"event_id": "evt-7"})
+        reminder = Intent(
+            recipient=Recipient(
+                ref="runner-42", addresses={"whatsapp": "+34600111222", "email": "ana@example.com"}, locale="es-ES"
+            ),
+            channels=["whatsapp", "email"],
+            template="event_reminder",
+            variables={"name": "Ana", "event": "Tirada larga"},
+            category="reminders",
+            metadata={"event_id": "evt-7"},
+        )
         first = nd.submit(reminder, idempotency_key="reminder:evt-7:runner-42")
         again = nd.submit(reminder, idempotency_key="reminder:evt-7:runner-42")
         assert not first.replayed and again.replayed and again.id == first.id
@@ -101,19 +108,42 @@ def test_the_quickstart_flow_through_the_client(svc: Service) -> None:
         assert email.allowed and [(k.category, k.allowed) for k in email.categories] == [("newsletter", False)]
 
         # runflow-api use case 2: remind everyone with an RSVP (one intent, one key, per-runner variables).
-        rsvps = [FanoutRecipient(ref=f"runner-{n}", addresses={"email": f"runner{n}@example.com"}, variables={"name": f"R{n}"})
-                 for n in range(100, 150)]
-        fanout = nd.submit(Intent(recipients=rsvps, channels=["email"], template="event_reminder", variables={"event": "10K"}),
-                           idempotency_key="reminder:evt-8:rsvps")
+        rsvps = [
+            FanoutRecipient(ref=f"runner-{n}", addresses={"email": f"runner{n}@example.com"}, variables={"name": f"R{n}"})
+            for n in range(100, 150)
+        ]
+        fanout = nd.submit(
+            Intent(recipients=rsvps, channels=["email"], template="event_reminder", variables={"event": "10K"}),
+            idempotency_key="reminder:evt-8:rsvps",
+        )
         assert fanout.recipient_count == 50 and fanout.summary and fanout.summary[0].count == 50
         assert len(wait_completed(nd, fanout.id).deliveries) == 50
 
         # Scheduled, then cancelled; a batch; a bad request is a typed error naming the field.
-        later = nd.submit(Intent(recipient=Recipient(ref="runner-42"), channels=["email"], template="event_reminder",
-                                 variables={"name": "Ana", "event": "x"}, send_at=dt.datetime(2099, 1, 1, tzinfo=dt.UTC)))
+        later = nd.submit(
+            Intent(
+                recipient=Recipient(ref="runner-42"),
+                channels=["email"],
+                template="event_reminder",
+                variables={"name": "Ana", "event": "x"},
+                send_at=dt.datetime(2099, 1, 1, tzinfo=dt.UTC),
+            )
+        )
         assert all(d.cancelled for d in nd.cancel(later.id).deliveries)
-        batch = nd.submit_batch([reminder, (Intent(recipient=Recipient(ref="runner-9"), channels=["email"], template="event_reminder",
-                                                   variables={"name": "N", "event": "y"}), "batch-key-2")])
+        batch = nd.submit_batch(
+            [
+                reminder,
+                (
+                    Intent(
+                        recipient=Recipient(ref="runner-9"),
+                        channels=["email"],
+                        template="event_reminder",
+                        variables={"name": "N", "event": "y"},
+                    ),
+                    "batch-key-2",
+                ),
+            ]
+        )
         assert (batch.accepted, batch.failed) == (2, 0)
         with pytest.raises(DispatcherError) as err:
             nd.submit(Intent(recipient=Recipient(ref="runner-42"), channels=["email"], template="event_reminder", variables={}))
@@ -150,8 +180,14 @@ def test_the_async_client_does_the_same(svc: Service) -> None:
     async def main() -> None:
         async with AsyncClient(svc.base_url, svc.key) as nd:
             await nd.upsert_template("event_reminder", TEMPLATE)
-            accepted = await nd.submit(Intent(recipient=Recipient(ref="runner-7", addresses={"email": "r7@example.com"}),
-                                              channels=["email"], template="event_reminder", variables={"name": "R", "event": "E"}))
+            accepted = await nd.submit(
+                Intent(
+                    recipient=Recipient(ref="runner-7", addresses={"email": "r7@example.com"}),
+                    channels=["email"],
+                    template="event_reminder",
+                    variables={"name": "R", "event": "E"},
+                )
+            )
             results = await asyncio.gather(*(nd.get_notification(accepted.id) for _ in range(5)))
             assert {r.id for r in results} == {accepted.id}
             with pytest.raises(DispatcherError):
@@ -184,9 +220,15 @@ def test_retries_after_a_lost_answer_and_a_503_send_once(svc: Service) -> None:
     transport = LossyTransport()
     with Client(svc.base_url, svc.key, transport=transport) as nd:
         nd.upsert_template("event_reminder", TEMPLATE)
-        accepted = nd.submit(Intent(recipient=Recipient(ref="runner-5", addresses={"email": "r5@example.com"}), channels=["email"],
-                                    template="event_reminder", variables={"name": "R", "event": "E"}))
-        assert accepted.replayed   # the third try got the first one's answer
+        accepted = nd.submit(
+            Intent(
+                recipient=Recipient(ref="runner-5", addresses={"email": "r5@example.com"}),
+                channels=["email"],
+                template="event_reminder",
+                variables={"name": "R", "event": "E"},
+            )
+        )
+        assert accepted.replayed  # the third try got the first one's answer
     tries = [(key, rid) for method, key, rid in transport.seen if method == "POST" and key]
     assert len(tries) == 3 and len({key for key, _ in tries}) == 1 and len({rid for _, rid in tries}) == 1
     with psycopg.connect(svc.db_url) as conn:

@@ -60,7 +60,9 @@ def test_the_service_rides_out_a_database_restart(mode: str, tmp_path) -> None: 
         restarts = 0
         deadline = time.monotonic() + 60
         with psycopg.connect(url, autocommit=True) as conn:
-            while conn.execute("select count(*) from notify.notification_deliveries where status in ('queued', 'sending')").fetchone()[0]:
+            while conn.execute(
+                "select count(*) from notify.notification_deliveries where status in ('queued', 'sending')"
+            ).fetchone()[0]:
                 assert time.monotonic() < deadline, "deliveries were not sent after the restart"
                 if svc.procs[1].poll() is not None:
                     # procrastinate stops itself when its LISTEN connection dies (exit code != 0); like systemd's
@@ -68,8 +70,13 @@ def test_the_service_rides_out_a_database_restart(mode: str, tmp_path) -> None: 
                     restarts += 1
                     log = tmp_path / f"worker-restarted-{restarts}.log"
                     svc.logs.append(log)
-                    svc.procs[1] = subprocess.Popen([sys.executable, "-m", "dispatcher", "worker"], env=svc.env, cwd=ROOT,
-                                                    stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                    svc.procs[1] = subprocess.Popen(
+                        [sys.executable, "-m", "dispatcher", "worker"],
+                        env=svc.env,
+                        cwd=ROOT,
+                        stdout=log.open("wb"),
+                        stderr=subprocess.STDOUT,
+                    )
                 time.sleep(0.5)
         for notification_id in before + after:
             svc.wait_for(notification_id, lambda b: b["deliveries"][0]["status"] in ("sent", "delivered"), timeout=20)

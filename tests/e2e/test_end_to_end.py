@@ -30,13 +30,19 @@ def setup_tenant(svc: Service) -> None:
     with svc.client() as c:
         assert c.put("/internal/templates/event_reminder", json=REMINDER).status_code == 200
         for ref in ("runner-42", "r-fail", "r-timeout", "r-async"):
-            assert c.post(f"/internal/recipients/{ref}/consents",
-                          json={"channel": "whatsapp", "status": "granted", "source": "signup_form"}).status_code == 201
+            assert (
+                c.post(
+                    f"/internal/recipients/{ref}/consents",
+                    json={"channel": "whatsapp", "status": "granted", "source": "signup_form"},
+                ).status_code
+                == 201
+            )
 
 
 def final(body: dict) -> bool:
-    return body["status"] == "completed" and all(d["status"] in ("read", "delivered", "failed", "unknown", "suppressed")
-                                                  for d in body["deliveries"])
+    return body["status"] == "completed" and all(
+        d["status"] in ("read", "delivered", "failed", "unknown", "suppressed") for d in body["deliveries"]
+    )
 
 
 @pytest.fixture
@@ -83,11 +89,15 @@ def test_failure_classes_end_in_their_documented_states(svc: Service) -> None:
     ids = {}
     with svc.client() as c:
         for ref, (addresses, channels, _, _) in cases.items():
-            response = c.post("/internal/notifications", json=intent(recipient={"ref": ref, "addresses": addresses}, channels=channels))
+            response = c.post(
+                "/internal/notifications", json=intent(recipient={"ref": ref, "addresses": addresses}, channels=channels)
+            )
             assert response.status_code == 202, response.text
             ids[ref] = response.json()["id"]
     for ref, (_, _, status, reason) in cases.items():
-        body = svc.wait_for(ids[ref], lambda b, s=status: b["deliveries"][0]["status"] == s and (s != "failed" or b["status"] == "completed"))
+        body = svc.wait_for(
+            ids[ref], lambda b, s=status: b["deliveries"][0]["status"] == s and (s != "failed" or b["status"] == "completed")
+        )
         delivery = body["deliveries"][0]
         assert (delivery["status"], delivery["reason"]) == (status, reason), delivery
     retried = svc.wait_for(ids["r-retry"], final)["deliveries"][0]
@@ -113,11 +123,13 @@ def test_direct_sql_submission_exists_only_if_the_callers_transaction_commits(sv
     with psycopg.connect(svc.db_url) as conn:
         conn.execute("set role notify_caller")
         conn.execute("select * from notify_api.submit_notification_v1(%s, %s, 'sql-rollback')", (svc.tenant_id, Jsonb(intent())))
-        conn.rollback()                                  # the business change failed: no notification, nothing sent
+        conn.rollback()  # the business change failed: no notification, nothing sent
         conn.execute("set role notify_caller")
-        row = conn.execute("select response from notify_api.submit_notification_v1(%s, %s, 'sql-commit')",
-                           (svc.tenant_id, Jsonb(intent(channels=["email"])))).fetchone()
-        conn.commit()                                    # committed: the worker is woken by the commit's NOTIFY
+        row = conn.execute(
+            "select response from notify_api.submit_notification_v1(%s, %s, 'sql-commit')",
+            (svc.tenant_id, Jsonb(intent(channels=["email"]))),
+        ).fetchone()
+        conn.commit()  # committed: the worker is woken by the commit's NOTIFY
     notification_id = row[0]["id"]
     body = svc.wait_for(notification_id, lambda b: b["deliveries"][0]["status"] == "delivered")
     assert body["idempotency_key"] == "sql-commit"
@@ -142,10 +154,13 @@ def test_the_request_id_reaches_the_notification_and_the_workers_log_lines(svc: 
     with svc.client() as c:
         given = c.post("/internal/notifications", json=intent(), headers={"X-Request-ID": "runflow-req-7f3a"})
         assert given.headers["x-request-id"] == "runflow-req-7f3a"
-        made = c.post("/internal/notifications", json=intent(variables={"name": "Bo", "event": "x"}),
-                      headers={"X-Request-ID": "bad id with spaces"})
+        made = c.post(
+            "/internal/notifications",
+            json=intent(variables={"name": "Bo", "event": "x"}),
+            headers={"X-Request-ID": "bad id with spaces"},
+        )
         created_id = made.headers["x-request-id"]
-        assert created_id != "bad id with spaces" and len(created_id) == 32   # refused and replaced by a fresh one
+        assert created_id != "bad id with spaces" and len(created_id) == 32  # refused and replaced by a fresh one
         assert c.get("/health").headers["x-request-id"]
     body = svc.wait_for(given.json()["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"read", "delivered"})
     assert body["http_request_id"] == "runflow-req-7f3a"
@@ -158,11 +173,13 @@ def test_the_request_id_reaches_the_notification_and_the_workers_log_lines(svc: 
     delivery_ids = {d["id"] for d in body["deliveries"]}
     assert {line["delivery_id"] for line in worker_lines} == delivery_ids
     assert all(line["outcome"] == "sent" and "address" not in line for line in worker_lines)
-    with psycopg.connect(svc.db_url) as conn:   # direct SQL callers set it as a transaction setting
+    with psycopg.connect(svc.db_url) as conn:  # direct SQL callers set it as a transaction setting
         with conn.transaction():
             conn.execute("select set_config('notify.request_id', 'sql-caller-1', true)")
             response, _ = submit(conn, svc.tenant_id, intent(variables={"name": "Cy", "event": "y"}))
-        stored = conn.execute("select http_request_id from notify.notification_requests where id = %s", (response["id"],)).fetchone()[0]
+        stored = conn.execute(
+            "select http_request_id from notify.notification_requests where id = %s", (response["id"],)
+        ).fetchone()[0]
     assert stored == "sql-caller-1"
 
 
@@ -179,8 +196,11 @@ def worker_log_events(path) -> list[dict]:  # noqa: ANN001
     return events
 
 
-@pytest.mark.parametrize("entry_point", [["-m", "dispatcher", "worker"], ["-m", "procrastinate", "--app=runner.app.app", "worker"]],
-                         ids=["dispatcher-worker", "procrastinate-cli"])
+@pytest.mark.parametrize(
+    "entry_point",
+    [["-m", "dispatcher", "worker"], ["-m", "procrastinate", "--app=runner.app.app", "worker"]],
+    ids=["dispatcher-worker", "procrastinate-cli"],
+)
 def test_both_worker_entry_points_run_the_same_worker(entry_point: list[str], db: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
     """`procrastinate --app=runner.app.app worker` is what `dispatcher worker` is: JSON logs, masked, and metrics."""
     from tests.conftest import free_port
@@ -191,8 +211,15 @@ def test_both_worker_entry_points_run_the_same_worker(entry_point: list[str], db
     worker.wait(30)
     metrics_port = free_port()
     log = tmp_path / "entry-point.log"
-    service.procs.append(subprocess.Popen([sys.executable, *entry_point], env={**service.env, "DISPATCHER_WORKER_METRICS_PORT": str(metrics_port)},
-                                          cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT))
+    service.procs.append(
+        subprocess.Popen(
+            [sys.executable, *entry_point],
+            env={**service.env, "DISPATCHER_WORKER_METRICS_PORT": str(metrics_port)},
+            cwd=ROOT,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+    )
     service.logs.append(log)
     try:
         setup_tenant(service)
@@ -220,19 +247,29 @@ def test_sigterm_lets_in_flight_sends_finish_and_records_them(db: psycopg.Connec
     try:
         setup_tenant(service)
         with service.client() as c:
-            ids = [c.post("/internal/notifications", json=intent(channels=["email"], variables={"name": f"N{n}", "event": "x"},
-                                                                 recipient={"ref": f"sig-{n}", "addresses": {"email": f"s{n}@example.com"}})
-                          ).json()["id"] for n in range(20)]
+            ids = [
+                c.post(
+                    "/internal/notifications",
+                    json=intent(
+                        channels=["email"],
+                        variables={"name": f"N{n}", "event": "x"},
+                        recipient={"ref": f"sig-{n}", "addresses": {"email": f"s{n}@example.com"}},
+                    ),
+                ).json()["id"]
+                for n in range(20)
+            ]
         with psycopg.connect(service.db_url, autocommit=True) as conn:
             deadline = time.monotonic() + 15
             while conn.execute("select count(*) from notify.notification_deliveries where status = 'sending'").fetchone()[0] < 20:
                 assert time.monotonic() < deadline, "the sends did not start"
                 time.sleep(0.05)
             worker = service.procs.pop()
-            worker.terminate()                                       # SIGTERM while every send is at the provider
+            worker.terminate()  # SIGTERM while every send is at the provider
             code = worker.wait(30)
             statuses = conn.execute("select status, count(*) from notify.notification_deliveries group by 1").fetchall()
-            attempts = conn.execute("select count(*), count(*) filter (where outcome = 'sent') from notify.delivery_attempts").fetchone()
+            attempts = conn.execute(
+                "select count(*), count(*) filter (where outcome = 'sent') from notify.delivery_attempts"
+            ).fetchone()
             sent_by_mock = conn.execute("select count(*) from notify.mock_messages").fetchone()[0]
         assert code == 0, service.log_text()[-2000:]
         assert statuses == [("sent", 20)] and attempts == (20, 20) and sent_by_mock == 20
@@ -245,34 +282,46 @@ def test_sigterm_lets_in_flight_sends_finish_and_records_them(db: psycopg.Connec
 def test_a_killed_worker_follows_the_crash_policy(db: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
     """SIGKILL while both sends are in flight: e-mail is sent again, WhatsApp becomes unknown (never resent),
     and the dead worker's stalled job is closed."""
-    service = start_service(url_of(db), tmp_path, {"DISPATCHER_MOCK_LATENCY_MS": "20000", "DISPATCHER_LEASE_SECONDS": "3",
-                                                  "DISPATCHER_MAINTENANCE_CRON": "* * * * * *"})
+    service = start_service(
+        url_of(db),
+        tmp_path,
+        {"DISPATCHER_MOCK_LATENCY_MS": "20000", "DISPATCHER_LEASE_SECONDS": "3", "DISPATCHER_MAINTENANCE_CRON": "* * * * * *"},
+    )
     try:
         setup_tenant(service)
         with service.client() as c:
             created = c.post("/internal/notifications", json=intent()).json()
         service.wait_for(created["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"sending"})
         doomed = service.procs.pop()
-        doomed.kill()                                           # SIGKILL: no graceful shutdown, no record_attempts
+        doomed.kill()  # SIGKILL: no graceful shutdown, no record_attempts
         doomed.wait(10)
         with psycopg.connect(service.db_url, autocommit=True) as conn:
             # (a spare 'todo' wake-up may exist too: maintenance can wake a channel between submit and claim)
-            assert "doing" in {r[0] for r in conn.execute("select status::text from procrastinate_jobs where task_name = 'dispatch'")}
+            assert "doing" in {
+                r[0] for r in conn.execute("select status::text from procrastinate_jobs where task_name = 'dispatch'")
+            }
             conn.execute("update procrastinate_workers set last_heartbeat = now() - interval '1 hour'")  # as if 30 s had passed
         log = tmp_path / "worker2.log"
         env = {**service.env, "DISPATCHER_MOCK_LATENCY_MS": "0"}
-        service.procs.append(subprocess.Popen([sys.executable, "-m", "dispatcher", "worker"], env=env, cwd=ROOT,
-                                              stdout=log.open("wb"), stderr=subprocess.STDOUT))
+        service.procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "dispatcher", "worker"], env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT
+            )
+        )
         service.logs.append(log)
-        body = service.wait_for(created["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"unknown", "delivered"}, timeout=30)
+        body = service.wait_for(
+            created["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"unknown", "delivered"}, timeout=30
+        )
         by_channel = {d["channel"]: d for d in body["deliveries"]}
         assert by_channel["whatsapp"]["reason"] == "lease_expired" and by_channel["whatsapp"]["attempts"] == 1
         assert [a["outcome"] for a in by_channel["email"]["attempt_history"]] == ["lease_expired", "sent"]
         with psycopg.connect(service.db_url) as conn:
             sends = dict(conn.execute("select channel::text, count(*) from notify.mock_messages group by 1").fetchall())
-            assert sends == {"email": 1}                        # WhatsApp never sent twice (here: never reached the mock)
+            assert sends == {"email": 1}  # WhatsApp never sent twice (here: never reached the mock)
             deadline = time.monotonic() + 10
-            while conn.execute("select count(*) from procrastinate_jobs where status = 'doing' and task_name = 'dispatch'").fetchone()[0]:
+            while conn.execute(
+                "select count(*) from procrastinate_jobs where status = 'doing' and task_name = 'dispatch'"
+            ).fetchone()[0]:
                 assert time.monotonic() < deadline, "the stalled job was not closed"
                 time.sleep(0.2)
                 conn.commit()
@@ -281,21 +330,38 @@ def test_a_killed_worker_follows_the_crash_policy(db: psycopg.Connection, tmp_pa
 
 
 def test_metrics_from_the_api_and_the_worker(db: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
-    from tests.conftest import free_port
-
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    from tests.conftest import free_port
+
     port, api_metrics = free_port(), free_port()
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), type("Ok", (BaseHTTPRequestHandler,), {
-        "do_POST": lambda self: (self.rfile.read(int(self.headers["content-length"])), self.send_response(204), self.end_headers()),
-        "log_message": lambda self, *a: None}))
+    receiver = ThreadingHTTPServer(
+        ("127.0.0.1", 0),
+        type(
+            "Ok",
+            (BaseHTTPRequestHandler,),
+            {
+                "do_POST": lambda self: (
+                    self.rfile.read(int(self.headers["content-length"])),
+                    self.send_response(204),
+                    self.end_headers(),
+                ),
+                "log_message": lambda self, *a: None,
+            },
+        ),
+    )
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    service = start_service(url_of(db), tmp_path, {"DISPATCHER_WORKER_METRICS_PORT": str(port), "DISPATCHER_DEV_MODE": "1",
-                                                        "DISPATCHER_METRICS_PORT": str(api_metrics)})
+    service = start_service(
+        url_of(db),
+        tmp_path,
+        {"DISPATCHER_WORKER_METRICS_PORT": str(port), "DISPATCHER_DEV_MODE": "1", "DISPATCHER_METRICS_PORT": str(api_metrics)},
+    )
     try:
         setup_tenant(service)
         with service.client() as c:
-            assert c.put("/internal/callbacks", json={"url": f"http://127.0.0.1:{receiver.server_address[1]}/cb"}).status_code == 200
+            assert (
+                c.put("/internal/callbacks", json={"url": f"http://127.0.0.1:{receiver.server_address[1]}/cb"}).status_code == 200
+            )
             created = c.post("/internal/notifications", json=intent()).json()
             service.wait_for(created["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"read", "delivered"})
             deadline = time.monotonic() + 10
@@ -303,8 +369,9 @@ def test_metrics_from_the_api_and_the_worker(db: psycopg.Connection, tmp_path) -
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
             c.post("/internal/notifications", json=intent(channels=["email"], send_at="2099-01-01T00:00:00Z"))
-            assert c.get("/metrics").status_code == 404   # not on the public listener
+            assert c.get("/metrics").status_code == 404  # not on the public listener
         import httpx
+
         api = httpx.get(f"http://127.0.0.1:{api_metrics}/metrics", timeout=5).text
         worker = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     finally:
@@ -312,7 +379,10 @@ def test_metrics_from_the_api_and_the_worker(db: psycopg.Connection, tmp_path) -
         receiver.shutdown()
         receiver.server_close()
     assert 'dispatcher_submissions_total{outcome="accepted"} 2.0' in api
-    assert 'dispatcher_http_requests_total{app_name="dispatcher",method="POST",path="/internal/notifications",status_code="202"}' in api
+    assert (
+        'dispatcher_http_requests_total{app_name="dispatcher",method="POST",path="/internal/notifications",status_code="202"}'
+        in api
+    )
     assert 'dispatcher_webhook_events_total{outcome="applied",provider="mock"}' in api
     assert 'dispatcher_queue_scheduled{channel="email",tenant="acme"} 1.0' in api
     assert "dispatcher_queue_health_up 1.0" in api

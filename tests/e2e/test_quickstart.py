@@ -22,8 +22,13 @@ def test_dispatcher_dev_end_to_end(tmp_path):  # noqa: ANN001
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_") and k != "DATABASE_URL"}
     log = tmp_path / "dev.log"
-    proc = subprocess.Popen([sys.executable, "-m", "dispatcher", "dev", "--port", str(port), "--data-dir", str(tmp_path / "state")],
-                            cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher", "dev", "--port", str(port), "--data-dir", str(tmp_path / "state")],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -38,8 +43,13 @@ def test_dispatcher_dev_end_to_end(tmp_path):  # noqa: ANN001
         key = re.search(r"API key: (nd_\S+)", log.read_text()).group(1)  # type: ignore[union-attr]
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=10) as c:
             assert c.put("/internal/templates/event_reminder", json=REMINDER).status_code == 200
-            assert c.post("/internal/recipients/runner-42/consents",
-                          json={"channel": "whatsapp", "status": "granted", "source": "signup_form"}).status_code == 201
+            assert (
+                c.post(
+                    "/internal/recipients/runner-42/consents",
+                    json={"channel": "whatsapp", "status": "granted", "source": "signup_form"},
+                ).status_code
+                == 201
+            )
             created = c.post("/internal/notifications", json=intent()).json()
             deadline = time.monotonic() + 20
             while True:

@@ -58,11 +58,13 @@ def blocks(text: str) -> list[Block]:
         assert end is not None, f"README.md:{start + 1}: unterminated code block"
         before = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
         skip = SKIP.match(before.strip())
-        block = Block(start + 1, lang, "\n".join(lines[start + 1:end]) + "\n", skip.group("why") if skip else None)
+        block = Block(start + 1, lang, "\n".join(lines[start + 1 : end]) + "\n", skip.group("why") if skip else None)
         if block.skip is None and lang not in RUNNERS | INERT:
-            raise AssertionError(f"README.md:{block.line}: a ```{lang or '(no language)'} block is neither run by "
-                                 f"tests/e2e/test_readme.py ({', '.join(sorted(RUNNERS))}) nor marked "
-                                 "<!-- readme-test: skip (why) --> on the line before it")
+            raise AssertionError(
+                f"README.md:{block.line}: a ```{lang or '(no language)'} block is neither run by "
+                f"tests/e2e/test_readme.py ({', '.join(sorted(RUNNERS))}) nor marked "
+                "<!-- readme-test: skip (why) --> on the line before it"
+            )
         found.append(block)
         i = end + 1
     return found
@@ -106,8 +108,13 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_") and k not in ("DATABASE_URL", "KEY", "URL")}
     log = tmp_path / "dev.log"
-    proc = subprocess.Popen([sys.executable, "-m", "dispatcher", "dev", "--port", str(port), "--data-dir", str(data_dir)],
-                            cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher", "dev", "--port", str(port), "--data-dir", str(data_dir)],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
@@ -131,11 +138,20 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
             code = block.code.replace(DEV_PORT, f"127.0.0.1:{port}")
             script = tmp_path / f"block{n}.{block.lang}"
             script.write_text(code)
-            command = {"bash": ["bash", "-euo", "pipefail", str(script)],
-                       "python": [str(checkout / ".venv" / "bin" / "python"), str(script)],
-                       "sql": psql}[block.lang]  # SQL is pasted: psql reads it from standard input
-            done = subprocess.run(command, cwd=checkout, env=run_env, capture_output=True, text=True, timeout=120,
-                                  input=code if block.lang == "sql" else None)
+            command = {
+                "bash": ["bash", "-euo", "pipefail", str(script)],
+                "python": [str(checkout / ".venv" / "bin" / "python"), str(script)],
+                "sql": psql,
+            }[block.lang]  # SQL is pasted: psql reads it from standard input
+            done = subprocess.run(
+                command,
+                cwd=checkout,
+                env=run_env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                input=code if block.lang == "sql" else None,
+            )
             where = f"README.md:{block.line} ({block.lang})"
             print(f"--- {where}\n{done.stdout}\n{done.stderr}")  # shown by pytest when the test fails
             assert done.returncode == 0, f"{where} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"

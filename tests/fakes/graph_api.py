@@ -24,9 +24,14 @@ from typing import Any
 import httpx
 
 ERRORS = {
-    130429: "(#130429) Rate limit hit", 131056: "(#131056) Pair rate limit hit", 131047: "Re-engagement message",
-    131026: "Message undeliverable", 132001: "Template name does not exist in the translation", 190: "Access token expired",
-    131050: "User has stopped marketing messages", 131000: "Something went wrong",
+    130429: "(#130429) Rate limit hit",
+    131056: "(#131056) Pair rate limit hit",
+    131047: "Re-engagement message",
+    131026: "Message undeliverable",
+    132001: "Template name does not exist in the translation",
+    190: "Access token expired",
+    131050: "User has stopped marketing messages",
+    131000: "Something went wrong",
 }
 
 
@@ -48,11 +53,11 @@ class GraphFake:
     # "ok", "error:<code>", "timeout", "http500", "http503", "async_failed:<code>", "silent"
     scripts: dict[str, list[str]] = field(default_factory=dict)
     duplicate_webhooks: bool = True
-    outage: str | None = None   # while set (a script step, e.g. "http503"), every send gets that answer: an outage
+    outage: str | None = None  # while set (a script step, e.g. "http503"), every send gets that answer: an outage
     status_delay: float = 0.05
     requests: list[dict[str, Any]] = field(default_factory=list)
-    posted: list[tuple[str, int]] = field(default_factory=list)   # (status, HTTP answer) of every webhook sent
-    accepted: list[str] = field(default_factory=list)             # the recipient of every message given a wamid
+    posted: list[tuple[str, int]] = field(default_factory=list)  # (status, HTTP answer) of every webhook sent
+    accepted: list[str] = field(default_factory=list)  # the recipient of every message given a wamid
     _counter: itertools.count = field(default_factory=lambda: itertools.count(1))
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -111,12 +116,22 @@ class GraphFake:
             return 200, {"messaging_product": "whatsapp"}, 30.0
         if script == "http500":
             return 500, {}, 0
-        if script == "http503":   # Meta's "API Service temporarily unavailable"
+        if script == "http503":  # Meta's "API Service temporarily unavailable"
             return 503, {"error": {"code": 2, "message": "Service temporarily unavailable", "type": "OAuthException"}}, 0
         if script.startswith("error:"):
             code = int(script.split(":")[1])
-            return 400, {"error": {"message": ERRORS.get(code, "error"), "type": "OAuthException", "code": code,
-                                   "fbtrace_id": "Az8or2yhqkZfEZ"}}, 0
+            return (
+                400,
+                {
+                    "error": {
+                        "message": ERRORS.get(code, "error"),
+                        "type": "OAuthException",
+                        "code": code,
+                        "fbtrace_id": "Az8or2yhqkZfEZ",
+                    }
+                },
+                0,
+            )
         wamid = f"wamid.fake-{next(self._counter)}"
         with self._lock:
             self.accepted.append(to)
@@ -124,10 +139,18 @@ class GraphFake:
             final = ["sent", "delivered", "read"]
             if script.startswith("async_failed:"):
                 final = ["sent", ("failed", int(script.split(":")[1]))]  # type: ignore[list-item]
-            threading.Thread(target=self._post_statuses, args=(wamid, to, body.get("biz_opaque_callback_data"), final),
-                             daemon=True).start()
-        return 200, {"messaging_product": "whatsapp", "contacts": [{"input": to, "wa_id": to}],
-                     "messages": [{"id": wamid, "message_status": "accepted"}]}, 0
+            threading.Thread(
+                target=self._post_statuses, args=(wamid, to, body.get("biz_opaque_callback_data"), final), daemon=True
+            ).start()
+        return (
+            200,
+            {
+                "messaging_product": "whatsapp",
+                "contacts": [{"input": to, "wa_id": to}],
+                "messages": [{"id": wamid, "message_status": "accepted"}],
+            },
+            0,
+        )
 
     # -- webhooks -------------------------------------------------------------------------------------------
     def sign(self, raw: bytes) -> str:
@@ -135,14 +158,31 @@ class GraphFake:
 
     def post_webhook(self, value: dict[str, Any]) -> int:
         assert self.webhook_url, "no webhook_url"
-        envelope = {"object": "whatsapp_business_account",
-                    "entry": [{"id": "WABA_ID", "changes": [{"field": "messages", "value": {
-                        "messaging_product": "whatsapp",
-                        "metadata": {"display_phone_number": "15550783881", "phone_number_id": self.phone_number_id},
-                        **value}}]}]}
+        envelope = {
+            "object": "whatsapp_business_account",
+            "entry": [
+                {
+                    "id": "WABA_ID",
+                    "changes": [
+                        {
+                            "field": "messages",
+                            "value": {
+                                "messaging_product": "whatsapp",
+                                "metadata": {"display_phone_number": "15550783881", "phone_number_id": self.phone_number_id},
+                                **value,
+                            },
+                        }
+                    ],
+                }
+            ],
+        }
         raw = json.dumps(envelope).encode()
-        response = httpx.post(self.webhook_url, content=raw, timeout=10,
-                              headers={"content-type": "application/json", "x-hub-signature-256": self.sign(raw)})
+        response = httpx.post(
+            self.webhook_url,
+            content=raw,
+            timeout=10,
+            headers={"content-type": "application/json", "x-hub-signature-256": self.sign(raw)},
+        )
         return response.status_code
 
     def _post_statuses(self, wamid: str, to: str, tracker: str | None, statuses: list[Any]) -> None:
@@ -151,7 +191,7 @@ class GraphFake:
         now = int(time.time())
         payloads = []
         for status in statuses:
-            name, code = (status if isinstance(status, tuple) else (status, None))
+            name, code = status if isinstance(status, tuple) else (status, None)
             item: dict[str, Any] = {"id": wamid, "status": name, "timestamp": str(now), "recipient_id": to}
             if tracker:
                 item["biz_opaque_callback_data"] = tracker
@@ -177,10 +217,20 @@ class GraphFake:
 
     def inbound(self, sender: str, text: str) -> int:
         """A user writes to the business number."""
-        return self.post_webhook({
-            "contacts": [{"profile": {"name": "Test"}, "wa_id": sender.lstrip("+")}],
-            "messages": [{"from": sender.lstrip("+"), "id": f"wamid.in-{next(self._counter)}", "timestamp": str(int(time.time())),
-                          "type": "text", "text": {"body": text}}]})
+        return self.post_webhook(
+            {
+                "contacts": [{"profile": {"name": "Test"}, "wa_id": sender.lstrip("+")}],
+                "messages": [
+                    {
+                        "from": sender.lstrip("+"),
+                        "id": f"wamid.in-{next(self._counter)}",
+                        "timestamp": str(int(time.time())),
+                        "type": "text",
+                        "text": {"body": text},
+                    }
+                ],
+            }
+        )
 
 
 def main() -> None:

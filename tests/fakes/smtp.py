@@ -30,9 +30,16 @@ def self_signed_context() -> ssl.SSLContext:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
     folder = tempfile.mkdtemp()
     cert_path, key_path = f"{folder}/cert.pem", f"{folder}/key.pem"
     with open(cert_path, "wb") as f:
@@ -77,8 +84,15 @@ class SmtpFake:
                 return script[5:]
         raw = envelope.original_content or envelope.content
         message = message_from_bytes(raw, policy=policy.default)
-        self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), message, raw,  # type: ignore[arg-type]
-                                      list(envelope.mail_options or [])))
+        self.received.append(
+            Received(
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                message,
+                raw,  # type: ignore[arg-type]
+                list(envelope.mail_options or []),
+            )
+        )
         return "250 2.0.0 OK queued as FAKE"
 
     def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
@@ -89,8 +103,13 @@ class SmtpFake:
         """Listens on port (0: a free one); start(port) again after stop() brings the same server back."""
         kwargs: dict[str, Any] = {}
         if self.require_tls_auth:
-            kwargs = {"tls_context": self_signed_context(), "require_starttls": True, "authenticator": self._authenticate,
-                      "auth_required": True, "auth_require_tls": True}
+            kwargs = {
+                "tls_context": self_signed_context(),
+                "require_starttls": True,
+                "authenticator": self._authenticate,
+                "auth_required": True,
+                "auth_require_tls": True,
+            }
         if not port:
             with socket.socket() as probe:
                 probe.bind(("127.0.0.1", 0))

@@ -15,7 +15,9 @@ def test_what_a_message_writes_parses_back():
     assert parse_correlation_id(message.correlation_id) == (tenant, delivery)
 
 
-@pytest.mark.parametrize("value", [None, "", 42, ["a", "b"], "not-a-uuid:also-not", f"{uuid.uuid4()}", f"{uuid.uuid4()}:{uuid.uuid4()}:x",
-                                   f"{uuid.uuid4()}:"])
+@pytest.mark.parametrize(
+    "value",
+    [None, "", 42, ["a", "b"], "not-a-uuid:also-not", f"{uuid.uuid4()}", f"{uuid.uuid4()}:{uuid.uuid4()}:x", f"{uuid.uuid4()}:"],
+)
 def test_anything_else_is_no_match(value):
     assert parse_correlation_id(value) == (None, None)

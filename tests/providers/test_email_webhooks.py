@@ -33,17 +33,23 @@ class SendGridKeys:
     def sign(self, body: bytes, timestamp: str | None = None) -> dict[str, str]:
         ts = timestamp or str(int(time.time()))
         sig = self.private.sign(ts.encode() + body, ec.ECDSA(hashes.SHA256()))
-        return {"x-twilio-email-event-webhook-signature": base64.b64encode(sig).decode(),
-                "x-twilio-email-event-webhook-timestamp": ts}
+        return {
+            "x-twilio-email-event-webhook-signature": base64.b64encode(sig).decode(),
+            "x-twilio-email-event-webhook-timestamp": ts,
+        }
 
 
 def sendgrid_events(correlation: str, message_id: str = "<m1@runflow.example>") -> list[dict]:
     base = {"email": "ana@example.com", "timestamp": int(time.time()), "smtp-id": message_id, "nd_correlation": correlation}
-    return [{**base, "event": "processed", "sg_event_id": "e1"}, {**base, "event": "delivered", "sg_event_id": "e2"},
-            {**base, "event": "open", "sg_event_id": "e3"}, {**base, "event": "deferred", "sg_event_id": "e4"},
-            {**base, "event": "bounce", "type": "bounce", "reason": "550 5.1.1 unknown", "sg_event_id": "e5"},
-            {**base, "event": "spamreport", "sg_event_id": "e6"},
-            {**base, "event": "dropped", "reason": "Unsubscribed Address", "sg_event_id": "e7"}]
+    return [
+        {**base, "event": "processed", "sg_event_id": "e1"},
+        {**base, "event": "delivered", "sg_event_id": "e2"},
+        {**base, "event": "open", "sg_event_id": "e3"},
+        {**base, "event": "deferred", "sg_event_id": "e4"},
+        {**base, "event": "bounce", "type": "bounce", "reason": "550 5.1.1 unknown", "sg_event_id": "e5"},
+        {**base, "event": "spamreport", "sg_event_id": "e6"},
+        {**base, "event": "dropped", "reason": "Unsubscribed Address", "sg_event_id": "e7"},
+    ]
 
 
 def test_sendgrid_events_verify_and_map():
@@ -51,8 +57,16 @@ def test_sendgrid_events_verify_and_map():
     body = json.dumps(sendgrid_events(f"{TENANT}:{DELIVERY}")).encode()
     parsed = SendGridWebhooks(keys.verification_key).parse(keys.sign(body), body)
     assert [(e.status, e.flag) for e in parsed.events] == [
-        ("sent", None), ("delivered", None), (None, "opened"), ("bounced", None), (None, "complained"), ("suppressed", None)]
-    assert {(e.tenant_id, e.delivery_id, e.provider_message_id) for e in parsed.events} == {(TENANT, DELIVERY, "m1@runflow.example")}
+        ("sent", None),
+        ("delivered", None),
+        (None, "opened"),
+        ("bounced", None),
+        (None, "complained"),
+        ("suppressed", None),
+    ]
+    assert {(e.tenant_id, e.delivery_id, e.provider_message_id) for e in parsed.events} == {
+        (TENANT, DELIVERY, "m1@runflow.example")
+    }
     assert parsed.events[3].error_code == "sendgrid_bounce"
 
 
@@ -78,25 +92,40 @@ def test_sendgrid_forgeries_are_refused(tamper):
     assert info.value.status == 401
 
 
-def mailgun_body(key: str, event: dict, timestamp: int | None = None, token: str | None = None, signature: str | None = None) -> bytes:
+def mailgun_body(
+    key: str, event: dict, timestamp: int | None = None, token: str | None = None, signature: str | None = None
+) -> bytes:
     ts, tok = str(timestamp or int(time.time())), token or uuid.uuid4().hex
     sig = signature or hmac.new(key.encode(), (ts + tok).encode(), hashlib.sha256).hexdigest()
     return json.dumps({"signature": {"timestamp": ts, "token": tok, "signature": sig}, "event-data": event}).encode()
 
 
 def mailgun_event(kind: str, **extra: object) -> dict:
-    return {"event": kind, "timestamp": time.time(), "user-variables": {"nd_correlation": f"{TENANT}:{DELIVERY}"},
-            "message": {"headers": {"message-id": "m1@runflow.example"}}, **extra}
+    return {
+        "event": kind,
+        "timestamp": time.time(),
+        "user-variables": {"nd_correlation": f"{TENANT}:{DELIVERY}"},
+        "message": {"headers": {"message-id": "m1@runflow.example"}},
+        **extra,
+    }
 
 
-@pytest.mark.parametrize(("event", "expected"), [
-    (mailgun_event("delivered"), ("delivered", None)),
-    (mailgun_event("failed", severity="permanent", reason="bounce", **{"delivery-status": {"code": 550, "message": "no such user"}}), ("bounced", None)),
-    (mailgun_event("failed", severity="permanent", reason="suppress-bounce"), ("suppressed", None)),
-    (mailgun_event("failed", severity="temporary"), None),
-    (mailgun_event("complained"), (None, "complained")),
-    (mailgun_event("opened"), (None, "opened")),
-])
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        (mailgun_event("delivered"), ("delivered", None)),
+        (
+            mailgun_event(
+                "failed", severity="permanent", reason="bounce", **{"delivery-status": {"code": 550, "message": "no such user"}}
+            ),
+            ("bounced", None),
+        ),
+        (mailgun_event("failed", severity="permanent", reason="suppress-bounce"), ("suppressed", None)),
+        (mailgun_event("failed", severity="temporary"), None),
+        (mailgun_event("complained"), (None, "complained")),
+        (mailgun_event("opened"), (None, "opened")),
+    ],
+)
 def test_mailgun_events_verify_and_map(event, expected):
     parsed = MailgunWebhooks("mg-key").parse({}, mailgun_body("mg-key", event))
     assert [(e.status, e.flag) for e in parsed.events] == ([expected] if expected else [])
@@ -108,16 +137,20 @@ def test_mailgun_events_verify_and_map(event, expected):
 @pytest.mark.parametrize("tamper", ["forged", "wrong_key", "stale", "no_signature"])
 def test_mailgun_forgeries_are_refused(tamper):
     event = mailgun_event("delivered")
-    body = {"forged": lambda: mailgun_body("mg-key", event, signature="0" * 64),
-            "wrong_key": lambda: mailgun_body("other", event),
-            "stale": lambda: mailgun_body("mg-key", event, timestamp=int(time.time()) - 3600),
-            "no_signature": lambda: json.dumps({"event-data": event}).encode()}[tamper]()
+    body = {
+        "forged": lambda: mailgun_body("mg-key", event, signature="0" * 64),
+        "wrong_key": lambda: mailgun_body("other", event),
+        "stale": lambda: mailgun_body("mg-key", event, timestamp=int(time.time()) - 3600),
+        "no_signature": lambda: json.dumps({"event-data": event}).encode(),
+    }[tamper]()
     with pytest.raises(WebhookRejected):
         MailgunWebhooks("mg-key").parse({}, body)
 
 
-INGEST = ("select notify_api.ingest_webhook_v1(%s, %s, %s, "
-          "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r))")
+INGEST = (
+    "select notify_api.ingest_webhook_v1(%s, %s, %s, "
+    "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r))"
+)
 
 
 def test_reports_on_smtp_messages_apply_and_a_complaint_revokes_consent(db, ready):
@@ -131,7 +164,9 @@ def test_reports_on_smtp_messages_apply_and_a_complaint_revokes_consent(db, read
     events = msgspec.to_builtins(parsed.events)  # as the webhook route passes them
     out = db.execute(INGEST, ("sendgrid", parsed.event_key, Jsonb(parsed.payload), Jsonb(events))).fetchone()[0]
     assert [o["outcome"] for o in out["outcomes"]] == ["stale", "applied", "flagged"]
-    state = db.execute("select status::text, opened_at is not null, delivered_at is not null from notify.notification_deliveries").fetchone()
+    state = db.execute(
+        "select status::text, opened_at is not null, delivered_at is not null from notify.notification_deliveries"
+    ).fetchone()
     assert state == ("delivered", True, True)
     # the open is returned where the docs say: in the delivery's detail, the stored first open
     request_id, opened = db.execute("select request_id, opened_at from notify.notification_deliveries").fetchone()

@@ -29,8 +29,9 @@ async def _no_mock(rows: list) -> None:
 
 
 def ctx(**settings: object) -> ProviderContext:
-    return ProviderContext(take_tokens=_no_tokens, record_mock=_no_mock,
-                           settings=ProviderSettings.of(Settings(database_url="", **settings)))  # type: ignore[arg-type]
+    return ProviderContext(
+        take_tokens=_no_tokens, record_mock=_no_mock, settings=ProviderSettings.of(Settings(database_url="", **settings))
+    )  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -43,13 +44,27 @@ def server() -> Iterator[SmtpFake]:
 
 def message(address: str = "ana@example.com", category: str | None = "reminders", **rendered: str) -> Message:
     content = {"subject": "Recordatorio: Tirada ñ 🏃", "text": "Hola Ana,\nnos vemos el domingo.", **rendered}
-    return Message(tenant_id=TENANT, delivery_id=uuid.uuid4(), attempt=1, channel="email", address=address,
-                   rendered=content, category=category)
+    return Message(
+        tenant_id=TENANT,
+        delivery_id=uuid.uuid4(),
+        attempt=1,
+        channel="email",
+        address=address,
+        rendered=content,
+        category=category,
+    )
 
 
 def smtp(port: int, context: ProviderContext | None = None, **settings: object) -> Smtp:
-    base = {"host": "127.0.0.1", "port": port, "security": "none", "from_address": "club@runflow.example",
-            "from_name": "RunFlow Club", "timeout_seconds": 5, "transactional_categories": ["transactional"]}
+    base = {
+        "host": "127.0.0.1",
+        "port": port,
+        "security": "none",
+        "from_address": "club@runflow.example",
+        "from_name": "RunFlow Club",
+        "timeout_seconds": 5,
+        "transactional_categories": ["transactional"],
+    }
     return Smtp({**base, **settings}, {}, context or ctx(), LOCAL)
 
 
@@ -76,7 +91,11 @@ def test_a_message_arrives_with_the_right_headers_body_and_encoding(server):
 
 def test_non_transactional_mail_gets_one_click_unsubscribe(server):
     provider = smtp(server.port, ctx(public_url="https://notify.example", unsubscribe_secret="u-secret"))
-    marketing, transactional, uncategorized = message(category="newsletter"), message(category="transactional"), message(category=None)
+    marketing, transactional, uncategorized = (
+        message(category="newsletter"),
+        message(category="transactional"),
+        message(category=None),
+    )
     send(provider, marketing, transactional, uncategorized)
     by_id = {r.message["Message-ID"].strip("<>").split("@")[0]: r.message for r in server.received}
     header = by_id[str(marketing.delivery_id)]["List-Unsubscribe"]
@@ -89,15 +108,18 @@ def test_non_transactional_mail_gets_one_click_unsubscribe(server):
     assert by_id[str(uncategorized.delivery_id)]["List-Unsubscribe"] is None
 
 
-@pytest.mark.parametrize(("script", "outcome", "code"), [
-    ("rcpt:550 5.1.1 No such user", "bounced", "smtp_550"),
-    ("rcpt:451 4.3.0 Try later", "retry", "smtp_451"),
-    ("rcpt:452 4.2.2 Mailbox full", "retry", "smtp_452"),
-    ("rcpt:552 5.3.4 Too many recipients", "retry", "smtp_552"),
-    ("rcpt:550 5.7.1 Relaying denied", "retry", "smtp_550"),
-    ("data:554 5.7.1 Message rejected as spam", "failed", "smtp_554"),
-    ("data:451 4.7.1 Greylisted", "retry", "smtp_451"),
-])
+@pytest.mark.parametrize(
+    ("script", "outcome", "code"),
+    [
+        ("rcpt:550 5.1.1 No such user", "bounced", "smtp_550"),
+        ("rcpt:451 4.3.0 Try later", "retry", "smtp_451"),
+        ("rcpt:452 4.2.2 Mailbox full", "retry", "smtp_452"),
+        ("rcpt:552 5.3.4 Too many recipients", "retry", "smtp_552"),
+        ("rcpt:550 5.7.1 Relaying denied", "retry", "smtp_550"),
+        ("data:554 5.7.1 Message rejected as spam", "failed", "smtp_554"),
+        ("data:451 4.7.1 Greylisted", "retry", "smtp_451"),
+    ],
+)
 def test_replies_are_classified_where_they_happen(server, script, outcome, code):
     server.scripts["x@example.com"] = script
     [result] = send(smtp(server.port), message("x@example.com"))
@@ -153,6 +175,7 @@ def test_implicit_tls():
 
     fake = SmtpFake()
     import socket
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

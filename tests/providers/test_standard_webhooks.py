@@ -13,8 +13,13 @@ from providers import standard_webhooks as sw
 from providers.base import WebhookRejected
 from providers.mock import MockWebhooks
 
-BODY = json.dumps({"type": "message.status.delivered", "timestamp": "2026-11-26T10:00:00Z",
-                   "data": {"message_id": "mock-1", "correlation_id": None, "status": "delivered"}}).encode()
+BODY = json.dumps(
+    {
+        "type": "message.status.delivered",
+        "timestamp": "2026-11-26T10:00:00Z",
+        "data": {"message_id": "mock-1", "correlation_id": None, "status": "delivered"},
+    }
+).encode()
 
 
 def test_our_signature_verifies_with_the_reference_library():
@@ -38,8 +43,21 @@ def test_any_of_several_signatures_and_secrets_is_accepted_for_rotation():
     assert sw.verify([old, new], headers, BODY) == "msg_3"
 
 
-@pytest.mark.parametrize("tamper", ["forged", "truncated_body", "wrong_secret", "reserialized", "stale", "future",
-                                    "no_signature", "no_id", "bad_timestamp", "other_id"])
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        "forged",
+        "truncated_body",
+        "wrong_secret",
+        "reserialized",
+        "stale",
+        "future",
+        "no_signature",
+        "no_id",
+        "bad_timestamp",
+        "other_id",
+    ],
+)
 def test_forgeries_are_rejected(tamper):
     secret = sw.new_secret()
     body, headers = BODY, sw.headers(secret, "msg_4", BODY)
@@ -69,17 +87,32 @@ def test_forgeries_are_rejected(tamper):
 
 def test_mock_adapter_normalizes_a_report():
     secret = sw.new_secret()
-    body = json.dumps({"type": "message.status.failed", "timestamp": "2026-11-26T10:00:00Z",
-                       "data": {"message_id": "mock-9", "status": "failed",
-                                "correlation_id": "7b2c3f1e-0000-4000-8000-000000000001:7b2c3f1e-0000-4000-8000-000000000002",
-                                "error": {"code": "x", "title": "y"}}}).encode()
+    body = json.dumps(
+        {
+            "type": "message.status.failed",
+            "timestamp": "2026-11-26T10:00:00Z",
+            "data": {
+                "message_id": "mock-9",
+                "status": "failed",
+                "correlation_id": "7b2c3f1e-0000-4000-8000-000000000001:7b2c3f1e-0000-4000-8000-000000000002",
+                "error": {"code": "x", "title": "y"},
+            },
+        }
+    ).encode()
     parsed = MockWebhooks([secret]).parse(sw.headers(secret, "msg_6", body), body)
     event = parsed.events[0]
     assert parsed.event_key == "msg_6" and event.status == "failed" and event.provider_message_id == "mock-9"
     assert str(event.delivery_id).endswith("0002") and (event.error_code, event.error_message) == ("x", "y")
 
 
-@pytest.mark.parametrize("body", [b"not json", b'{"type": "x"}', b'{"type":"x","timestamp":"2026-11-26T10:00:00Z","data":{"message_id":"m","status":"exploded"}}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b'{"type": "x"}',
+        b'{"type":"x","timestamp":"2026-11-26T10:00:00Z","data":{"message_id":"m","status":"exploded"}}',
+    ],
+)
 def test_mock_adapter_keeps_verified_malformed_payloads_with_a_reason(body):
     # A verified payload is never refused (the sender would retry): stored, nothing applied, a reason kept.
     secret = sw.new_secret()

@@ -48,8 +48,13 @@ def ctx(db_url: str) -> ProviderContext:
 
 def provider(graph: GraphFake, ctx: ProviderContext, monkeypatch: pytest.MonkeyPatch, **settings: object) -> WhatsAppCloud:
     monkeypatch.setenv("TEST_WA_TOKEN", graph.access_token)
-    base = {"phone_number_id": graph.phone_number_id, "base_url": graph.base_url, "api_version": "v22.0",  # type: ignore[attr-defined]
-            "rate_per_second": 80, "timeout_seconds": 2}
+    base = {
+        "phone_number_id": graph.phone_number_id,
+        "base_url": graph.base_url,
+        "api_version": "v22.0",  # type: ignore[attr-defined]
+        "rate_per_second": 80,
+        "timeout_seconds": 2,
+    }
     return WhatsAppCloud({**base, **settings}, {"access_token": "env:TEST_WA_TOKEN"}, ctx, LOCAL)
 
 
@@ -64,6 +69,7 @@ def send(p: WhatsAppCloud, *messages: Message) -> list:
             return await p.send_many(list(messages))
         finally:
             await p.aclose()
+
     return asyncio.run(run())
 
 
@@ -75,10 +81,19 @@ def test_a_template_message_is_sent_as_meta_expects(graph, ctx, monkeypatch):
     assert req["path"] == f"/v22.0/{graph.phone_number_id}/messages"
     assert req["authorization"] == f"Bearer {graph.access_token}"
     assert req["body"] == {
-        "messaging_product": "whatsapp", "recipient_type": "individual", "to": "34600111222",
-        "biz_opaque_callback_data": f"{TENANT}:{m.delivery_id}", "type": "template",
-        "template": {"name": "event_reminder", "language": {"code": "es"},
-                     "components": [{"type": "body", "parameters": [{"type": "text", "text": "Ana"}, {"type": "text", "text": "Tirada larga"}]}]}}
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": "34600111222",
+        "biz_opaque_callback_data": f"{TENANT}:{m.delivery_id}",
+        "type": "template",
+        "template": {
+            "name": "event_reminder",
+            "language": {"code": "es"},
+            "components": [
+                {"type": "body", "parameters": [{"type": "text", "text": "Ana"}, {"type": "text", "text": "Tirada larga"}]}
+            ],
+        },
+    }
 
 
 def test_free_form_text_body():
@@ -86,17 +101,20 @@ def test_free_form_text_body():
     assert body["type"] == "text" and body["text"] == {"preview_url": False, "body": "Hola"}
 
 
-@pytest.mark.parametrize(("script", "outcome", "code"), [
-    ("error:130429", "retry", "whatsapp_130429"),
-    ("error:131056", "retry", "whatsapp_131056"),
-    ("error:131047", "failed", "whatsapp_131047"),
-    ("error:131026", "failed", "whatsapp_131026"),
-    ("error:132001", "failed", "whatsapp_132001"),
-    ("error:131050", "suppressed", "whatsapp_131050"),
-    ("error:131000", "retry", "whatsapp_131000"),
-    ("http500", "unknown", "http_500"),
-    ("timeout", "unknown", "no_response"),
-])
+@pytest.mark.parametrize(
+    ("script", "outcome", "code"),
+    [
+        ("error:130429", "retry", "whatsapp_130429"),
+        ("error:131056", "retry", "whatsapp_131056"),
+        ("error:131047", "failed", "whatsapp_131047"),
+        ("error:131026", "failed", "whatsapp_131026"),
+        ("error:132001", "failed", "whatsapp_132001"),
+        ("error:131050", "suppressed", "whatsapp_131050"),
+        ("error:131000", "retry", "whatsapp_131000"),
+        ("http500", "unknown", "http_500"),
+        ("timeout", "unknown", "no_response"),
+    ],
+)
 def test_errors_are_classified_by_metas_code(graph, ctx, monkeypatch, script, outcome, code):
     graph.scripts["34600111222"] = [script]
     [result] = send(provider(graph, ctx, monkeypatch), message())
@@ -119,8 +137,12 @@ def test_a_bad_token_is_kept_for_retry_not_failed(graph, ctx, monkeypatch):
 
 def test_an_unreachable_api_is_retried(ctx, monkeypatch):
     monkeypatch.setenv("TEST_WA_TOKEN", "t")
-    p = WhatsAppCloud({"phone_number_id": "123456", "base_url": "http://127.0.0.1:1", "timeout_seconds": 1},
-                      {"access_token": "env:TEST_WA_TOKEN"}, ctx, LOCAL)
+    p = WhatsAppCloud(
+        {"phone_number_id": "123456", "base_url": "http://127.0.0.1:1", "timeout_seconds": 1},
+        {"access_token": "env:TEST_WA_TOKEN"},
+        ctx,
+        LOCAL,
+    )
     [result] = send(p, message())
     assert (result.outcome, result.error_code) == ("retry", "connect_failed")
 
@@ -130,7 +152,9 @@ def test_pacing_holds_the_shared_budget(graph, ctx, monkeypatch, db):
     results = send(provider(graph, ctx, monkeypatch, rate_per_second=5), *[message(f"+3460011{i:04d}") for i in range(12)])
     assert [r.outcome for r in results] == ["sent"] * 12
     assert len(graph.requests) == 12
-    tokens = db.execute("select tokens from notify.rate_buckets where key = %s", (f"whatsapp:{graph.phone_number_id}",)).fetchone()[0]
+    tokens = db.execute(
+        "select tokens from notify.rate_buckets where key = %s", (f"whatsapp:{graph.phone_number_id}",)
+    ).fetchone()[0]
     assert tokens < 5
 
 
@@ -153,25 +177,65 @@ def signed(payload: dict, secret: str = SECRET) -> tuple[dict, bytes]:
 
 
 def envelope(**value: object) -> dict:
-    return {"object": "whatsapp_business_account", "entry": [{"id": "W", "changes": [{"field": "messages", "value": {
-        "messaging_product": "whatsapp", "metadata": {"display_phone_number": "1555", "phone_number_id": "106540352242922"}, **value}}]}]}
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "W",
+                "changes": [
+                    {
+                        "field": "messages",
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {"display_phone_number": "1555", "phone_number_id": "106540352242922"},
+                            **value,
+                        },
+                    }
+                ],
+            }
+        ],
+    }
 
 
 def test_statuses_and_inbound_messages_are_normalized():
     delivery = uuid.uuid4()
     payload = envelope(
-        statuses=[{"id": "wamid.1", "status": "delivered", "timestamp": "1698266945", "recipient_id": "34600111222",
-                   "biz_opaque_callback_data": f"{TENANT}:{delivery}", "pricing": {"billable": True}},
-                  {"id": "wamid.2", "status": "failed", "timestamp": "1698266946", "recipient_id": "1",
-                   "errors": [{"code": 131026, "title": "Message undeliverable"}]},
-                  {"id": "wamid.3", "status": "failed", "timestamp": "1698266946", "recipient_id": "1",
-                   "errors": [{"code": 131050, "title": "stopped marketing"}]}],
+        statuses=[
+            {
+                "id": "wamid.1",
+                "status": "delivered",
+                "timestamp": "1698266945",
+                "recipient_id": "34600111222",
+                "biz_opaque_callback_data": f"{TENANT}:{delivery}",
+                "pricing": {"billable": True},
+            },
+            {
+                "id": "wamid.2",
+                "status": "failed",
+                "timestamp": "1698266946",
+                "recipient_id": "1",
+                "errors": [{"code": 131026, "title": "Message undeliverable"}],
+            },
+            {
+                "id": "wamid.3",
+                "status": "failed",
+                "timestamp": "1698266946",
+                "recipient_id": "1",
+                "errors": [{"code": 131050, "title": "stopped marketing"}],
+            },
+        ],
         contacts=[{"profile": {"name": "Ana"}, "wa_id": "34600111222"}],
-        messages=[{"from": "34600111222", "id": "wamid.in", "timestamp": "1698266947", "type": "text", "text": {"body": "BAJA"}}])
+        messages=[{"from": "34600111222", "id": "wamid.in", "timestamp": "1698266947", "type": "text", "text": {"body": "BAJA"}}],
+    )
     headers, raw = signed(payload)
     parsed = WhatsAppWebhooks([SECRET]).parse(headers, raw)
     first, second, third = parsed.events
-    assert (first.status, first.delivery_id, first.tenant_id, first.provider_message_id) == ("delivered", delivery, TENANT, "wamid.1")
+    assert (first.status, first.delivery_id, first.tenant_id, first.provider_message_id) == (
+        "delivered",
+        delivery,
+        TENANT,
+        "wamid.1",
+    )
     assert first.occurred_at.timestamp() == 1698266945
     assert (second.status, second.error_code, second.error_message) == ("failed", "whatsapp_131026", "Message undeliverable")
     assert third.status == "suppressed"
@@ -225,8 +289,16 @@ def test_header_body_and_button_parameters_are_mapped_from_variables(db, tenant)
 
     from runner.render import render
 
-    content = {"name": "event_update", "language": "es", "header_parameters": ["club"], "parameters": ["name"],
-               "buttons": [{"sub_type": "url", "index": 0, "parameter": "event_id"}, {"sub_type": "quick_reply", "index": 1, "parameter": "rsvp"}]}
+    content = {
+        "name": "event_update",
+        "language": "es",
+        "header_parameters": ["club"],
+        "parameters": ["name"],
+        "buttons": [
+            {"sub_type": "url", "index": 0, "parameter": "event_id"},
+            {"sub_type": "quick_reply", "index": 1, "parameter": "rsvp"},
+        ],
+    }
     out = call(db, "notify_api.upsert_template_v1(%s, 'upd', %s)", tenant, Jsonb({"channels": {"whatsapp": content}}))
     assert out[0]["required_variables"] == ["club", "event_id", "name", "rsvp"]
     rendered = render("whatsapp", content, {"club": "RunFlow", "name": "Ana", "event_id": 42, "rsvp": "RSVP-42"})
@@ -235,8 +307,13 @@ def test_header_body_and_button_parameters_are_mapped_from_variables(db, tenant)
         {"type": "header", "parameters": [{"type": "text", "text": "RunFlow"}]},
         {"type": "body", "parameters": [{"type": "text", "text": "Ana"}]},
         {"type": "button", "sub_type": "url", "index": "0", "parameters": [{"type": "text", "text": "42"}]},
-        {"type": "button", "sub_type": "quick_reply", "index": "1", "parameters": [{"type": "payload", "payload": "RSVP-42"}]}]
+        {"type": "button", "sub_type": "quick_reply", "index": "1", "parameters": [{"type": "payload", "payload": "RSVP-42"}]},
+    ]
     with pytest.raises(psycopg.Error) as info:
-        call(db, "notify_api.upsert_template_v1(%s, 'bad', %s)", tenant,
-             Jsonb({"channels": {"whatsapp": {**content, "buttons": [{"sub_type": "call", "index": 0, "parameter": "x"}]}}}))
+        call(
+            db,
+            "notify_api.upsert_template_v1(%s, 'bad', %s)",
+            tenant,
+            Jsonb({"channels": {"whatsapp": {**content, "buttons": [{"sub_type": "call", "index": 0, "parameter": "x"}]}}}),
+        )
     assert info.value.diag.column_name == "channels.whatsapp.buttons"

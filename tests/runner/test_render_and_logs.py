@@ -17,7 +17,9 @@ def test_email_renders_text_plain_and_html_escaped():
 
 
 def test_whatsapp_template_parameters_follow_the_mapping():
-    out = render("whatsapp", {"name": "event_reminder", "language": "es", "parameters": ["event", "name"]}, {"name": "Ana", "event": 5})
+    out = render(
+        "whatsapp", {"name": "event_reminder", "language": "es", "parameters": ["event", "name"]}, {"name": "Ana", "event": 5}
+    )
     assert out == {"template": "event_reminder", "language": "es", "parameters": ["5", "Ana"]}
 
 
@@ -56,21 +58,29 @@ def test_subjects_cannot_inject_headers():
     assert "\n" not in out["subject"] and "\r" not in out["subject"]
 
 
-@pytest.mark.parametrize(("channel", "content", "isolated"), [
-    ("email", {"subject": "Reminder: {{event}}", "text": "Hi {{ name }}, see you at {{event}}.", "html": "<p>{{name}}</p>"}, False),
-    ("whatsapp", {"name": "event_reminder", "language": "en", "parameters": ["name"]}, False),
-    ("sms", {"text": "plain text, no placeholder"}, False),
-    ("email", {"subject": "s", "text": "{{ 9 ** 9 }}"}, True),
-    ("email", {"subject": "{% for i in range(3) %}x{% endfor %}", "text": "t"}, True),
-    ("email", {"subject": "s", "text": "{{ name | upper }}"}, True),
-    ("email", {"subject": "s", "text": "{{ a.b }}"}, True),
-    ("email", {"subject": "s", "text": "{{ 'x' * 3 }}"}, True),
-    ("email", {"subject": "s", "text": "{{ name }}", "html": "{{ f() }}"}, True),
-    ("sms", {"text": "{% if a %}y{% endif %}"}, True),
-    ("sms", {"text": "{{ unclosed"}, True),
-])
+@pytest.mark.parametrize(
+    ("channel", "content", "isolated"),
+    [
+        (
+            "email",
+            {"subject": "Reminder: {{event}}", "text": "Hi {{ name }}, see you at {{event}}.", "html": "<p>{{name}}</p>"},
+            False,
+        ),
+        ("whatsapp", {"name": "event_reminder", "language": "en", "parameters": ["name"]}, False),
+        ("sms", {"text": "plain text, no placeholder"}, False),
+        ("email", {"subject": "s", "text": "{{ 9 ** 9 }}"}, True),
+        ("email", {"subject": "{% for i in range(3) %}x{% endfor %}", "text": "t"}, True),
+        ("email", {"subject": "s", "text": "{{ name | upper }}"}, True),
+        ("email", {"subject": "s", "text": "{{ a.b }}"}, True),
+        ("email", {"subject": "s", "text": "{{ 'x' * 3 }}"}, True),
+        ("email", {"subject": "s", "text": "{{ name }}", "html": "{{ f() }}"}, True),
+        ("sms", {"text": "{% if a %}y{% endif %}"}, True),
+        ("sms", {"text": "{{ unclosed"}, True),
+    ],
+)
 def test_only_bare_placeholders_render_without_isolation(channel, content, isolated):
     from dispatcher.render import needs_isolation
+
     assert needs_isolation(channel, content) is isolated
 
 
@@ -81,10 +91,12 @@ def test_bare_placeholders_render_in_the_worker_and_the_rest_in_the_children():
     from runner.render_pool import RenderPool
 
     pool = RenderPool(Settings(database_url="postgresql:///unused"))
-    items = [(1, {"subject": "Hi {{name}}", "text": "{{name}}"}, {"name": "Ana"}),
-             (2, {"subject": "s", "text": "{% for i in range(2) %}{{name}}{% endfor %}"}, {"name": "Bo"}),
-             (1, {"subject": "Hi {{name}}", "text": "{{name}}"}, {}),
-             (3, {"subject": "s", "text": "{{ 1 / 0 }}"}, {})]
+    items = [
+        (1, {"subject": "Hi {{name}}", "text": "{{name}}"}, {"name": "Ana"}),
+        (2, {"subject": "s", "text": "{% for i in range(2) %}{{name}}{% endfor %}"}, {"name": "Bo"}),
+        (1, {"subject": "Hi {{name}}", "text": "{{name}}"}, {}),
+        (3, {"subject": "s", "text": "{{ 1 / 0 }}"}, {}),
+    ]
     try:
         out = asyncio.run(pool.render("email", items))
     finally:

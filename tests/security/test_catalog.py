@@ -10,8 +10,8 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from dispatcher import schema
-from tests.conftest import APP_ROLES, app_url, intent
 from tests.catalog.test_migrations import empty_db  # noqa: F401  (fixture)
+from tests.conftest import APP_ROLES, app_url, intent
 
 GROUPS = ("notify_service", "notify_caller")
 PINNED = {"pg_catalog, pg_temp", "pg_catalog, public, pg_temp"}
@@ -35,19 +35,30 @@ def test_every_function_pins_a_search_path_with_pg_temp_last(db):
     unpinned = [r for r in rows if r[6] not in PINNED]
     # The only exception: inlined helpers (no SET clause, so the planner can inline them, docs/architecture.md).
     assert all((r[0], r[3], r[4], r[6]) == ("notify", "sql", False, None) for r in unpinned), [(r[2], r[6]) for r in unpinned]
-    assert {r[1] for r in unpinned} == {"_address_valid", "_consent", "_default_policy", "_is_final", "_provider_family", "_rank",
-                                        "_tenant", "_transition_allowed"}
+    assert {r[1] for r in unpinned} == {
+        "_address_valid",
+        "_consent",
+        "_default_policy",
+        "_is_final",
+        "_provider_family",
+        "_rank",
+        "_tenant",
+        "_transition_allowed",
+    }
     assert {r[6] for r in rows if r[0] == "public"} == {"pg_catalog, public, pg_temp"}
 
 
 def test_no_application_role_may_execute_an_inlined_helper(db, roles):
     helpers = [r for r in db.execute(FUNCTIONS).fetchall() if r[6] is None and r[0] == "notify"]
     assert helpers
-    for _, name, signature, *_ in helpers:
+    for _, _name, signature, *_ in helpers:
         acl = db.execute("select proacl::text[] from pg_proc where oid = %s::regprocedure", (signature,)).fetchone()[0]
         assert acl is not None and not any(a.startswith("=") for a in acl), (signature, acl)  # null acl: PUBLIC may execute
         for role in roles:
-            assert not db.execute("select has_function_privilege(%s, %s, 'execute')", (role, signature)).fetchone()[0], (role, signature)
+            assert not db.execute("select has_function_privilege(%s, %s, 'execute')", (role, signature)).fetchone()[0], (
+                role,
+                signature,
+            )
 
 
 def test_inlined_helpers_are_called_only_from_pinned_functions(db):
@@ -58,9 +69,12 @@ def test_inlined_helpers_are_called_only_from_pinned_functions(db):
     assert [c for c in callers if c[1] not in PINNED and c[0].split("(")[0].removeprefix("notify.") not in helpers] == []
     # Row security policies call notify._tenant(): they run only for roles that reach the tables, which no application role does.
     for role in db.execute("select unnest(%s::text[])", ([*GROUPS, "public"],)).fetchall():
-        reachable = db.execute("""select c.relname from pg_class c where c.relnamespace = 'notify'::regnamespace and c.relkind = 'r'
-                                    and has_table_privilege(%s, c.oid, 'select, insert, update, delete, truncate, references, trigger')""",
-                               (role[0],)).fetchall()
+        reachable = db.execute(
+            """select c.relname from pg_class c where c.relnamespace = 'notify'::regnamespace and c.relkind = 'r'
+                                    and has_table_privilege(%s, c.oid,
+                                      'select, insert, update, delete, truncate, references, trigger')""",
+            (role[0],),
+        ).fetchall()
         assert reachable == [], (role[0], reachable)
 
 
@@ -74,17 +88,23 @@ def test_no_application_role_may_create_temporary_objects_or_objects_on_a_search
 
 
 @pytest.mark.parametrize("login", list(APP_ROLES))
-def test_a_login_cannot_create_temporary_objects_even_after_a_definer_function_made_its_temporary_schema(db, db_url, ready, login):
+def test_a_login_cannot_create_temporary_objects_even_after_a_definer_function_made_its_temporary_schema(
+    db, db_url, ready, login
+):
     body = intent(recipients=[{"ref": "m-1", "addresses": {"email": "m1@example.com"}}], channels=["email"])
     del body["recipient"]
     with psycopg.connect(app_url(db_url, login), autocommit=True) as conn:
-        conn.execute("select * from notify_api.submit_notification_v1(%s, %s)", (ready, Jsonb(body)))  # the fan-out: temp tables as notify_owner
+        conn.execute(
+            "select * from notify_api.submit_notification_v1(%s, %s)", (ready, Jsonb(body))
+        )  # the fan-out: temp tables as notify_owner
         assert conn.execute("select pg_my_temp_schema() <> 0").fetchone()[0]  # the session has its temporary schema now
-        for statement in ("create temporary table _fanout_input (i integer)",
-                          "create temporary view procrastinate_events as select 1 as job_id",
-                          "create domain pg_temp.text as pg_catalog.text",
-                          "create function pg_temp.f() returns integer language sql as 'select 1'",
-                          "create table public.procrastinate_x (i integer)"):
+        for statement in (
+            "create temporary table _fanout_input (i integer)",
+            "create temporary view procrastinate_events as select 1 as job_id",
+            "create domain pg_temp.text as pg_catalog.text",
+            "create function pg_temp.f() returns integer language sql as 'select 1'",
+            "create table public.procrastinate_x (i integer)",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)  # type: ignore[arg-type]
 

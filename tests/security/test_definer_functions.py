@@ -61,25 +61,37 @@ def plant_trigger_trap(conn: psycopg.Connection, table: str, columns: str, victi
     conn.execute(sql.SQL("create temporary table {} ({})").format(sql.Identifier(table), sql.SQL(columns)))
     conn.execute(sql.SQL("grant all on table pg_temp.{} to public").format(sql.Identifier(table)))
     for event in ("insert", "update", "delete", "truncate"):
-        conn.execute(sql.SQL("create trigger {} after {} on pg_temp.{} for each statement execute function pg_temp.attack_trigger()").format(
-            sql.Identifier(f"attack_{event}"), sql.SQL(event), sql.Identifier(table)))
+        conn.execute(
+            sql.SQL(
+                "create trigger {} after {} on pg_temp.{} for each statement execute function pg_temp.attack_trigger()"
+            ).format(sql.Identifier(f"attack_{event}"), sql.SQL(event), sql.Identifier(table))
+        )
 
 
 def plant_domain_trap(conn: psycopg.Connection, type_name: str, victim: str) -> None:
     """A temporary domain named like a built-in type whose check runs the payload."""
     conn.execute(f"""create function pg_temp.attack() returns void language plpgsql as $body$ {payload(victim)} $body$""")  # type: ignore[arg-type]
-    conn.execute(sql.SQL("""create function pg_temp.attack_check(v pg_catalog.{}) returns pg_catalog.bool language plpgsql as $body$
-                            begin perform pg_temp.attack(); return true; end $body$""").format(sql.Identifier(type_name)))
-    conn.execute(sql.SQL("create domain pg_temp.{} as pg_catalog.{} check (pg_temp.attack_check(value))").format(
-        sql.Identifier(type_name), sql.Identifier(type_name)))
+    conn.execute(
+        sql.SQL("""create function pg_temp.attack_check(v pg_catalog.{}) returns pg_catalog.bool language plpgsql as $body$
+                            begin perform pg_temp.attack(); return true; end $body$""").format(sql.Identifier(type_name))
+    )
+    conn.execute(
+        sql.SQL("create domain pg_temp.{} as pg_catalog.{} check (pg_temp.attack_check(value))").format(
+            sql.Identifier(type_name), sql.Identifier(type_name)
+        )
+    )
 
 
 @pytest.fixture
 def victim(db: psycopg.Connection) -> str:
     """Another tenant with a recipient whose address the attacker wants."""
     victim_id = str(call(db, "notify_api.create_tenant_v1('victim', 'Victim Club', 'en')")["id"])
-    call(db, "notify_api.upsert_recipient_v1(%s, 'secret-member', %s)", victim_id,
-         Jsonb({"addresses": {"email": "hidden@victim.example", "whatsapp": "+34699999999"}}))
+    call(
+        db,
+        "notify_api.upsert_recipient_v1(%s, 'secret-member', %s)",
+        victim_id,
+        Jsonb({"addresses": {"email": "hidden@victim.example", "whatsapp": "+34699999999"}}),
+    )
     key = keys.generate()
     call(db, "notify_api.create_api_key_v1(%s, 'victim key', %s, %s)", victim_id, keys.display_prefix(key), keys.digest(key))
     return victim_id
@@ -133,8 +145,9 @@ def assert_no_harm(db: psycopg.Connection, attacker: Attacker, victim: str) -> N
 
 
 def fanout_body() -> dict:
-    body = intent(recipients=[{"ref": f"member-{i}", "addresses": {"email": f"m{i}@example.com"}} for i in range(3)],
-                  channels=["email"])
+    body = intent(
+        recipients=[{"ref": f"member-{i}", "addresses": {"email": f"m{i}@example.com"}} for i in range(3)], channels=["email"]
+    )
     del body["recipient"]
     return body
 
@@ -143,16 +156,21 @@ def submit_as(attacker: Attacker, tenant: str, body: dict) -> None:
     """The attacker's ordinary call; an error (the function refusing a planted object) is no harm in itself."""
     try:
         with attacker.conn.transaction():
-            attacker.conn.execute("select * from notify_api.submit_notification_v1(%s, %s, null)", (tenant, Jsonb(body))).fetchall()
+            attacker.conn.execute(
+                "select * from notify_api.submit_notification_v1(%s, %s, null)", (tenant, Jsonb(body))
+            ).fetchall()
     except psycopg.errors.DuplicateTable:
         pass
 
 
-FANOUT_INPUT = "i integer, ref text, addresses jsonb, locale text, timezone text, variables jsonb, recipient_id uuid, effective_locale text"
+FANOUT_INPUT = (
+    "i integer, ref text, addresses jsonb, locale text, timezone text, variables jsonb, recipient_id uuid, effective_locale text"
+)
 FANOUT_TEMPLATES = "channel notify.channel, locale text, template_locale text, required_variables text[]"
 
 
 # (a) The fan-out's temporary tables, as the trusted direct-SQL caller.
+
 
 @pytest.mark.parametrize("with_temporary", [False, True], ids=["as-deployed", "temporary-granted-back"])
 @pytest.mark.parametrize(("table", "columns"), [("_fanout_input", FANOUT_INPUT), ("_fanout_templates", FANOUT_TEMPLATES)])
@@ -170,7 +188,9 @@ def test_a_fanout_still_works_twice_in_one_transaction_for_a_caller_without_temp
     attacker = attacker_factory("dispatcher_caller")
     with attacker.conn.transaction():
         for key in ("first", "second", "third"):
-            attacker.conn.execute("select * from notify_api.submit_notification_v1(%s, %s, %s)", (ready, Jsonb(fanout_body()), key))
+            attacker.conn.execute(
+                "select * from notify_api.submit_notification_v1(%s, %s, %s)", (ready, Jsonb(fanout_body()), key)
+            )
         items = [{"idempotency_key": f"batch-{i}", "notification": fanout_body()} for i in range(3)]
         result = attacker.conn.execute("select notify_api.submit_notifications_v1(%s, %s)", (ready, Jsonb(items))).fetchone()[0]
     assert result["accepted"] == 3, result
@@ -180,14 +200,20 @@ def test_a_fanout_still_works_twice_in_one_transaction_for_a_caller_without_temp
 # (b) The callback results table. record_callback_attempts_v1 is the worker's (notify_service, not notify_caller), so
 # the attacker here is the API/worker login: as notify_system it could read every tenant's key hashes.
 
+
 @pytest.mark.parametrize("with_temporary", [False, True], ids=["as-deployed", "temporary-granted-back"])
 def test_b_a_planted_callback_results_table_runs_nothing_as_the_system_role(db, ready, victim, attacker_factory, with_temporary):
     if with_temporary:
         grant_temporary(db, "dispatcher_app")
     attacker = attacker_factory("dispatcher_app")
-    attacker.plant(lambda c: plant_trigger_trap(
-        c, "_callback_results", "tenant_id uuid, id uuid, attempt integer, started_at timestamptz, status_code integer, error text, outcome text",
-        victim))
+    attacker.plant(
+        lambda c: plant_trigger_trap(
+            c,
+            "_callback_results",
+            "tenant_id uuid, id uuid, attempt integer, started_at timestamptz, status_code integer, error text, outcome text",
+            victim,
+        )
+    )
     try:
         with attacker.conn.transaction():
             attacker.conn.execute("select notify_api.record_callback_attempts_v1('[]'::pg_catalog.jsonb)")
@@ -201,14 +227,19 @@ def test_b_a_planted_callback_results_table_runs_nothing_as_the_system_role(db, 
 # temporary table shadowing one of procrastinate's on the wake-up path (procrastinate's triggers name their tables
 # unqualified, and notify._wake_task put public but not pg_temp on its path).
 
+
 @pytest.mark.parametrize("with_temporary", [False, True], ids=["as-deployed", "temporary-granted-back"])
 @pytest.mark.parametrize("type_name", ["jsonb", "text", "timestamptz"])
-def test_c_a_temporary_domain_named_like_a_builtin_type_runs_nothing(db, ready, victim, attacker_factory, type_name, with_temporary):
+def test_c_a_temporary_domain_named_like_a_builtin_type_runs_nothing(
+    db, ready, victim, attacker_factory, type_name, with_temporary
+):
     if with_temporary:
         grant_temporary(db, "dispatcher_caller")
     attacker = attacker_factory("dispatcher_caller")
     attacker.plant(lambda c: plant_domain_trap(c, type_name, victim))
-    submit_as(attacker, ready, intent(send_at="2999-01-01T00:00:00Z"))  # a future send_at also takes _wake_task's timestamptz branch
+    submit_as(
+        attacker, ready, intent(send_at="2999-01-01T00:00:00Z")
+    )  # a future send_at also takes _wake_task's timestamptz branch
     submit_as(attacker, ready, fanout_body())
     assert_no_harm(db, attacker, victim)
     assert attacker.planted == with_temporary  # as deployed, the login cannot plant anything
@@ -221,8 +252,11 @@ def test_c_a_temporary_procrastinate_table_runs_nothing_on_the_wake_up_path(db, 
     if with_temporary:
         grant_temporary(db, "dispatcher_caller")
     attacker = attacker_factory("dispatcher_caller")
-    attacker.plant(lambda c: plant_trigger_trap(c, "procrastinate_events",
-                                                "job_id bigint, type public.procrastinate_job_event_type, at timestamptz", victim))
+    attacker.plant(
+        lambda c: plant_trigger_trap(
+            c, "procrastinate_events", "job_id bigint, type public.procrastinate_job_event_type, at timestamptz", victim
+        )
+    )
     submit_as(attacker, ready, intent())  # wakes the worker: inserts a procrastinate job, whose triggers insert an event
     submit_as(attacker, ready, intent(send_at="2999-01-01T00:00:00Z"))
     assert_no_harm(db, attacker, victim)

@@ -53,9 +53,16 @@ def problem_type(response: httpx.Response) -> str:
     return str(response.json()["type"]).rsplit(":", 1)[1]
 
 
-ROUTES = [("POST", "/internal/notifications"), ("POST", "/internal/notifications/batch"), ("PUT", "/internal/recipients/r1"),
-          ("POST", "/internal/recipients/r1/consents"), ("PUT", "/internal/templates/t"), ("PUT", "/internal/callbacks"),
-          ("PUT", "/internal/channels/email/provider"), ("PUT", "/internal/channels/email/policy")]
+ROUTES = [
+    ("POST", "/internal/notifications"),
+    ("POST", "/internal/notifications/batch"),
+    ("PUT", "/internal/recipients/r1"),
+    ("POST", "/internal/recipients/r1/consents"),
+    ("PUT", "/internal/templates/t"),
+    ("PUT", "/internal/callbacks"),
+    ("PUT", "/internal/channels/email/provider"),
+    ("PUT", "/internal/channels/email/policy"),
+]
 BODIES = {
     "unknown_field": json.dumps({"colour": "red", **intent()}).encode(),
     "garbage": b"{" * 50_000 + b"\xff\xfe",
@@ -75,11 +82,13 @@ def test_an_anonymous_caller_gets_401_before_any_parsing(anonymous, db, method, 
 
 
 def test_a_single_intent_over_the_ordinary_limit_is_413_and_a_fanout_may_reach_the_bulk_one(client, db):
-    big = intent(metadata={"blob": "x" * (MAX + 1)})   # under the bulk limit, over the ordinary one
+    big = intent(metadata={"blob": "x" * (MAX + 1)})  # under the bulk limit, over the ordinary one
     response = client.post("/internal/notifications", json=big)
     assert response.status_code == 413 and problem_type(response) == "payload_too_large", response.text
-    recipients = [{"ref": f"m{i}", "addresses": {"email": f"member-{i:04d}@example.com"}, "variables": {"name": f"Member {i}"}}
-                  for i in range(1500)]
+    recipients = [
+        {"ref": f"m{i}", "addresses": {"email": f"member-{i:04d}@example.com"}, "variables": {"name": f"Member {i}"}}
+        for i in range(1500)
+    ]
     fanout = {"recipients": recipients, "channels": ["email"], "template": "event_reminder", "variables": {"event": "Long run"}}
     assert MAX < len(json.dumps(fanout)) < BULK
     assert client.post("/internal/notifications", json=fanout).status_code == 202
@@ -105,16 +114,29 @@ WRONG_SHAPES = [
 
 
 def _items() -> list[dict[str, Any]]:
-    good = [{"idempotency_key": f"good-{i}", "notification": intent(channels=["email"], recipient={
-        "ref": f"r-{i}", "addresses": {"email": f"r{i}@example.com"}})} for i in range(3)]
+    good = [
+        {
+            "idempotency_key": f"good-{i}",
+            "notification": intent(channels=["email"], recipient={"ref": f"r-{i}", "addresses": {"email": f"r{i}@example.com"}}),
+        }
+        for i in range(3)
+    ]
     bad = [{"idempotency_key": f"bad-{i}", "notification": shape} for i, (shape, _) in enumerate(WRONG_SHAPES)]
     return [good[0], *bad[:2], good[1], *bad[2:], good[2]]
 
 
 def _check_batch(out: dict[str, Any]) -> None:
     outcomes = [(i["index"], i["outcome"]) for i in out["items"]]
-    assert outcomes == [(0, "accepted"), (1, "error"), (2, "error"), (3, "accepted"), (4, "error"), (5, "error"), (6, "error"),
-                        (7, "accepted")], out
+    assert outcomes == [
+        (0, "accepted"),
+        (1, "error"),
+        (2, "error"),
+        (3, "accepted"),
+        (4, "error"),
+        (5, "error"),
+        (6, "error"),
+        (7, "accepted"),
+    ], out
     fields = [i["error"]["field"] for i in out["items"] if i["outcome"] == "error"]
     assert [f.split(".")[0] for f in fields] == [f for _, f in WRONG_SHAPES], fields
     assert all(i["status"] == 400 for i in out["items"] if i["outcome"] == "error")
@@ -148,15 +170,24 @@ def test_metrics_are_not_on_the_public_listener(db, ready, db_url):
         assert operator.status_code == 200
         assert 'dispatcher_queue_due{channel="email",tenant="acme"}' in operator.text
         assert 'dispatcher_submissions_total{outcome="accepted"}' in operator.text
-    with pytest.raises(httpx.ConnectError):   # the listener stops with the app
+    with pytest.raises(httpx.ConnectError):  # the listener stops with the app
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
-EMBEDDED = ["https://[64:ff9b::7f00:1]/hook", "https://[64:ff9b::a9fe:a9fe]/latest/meta-data/", "https://[64:ff9b::a00:1]/hook",
-            "https://[64:ff9b:1:7f00:1::]/hook", "https://[2002:7f00:1::]/hook", "https://[2002:a9fe:a9fe::1]/hook",
-            "https://[::127.0.0.1]/hook", "https://[::10.0.0.1]/hook", "https://[::ffff:169.254.169.254]/hook",
-            "https://[::ffff:7f00:1]/hook", "https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/hook",
-            "https://[2001:0:7f00:1:0:0:f7ff:fffe]/hook"]
+EMBEDDED = [
+    "https://[64:ff9b::7f00:1]/hook",
+    "https://[64:ff9b::a9fe:a9fe]/latest/meta-data/",
+    "https://[64:ff9b::a00:1]/hook",
+    "https://[64:ff9b:1:7f00:1::]/hook",
+    "https://[2002:7f00:1::]/hook",
+    "https://[2002:a9fe:a9fe::1]/hook",
+    "https://[::127.0.0.1]/hook",
+    "https://[::10.0.0.1]/hook",
+    "https://[::ffff:169.254.169.254]/hook",
+    "https://[::ffff:7f00:1]/hook",
+    "https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/hook",
+    "https://[2001:0:7f00:1:0:0:f7ff:fffe]/hook",
+]
 
 
 @pytest.mark.parametrize("url", EMBEDDED)
@@ -171,17 +202,25 @@ def test_callback_urls_embedding_a_private_ipv4_are_refused_over_http(client, ur
 def test_callback_urls_embedding_a_private_ipv4_stored_over_sql_are_refused_by_the_worker(db, ready, url):
     """A trusted SQL caller may store any syntactically valid URL (no DNS in SQL); the worker's check at send time,
     the one that guards that path, refuses it and posts nothing."""
-    from runner.callbacks import CallbackSender
     from providers.standard_webhooks import new_secret
+    from runner.callbacks import CallbackSender
 
     call(db, "notify_api.set_callbacks_v1(%s, %s, %s)", ready, Jsonb({"url": None}), new_secret())
-    response = db.execute("select response from notify_api.submit_notification_v1(%s, %s, null)",
-                          (ready, Jsonb(intent(channels=["email"], callback_url=url)))).fetchone()[0]
+    response = db.execute(
+        "select response from notify_api.submit_notification_v1(%s, %s, null)",
+        (ready, Jsonb(intent(channels=["email"], callback_url=url))),
+    ).fetchone()[0]
     assert response["status"] == "accepted"
     with pytest.raises(UnsafeUrl):
         asyncio.run(resolve(url, allow_private=False))
-    row = {"tenant_id": uuid.UUID(ready), "id": uuid.uuid4(), "attempt": 1, "url": url, "secrets": [new_secret()],
-           "payload": {"type": "delivery.status_changed", "data": {"delivery_id": "d", "sequence": 1}}}
+    row = {
+        "tenant_id": uuid.UUID(ready),
+        "id": uuid.uuid4(),
+        "attempt": 1,
+        "url": url,
+        "secrets": [new_secret()],
+        "payload": {"type": "delivery.status_changed", "data": {"delivery_id": "d", "sequence": 1}},
+    }
 
     async def post() -> dict[str, Any]:
         sender = CallbackSender(None, Settings(database_url=""))

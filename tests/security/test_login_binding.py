@@ -25,8 +25,12 @@ from tests.conftest import REMINDER, ROOT, app_url, call, intent
 def victim(db: psycopg.Connection) -> str:
     victim_id = str(call(db, "notify_api.create_tenant_v1('victim', 'Victim Club', 'en')")["id"])
     call(db, "notify_api.upsert_template_v1(%s, 'event_reminder', %s)", victim_id, Jsonb(REMINDER))
-    call(db, "notify_api.upsert_recipient_v1(%s, 'secret-member', %s)", victim_id,
-         Jsonb({"addresses": {"email": "hidden@victim.example"}}))
+    call(
+        db,
+        "notify_api.upsert_recipient_v1(%s, 'secret-member', %s)",
+        victim_id,
+        Jsonb({"addresses": {"email": "hidden@victim.example"}}),
+    )
     return victim_id
 
 
@@ -45,8 +49,14 @@ CALLS = [
     ("select * from notify_api.submit_notification_v1(%s, %s)", lambda: [Jsonb(intent(channels=["email"]))]),
     ("select notify_api.submit_notifications_v1(%s, %s)", lambda: [Jsonb([{"notification": intent(channels=["email"])}])]),
     ("select notify_api.get_recipient_v1(%s, %s)", lambda: ["secret-member"]),
-    ("select notify_api.upsert_recipient_v1(%s, %s, %s)", lambda: ["secret-member", Jsonb({"addresses": {"email": "x@attacker.example"}})]),
-    ("select notify_api.record_consent_v1(%s, %s, %s)", lambda: ["secret-member", Jsonb({"channel": "email", "status": "revoked", "source": "x"})]),
+    (
+        "select notify_api.upsert_recipient_v1(%s, %s, %s)",
+        lambda: ["secret-member", Jsonb({"addresses": {"email": "x@attacker.example"}})],
+    ),
+    (
+        "select notify_api.record_consent_v1(%s, %s, %s)",
+        lambda: ["secret-member", Jsonb({"channel": "email", "status": "revoked", "source": "x"})],
+    ),
     ("select notify_api.list_consents_v1(%s, %s)", lambda: ["secret-member"]),
     ("select notify_api.list_templates_v1(%s, %s)", lambda: [None]),
     ("select notify_api.get_notification_v1(%s, %s)", lambda: [str(uuid.uuid4())]),
@@ -66,14 +76,17 @@ def test_a_bound_login_cannot_reach_another_tenant(db, bound_caller, victim, que
     refused(bound_caller, query, victim, *args())
     assert db.execute("select count(*) from notify.notification_requests where tenant_id = %s", (victim,)).fetchone()[0] == 0
     assert db.execute("select address from notify.recipient_addresses where tenant_id = %s", (victim,)).fetchall() == [
-        ("hidden@victim.example",)]
+        ("hidden@victim.example",)
+    ]
     assert db.execute("select count(*) from notify.recipient_consents where tenant_id = %s", (victim,)).fetchone()[0] == 0
 
 
 def test_a_bound_login_cannot_find_another_tenant_nor_probe_for_one(bound_caller, victim):
     assert bound_caller.execute("select notify_api.get_tenant_v1('victim')").fetchone()[0] is None
     assert bound_caller.execute("select notify_api.get_tenant_v1('acme')").fetchone()[0]["slug"] == "acme"
-    refused(bound_caller, "select notify_api.get_recipient_v1(%s, 'secret-member')", str(uuid.uuid4()))  # no such tenant: same answer
+    refused(
+        bound_caller, "select notify_api.get_recipient_v1(%s, 'secret-member')", str(uuid.uuid4())
+    )  # no such tenant: same answer
 
 
 def test_setting_the_tenant_by_hand_or_another_role_does_not_lift_the_binding(bound_caller, victim):
@@ -88,10 +101,17 @@ def test_setting_the_tenant_by_hand_or_another_role_does_not_lift_the_binding(bo
 def test_a_bound_login_works_for_its_own_tenant(bound_caller, ready):
     tenant = bound_caller.execute("select notify_api.get_tenant_v1('acme')").fetchone()[0]
     assert tenant["id"] == ready
-    row = bound_caller.execute("select response, replayed from notify_api.submit_notification_v1(%s, %s)", (ready, Jsonb(intent()))).fetchone()
+    row = bound_caller.execute(
+        "select response, replayed from notify_api.submit_notification_v1(%s, %s)", (ready, Jsonb(intent()))
+    ).fetchone()
     assert row[0]["status"] == "accepted"
-    assert bound_caller.execute("select notify_api.get_recipient_v1(%s, 'runner-42')", (ready,)).fetchone()[0]["ref"] == "runner-42"
-    assert bound_caller.execute("select notify_api.get_notification_v1(%s, %s)", (ready, row[0]["id"])).fetchone()[0]["id"] == row[0]["id"]
+    assert (
+        bound_caller.execute("select notify_api.get_recipient_v1(%s, 'runner-42')", (ready,)).fetchone()[0]["ref"] == "runner-42"
+    )
+    assert (
+        bound_caller.execute("select notify_api.get_notification_v1(%s, %s)", (ready, row[0]["id"])).fetchone()[0]["id"]
+        == row[0]["id"]
+    )
 
 
 def test_an_unbound_login_keeps_reaching_every_tenant(db_url, bound_caller, ready, victim):
@@ -113,9 +133,11 @@ def test_a_login_bound_to_two_tenants_enters_both_but_one_per_transaction(db, bo
 @pytest.mark.parametrize("login", ["dispatcher_caller", "dispatcher_app"])
 def test_application_logins_cannot_change_bindings(db, db_url, bound_caller, login):
     with psycopg.connect(app_url(db_url, login), autocommit=True) as conn:
-        for query in ("select notify.unbind_login_v1('dispatcher_caller', 'acme')",
-                      "select notify.bind_login_v1('dispatcher_caller', 'victim')",
-                      "select notify.list_login_bindings_v1()"):
+        for query in (
+            "select notify.unbind_login_v1('dispatcher_caller', 'acme')",
+            "select notify.bind_login_v1('dispatcher_caller', 'victim')",
+            "select notify.list_login_bindings_v1()",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(query)  # type: ignore[arg-type]
     # Even with EXECUTE granted (say, by a later blanket grant), the functions run with the caller's own privileges.
@@ -144,8 +166,13 @@ def test_the_cli_binds_lists_and_unbinds(db, db_url, victim):
     app_url(db_url)  # the login roles exist
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dispatcher", "login", *args], cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "DATABASE_URL": db_url})
+        return subprocess.run(
+            [sys.executable, "-m", "dispatcher", "login", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DATABASE_URL": db_url},
+        )
 
     bound = run("bind", "--login", "dispatcher_caller", "--tenant", "victim")
     assert bound.returncode == 0, bound.stderr

@@ -47,11 +47,22 @@ def test_dispatcher_serve_logs_no_address_or_token(db: psycopg.Connection, tmp_p
         key = keys.generate()
         call(conn, "notify_api.create_api_key_v1(%s, 'tests', %s, %s)", tenant, keys.display_prefix(key), keys.digest(key))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
-    env.update({"DATABASE_URL": app_url(url_of(db)), "DISPATCHER_UNSUBSCRIBE_SECRET": SECRET, "DISPATCHER_LOG_LEVEL": "DEBUG",
-                "PYTHONPATH": str(ROOT)})
+    env.update(
+        {
+            "DATABASE_URL": app_url(url_of(db)),
+            "DISPATCHER_UNSUBSCRIBE_SECRET": SECRET,
+            "DISPATCHER_LOG_LEVEL": "DEBUG",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
     log = tmp_path / "api.log"
-    proc = subprocess.Popen([sys.executable, "-m", "dispatcher", "serve", "--port", str(port)], env=env, cwd=ROOT,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher", "serve", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -71,7 +82,7 @@ def test_dispatcher_serve_logs_no_address_or_token(db: psycopg.Connection, tmp_p
         proc.terminate()
         proc.wait(timeout=30)
     text = log.read_text(errors="replace")
-    assert '"path"' in text and "/internal/recipients/" in text, text[:2000]   # the access lines are there
+    assert '"path"' in text and "/internal/recipients/" in text, text[:2000]  # the access lines are there
     assert _leaks(text) == [], [line for line in text.splitlines() if _leaks(line)][:5]
 
 
@@ -80,7 +91,14 @@ def test_uvicorns_access_log_format_is_masked(path: str) -> None:
     """uvicorn's own access logger (when run as `uvicorn api.app:app_from_env`): its line, through our formatter."""
     from urllib.parse import quote
 
-    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
-                               ("127.0.0.1:50000", "GET", quote(path, safe="/?&=%+@"), "1.1", 404), None)
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:50000", "GET", quote(path, safe="/?&=%+@"), "1.1", 404),
+        None,
+    )
     line = JsonFormatter().format(record)
     assert _leaks(line) == [], line

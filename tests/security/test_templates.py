@@ -46,8 +46,12 @@ def other_tenant_key(svc: Service) -> str:
 
 
 def email_intent(ref: str, template: str) -> dict:
-    return {"recipient": {"ref": ref, "addresses": {"email": f"{ref}@example.com"}}, "channels": ["email"],
-            "template": template, "variables": {"name": "Ana"}}
+    return {
+        "recipient": {"ref": ref, "addresses": {"email": f"{ref}@example.com"}},
+        "channels": ["email"],
+        "template": template,
+        "variables": {"name": "Ana"},
+    }
 
 
 def worker_peak_kib(svc: Service) -> int:
@@ -64,7 +68,12 @@ def test_poison_templates_fail_alone_and_the_other_tenant_is_sent(svc: Service) 
         for name, (source, _) in POISONS.items():
             saved = attacker.put(f"/internal/templates/{name}", json={"channels": {"email": {"subject": "Hi", "text": source}}})
             assert saved.status_code == 200, saved.text
-        assert normal.put("/internal/templates/hello", json={"channels": {"email": {"subject": "Hi {{name}}", "text": "Hello {{name}}"}}}).status_code == 200
+        assert (
+            normal.put(
+                "/internal/templates/hello", json={"channels": {"email": {"subject": "Hi {{name}}", "text": "Hello {{name}}"}}}
+            ).status_code
+            == 200
+        )
         for name in POISONS:
             accepted = attacker.post("/internal/notifications", json=email_intent(f"victim-{name}", name))
             assert accepted.status_code == 202, accepted.text
@@ -87,7 +96,7 @@ def test_poison_templates_fail_alone_and_the_other_tenant_is_sent(svc: Service) 
         assert (d["status"], d["reason"], d["error"]["code"]) == ("failed", "render_failed", "render_failed"), (name, d)
         assert d["error"]["message"].startswith(error_class), (name, d["error"])
         assert d["attempts"] == 1
-    assert worker_peak_kib(svc) < 250 * 1024   # the 100-400 MB allocations never happened in the worker
+    assert worker_peak_kib(svc) < 250 * 1024  # the 100-400 MB allocations never happened in the worker
 
 
 def test_templates_that_do_not_compile_or_are_too_large_are_refused(svc: Service) -> None:
@@ -101,6 +110,9 @@ def test_templates_that_do_not_compile_or_are_too_large_are_refused(svc: Service
         assert big.status_code == 422 and big.json()["field"] == "channels.email.text", big.text
         assert big.json()["type"].endswith(":template_too_large")
         # Compiling never evaluates a hostile literal (Jinja's constant folding is off for filters and big operators).
-        folded = c.put("/internal/templates/folded", json={"channels": {"email": {"subject": "{{ 'x'|center(2000000000) }}", "text": "{{ 'x' * 2000000000 }}"}}})
+        folded = c.put(
+            "/internal/templates/folded",
+            json={"channels": {"email": {"subject": "{{ 'x'|center(2000000000) }}", "text": "{{ 'x' * 2000000000 }}"}}},
+        )
         assert folded.status_code == 200
         assert c.get("/internal/templates/", params={"key": "broken"}).json() == []

@@ -9,14 +9,15 @@ from psycopg.types.json import Jsonb
 
 from providers.standard_webhooks import new_secret
 from runner.callbacks import CLAIM, RECORD
-
 from tests.conftest import call
 
 URL = "https://hooks.runflow.example/notify"
 
 
 def configure(db: psycopg.Connection, tenant: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    return call(db, "notify_api.set_callbacks_v1(%s, %s, %s)", tenant, Jsonb({"url": URL} if body is None else body), new_secret())
+    return call(
+        db, "notify_api.set_callbacks_v1(%s, %s, %s)", tenant, Jsonb({"url": URL} if body is None else body), new_secret()
+    )
 
 
 def claim_callbacks(db: psycopg.Connection, limit: int = 10, lease: int = 60) -> list[tuple]:
@@ -28,5 +29,11 @@ def record_callbacks(db: psycopg.Connection, *results: dict[str, Any]) -> int:
 
 
 def attempt(tenant: str, message_id: object, number: int, outcome: str, code: int | None = 503) -> dict[str, Any]:
-    return {"tenant_id": tenant, "id": str(message_id), "attempt": number, "started_at": "2026-01-01T00:00:00Z",
-            "status_code": code, "outcome": outcome}
+    return {
+        "tenant_id": tenant,
+        "id": str(message_id),
+        "attempt": number,
+        "started_at": "2026-01-01T00:00:00Z",
+        "status_code": code,
+        "outcome": outcome,
+    }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dispatcher import keys
-
 from tests.conftest import call
 from tests.sql.test_create_api_key_v1 import AUTH
 

@@ -8,7 +8,6 @@ import psycopg
 import pytest
 
 from dispatcher import keys
-
 from tests.conftest import call
 
 AUTHORIZE = "select tenant_id from notify_api.authorize_v1(%s, %s)"
@@ -16,8 +15,14 @@ AUTHORIZE = "select tenant_id from notify_api.authorize_v1(%s, %s)"
 
 def new_key(db, tenant, scopes=None):
     key = keys.generate()
-    info = call(db, "notify_api.create_api_key_v1(%s, 'k', %s, %s, %s)", tenant, keys.display_prefix(key), keys.digest(key),
-                scopes or ["submit", "read", "admin"])
+    info = call(
+        db,
+        "notify_api.create_api_key_v1(%s, 'k', %s, %s, %s)",
+        tenant,
+        keys.display_prefix(key),
+        keys.digest(key),
+        scopes or ["submit", "read", "admin"],
+    )
     return key, info
 
 
@@ -32,12 +37,12 @@ def test_a_key_is_allowed_only_its_scopes(db, tenant):
 
 
 def test_a_fast_keys_bucket_is_sharded_so_requests_do_not_queue_on_one_row(db, tenant, connect):
-    call(db, "notify_api.set_api_rate_v1(%s, 800)", tenant)          # 16 shards of 50/s
+    call(db, "notify_api.set_api_rate_v1(%s, 800)", tenant)  # 16 shards of 50/s
     key, info = new_key(db, tenant)
     key_id = info["id"]
     admitted = 0
     started = time.monotonic()
-    for _ in range(900):                                               # a burst well over one second's worth
+    for _ in range(900):  # a burst well over one second's worth
         try:
             db.execute(AUTHORIZE, (keys.digest(key), "read"))
             admitted += 1
@@ -46,13 +51,15 @@ def test_a_fast_keys_bucket_is_sharded_so_requests_do_not_queue_on_one_row(db, t
     shards = db.execute("select count(*) from notify.rate_buckets where key like %s", (f"api:{key_id}:%",)).fetchone()[0]
     assert shards == 16
     elapsed = time.monotonic() - started
-    assert 700 <= admitted <= 800 * (1 + elapsed) + 16, (admitted, elapsed)   # the burst plus the refill, no more
+    assert 700 <= admitted <= 800 * (1 + elapsed) + 16, (admitted, elapsed)  # the burst plus the refill, no more
     # Two transactions authorizing the same key at once do not wait for each other (with 16 shards they usually
     # draw different rows; retried a few times so that a same-shard draw cannot fail the test).
     a, b = connect(), connect()
     for _ in range(5):
-        db.execute("update notify.rate_buckets set tokens = 50, updated_at = clock_timestamp() where key like %s", (f"api:{key_id}:%",))
-        a.execute(AUTHORIZE, (keys.digest(key), "read"))             # holds its shard's row until commit
+        db.execute(
+            "update notify.rate_buckets set tokens = 50, updated_at = clock_timestamp() where key like %s", (f"api:{key_id}:%",)
+        )
+        a.execute(AUTHORIZE, (keys.digest(key), "read"))  # holds its shard's row until commit
         b.execute("set lock_timeout = '200ms'")
         try:
             b.execute(AUTHORIZE, (keys.digest(key), "read"))

@@ -14,7 +14,9 @@ def test_cancel_cancels_what_is_waiting(db, ready):
     response, _ = submit(db, ready, intent(send_at="2099-01-01T00:00:00Z"))
     out = call(db, "notify_api.cancel_notification_v1(%s, %s)", ready, response["id"])
     assert {(d["channel"], d["status"], d["cancelled"], d["reason"]) for d in out["deliveries"]} == {
-        ("whatsapp", "cancelled", True, "cancelled"), ("email", "cancelled", True, "cancelled")}
+        ("whatsapp", "cancelled", True, "cancelled"),
+        ("email", "cancelled", True, "cancelled"),
+    }
     assert claim(db, "email") == []
 
 
@@ -25,7 +27,9 @@ def test_cancel_says_why_it_could_not(db, ready):
     claim(db, "whatsapp")
     out = call(db, "notify_api.cancel_notification_v1(%s, %s)", ready, response["id"])
     assert {(d["channel"], d["status"], d["cancelled"], d["reason"]) for d in out["deliveries"]} == {
-        ("email", "sent", False, "already_sent"), ("whatsapp", "sending", False, "already_sending")}
+        ("email", "sent", False, "already_sent"),
+        ("whatsapp", "sending", False, "already_sending"),
+    }
 
 
 def test_cancel_is_idempotent(db, ready):
@@ -52,13 +56,16 @@ def test_cancel_racing_a_claim_is_either_cancelled_or_sent_never_both(db, ready,
     claimer, canceller = connect(), connect()
     outcome: dict[str, object] = {}
     if winner == "claim":
-        rows = claim(claimer, "email")                       # 1. claim locks and moves the row to sending
-        thread = threading.Thread(target=lambda: outcome.update(
-            cancel=call(canceller, "notify_api.cancel_notification_v1(%s, %s)", ready, response["id"])))
-        thread.start()                                       # 2. cancel waits on the row lock
+        rows = claim(claimer, "email")  # 1. claim locks and moves the row to sending
+        thread = threading.Thread(
+            target=lambda: outcome.update(
+                cancel=call(canceller, "notify_api.cancel_notification_v1(%s, %s)", ready, response["id"])
+            )
+        )
+        thread.start()  # 2. cancel waits on the row lock
         thread.join(0.3)
         assert thread.is_alive()
-        claimer.commit()                                     # 3. claim commits
+        claimer.commit()  # 3. claim commits
         thread.join(5)
         canceller.commit()
         assert len(rows) == 1
@@ -67,9 +74,9 @@ def test_cancel_racing_a_claim_is_either_cancelled_or_sent_never_both(db, ready,
     else:
         out = call(canceller, "notify_api.cancel_notification_v1(%s, %s)", ready, response["id"])  # 1. cancel locks
         thread = threading.Thread(target=lambda: outcome.update(rows=claim(claimer, "email")))
-        thread.start()                                       # 2. claim skips the locked row
+        thread.start()  # 2. claim skips the locked row
         thread.join(5)
-        canceller.commit()                                   # 3. cancel commits
+        canceller.commit()  # 3. cancel commits
         claimer.commit()
         assert out["deliveries"][0]["cancelled"] is True
         assert outcome["rows"] == []

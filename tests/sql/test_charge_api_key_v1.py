@@ -24,8 +24,10 @@ def test_the_429_rolls_back_the_statement_it_ends(db):
     db.execute(CHARGE, (key_id, 1))
     db.execute("create table charged (n int)")
     with pytest.raises(psycopg.Error):
-        db.execute("with w as (insert into charged values (1) returning n) select n, notify_api.charge_api_key_v1(%s, 1) from w",
-                   (key_id,))
+        db.execute(
+            "with w as (insert into charged values (1) returning n) select n, notify_api.charge_api_key_v1(%s, 1) from w",
+            (key_id,),
+        )
     assert db.execute("select count(*) from charged").fetchone()[0] == 0
 
 

@@ -7,7 +7,6 @@ import psycopg
 import pytest
 
 from dispatcher import keys
-
 from tests.conftest import call
 
 CHECK = "select tenant_id, api_key_id, rate_per_second from notify_api.check_api_key_v1(%s, %s)"
@@ -15,7 +14,9 @@ CHECK = "select tenant_id, api_key_id, rate_per_second from notify_api.check_api
 
 def new_key(db, tenant, scopes):
     key = keys.generate()
-    info = call(db, "notify_api.create_api_key_v1(%s, 'k', %s, %s, %s)", tenant, keys.display_prefix(key), keys.digest(key), scopes)
+    info = call(
+        db, "notify_api.create_api_key_v1(%s, 'k', %s, %s, %s)", tenant, keys.display_prefix(key), keys.digest(key), scopes
+    )
     return key, info
 
 
@@ -51,8 +52,10 @@ def test_it_takes_no_token(db, tenant):
 def test_an_empty_bucket_is_429(db, tenant):
     call(db, "notify_api.set_api_rate_v1(%s, 2)", tenant)
     key, info = new_key(db, tenant, ["read"])
-    db.execute("insert into notify.rate_buckets (key, tokens, updated_at) values (%s, 0, clock_timestamp() + interval '1 hour')",
-               (f"api:{info['id']}:0",))
+    db.execute(
+        "insert into notify.rate_buckets (key, tokens, updated_at) values (%s, 0, clock_timestamp() + interval '1 hour')",
+        (f"api:{info['id']}:0",),
+    )
     with pytest.raises(psycopg.Error) as err:
         db.execute(CHECK, (keys.digest(key), "read"))
     assert (err.value.sqlstate, err.value.diag.constraint_name) == ("ND429", "rate_limited")

@@ -16,7 +16,7 @@ def test_a_due_message_is_claimed_once_with_a_lease_and_its_secret(db, ready):
     [row] = claim_callbacks(db)
     assert str(row[0]) == ready and row[2] == 1 and row[3] == URL and row[5] == [secret]
     assert row[4]["data"]["status"] == "queued"
-    assert claim_callbacks(db) == []                       # leased: not claimed again
+    assert claim_callbacks(db) == []  # leased: not claimed again
     status = db.execute("select status, attempts, lease_expires_at > now() from notify.callback_messages").fetchone()
     assert status == ("sending", 1, True)
 
@@ -24,7 +24,7 @@ def test_a_due_message_is_claimed_once_with_a_lease_and_its_secret(db, ready):
 def test_a_later_change_waits_for_the_earlier_one(db, ready):
     configure(db, ready)
     submit(db, ready, intent(channels=["whatsapp"]))
-    claim(db, "whatsapp")                                  # queued -> sending: sequence 2
+    claim(db, "whatsapp")  # queued -> sending: sequence 2
     assert [r[4]["data"]["sequence"] for r in claim_callbacks(db)] == [1]
     assert claim_callbacks(db) == []
 

@@ -9,11 +9,13 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from tests.conftest import call, claim, intent, submit
-from tests.sql.test_set_channel_provider_v1 import WA, set_provider
 from tests.sql.test_set_channel_provider_v1 import INGEST, WA, set_provider
 
+
 def status(conn: psycopg.Connection, delivery_id: object) -> tuple:
-    return conn.execute("select status::text, attempt, reason from notify.notification_deliveries where id = %s", (delivery_id,)).fetchone()
+    return conn.execute(
+        "select status::text, attempt, reason from notify.notification_deliveries where id = %s", (delivery_id,)
+    ).fetchone()
 
 
 def test_claim_takes_a_batch_and_returns_what_to_send(db, ready):
@@ -40,8 +42,8 @@ def test_concurrent_claims_are_disjoint(db, ready, connect):
     for _ in range(10):
         submit(db, ready, intent(channels=["email"]))
     a, b = connect(), connect()
-    rows_a = claim(a, "email", limit=6)      # a holds its row locks (transaction open)
-    rows_b = claim(b, "email", limit=6)      # b skips them
+    rows_a = claim(a, "email", limit=6)  # a holds its row locks (transaction open)
+    rows_b = claim(b, "email", limit=6)  # b skips them
     a.commit()
     b.commit()
     ids_a, ids_b = {r[1] for r in rows_a}, {r[1] for r in rows_b}
@@ -58,7 +60,12 @@ def test_claim_expires_what_is_past_its_deadline(db, ready):
 
 def test_consent_revoked_after_submit_suppresses_at_claim(db, ready):
     response, _ = submit(db, ready, intent(channels=["whatsapp"]))
-    call(db, "notify_api.record_consent_v1(%s, 'runner-42', %s)", ready, Jsonb({"channel": "whatsapp", "status": "revoked", "source": "reply_stop"}))
+    call(
+        db,
+        "notify_api.record_consent_v1(%s, 'runner-42', %s)",
+        ready,
+        Jsonb({"channel": "whatsapp", "status": "revoked", "source": "reply_stop"}),
+    )
     assert claim(db, "whatsapp") == []
     assert status(db, response["deliveries"][0]["id"]) == ("suppressed", 0, "no_consent")
 
@@ -70,7 +77,9 @@ def test_claim_limit_is_checked(db, ready):
 
 
 def test_scheduled_deliveries_are_claimed_when_due(db, ready):
-    response, _ = submit(db, ready, intent(channels=["email"], send_at=(dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()))
+    response, _ = submit(
+        db, ready, intent(channels=["email"], send_at=(dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat())
+    )
     assert claim(db, "email") == []
     db.execute("update notify.notification_deliveries set due_at = now() - interval '1 second'")
     rows = claim(db, "email")
@@ -92,9 +101,27 @@ def test_free_form_text_outside_the_window_is_refused_and_an_inbound_message_ope
     call(db, "notify_api.upsert_template_v1(%s, 'chat', %s)", ready, Jsonb({"channels": {"whatsapp": {"text": "Hi {{name}}"}}}))
     first, _ = submit(db, ready, intent(template="chat", channels=["whatsapp"]))
     assert claim(db, "whatsapp") == []
-    assert db.execute("select status::text, reason from notify.notification_deliveries").fetchone() == ("failed", "outside_customer_service_window")
-    db.execute(INGEST, ("in-1", Jsonb([{"phone_number_id": "106540352242922", "sender": "34600111222", "message_id": "wamid.in1",
-                                         "text": "hola", "received_at": "2026-11-26T10:00:00Z"}])))
+    assert db.execute("select status::text, reason from notify.notification_deliveries").fetchone() == (
+        "failed",
+        "outside_customer_service_window",
+    )
+    db.execute(
+        INGEST,
+        (
+            "in-1",
+            Jsonb(
+                [
+                    {
+                        "phone_number_id": "106540352242922",
+                        "sender": "34600111222",
+                        "message_id": "wamid.in1",
+                        "text": "hola",
+                        "received_at": "2026-11-26T10:00:00Z",
+                    }
+                ]
+            ),
+        ),
+    )
     db.execute("update notify.whatsapp_windows set last_inbound_at = now()")
     submit(db, ready, intent(template="chat", channels=["whatsapp"]))
     assert len(claim(db, "whatsapp")) == 1

@@ -8,7 +8,6 @@ import psycopg
 import pytest
 
 from dispatcher import keys
-
 from tests.conftest import call
 from tests.sql.test_authorize_v1 import new_key
 

@@ -1,4 +1,5 @@
-"""notify_api.ingest_webhook_v1: a verified webhook is stored once, matched to its delivery by its provider only, input checked."""
+"""notify_api.ingest_webhook_v1: a verified webhook is stored once, matched to its delivery by its provider only, input "
+"checked."""
 
 from __future__ import annotations
 
@@ -6,9 +7,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from tests.sql.test_state_machine import report, sent_delivery
-from tests.sql.test_state_machine import INGEST
-from tests.sql.test_state_machine import INGEST, current, sent_delivery
+from tests.sql.test_state_machine import INGEST, current, report, sent_delivery
 
 
 def test_the_same_webhook_is_stored_once(db, ready):
@@ -21,7 +20,9 @@ def test_the_same_webhook_is_stored_once(db, ready):
 
 
 def test_an_unknown_message_is_stored_as_unmatched(db, ready):
-    out = db.execute(INGEST, ("mock", "x1", Jsonb({"a": 1}), Jsonb([{"status": "delivered", "provider_message_id": "nope"}]))).fetchone()[0]
+    out = db.execute(
+        INGEST, ("mock", "x1", Jsonb({"a": 1}), Jsonb([{"status": "delivered", "provider_message_id": "nope"}]))
+    ).fetchone()[0]
     assert out["outcomes"][0]["outcome"] == "unmatched"
     assert db.execute("select payload, outcomes->0->>'outcome' from notify.webhook_events").fetchone() == ({"a": 1}, "unmatched")
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 from psycopg.types.json import Jsonb
 
 from runner.drainer import RECORD_MOCK
-
 from tests.conftest import call, claim, intent, submit
 
 
 def sent(row, n):
-    return {"tenant_id": str(row[0]), "delivery_id": str(row[1]), "attempt": row[2], "channel": row[3], "address": row[4],
-            "provider_message_id": f"mock-{n}", "rendered": {"text": "hi"}}
+    return {
+        "tenant_id": str(row[0]),
+        "delivery_id": str(row[1]),
+        "attempt": row[2],
+        "channel": row[3],
+        "address": row[4],
+        "provider_message_id": f"mock-{n}",
+        "rendered": {"text": "hi"},
+    }
 
 
 def setup(db, ready):

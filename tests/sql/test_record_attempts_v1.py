@@ -13,7 +13,9 @@ def test_sent_records_the_provider_message_id(db, ready):
     submit(db, ready, intent(channels=["email"]))
     row = claim(db, "email")[0]
     assert record(db, result(row, "sent", provider_message_id="m-1")) == [(row[1], "sent", True)]
-    assert db.execute("select provider, provider_message_id, sent_at is not null from notify.notification_deliveries").fetchone() == ("mock", "m-1", True)
+    assert db.execute(
+        "select provider, provider_message_id, sent_at is not null from notify.notification_deliveries"
+    ).fetchone() == ("mock", "m-1", True)
     attempt = db.execute("select outcome, provider_message_id, finished_at is not null from notify.delivery_attempts").fetchone()
     assert attempt == ("sent", "m-1", True)
 
@@ -22,7 +24,9 @@ def test_a_stale_worker_write_is_fenced_off(db, ready):
     submit(db, ready, intent(channels=["email"]))
     row = claim(db, "email")[0]
     stale = result(row, "failed", error_code="late")
-    db.execute("update notify.notification_deliveries set status = 'queued', due_at = now() where id = %s", (row[1],))  # lease expired
+    db.execute(
+        "update notify.notification_deliveries set status = 'queued', due_at = now() where id = %s", (row[1],)
+    )  # lease expired
     newer = claim(db, "email")[0]
     assert newer[2] == row[2] + 1
     assert record(db, stale) == [(row[1], None, False)]
@@ -41,7 +45,7 @@ def test_retry_backs_off_exponentially_with_jitter(db, ready):
         delay = db.execute("select extract(epoch from due_at - now()) from notify.notification_deliveries").fetchone()[0]
         delays.append(float(delay))
     for n, delay in enumerate(delays):
-        base = 2 ** n
+        base = 2**n
         assert 0.5 * base - 0.05 <= delay <= base + 0.05, (n, delay)
     assert status(db, row[1])[0] == "queued"
     wakeups = db.execute("select scheduled_at from procrastinate_jobs where queueing_lock like 'dispatch:email:%'").fetchall()
@@ -76,7 +80,9 @@ def test_failed_and_unknown_outcomes(db, ready):
     record(db, result(a, "failed", error_code="550", error_message="no such user"), result(b, "unknown", error_code="timeout"))
     assert status(db, a[1]) == ("failed", 1, "provider_rejected")
     assert status(db, b[1]) == ("unknown", 1, "outcome_unknown")
-    assert db.execute("select last_error_code, last_error_message from notify.notification_deliveries where id = %s", (a[1],)).fetchone() == ("550", "no such user")
+    assert db.execute(
+        "select last_error_code, last_error_message from notify.notification_deliveries where id = %s", (a[1],)
+    ).fetchone() == ("550", "no such user")
 
 
 def test_an_unknown_outcome_name_is_refused(db, ready):

@@ -46,6 +46,6 @@ def test_a_stale_attempt_changes_nothing(db, ready):
     row = claimed_one(db, ready, [0])
     record_callbacks(db, attempt(ready, row[1], 1, "retry"))
     [again] = claim_callbacks(db)
-    record_callbacks(db, attempt(ready, row[1], 1, "delivered", 200))   # attempt 1's late answer
+    record_callbacks(db, attempt(ready, row[1], 1, "delivered", 200))  # attempt 1's late answer
     assert message(db)[:2] == ("sending", 2)
     assert db.execute("select count(*) from notify.callback_attempts").fetchone()[0] == 1

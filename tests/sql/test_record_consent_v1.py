@@ -14,8 +14,10 @@ def consent(db, tenant, **body):
 
 
 def allowed(db, tenant, channel, category=None) -> bool:
-    return db.execute("select notify._consent_allows(%s, (select id from notify.recipients where ref = 'runner-1'), %s, %s)",
-                      (tenant, channel, category)).fetchone()[0]
+    return db.execute(
+        "select notify._consent_allows(%s, (select id from notify.recipients where ref = 'runner-1'), %s, %s)",
+        (tenant, channel, category),
+    ).fetchone()[0]
 
 
 def test_the_latest_ledger_entry_decides(db, tenant):
@@ -40,12 +42,15 @@ def test_a_channel_wide_revoke_stops_every_category(db, tenant):
     assert not allowed(db, tenant, "email", "reminders")
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"channel": "fax", "status": "granted", "source": "x"}, "channel"),
-    ({"channel": "email", "status": "maybe", "source": "x"}, "status"),
-    ({"channel": "email", "status": "granted"}, "source"),
-    ({"channel": "email", "status": "granted", "source": "x", "extra": 1}, "extra"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"channel": "fax", "status": "granted", "source": "x"}, "channel"),
+        ({"channel": "email", "status": "maybe", "source": "x"}, "status"),
+        ({"channel": "email", "status": "granted"}, "source"),
+        ({"channel": "email", "status": "granted", "source": "x", "extra": 1}, "extra"),
+    ],
+)
 def test_bad_consent_entries_are_refused(db, tenant, body, field):
     with pytest.raises(psycopg.Error) as info:
         consent(db, tenant, **body)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from dispatcher import keys
 
+from dispatcher import keys
 from tests.conftest import call
 from tests.sql.test_create_api_key_v1 import AUTH
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from dispatcher import keys
 
+from dispatcher import keys
 from tests.conftest import call
 from tests.sql.test_authorize_v1 import AUTHORIZE, new_key
 
@@ -13,7 +13,14 @@ from tests.sql.test_authorize_v1 import AUTHORIZE, new_key
 def test_rotation_keeps_the_old_key_for_the_overlap_window(db, tenant):
     old, info = new_key(db, tenant, ["submit"])
     fresh = keys.generate()
-    out = call(db, "notify_api.rotate_api_key_v1(%s, %s, %s, %s, 3600)", tenant, info["id"], keys.display_prefix(fresh), keys.digest(fresh))
+    out = call(
+        db,
+        "notify_api.rotate_api_key_v1(%s, %s, %s, %s, 3600)",
+        tenant,
+        info["id"],
+        keys.display_prefix(fresh),
+        keys.digest(fresh),
+    )
     assert out["replaces"] == info["id"] and out["scopes"] == ["submit"]
     assert db.execute(AUTHORIZE, (keys.digest(old), "submit")).fetchone() is not None
     assert db.execute(AUTHORIZE, (keys.digest(fresh), "submit")).fetchone() is not None

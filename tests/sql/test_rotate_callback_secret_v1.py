@@ -6,7 +6,6 @@ import psycopg
 import pytest
 
 from providers.standard_webhooks import new_secret
-
 from tests.conftest import call, intent, submit
 from tests.sql.callbacks import claim_callbacks, configure
 

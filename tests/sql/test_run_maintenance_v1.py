@@ -15,7 +15,10 @@ def test_expired_leases_follow_the_channel_crash_policy(db, ready):
     assert (out["requeued"], out["unknown"]) == (1, 1)
     states = dict(db.execute("select channel::text, status::text from notify.notification_deliveries").fetchall())
     assert states == {"email": "queued", "whatsapp": "unknown"}
-    assert db.execute("select outcome from notify.delivery_attempts where delivery_id = %s", (wa[1],)).fetchone()[0] == "lease_expired"
+    assert (
+        db.execute("select outcome from notify.delivery_attempts where delivery_id = %s", (wa[1],)).fetchone()[0]
+        == "lease_expired"
+    )
     assert out["woken"] == ["email"]
     assert db.execute("select queueing_lock from procrastinate_jobs").fetchall() == [("dispatch:email",)]
     # The late worker's write for the whatsapp attempt still counts as evidence: unknown -> sent.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from dispatcher import keys
 
+from dispatcher import keys
 from tests.conftest import call
 from tests.sql.test_authorize_v1 import AUTHORIZE, new_key
 
@@ -19,6 +19,6 @@ def test_each_key_is_held_to_its_tenants_rate(db, tenant):
     with pytest.raises(psycopg.Error) as err:
         db.execute(AUTHORIZE, (keys.digest(a), "read"))
     assert (err.value.sqlstate, err.value.diag.constraint_name) == ("ND429", "rate_limited")
-    assert db.execute(AUTHORIZE, (keys.digest(b), "read")).fetchone() is not None   # another key has its own budget
+    assert db.execute(AUTHORIZE, (keys.digest(b), "read")).fetchone() is not None  # another key has its own budget
     with pytest.raises(psycopg.Error):
         call(db, "notify_api.set_api_rate_v1(%s, 0)", tenant)

@@ -18,7 +18,11 @@ def test_the_policy_is_stored(db, tenant):
 def test_a_bad_policy_is_refused(db, tenant, values):
     with pytest.raises(psycopg.Error) as err:
         call(db, "notify_api.set_retry_policy_v1(%s, %s, %s, %s)", tenant, *values)
-    assert (err.value.sqlstate, err.value.diag.constraint_name, err.value.diag.column_name) == ("ND422", "invalid_retry_policy", "retry")
+    assert (err.value.sqlstate, err.value.diag.constraint_name, err.value.diag.column_name) == (
+        "ND422",
+        "invalid_retry_policy",
+        "retry",
+    )
 
 
 def test_an_unknown_tenant_is_404(db, tenant):

@@ -10,8 +10,10 @@ from psycopg.types.json import Jsonb
 
 from tests.conftest import claim, intent, record, result, submit
 
-INGEST = ("select notify_api.ingest_webhook_v1(%s, %s, %s, "
-          "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r))")
+INGEST = (
+    "select notify_api.ingest_webhook_v1(%s, %s, %s, "
+    "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r))"
+)
 
 
 def sent_delivery(db: psycopg.Connection, tenant: str, channel: str) -> tuple:
@@ -34,16 +36,32 @@ def current(db: psycopg.Connection, row: tuple) -> str:
     return db.execute("select status::text from notify.notification_deliveries where id = %s", (row[1],)).fetchone()[0]
 
 
-@pytest.mark.parametrize(("start", "target"), [
-    ("queued", "sent"), ("queued", "read"), ("queued", "unknown"),
-    ("sent", "queued"), ("sent", "cancelled"), ("sent", "expired"),
-    ("read", "delivered"), ("suppressed", "queued"), ("cancelled", "sending"), ("expired", "queued"),
-])
+@pytest.mark.parametrize(
+    ("start", "target"),
+    [
+        ("queued", "sent"),
+        ("queued", "read"),
+        ("queued", "unknown"),
+        ("sent", "queued"),
+        ("sent", "cancelled"),
+        ("sent", "expired"),
+        ("read", "delivered"),
+        ("suppressed", "queued"),
+        ("cancelled", "sending"),
+        ("expired", "queued"),
+    ],
+)
 def test_illegal_transitions_raise(db, ready, start, target):
     response, _ = submit(db, ready, intent(channels=["email"]))
     delivery = response["deliveries"][0]["id"]
-    path = {"queued": [], "sent": ["sending", "sent"], "read": ["sending", "sent", "read"],
-            "suppressed": ["suppressed"], "cancelled": ["cancelled"], "expired": ["expired"]}[start]
+    path = {
+        "queued": [],
+        "sent": ["sending", "sent"],
+        "read": ["sending", "sent", "read"],
+        "suppressed": ["suppressed"],
+        "cancelled": ["cancelled"],
+        "expired": ["expired"],
+    }[start]
     for step in path:
         db.execute("update notify.notification_deliveries set status = %s where id = %s", (step, delivery))
     with pytest.raises(psycopg.Error) as info:
@@ -66,10 +84,17 @@ def test_every_change_appends_history_with_a_growing_seq(db, ready):
     row = sent_delivery(db, ready, "whatsapp")
     report(db, row, "delivered", "e1")
     report(db, row, "read", "e2")
-    history = db.execute("select seq, from_status::text, to_status::text, source from notify.delivery_events "
-                         "where delivery_id = %s order by seq", (row[1],)).fetchall()
-    assert history == [(1, None, "queued", "submit"), (2, "queued", "sending", "claim"), (3, "sending", "sent", "worker"),
-                       (4, "sent", "delivered", "webhook"), (5, "delivered", "read", "webhook")]
+    history = db.execute(
+        "select seq, from_status::text, to_status::text, source from notify.delivery_events where delivery_id = %s order by seq",
+        (row[1],),
+    ).fetchall()
+    assert history == [
+        (1, None, "queued", "submit"),
+        (2, "queued", "sending", "claim"),
+        (3, "sending", "sent", "worker"),
+        (4, "sent", "delivered", "webhook"),
+        (5, "delivered", "read", "webhook"),
+    ]
     assert db.execute("select seq from notify.notification_deliveries where id = %s", (row[1],)).fetchone()[0] == 5
 
 
@@ -117,5 +142,6 @@ def test_a_report_can_arrive_before_the_worker_records_sent(db, ready):
     row = claim(db, "whatsapp")[0]
     assert report(db, row, "delivered", "early")["outcomes"][0]["outcome"] == "applied"
     record(db, result(row, "sent", provider_message_id="wamid.1"))
-    assert db.execute("select status::text, provider_message_id from notify.notification_deliveries where id = %s",
-                      (row[1],)).fetchone() == ("delivered", "wamid.1")
+    assert db.execute(
+        "select status::text, provider_message_id from notify.notification_deliveries where id = %s", (row[1],)
+    ).fetchone() == ("delivered", "wamid.1")

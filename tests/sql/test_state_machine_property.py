@@ -17,8 +17,10 @@ from tests.conftest import call, claim, intent, record, result, submit
 
 STATUSES = ["sent", "delivered", "read", "failed", "bounced", "suppressed"]
 OUTCOMES = ["sent", "retry", "failed", "unknown", "suppressed", "bounced"]
-INGEST = ("select notify_api.ingest_webhook_v1('mock', %s, '{}', "
-          "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r))")
+INGEST = (
+    "select notify_api.ingest_webhook_v1('mock', %s, '{}', "
+    "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r))"
+)
 
 
 def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None:
@@ -29,9 +31,11 @@ def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None
         def __init__(self) -> None:
             super().__init__()
             # Every example starts from the same state, so what it draws depends only on its own steps.
-            db.execute("truncate notify.notification_deliveries, notify.delivery_events, notify.delivery_attempts, "
-                       "notify.webhook_events, notify.recipient_consents, notify.notification_requests")
-            self.claimed: list[tuple] = []        # every claim ever made (stale ones included)
+            db.execute(
+                "truncate notify.notification_deliveries, notify.delivery_events, notify.delivery_attempts, "
+                "notify.webhook_events, notify.recipient_consents, notify.notification_requests"
+            )
+            self.claimed: list[tuple] = []  # every claim ever made (stale ones included)
             self.requests: list[str] = []
 
         @rule(channels=st.sampled_from([["email"], ["whatsapp"], ["whatsapp", "email"]]), scheduled=st.booleans())
@@ -49,7 +53,7 @@ def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None
         @rule(data=st.data(), outcome=st.sampled_from(OUTCOMES))
         def record(self, data: st.DataObject, outcome: str) -> None:
             if self.claimed:
-                row = data.draw(st.sampled_from(self.claimed))   # may be a stale attempt: must be fenced
+                row = data.draw(st.sampled_from(self.claimed))  # may be a stale attempt: must be fenced
                 record(db, result(row, outcome, provider_message_id=f"pm-{row[1]}-{row[2]}"))
 
         @rule(data=st.data(), status=st.sampled_from(STATUSES), duplicate=st.booleans())
@@ -68,11 +72,19 @@ def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None
 
         @rule(channel=st.sampled_from(["email", "whatsapp"]), status=st.sampled_from(["granted", "revoked"]))
         def consent(self, channel: str, status: str) -> None:
-            call(db, "notify_api.record_consent_v1(%s, 'runner-42', %s)", ready, Jsonb({"channel": channel, "status": status, "source": "t"}))
+            call(
+                db,
+                "notify_api.record_consent_v1(%s, 'runner-42', %s)",
+                ready,
+                Jsonb({"channel": channel, "status": status, "source": "t"}),
+            )
 
         @rule()
         def maintenance(self) -> None:
-            db.execute("update notify.notification_deliveries set lease_expires_at = now() - interval '1 second' where status = 'sending'")
+            db.execute(
+                "update notify.notification_deliveries set lease_expires_at = now() - interval '1 second' where status = "
+                "'sending'"
+            )
             call(db, "notify_api.run_maintenance_v1()")
 
         @invariant()
@@ -92,10 +104,12 @@ def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None
             current = db.execute("""
                 select count(*) from notify.notification_deliveries d
                  where d.seq <> (select max(e.seq) from notify.delivery_events e where e.delivery_id = d.id)
-                    or d.status <> (select e.to_status from notify.delivery_events e where e.delivery_id = d.id order by e.seq desc limit 1)
+                    or d.status <> (select e.to_status from notify.delivery_events e where e.delivery_id = d.id order by
+                      e.seq desc limit 1)
             """).fetchone()[0]
             assert current == 0
 
-    run_state_machine_as_test(Deliveries, settings=settings(max_examples=150, stateful_step_count=30, deadline=None,
-                                                             suppress_health_check=list(HealthCheck)))
-
+    run_state_machine_as_test(
+        Deliveries,
+        settings=settings(max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=list(HealthCheck)),
+    )

@@ -42,8 +42,12 @@ def test_same_key_different_body_is_refused_with_422(db, ready):
 
 def test_keys_are_scoped_per_tenant(db, ready):
     other = str(call(db, "notify_api.create_tenant_v1('other')")["id"])
-    call(db, "notify_api.upsert_template_v1(%s, 'event_reminder', %s)", other,
-         Jsonb({"channels": {"email": {"subject": "s", "text": "t"}}}))
+    call(
+        db,
+        "notify_api.upsert_template_v1(%s, 'event_reminder', %s)",
+        other,
+        Jsonb({"channels": {"email": {"subject": "s", "text": "t"}}}),
+    )
     submit(db, ready, intent(), "shared-key")
     response, replayed = submit(db, other, intent(channels=["email"], variables={}), "shared-key")
     assert not replayed and response["status"] == "accepted"
@@ -55,25 +59,28 @@ def test_without_a_key_every_submission_is_new(db, ready):
     assert db.execute("select count(*) from notify.notification_requests").fetchone()[0] == 2
 
 
-@pytest.mark.parametrize(("body_change", "field", "code"), [
-    ({"bogus": 1}, "bogus", "unknown_field"),
-    ({"recipient": None}, "recipient", "missing_field"),
-    ({"recipient": {"ref": "r", "nickname": "x"}}, "recipient.nickname", "unknown_field"),
-    ({"recipient": {"ref": ""}}, "recipient.ref", "invalid_length"),
-    ({"channels": []}, "channels", "missing_field"),
-    ({"channels": ["pigeon"]}, "channels[0]", "invalid_channel"),
-    ({"channels": ["email", "email"]}, "channels", "duplicate_channel"),
-    ({"template": 5}, "template", "invalid_type"),
-    ({"variables": [1]}, "variables", "invalid_type"),
-    ({"send_at": "tomorrow"}, "send_at", "invalid_format"),
-    ({"send_at": "2026-01-01T09:00:00"}, "send_at", "invalid_format"),
-    ({"metadata": "x"}, "metadata", "invalid_type"),
-    ({"recipient": {"ref": "r", "addresses": {"whatsapp": "600111222"}}}, "recipient.addresses.whatsapp", "invalid_address"),
-    ({"recipient": {"ref": "r", "addresses": {"email": "ana@"}}}, "recipient.addresses.email", "invalid_address"),
-    ({"recipient": {"ref": "r", "addresses": {"fax": "1"}}}, "recipient.addresses.fax", "unknown_field"),
-    ({"recipient": {"ref": "r", "timezone": "Mars/Olympus"}}, "recipient.timezone", "invalid_timezone"),
-    ({"recipient": {"ref": "r", "locale": "spanish!"}}, "recipient.locale", "invalid_format"),
-])
+@pytest.mark.parametrize(
+    ("body_change", "field", "code"),
+    [
+        ({"bogus": 1}, "bogus", "unknown_field"),
+        ({"recipient": None}, "recipient", "missing_field"),
+        ({"recipient": {"ref": "r", "nickname": "x"}}, "recipient.nickname", "unknown_field"),
+        ({"recipient": {"ref": ""}}, "recipient.ref", "invalid_length"),
+        ({"channels": []}, "channels", "missing_field"),
+        ({"channels": ["pigeon"]}, "channels[0]", "invalid_channel"),
+        ({"channels": ["email", "email"]}, "channels", "duplicate_channel"),
+        ({"template": 5}, "template", "invalid_type"),
+        ({"variables": [1]}, "variables", "invalid_type"),
+        ({"send_at": "tomorrow"}, "send_at", "invalid_format"),
+        ({"send_at": "2026-01-01T09:00:00"}, "send_at", "invalid_format"),
+        ({"metadata": "x"}, "metadata", "invalid_type"),
+        ({"recipient": {"ref": "r", "addresses": {"whatsapp": "600111222"}}}, "recipient.addresses.whatsapp", "invalid_address"),
+        ({"recipient": {"ref": "r", "addresses": {"email": "ana@"}}}, "recipient.addresses.email", "invalid_address"),
+        ({"recipient": {"ref": "r", "addresses": {"fax": "1"}}}, "recipient.addresses.fax", "unknown_field"),
+        ({"recipient": {"ref": "r", "timezone": "Mars/Olympus"}}, "recipient.timezone", "invalid_timezone"),
+        ({"recipient": {"ref": "r", "locale": "spanish!"}}, "recipient.locale", "invalid_format"),
+    ],
+)
 def test_bad_input_names_the_field_and_writes_nothing(db, ready, body_change, field, code):
     err = raises(db, ready, intent(**body_change))
     assert err.sqlstate == "ND400"
@@ -100,7 +107,12 @@ def test_a_missing_template_is_refused_at_submit_time(db, ready):
 
 
 def test_a_template_without_content_for_a_channel_is_refused(db, ready):
-    call(db, "notify_api.upsert_template_v1(%s, 'email_only', %s)", ready, Jsonb({"channels": {"email": {"subject": "s", "text": "t"}}}))
+    call(
+        db,
+        "notify_api.upsert_template_v1(%s, 'email_only', %s)",
+        ready,
+        Jsonb({"channels": {"email": {"subject": "s", "text": "t"}}}),
+    )
     err = raises(db, ready, intent(template="email_only"))
     assert err.diag.constraint_name == "template_not_found" and "whatsapp" in err.diag.message_primary
 
@@ -113,15 +125,28 @@ def test_missing_variables_are_refused_naming_the_first(db, ready):
 
 
 def test_locale_falls_back_from_region_to_language_to_tenant_default(db, ready):
-    call(db, "notify_api.upsert_template_v1(%s, 'event_reminder', %s)", ready,
-         Jsonb({"locale": "es", "channels": {"email": {"subject": "Recordatorio {{event}}", "text": "Hola {{name}}"}}}))
-    call(db, "notify_api.upsert_template_v1(%s, 'event_reminder', %s)", ready,
-         Jsonb({"locale": "es-MX", "channels": {"email": {"subject": "Recordatorio MX {{event}}", "text": "Hola {{name}}"}}}))
+    call(
+        db,
+        "notify_api.upsert_template_v1(%s, 'event_reminder', %s)",
+        ready,
+        Jsonb({"locale": "es", "channels": {"email": {"subject": "Recordatorio {{event}}", "text": "Hola {{name}}"}}}),
+    )
+    call(
+        db,
+        "notify_api.upsert_template_v1(%s, 'event_reminder', %s)",
+        ready,
+        Jsonb({"locale": "es-MX", "channels": {"email": {"subject": "Recordatorio MX {{event}}", "text": "Hola {{name}}"}}}),
+    )
 
     def locale_for(ref: str, locale: str) -> str:
-        response, _ = submit(db, ready, intent(channels=["email"], recipient={"ref": ref, "addresses": {"email": "a@example.com"}, "locale": locale}))
-        return db.execute("select template_locale from notify.notification_deliveries where id = %s",
-                          (response["deliveries"][0]["id"],)).fetchone()[0]
+        response, _ = submit(
+            db,
+            ready,
+            intent(channels=["email"], recipient={"ref": ref, "addresses": {"email": "a@example.com"}, "locale": locale}),
+        )
+        return db.execute(
+            "select template_locale from notify.notification_deliveries where id = %s", (response["deliveries"][0]["id"],)
+        ).fetchone()[0]
 
     assert locale_for("r1", "es-MX") == "es-MX"
     assert locale_for("r2", "es-ES") == "es"
@@ -129,14 +154,21 @@ def test_locale_falls_back_from_region_to_language_to_tenant_default(db, ready):
 
 
 def test_whatsapp_without_consent_is_suppressed_with_a_reason(db, ready):
-    response, _ = submit(db, ready, intent(recipient={"ref": "new-runner", "addresses": {"whatsapp": "+34600999888", "email": "b@example.com"}}))
+    response, _ = submit(
+        db, ready, intent(recipient={"ref": "new-runner", "addresses": {"whatsapp": "+34600999888", "email": "b@example.com"}})
+    )
     by_channel = {d["channel"]: d for d in response["deliveries"]}
     assert by_channel["whatsapp"]["status"] == "suppressed" and by_channel["whatsapp"]["reason"] == "no_consent"
     assert by_channel["email"]["status"] == "queued" and "reason" not in by_channel["email"]
 
 
 def test_email_is_opt_out_by_default_and_a_revoke_suppresses_it(db, ready):
-    call(db, "notify_api.record_consent_v1(%s, 'runner-42', %s)", ready, Jsonb({"channel": "email", "status": "revoked", "source": "unsubscribe_link"}))
+    call(
+        db,
+        "notify_api.record_consent_v1(%s, 'runner-42', %s)",
+        ready,
+        Jsonb({"channel": "email", "status": "revoked", "source": "unsubscribe_link"}),
+    )
     response, _ = submit(db, ready, intent(channels=["email"]))
     assert response["status"] == "suppressed"
     assert response["deliveries"][0] == {**response["deliveries"][0], "status": "suppressed", "reason": "no_consent"}
@@ -145,7 +177,9 @@ def test_email_is_opt_out_by_default_and_a_revoke_suppresses_it(db, ready):
 def test_a_tenant_can_make_email_opt_in_and_whatsapp_opt_out(db, ready):
     call(db, "notify_api.set_channel_policy_v1(%s, 'email', 'opt_in')", ready)
     call(db, "notify_api.set_channel_policy_v1(%s, 'whatsapp', 'opt_out')", ready)
-    response, _ = submit(db, ready, intent(recipient={"ref": "fresh", "addresses": {"whatsapp": "+34600999888", "email": "b@example.com"}}))
+    response, _ = submit(
+        db, ready, intent(recipient={"ref": "fresh", "addresses": {"whatsapp": "+34600999888", "email": "b@example.com"}})
+    )
     assert {d["channel"]: d["status"] for d in response["deliveries"]} == {"whatsapp": "queued", "email": "suppressed"}
 
 
@@ -177,9 +211,14 @@ def test_suppressed_only_requests_wake_nobody(db, ready):
 
 
 def test_the_recipient_is_upserted_with_its_addresses(db, ready):
-    submit(db, ready, intent(recipient={"ref": "runner-42", "addresses": {"email": "new@example.com"}, "timezone": "Europe/Madrid"}))
+    submit(
+        db, ready, intent(recipient={"ref": "runner-42", "addresses": {"email": "new@example.com"}, "timezone": "Europe/Madrid"})
+    )
     recipient = call(db, "notify_api.get_recipient_v1(%s, 'runner-42')", ready)
-    assert recipient["addresses"] == {"whatsapp": "+34600111222", "email": "new@example.com"} or recipient["addresses"]["email"] == "new@example.com"
+    assert (
+        recipient["addresses"] == {"whatsapp": "+34600111222", "email": "new@example.com"}
+        or recipient["addresses"]["email"] == "new@example.com"
+    )
     assert recipient["timezone"] == "Europe/Madrid"
 
 

@@ -10,15 +10,28 @@ from tests.sql.test_submit_notification_v1__fanout import batch
 
 
 def test_a_batch_reports_each_item_in_order_and_a_bad_one_rejects_no_other(db, ready):
-    items = [{"idempotency_key": f"b-{i}", "notification": intent(recipient={"ref": f"r-{i}", "addresses": {"email": f"r{i}@example.com"}},
-                                                                    channels=["email"])} for i in range(5)]
+    items = [
+        {
+            "idempotency_key": f"b-{i}",
+            "notification": intent(recipient={"ref": f"r-{i}", "addresses": {"email": f"r{i}@example.com"}}, channels=["email"]),
+        }
+        for i in range(5)
+    ]
     items[2]["notification"]["template"] = "missing"
     items[3] = {"idempotency_key": "b-3", "notification": {**items[3]["notification"], "colour": "red"}}
     out = batch(db, ready, items)
     assert [(i["index"], i["outcome"], i["status"]) for i in out["items"]] == [
-        (0, "accepted", 202), (1, "accepted", 202), (2, "error", 422), (3, "error", 400), (4, "accepted", 202)]
-    assert out["items"][2]["error"] == {"type": "template_not_found", "field": "template",
-                                        "detail": "template missing has no email content for locale en or its fallbacks"}
+        (0, "accepted", 202),
+        (1, "accepted", 202),
+        (2, "error", 422),
+        (3, "error", 400),
+        (4, "accepted", 202),
+    ]
+    assert out["items"][2]["error"] == {
+        "type": "template_not_found",
+        "field": "template",
+        "detail": "template missing has no email content for locale en or its fallbacks",
+    }
     assert out["items"][3]["error"]["field"] == "colour"
     assert (out["accepted"], out["replayed"], out["failed"]) == (3, 0, 2)
     assert db.execute("select count(*) from notify.notification_requests").fetchone()[0] == 3
@@ -37,7 +50,17 @@ def test_batch_limits_and_shapes(db, ready):
 
 
 def test_a_batch_respects_consent_per_item(db, ready):
-    out = batch(db, ready, [{"notification": intent(channels=["whatsapp"])},
-                            {"notification": intent(channels=["whatsapp"], recipient={"ref": "stranger", "addresses": {"whatsapp": "+34600999000"}})}])
+    out = batch(
+        db,
+        ready,
+        [
+            {"notification": intent(channels=["whatsapp"])},
+            {
+                "notification": intent(
+                    channels=["whatsapp"], recipient={"ref": "stranger", "addresses": {"whatsapp": "+34600999000"}}
+                )
+            },
+        ],
+    )
     statuses = [i["body"]["deliveries"][0]["status"] for i in out["items"]]
     assert statuses == ["queued", "suppressed"]
