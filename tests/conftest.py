@@ -292,3 +292,16 @@ def service(db: psycopg.Connection, tmp_path: Path) -> Iterator[Service]:
     svc = start_service(url_of(db), tmp_path)
     yield svc
     stop_service(svc)
+
+
+def mock_message(row: Any, n: int = 0) -> dict[str, Any]:
+    """One row for notify_api.record_mock_messages_v1, from a claimed delivery (tenant, delivery, attempt, channel, address)."""
+    return {
+        "tenant_id": str(row[0]),
+        "delivery_id": str(row[1]),
+        "attempt": row[2],
+        "channel": row[3],
+        "address": row[4],
+        "provider_message_id": f"mock-{n}",
+        "rendered": {"text": "hi"},
+    }

@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 
 from dispatcher.embedded import running_server, socket_url
-from tests.conftest import REMINDER, ROOT, free_port, intent
+from tests.conftest import REMINDER, intent
+from tests.e2e import dev_stack
 
 pytestmark = pytest.mark.slow
 
@@ -38,45 +36,14 @@ def pg_ctl(pgdata: Path, *args: str) -> None:
     )
 
 
-class DevStack:
+class DevStack(dev_stack.DevStack):
     def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.data = tmp / "state"
-        self.log = tmp / "dev.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_") and k != "DATABASE_URL"}
-        env["DISPATCHER_MOCK_STATUS_DELAY_MS"] = "30"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher", "dev", "--port", str(self.port), "--data-dir", str(self.data)],
-            cwd=ROOT,
-            env=env,
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.wait_healthy(60)
-        self.key = re.search(r"API key: (nd_\S+)", self.text()).group(1)  # type: ignore[union-attr]
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.text()
-            time.sleep(0.3)
+        super().__init__(tmp / "state", tmp / "dev.log", env={"DISPATCHER_MOCK_STATUS_DELAY_MS": "30"})
 
     def owner_url(self) -> str:
         found = running_server(self.data / "pgdata")
         assert found is not None
         return socket_url(*found, "postgres", "dispatcher")
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {self.key}"}, timeout=10)
 
     def deliver_one(self, ref: str) -> dict[str, Any]:
         with self.client() as c:
@@ -91,10 +58,6 @@ class DevStack:
                     return body
                 assert time.monotonic() < deadline, (body, self.text()[-3000:])
                 time.sleep(0.2)
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGINT)
-        return self.proc.wait(60)
 
 
 @pytest.fixture(scope="module")

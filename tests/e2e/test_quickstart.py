@@ -3,45 +3,21 @@ migrates, prints a dev API key, and a notification submitted with that key reach
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
 
-import httpx
 import pytest
 
-from tests.conftest import REMINDER, ROOT, free_port, intent
+from tests.conftest import REMINDER, intent
+from tests.e2e.dev_stack import DevStack
 
 pytestmark = pytest.mark.slow
 
 
 def test_dispatcher_dev_end_to_end(tmp_path):  # noqa: ANN001
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_") and k != "DATABASE_URL"}
-    log = tmp_path / "dev.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dispatcher", "dev", "--port", str(port), "--data-dir", str(tmp_path / "state")],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    stack = DevStack(tmp_path / "state", tmp_path / "dev.log")
+    log, key = stack.log, stack.key
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        key = re.search(r"API key: (nd_\S+)", log.read_text()).group(1)  # type: ignore[union-attr]
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=10) as c:
+        with stack.client() as c:
             assert c.put("/internal/templates/event_reminder", json=REMINDER).status_code == 200
             assert (
                 c.post(
@@ -59,8 +35,7 @@ def test_dispatcher_dev_end_to_end(tmp_path):  # noqa: ANN001
                 assert time.monotonic() < deadline, body
                 time.sleep(0.2)
     finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(60)
+        code = stack.stop()
     assert code == 0, log.read_text()
     assert "stopped" in log.read_text()
     # the same key and data survive a restart

@@ -8,18 +8,14 @@ line before it; any other block in a language this test cannot run fails the tes
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
+from tests.e2e.dev_stack import DevStack
 
 README = ROOT / "README.md"
 RUNNERS = {"bash", "python", "sql"}
@@ -105,27 +101,9 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
     checkout.mkdir()
     (checkout / ".venv").symlink_to(ROOT / ".venv")
     data_dir = checkout / ".dispatcher"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_") and k not in ("DATABASE_URL", "KEY", "URL")}
-    log = tmp_path / "dev.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dispatcher", "dev", "--port", str(port), "--data-dir", str(data_dir)],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    stack = DevStack(data_dir, tmp_path / "dev.log", drop=("KEY", "URL"), timeout=90)
+    port, env, log = stack.port, stack.env, stack.log
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
         # No DATABASE_URL, as in a reader's fresh shell: the CLI (`dispatcher psql` for SQL blocks) finds the running
         # dev database in ./.dispatcher by itself. psql stops at the first error (PSQLRC), and an ERROR on stderr fails.
         run_env = {**env, "PSQLRC": str(tmp_path / "psqlrc")}
@@ -161,6 +139,5 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
             ran += 1
         assert ran >= 3
     finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(60)
+        code = stack.stop()
     assert code == 0, log.read_text()

@@ -5,26 +5,14 @@ from __future__ import annotations
 from psycopg.types.json import Jsonb
 
 from runner.drainer import RECORD_MOCK
-from tests.conftest import call, claim, intent, submit
-
-
-def sent(row, n):
-    return {
-        "tenant_id": str(row[0]),
-        "delivery_id": str(row[1]),
-        "attempt": row[2],
-        "channel": row[3],
-        "address": row[4],
-        "provider_message_id": f"mock-{n}",
-        "rendered": {"text": "hi"},
-    }
+from tests.conftest import call, claim, intent, mock_message, submit
 
 
 def setup(db, ready):
     submit(db, ready, intent(channels=["email"]))
     submit(db, ready, intent(channels=["email"], variables={"name": "Bo", "event": "x"}))
     a, b = claim(db, "email")
-    db.execute(RECORD_MOCK, {"messages": Jsonb([sent(a, 1), sent(b, 2), sent(a, 3)])})
+    db.execute(RECORD_MOCK, {"messages": Jsonb([mock_message(a, 1), mock_message(b, 2), mock_message(a, 3)])})
     return a, b
 
 
