@@ -10,7 +10,10 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from dispatcher import schema
-from tests.catalog.test_migrations import empty_db  # noqa: F401  (fixture)
+from tests.catalog.test_migrations import (
+    INLINED,
+    empty_db,  # noqa: F401  (fixture)
+)
 from tests.conftest import APP_ROLES, app_url, intent
 
 GROUPS = ("notify_service", "notify_caller")
@@ -35,16 +38,7 @@ def test_every_function_pins_a_search_path_with_pg_temp_last(db):
     unpinned = [r for r in rows if r[6] not in PINNED]
     # The only exception: inlined helpers (no SET clause, so the planner can inline them, docs/architecture.md).
     assert all((r[0], r[3], r[4], r[6]) == ("notify", "sql", False, None) for r in unpinned), [(r[2], r[6]) for r in unpinned]
-    assert {r[1] for r in unpinned} == {
-        "_address_valid",
-        "_consent",
-        "_default_policy",
-        "_is_final",
-        "_provider_family",
-        "_rank",
-        "_tenant",
-        "_transition_allowed",
-    }
+    assert {r[1] for r in unpinned} == INLINED
     assert {r[6] for r in rows if r[0] == "public"} == {"pg_catalog, public, pg_temp"}
 
 
