@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -72,8 +73,15 @@ def _is_public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+def _split(url: str) -> Any:
+    try:
+        return urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket, or a full-width '#' that NFKC-normalizes into the host
+        raise UnsafeUrl("callback URL is not a well-formed URL") from None
+
+
 def check_syntax(url: str, *, allow_private: bool) -> tuple[str, str, int]:
-    parts = urlsplit(url)
+    parts = _split(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise UnsafeUrl("callback URLs must be http(s) URLs with a host")
     if parts.scheme == "http" and not allow_private:
@@ -107,7 +115,7 @@ async def resolve(url: str, *, allow_private: bool) -> Target:
     """Resolves the URL's host and checks every address; returns where to send. Raises UnsafeUrl."""
     scheme, host, port = check_syntax(url, allow_private=allow_private)
     address = await resolve_host(host, port, allow_private=allow_private, what="callback URL")
-    parts = urlsplit(url)
+    parts = _split(url)
     literal = f"[{address}]" if ":" in address else address
     pinned = urlunsplit((scheme, f"{literal}:{port}", parts.path or "/", parts.query, ""))
     return Target(url=pinned, host_header=parts.netloc, sni_hostname=host if scheme == "https" else None)

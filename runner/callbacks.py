@@ -27,6 +27,13 @@ TIMEOUT_SECONDS = 15.0  # Standard Webhooks: a receiver must answer within 15-30
 _encode = msgspec.json.Encoder().encode
 
 
+def _host(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
+
+
 class CallbackSender:
     def __init__(self, connector: Any, settings: Settings) -> None:
         self.connector = connector
@@ -65,6 +72,9 @@ class CallbackSender:
             result.update(outcome="refused", error=str(exc))
         except httpx.HTTPError as exc:
             result.update(outcome="retry", error=type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - one message's surprise is its own retry, not the whole claim's failure
+            log.exception("callback post crashed", extra={"message_id": result["id"]})
+            result.update(outcome="retry", error=type(exc).__name__)
         else:
             result["status_code"] = response.status_code
             # 2xx: delivered. 410 Gone: the receiver wants no more. Anything else (3xx included: redirects are not
@@ -81,7 +91,7 @@ class CallbackSender:
                 "delivery_id": row["payload"]["data"]["delivery_id"],
                 "sequence": row["payload"]["data"]["sequence"],
                 "attempt": row["attempt"],
-                "host": urlsplit(row["url"]).hostname,
+                "host": _host(row["url"]),
                 "status_code": result.get("status_code"),
                 "outcome": result["outcome"],
                 "error": result.get("error"),

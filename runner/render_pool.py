@@ -153,7 +153,10 @@ class RenderPool:
                     process.kill()
                 except Exception:  # noqa: BLE001 - already gone
                     pass
-        pool.shutdown(wait=False, cancel_futures=True)
+        # Not cancel_futures: other batches' calls queued on this pool would end cancelled (a BaseException nobody
+        # records). With the children killed, the executor fails them with BrokenProcessPool instead, and each of those
+        # batches renders again in a fresh pool.
+        pool.shutdown(wait=False, cancel_futures=False)
 
     async def _call(self, channel: str, items: list[Item]) -> list[Outcome]:
         pool = await self._executor()

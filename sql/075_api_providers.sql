@@ -246,6 +246,9 @@ begin
     if not exists (select from notify.tenants t where t.id = p_tenant_id) then
         perform notify._raise('ND404', 'not_found', 'no such tenant', 'tenant');
     end if;
+    -- The overlap check below reads other tenants' grants before this one is written: two grants at once must not
+    -- both pass it, so grants are serialized (a lock on the table that conflicts only with itself and writers).
+    lock table notify.provider_grants in share row exclusive mode;
     if exists (select from notify.provider_grants g
                 where g.tenant_id <> p_tenant_id and (starts_with(g.env_prefix, p_env_prefix) or starts_with(p_env_prefix, g.env_prefix))) then
         perform notify._raise('ND409', 'secret_namespace_overlaps', 'env_prefix overlaps another tenant''s prefix (one starts with the other)', 'env_prefix');

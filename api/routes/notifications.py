@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import asyncio
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 import msgspec
+import psycopg
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
@@ -33,6 +36,44 @@ from dispatcher.settings import Settings
 SUBMIT = "select response::text, replayed from notify_api.submit_notification_http_v1(%s, %s::jsonb, %s, %s, %s, %s, %s)"
 BATCH = "select notify_api.submit_notifications_http_v1(%s, %s::jsonb, %s, %s, %s, %s)::text"
 CHARGE = "select notify_api.charge_api_key_v1(%s, %s)"
+CALLBACK_CHECK_SECONDS = 5.0  # one batch's callback URLs are resolved concurrently, each within this
+T = TypeVar("T")
+
+
+def _refused(exc: BaseException) -> bool:
+    """A request the caller got wrong (a problem of ours, or ND4xx from SQL but the rate limit itself)."""
+    if isinstance(exc, ProblemException):
+        return 400 <= exc.status_code < 500
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, psycopg.Error) and sqlstate.startswith("ND4") and sqlstate != "ND429"
+
+
+async def _charged_even_if_refused(db: Database, tenant: Tenant, work: Awaitable[T]) -> T:
+    """Runs a submission whose statement takes the rate token last; a request refused before that (a 413, a bad
+    callback URL, a template or variable error in SQL) takes its token here, so refusals count against the rate too."""
+    try:
+        return await work
+    except Exception as exc:
+        if _refused(exc):
+            await db.one(CHARGE, (tenant.key_id, tenant.rate))  # ND429 here: the caller is over its rate, say so
+        raise
+
+
+async def _check_callback_urls(state: State, urls: set[str]) -> dict[str, ProblemException]:
+    """Each distinct callback URL of a batch resolved once, all at the same time, each within CALLBACK_CHECK_SECONDS."""
+
+    async def one(url: str) -> ProblemException | None:
+        try:
+            await asyncio.wait_for(check_callback_url(state, url, "callback_url"), CALLBACK_CHECK_SECONDS)
+        except ProblemException as exc:
+            return exc
+        except TimeoutError:
+            return ProblemException(422, "unsafe_callback_url", "callback URL's host does not resolve in time", "callback_url")
+        return None
+
+    ordered = sorted(urls)
+    outcomes = await asyncio.gather(*(one(url) for url in ordered))
+    return {url: exc for url, exc in zip(ordered, outcomes, strict=True) if exc is not None}
 
 
 class Notifications(Controller):
@@ -59,6 +100,17 @@ class Notifications(Controller):
         db: NamedDependency[Database],
         state: State,
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", required=False, max_length=255)] = None,
+    ) -> Response[NotificationAccepted]:
+        return await _charged_even_if_refused(db, tenant, self._submit(request, data, tenant, db, state, idempotency_key))
+
+    async def _submit(
+        self,
+        request: Request[Any, Any, Any],
+        data: NotificationIn,
+        tenant: Tenant,
+        db: Database,
+        state: State,
+        idempotency_key: str | None,
     ) -> Response[NotificationAccepted]:
         # The guard verified the key before the body was read; this router's body limit is the bulk one (a fan-out).
         body = await request.body()
@@ -106,15 +158,18 @@ class Notifications(Controller):
     ) -> Response[BatchOut]:
         # Only the envelope is decoded strictly; each item's shape is checked alone (a bad one fails alone).
         failed: dict[int, dict[str, Any]] = {}
+        parsed: dict[int, BatchItem] = {}
         for i, raw in enumerate(data.items):
             try:
-                item = msgspec.convert(raw, BatchItem)
+                parsed[i] = msgspec.convert(raw, BatchItem)
             except msgspec.ValidationError as exc:
                 failed[i] = problems.batch_item_error(str(exc), i)
-                continue
-            try:
-                await check_callback_url(state, item.notification.callback_url, "callback_url")
-            except ProblemException as exc:
+        refused = await _check_callback_urls(
+            state, {it.notification.callback_url for it in parsed.values() if it.notification.callback_url is not None}
+        )
+        for i, item in parsed.items():
+            exc = refused.get(item.notification.callback_url or "")
+            if exc is not None:
                 failed[i] = {
                     "index": i,
                     "outcome": "error",
@@ -126,10 +181,13 @@ class Notifications(Controller):
         if kept:
             items = [data.items[i] for i in kept] if failed else data.items
             body = encode({"items": items}).decode() if failed else (await request.body()).decode("utf-8")
-            row = await db.one(
+            statement = db.one(
                 BATCH, (tenant.id, body, request_ids.current(), tracing.current_traceparent(), tenant.key_id, tenant.rate)
             )
-            answer = msgspec.json.decode(row[0]) if row else {"items": []}
+            row = await _charged_even_if_refused(db, tenant, statement)
+            if row is None:
+                raise unauthorized()
+            answer = msgspec.json.decode(row[0])
             for position, result in zip(kept, answer["items"], strict=True):
                 results.append({**result, "index": position})
         else:  # every item failed its shape: the request still takes its token

@@ -236,3 +236,60 @@ def test_public_embedded_addresses_still_pass() -> None:
     for url in ("https://[64:ff9b::808:808]/hook", "https://[2002:808:808::1]/hook", "https://[::ffff:8.8.8.8]/hook"):
         target = asyncio.run(resolve(url, allow_private=False))
         assert target.host_header == url.split("/")[2]
+
+
+MALFORMED = ["https://[::1/hook", "https://ex\uff03ample.com/hook"]  # an unclosed bracket; a full-width '#'
+
+
+@pytest.mark.parametrize("url", MALFORMED)
+def test_a_malformed_callback_url_is_a_422_not_a_500(client, url):
+    """The database's shape check accepts them (no URL parser in SQL); urlsplit raises ValueError on them."""
+    response = client.put("/internal/callbacks", json={"url": url})
+    assert response.status_code == 422 and response.json()["field"] == "url", response.text
+    answer = client.post(
+        "/internal/notifications/batch",
+        json={
+            "items": [
+                {"idempotency_key": "b1", "notification": intent(channels=["email"], callback_url=url)},
+                {"idempotency_key": "b2", "notification": intent(channels=["email"])},
+            ]
+        },
+    )
+    assert answer.status_code == 200, answer.text  # one bad item fails alone, the batch is not a 500
+    outcomes = [item["outcome"] for item in answer.json()["items"]]
+    assert outcomes[0] == "error" and answer.json()["items"][0]["error"]["type"].endswith("unsafe_callback_url")
+
+
+@pytest.mark.parametrize("url", MALFORMED)
+def test_a_malformed_callback_url_stored_over_sql_is_refused_by_the_worker_not_raised(db, ready, url):
+    """A raise out of one post would fail the whole claimed batch (every tenant's callbacks), again at every lease."""
+    from providers.standard_webhooks import new_secret
+    from runner.callbacks import CallbackSender
+
+    row = {
+        "tenant_id": uuid.UUID(ready),
+        "id": uuid.uuid4(),
+        "attempt": 1,
+        "url": url,
+        "secrets": [new_secret()],
+        "payload": {"type": "delivery.status_changed", "data": {"delivery_id": "d", "sequence": 1}},
+    }
+
+    async def post() -> dict[str, Any]:
+        sender = CallbackSender(None, Settings(database_url=""))
+        try:
+            return await sender.post(row)
+        finally:
+            await sender.aclose()
+
+    assert asyncio.run(post())["outcome"] == "refused"
+
+
+def test_refused_submissions_use_up_the_rate_limit_too(client, db, ready):
+    """A caller sending only requests we refuse (an unknown template: ND422 inside the statement, whose rate token
+    is taken last and rolled back with it) must still meet its rate limit."""
+    call(db, "notify_api.set_api_rate_v1(%s, 2)", ready)
+    answers = [client.post("/internal/notifications", json=intent(template="no_such_template")) for _ in range(6)]
+    assert [a.status_code for a in answers].count(429) >= 1, [a.status_code for a in answers]
+    assert all(a.status_code in (422, 429) for a in answers)
+    assert db.execute("select count(*) from notify.notification_requests").fetchone()[0] == 0

@@ -67,3 +67,34 @@ def test_namespaces_of_two_tenants_may_not_overlap(db, tenant):
             grant(db, other, env_prefix, file_dir)
         assert (info.value.diag.constraint_name, info.value.diag.column_name) == ("secret_namespace_overlaps", field)
     assert grant(db, other, "NT_OTHER_", "/run/secrets/other/")["env_prefix"] == "NT_OTHER_"
+
+
+def test_two_grants_at_once_cannot_both_pass_the_overlap_check(db, connect, tenant):
+    """Scripted: A grants NT_A_ to one tenant and has not committed; B grants NT_A_B_ (inside A's namespace) to
+    another. B must wait for A and then be refused; without the lock both committed, and one tenant could read the
+    other's secrets."""
+    import threading
+
+    other = str(call(db, "notify_api.create_tenant_v1('beta', 'Beta', 'en')")["id"])
+    a, b = connect(), connect()
+    a.execute("select notify_api.set_provider_grants_v1(%s, 'NT_A_', null, false)", (tenant,))
+    outcome: dict[str, object] = {}
+
+    def second() -> None:
+        try:
+            b.execute("select notify_api.set_provider_grants_v1(%s, 'NT_A_B_', null, false)", (other,))
+            b.commit()
+            outcome["b"] = "committed"
+        except psycopg.Error as exc:
+            b.rollback()
+            outcome["b"] = exc.diag.constraint_name
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    thread.join(1.0)
+    assert thread.is_alive(), "B did not wait for A's uncommitted grant"
+    a.commit()
+    thread.join(10)
+    assert outcome["b"] == "secret_namespace_overlaps"
+    rows = db.execute("select env_prefix from notify.provider_grants order by env_prefix").fetchall()
+    assert rows == [("NT_A_",)]
