@@ -160,6 +160,16 @@ begin
     perform notify._enter(p_tenant_id);
     -- 1. The body, read and checked once; every error names its field, nothing is written yet.
     s := notify._parse_submission(p_tenant_id, p_request, p_idempotency_key);
+    -- A key already used: its stored answer (ND422 for another body) before anything is written, so a replay never
+    -- writes the recipients of the original body over what changed since. (A concurrent twin that gets past this
+    -- still meets the key's unique index in _claim_submission, and replays there.)
+    if s.idempotency_key is not null
+       and exists (select from notify.notification_requests r where r.tenant_id = p_tenant_id and r.idempotency_key = s.idempotency_key) then
+        response := notify._replay(p_tenant_id, s.idempotency_key, s.fingerprint);
+        replayed := true;
+        return next;
+        return;
+    end if;
     if s.recipient is null then
         return query select * from notify._submit_fanout(p_tenant_id, s);
         return;

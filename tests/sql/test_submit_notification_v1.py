@@ -33,6 +33,27 @@ def test_same_key_same_body_replays_the_original_response(db, ready):
     assert db.execute("select count(*) from notify.notification_deliveries").fetchone()[0] == 2
 
 
+def test_a_replay_leaves_the_recipient_as_it_is_now(db, ready):
+    """The same key and body again replays; it must not write the original body's addresses over a later change."""
+    submit(db, ready, intent(), "key-1")
+    call(
+        db,
+        "notify_api.upsert_recipient_v1(%s, 'runner-42', %s)",
+        ready,
+        Jsonb({"addresses": {"email": "new@example.com", "whatsapp": "+34600999888"}, "locale": "es"}),
+    )
+    _, replayed = submit(db, ready, intent(), "key-1")
+    assert replayed
+    now = call(db, "notify_api.get_recipient_v1(%s, 'runner-42')", ready)
+    assert now["addresses"]["email"] == "new@example.com" and now["locale"] == "es"
+    fanout = intent(recipients=[{"ref": "runner-43", "addresses": {"email": "a@example.com"}}], channels=["email"])
+    fanout.pop("recipient")
+    submit(db, ready, fanout, "key-2")
+    call(db, "notify_api.upsert_recipient_v1(%s, 'runner-43', %s)", ready, Jsonb({"addresses": {"email": "b@example.com"}}))
+    assert submit(db, ready, fanout, "key-2")[1]
+    assert call(db, "notify_api.get_recipient_v1(%s, 'runner-43')", ready)["addresses"]["email"] == "b@example.com"
+
+
 def test_same_key_different_body_is_refused_with_422(db, ready):
     submit(db, ready, intent(), "key-1")
     err = raises(db, ready, intent(variables={"name": "Bob", "event": "Long run"}), "key-1")
