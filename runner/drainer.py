@@ -38,6 +38,9 @@ class _PrepareFailed(Exception):
     """A delivery's render failed in the render pool; the message names the error's class."""
 
 
+PROVIDER_IDLE_SECONDS = 600.0
+
+
 class DeliveryDrainer:
     """Drains a channel's due deliveries; keeps per process the settings, the render pool and one provider instance
     per tenant configuration."""
@@ -46,6 +49,9 @@ class DeliveryDrainer:
         self.connector = connector
         self.settings = settings
         self.providers: dict[tuple[str, str, str], Provider] = {}
+        self._used: dict[tuple[str, str, str], float] = {}
+        self._pruned_at = time.monotonic()
+        self._closing: set[asyncio.Task[None]] = set()
         self.renderer = RenderPool(settings)
         self.ctx = ProviderContext(
             take_tokens=self._take_tokens, record_mock=self._record_mock, settings=ProviderSettings.of(settings)
@@ -59,11 +65,27 @@ class DeliveryDrainer:
         return int(row["granted"])
 
     def provider(self, name: str, config: dict[str, Any] | None) -> Provider:
-        """One instance per provider and configuration version (a changed configuration gets a new instance)."""
+        """One instance per provider and configuration version (a changed configuration gets a new instance). An
+        instance no batch has used for PROVIDER_IDLE_SECONDS is closed and dropped (a tenant that keeps changing its
+        settings would otherwise grow the cache, and its connection pools, for the worker's life)."""
         key = (name, json.dumps(config, sort_keys=True, default=str) if config else "", "")
+        now = time.monotonic()
+        if now - self._pruned_at > PROVIDER_IDLE_SECONDS / 4:
+            self._prune(now)
         if key not in self.providers:
             self.providers[key] = provider_for(name, config, self.ctx)
+        self._used[key] = now
         return self.providers[key]
+
+    def _prune(self, now: float) -> None:
+        self._pruned_at = now
+        for key in [k for k, used in self._used.items() if now - used > PROVIDER_IDLE_SECONDS]:
+            stale = self.providers.pop(key, None)
+            self._used.pop(key, None)
+            if stale is not None:
+                task = asyncio.get_running_loop().create_task(stale.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     async def send_batch(self, channel: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []

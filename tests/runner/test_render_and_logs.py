@@ -105,3 +105,35 @@ def test_bare_placeholders_render_in_the_worker_and_the_rest_in_the_children():
     assert out[1] == (True, {"subject": "s", "text": "BoBo"})
     assert out[2][0] is False and "UndefinedError" in out[2][1]
     assert out[3][0] is False and out[3][1].startswith("ZeroDivisionError")
+
+
+def test_a_provider_instance_nobody_uses_any_more_is_closed_and_dropped():
+    """A tenant that keeps changing its settings gets a new instance each time; the old ones must not pile up."""
+    import asyncio
+
+    from dispatcher.settings import Settings
+    from runner import drainer
+
+    async def scenario() -> tuple[int, int, bool]:
+        worker = drainer.DeliveryDrainer(None, Settings(database_url="postgresql:///unused"))
+        first = worker.provider("mock", {"v": 1})
+        closed = []
+
+        async def aclose() -> None:
+            closed.append(True)
+
+        first.aclose = aclose  # type: ignore[method-assign]
+        for v in range(2, 6):
+            worker.provider("mock", {"v": v})
+        before = len(worker.providers)
+        idle = drainer.time.monotonic() - drainer.PROVIDER_IDLE_SECONDS - 1  # as if last used that long ago
+        worker._used = dict.fromkeys(worker._used, idle)
+        worker._pruned_at = idle
+        worker.provider("mock", {"v": 99})  # the next use prunes what has been idle
+        await asyncio.sleep(0.01)
+        after = len(worker.providers)
+        worker.renderer.close()
+        return before, after, bool(closed)
+
+    before, after, closed = asyncio.run(scenario())
+    assert (before, after, closed) == (5, 1, True)
