@@ -1,13 +1,13 @@
 # One image for the API, the worker and the migrate job; the command picks the role.
-# Dependencies come from requirements/deploy.txt (hashed; the service with the otel extra, no embedded PostgreSQL,
+# Dependencies come from requirements/deploy.lock.txt (hashed; the service with the otel extra, no embedded PostgreSQL,
 # no test tools); the project itself is then installed without resolving anything.
 # No health check instruction here: the three roles are healthy in different ways, so docker-compose.yml (and a platform's own
 # probes, e.g. Cloud Run's startup probe on /health) declare one per service.
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
-COPY requirements/deploy.txt ./requirements/deploy.txt
-RUN pip install --no-cache-dir --require-hashes -r requirements/deploy.txt
+COPY requirements/deploy.lock.txt ./requirements/deploy.lock.txt
+RUN pip install --no-cache-dir --require-hashes -r requirements/deploy.lock.txt
 COPY pyproject.toml README.md ./
 COPY dispatcher ./dispatcher
 COPY api ./api

