@@ -11,6 +11,8 @@ declare
     v_locale text;
     v_timezone text;
     v_addresses jsonb;
+    v_known record;
+    v_same_addresses boolean;
     v_channel notify.channel;
     v_key text;
     v_value jsonb;
@@ -25,14 +27,34 @@ begin
                               ltrim(coalesce(v_prefix, '') || '.locale', '.'));
     end if;
     v_timezone := notify._text_field(p_body, 'timezone', p_path, false, 64);
-    if v_timezone is not null and not exists (select from pg_catalog.pg_timezone_names where name = v_timezone) then
-        perform notify._raise('ND400', 'invalid_timezone', format('timezone %s is not an IANA time zone', v_timezone),
-                              ltrim(coalesce(v_prefix, '') || '.timezone', '.'));
-    end if;
 
     -- Known and unchanged (the usual case) is only read: no new row version, and no row lock held until commit
     -- that would queue every other submission to the same recipient behind this one.
-    select * into v from notify.recipients r where r.tenant_id = p_tenant_id and r.ref = p_ref;
+    v_addresses := p_body -> 'addresses';
+    select r as recipient,
+           -- every address given is the one stored (so it was checked when stored): nothing to write
+           v_addresses is null or jsonb_typeof(v_addresses) = 'null'
+           or (jsonb_typeof(v_addresses) = 'object'
+               and not exists (select from jsonb_each(v_addresses) e
+                                where jsonb_typeof(e.value) <> 'string'
+                                   or not exists (select from notify.recipient_addresses a
+                                                   where a.tenant_id = p_tenant_id and a.recipient_id = r.id
+                                                     and a.channel::text = e.key and a.address = e.value #>> '{}'))) as same_addresses
+      into v_known
+      from notify.recipients r where r.tenant_id = p_tenant_id and r.ref = p_ref;
+    v := v_known.recipient;
+    v_same_addresses := v_known.same_addresses;
+    if v.id is not null and v_same_addresses
+       and (v_locale is null or v_locale = v.locale) and (v_timezone is null or v_timezone = v.timezone) then
+        return v;
+    end if;
+    -- (pg_timezone_names reads the whole time zone database, about 40 ms: only a time zone the recipient does not
+    -- have already is looked up.)
+    if v_timezone is not null and v_timezone is distinct from v.timezone
+       and not exists (select from pg_catalog.pg_timezone_names where name = v_timezone) then
+        perform notify._raise('ND400', 'invalid_timezone', format('timezone %s is not an IANA time zone', v_timezone),
+                              ltrim(coalesce(v_prefix, '') || '.timezone', '.'));
+    end if;
     if v.id is null or (v_locale is not null and v_locale is distinct from v.locale)
        or (v_timezone is not null and v_timezone is distinct from v.timezone) then
         insert into notify.recipients as r (tenant_id, ref, locale, timezone)
@@ -45,7 +67,6 @@ begin
         returning * into v;
     end if;
 
-    v_addresses := p_body -> 'addresses';
     if v_addresses is not null and jsonb_typeof(v_addresses) <> 'null' then
         perform notify._check_keys(v_addresses, enum_range(null::notify.channel)::text[], ltrim(coalesce(v_prefix, '') || '.addresses', '.'));
         for v_key, v_value in select * from jsonb_each(v_addresses) loop

@@ -31,6 +31,34 @@ as $$
 declare
     s notify.submission;
 begin
+    -- The usual body (one recipient; channels, template, variables, category, metadata; no times, no callback URL) is
+    -- recognised by one jsonpath predicate and read without the checks below, which every other body takes (each of
+    -- its errors names its field). The predicate accepts only bodies the checks below accept, and reads them alike.
+    -- (Each PL/pgSQL expression is compiled once per transaction: for one submission per transaction, fewer of them is
+    -- what makes this cheap. docs/benchmarks.md)
+    if jsonb_path_match(p_request,
+           '$.type() == "object"
+            && !exists($.keyvalue() ? (!(@.key == "recipient" || @.key == "channels" || @.key == "template"
+                                          || @.key == "variables" || @.key == "category" || @.key == "metadata")))
+            && $.recipient.type() == "object"
+            && !exists($.recipient.keyvalue() ? (!(@.key == "ref" || @.key == "addresses" || @.key == "locale" || @.key == "timezone")))
+            && $.channels.type() == "array" && $.channels.size() >= 1
+            && !exists($.channels[*].type() ? (@ != "string")) && !exists($.channels[*] ? (!(@ == $channel_names[*])))
+            && $.template.type() == "string" && $.template like_regex "^.{1,100}$" flag "s"
+            && (!exists($.variables) || $.variables.type() == "object" || $.variables.type() == "null")
+            && (!exists($.metadata) || $.metadata.type() == "object" || $.metadata.type() == "null")
+            && (!exists($.category) || $.category.type() == "null"
+                || ($.category.type() == "string" && $.category like_regex "^.{0,100}$" flag "s"))',
+           jsonb_build_object('channel_names', to_jsonb(enum_range(null::notify.channel))), true)
+       and (p_idempotency_key is null or p_idempotency_key ~ '^[\x21-\x7e]{1,255}$') then
+        s := row(p_idempotency_key, sha256(convert_to(p_request::text, 'UTF8')), p_request -> 'recipient', null,
+                 string_to_array(translate((p_request -> 'channels')::text, '[]" ', ''), ',')::notify.channel[],
+                 p_request ->> 'template', coalesce(nullif(p_request -> 'variables', 'null'), '{}'), p_request ->> 'category',
+                 null, null, coalesce(nullif(p_request -> 'metadata', 'null'), '{}'), null)::notify.submission;
+        if cardinality(s.channels) = 1 or cardinality(s.channels) = (select count(distinct c) from unnest(s.channels) c) then
+            return s;
+        end if;
+    end if;
     -- Every error names its field; nothing is written yet.
     if p_request is null or jsonb_typeof(p_request) <> 'object' then
         perform notify._raise('ND400', 'invalid_type', 'body must be a JSON object', '');
@@ -101,7 +129,7 @@ comment on function notify._parse_submission(uuid, jsonb, text) is
     'Reads and checks a submission body (everything but the recipients themselves) into a notify.submission, refusing the first wrong field by name. Writes nothing.';
 
 create function notify._claim_submission(p_tenant_id uuid, s notify.submission, p_recipient_id uuid, p_recipient_count integer,
-                                         out request_id uuid, out replay jsonb)
+                                         p_request_id uuid, p_response jsonb, out request_id uuid, out replay jsonb)
     language plpgsql
     volatile
     set search_path = pg_catalog, pg_temp
@@ -109,10 +137,11 @@ as $$
 begin
     -- A concurrent twin waits here for our commit, then replays it.
     insert into notify.notification_requests
-        (tenant_id, idempotency_key, fingerprint, recipient_id, recipient_count, template_key, variables, category, channels,
-         send_at, expires_at, metadata, callback_url)
-    values (p_tenant_id, s.idempotency_key, s.fingerprint, p_recipient_id, p_recipient_count, s.template, s.variables,
-            s.category, s.channels, s.send_at, s.expires_at, s.metadata, s.callback_url)
+        (tenant_id, id, idempotency_key, fingerprint, recipient_id, recipient_count, template_key, variables, category, channels,
+         send_at, expires_at, metadata, callback_url, response)
+    values (p_tenant_id, coalesce(p_request_id, gen_random_uuid()), s.idempotency_key, s.fingerprint, p_recipient_id,
+            p_recipient_count, s.template, s.variables, s.category, s.channels, s.send_at, s.expires_at, s.metadata,
+            s.callback_url, p_response)
     on conflict (tenant_id, idempotency_key) do nothing
     returning id into request_id;
     if request_id is null then
@@ -120,8 +149,8 @@ begin
     end if;
 end
 $$;
-comment on function notify._claim_submission(uuid, notify.submission, uuid, integer) is
-    'Claims the submission''s idempotency key with its request row (recipient_id for one recipient, null for a fan-out of p_recipient_count): the new request''s id, or, when the key was taken, the stored response to replay (ND422 idempotency_key_reused for another body).';
+comment on function notify._claim_submission(uuid, notify.submission, uuid, integer, uuid, jsonb) is
+    'Claims the submission''s idempotency key with its request row (recipient_id for one recipient, null for a fan-out of p_recipient_count; the id and the response when the caller knows them already, so the row is written once): the new request''s id, or, when the key was taken, the stored response to replay (ND422 idempotency_key_reused for another body).';
 
 create function notify._wake_submission(s notify.submission, p_channels notify.channel[])
     returns void
@@ -143,18 +172,25 @@ create function notify_api.submit_notification_v1(p_tenant_id uuid, p_request js
     language plpgsql
     security definer
     set search_path = pg_catalog, pg_temp
+    -- Its per-channel read would be planned anew on every call (its parameters make a custom plan look cheaper).
+    set plan_cache_mode = force_generic_plan
 as $$
 declare
     s notify.submission;
     v_recipient notify.recipients;
     v_claim record;
-    v_channel notify.channel;
-    v_tpl notify.templates;
-    v_template_locales text[] := '{}';
-    v_missing text;
     v_locale text;
     v_now timestamptz := now();
+    v_request_id uuid;
     v_response jsonb;
+    v_channels notify.channel[];
+    v_template_locales text[];
+    v_missing text[];
+    v_addresses text[];
+    v_ids uuid[];
+    v_statuses notify.delivery_status[];
+    v_reasons text[];
+    v_deliveries jsonb;
     v_open notify.channel[];
 begin
     perform notify._enter(p_tenant_id);
@@ -179,8 +215,49 @@ begin
     v_recipient := notify._upsert_recipient(p_tenant_id, notify._text_field(s.recipient, 'ref', 'recipient', true, 200),
                                             s.recipient, 'recipient');
 
-    -- 3. Claim the idempotency key, or replay the request that holds it.
-    v_claim := notify._claim_submission(p_tenant_id, s, v_recipient.id, 1);
+    -- 3. Per channel, in the caller's order and in one read: the template (resolved once; the delivery keeps its
+    --    locale), the variables it lacks, the consent in force (checked again at claim), the address, and so the
+    --    delivery's status. Nothing is written before every channel has passed.
+    select coalesce(v_recipient.locale, n.default_locale) into v_locale from notify.tenants n where n.id = p_tenant_id;
+    select array_agg(x.channel order by x.ord), array_agg(x.template_locale order by x.ord),
+           array_agg(x.missing order by x.ord), array_agg(x.address order by x.ord), array_agg(x.id order by x.ord),
+           array_agg(x.status order by x.ord), array_agg(x.reason order by x.ord),
+           jsonb_agg(jsonb_strip_nulls(jsonb_build_object('id', x.id, 'channel', x.channel, 'status', x.status, 'reason', x.reason))
+                     order by x.ord),
+           array_agg(x.channel order by x.channel) filter (where x.status in ('queued', 'scheduled'))
+      into v_channels, v_template_locales, v_missing, v_addresses, v_ids, v_statuses, v_reasons, v_deliveries, v_open
+      from (select u.channel, u.ord, t.locale as template_locale, a.address, gen_random_uuid() as id,
+                   (select string_agg(r, ', ') from unnest(t.required_variables) r where not s.variables ? r) as missing,
+                   case when a.address is null or not c.allowed then 'suppressed'
+                        when s.send_at > v_now then 'scheduled'
+                        else 'queued' end::notify.delivery_status as status,
+                   case when a.address is null then 'no_address' when not c.allowed then 'no_consent' end as reason
+              from unnest(s.channels) with ordinality as u(channel, ord)
+             cross join lateral notify._resolve_template(p_tenant_id, s.template, u.channel, v_locale) t
+             cross join lateral notify._consent(p_tenant_id, v_recipient.id, u.channel, s.category) c
+              left join notify.recipient_addresses a
+                     on a.tenant_id = p_tenant_id and a.recipient_id = v_recipient.id and a.channel = u.channel
+            offset 0) x;
+    for i in 1 .. cardinality(v_channels) loop
+        if v_template_locales[i] is null then
+            perform notify._raise('ND422', 'template_not_found',
+                format('template %s has no %s content for locale %s or its fallbacks', s.template, v_channels[i], v_locale), 'template');
+        end if;
+        if v_missing[i] is not null then
+            perform notify._raise('ND422', 'missing_variables',
+                format('template %s (%s) needs variables: %s', s.template, v_channels[i], v_missing[i]),
+                'variables.' || split_part(v_missing[i], ', ', 1));
+        end if;
+    end loop;
+
+    -- 4. Claim the idempotency key with the request row and its answer (written once), or replay the request that
+    --    holds the key.
+    v_request_id := gen_random_uuid();
+    v_response := jsonb_build_object(
+        'id', v_request_id, 'created_at', v_now,
+        'status', case when 'suppressed' = all (v_statuses) then 'suppressed' else 'accepted' end,
+        'deliveries', v_deliveries);
+    v_claim := notify._claim_submission(p_tenant_id, s, v_recipient.id, 1, v_request_id, v_response);
     if v_claim.request_id is null then
         response := v_claim.replay;
         replayed := true;
@@ -188,55 +265,14 @@ begin
         return;
     end if;
 
-    -- 4. Templates and variables, checked now rather than at send time, channel by channel.
-    v_locale := coalesce(v_recipient.locale, (select default_locale from notify.tenants where id = p_tenant_id));
-    foreach v_channel in array s.channels loop
-        v_tpl := notify._resolve_template(p_tenant_id, s.template, v_channel, v_locale);
-        if v_tpl.key is null then
-            perform notify._raise('ND422', 'template_not_found',
-                format('template %s has no %s content for locale %s or its fallbacks', s.template, v_channel, v_locale), 'template');
-        end if;
-        select string_agg(r, ', ') into v_missing
-          from unnest(v_tpl.required_variables) r where not s.variables ? r;
-        if v_missing is not null then
-            perform notify._raise('ND422', 'missing_variables',
-                format('template %s (%s) needs variables: %s', s.template, v_channel, v_missing),
-                'variables.' || split_part(v_missing, ', ', 1));
-        end if;
-        v_template_locales := v_template_locales || v_tpl.locale;   -- resolved once: the deliveries below reuse it
-    end loop;
-
-    -- 5. One delivery per channel, suppressed ones with their reason; consent checked now and again at claim.
+    -- 5. One delivery per channel, suppressed ones with their reason.
     perform notify._set_source('submit');
-    with inserted as (
-        insert into notify.notification_deliveries
-            (tenant_id, request_id, recipient_id, channel, address, template_locale, status, reason, due_at, expires_at)
-        select p_tenant_id, v_claim.request_id, v_recipient.id, c.channel, a.address, v_template_locales[c.ord],
-               case when a.address is null or not c.allowed then 'suppressed'
-                    when s.send_at > v_now then 'scheduled'
-                    else 'queued' end::notify.delivery_status,
-               case when a.address is null then 'no_address'
-                    when not c.allowed then 'no_consent' end,
-               greatest(coalesce(s.send_at, v_now), v_now), s.expires_at
-          from (select u.channel, u.ord, notify._consent_allows(p_tenant_id, v_recipient.id, u.channel, s.category) as allowed
-                  from unnest(s.channels) with ordinality as u(channel, ord) offset 0) c
-          left join notify.recipient_addresses a
-                 on a.tenant_id = p_tenant_id and a.recipient_id = v_recipient.id and a.channel = c.channel
-         order by c.ord
-        returning *
-    )
-    select jsonb_build_object(
-               'id', v_claim.request_id, 'created_at', v_now,
-               'status', case when bool_and(i.status = 'suppressed') then 'suppressed' else 'accepted' end,
-               'deliveries', jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
-                    'id', i.id, 'channel', i.channel, 'status', i.status, 'reason', i.reason))
-                    order by array_position(s.channels, i.channel))),
-           array_agg(i.channel) filter (where i.status in ('queued', 'scheduled'))
-      into v_response, v_open
-      from inserted i;
-
-    update notify.notification_requests r set response = v_response
-     where r.tenant_id = p_tenant_id and r.id = v_claim.request_id;
+    insert into notify.notification_deliveries
+        (tenant_id, id, request_id, recipient_id, channel, address, template_locale, status, reason, due_at, expires_at)
+    select p_tenant_id, d.id, v_request_id, v_recipient.id, d.channel, d.address, d.template_locale, d.status, d.reason,
+           greatest(coalesce(s.send_at, v_now), v_now), s.expires_at
+      from unnest(v_ids, v_channels, v_addresses, v_template_locales, v_statuses, v_reasons)
+           as d(id, channel, address, template_locale, status, reason);
 
     -- 6. Wake the worker, with the caller's commit: now, or when the scheduled work falls due.
     perform notify._wake_submission(s, v_open);

@@ -68,7 +68,7 @@ begin
     end if;
 
     -- 2. Claim the idempotency key before the heavy work: a replay of a 10,000-recipient intent is one lookup.
-    v_claim := notify._claim_submission(p_tenant_id, s, null, v_count);
+    v_claim := notify._claim_submission(p_tenant_id, s, null, v_count, null, null);
     if v_claim.request_id is null then
         response := v_claim.replay;
         replayed := true;
@@ -195,7 +195,7 @@ declare
     v_index integer := 0;
     v_key text;
     v_row record;
-    v_results jsonb := '[]';
+    v_results jsonb[] := '{}';
     v_state text;
     v_message text;
     v_type text;
@@ -214,7 +214,7 @@ begin
             perform notify._check_keys(v_item, array['idempotency_key', 'notification'], '');
             v_key := notify._text_field(v_item, 'idempotency_key', '', false, 255);
             select * into v_row from notify_api.submit_notification_v1(p_tenant_id, v_item -> 'notification', v_key);
-            v_results := v_results || jsonb_build_object(
+            v_results := v_results || jsonb_build_object(   -- an array: appending to a jsonb list copies it each time
                 'index', v_index, 'outcome', case when v_row.replayed then 'replayed' else 'accepted' end,
                 'status', case when v_row.replayed then 200 else 202 end, 'body', v_row.response);
         exception
@@ -227,10 +227,11 @@ begin
         end;
         v_index := v_index + 1;
     end loop;
-    return jsonb_build_object('items', v_results,
-        'accepted', (select count(*) from jsonb_array_elements(v_results) r where r ->> 'outcome' = 'accepted'),
-        'replayed', (select count(*) from jsonb_array_elements(v_results) r where r ->> 'outcome' = 'replayed'),
-        'failed', (select count(*) from jsonb_array_elements(v_results) r where r ->> 'outcome' = 'error'));
+    return (select jsonb_build_object('items', coalesce(jsonb_agg(r order by i), '[]'),
+                                      'accepted', count(*) filter (where r ->> 'outcome' = 'accepted'),
+                                      'replayed', count(*) filter (where r ->> 'outcome' = 'replayed'),
+                                      'failed', count(*) filter (where r ->> 'outcome' = 'error'))
+              from unnest(v_results) with ordinality u(r, i));
 end
 $$;
 comment on function notify_api.submit_notifications_v1(uuid, jsonb) is

@@ -100,6 +100,16 @@ def test_without_a_key_every_submission_is_new(db, ready):
         ({"recipient": {"ref": "r", "addresses": {"fax": "1"}}}, "recipient.addresses.fax", "unknown_field"),
         ({"recipient": {"ref": "r", "timezone": "Mars/Olympus"}}, "recipient.timezone", "invalid_timezone"),
         ({"recipient": {"ref": "r", "locale": "spanish!"}}, "recipient.locale", "invalid_format"),
+        # the edges of the usual body's one-predicate check (notify._parse_submission): each is refused as before
+        ({"channels": [["email"]]}, "channels[0]", "invalid_channel"),
+        ({"channels": "email"}, "channels", "missing_field"),
+        ({"recipient": [{"ref": "r"}]}, "recipient", "missing_field"),
+        ({"template": ["event_reminder"]}, "template", "invalid_type"),
+        ({"template": "t" * 101}, "template", "invalid_length"),
+        ({"category": ["a"]}, "category", "invalid_type"),
+        ({"category": "c" * 101}, "category", "invalid_length"),
+        ({"variables": "x"}, "variables", "invalid_type"),
+        ({"metadata": [{}]}, "metadata", "invalid_type"),
     ],
 )
 def test_bad_input_names_the_field_and_writes_nothing(db, ready, body_change, field, code):
@@ -252,3 +262,31 @@ def test_every_delivery_starts_its_history(db, ready):
 def test_recipient_locale_from_the_intent_updates_the_stored_one(db, ready):
     submit(db, ready, intent(recipient={"ref": "runner-42", "locale": "pt-BR"}))
     assert call(db, "notify_api.get_recipient_v1(%s, 'runner-42')", ready)["locale"] == "pt-BR"
+
+
+def test_the_usual_body_is_read_as_the_field_by_field_checks_read_it(db, ready):
+    """The same body with null send_at, expires_at and callback_url takes the field-by-field path; both must store and
+    answer alike (the one-predicate path reads the usual body without the checks)."""
+    usual = intent(
+        channels=["whatsapp", "email"], category="reminders", metadata={"run": 7}, variables={"name": "Ana", "event": "Run"}
+    )
+    slow = {**usual, "send_at": None, "expires_at": None, "callback_url": None}
+    first, _ = submit(db, ready, usual, "usual")
+    second, _ = submit(db, ready, slow, "slow")
+    columns = "template_key, variables, category, channels::text, metadata, recipient_id, send_at, expires_at, callback_url"
+    rows = db.execute(f"select {columns} from notify.notification_requests order by idempotency_key desc").fetchall()
+    assert rows[0] == rows[1]
+    assert [(d["channel"], d["status"], d.get("reason")) for d in first["deliveries"]] == [
+        (d["channel"], d["status"], d.get("reason")) for d in second["deliveries"]
+    ]
+
+
+def test_a_known_recipient_with_a_new_address_is_updated(db, ready):
+    submit(db, ready, intent())
+    changed = intent(recipient={"ref": "runner-42", "addresses": {"email": "other@example.com"}})
+    response, _ = submit(db, ready, changed)
+    assert call(db, "notify_api.get_recipient_v1(%s, 'runner-42')", ready)["addresses"]["email"] == "other@example.com"
+    delivery = db.execute(
+        "select address from notify.notification_deliveries where request_id = %s and channel = %s", (response["id"], "email")
+    ).fetchone()
+    assert delivery[0] == "other@example.com"
