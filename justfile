@@ -51,3 +51,10 @@ bench *ARGS:
     command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
     bash scripts/bootstrap.sh
     .venv/bin/python -m bench.run {{ARGS}}
+
+# Only the peers and limits (graphile-worker, plain SQL, pgbench's insert) and direct SQL submission: scenarios 8 and 9.
+# Installs graphile-worker from bench/peers/package-lock.json (npm ci) for the bench only, never for the service
+bench-peers *ARGS:
+    bash scripts/bootstrap.sh
+    cd bench/peers && npm ci --no-audit --no-fund
+    .venv/bin/python -m bench.run --only 8,9 {{ARGS}}
