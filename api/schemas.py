@@ -81,6 +81,7 @@ class NotificationAccepted(Base):
     deliveries: list[DeliverySummary] | None = None
     recipient_count: int | None = None
     summary: list[DeliveryCount] | None = None
+    test: bool | None = None  # true: submitted with a test key (sent by the mock provider only)
 
 
 class BatchItem(Base):
@@ -117,6 +118,7 @@ class BatchOut(Base):
     accepted: int
     replayed: int
     failed: int
+    test: bool | None = None  # true: submitted with a test key
 
 
 class DeliveryEvent(Base):
@@ -160,6 +162,7 @@ class DeliveryOut(Base):
     read_at: dt.datetime | None = None
     opened_at: dt.datetime | None = None  # e-mail: the first open or click reported; a flag, not a status
     finished_at: dt.datetime | None = None
+    test: bool | None = None  # true: a test key's delivery, sent by the mock provider only
 
 
 class NotificationOut(Base):
@@ -178,6 +181,7 @@ class NotificationOut(Base):
     expires_at: dt.datetime | None = None
     http_request_id: str | None = None
     callback_url: str | None = None
+    test: bool | None = None  # true: submitted with a test key
 
 
 class CancelledDelivery(Base):

@@ -141,12 +141,17 @@ def cmd_tenant_secrets(args: argparse.Namespace) -> None:
 
 
 def create_key(
-    conn: psycopg.Connection, tenant_id: str, name: str, key: str | None = None, scopes: list[str] | None = None
+    conn: psycopg.Connection,
+    tenant_id: str,
+    name: str,
+    key: str | None = None,
+    scopes: list[str] | None = None,
+    test: bool = False,
 ) -> tuple[str, dict]:
     key = key or keys.generate()
     row = conn.execute(
-        "select notify_api.create_api_key_v1(%s, %s, %s, %s, %s)",
-        (tenant_id, name, keys.display_prefix(key), keys.digest(key), scopes or ["submit", "read", "admin"]),
+        "select notify_api.create_api_key_v1(%s, %s, %s, %s, %s, %s)",
+        (tenant_id, name, keys.display_prefix(key), keys.digest(key), scopes or ["submit", "read", "admin"], test),
     ).fetchone()
     assert row is not None
     return key, row[0]
@@ -154,9 +159,10 @@ def create_key(
 
 def cmd_key_create(args: argparse.Namespace) -> None:
     with psycopg.connect(_url(args), autocommit=True) as conn:
-        key, info = create_key(conn, _tenant_id(conn, args.tenant), args.name, scopes=args.scope or None)
+        key, info = create_key(conn, _tenant_id(conn, args.tenant), args.name, scopes=args.scope or None, test=args.test)
+    kind = "test API key (sends through the mock provider only)" if info.get("test") else "API key"
     print(
-        f"API key for tenant {args.tenant} (id {info['id']}, scopes {', '.join(info['scopes'])}); shown once, store it "
+        f"{kind} for tenant {args.tenant} (id {info['id']}, scopes {', '.join(info['scopes'])}); shown once, store it "
         f"now:\n{key}"
     )
 
@@ -556,6 +562,9 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         choices=["submit", "read", "admin"],
         help="repeatable; default all three (submit: send and cancel; read: read; admin: configure)",
+    )
+    kc.add_argument(
+        "--test", action="store_true", help="a test key: everything it submits is sent by the mock provider only (README, Test keys)"
     )
     kc.set_defaults(func=cmd_key_create)
     kro = key.add_parser("rotate", parents=[db], help="replace a key; the old one keeps working for the overlap window")

@@ -19,11 +19,13 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 log = logging.getLogger("dispatcher.metrics")
 
-SUBMISSIONS = Counter("dispatcher_submissions_total", "Notification intents by outcome (accepted, replayed)", ["outcome"])
+SUBMISSIONS = Counter(
+    "dispatcher_submissions_total", "Notification intents by outcome (accepted, replayed) and test (a test key's)", ["outcome", "test"]
+)
 DELIVERIES = Counter(
     "dispatcher_deliveries_total",
-    "Provider call outcomes by channel, provider and outcome",
-    ["channel", "provider", "outcome", "error_code"],
+    "Provider call outcomes by channel, provider, outcome and test (a test key's delivery, always through the mock)",
+    ["channel", "provider", "outcome", "error_code", "test"],
 )
 PROVIDER_SECONDS = Histogram(
     "dispatcher_provider_call_seconds",
