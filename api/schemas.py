@@ -21,7 +21,8 @@ Locale = Annotated[str, Meta(pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$", max
 
 
 class Addresses(Base):
-    whatsapp: Annotated[str, Meta(max_length=32, examples=["+34600111222"])] | None = None
+    # a phone number (E.164) or a business-scoped user id (BSUID, e.g. US.13491208655302741918)
+    whatsapp: Annotated[str, Meta(max_length=140, examples=["+34600111222"])] | None = None
     email: Annotated[str, Meta(max_length=254, examples=["ana@example.com"])] | None = None
     sms: Annotated[str, Meta(max_length=32)] | None = None
 
@@ -163,6 +164,7 @@ class DeliveryOut(Base):
     opened_at: dt.datetime | None = None  # e-mail: the first open or click reported; a flag, not a status
     finished_at: dt.datetime | None = None
     test: bool | None = None  # true: a test key's delivery, sent by the mock provider only
+    pricing: dict[str, Any] | None = None  # what the provider said it cost (WhatsApp: pricing_model, category, billable, type)
 
 
 class NotificationOut(Base):
@@ -272,6 +274,8 @@ class WhatsAppContent(Base):
     header_parameters: list[str] | None = None
     buttons: list[WhatsAppButton] | None = None
     text: Annotated[str, Meta(max_length=4096)] | None = None
+    # Meta's category of the approved template; a marketing one needs marketing consent (followed from Meta's webhooks)
+    category: Literal["marketing", "utility", "authentication"] | None = None
 
 
 class SmsContent(Base):

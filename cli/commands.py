@@ -240,13 +240,29 @@ def cmd_login_list(args: argparse.Namespace) -> None:
     print(json.dumps(row[0] if row else [], indent=2))
 
 
+def _whatsapp_tiers(conn: psycopg.Connection) -> list[tuple]:
+    """Each tenant's WhatsApp portfolio messaging tier, when Meta reported one (business_capability_update)."""
+    return conn.execute("select tenant, waba_id, messaging_tier, reported_at from notify_api.whatsapp_limits_v1()").fetchall()
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     with psycopg.connect(_url(args), autocommit=True) as conn:
         rows = conn.execute("select * from notify_api.queue_health_v1()").fetchall()
+        tiers = _whatsapp_tiers(conn)
     if args.json:
         cols = ["tenant", "channel", "due", "scheduled", "oldest_due_seconds", "sending", "leases_past_due", "unknown"]
-        print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], indent=2, default=str))
+        out: object = [dict(zip(cols, r, strict=True)) for r in rows]
+        if tiers:  # only when Meta reported one: the plain answer stays a list otherwise
+            out = {
+                "queues": out,
+                "whatsapp_messaging_tiers": [
+                    {"tenant": t, "waba_id": w, "messaging_tier": tier, "reported_at": at} for t, w, tier, at in tiers
+                ],
+            }
+        print(json.dumps(out, indent=2, default=str))
         return
+    for tenant, waba_id, tier, at in tiers:
+        print(f"whatsapp messaging tier: tenant {tenant} business account {waba_id or '?'}: {tier or 'unknown'} (reported {at.isoformat(timespec='minutes')})")
     if not rows:
         print("queue empty: nothing due, scheduled, in flight or unknown")
         return

@@ -38,6 +38,11 @@ CALLBACKS = Counter(
     "Status callback attempts to callers by outcome (delivered, retry, failed, refused)",
     ["outcome"],
 )
+PRICED_MESSAGES = Counter(
+    "dispatcher_priced_messages_total",
+    "Messages a provider reported a price for (WhatsApp status pricing), once per delivery, by pricing model, category and billable",
+    ["provider", "pricing_model", "category", "billable"],
+)
 WEBHOOKS = Counter(
     "dispatcher_webhook_events_total",
     "Provider webhook events by provider and outcome (applied, stale, unmatched, flagged, duplicate, rejected)",

@@ -108,6 +108,7 @@ class Delivery(Model):
     events: list[DeliveryEvent] = []
     attempt_history: list[Attempt] = []
     test: bool = False  # a test key's delivery
+    pricing: dict[str, Any] | None = None  # what the provider said it cost (WhatsApp status pricing)
 
 
 class Notification(Model):

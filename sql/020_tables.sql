@@ -92,6 +92,32 @@ create table notify.whatsapp_windows (
 comment on table notify.whatsapp_windows is
     'Last inbound message per business number and user: free-form WhatsApp text is allowed only within 24 hours of it.';
 
+create table notify.whatsapp_users (
+    tenant_id uuid not null references notify.tenants (id),
+    user_id text not null,
+    wa_id text,
+    parent_user_id text,
+    updated_at timestamptz not null default now(),
+    primary key (tenant_id, user_id),
+    constraint whatsapp_users_user_id_format check (notify._is_bsuid(user_id)),
+    constraint whatsapp_users_wa_id_format check (wa_id ~ '^[1-9][0-9]{6,14}$')
+);
+comment on table notify.whatsapp_users is
+    'WhatsApp business-scoped user ids (BSUIDs) and the phone number each stands for when Meta has told us (statuses, inbound messages, user_id_update): a recipient addressed by either, and the 24-hour window and opt-out keywords of either, are the same user.';
+comment on column notify.whatsapp_users.wa_id is 'The phone number, digits only (as Meta writes wa_id); null while only the BSUID is known.';
+create index whatsapp_users_wa_id on notify.whatsapp_users (tenant_id, wa_id) where wa_id is not null;
+
+create table notify.whatsapp_business_limits (
+    tenant_id uuid not null references notify.tenants (id),
+    waba_id text not null,
+    messaging_tier text,
+    payload jsonb not null default '{}',
+    reported_at timestamptz not null default now(),
+    primary key (tenant_id, waba_id)
+);
+comment on table notify.whatsapp_business_limits is
+    'The messaging limit tier of a tenant''s WhatsApp business portfolio as Meta last reported it (business_capability_update): shared by every number of the portfolio; shown by dispatcher status.';
+
 create table notify.rate_buckets (
     key text primary key,
     tokens double precision not null,
@@ -242,6 +268,7 @@ create table notify.notification_deliveries (
     complained_at timestamptz,
     -- Added by migration 0027 (test keys): set at insert from the same transaction setting as its request's.
     test boolean not null default coalesce(nullif(current_setting('notify.test', true), '')::boolean, false),
+    pricing jsonb,
     primary key (tenant_id, id),
     foreign key (tenant_id, request_id) references notify.notification_requests (tenant_id, id),
     foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
@@ -257,6 +284,8 @@ comment on column notify.notification_deliveries.opened_at is 'E-mail open repor
 comment on column notify.notification_deliveries.complained_at is 'Spam complaint reported by the provider; e-mail consent is revoked at the same time.';
 comment on column notify.notification_deliveries.test is
     'A test delivery (submitted with a test key): the claim hands it to the mock provider whatever the tenant configured, so it never reaches a real provider.';
+comment on column notify.notification_deliveries.pricing is
+    'What the provider says the message cost, from its status reports (WhatsApp: {pricing_model, category, billable, type}); the first report that carries it.';
 comment on column notify.notification_deliveries.lease_expires_at is 'Set at claim; past it, maintenance treats the send as crashed (crash policy per channel).';
 -- The queue: only rows waiting to be claimed are indexed, so the hot set stays small however much history there is.
 create index notification_deliveries_due on notify.notification_deliveries (channel, due_at)

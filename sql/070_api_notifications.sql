@@ -262,7 +262,7 @@ as $$
                       then jsonb_build_object('code', d.last_error_code, 'message', d.last_error_message) end,
         'due_at', d.due_at, 'expires_at', d.expires_at, 'created_at', d.created_at, 'updated_at', d.updated_at,
         'sent_at', d.sent_at, 'delivered_at', d.delivered_at, 'read_at', d.read_at, 'opened_at', d.opened_at,
-        'finished_at', d.finished_at))
+        'finished_at', d.finished_at, 'pricing', d.pricing))
     || case when p_detail then jsonb_build_object(
         'events', coalesce((select jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
                         'seq', e.seq, 'from', e.from_status, 'to', e.to_status, 'source', e.source, 'reason', e.reason,
@@ -276,7 +276,7 @@ as $$
        else '{}' end
 $$;
 comment on function notify._delivery_json(notify.notification_deliveries, boolean) is
-    'The public JSON form of a delivery (timestamps include opened_at, the first e-mail open or click reported; "test": true for a test delivery), with its history when p_detail.';
+    'The public JSON form of a delivery (timestamps include opened_at, the first e-mail open or click reported; "test": true for a test delivery; pricing, what the provider said it cost), with its history when p_detail.';
 
 create function notify_api.get_notification_v1(p_tenant_id uuid, p_id uuid)
     returns jsonb
