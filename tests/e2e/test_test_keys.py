@@ -59,7 +59,9 @@ def configure_real_providers(svc: Service, graph: GraphFake, graph_url: str, smt
         assert email.status_code == 200, email.text
 
 
-def start_stack(db: psycopg.Connection, tmp_path) -> tuple[Service, GraphFake, SmtpFake, str]:  # noqa: ANN001
+def start_stack(
+    db: psycopg.Connection, tmp_path, extra_env: dict[str, str] | None = None  # noqa: ANN001
+) -> tuple[Service, GraphFake, SmtpFake, str]:
     graph, smtp = GraphFake(app_secret="app-secret-test-keys"), SmtpFake()
     graph_url, smtp_port = graph.start(), smtp.start()
     metrics_port = free_port()
@@ -70,8 +72,10 @@ def start_stack(db: psycopg.Connection, tmp_path) -> tuple[Service, GraphFake, S
             "DISPATCHER_WHATSAPP_APP_SECRET": graph.app_secret,
             "E2E_WA_TOKEN": graph.access_token,
             "DISPATCHER_WORKER_METRICS_PORT": str(metrics_port),
+            **(extra_env or {}),
         },
     )
+    graph.base_url = graph_url  # type: ignore[attr-defined]
     configure_real_providers(svc, graph, graph_url, smtp_port)
     return svc, graph, smtp, f"http://127.0.0.1:{metrics_port}/metrics"
 
