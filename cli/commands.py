@@ -251,15 +251,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         tiers = _whatsapp_tiers(conn)
     if args.json:
         cols = ["tenant", "channel", "due", "scheduled", "oldest_due_seconds", "sending", "leases_past_due", "unknown"]
-        out: object = [dict(zip(cols, r, strict=True)) for r in rows]
-        if tiers:  # only when Meta reported one: the plain answer stays a list otherwise
-            out = {
-                "queues": out,
-                "whatsapp_messaging_tiers": [
-                    {"tenant": t, "waba_id": w, "messaging_tier": tier, "reported_at": at} for t, w, tier, at in tiers
-                ],
-            }
-        print(json.dumps(out, indent=2, default=str))
+        print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], indent=2, default=str))
         return
     for tenant, waba_id, tier, at in tiers:
         print(f"whatsapp messaging tier: tenant {tenant} business account {waba_id or '?'}: {tier or 'unknown'} (reported {at.isoformat(timespec='minutes')})")

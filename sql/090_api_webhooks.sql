@@ -179,6 +179,7 @@ create function notify._learn_whatsapp_user(p_tenant_id uuid, p_user_id text, p_
 as $$
 declare
     v_wa_id text := case when p_wa_id ~ '^[1-9][0-9]{6,14}$' then p_wa_id end;
+    v_changed integer;
 begin
     if not coalesce(notify._is_bsuid(p_user_id), false) then
         return;
@@ -188,7 +189,9 @@ begin
     on conflict (tenant_id, user_id) do update
         set wa_id = coalesce(excluded.wa_id, u.wa_id), parent_user_id = coalesce(excluded.parent_user_id, u.parent_user_id), updated_at = now()
         where (u.wa_id, u.parent_user_id) is distinct from (coalesce(excluded.wa_id, u.wa_id), coalesce(excluded.parent_user_id, u.parent_user_id));
-    if v_wa_id is not null then
+    get diagnostics v_changed = row_count;
+    -- Only a new mapping carries windows across (the common case, a status repeating what we know, reads nothing more).
+    if v_wa_id is not null and v_changed > 0 then
         -- A window already open under one identifier is open under the other.
         insert into notify.whatsapp_windows as w (tenant_id, phone_number_id, wa_id, last_inbound_at)
         select w0.tenant_id, w0.phone_number_id, x.id, max(w0.last_inbound_at)
@@ -248,6 +251,9 @@ begin
                 update notify.recipient_addresses a set address = v_new, updated_at = now()
                  where a.tenant_id = v_tenant and a.channel = 'whatsapp' and a.address = v_old;
                 get diagnostics v_count = row_count;
+                -- Deliveries still waiting to be sent go to the new id too (a rare event: a scan of the waiting WhatsApp rows).
+                update notify.notification_deliveries x set address = v_new
+                 where x.channel = 'whatsapp' and x.status in ('queued', 'scheduled') and x.tenant_id = v_tenant and x.address = v_old;
                 insert into notify.whatsapp_windows as w (tenant_id, phone_number_id, wa_id, last_inbound_at)
                 select w0.tenant_id, w0.phone_number_id, v_new, w0.last_inbound_at from notify.whatsapp_windows w0
                  where w0.tenant_id = v_tenant and w0.wa_id = v_old
@@ -288,7 +294,7 @@ begin
 end
 $$;
 comment on function notify._apply_whatsapp_update(text, jsonb) is
-    'Applies one WhatsApp account-level change, as the adapter normalized it ({kind, phone_number_id?, waba_id?, ...}): user_id_update (a BSUID replaced: mapping, addresses and windows follow), template_category_update (completed: the templates of that name and language get the new category; impending: kept only), messaging_tier (the portfolio''s tier, for dispatcher status).';
+    'Applies one WhatsApp account-level change, as the adapter normalized it ({kind, phone_number_id?, waba_id?, ...}): user_id_update (a BSUID replaced: mapping, addresses, waiting deliveries and windows follow), template_category_update (completed: the templates of that name and language get the new category; impending: kept only), messaging_tier (the portfolio''s tier, for dispatcher status).';
 
 create function notify._record_pricing(p_provider text, e notify.status_event)
     returns boolean
