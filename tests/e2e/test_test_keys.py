@@ -5,6 +5,7 @@ documented outcome), are marked test in every answer and in the metrics, and nei
 from __future__ import annotations
 
 import os
+import time
 import re
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def start_stack(
 
 @pytest.fixture
 def stack(db: psycopg.Connection, tmp_path) -> Iterator[Stack]:  # noqa: ANN001
-    svc, graph, smtp, metrics_url = start_stack(db, tmp_path)
+    svc, graph, smtp, metrics_url = start_stack(db, tmp_path, {"DISPATCHER_DEV_MODE": "1"})  # http callbacks to this machine
     with psycopg.connect(svc.db_url, autocommit=True) as conn:  # the CLI's own function (dispatcher key create --test)
         test_key, info = cli.create_key(conn, svc.tenant_id, "suite", test=True)
     assert info["test"] is True
@@ -202,4 +203,33 @@ def test_test_keys_are_created_and_listed_by_the_cli_and_rotation_keeps_them_tes
     answer = submit(stack.svc, new_key, recipient={"ref": "rotated", "addresses": {"whatsapp": "+12025550100"}}, channels=["whatsapp"])
     assert answer["test"] is True
     stack.svc.wait_for(answer["id"], settled("delivered"))
+    assert stack.graph.requests == []
+
+
+def test_a_test_keys_status_callbacks_are_sent_and_say_test(stack: Stack) -> None:
+    """Callbacks are part of the whole path: the caller's endpoint gets every status change, each marked test."""
+    from tests.runner.test_callbacks import Receiver
+
+    svc = stack.svc
+    with svc.client(stack.test_key) as c:
+        port = free_port()
+        created = c.put("/internal/callbacks", json={"url": f"http://127.0.0.1:{port}/hooks"})
+        assert created.status_code == 200, created.text
+        receiver = Receiver(created.json()["secret"])
+    receiver.port, receiver.failing = port, False
+    receiver.start()
+    try:
+        grant(svc, stack.test_key, "cb")
+        answer = submit(svc, stack.test_key, recipient={"ref": "cb", "addresses": {"whatsapp": "+12025550101"}}, channels=["whatsapp"])
+        body = svc.wait_for(answer["id"], settled("read"))
+        expected = len(body["deliveries"][0]["events"])
+        deadline = time.monotonic() + 20
+        while len(receiver.events) < expected:
+            assert time.monotonic() < deadline, f"{len(receiver.events)} of {expected} callbacks arrived"
+            time.sleep(0.1)
+        assert [e["data"]["status"] for e in receiver.events][-1] == "read"
+        assert all(e["data"].get("test") is True for e in receiver.events)
+        assert {e["data"].get("provider") for e in receiver.events} <= {None, "mock"}
+    finally:
+        receiver.stop()
     assert stack.graph.requests == []
