@@ -162,8 +162,7 @@ def cmd_key_create(args: argparse.Namespace) -> None:
         key, info = create_key(conn, _tenant_id(conn, args.tenant), args.name, scopes=args.scope or None, test=args.test)
     kind = "test API key (sends through the mock provider only)" if info.get("test") else "API key"
     print(
-        f"{kind} for tenant {args.tenant} (id {info['id']}, scopes {', '.join(info['scopes'])}); shown once, store it "
-        f"now:\n{key}"
+        f"{kind} for tenant {args.tenant} (id {info['id']}, scopes {', '.join(info['scopes'])}); shown once, store it now:\n{key}"
     )
 
 
@@ -254,7 +253,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], indent=2, default=str))
         return
     for tenant, waba_id, tier, at in tiers:
-        print(f"whatsapp messaging tier: tenant {tenant} business account {waba_id or '?'}: {tier or 'unknown'} (reported {at.isoformat(timespec='minutes')})")
+        reported = at.isoformat(timespec="minutes")
+        print(f"whatsapp messaging tier: tenant {tenant} business account {waba_id or '?'}: {tier or 'unknown'} ({reported})")
     if not rows:
         print("queue empty: nothing due, scheduled, in flight or unknown")
         return
@@ -572,7 +572,9 @@ def parser() -> argparse.ArgumentParser:
         help="repeatable; default all three (submit: send and cancel; read: read; admin: configure)",
     )
     kc.add_argument(
-        "--test", action="store_true", help="a test key: everything it submits is sent by the mock provider only (README, Test keys)"
+        "--test",
+        action="store_true",
+        help="a test key: everything it submits is sent by the mock provider only (README, Test keys)",
     )
     kc.set_defaults(func=cmd_key_create)
     kro = key.add_parser("rotate", parents=[db], help="replace a key; the old one keeps working for the overlap window")

@@ -20,7 +20,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 log = logging.getLogger("dispatcher.metrics")
 
 SUBMISSIONS = Counter(
-    "dispatcher_submissions_total", "Notification intents by outcome (accepted, replayed) and test (a test key's)", ["outcome", "test"]
+    "dispatcher_submissions_total",
+    "Notification intents by outcome (accepted, replayed) and test (a test key's)",
+    ["outcome", "test"],
 )
 DELIVERIES = Counter(
     "dispatcher_deliveries_total",
@@ -40,7 +42,7 @@ CALLBACKS = Counter(
 )
 PRICED_MESSAGES = Counter(
     "dispatcher_priced_messages_total",
-    "Messages a provider reported a price for (WhatsApp status pricing), once per delivery, by pricing model, category and billable",
+    "Messages a provider reported a price for (WhatsApp status pricing), once per delivery",
     ["provider", "pricing_model", "category", "billable"],
 )
 WEBHOOKS = Counter(

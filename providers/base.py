@@ -66,7 +66,8 @@ class StatusEvent(msgspec.Struct, kw_only=True, frozen=True):
     flag: str | None = None
     user_id: str | None = None  # WhatsApp: the recipient's business-scoped user id, when the report names it
     recipient_phone: str | None = None  # the recipient's phone number as the report names it (digits), when it does
-    pricing: dict[str, Any] | None = None  # what the provider says the message cost (WhatsApp: pricing_model, category, billable, type)
+    # what the provider says the message cost (WhatsApp: pricing_model, category, billable, type)
+    pricing: dict[str, Any] | None = None
 
 
 class InboundMessage(msgspec.Struct, kw_only=True, frozen=True):

@@ -143,7 +143,10 @@ class MockProvider:
             ), None
         if script == "bounced":
             return SendResult(
-                outcome="bounced", provider=NAME, error_code=code or "550", error_message="the mock's recipient server rejected it"
+                outcome="bounced",
+                provider=NAME,
+                error_code=code or "550",
+                error_message="the mock's recipient server rejected it",
             ), None
         if script == "retry" or (script is None and self._failure_rate and random.random() < self._failure_rate):
             return SendResult(

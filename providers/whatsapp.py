@@ -83,7 +83,11 @@ def classify(code: int | None, title: str, http_status: int) -> SendResult:
         return SendResult(outcome="retry", provider=NAME, error_code=error_code, error_message=title, retry_after_seconds=6.0)
     if code in MARKETING_LIMIT:
         return SendResult(
-            outcome="retry", provider=NAME, error_code=error_code, error_message=title, retry_after_seconds=MARKETING_LIMIT_RETRY_SECONDS
+            outcome="retry",
+            provider=NAME,
+            error_code=error_code,
+            error_message=title,
+            retry_after_seconds=MARKETING_LIMIT_RETRY_SECONDS,
         )
     if code in OPTED_OUT:
         return SendResult(outcome="suppressed", provider=NAME, error_code=error_code, error_message=title)
@@ -355,7 +359,11 @@ class WhatsAppWebhooks:
                     updates.extend(_account_updates(field, value, phone_number_id, waba_id, where, notes))
                     continue
                 statuses, messages = value.get("statuses"), value.get("messages")
-                contacts = [obj(x) for x in value.get("contacts") or [] if isinstance(x, dict)] if isinstance(value.get("contacts"), list) else []
+                contacts = (
+                    [obj(x) for x in value.get("contacts") or [] if isinstance(x, dict)]
+                    if isinstance(value.get("contacts"), list)
+                    else []
+                )
                 for i, raw in enumerate(statuses if isinstance(statuses, list) else []):
                     at = f"{where}.statuses[{i}]"
                     try:
@@ -449,7 +457,8 @@ def _account_updates(
                     "user_id": new,
                     "previous_user_id": old,
                     "wa_id": wa_id if wa_id and wa_id.isdigit() else None,
-                    "parent_user_id": _user_id(obj(item.get("parent_user_id")).get("current")) or _user_id(item.get("parent_user_id")),
+                    "parent_user_id": _user_id(obj(item.get("parent_user_id")).get("current"))
+                    or _user_id(item.get("parent_user_id")),
                 }
             )
         return out

@@ -5,10 +5,10 @@ documented outcome), are marked test in every answer and in the metrics, and nei
 from __future__ import annotations
 
 import os
-import time
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -61,7 +61,9 @@ def configure_real_providers(svc: Service, graph: GraphFake, graph_url: str, smt
 
 
 def start_stack(
-    db: psycopg.Connection, tmp_path, extra_env: dict[str, str] | None = None  # noqa: ANN001
+    db: psycopg.Connection,
+    tmp_path,
+    extra_env: dict[str, str] | None = None,  # noqa: ANN001
 ) -> tuple[Service, GraphFake, SmtpFake, str]:
     graph, smtp = GraphFake(app_secret="app-secret-test-keys"), SmtpFake()
     graph_url, smtp_port = graph.start(), smtp.start()
@@ -95,7 +97,9 @@ def stack(db: psycopg.Connection, tmp_path) -> Iterator[Stack]:  # noqa: ANN001
 
 def grant(svc: Service, key: str, ref: str) -> None:
     with svc.client(key) as c:
-        answer = c.post(f"/internal/recipients/{ref}/consents", json={"channel": "whatsapp", "status": "granted", "source": "form"})
+        answer = c.post(
+            f"/internal/recipients/{ref}/consents", json={"channel": "whatsapp", "status": "granted", "source": "form"}
+        )
         assert answer.status_code == 201, answer.text
 
 
@@ -176,8 +180,14 @@ def test_the_same_submission_with_a_live_key_reaches_the_real_providers(stack: S
         svc, svc.key, recipient={"ref": "live", "addresses": {"whatsapp": "+12025550101", "email": "ana@example.com"}}
     )
     assert "test" not in answer
-    body = svc.wait_for(answer["id"], lambda b: {d["status"] for d in b["deliveries"]} <= {"sent", "delivered", "read"}
-                        and all(d.get("provider") for d in b["deliveries"]), timeout=20)
+    body = svc.wait_for(
+        answer["id"],
+        lambda b: (
+            {d["status"] for d in b["deliveries"]} <= {"sent", "delivered", "read"}
+            and all(d.get("provider") for d in b["deliveries"])
+        ),
+        timeout=20,
+    )
     assert "test" not in body and all("test" not in d for d in body["deliveries"])
     assert {d["provider"] for d in body["deliveries"]} == {"whatsapp_cloud", "smtp"}
     assert len(stack.graph.requests) == 1 and len(stack.smtp.received) == 1
@@ -200,7 +210,9 @@ def test_test_keys_are_created_and_listed_by_the_cli_and_rotation_keeps_them_tes
     rotated = run("key", "rotate", "--tenant", "acme", key_id, "--overlap-seconds", "0")
     new_key = re.search(r"^(nd_\S+)$", rotated, re.M).group(1)  # type: ignore[union-attr]
     grant(stack.svc, new_key, "rotated")
-    answer = submit(stack.svc, new_key, recipient={"ref": "rotated", "addresses": {"whatsapp": "+12025550100"}}, channels=["whatsapp"])
+    answer = submit(
+        stack.svc, new_key, recipient={"ref": "rotated", "addresses": {"whatsapp": "+12025550100"}}, channels=["whatsapp"]
+    )
     assert answer["test"] is True
     stack.svc.wait_for(answer["id"], settled("delivered"))
     assert stack.graph.requests == []
@@ -220,7 +232,9 @@ def test_a_test_keys_status_callbacks_are_sent_and_say_test(stack: Stack) -> Non
     receiver.start()
     try:
         grant(svc, stack.test_key, "cb")
-        answer = submit(svc, stack.test_key, recipient={"ref": "cb", "addresses": {"whatsapp": "+12025550101"}}, channels=["whatsapp"])
+        answer = submit(
+            svc, stack.test_key, recipient={"ref": "cb", "addresses": {"whatsapp": "+12025550101"}}, channels=["whatsapp"]
+        )
         body = svc.wait_for(answer["id"], settled("read"))
         expected = len(body["deliveries"][0]["events"])
         deadline = time.monotonic() + 20

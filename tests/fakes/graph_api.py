@@ -154,7 +154,11 @@ class GraphFake:
                 target=self._post_statuses, args=(wamid, to, body.get("biz_opaque_callback_data"), final), daemon=True
             ).start()
         contact = {"input": to, "user_id": to} if "." in to else {"input": to, "wa_id": to}
-        return 200, {"messaging_product": "whatsapp", "contacts": [contact], "messages": [{"id": wamid, "message_status": "accepted"}]}, 0
+        return (
+            200,
+            {"messaging_product": "whatsapp", "contacts": [contact], "messages": [{"id": wamid, "message_status": "accepted"}]},
+            0,
+        )
 
     # -- webhooks -------------------------------------------------------------------------------------------
     def sign(self, raw: bytes) -> str:
@@ -242,8 +246,9 @@ class GraphFake:
             item["wa_id"] = phone.lstrip("+")
         return self.post_webhook({"user_id_update": [item]}, field="user_id_update")
 
-    def template_category_update(self, name: str, language: str, new: str, previous: str | None = None,
-                                 correct: str | None = None) -> int:
+    def template_category_update(
+        self, name: str, language: str, new: str, previous: str | None = None, correct: str | None = None
+    ) -> int:
         """Meta changed (previous given) or will change (correct given) an approved template's category."""
         value: dict[str, Any] = {
             "message_template_id": 1234567890,

@@ -20,7 +20,8 @@ from providers.whatsapp import WhatsAppWebhooks, classify, request_body, signatu
 from tests.conftest import ROOT, Service, free_port, stop_service
 from tests.e2e.test_test_keys import start_stack
 from tests.fakes.graph_api import GraphFake
-from tests.providers.test_whatsapp import ctx, graph, message, provider, send  # noqa: F401 - fixtures
+from tests.providers.test_whatsapp import ctx, message, provider, send  # noqa: F401 - ctx: a fixture
+from tests.providers.test_whatsapp import graph as graph  # noqa: F401, PLC0414 - a fixture
 
 BSUID = "US.13491208655302741918"
 NEW_BSUID = "US.77700011122233344455"
@@ -43,34 +44,82 @@ def test_the_marketing_limit_is_retried_a_day_later_not_at_once() -> None:
 
 def parse(value: dict, field: str = "messages") -> object:
     body = json.dumps(
-        {"object": "whatsapp_business_account", "entry": [{"id": "102290129340398", "changes": [{"field": field, "value": value}]}]}
+        {
+            "object": "whatsapp_business_account",
+            "entry": [{"id": "102290129340398", "changes": [{"field": field, "value": value}]}],
+        }
     ).encode()
     return WhatsAppWebhooks(["s"]).parse({"x-hub-signature-256": signature("s", body)}, body)
 
 
 def test_2026_shapes_are_normalized() -> None:
     meta = {"messaging_product": "whatsapp", "metadata": {"phone_number_id": "106540352242922"}}
-    status = parse({**meta, "statuses": [{"id": "wamid.1", "status": "delivered", "timestamp": "1767225600",
-                                           "recipient_user_id": BSUID, "recipient_parent_user_id": "US.ENT.1181579921288",
-                                           "pricing": {"billable": True, "pricing_model": "PMP", "category": "marketing",
-                                                       "type": "regular", "extra": "x"}}]})
+    status = parse(
+        {
+            **meta,
+            "statuses": [
+                {
+                    "id": "wamid.1",
+                    "status": "delivered",
+                    "timestamp": "1767225600",
+                    "recipient_user_id": BSUID,
+                    "recipient_parent_user_id": "US.ENT.1181579921288",
+                    "pricing": {
+                        "billable": True,
+                        "pricing_model": "PMP",
+                        "category": "marketing",
+                        "type": "regular",
+                        "extra": "x",
+                    },
+                }
+            ],
+        }
+    )
     [event] = status.events  # type: ignore[attr-defined]
     assert (event.user_id, event.recipient_phone) == (BSUID, None)
     assert event.pricing == {"pricing_model": "PMP", "category": "marketing", "type": "regular", "billable": True}
-    inbound = parse({**meta, "contacts": [{"profile": {"name": "A"}, "user_id": BSUID}],
-                     "messages": [{"id": "wamid.in", "timestamp": "1767225600", "type": "text", "text": {"body": "STOP"}}]})
+    inbound = parse(
+        {
+            **meta,
+            "contacts": [{"profile": {"name": "A"}, "user_id": BSUID}],
+            "messages": [{"id": "wamid.in", "timestamp": "1767225600", "type": "text", "text": {"body": "STOP"}}],
+        }
+    )
     [m] = inbound.inbound  # type: ignore[attr-defined]
     assert (m.sender, m.user_id, m.text) == (None, BSUID, "STOP")
-    update = parse({**meta, "user_id_update": [{"wa_id": "34600111222", "user_id": {"previous": BSUID, "current": NEW_BSUID}}]},
-                   field="user_id_update")
-    assert update.updates == [{"phone_number_id": "106540352242922", "waba_id": "102290129340398",  # type: ignore[attr-defined]
-                               "kind": "user_id_update", "user_id": NEW_BSUID, "previous_user_id": BSUID,
-                               "wa_id": "34600111222", "parent_user_id": None}]
-    category = parse({"message_template_id": 1, "message_template_name": "promo", "message_template_language": "en_US",
-                      "previous_category": "UTILITY", "new_category": "MARKETING"}, field="template_category_update")
+    update = parse(
+        {**meta, "user_id_update": [{"wa_id": "34600111222", "user_id": {"previous": BSUID, "current": NEW_BSUID}}]},
+        field="user_id_update",
+    )
+    assert update.updates == [
+        {
+            "phone_number_id": "106540352242922",
+            "waba_id": "102290129340398",  # type: ignore[attr-defined]
+            "kind": "user_id_update",
+            "user_id": NEW_BSUID,
+            "previous_user_id": BSUID,
+            "wa_id": "34600111222",
+            "parent_user_id": None,
+        }
+    ]
+    category = parse(
+        {
+            "message_template_id": 1,
+            "message_template_name": "promo",
+            "message_template_language": "en_US",
+            "previous_category": "UTILITY",
+            "new_category": "MARKETING",
+        },
+        field="template_category_update",
+    )
     [u] = category.updates  # type: ignore[attr-defined]
     assert (u["kind"], u["name"], u["previous_category"], u["new_category"], u["waba_id"]) == (
-        "template_category_update", "promo", "utility", "marketing", "102290129340398")
+        "template_category_update",
+        "promo",
+        "utility",
+        "marketing",
+        "102290129340398",
+    )
     tier = parse({"whatsapp_business_manager_messaging_limit": "TIER_10K"}, field="business_capability_update")
     assert tier.updates[0]["kind"] == "messaging_tier" and tier.updates[0]["tier"] == "TIER_10K"  # type: ignore[attr-defined]
 
@@ -102,13 +151,20 @@ def stack(db: psycopg.Connection, tmp_path) -> Iterator[tuple[Service, GraphFake
             json={
                 "provider": "whatsapp_cloud",
                 "secrets": {"access_token": "env:E2E_WA_TOKEN"},
-                "settings": {"phone_number_id": graph.phone_number_id, "base_url": graph.base_url,  # type: ignore[attr-defined]
-                             "timeout_seconds": 2, "waba_id": graph.waba_id, "rate_per_second": 1000},
+                "settings": {
+                    "phone_number_id": graph.phone_number_id,
+                    "base_url": graph.base_url,  # type: ignore[attr-defined]
+                    "timeout_seconds": 2,
+                    "waba_id": graph.waba_id,
+                    "rate_per_second": 1000,
+                },
             },
         )
         assert answer.status_code == 200, answer.text
         assert c.put("/internal/templates/chat", json={"channels": {"whatsapp": {"text": "Hola {{name}}"}}}).status_code == 200
-        promo = {"channels": {"whatsapp": {"name": "spring_promo", "language": "en", "parameters": ["name"], "category": "utility"}}}
+        promo = {
+            "channels": {"whatsapp": {"name": "spring_promo", "language": "en", "parameters": ["name"], "category": "utility"}}
+        }
         assert c.put("/internal/templates/promo", json=promo).status_code == 200
     yield svc, graph, f"http://127.0.0.1:{api_metrics}/metrics"
     stop_service(svc)
@@ -123,8 +179,13 @@ def consent(svc: Service, ref: str, status: str = "granted", category: str | Non
 
 
 def submit(svc: Service, ref: str, address: str, template: str = "event_reminder", **extra: object) -> str:
-    body = {"recipient": {"ref": ref, "addresses": {"whatsapp": address}}, "channels": ["whatsapp"], "template": template,
-            "variables": {"name": "Ana", "event": "Long run"}, **extra}
+    body = {
+        "recipient": {"ref": ref, "addresses": {"whatsapp": address}},
+        "channels": ["whatsapp"],
+        "template": template,
+        "variables": {"name": "Ana", "event": "Long run"},
+        **extra,
+    }
     with svc.client() as c:
         answer = c.post("/internal/notifications", json=body)
         assert answer.status_code == 202, answer.text
@@ -158,7 +219,10 @@ def test_a_recipient_known_only_by_its_bsuid_is_sent_to_and_its_statuses_and_pri
     assert request["body"]["recipient"] == BSUID and "to" not in request["body"]
     assert d["pricing"] == {"billable": True, "pricing_model": "PMP", "category": "utility", "type": "regular"}
     scraped = httpx.get(api_metrics, timeout=5).text
-    assert 'dispatcher_priced_messages_total{billable="true",category="utility",pricing_model="PMP",provider="whatsapp"} 1.0' in scraped
+    assert (
+        'dispatcher_priced_messages_total{billable="true",category="utility",pricing_model="PMP",provider="whatsapp"} 1.0'
+        in scraped
+    )
 
 
 def test_a_status_with_only_the_bsuid_maps_it_and_an_inbound_message_by_bsuid_opens_the_window_and_opts_out(stack) -> None:  # noqa: ANN001
@@ -236,8 +300,9 @@ def test_marketing_error_codes(stack) -> None:  # noqa: ANN001
     d = d["deliveries"][0]
     assert d["error"]["code"] == "whatsapp_131049" and d["attempt_history"][0]["outcome"] == "retry"
     with psycopg.connect(svc.db_url) as conn:  # not retried at once: a day later
-        assert conn.execute("select due_at > now() + interval '23 hours' from notify.notification_deliveries where id = %s",
-                            (d["id"],)).fetchone() == (True,)
+        assert conn.execute(
+            "select due_at > now() + interval '23 hours' from notify.notification_deliveries where id = %s", (d["id"],)
+        ).fetchone() == (True,)
     d = delivery(svc, stopped, "suppressed")
     assert (d["reason"], d["error"]["code"]) == ("provider_opt_out", "whatsapp_131050")
     with svc.client() as c:
@@ -249,15 +314,21 @@ def test_marketing_error_codes(stack) -> None:  # noqa: ANN001
 def test_throughput_limits_and_the_messaging_tier_in_dispatcher_status(stack) -> None:  # noqa: ANN001
     svc, graph, _ = stack
     with svc.client() as c:
-        too_fast = c.put("/internal/channels/whatsapp/provider",
-                         json={"provider": "whatsapp_cloud", "secrets": {"access_token": "env:E2E_WA_TOKEN"},
-                               "settings": {"phone_number_id": graph.phone_number_id, "rate_per_second": 1001}})
+        too_fast = c.put(
+            "/internal/channels/whatsapp/provider",
+            json={
+                "provider": "whatsapp_cloud",
+                "secrets": {"access_token": "env:E2E_WA_TOKEN"},
+                "settings": {"phone_number_id": graph.phone_number_id, "rate_per_second": 1001},
+            },
+        )
     assert too_fast.status_code == 400 and too_fast.json()["field"] == "settings.rate_per_second"
     env = {**os.environ, "DATABASE_URL": svc.db_url}
 
     def status(*args: str) -> str:
-        return subprocess.run([sys.executable, "-m", "dispatcher", "status", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            [sys.executable, "-m", "dispatcher", "status", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+        ).stdout
 
     assert "messaging tier" not in status()
     assert graph.business_capability_update("TIER_10K") == 200

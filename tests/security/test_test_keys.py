@@ -59,7 +59,9 @@ def test_a_test_key_cannot_make_a_real_send_by_any_field_of_the_body(stack) -> N
         ):
             answer = c.post("/internal/notifications", json=body("victim", **{field: value}))
             assert answer.status_code in (400, 422), (field, answer.status_code, answer.text)
-        answer = c.post("/internal/notifications", json={**body("victim"), "recipient": {**body("victim")["recipient"], "test": False}})
+        answer = c.post(
+            "/internal/notifications", json={**body("victim"), "recipient": {**body("victim")["recipient"], "test": False}}
+        )
         assert answer.status_code in (400, 422), answer.text
         # fields that exist, with values that might look like a switch
         for extra in (
@@ -83,8 +85,13 @@ def test_a_test_key_cannot_make_a_real_send_by_any_field_of_the_body(stack) -> N
         # the batch route, an item trying a field of its own
         batch = c.post(
             "/internal/notifications/batch",
-            json={"items": [{"idempotency_key": "b-1", "notification": body("victim")},
-                            {"idempotency_key": "b-2", "notification": body("victim", test=False)}, {"test": False}]},
+            json={
+                "items": [
+                    {"idempotency_key": "b-1", "notification": body("victim")},
+                    {"idempotency_key": "b-2", "notification": body("victim", test=False)},
+                    {"test": False},
+                ]
+            },
         )
         assert batch.status_code == 200, batch.text
         items = batch.json()["items"]
@@ -98,8 +105,13 @@ def test_a_test_key_cannot_make_a_real_send_by_any_field_of_the_body(stack) -> N
         accepted.append(first.json()["id"])
 
     for nid in accepted:
-        done = svc.wait_for(nid, lambda b: b["status"] == "completed" or all(
-            d["status"] not in ("queued", "scheduled", "sending") for d in b["deliveries"]), timeout=30)
+        done = svc.wait_for(
+            nid,
+            lambda b: (
+                b["status"] == "completed" or all(d["status"] not in ("queued", "scheduled", "sending") for d in b["deliveries"])
+            ),
+            timeout=30,
+        )
         assert done["test"] is True
         for d in done["deliveries"]:
             assert d["test"] is True and d.get("provider") == "mock", d

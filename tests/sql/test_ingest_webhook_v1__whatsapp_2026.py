@@ -10,9 +10,7 @@ from tests.conftest import call, intent, submit
 from tests.sql.test_set_channel_provider_v1 import WA, grant, set_provider
 
 OLD, NEW = "US.13491208655302741918", "US.77700011122233344455"
-UPDATES = (
-    "select notify_api.ingest_webhook_v1('whatsapp_cloud', %s, '{}', array[]::notify.status_event[], '{}', '{}', %s)"
-)
+UPDATES = "select notify_api.ingest_webhook_v1('whatsapp_cloud', %s, '{}', array[]::notify.status_event[], '{}', '{}', %s)"
 
 
 def ingest(db, key: str, *updates: dict) -> list[dict]:  # noqa: ANN001
@@ -23,20 +21,29 @@ def test_a_user_id_update_moves_addresses_waiting_deliveries_and_windows_of_that
     set_provider(db, ready, "whatsapp", WA)
     other = str(call(db, "notify_api.create_tenant_v1('other')")["id"])  # another portfolio: the same id string is not its user
     grant(db, other, env_prefix="OTHER_")
-    set_provider(db, other, "whatsapp", {**WA, "settings": {"phone_number_id": "999000111222333"},
-                                         "secrets": {"access_token": "env:OTHER_WA_TOKEN"}}, granted=False)
+    set_provider(
+        db,
+        other,
+        "whatsapp",
+        {**WA, "settings": {"phone_number_id": "999000111222333"}, "secrets": {"access_token": "env:OTHER_WA_TOKEN"}},
+        granted=False,
+    )
     for tenant in (ready, other):
         call(db, "notify_api.upsert_recipient_v1(%s, 'runner-42', %s)", tenant, Jsonb({"addresses": {"whatsapp": OLD}}))
     db.execute("insert into notify.whatsapp_windows values (%s, '106540352242922', %s, now())", (ready, OLD))
     response, _ = submit(db, ready, intent(channels=["whatsapp"], recipient={"ref": "runner-42"}))
     assert response["deliveries"][0]["status"] == "queued"
 
-    out = ingest(db, "u-1", {"kind": "user_id_update", "phone_number_id": "106540352242922", "user_id": NEW, "previous_user_id": OLD})
+    out = ingest(
+        db, "u-1", {"kind": "user_id_update", "phone_number_id": "106540352242922", "user_id": NEW, "previous_user_id": OLD}
+    )
     assert out == [{"update": "user_id_update", "outcome": "user_id_updated"}]
     assert call(db, "notify_api.get_recipient_v1(%s, 'runner-42')", ready)["addresses"]["whatsapp"] == NEW
     assert call(db, "notify_api.get_recipient_v1(%s, 'runner-42')", other)["addresses"]["whatsapp"] == OLD
     assert db.execute("select address from notify.notification_deliveries where tenant_id = %s", (ready,)).fetchone() == (NEW,)
-    assert db.execute("select count(*) from notify.whatsapp_windows where tenant_id = %s and wa_id = %s", (ready, NEW)).fetchone() == (1,)
+    assert db.execute(
+        "select count(*) from notify.whatsapp_windows where tenant_id = %s and wa_id = %s", (ready, NEW)
+    ).fetchone() == (1,)
     # consent belongs to the recipient: unchanged
     assert response["deliveries"][0].get("reason") is None
 
@@ -52,8 +59,13 @@ def test_template_categories_follow_completed_changes_of_the_business_account(db
     set_provider(db, tenant, "whatsapp", {**WA, "settings": {**WA["settings"], "waba_id": "102290129340398"}})
     body = {"locale": "en", "channels": {"whatsapp": {"name": "promo", "language": "en", "category": "utility"}}}
     call(db, "notify_api.upsert_template_v1(%s, 'promo', %s)", tenant, Jsonb(body))
-    change = {"kind": "template_category_update", "waba_id": "102290129340398", "name": "promo", "language": "en",
-              "new_category": "marketing"}
+    change = {
+        "kind": "template_category_update",
+        "waba_id": "102290129340398",
+        "name": "promo",
+        "language": "en",
+        "new_category": "marketing",
+    }
     assert ingest(db, "c-1", {**change, "correct_category": "marketing"})[0]["outcome"] == "category_update_impending"
     assert call(db, "notify_api.list_templates_v1(%s, 'promo')", tenant)[0]["content"]["category"] == "utility"
     assert ingest(db, "c-2", {**change, "previous_category": "utility"})[0]["outcome"] == "category_updated"
