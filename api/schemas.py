@@ -21,7 +21,8 @@ Locale = Annotated[str, Meta(pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$", max
 
 
 class Addresses(Base):
-    whatsapp: Annotated[str, Meta(max_length=32, examples=["+34600111222"])] | None = None
+    # a phone number (E.164) or a business-scoped user id (BSUID, e.g. US.13491208655302741918)
+    whatsapp: Annotated[str, Meta(max_length=140, examples=["+34600111222"])] | None = None
     email: Annotated[str, Meta(max_length=254, examples=["ana@example.com"])] | None = None
     sms: Annotated[str, Meta(max_length=32)] | None = None
 
@@ -81,6 +82,7 @@ class NotificationAccepted(Base):
     deliveries: list[DeliverySummary] | None = None
     recipient_count: int | None = None
     summary: list[DeliveryCount] | None = None
+    test: bool | None = None  # true: submitted with a test key (sent by the mock provider only)
 
 
 class BatchItem(Base):
@@ -117,6 +119,7 @@ class BatchOut(Base):
     accepted: int
     replayed: int
     failed: int
+    test: bool | None = None  # true: submitted with a test key
 
 
 class DeliveryEvent(Base):
@@ -160,6 +163,8 @@ class DeliveryOut(Base):
     read_at: dt.datetime | None = None
     opened_at: dt.datetime | None = None  # e-mail: the first open or click reported; a flag, not a status
     finished_at: dt.datetime | None = None
+    test: bool | None = None  # true: a test key's delivery, sent by the mock provider only
+    pricing: dict[str, Any] | None = None  # what the provider said it cost (WhatsApp: pricing_model, category, billable, type)
 
 
 class NotificationOut(Base):
@@ -178,6 +183,7 @@ class NotificationOut(Base):
     expires_at: dt.datetime | None = None
     http_request_id: str | None = None
     callback_url: str | None = None
+    test: bool | None = None  # true: submitted with a test key
 
 
 class CancelledDelivery(Base):
@@ -268,6 +274,8 @@ class WhatsAppContent(Base):
     header_parameters: list[str] | None = None
     buttons: list[WhatsAppButton] | None = None
     text: Annotated[str, Meta(max_length=4096)] | None = None
+    # Meta's category of the approved template; a marketing one needs marketing consent (followed from Meta's webhooks)
+    category: Literal["marketing", "utility", "authentication"] | None = None
 
 
 class SmsContent(Base):

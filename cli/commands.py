@@ -141,12 +141,17 @@ def cmd_tenant_secrets(args: argparse.Namespace) -> None:
 
 
 def create_key(
-    conn: psycopg.Connection, tenant_id: str, name: str, key: str | None = None, scopes: list[str] | None = None
+    conn: psycopg.Connection,
+    tenant_id: str,
+    name: str,
+    key: str | None = None,
+    scopes: list[str] | None = None,
+    test: bool = False,
 ) -> tuple[str, dict]:
     key = key or keys.generate()
     row = conn.execute(
-        "select notify_api.create_api_key_v1(%s, %s, %s, %s, %s)",
-        (tenant_id, name, keys.display_prefix(key), keys.digest(key), scopes or ["submit", "read", "admin"]),
+        "select notify_api.create_api_key_v1(%s, %s, %s, %s, %s, %s)",
+        (tenant_id, name, keys.display_prefix(key), keys.digest(key), scopes or ["submit", "read", "admin"], test),
     ).fetchone()
     assert row is not None
     return key, row[0]
@@ -154,10 +159,10 @@ def create_key(
 
 def cmd_key_create(args: argparse.Namespace) -> None:
     with psycopg.connect(_url(args), autocommit=True) as conn:
-        key, info = create_key(conn, _tenant_id(conn, args.tenant), args.name, scopes=args.scope or None)
+        key, info = create_key(conn, _tenant_id(conn, args.tenant), args.name, scopes=args.scope or None, test=args.test)
+    kind = "test API key (sends through the mock provider only)" if info.get("test") else "API key"
     print(
-        f"API key for tenant {args.tenant} (id {info['id']}, scopes {', '.join(info['scopes'])}); shown once, store it "
-        f"now:\n{key}"
+        f"{kind} for tenant {args.tenant} (id {info['id']}, scopes {', '.join(info['scopes'])}); shown once, store it now:\n{key}"
     )
 
 
@@ -234,13 +239,22 @@ def cmd_login_list(args: argparse.Namespace) -> None:
     print(json.dumps(row[0] if row else [], indent=2))
 
 
+def _whatsapp_tiers(conn: psycopg.Connection) -> list[tuple]:
+    """Each tenant's WhatsApp portfolio messaging tier, when Meta reported one (business_capability_update)."""
+    return conn.execute("select tenant, waba_id, messaging_tier, reported_at from notify_api.whatsapp_limits_v1()").fetchall()
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     with psycopg.connect(_url(args), autocommit=True) as conn:
         rows = conn.execute("select * from notify_api.queue_health_v1()").fetchall()
+        tiers = _whatsapp_tiers(conn)
     if args.json:
         cols = ["tenant", "channel", "due", "scheduled", "oldest_due_seconds", "sending", "leases_past_due", "unknown"]
         print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], indent=2, default=str))
         return
+    for tenant, waba_id, tier, at in tiers:
+        reported = at.isoformat(timespec="minutes")
+        print(f"whatsapp messaging tier: tenant {tenant} business account {waba_id or '?'}: {tier or 'unknown'} ({reported})")
     if not rows:
         print("queue empty: nothing due, scheduled, in flight or unknown")
         return
@@ -556,6 +570,11 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         choices=["submit", "read", "admin"],
         help="repeatable; default all three (submit: send and cancel; read: read; admin: configure)",
+    )
+    kc.add_argument(
+        "--test",
+        action="store_true",
+        help="a test key: everything it submits is sent by the mock provider only (README, Test keys)",
     )
     kc.set_defaults(func=cmd_key_create)
     kro = key.add_parser("rotate", parents=[db], help="replace a key; the old one keeps working for the overlap window")

@@ -19,11 +19,15 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 log = logging.getLogger("dispatcher.metrics")
 
-SUBMISSIONS = Counter("dispatcher_submissions_total", "Notification intents by outcome (accepted, replayed)", ["outcome"])
+SUBMISSIONS = Counter(
+    "dispatcher_submissions_total",
+    "Notification intents by outcome (accepted, replayed) and test (a test key's)",
+    ["outcome", "test"],
+)
 DELIVERIES = Counter(
     "dispatcher_deliveries_total",
-    "Provider call outcomes by channel, provider and outcome",
-    ["channel", "provider", "outcome", "error_code"],
+    "Provider call outcomes by channel, provider, outcome and test (a test key's delivery, always through the mock)",
+    ["channel", "provider", "outcome", "error_code", "test"],
 )
 PROVIDER_SECONDS = Histogram(
     "dispatcher_provider_call_seconds",
@@ -35,6 +39,11 @@ CALLBACKS = Counter(
     "dispatcher_callbacks_total",
     "Status callback attempts to callers by outcome (delivered, retry, failed, refused)",
     ["outcome"],
+)
+PRICED_MESSAGES = Counter(
+    "dispatcher_priced_messages_total",
+    "Messages a provider reported a price for (WhatsApp status pricing), once per delivery",
+    ["provider", "pricing_model", "category", "billable"],
 )
 WEBHOOKS = Counter(
     "dispatcher_webhook_events_total",

@@ -69,6 +69,7 @@ class Accepted(Model):
     recipient_count: int | None = None
     summary: list[DeliveryCount] | None = None
     replayed: bool = False
+    test: bool = False  # submitted with a test key: sent by the mock provider only
 
 
 class DeliveryEvent(Model):
@@ -106,6 +107,8 @@ class Delivery(Model):
     finished_at: dt.datetime | None = None
     events: list[DeliveryEvent] = []
     attempt_history: list[Attempt] = []
+    test: bool = False  # a test key's delivery
+    pricing: dict[str, Any] | None = None  # what the provider said it cost (WhatsApp status pricing)
 
 
 class Notification(Model):
@@ -124,6 +127,7 @@ class Notification(Model):
     expires_at: dt.datetime | None = None
     http_request_id: str | None = None
     callback_url: str | None = None
+    test: bool = False  # submitted with a test key
 
 
 class CancelledDelivery(Model):
@@ -158,6 +162,7 @@ class BatchResult(Model):
     accepted: int
     replayed: int
     failed: int
+    test: bool = False
 
 
 class RecipientOut(Model):
@@ -285,6 +290,7 @@ class StatusChange(Model):
     provider_message_id: str | None = None
     metadata: dict[str, Any] | None = None
     http_request_id: str | None = None
+    test: bool = False  # a test key's delivery
 
 
 class CallbackEvent(Model):

@@ -64,16 +64,21 @@ class StatusEvent(msgspec.Struct, kw_only=True, frozen=True):
     error_code: str | None = None
     error_message: str | None = None
     flag: str | None = None
+    user_id: str | None = None  # WhatsApp: the recipient's business-scoped user id, when the report names it
+    recipient_phone: str | None = None  # the recipient's phone number as the report names it (digits), when it does
+    # what the provider says the message cost (WhatsApp: pricing_model, category, billable, type)
+    pricing: dict[str, Any] | None = None
 
 
 class InboundMessage(msgspec.Struct, kw_only=True, frozen=True):
     """A message a recipient sent us (WhatsApp); becomes a notify.inbound_message."""
 
     phone_number_id: str
-    sender: str
+    sender: str | None  # the phone number; None when only the business-scoped user id is known
     message_id: str
     text: str | None = None
     received_at: dt.datetime | None = None
+    user_id: str | None = None  # the sender's business-scoped user id (WhatsApp, 2026)
 
 
 class ParsedWebhook(msgspec.Struct, kw_only=True, frozen=True):
@@ -85,6 +90,9 @@ class ParsedWebhook(msgspec.Struct, kw_only=True, frozen=True):
     inbound: list[InboundMessage] = []
     # What of a verified payload could not be applied, and why: stored with the event (webhook_events.outcomes).
     notes: list[str] = []
+    # Account-level changes, normalized ({kind, ...}: notify._apply_whatsapp_update): a user's new BSUID, a template's
+    # new category, the portfolio's messaging tier.
+    updates: list[dict[str, Any]] = []
 
 
 class ProviderSettings(msgspec.Struct, kw_only=True, frozen=True):
@@ -181,7 +189,12 @@ def salvage(body: bytes, event_key: str, parse: Callable[[Any], ParsedWebhook]) 
     except Exception as exc:  # noqa: BLE001 - a verified payload is stored whatever the parser met
         return ParsedWebhook(event_key=event_key, payload=payload, events=[], notes=[f"not parsed: {why(exc)}"])
     return ParsedWebhook(
-        event_key=parsed.event_key, payload=payload, events=parsed.events, inbound=parsed.inbound, notes=parsed.notes
+        event_key=parsed.event_key,
+        payload=payload,
+        events=parsed.events,
+        inbound=parsed.inbound,
+        notes=parsed.notes,
+        updates=parsed.updates,
     )
 
 

@@ -14,6 +14,7 @@ import asyncio
 import datetime as dt
 import logging
 import random
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -43,6 +44,37 @@ log = logging.getLogger("providers.mock")
 #   unknown       times out after the request left us   async_failed  accepted, then a "failed" report
 #   delivered     accepted, reports stop at delivered   silent    accepted, no reports at all
 SCRIPTED = {"failed", "retry", "unknown", "async_failed", "delivered", "silent"}
+
+# Magic addresses (README "Test keys and magic addresses"): the same outcome every time, whoever sends, so a caller's
+# test suite can produce each outcome with a test key. Phone numbers in the fictional range +1 NPA 555-01XX (any area
+# code), by the last two digits; e-mail addresses <outcome>[+<error code>]@simulator.dispatcher.test.
+MAGIC_PHONES = {
+    "00": "delivered",  # accepted; reports sent, delivered
+    "01": "read",  # accepted; reports sent, delivered, read
+    "02": "async_failed",  # accepted; reports sent, then failed with error 131026 (message undeliverable)
+    "03": "failed",  # refused at once (permanent), error mock_rejected
+    "04": "unknown",  # no answer after the request left: unknown until a report says otherwise (none comes)
+    "05": "slow",  # like 01, but the answer and every report take SLOW_SECONDS
+    "06": "retry",  # 503 every time: retried until the tenant's attempts run out, then failed
+}
+MAGIC_EMAIL_DOMAIN = "simulator.dispatcher.test"
+MAGIC_EMAILS = {"delivered", "failed", "bounced", "unknown", "slow", "retry"}
+PHONE_FAILED_CODE = "131026"
+SLOW_SECONDS = 2.0
+_MAGIC_PHONE = re.compile(r"^\+1[2-9][0-9]{2}55501([0-9]{2})$")
+_MAGIC_EMAIL = re.compile(r"^([a-z]+)(?:\+([A-Za-z0-9_.-]{1,40}))?@" + re.escape(MAGIC_EMAIL_DOMAIN) + "$", re.IGNORECASE)
+
+
+def magic(address: str) -> tuple[str, str | None] | None:
+    """The documented outcome of a magic address and the provider error code it gives, or None for any other address."""
+    phone = _MAGIC_PHONE.match(address)
+    if phone:
+        outcome = MAGIC_PHONES.get(phone.group(1))
+        return (outcome, PHONE_FAILED_CODE if outcome == "async_failed" else None) if outcome else None
+    email = _MAGIC_EMAIL.match(address)
+    if email and email.group(1).lower() in MAGIC_EMAILS:
+        return email.group(1).lower(), email.group(2)
+    return None
 
 
 class StatusData(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -77,7 +109,9 @@ class MockProvider:
         status_delay_ms: float = 200.0,
         outcomes: dict[str, str] | None = None,
         record_messages: bool = True,
+        test: bool = False,
     ) -> None:
+        self.test = test  # serves test deliveries (a test key's): the metrics say so
         self._record = record
         self._url = webhook_url
         self._secret = webhook_secret
@@ -90,13 +124,29 @@ class MockProvider:
         self._client: httpx.AsyncClient | None = None
         self._posting = asyncio.Semaphore(16)  # a burst of sends must not open thousands of webhook connections
 
+    def _script(self, address: str) -> tuple[str | None, str | None]:
+        """What the address is scripted to do (a magic address first, then DISPATCHER_MOCK_OUTCOMES), and its error code."""
+        found = magic(address)
+        if found is not None:
+            return found
+        return self._outcomes.get(address), None
+
     async def _one(self, message: Message) -> tuple[SendResult, dict[str, Any] | None]:
         if self._latency:
             await asyncio.sleep(self._latency)
-        script = self._outcomes.get(message.address)
+        script, code = self._script(message.address)
+        if script == "slow":
+            await asyncio.sleep(SLOW_SECONDS)
         if script == "failed":
             return SendResult(
-                outcome="failed", provider=NAME, error_code="mock_rejected", error_message="recipient refused by the mock"
+                outcome="failed", provider=NAME, error_code=code or "mock_rejected", error_message="recipient refused by the mock"
+            ), None
+        if script == "bounced":
+            return SendResult(
+                outcome="bounced",
+                provider=NAME,
+                error_code=code or "550",
+                error_message="the mock's recipient server rejected it",
             ), None
         if script == "retry" or (script is None and self._failure_rate and random.random() < self._failure_rate):
             return SendResult(
@@ -131,7 +181,7 @@ class MockProvider:
     def _schedule_reports(self, message: Message, message_id: str) -> None:
         if not self._url or not self._secret:
             return
-        script = self._outcomes.get(message.address)
+        script, code = self._script(message.address)
         if script == "silent":
             return
         if script == "async_failed":
@@ -140,17 +190,20 @@ class MockProvider:
             statuses = ["sent", "delivered"]
         else:
             statuses = ["sent", "delivered", "read"]
-        task = asyncio.get_running_loop().create_task(self._report(message, message_id, statuses))
+        delay = max(self._delay, SLOW_SECONDS) if script == "slow" else self._delay
+        task = asyncio.get_running_loop().create_task(self._report(message, message_id, statuses, delay, code))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _report(self, message: Message, message_id: str, statuses: list[str]) -> None:
+    async def _report(
+        self, message: Message, message_id: str, statuses: list[str], delay: float | None = None, code: str | None = None
+    ) -> None:
         assert self._url and self._secret
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=10.0)
         for status in statuses:
-            await asyncio.sleep(self._delay)
-            error = {"code": "mock_undeliverable", "title": "the mock could not deliver"} if status == "failed" else None
+            await asyncio.sleep(self._delay if delay is None else delay)
+            error = {"code": code or "mock_undeliverable", "title": "the mock could not deliver"} if status == "failed" else None
             body = _encode(
                 StatusPayload(
                     type=f"message.status.{status}",

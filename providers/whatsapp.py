@@ -7,8 +7,10 @@ Errors are classified by Meta's error.code (not the HTTP status); a request that
 an answer is `unknown`, never resent blindly.
 
 Webhooks: the GET verification handshake, X-Hub-Signature-256 over the raw body (HMAC-SHA256 with the app
-secret), statuses (sent, delivered, read, failed with errors) and inbound messages (24-hour window, opt-out
-keywords).
+secret), statuses (sent, delivered, read, failed with errors, and their pricing) and inbound messages (24-hour window,
+opt-out keywords), in Meta's 2026 shapes: a user may be named by a business-scoped user id (BSUID, `user_id`,
+`recipient_user_id`) with or without a phone number. Account-level changes (`user_id_update`,
+`template_category_update`, `business_capability_update`) become normalized updates for the database.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -50,6 +53,11 @@ RETRY_SOON = {1, 2, 131000, 131016, 130429, 133004}
 RETRY_LATER = {4, 80007, 131057}
 PAIR_RATE = {131056}
 OPTED_OUT = {131050}
+# Per-user marketing limit (whatsapp-2026.md §4): adaptive, "avoid immediate retry": tried again a day later.
+MARKETING_LIMIT = {131049}
+MARKETING_LIMIT_RETRY_SECONDS = 86400.0
+BSUID = re.compile(r"^[A-Z][A-Z]\.([A-Z]+\.)?[A-Za-z0-9]+$")  # notify._is_bsuid
+MAX_RATE = 1000.0  # messages per second per number: Meta's upgraded throughput (whatsapp-2026.md §1); default 80
 CONFIGURATION = {0, 190, 3, 10}  # auth and permissions: keep the message, retry while an operator fixes it
 # Account-level errors (provider-protocols.md §1.4: "circuit-break channel; alert"): the business account is locked
 # or restricted for policy (131031, 368), has a payment issue (131042), its number's certificate or registration is
@@ -73,6 +81,14 @@ def classify(code: int | None, title: str, http_status: int) -> SendResult:
         return SendResult(outcome="retry", provider=NAME, error_code=error_code, error_message=title, retry_after_seconds=60.0)
     if code in PAIR_RATE:
         return SendResult(outcome="retry", provider=NAME, error_code=error_code, error_message=title, retry_after_seconds=6.0)
+    if code in MARKETING_LIMIT:
+        return SendResult(
+            outcome="retry",
+            provider=NAME,
+            error_code=error_code,
+            error_message=title,
+            retry_after_seconds=MARKETING_LIMIT_RETRY_SECONDS,
+        )
     if code in OPTED_OUT:
         return SendResult(outcome="suppressed", provider=NAME, error_code=error_code, error_message=title)
     if account_level(code):
@@ -84,12 +100,19 @@ def classify(code: int | None, title: str, http_status: int) -> SendResult:
     return SendResult(outcome="failed", provider=NAME, error_code=error_code, error_message=title)
 
 
+def is_bsuid(value: str | None) -> bool:
+    return bool(value) and len(value or "") <= 140 and BSUID.match(value or "") is not None
+
+
 def request_body(message: Message) -> dict[str, Any]:
     rendered = message.rendered
+    # A business-scoped user id goes in `recipient` (Meta's 2026 Messages API; `to` would win if both were given), a
+    # phone number in `to`.
+    address = {"recipient": message.address} if is_bsuid(message.address) else {"to": message.address.lstrip("+")}
     body: dict[str, Any] = {
         "messaging_product": "whatsapp",
         "recipient_type": "individual",
-        "to": message.address.lstrip("+"),
+        **address,
         "biz_opaque_callback_data": message.correlation_id,
     }
     if "template" in rendered:
@@ -131,7 +154,9 @@ class WhatsAppCloud:
         self._grants = grants or Grants()
         self._ctx = ctx
         self._phone = str(settings["phone_number_id"])
-        self._rate = float(settings.get("rate_per_second") or 80)
+        # Meta: 80 messages per second per number by default, up to 1,000 once upgraded (20 for a coexistence number):
+        # the number's configured rate, within that.
+        self._rate = min(MAX_RATE, float(settings.get("rate_per_second") or 80))
         base = str(settings.get("base_url") or "https://graph.facebook.com").rstrip("/")
         self._url = f"{base}/{settings.get('api_version') or 'v22.0'}/{self._phone}/messages"
         self._client = httpx.AsyncClient(
@@ -245,9 +270,27 @@ class _Status(msgspec.Struct):
     id: str
     status: str
     timestamp: str | None = None
-    recipient_id: str | None = None
+    recipient_id: str | None = None  # the phone number (wa_id); optional since 2026
+    recipient_user_id: str | None = None  # the business-scoped user id
+    recipient_parent_user_id: str | None = None
     biz_opaque_callback_data: str | None = None
     errors: list[_Error] = []
+    pricing: dict[str, Any] | None = None
+
+
+def _pricing(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Meta's status pricing, the fields we keep ({pricing_model, category, billable, type}); None without one."""
+    if not isinstance(raw, dict):
+        return None
+    out: dict[str, Any] = {k: text(raw.get(k), 40) for k in ("pricing_model", "category", "type") if text(raw.get(k), 40)}
+    if isinstance(raw.get("billable"), bool):
+        out["billable"] = raw["billable"]
+    return out or None
+
+
+def _user_id(value: Any) -> str | None:
+    candidate = text(value, 140)
+    return candidate if is_bsuid(candidate) else None
 
 
 STATUSES = {"sent", "delivered", "read", "failed"}
@@ -298,23 +341,35 @@ class WhatsAppWebhooks:
 
     @staticmethod
     def _parse(key: str, payload: Any) -> ParsedWebhook:
-        """Each status and each message is parsed alone: a bad one is kept with its reason, the others apply."""
+        """Each status, message and change is parsed alone: a bad one is kept with its reason, the others apply."""
         events: list[StatusEvent] = []
         inbound: list[InboundMessage] = []
         notes: list[str] = []
+        updates: list[dict[str, Any]] = []
         entries = obj(payload).get("entry")
         for e, entry in enumerate(entries if isinstance(entries, list) else []):
+            waba_id = text(obj(entry).get("id"), 64)
             changes = obj(entry).get("changes")
             for c, change in enumerate(changes if isinstance(changes, list) else []):
+                field = obj(change).get("field")
                 value = obj(obj(change).get("value"))
                 phone_number_id = text(obj(value.get("metadata")).get("phone_number_id"), 64) or ""
+                where = f"entry[{e}].changes[{c}]"
+                if field in ("user_id_update", "template_category_update", "business_capability_update"):
+                    updates.extend(_account_updates(field, value, phone_number_id, waba_id, where, notes))
+                    continue
                 statuses, messages = value.get("statuses"), value.get("messages")
+                contacts = (
+                    [obj(x) for x in value.get("contacts") or [] if isinstance(x, dict)]
+                    if isinstance(value.get("contacts"), list)
+                    else []
+                )
                 for i, raw in enumerate(statuses if isinstance(statuses, list) else []):
-                    where = f"entry[{e}].changes[{c}].statuses[{i}]"
+                    at = f"{where}.statuses[{i}]"
                     try:
                         s = msgspec.convert(raw, _Status, strict=False)
                     except msgspec.ValidationError as exc:
-                        notes.append(f"{where} not parsed: {why(exc)}")
+                        notes.append(f"{at} not parsed: {why(exc)}")
                         continue
                     if s.status not in STATUSES:
                         continue
@@ -323,11 +378,12 @@ class WhatsAppWebhooks:
                     if error is not None and s.status == "failed" and account_level(error.code):
                         log.error("whatsapp account needs an operator", extra={"error_code": f"whatsapp_{error.code}"})
                         notes.append(
-                            f"{where}: account-level error whatsapp_{error.code} (configuration, not this "
+                            f"{at}: account-level error whatsapp_{error.code} (configuration, not this "
                             "message's failure): not applied"
                         )
                         continue
                     status = "suppressed" if error and error.code in OPTED_OUT else s.status
+                    phone = text(s.recipient_id, 64)
                     events.append(
                         StatusEvent(
                             status=status,
@@ -337,25 +393,94 @@ class WhatsAppWebhooks:
                             occurred_at=_time(s.timestamp),
                             error_code=f"whatsapp_{error.code}" if error and error.code else None,
                             error_message=text(error.title or error.message) if error else None,
+                            user_id=_user_id(s.recipient_user_id),
+                            recipient_phone=phone if phone and phone.isdigit() else None,
+                            pricing=_pricing(s.pricing),
                         )
                     )
                 for i, m in enumerate(messages if isinstance(messages, list) else []):
-                    where = f"entry[{e}].changes[{c}].messages[{i}]"
+                    at = f"{where}.messages[{i}]"
                     m = obj(m)
                     message_id, sender = text(m.get("id"), 500), text(m.get("from"), 64)
-                    if not message_id or not sender:
-                        notes.append(f"{where}: no id or sender: not applied")
+                    # 2026: a user with a username may come with a business-scoped user id and no phone number.
+                    user_id = _user_id(m.get("user_id")) or _user_id(m.get("from_user_id"))
+                    if user_id is None:
+                        matching = [x for x in contacts if sender and text(x.get("wa_id"), 64) == sender] or (
+                            contacts if len(contacts) == 1 else []
+                        )
+                        user_id = _user_id(matching[0].get("user_id")) if matching else None
+                    if not message_id or not (sender or user_id):
+                        notes.append(f"{at}: no id or sender: not applied")
                         continue
                     if m.get("type") in NOT_FROM_THE_USER:
-                        notes.append(f"{where}: {m.get('type')} message: not from the user, opens no window")
+                        notes.append(f"{at}: {m.get('type')} message: not from the user, opens no window")
                         continue
                     inbound.append(
                         InboundMessage(
                             phone_number_id=phone_number_id,
-                            sender=sender,
+                            sender=sender if sender and not is_bsuid(sender) else None,
                             message_id=message_id,
                             text=_inbound_text(m),
                             received_at=_time(text(m.get("timestamp"))),
+                            user_id=user_id or (sender if is_bsuid(sender) else None),
                         )
                     )
-        return ParsedWebhook(event_key=key, payload=payload, events=events, inbound=inbound, notes=notes)
+        return ParsedWebhook(event_key=key, payload=payload, events=events, inbound=inbound, notes=notes, updates=updates)
+
+
+TIER_FIELDS = ("whatsapp_business_manager_messaging_limit", "max_daily_conversations_per_business", "messaging_limit_tier")
+
+
+def _account_updates(
+    field: str, value: dict[str, Any], phone_number_id: str, waba_id: str | None, where: str, notes: list[str]
+) -> list[dict[str, Any]]:
+    """A change of `field` as normalized updates for notify._apply_whatsapp_update ({kind, phone_number_id?, waba_id?, ...})."""
+    base = {"phone_number_id": phone_number_id or None, "waba_id": waba_id}
+    if field == "user_id_update":
+        # Read tolerantly: a list of {wa_id?, user_id: {previous, current}} or {previous_user_id, user_id|new_user_id}.
+        items = value.get("user_id_update")
+        items = items if isinstance(items, list) else [value]
+        out = []
+        for i, raw in enumerate(items):
+            item = obj(raw)
+            ids = obj(item.get("user_id"))
+            new = _user_id(ids.get("current")) or _user_id(item.get("new_user_id")) or _user_id(item.get("user_id"))
+            old = _user_id(ids.get("previous")) or _user_id(item.get("previous_user_id"))
+            if new is None:
+                notes.append(f"{where}.user_id_update[{i}]: no new business-scoped user id: not applied")
+                continue
+            wa_id = text(item.get("wa_id"), 64)
+            out.append(
+                {
+                    **base,
+                    "kind": "user_id_update",
+                    "user_id": new,
+                    "previous_user_id": old,
+                    "wa_id": wa_id if wa_id and wa_id.isdigit() else None,
+                    "parent_user_id": _user_id(obj(item.get("parent_user_id")).get("current"))
+                    or _user_id(item.get("parent_user_id")),
+                }
+            )
+        return out
+    if field == "template_category_update":
+        name = text(value.get("message_template_name"), 512)
+        if not name:
+            notes.append(f"{where}: template_category_update without message_template_name: not applied")
+            return []
+        return [
+            {
+                **base,
+                "kind": "template_category_update",
+                "name": name,
+                "language": text(value.get("message_template_language"), 16),
+                "template_id": text(value.get("message_template_id"), 64),
+                "previous_category": (text(value.get("previous_category"), 40) or "").lower() or None,
+                "new_category": (text(value.get("new_category"), 40) or "").lower() or None,
+                "correct_category": (text(value.get("correct_category"), 40) or "").lower() or None,
+                "category_update_timestamp": text(value.get("category_update_timestamp"), 40),
+            }
+        ]
+    tier = next((text(value.get(k), 40) for k in TIER_FIELDS if text(value.get(k), 40)), None)
+    if tier is None and value.get("max_daily_conversation_per_phone") is not None:
+        tier = text(value.get("max_daily_conversation_per_phone"), 40)
+    return [{**base, "kind": "messaging_tier", "tier": tier, "payload": value}]

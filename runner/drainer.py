@@ -154,7 +154,9 @@ class DeliveryDrainer:
             ]
         metrics.PROVIDER_SECONDS.labels(channel, provider.name).observe(time.perf_counter() - started)
         for r in sent:
-            metrics.DELIVERIES.labels(channel, provider.name, r.outcome, r.error_code or "").inc()
+            metrics.DELIVERIES.labels(
+                channel, provider.name, r.outcome, r.error_code or "", "true" if getattr(provider, "test", False) else "false"
+            ).inc()
         return [
             {"tenant_id": str(m.tenant_id), "delivery_id": str(m.delivery_id), "attempt": m.attempt, **_to_builtins(r)}
             for m, r in zip(messages, sent, strict=True)

@@ -52,7 +52,12 @@ create type notify.status_event as (
     occurred_at timestamptz,
     error_code text,
     error_message text,
-    flag text                   -- opened | clicked | complained: engagement, never a status
+    flag text,                  -- opened | clicked | complained: engagement, never a status
+    -- Added by migration 0027 (WhatsApp 2026): the recipient's business-scoped user id and phone number as the report
+    -- names them (either may be missing), and what Meta says the message cost ({pricing_model, category, billable, type}).
+    user_id text,
+    recipient_phone text,
+    pricing jsonb
 );
 comment on type notify.status_event is
     'A provider status report normalized by its adapter: a status, or an engagement flag (status null). The delivery is found by (tenant_id, delivery_id) when the provider echoes our correlation id, else by provider_message_id.';
@@ -62,10 +67,11 @@ create type notify.inbound_message as (
     sender text,
     message_id text,
     text text,
-    received_at timestamptz
+    received_at timestamptz,
+    user_id text                -- added by migration 0027: the sender's business-scoped user id (sender, the phone, may be null)
 );
 comment on type notify.inbound_message is
-    'A message a recipient sent to a business number (WhatsApp): it opens the 24-hour window, and an opt-out keyword revokes consent.';
+    'A message a recipient sent to a business number (WhatsApp): it opens the 24-hour window, and an opt-out keyword revokes consent. The sender is known by its phone number (sender), its business-scoped user id (user_id), or both.';
 
 create type notify.claimed_delivery as (
     tenant_id uuid,

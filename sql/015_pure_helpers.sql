@@ -14,6 +14,18 @@ $$;
 comment on function notify._raise(text, text, text, text) is
     'Raises a documented error: SQLSTATE ND<http status>, problem type in CONSTRAINT, offending field in COLUMN.';
 
+create function notify._is_bsuid(p_value text)
+    returns boolean
+    language sql
+    immutable
+    -- inlinable: no SET clause (see docs/architecture.md, "Hot helpers are inlined")
+as $$
+    -- CC.<alphanumerics>, or a parent BSUID CC.ENT.<alphanumerics> (whatsapp-2026.md §7); at most 128 after the country.
+    select p_value ~ '^[A-Z][A-Z]\.([A-Z]+\.)?[A-Za-z0-9]+$' and length(p_value) <= 140
+$$;
+comment on function notify._is_bsuid(text) is
+    'A WhatsApp business-scoped user id: a two-letter country code, a period, up to 128 letters and digits (US.13491208655302741918; a parent BSUID US.ENT.…).';
+
 create function notify._address_valid(p_channel notify.channel, p_address text)
     returns boolean
     language sql
@@ -24,11 +36,12 @@ as $$
         -- No counted repetition ({1,64}) inside the pattern: it makes Postgres' regex engine 20x slower; lengths are checked apart.
         when 'email' then p_address ~ '^[A-Za-z0-9.!#$%&''*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$'
                           and length(p_address) <= 254 and strpos(p_address, '@') <= 65
+        when 'whatsapp' then p_address ~ '^\+[1-9][0-9]{6,14}$' or notify._is_bsuid(p_address)
         else p_address ~ '^\+[1-9][0-9]{6,14}$'
     end
 $$;
 comment on function notify._address_valid(notify.channel, text) is
-    'E.164 (+ and 7 to 15 digits) for whatsapp and sms; a practical RFC 5322 addr-spec subset for email.';
+    'E.164 (+ and 7 to 15 digits) for whatsapp and sms, or a business-scoped user id for whatsapp (notify._is_bsuid); a practical RFC 5322 addr-spec subset for email.';
 
 create function notify._default_policy(p_channel notify.channel)
     returns notify.consent_policy

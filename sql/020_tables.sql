@@ -35,6 +35,8 @@ create table notify.api_clients (
     last_used_at timestamptz,
     expires_at timestamptz,
     revoked_at timestamptz,
+    -- Added by migration 0027 (test keys).
+    test boolean not null default false,
     primary key (tenant_id, id),
     -- Global, not per tenant: a key is looked up before its tenant is known.
     constraint api_clients_key_hash_key unique (key_hash),
@@ -46,6 +48,8 @@ comment on column notify.api_clients.prefix is 'The first characters of the key,
 comment on column notify.api_clients.scopes is 'submit: send and cancel notifications; read: read them, recipients and templates; admin: change templates, consent policies, providers.';
 comment on column notify.api_clients.expires_at is 'Set when the key is rotated: it keeps working until then (the overlap window), then stops.';
 comment on column notify.api_clients.last_used_at is 'Updated at most once a minute per key, to keep authentication read-mostly.';
+comment on column notify.api_clients.test is
+    'A test key: everything it submits goes through the whole path but is sent by the mock provider only, whatever provider the tenant configured (notify.notification_deliveries.test).';
 
 create table notify.channel_policies (
     tenant_id uuid not null references notify.tenants (id),
@@ -87,6 +91,32 @@ create table notify.whatsapp_windows (
 );
 comment on table notify.whatsapp_windows is
     'Last inbound message per business number and user: free-form WhatsApp text is allowed only within 24 hours of it.';
+
+create table notify.whatsapp_users (
+    tenant_id uuid not null references notify.tenants (id),
+    user_id text not null,
+    wa_id text,
+    parent_user_id text,
+    updated_at timestamptz not null default now(),
+    primary key (tenant_id, user_id),
+    constraint whatsapp_users_user_id_format check (notify._is_bsuid(user_id)),
+    constraint whatsapp_users_wa_id_format check (wa_id ~ '^[1-9][0-9]{6,14}$')
+);
+comment on table notify.whatsapp_users is
+    'WhatsApp business-scoped user ids (BSUIDs) and the phone number each stands for when Meta has told us (statuses, inbound messages, user_id_update): a recipient addressed by either, and the 24-hour window and opt-out keywords of either, are the same user.';
+comment on column notify.whatsapp_users.wa_id is 'The phone number, digits only (as Meta writes wa_id); null while only the BSUID is known.';
+create index whatsapp_users_wa_id on notify.whatsapp_users (tenant_id, wa_id) where wa_id is not null;
+
+create table notify.whatsapp_business_limits (
+    tenant_id uuid not null references notify.tenants (id),
+    waba_id text not null,
+    messaging_tier text,
+    payload jsonb not null default '{}',
+    reported_at timestamptz not null default now(),
+    primary key (tenant_id, waba_id)
+);
+comment on table notify.whatsapp_business_limits is
+    'The messaging limit tier of a tenant''s WhatsApp business portfolio as Meta last reported it (business_capability_update): shared by every number of the portfolio; shown by dispatcher status.';
 
 create table notify.rate_buckets (
     key text primary key,
@@ -184,6 +214,8 @@ create table notify.notification_requests (
         constraint notification_requests_callback_url check (notify._is_http_url(callback_url)),
     trace_parent text default nullif(current_setting('notify.traceparent', true), '')
         constraint notification_requests_trace_parent check (trace_parent ~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'),
+    -- Added by migration 0027 (test keys): defaults to the transaction setting notify.test, like the two ids above.
+    test boolean not null default coalesce(nullif(current_setting('notify.test', true), '')::boolean, false),
     primary key (tenant_id, id),
     foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
     -- The key leads, not tenant_id: an index starting (tenant_id) could be picked for a primary-key lookup (see
@@ -199,6 +231,8 @@ comment on column notify.notification_requests.response is 'The response given a
 comment on column notify.notification_requests.http_request_id is
     'The X-Request-ID of the submitting HTTP request (or a direct caller''s transaction setting notify.request_id): ties the API''s, the worker''s and the caller''s log lines together.';
 comment on column notify.notification_requests.callback_url is 'Where this request''s status callbacks go, instead of the tenant''s callback URL.';
+comment on column notify.notification_requests.test is
+    'Submitted with a test key (transaction setting notify.test, set from the key by notify._enter_key): its deliveries are test deliveries.';
 comment on column notify.notification_requests.trace_parent is
     'The W3C traceparent of the submitting request''s span (transaction setting notify.traceparent), when tracing is on: the worker''s delivery spans continue that trace.';
 -- Partial: only the requests that name their own callback URL (status callbacks, sql/095_callbacks.sql).
@@ -232,6 +266,9 @@ create table notify.notification_deliveries (
     finished_at timestamptz,
     opened_at timestamptz,
     complained_at timestamptz,
+    -- Added by migration 0027 (test keys): set at insert from the same transaction setting as its request's.
+    test boolean not null default coalesce(nullif(current_setting('notify.test', true), '')::boolean, false),
+    pricing jsonb,
     primary key (tenant_id, id),
     foreign key (tenant_id, request_id) references notify.notification_requests (tenant_id, id),
     foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
@@ -245,6 +282,10 @@ comment on column notify.notification_deliveries.seq is 'Incremented on every st
 comment on column notify.notification_deliveries.due_at is 'When the delivery may be claimed: send_at, now, or the time of the next retry.';
 comment on column notify.notification_deliveries.opened_at is 'E-mail open reported by the provider: a flag, never a status (image proxies prefetch).';
 comment on column notify.notification_deliveries.complained_at is 'Spam complaint reported by the provider; e-mail consent is revoked at the same time.';
+comment on column notify.notification_deliveries.test is
+    'A test delivery (submitted with a test key): the claim hands it to the mock provider whatever the tenant configured, so it never reaches a real provider.';
+comment on column notify.notification_deliveries.pricing is
+    'What the provider says the message cost, from its status reports (WhatsApp: {pricing_model, category, billable, type}); the first report that carries it.';
 comment on column notify.notification_deliveries.lease_expires_at is 'Set at claim; past it, maintenance treats the send as crashed (crash policy per channel).';
 -- The queue: only rows waiting to be claimed are indexed, so the hot set stays small however much history there is.
 create index notification_deliveries_due on notify.notification_deliveries (channel, due_at)

@@ -8,6 +8,7 @@
 --   before update of status, per row:  _100_check_transition    (refuses an illegal change; sets seq, updated_at, finished_at)
 --   after insert, per statement:       _200_record_event_insert, then _300_queue_callbacks_insert
 --   after update, per statement:       _200_record_event_update, then _300_queue_callbacks_update
+--   after update of status, per row:   _400_revoke_marketing_consent (only rows suppressed with WhatsApp error 131050)
 -- _100 comes first because both after triggers copy the seq it sets. The history (_200) and the callback outbox (_300)
 -- neither read what the other writes; the history goes first, and the outbox, which also defers the callbacks task,
 -- last. A statement-level trigger with transition tables takes one event, hence the _insert/_update pairs.
@@ -128,3 +129,31 @@ create trigger _300_queue_callbacks_update
     after update on notify.notification_deliveries
     referencing old table as old_rows new table as new_rows
     for each statement execute function notify.tg_notification_deliveries__queue_callbacks();
+
+-- WhatsApp 131050 (whatsapp-2026.md §4): the user stopped this business's marketing messages. Whether the send was refused
+-- with it or a status report carried it, the delivery is suppressed and marketing consent is revoked, with the evidence.
+create function notify.tg_notification_deliveries__revoke_marketing_consent()
+    returns trigger
+    language plpgsql
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if notify._consent_allows(new.tenant_id, new.recipient_id, new.channel, 'marketing') then
+        insert into notify.recipient_consents (tenant_id, recipient_id, channel, category, status, source, evidence, recorded_by)
+        values (new.tenant_id, new.recipient_id, new.channel, 'marketing', 'revoked', 'provider_opt_out',
+                jsonb_strip_nulls(jsonb_build_object('delivery_id', new.id, 'provider', new.provider, 'provider_message_id', new.provider_message_id,
+                                                     'error_code', new.last_error_code, 'error_message', new.last_error_message,
+                                                     'reported_at', now())), 'dispatcher');
+    end if;
+    return null;
+end
+$$;
+comment on function notify.tg_notification_deliveries__revoke_marketing_consent() is
+    'A WhatsApp delivery suppressed with error 131050 (the user stopped marketing messages) revokes the recipient''s marketing consent, with the delivery and the error as evidence.';
+
+create trigger _400_revoke_marketing_consent
+    after update of status on notify.notification_deliveries
+    for each row
+    when (new.status = 'suppressed' and old.status is distinct from new.status and new.channel = 'whatsapp'
+          and new.last_error_code = 'whatsapp_131050')
+    execute function notify.tg_notification_deliveries__revoke_marketing_consent();

@@ -65,7 +65,7 @@ $$;
 comment on function notify_api.set_retry_policy_v1(uuid, integer, integer, integer) is 'Sets how often and how fast transient failures are retried for a tenant.';
 
 create function notify_api.create_api_key_v1(p_tenant_id uuid, p_name text, p_prefix text, p_key_hash bytea,
-                                             p_scopes text[] default '{submit,read,admin}')
+                                             p_scopes text[] default '{submit,read,admin}', p_test boolean default false)
     returns jsonb
     language plpgsql
     security definer
@@ -84,15 +84,15 @@ begin
     if octet_length(p_key_hash) is distinct from 32 then
         perform notify._raise('ND422', 'invalid_key_hash', 'key_hash must be a SHA-256 digest (32 bytes)', 'key_hash');
     end if;
-    insert into notify.api_clients (tenant_id, name, prefix, key_hash, scopes)
-    values (p_tenant_id, coalesce(p_name, 'default'), p_prefix, p_key_hash, p_scopes)
+    insert into notify.api_clients (tenant_id, name, prefix, key_hash, scopes, test)
+    values (p_tenant_id, coalesce(p_name, 'default'), p_prefix, p_key_hash, p_scopes, coalesce(p_test, false))
     returning * into v;
     return jsonb_build_object('id', v.id, 'tenant_id', v.tenant_id, 'name', v.name, 'prefix', v.prefix,
-                              'scopes', to_jsonb(v.scopes), 'created_at', v.created_at);
+                              'scopes', to_jsonb(v.scopes), 'test', v.test, 'created_at', v.created_at);
 end
 $$;
-comment on function notify_api.create_api_key_v1(uuid, text, text, bytea, text[]) is
-    'Registers an API key by its SHA-256. The caller generates the key and shows it once; the database never sees it.';
+comment on function notify_api.create_api_key_v1(uuid, text, text, bytea, text[], boolean) is
+    'Registers an API key by its SHA-256. The caller generates the key and shows it once; the database never sees it. p_test: a test key (everything it submits is sent by the mock provider only, README "Test keys").';
 
 create function notify_api.revoke_api_key_v1(p_tenant_id uuid, p_key_id uuid)
     returns jsonb
@@ -124,11 +124,44 @@ create function notify_api.list_api_keys_v1(p_tenant_id uuid)
 as $$
     select notify._enter(p_tenant_id);
     select coalesce(jsonb_agg(jsonb_build_object('id', c.id, 'name', c.name, 'prefix', c.prefix, 'scopes', to_jsonb(c.scopes),
-                                                 'created_at', c.created_at, 'last_used_at', c.last_used_at,
+                                                 'test', c.test, 'created_at', c.created_at, 'last_used_at', c.last_used_at,
                                                  'expires_at', c.expires_at, 'revoked_at', c.revoked_at) order by c.created_at), '[]')
       from notify.api_clients c where c.tenant_id = p_tenant_id
 $$;
-comment on function notify_api.list_api_keys_v1(uuid) is 'A tenant''s keys (prefix only, never a hash).';
+comment on function notify_api.list_api_keys_v1(uuid) is 'A tenant''s keys (prefix only, never a hash), each saying whether it is a test key.';
+
+create function notify._enter_key(p_tenant_id uuid, p_key_id uuid)
+    returns boolean
+    language plpgsql
+    volatile
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_test boolean;
+begin
+    -- Decided from the key's row, never from anything the caller sends: the column defaults of requests and
+    -- deliveries read this setting (notify.notification_deliveries.test), for this transaction only.
+    select c.test into v_test from notify.api_clients c where c.tenant_id = p_tenant_id and c.id = p_key_id;
+    v_test := coalesce(v_test, false);
+    perform pg_catalog.set_config('notify.test', v_test::text, true);
+    return v_test;
+end
+$$;
+comment on function notify._enter_key(uuid, uuid) is
+    'Sets the transaction setting notify.test from the API key (true for a test key, else false) and returns it: what a submission with that key writes is then marked test (the column defaults of notify.notification_requests and notification_deliveries read it).';
+
+create function notify._test_answer(p_tenant_id uuid, p_answer jsonb)
+    returns jsonb
+    language sql
+    stable
+    set search_path = pg_catalog, pg_temp
+as $$
+    select case when exists (select from notify.notification_requests r
+                              where r.tenant_id = p_tenant_id and r.id = (p_answer ->> 'id')::uuid and r.test)
+                then p_answer || '{"test": true}'::jsonb else p_answer end
+$$;
+comment on function notify._test_answer(uuid, jsonb) is
+    'A submission''s answer with "test": true added when its request is a test one (also when it is replayed, whatever key replays it).';
 
 create function notify_api.authenticate_api_key_v1(p_key_hash bytea)
     returns table (tenant_id uuid, api_key_id uuid)
@@ -254,14 +287,14 @@ begin
     if p_overlap_seconds is null or p_overlap_seconds < 0 then
         perform notify._raise('ND422', 'invalid_value', 'overlap must be zero or more seconds', 'overlap_seconds');
     end if;
-    v_new := notify_api.create_api_key_v1(p_tenant_id, v.name, p_prefix, p_key_hash, v.scopes);
+    v_new := notify_api.create_api_key_v1(p_tenant_id, v.name, p_prefix, p_key_hash, v.scopes, v.test);
     update notify.api_clients c set expires_at = now() + make_interval(secs => p_overlap_seconds)
      where c.tenant_id = p_tenant_id and c.id = p_key_id;
     return v_new || jsonb_build_object('replaces', p_key_id, 'old_key_expires_at', now() + make_interval(secs => p_overlap_seconds));
 end
 $$;
 comment on function notify_api.rotate_api_key_v1(uuid, uuid, text, bytea, integer) is
-    'Replaces a key with a new one of the same name and scopes; the old one keeps working for the overlap window, then stops.';
+    'Replaces a key with a new one of the same name, scopes and test flag; the old one keeps working for the overlap window, then stops.';
 
 create function notify_api.set_api_rate_v1(p_tenant_id uuid, p_rate_per_second double precision)
     returns void

@@ -258,8 +258,14 @@ begin
                 perform notify._template_text(v_content, 'text', 'channels.email', true, 65536);
                 perform notify._template_text(v_content, 'html', 'channels.email', false, 262144);
             when 'whatsapp' then
-                perform notify._check_keys(v_content, array['name', 'language', 'parameters', 'header_parameters', 'buttons', 'text'],
-                                           'channels.whatsapp');
+                perform notify._check_keys(v_content, array['name', 'language', 'parameters', 'header_parameters', 'buttons', 'text',
+                                                            'category'], 'channels.whatsapp');
+                -- Meta's category of the approved template (followed afterwards from template_category_update webhooks):
+                -- a marketing template needs marketing consent.
+                if v_content ? 'category' and coalesce(v_content ->> 'category', '') not in ('marketing', 'utility', 'authentication') then
+                    perform notify._raise('ND400', 'invalid_value', 'channels.whatsapp.category must be marketing, utility or authentication',
+                                          'channels.whatsapp.category');
+                end if;
                 if (v_content ? 'text') = (v_content ? 'name') then
                     perform notify._raise('ND400', 'invalid_template',
                         'channels.whatsapp needs either name (an approved template) or text (free-form)', 'channels.whatsapp');
@@ -301,7 +307,7 @@ begin
 end
 $$;
 comment on function notify_api.upsert_template_v1(uuid, text, jsonb) is
-    'Sets the content of a template key for one locale: {locale?, channels: {email: {subject, text, html?}, whatsapp: {name, language, parameters[], header_parameters[], buttons[{sub_type, index, parameter}]} | {text}, sms: {text}}}. Texts over their size (subject 998, e-mail text 65,536, HTML 262,144, WhatsApp text 4,096, SMS 1,600 characters) are 422 template_too_large.';
+    'Sets the content of a template key for one locale: {locale?, channels: {email: {subject, text, html?}, whatsapp: {name, language, category?, parameters[], header_parameters[], buttons[{sub_type, index, parameter}]} | {text}, sms: {text}}} (category: marketing, utility or authentication, Meta''s). Texts over their size (subject 998, e-mail text 65,536, HTML 262,144, WhatsApp text 4,096, SMS 1,600 characters) are 422 template_too_large.';
 
 create function notify_api.list_templates_v1(p_tenant_id uuid, p_key text default null)
     returns jsonb

@@ -293,12 +293,12 @@ create function notify._delivery_json(d notify.notification_deliveries, p_detail
 as $$
     select jsonb_strip_nulls(jsonb_build_object(
         'id', d.id, 'channel', d.channel, 'status', d.status, 'reason', d.reason, 'attempts', d.attempt,
-        'provider', d.provider, 'provider_message_id', d.provider_message_id,
+        'test', case when d.test then true end, 'provider', d.provider, 'provider_message_id', d.provider_message_id,
         'error', case when d.last_error_code is not null or d.last_error_message is not null
                       then jsonb_build_object('code', d.last_error_code, 'message', d.last_error_message) end,
         'due_at', d.due_at, 'expires_at', d.expires_at, 'created_at', d.created_at, 'updated_at', d.updated_at,
         'sent_at', d.sent_at, 'delivered_at', d.delivered_at, 'read_at', d.read_at, 'opened_at', d.opened_at,
-        'finished_at', d.finished_at))
+        'finished_at', d.finished_at, 'pricing', d.pricing))
     || case when p_detail then jsonb_build_object(
         'events', coalesce((select jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
                         'seq', e.seq, 'from', e.from_status, 'to', e.to_status, 'source', e.source, 'reason', e.reason,
@@ -312,7 +312,7 @@ as $$
        else '{}' end
 $$;
 comment on function notify._delivery_json(notify.notification_deliveries, boolean) is
-    'The public JSON form of a delivery (timestamps include opened_at, the first e-mail open or click reported), with its history when p_detail.';
+    'The public JSON form of a delivery (timestamps include opened_at, the first e-mail open or click reported; "test": true for a test delivery; pricing, what the provider said it cost), with its history when p_detail.';
 
 create function notify_api.get_notification_v1(p_tenant_id uuid, p_id uuid)
     returns jsonb
@@ -342,12 +342,12 @@ begin
         'recipient_count', case when v.recipient_id is null then v.recipient_count end,
         'template', v.template_key, 'category', v.category, 'channels', to_jsonb(v.channels),
         'send_at', v.send_at, 'expires_at', v.expires_at, 'metadata', v.metadata, 'http_request_id', v.http_request_id,
-        'callback_url', v.callback_url))
+        'callback_url', v.callback_url, 'test', case when v.test then true end))
         || jsonb_build_object('deliveries', coalesce(v_deliveries, '[]'));
 end
 $$;
 comment on function notify_api.get_notification_v1(uuid, uuid) is
-    'A notification with every delivery''s status, attempts, provider message id, timestamps and event history. 404 for another tenant''s id.';
+    'A notification with every delivery''s status, attempts, provider message id, timestamps and event history ("test": true for a test key''s). 404 for another tenant''s id.';
 
 create function notify_api.cancel_notification_v1(p_tenant_id uuid, p_id uuid)
     returns jsonb

@@ -12,11 +12,14 @@ create function notify_api.submit_notification_http_v1(p_tenant_id uuid, p_body 
 as $$
 begin
     perform notify._enter(p_tenant_id);
-    -- The columns' defaults read these settings (notify.notification_requests.http_request_id and trace_parent).
+    -- The columns' defaults read these settings (notify.notification_requests.http_request_id and trace_parent, and
+    -- the test flag of the request and its deliveries, from the key: notify._enter_key).
     perform pg_catalog.set_config('notify.request_id', coalesce(p_request_id, ''), true),
-            pg_catalog.set_config('notify.traceparent', coalesce(p_traceparent, ''), true);
+            pg_catalog.set_config('notify.traceparent', coalesce(p_traceparent, ''), true),
+            notify._enter_key(p_tenant_id, p_key_id);
     select s.response, s.replayed into response, replayed
       from notify_api.submit_notification_v1(p_tenant_id, p_body, p_idempotency_key) s;
+    response := notify._test_answer(p_tenant_id, response);  -- its own statement: it must see the request just written
     -- The guard only checked the key (check_api_key_v1); the token is taken last, so the bucket's row lock is held
     -- only while the submission commits. ND429 here rolls the submission back.
     perform notify_api.charge_api_key_v1(p_key_id, p_rate);
@@ -24,7 +27,7 @@ begin
 end
 $$;
 comment on function notify_api.submit_notification_http_v1(uuid, jsonb, text, text, text, uuid, double precision) is
-    'POST /internal/notifications in one statement: sets notify.request_id and notify.traceparent for this transaction, calls submit_notification_v1, then takes the key''s rate token (charge_api_key_v1), last. Returns the response and whether it is a replay.';
+    'POST /internal/notifications in one statement: sets notify.request_id, notify.traceparent and notify.test (from the key) for this transaction, calls submit_notification_v1 (its answer says "test": true for a test request), then takes the key''s rate token (charge_api_key_v1), last. Returns the response and whether it is a replay.';
 
 create function notify_api.submit_notifications_http_v1(p_tenant_id uuid, p_body jsonb, p_request_id text, p_traceparent text,
                                                         p_key_id uuid, p_rate double precision)
@@ -35,14 +38,22 @@ create function notify_api.submit_notifications_http_v1(p_tenant_id uuid, p_body
 as $$
 declare
     v_answer jsonb;
+    v_test boolean;
 begin
     perform notify._enter(p_tenant_id);
     perform pg_catalog.set_config('notify.request_id', coalesce(p_request_id, ''), true),
             pg_catalog.set_config('notify.traceparent', coalesce(p_traceparent, ''), true);
+    v_test := notify._enter_key(p_tenant_id, p_key_id);
     v_answer := notify_api.submit_notifications_v1(p_tenant_id, p_body -> 'items');
+    if v_test then
+        v_answer := v_answer || jsonb_build_object('test', true, 'items', (
+            select coalesce(jsonb_agg(case when i ? 'body' then jsonb_set(i, '{body}', notify._test_answer(p_tenant_id, i -> 'body'))
+                                           else i end order by n), '[]')
+              from jsonb_array_elements(v_answer -> 'items') with ordinality x(i, n)));
+    end if;
     perform notify_api.charge_api_key_v1(p_key_id, p_rate);
     return v_answer;
 end
 $$;
 comment on function notify_api.submit_notifications_http_v1(uuid, jsonb, text, text, uuid, double precision) is
-    'POST /internal/notifications/batch in one statement: sets notify.request_id and notify.traceparent for this transaction, calls submit_notifications_v1 on the body''s items, then takes the key''s rate token (charge_api_key_v1), last.';
+    'POST /internal/notifications/batch in one statement: sets notify.request_id, notify.traceparent and notify.test (from the key) for this transaction, calls submit_notifications_v1 on the body''s items (a test key''s answer and items say "test": true), then takes the key''s rate token (charge_api_key_v1), last.';

@@ -128,7 +128,8 @@ begin
         v_settings := v_settings || jsonb_build_object('phone_number_id', v_settings ->> 'phone_number_id');
     end if;
     v_allowed := case v_provider
-        when 'whatsapp_cloud' then array['phone_number_id', 'api_version', 'base_url', 'rate_per_second', 'timeout_seconds', 'opt_out_keywords']
+        when 'whatsapp_cloud' then array['phone_number_id', 'api_version', 'base_url', 'rate_per_second', 'timeout_seconds', 'opt_out_keywords',
+                                         'waba_id']
         when 'smtp' then array['host', 'port', 'security', 'username', 'from_address', 'from_name', 'timeout_seconds', 'validate_certs',
                                'esp', 'transactional_categories', 'max_connections', 'public_url']
         else array[]::text[] end;
@@ -198,6 +199,18 @@ begin
                                             or (v_settings ->> 'rate_per_second')::numeric <= 0) then
         perform notify._raise('ND400', 'invalid_value', 'settings.rate_per_second must be a positive number', 'settings.rate_per_second');
     end if;
+    -- Meta's throughput per number: 80 messages per second by default, up to 1,000 once upgraded (whatsapp-2026.md §1).
+    if v_provider = 'whatsapp_cloud' and (v_settings ->> 'rate_per_second')::numeric > 1000 then
+        perform notify._raise('ND400', 'invalid_value', 'settings.rate_per_second must be at most 1000 (Meta''s highest throughput per number)',
+                              'settings.rate_per_second');
+    end if;
+    if v_provider = 'whatsapp_cloud' and v_settings ? 'waba_id'
+       and (jsonb_typeof(v_settings -> 'waba_id') not in ('string', 'number') or v_settings ->> 'waba_id' !~ '^[0-9]{1,32}$') then
+        perform notify._raise('ND400', 'invalid_value', 'settings.waba_id must be the WhatsApp business account id (digits)', 'settings.waba_id');
+    end if;
+    if jsonb_typeof(v_settings -> 'waba_id') = 'number' then
+        v_settings := v_settings || jsonb_build_object('waba_id', v_settings ->> 'waba_id');
+    end if;
 
     insert into notify.channel_providers as c (tenant_id, channel, provider, settings, secrets)
     values (p_tenant_id, p_channel, v_provider, notify._provider_defaults(v_provider) || v_settings, v_secrets)
@@ -212,7 +225,7 @@ exception
 end
 $$;
 comment on function notify_api.set_channel_provider_v1(uuid, notify.channel, jsonb) is
-    'Sets the provider of a tenant''s channel: {provider: mock|whatsapp_cloud|smtp, settings, secrets: {name: "env:VAR"|"file:/path"}}. Settings are checked per provider and merged over its defaults; secret references must lie in the tenant''s operator-set grant (notify.provider_grants), endpoints must be public hosts unless granted, a WhatsApp number belongs to one tenant.';
+    'Sets the provider of a tenant''s channel: {provider: mock|whatsapp_cloud|smtp, settings, secrets: {name: "env:VAR"|"file:/path"}}. Settings are checked per provider and merged over its defaults (WhatsApp: rate_per_second at most 1000, waba_id routes account-level webhooks); secret references must lie in the tenant''s operator-set grant (notify.provider_grants), endpoints must be public hosts unless granted, a WhatsApp number belongs to one tenant.';
 
 create function notify_api.list_channel_providers_v1(p_tenant_id uuid)
     returns jsonb

@@ -26,6 +26,10 @@ begin
         select d.tenant_id, d.id,
                case when d.expires_at is not null and d.expires_at <= now() then 'expired'
                     when not consent.allowed then 'suppressed'
+                    -- A marketing template (its WhatsApp category, followed from Meta's template_category_update) needs
+                    -- marketing consent, whatever category the request named.
+                    when t.content ->> 'category' = 'marketing'
+                         and not notify._consent_allows(d.tenant_id, d.recipient_id, d.channel, 'marketing') then 'suppressed'
                     when cp.provider = 'whatsapp_cloud' and t.content ? 'text' and not exists (
                              select from notify.whatsapp_windows w
                               where w.tenant_id = d.tenant_id and w.phone_number_id = cp.settings ->> 'phone_number_id'
@@ -54,8 +58,11 @@ begin
         select u.tenant_id, u.id, u.attempt from updated u where u.status = 'sending'
     )
     select u.tenant_id, u.id, u.attempt, u.channel, u.address, r.template_key, u.template_locale, t.content,
-           r.variables || coalesce(u.variables, '{}'), r.category, u.request_id, coalesce(cp.provider, 'mock'),
-           case when cp.provider is not null
+           r.variables || coalesce(u.variables, '{}'), r.category, u.request_id,
+           -- A test delivery (README "Test keys") goes to the mock, whatever the tenant configured: never a real provider.
+           case when u.test or r.test then 'mock' else coalesce(cp.provider, 'mock') end,
+           case when u.test or r.test then '{"test": true}'::jsonb
+                when cp.provider is not null
                 then jsonb_build_object('settings', cp.settings, 'secrets', cp.secrets, 'updated_at', cp.updated_at,
                                         'grants', (select jsonb_build_object('env_prefix', g.env_prefix, 'file_dir', g.file_dir,
                                                                              'private_endpoints', g.private_endpoints)
@@ -70,7 +77,7 @@ begin
 end
 $$;
 comment on function notify_api.claim_deliveries_v1(notify.channel, integer, integer) is
-    'Claims up to p_limit due deliveries of a channel (FOR UPDATE SKIP LOCKED): expired ones become expired, revoked ones suppressed, WhatsApp text outside the 24-hour window failed, the rest sending with attempt+1 and a lease. Returns what the worker needs to send them, with the tenant''s provider and its operator grant (checked again at send time).';
+    'Claims up to p_limit due deliveries of a channel (FOR UPDATE SKIP LOCKED): expired ones become expired, revoked ones (and marketing templates without marketing consent) suppressed, WhatsApp text outside the 24-hour window failed, the rest sending with attempt+1 and a lease. Returns what the worker needs to send them, with the tenant''s provider and its operator grant (checked again at send time); for a test delivery always the mock provider, with config {"test": true}.';
 
 create function notify_api.record_attempts_v1(p_results notify.attempt_result[])
     returns table (delivery_id uuid, status notify.delivery_status, applied boolean)

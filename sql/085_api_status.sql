@@ -38,3 +38,17 @@ as $$
 $$;
 comment on function notify_api.queue_health_v1() is
     'Per tenant and channel: deliveries due now, scheduled for later, age of the oldest due one, in flight, leases past due (crashed sends), and unknown outcomes. Only tenants and channels with any of these appear.';
+
+create function notify_api.whatsapp_limits_v1()
+    returns table (tenant text, waba_id text, messaging_tier text, reported_at timestamptz)
+    language sql
+    stable
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+    select t.slug, l.waba_id, l.messaging_tier, l.reported_at
+      from notify.whatsapp_business_limits l join notify.tenants t on t.id = l.tenant_id
+     order by t.slug, l.waba_id
+$$;
+comment on function notify_api.whatsapp_limits_v1() is
+    'Per tenant and WhatsApp business account: the portfolio''s messaging limit tier as Meta last reported it (business_capability_update), for dispatcher status.';

@@ -40,6 +40,11 @@ CALLBACK_CHECK_SECONDS = 5.0  # one batch's callback URLs are resolved concurren
 T = TypeVar("T")
 
 
+def _is_test(answer: str | None) -> bool:
+    """Whether a submission's answer (jsonb text, which writes `"key": value`) is a test key's (notify._test_answer)."""
+    return answer is not None and '"test": true' in answer
+
+
 def _refused(exc: BaseException) -> bool:
     """A request the caller got wrong (a problem of ours, or ND4xx from SQL but the rate limit itself)."""
     if isinstance(exc, ProblemException):
@@ -132,7 +137,7 @@ class Notifications(Controller):
         )
         if row is None:
             raise unauthorized()
-        metrics.SUBMISSIONS.labels("replayed" if row[1] else "accepted").inc()
+        metrics.SUBMISSIONS.labels("replayed" if row[1] else "accepted", "true" if _is_test(row[0]) else "false").inc()
         if row[1]:
             return json_response(row[0], 200, {"Idempotent-Replayed": "true"})
         return json_response(row[0], 202)
@@ -178,6 +183,7 @@ class Notifications(Controller):
                 }
         kept = [i for i in range(len(data.items)) if i not in failed]
         results: list[dict[str, Any]] = []
+        test = False
         if kept:
             items = [data.items[i] for i in kept] if failed else data.items
             body = encode({"items": items}).decode() if failed else (await request.body()).decode("utf-8")
@@ -188,6 +194,7 @@ class Notifications(Controller):
             if row is None:
                 raise unauthorized()
             answer = msgspec.json.decode(row[0])
+            test = answer.get("test") is True  # a test key's batch (sql/071_api_http.sql)
             for position, result in zip(kept, answer["items"], strict=True):
                 results.append({**result, "index": position})
         else:  # every item failed its shape: the request still takes its token
@@ -200,6 +207,7 @@ class Notifications(Controller):
                 name: sum(1 for r in results if r["outcome"] == outcome)
                 for name, outcome in (("accepted", "accepted"), ("replayed", "replayed"), ("failed", "error"))
             },
+            **({"test": True} if test else {}),
         }
         return json_response(encode(out).decode())
 

@@ -30,7 +30,7 @@ log = logging.getLogger("api")
 INGEST = (
     "select notify_api.ingest_webhook_v1(%s, %s, %s, "
     "array(select r from jsonb_populate_recordset(null::notify.status_event, %s) r), "
-    "array(select r from jsonb_populate_recordset(null::notify.inbound_message, %s) r), %s::text[])::text"
+    "array(select r from jsonb_populate_recordset(null::notify.inbound_message, %s) r), %s::text[], %s::jsonb)::text"
 )
 
 
@@ -73,6 +73,7 @@ async def receive_webhook(
                 Jsonb(msgspec.to_builtins(parsed.events)),
                 Jsonb(msgspec.to_builtins(parsed.inbound)),
                 parsed.notes,
+                Jsonb(parsed.updates),
             ),
         )
     except (psycopg.Error, ValueError) as exc:
@@ -81,12 +82,21 @@ async def receive_webhook(
         # Something in the events does not fit the database (a value out of range, a NUL): store the event alone.
         log.warning("webhook events not applied", extra={"provider": provider, "error": type(exc).__name__})
         notes = [*parsed.notes, f"events not applied: {getattr(exc, 'sqlstate', None) or type(exc).__name__}"]
-        row = await db.one(INGEST, (adapter.provider, event_key, Jsonb(parsed.payload), Jsonb([]), Jsonb([]), notes))
+        row = await db.one(INGEST, (adapter.provider, event_key, Jsonb(parsed.payload), Jsonb([]), Jsonb([]), notes, Jsonb([])))
     result = msgspec.json.decode(row[0]) if row else {}
     if result.get("duplicate"):
         metrics.WEBHOOKS.labels(provider, "duplicate").inc()
     for outcome in result.get("outcomes", []):
         metrics.WEBHOOKS.labels(provider, outcome.get("outcome", "unknown")).inc()
+    # The status outcomes come first, one per event in order: what Meta says a message cost, counted once per delivery.
+    for event, outcome in zip(parsed.events, result.get("outcomes", []), strict=False):
+        if outcome.get("priced") and event.pricing:
+            metrics.PRICED_MESSAGES.labels(
+                provider,
+                str(event.pricing.get("pricing_model") or ""),
+                str(event.pricing.get("category") or ""),
+                str(event.pricing.get("billable")).lower() if event.pricing.get("billable") is not None else "",
+            ).inc()
     log.info(
         "webhook ingested",
         extra={

@@ -43,6 +43,7 @@ CROSS_TENANT = {
     "check_api_key_v1",
     "charge_api_key_v1",
     "set_provider_grants_v1",
+    "whatsapp_limits_v1",  # dispatcher status: every tenant's WhatsApp messaging tier, like queue_health_v1
 }  # the operator's: a tenant's secret namespace may not overlap another's
 APP_ROLES = ("notify_service", "notify_caller", "dispatcher_app", "dispatcher_caller")
 

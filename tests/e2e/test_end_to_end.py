@@ -378,7 +378,7 @@ def test_metrics_from_the_api_and_the_worker(db: psycopg.Connection, tmp_path) -
         stop_service(service)
         receiver.shutdown()
         receiver.server_close()
-    assert 'dispatcher_submissions_total{outcome="accepted"} 2.0' in api
+    assert 'dispatcher_submissions_total{outcome="accepted",test="false"} 2.0' in api
     assert (
         'dispatcher_http_requests_total{app_name="dispatcher",method="POST",path="/internal/notifications",status_code="202"}'
         in api
@@ -386,7 +386,7 @@ def test_metrics_from_the_api_and_the_worker(db: psycopg.Connection, tmp_path) -
     assert 'dispatcher_webhook_events_total{outcome="applied",provider="mock"}' in api
     assert 'dispatcher_queue_scheduled{channel="email",tenant="acme"} 1.0' in api
     assert "dispatcher_queue_health_up 1.0" in api
-    assert 'dispatcher_deliveries_total{channel="email",error_code="",outcome="sent",provider="mock"} 1.0' in worker
+    assert 'dispatcher_deliveries_total{channel="email",error_code="",outcome="sent",provider="mock",test="false"} 1.0' in worker
     assert "dispatcher_provider_call_seconds_bucket" in worker
     assert 'dispatcher_callbacks_total{outcome="delivered"}' in worker
     for family in ("due", "scheduled", "oldest_due_seconds", "sending", "leases_past_due", "unknown"):

@@ -4,6 +4,11 @@ It records every request, returns wamids, injects Meta error codes, throttling a
 and posts status webhooks signed with X-Hub-Signature-256 to the dispatcher — shuffled and with duplicates,
 as Meta does. It can also post inbound messages (for the 24-hour window and opt-out keywords).
 
+Meta's 2026 shapes: a recipient may be sent to by its business-scoped user id (`recipient`, not `to`); statuses carry
+`recipient_user_id` for users it knows a BSUID of (`users`), and no `recipient_id` for users whose phone number is
+hidden (`hidden_phones`, a username); statuses carry `pricing`; it posts `user_id_update`, `template_category_update`
+and `business_capability_update` changes.
+
     python -m tests.fakes.graph_api --port 9100 --webhook http://127.0.0.1:8000/public/webhooks/whatsapp --app-secret S
 """
 
@@ -31,6 +36,7 @@ ERRORS = {
     132001: "Template name does not exist in the translation",
     190: "Access token expired",
     131050: "User has stopped marketing messages",
+    131049: "This message was not delivered to maintain healthy ecosystem engagement.",
     131000: "Something went wrong",
 }
 
@@ -58,6 +64,10 @@ class GraphFake:
     requests: list[dict[str, Any]] = field(default_factory=list)
     posted: list[tuple[str, int]] = field(default_factory=list)  # (status, HTTP answer) of every webhook sent
     accepted: list[str] = field(default_factory=list)  # the recipient of every message given a wamid
+    users: dict[str, str] = field(default_factory=dict)  # BSUID -> phone digits ("" for a user known only by BSUID)
+    hidden_phones: set[str] = field(default_factory=set)  # phone digits a status never shows (users with a username)
+    pricing_category: str = "utility"  # what status pricing says (marketing, utility, authentication, service)
+    waba_id: str = "102290129340398"
     _counter: itertools.count = field(default_factory=lambda: itertools.count(1))
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -110,7 +120,8 @@ class GraphFake:
             return 400, {"error": {"code": 100, "message": "Unsupported post request"}}, 0
         if auth != f"Bearer {self.access_token}":
             return 401, {"error": {"code": 190, "message": ERRORS[190], "type": "OAuthException"}}, 0
-        to = str(body.get("to", ""))
+        # `to` (a phone number) wins over `recipient` (a BSUID) when both are given, as Meta documents.
+        to = str(body.get("to") or body.get("recipient") or "")
         script = self.outage or self._next_script(to)
         if script == "timeout":
             return 200, {"messaging_product": "whatsapp"}, 30.0
@@ -142,13 +153,10 @@ class GraphFake:
             threading.Thread(
                 target=self._post_statuses, args=(wamid, to, body.get("biz_opaque_callback_data"), final), daemon=True
             ).start()
+        contact = {"input": to, "user_id": to} if "." in to else {"input": to, "wa_id": to}
         return (
             200,
-            {
-                "messaging_product": "whatsapp",
-                "contacts": [{"input": to, "wa_id": to}],
-                "messages": [{"id": wamid, "message_status": "accepted"}],
-            },
+            {"messaging_product": "whatsapp", "contacts": [contact], "messages": [{"id": wamid, "message_status": "accepted"}]},
             0,
         )
 
@@ -156,25 +164,14 @@ class GraphFake:
     def sign(self, raw: bytes) -> str:
         return "sha256=" + hmac.new(self.app_secret.encode(), raw, hashlib.sha256).hexdigest()
 
-    def post_webhook(self, value: dict[str, Any]) -> int:
+    def post_webhook(self, value: dict[str, Any], field: str = "messages", metadata: bool = True) -> int:
         assert self.webhook_url, "no webhook_url"
+        head: dict[str, Any] = {"messaging_product": "whatsapp"} if field in ("messages", "user_id_update") else {}
+        if metadata:
+            head["metadata"] = {"display_phone_number": "15550783881", "phone_number_id": self.phone_number_id}
         envelope = {
             "object": "whatsapp_business_account",
-            "entry": [
-                {
-                    "id": "WABA_ID",
-                    "changes": [
-                        {
-                            "field": "messages",
-                            "value": {
-                                "messaging_product": "whatsapp",
-                                "metadata": {"display_phone_number": "15550783881", "phone_number_id": self.phone_number_id},
-                                **value,
-                            },
-                        }
-                    ],
-                }
-            ],
+            "entry": [{"id": self.waba_id, "changes": [{"field": field, "value": {**head, **value}}]}],
         }
         raw = json.dumps(envelope).encode()
         response = httpx.post(
@@ -192,7 +189,15 @@ class GraphFake:
         payloads = []
         for status in statuses:
             name, code = status if isinstance(status, tuple) else (status, None)
-            item: dict[str, Any] = {"id": wamid, "status": name, "timestamp": str(now), "recipient_id": to}
+            item: dict[str, Any] = {"id": wamid, "status": name, "timestamp": str(now)}
+            phone = to if "." not in to else self.users.get(to, "")
+            bsuid = to if "." in to else next((b for b, p in self.users.items() if p == to), None)
+            if phone and phone not in self.hidden_phones:
+                item["recipient_id"] = phone
+            if bsuid:
+                item["recipient_user_id"] = bsuid
+            if name != "failed":
+                item["pricing"] = {"billable": True, "pricing_model": "PMP", "category": self.pricing_category, "type": "regular"}
             if tracker:
                 item["biz_opaque_callback_data"] = tracker
             if code:
@@ -215,22 +220,52 @@ class GraphFake:
             with self._lock:
                 self.posted.append((value["statuses"][0]["status"], answer))
 
-    def inbound(self, sender: str, text: str) -> int:
-        """A user writes to the business number."""
-        return self.post_webhook(
-            {
-                "contacts": [{"profile": {"name": "Test"}, "wa_id": sender.lstrip("+")}],
-                "messages": [
-                    {
-                        "from": sender.lstrip("+"),
-                        "id": f"wamid.in-{next(self._counter)}",
-                        "timestamp": str(int(time.time())),
-                        "type": "text",
-                        "text": {"body": text},
-                    }
-                ],
-            }
-        )
+    def inbound(self, sender: str, text: str, user_id: str | None = None) -> int:
+        """A user writes to the business number: by phone number (sender), with its BSUID (user_id), or by BSUID alone
+        (sender "" : a user with a username whose phone number is hidden)."""
+        phone = sender.lstrip("+")
+        contact: dict[str, Any] = {"profile": {"name": "Test"}}
+        message: dict[str, Any] = {
+            "id": f"wamid.in-{next(self._counter)}",
+            "timestamp": str(int(time.time())),
+            "type": "text",
+            "text": {"body": text},
+        }
+        if phone:
+            contact["wa_id"] = phone
+            message["from"] = phone
+        if user_id:
+            contact["user_id"] = user_id
+            message["from_user_id"] = user_id
+        return self.post_webhook({"contacts": [contact], "messages": [message]})
+
+    def user_id_update(self, previous: str, current: str, phone: str | None = None) -> int:
+        """The user's BSUID changed (e.g. a new phone number)."""
+        item: dict[str, Any] = {"user_id": {"previous": previous, "current": current}, "timestamp": str(int(time.time()))}
+        if phone:
+            item["wa_id"] = phone.lstrip("+")
+        return self.post_webhook({"user_id_update": [item]}, field="user_id_update")
+
+    def template_category_update(
+        self, name: str, language: str, new: str, previous: str | None = None, correct: str | None = None
+    ) -> int:
+        """Meta changed (previous given) or will change (correct given) an approved template's category."""
+        value: dict[str, Any] = {
+            "message_template_id": 1234567890,
+            "message_template_name": name,
+            "message_template_language": language,
+            "new_category": new.upper(),
+        }
+        if previous:
+            value["previous_category"] = previous.upper()
+        if correct:
+            value.update(correct_category=correct.upper(), category_update_timestamp=int(time.time()) + 86400)
+        return self.post_webhook(value, field="template_category_update", metadata=False)
+
+    def business_capability_update(self, tier: str) -> int:
+        """The portfolio's messaging limit tier changed."""
+        value = {"max_phone_numbers_per_business": 2, "whatsapp_business_manager_messaging_limit": tier}
+        return self.post_webhook(value, field="business_capability_update", metadata=False)
 
 
 def main() -> None:

@@ -169,7 +169,7 @@ def test_metrics_are_not_on_the_public_listener(db, ready, db_url):
         operator = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
         assert operator.status_code == 200
         assert 'dispatcher_queue_due{channel="email",tenant="acme"}' in operator.text
-        assert 'dispatcher_submissions_total{outcome="accepted"}' in operator.text
+        assert 'dispatcher_submissions_total{outcome="accepted",test="false"}' in operator.text
     with pytest.raises(httpx.ConnectError):  # the listener stops with the app
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
