@@ -134,6 +134,7 @@ INLINED = {
     "_consent",
     "_default_policy",
     "_is_final",
+    "_is_usual_submission",
     "_provider_family",
     "_rank",
     "_tenant",
