@@ -1,10 +1,37 @@
--- 0026: a cheaper submission (issue #13). The usual body is recognised by one jsonpath predicate; a known recipient
--- whose addresses are unchanged is one read (and its time zone is looked up only when it changes: pg_timezone_names
--- reads the whole time zone database); per channel, template, missing variables, consent and address are one read;
--- the request row is written once, with its answer (no UPDATE after the INSERT); a batch collects its answers in an
--- array instead of copying a growing jsonb list per item. Behaviour, answers and errors are unchanged.
+-- 0026: a cheaper submission (issue #13). The usual body is recognised by one jsonpath predicate
+-- (notify._is_usual_submission); a known recipient whose addresses are unchanged is one read (and its time zone is
+-- looked up only when it changes: pg_timezone_names reads the whole time zone database); per channel, template,
+-- missing variables, consent and address are one read; the request row is written once, with its answer (no UPDATE
+-- after the INSERT); a batch takes its usual items set-based (notify._submit_batch_usual) and the others item by item,
+-- collecting answers in an array instead of copying a growing jsonb list per item. Answers and errors are unchanged.
 
 drop function notify._claim_submission(uuid, notify.submission, uuid, integer);
+
+create function notify._is_usual_submission(p_request jsonb)
+    returns boolean
+    language sql
+    stable   -- as enum_range and to_jsonb are: an inlined body may be no more volatile than its function
+    -- inlinable: no SET clause (see docs/architecture.md, "Hot helpers are inlined"); the jsonpath is a constant, so it
+    -- is compiled once per plan
+as $$
+    select jsonb_path_match(p_request,
+           '$.type() == "object"
+            && !exists($.keyvalue() ? (!(@.key == "recipient" || @.key == "channels" || @.key == "template"
+                                          || @.key == "variables" || @.key == "category" || @.key == "metadata")))
+            && $.recipient.type() == "object"
+            && !exists($.recipient.keyvalue() ? (!(@.key == "ref" || @.key == "addresses" || @.key == "locale" || @.key == "timezone")))
+            && $.channels.type() == "array" && $.channels.size() >= 1
+            && !exists($.channels[*].type() ? (@ != "string")) && !exists($.channels[*] ? (!(@ == $channel_names[*])))
+            && $.template.type() == "string" && $.template != ""
+            && (!exists($.variables) || $.variables.type() == "object" || $.variables.type() == "null")
+            && (!exists($.metadata) || $.metadata.type() == "object" || $.metadata.type() == "null")
+            && (!exists($.category) || $.category.type() == "null" || $.category.type() == "string")',
+           jsonb_build_object('channel_names', to_jsonb(enum_range(null::notify.channel))), true)
+       -- lengths apart: a counted repetition ({1,100}) makes a regular expression many times slower
+       and length(p_request ->> 'template') <= 100 and coalesce(length(p_request ->> 'category'), 0) <= 100
+$$;
+comment on function notify._is_usual_submission(jsonb) is
+    'True for the usual submission body (one recipient object; channels, template, variables, category, metadata of the right types; no times, no callback URL), which notify._parse_submission and the batch read without checking field by field. Accepts only bodies those checks accept; false (or null) sends a body to them.';
 
 create or replace function notify._parse_submission(p_tenant_id uuid, p_request jsonb, p_idempotency_key text)
     returns notify.submission
@@ -16,25 +43,12 @@ declare
     s notify.submission;
 begin
     -- The usual body (one recipient; channels, template, variables, category, metadata; no times, no callback URL) is
-    -- recognised by one jsonpath predicate and read without the checks below, which every other body takes (each of
-    -- its errors names its field). The predicate accepts only bodies the checks below accept, and reads them alike.
+    -- recognised by one jsonpath predicate (notify._is_usual_submission) and read without the checks below, which every
+    -- other body takes (each of its errors names its field). The predicate accepts only bodies the checks below accept.
     -- (Each PL/pgSQL expression is compiled once per transaction: for one submission per transaction, fewer of them is
     -- what makes this cheap. docs/benchmarks.md)
-    if jsonb_path_match(p_request,
-           '$.type() == "object"
-            && !exists($.keyvalue() ? (!(@.key == "recipient" || @.key == "channels" || @.key == "template"
-                                          || @.key == "variables" || @.key == "category" || @.key == "metadata")))
-            && $.recipient.type() == "object"
-            && !exists($.recipient.keyvalue() ? (!(@.key == "ref" || @.key == "addresses" || @.key == "locale" || @.key == "timezone")))
-            && $.channels.type() == "array" && $.channels.size() >= 1
-            && !exists($.channels[*].type() ? (@ != "string")) && !exists($.channels[*] ? (!(@ == $channel_names[*])))
-            && $.template.type() == "string" && $.template like_regex "^.{1,100}$" flag "s"
-            && (!exists($.variables) || $.variables.type() == "object" || $.variables.type() == "null")
-            && (!exists($.metadata) || $.metadata.type() == "object" || $.metadata.type() == "null")
-            && (!exists($.category) || $.category.type() == "null"
-                || ($.category.type() == "string" && $.category like_regex "^.{0,100}$" flag "s"))',
-           jsonb_build_object('channel_names', to_jsonb(enum_range(null::notify.channel))), true)
-       and (p_idempotency_key is null or p_idempotency_key ~ '^[\x21-\x7e]{1,255}$') then
+    if notify._is_usual_submission(p_request)
+       and (p_idempotency_key is null or (p_idempotency_key ~ '^[\x21-\x7e]+$' and length(p_idempotency_key) <= 255)) then
         s := row(p_idempotency_key, sha256(convert_to(p_request::text, 'UTF8')), p_request -> 'recipient', null,
                  string_to_array(translate((p_request -> 'channels')::text, '[]" ', ''), ',')::notify.channel[],
                  p_request ->> 'template', coalesce(nullif(p_request -> 'variables', 'null'), '{}'), p_request ->> 'category',
@@ -533,6 +547,179 @@ $$;
 comment on function notify._submit_fanout(uuid, notify.submission) is
     'The fan-out half of submit_notification_v1, given the body it read (notify._parse_submission): up to 10,000 recipients, each with optional per-recipient variables; the same idempotency claim, template resolution and wake-up as one recipient, but recipients, addresses, template checks, consent and deliveries are set-based statements, not per-row round trips. The response summarizes deliveries by channel, status and reason.';
 
+create function notify._submit_batch_usual(p_tenant_id uuid, p_items jsonb)
+    returns table (idx integer, result jsonb)
+    language plpgsql
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_now timestamptz := now();
+    v_channel_names text[] := enum_range(null::notify.channel)::text[];
+    v_claimed integer;
+begin
+    -- 1. The items this path takes: a usual body (notify._is_usual_submission) with a well-formed key not used before,
+    --    valid addresses and locale, no time zone, distinct channels, and neither its key nor its recipient shared with
+    --    another item of the batch (those keep the item-by-item order). Every other item, and every item that would
+    --    fail, is left to the item-by-item path of submit_notifications_v1, so each error is the one that path gives.
+    --    Temporary tables as in notify._submit_fanout: always new, dropped before returning.
+    create temporary table pg_temp._batch (
+        i integer primary key, key text, body jsonb, ref text, addresses jsonb, locale text, channels notify.channel[],
+        template text, variables jsonb, category text, metadata jsonb, recipient_id uuid, effective_locale text,
+        request_id uuid, response jsonb
+    ) on commit drop;
+    with items as (
+        select e.i - 1 as i, e.item, e.item -> 'notification' as body, e.item -> 'notification' -> 'recipient' as r
+          from jsonb_array_elements(p_items) with ordinality e(item, i)
+    ), shared as (
+        -- keys and recipient refs that more than one item names (a fan-out item's recipients included)
+        select 'key' as kind, item ->> 'idempotency_key' as v from items
+         where jsonb_typeof(item) = 'object' and jsonb_typeof(item -> 'idempotency_key') = 'string'
+         group by 2 having count(*) > 1
+        union all
+        select 'ref', v from (
+            select r ->> 'ref' as v from items where jsonb_typeof(r) = 'object'
+            union all
+            select x ->> 'ref' from items, jsonb_array_elements(case when jsonb_typeof(body -> 'recipients') = 'array'
+                                                                     then body -> 'recipients' else '[]' end) x
+        ) refs where v is not null group by v having count(*) > 1
+    )
+    insert into pg_temp._batch (i, key, body, ref, addresses, locale, channels, template, variables, category, metadata,
+                                recipient_id, effective_locale, request_id)
+    select it.i, it.item ->> 'idempotency_key', it.body, it.r ->> 'ref', nullif(it.r -> 'addresses', 'null'),
+           it.r ->> 'locale', string_to_array(translate((it.body -> 'channels')::text, '[]" ', ''), ',')::notify.channel[],
+           it.body ->> 'template', coalesce(nullif(it.body -> 'variables', 'null'), '{}'), it.body ->> 'category',
+           coalesce(nullif(it.body -> 'metadata', 'null'), '{}'), rec.id,
+           coalesce(it.r ->> 'locale', rec.locale, n.default_locale), gen_random_uuid()
+      from items it
+      join notify.tenants n on n.id = p_tenant_id
+      left join notify.recipients rec on rec.tenant_id = p_tenant_id and rec.ref = it.r ->> 'ref'
+     where jsonb_typeof(it.item) = 'object'
+       and not exists (select from jsonb_object_keys(it.item) k where k not in ('idempotency_key', 'notification'))
+       and (jsonb_typeof(it.item -> 'idempotency_key') is null or jsonb_typeof(it.item -> 'idempotency_key') = 'null'
+            or (jsonb_typeof(it.item -> 'idempotency_key') = 'string' and it.item ->> 'idempotency_key' ~ '^[\x21-\x7e]+$'
+                and length(it.item ->> 'idempotency_key') <= 255))
+       and notify._is_usual_submission(it.body)
+       and jsonb_typeof(it.r -> 'ref') = 'string' and length(it.r ->> 'ref') between 1 and 200
+       and (jsonb_typeof(it.r -> 'locale') is null or jsonb_typeof(it.r -> 'locale') = 'null'
+            or (jsonb_typeof(it.r -> 'locale') = 'string' and length(it.r ->> 'locale') <= 35
+                and it.r ->> 'locale' ~ '^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$'))
+       and (jsonb_typeof(it.r -> 'timezone') is null or jsonb_typeof(it.r -> 'timezone') = 'null')
+       and (jsonb_typeof(it.r -> 'addresses') is null or jsonb_typeof(it.r -> 'addresses') = 'null'
+            or (jsonb_typeof(it.r -> 'addresses') = 'object'
+                and not exists (select from jsonb_each(it.r -> 'addresses') a
+                                 where a.key <> all (v_channel_names)
+                                    or (jsonb_typeof(a.value) <> 'null'
+                                        and (jsonb_typeof(a.value) <> 'string'
+                                             or not notify._address_valid(a.key::notify.channel, a.value #>> '{}'))))))
+       and jsonb_array_length(it.body -> 'channels')
+           = (select count(distinct c) from jsonb_array_elements_text(it.body -> 'channels') c)
+       and not exists (select from shared sh where sh.kind = 'key' and sh.v = it.item ->> 'idempotency_key')
+       and not exists (select from shared sh where sh.kind = 'ref' and sh.v = it.r ->> 'ref')
+       and not exists (select from notify.notification_requests q
+                        where q.tenant_id = p_tenant_id and q.idempotency_key = it.item ->> 'idempotency_key');
+
+    -- 2. Templates per template, channel and locale (resolved once each); an item lacking one, or a variable one needs,
+    --    goes item by item (and fails there, naming the field).
+    create temporary table pg_temp._batch_templates (
+        template text, channel notify.channel, locale text, template_locale text, required_variables text[]
+    ) on commit drop;
+    insert into pg_temp._batch_templates
+    select x.template, x.channel, x.locale, t.locale, t.required_variables
+      from (select distinct b.template, c.channel, b.effective_locale as locale
+              from pg_temp._batch b cross join unnest(b.channels) c(channel)) x
+     cross join lateral notify._resolve_template(p_tenant_id, x.template, x.channel, x.locale) t;
+    delete from pg_temp._batch b
+     where exists (select from unnest(b.channels) c(channel)
+                     join pg_temp._batch_templates t on t.template = b.template and t.channel = c.channel and t.locale = b.effective_locale
+                    where t.template_locale is null or exists (select from unnest(t.required_variables) v where not b.variables ? v));
+
+    -- 3. Recipients and addresses, set-based. A known recipient is only read (no row lock), as notify._upsert_recipient does.
+    insert into notify.recipients (tenant_id, ref, locale)
+    select p_tenant_id, b.ref, b.locale from pg_temp._batch b where b.recipient_id is null order by b.i
+    on conflict (tenant_id, ref) do nothing;
+    update notify.recipients r set locale = b.locale, updated_at = now()
+      from pg_temp._batch b
+     where b.recipient_id is not null and r.tenant_id = p_tenant_id and r.id = b.recipient_id
+       and b.locale is not null and b.locale is distinct from r.locale;
+    update pg_temp._batch b set recipient_id = r.id
+      from notify.recipients r
+     where b.recipient_id is null and r.tenant_id = p_tenant_id and r.ref = b.ref;
+    insert into notify.recipient_addresses as a (tenant_id, recipient_id, channel, address)
+    select p_tenant_id, b.recipient_id, kv.key::notify.channel, kv.value #>> '{}'
+      from pg_temp._batch b cross join lateral jsonb_each(coalesce(b.addresses, '{}')) kv
+     where jsonb_typeof(kv.value) = 'string'
+       and not exists (select from notify.recipient_addresses x
+                        where x.tenant_id = p_tenant_id and x.recipient_id = b.recipient_id
+                          and x.channel = kv.key::notify.channel and x.address = kv.value #>> '{}')
+    on conflict (tenant_id, recipient_id, channel) do update
+        set address = excluded.address, updated_at = now()
+        where a.address is distinct from excluded.address;
+    delete from notify.recipient_addresses a
+     using pg_temp._batch b, lateral jsonb_each(coalesce(b.addresses, '{}')) kv
+     where jsonb_typeof(kv.value) = 'null'
+       and a.tenant_id = p_tenant_id and a.recipient_id = b.recipient_id and a.channel = kv.key::notify.channel;
+
+    -- 4. Each item's deliveries (consent and address decide, as for one recipient) and so its answer, before its request
+    --    row is written once, with that answer.
+    create temporary table pg_temp._batch_deliveries (
+        i integer, ord integer, id uuid, channel notify.channel, address text, template_locale text,
+        status notify.delivery_status, reason text
+    ) on commit drop;
+    insert into pg_temp._batch_deliveries
+    select b.i, c.ord, gen_random_uuid(), c.channel, a.address, t.template_locale,
+           case when a.address is null or not consent.allowed then 'suppressed' else 'queued' end::notify.delivery_status,
+           case when a.address is null then 'no_address' when not consent.allowed then 'no_consent' end
+      from pg_temp._batch b
+     cross join unnest(b.channels) with ordinality c(channel, ord)
+      join pg_temp._batch_templates t on t.template = b.template and t.channel = c.channel and t.locale = b.effective_locale
+      left join notify.recipient_addresses a on a.tenant_id = p_tenant_id and a.recipient_id = b.recipient_id and a.channel = c.channel
+     cross join lateral notify._consent(p_tenant_id, b.recipient_id, c.channel, b.category) consent;
+    update pg_temp._batch b
+       set response = jsonb_build_object(
+               'id', b.request_id, 'created_at', v_now,
+               'status', case when d.all_suppressed then 'suppressed' else 'accepted' end,
+               'deliveries', d.deliveries)
+      from (select i, bool_and(status = 'suppressed') as all_suppressed,
+                   jsonb_agg(jsonb_strip_nulls(jsonb_build_object('id', id, 'channel', channel, 'status', status, 'reason', reason))
+                             order by ord) as deliveries
+              from pg_temp._batch_deliveries group by i) d
+     where d.i = b.i;
+
+    -- 5. Claim the keys. One a concurrent twin took meanwhile (it waited for the twin's commit) leaves its item to the
+    --    item-by-item path, which replays it.
+    insert into notify.notification_requests
+        (tenant_id, id, idempotency_key, fingerprint, recipient_id, recipient_count, template_key, variables, category,
+         channels, metadata, response)
+    select p_tenant_id, b.request_id, b.key, sha256(convert_to(b.body::text, 'UTF8')), b.recipient_id, 1, b.template,
+           b.variables, b.category, b.channels, b.metadata, b.response
+      from pg_temp._batch b order by b.i
+    on conflict (tenant_id, idempotency_key) do nothing;
+    get diagnostics v_claimed = row_count;
+    if v_claimed < (select count(*) from pg_temp._batch) then
+        delete from pg_temp._batch b
+         where not exists (select from notify.notification_requests q where q.tenant_id = p_tenant_id and q.id = b.request_id);
+    end if;
+
+    -- 6. The deliveries, the worker's wake-up (due now: the usual body has no send_at), the answers.
+    perform notify._set_source('submit');
+    insert into notify.notification_deliveries
+        (tenant_id, id, request_id, recipient_id, channel, address, template_locale, status, reason, due_at)
+    select p_tenant_id, d.id, b.request_id, b.recipient_id, d.channel, d.address, d.template_locale, d.status, d.reason, v_now
+      from pg_temp._batch_deliveries d join pg_temp._batch b on b.i = d.i
+     order by d.i, d.ord;
+    perform notify._wake(x.channel)
+       from (select distinct d.channel from pg_temp._batch_deliveries d join pg_temp._batch b on b.i = d.i
+              where d.status = 'queued') x
+      order by x.channel;
+    return query
+        select b.i, jsonb_build_object('index', b.i, 'outcome', 'accepted', 'status', 202, 'body', b.response)
+          from pg_temp._batch b order by b.i;
+    drop table pg_temp._batch, pg_temp._batch_templates, pg_temp._batch_deliveries;
+end
+$$;
+comment on function notify._submit_batch_usual(uuid, jsonb) is
+    'The set-based half of submit_notifications_v1: the items with a usual body that will succeed (notify._is_usual_submission, valid recipient, templates and variables present, key and recipient not shared with another item) are taken together, a statement per step instead of per item; their answers, by item index. Leaves every other item, and every item that would fail, to the item-by-item path.';
+
 create or replace function notify_api.submit_notifications_v1(p_tenant_id uuid, p_items jsonb)
     returns jsonb
     language plpgsql
@@ -541,10 +728,10 @@ create or replace function notify_api.submit_notifications_v1(p_tenant_id uuid, 
 as $$
 declare
     v_item jsonb;
-    v_index integer := 0;
+    v_index integer;
     v_key text;
     v_row record;
-    v_results jsonb[] := '{}';
+    v_results jsonb[];
     v_state text;
     v_message text;
     v_type text;
@@ -554,7 +741,13 @@ begin
     if jsonb_typeof(p_items) is distinct from 'array' or jsonb_array_length(p_items) not between 1 and 1000 then
         perform notify._raise('ND400', 'invalid_length', 'items must be a list of 1 to 1000 intents', 'items');
     end if;
-    for v_item in select value from jsonb_array_elements(p_items) loop
+    -- The usual items together (notify._submit_batch_usual), then every other one alone, in order.
+    v_results := array_fill(null::jsonb, array[jsonb_array_length(p_items)]);
+    for v_row in select * from notify._submit_batch_usual(p_tenant_id, p_items) loop
+        v_results[v_row.idx + 1] := v_row.result;
+    end loop;
+    for v_item, v_index in select e.value, e.i - 1 from jsonb_array_elements(p_items) with ordinality e(value, i) loop
+        continue when v_results[v_index + 1] is not null;
         begin
             -- Each item is its own subtransaction: a bad one is rolled back alone and reported; the others stay.
             if jsonb_typeof(v_item) <> 'object' or jsonb_typeof(v_item -> 'notification') <> 'object' then
@@ -563,20 +756,19 @@ begin
             perform notify._check_keys(v_item, array['idempotency_key', 'notification'], '');
             v_key := notify._text_field(v_item, 'idempotency_key', '', false, 255);
             select * into v_row from notify_api.submit_notification_v1(p_tenant_id, v_item -> 'notification', v_key);
-            v_results := v_results || jsonb_build_object(   -- an array: appending to a jsonb list copies it each time
+            v_results[v_index + 1] := jsonb_build_object(
                 'index', v_index, 'outcome', case when v_row.replayed then 'replayed' else 'accepted' end,
                 'status', case when v_row.replayed then 200 else 202 end, 'body', v_row.response);
         exception
             when sqlstate 'ND400' or sqlstate 'ND404' or sqlstate 'ND409' or sqlstate 'ND422' then
                 get stacked diagnostics v_state = returned_sqlstate, v_message = message_text,
                                         v_type = constraint_name, v_field = column_name;
-                v_results := v_results || jsonb_build_object(
+                v_results[v_index + 1] := jsonb_build_object(
                     'index', v_index, 'outcome', 'error', 'status', substr(v_state, 3)::integer,
                     'error', jsonb_strip_nulls(jsonb_build_object('type', v_type, 'detail', v_message, 'field', nullif(v_field, ''))));
         end;
-        v_index := v_index + 1;
     end loop;
-    return (select jsonb_build_object('items', coalesce(jsonb_agg(r order by i), '[]'),
+    return (select jsonb_build_object('items', jsonb_agg(r order by i),
                                       'accepted', count(*) filter (where r ->> 'outcome' = 'accepted'),
                                       'replayed', count(*) filter (where r ->> 'outcome' = 'replayed'),
                                       'failed', count(*) filter (where r ->> 'outcome' = 'error'))
@@ -584,9 +776,13 @@ begin
 end
 $$;
 comment on function notify_api.submit_notifications_v1(uuid, jsonb) is
-    'Batch: up to 1,000 independent intents [{idempotency_key?, notification}] in one call. Each item succeeds or fails alone (its own subtransaction); the answer reports each item''s outcome in order: accepted, replayed, or its error.';
+    'Batch: up to 1,000 independent intents [{idempotency_key?, notification}] in one call. The usual ones are taken set-based (notify._submit_batch_usual); every other item succeeds or fails alone (its own subtransaction). The answer reports each item''s outcome in order: accepted, replayed, or its error.';
 
 
+revoke execute on function notify._is_usual_submission(jsonb) from public;
 revoke execute on function notify._claim_submission(uuid, notify.submission, uuid, integer, uuid, jsonb) from public;
+revoke execute on function notify._submit_batch_usual(uuid, jsonb) from public;
+grant execute on function notify._is_usual_submission(jsonb) to notify_system;
 grant execute on function notify._claim_submission(uuid, notify.submission, uuid, integer, uuid, jsonb) to notify_system;
+grant execute on function notify._submit_batch_usual(uuid, jsonb) to notify_system;
 select notify._settle_owners();

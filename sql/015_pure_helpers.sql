@@ -148,6 +148,32 @@ $$;
 comment on function notify._template_variables(jsonb) is
     'Variable names a template needs: every {{name}} placeholder in its strings plus the variables a WhatsApp template maps to its body, header and button parameters.';
 
+create function notify._is_usual_submission(p_request jsonb)
+    returns boolean
+    language sql
+    stable   -- as enum_range and to_jsonb are: an inlined body may be no more volatile than its function
+    -- inlinable: no SET clause (see docs/architecture.md, "Hot helpers are inlined"); the jsonpath is a constant, so it
+    -- is compiled once per plan
+as $$
+    select jsonb_path_match(p_request,
+           '$.type() == "object"
+            && !exists($.keyvalue() ? (!(@.key == "recipient" || @.key == "channels" || @.key == "template"
+                                          || @.key == "variables" || @.key == "category" || @.key == "metadata")))
+            && $.recipient.type() == "object"
+            && !exists($.recipient.keyvalue() ? (!(@.key == "ref" || @.key == "addresses" || @.key == "locale" || @.key == "timezone")))
+            && $.channels.type() == "array" && $.channels.size() >= 1
+            && !exists($.channels[*].type() ? (@ != "string")) && !exists($.channels[*] ? (!(@ == $channel_names[*])))
+            && $.template.type() == "string" && $.template != ""
+            && (!exists($.variables) || $.variables.type() == "object" || $.variables.type() == "null")
+            && (!exists($.metadata) || $.metadata.type() == "object" || $.metadata.type() == "null")
+            && (!exists($.category) || $.category.type() == "null" || $.category.type() == "string")',
+           jsonb_build_object('channel_names', to_jsonb(enum_range(null::notify.channel))), true)
+       -- lengths apart: a counted repetition ({1,100}) makes a regular expression many times slower
+       and length(p_request ->> 'template') <= 100 and coalesce(length(p_request ->> 'category'), 0) <= 100
+$$;
+comment on function notify._is_usual_submission(jsonb) is
+    'True for the usual submission body (one recipient object; channels, template, variables, category, metadata of the right types; no times, no callback URL), which notify._parse_submission and the batch read without checking field by field. Accepts only bodies those checks accept; false (or null) sends a body to them.';
+
 create function notify._check_keys(p_object jsonb, p_allowed text[], p_path text)
     returns void
     language plpgsql

@@ -32,25 +32,12 @@ declare
     s notify.submission;
 begin
     -- The usual body (one recipient; channels, template, variables, category, metadata; no times, no callback URL) is
-    -- recognised by one jsonpath predicate and read without the checks below, which every other body takes (each of
-    -- its errors names its field). The predicate accepts only bodies the checks below accept, and reads them alike.
+    -- recognised by one jsonpath predicate (notify._is_usual_submission) and read without the checks below, which every
+    -- other body takes (each of its errors names its field). The predicate accepts only bodies the checks below accept.
     -- (Each PL/pgSQL expression is compiled once per transaction: for one submission per transaction, fewer of them is
     -- what makes this cheap. docs/benchmarks.md)
-    if jsonb_path_match(p_request,
-           '$.type() == "object"
-            && !exists($.keyvalue() ? (!(@.key == "recipient" || @.key == "channels" || @.key == "template"
-                                          || @.key == "variables" || @.key == "category" || @.key == "metadata")))
-            && $.recipient.type() == "object"
-            && !exists($.recipient.keyvalue() ? (!(@.key == "ref" || @.key == "addresses" || @.key == "locale" || @.key == "timezone")))
-            && $.channels.type() == "array" && $.channels.size() >= 1
-            && !exists($.channels[*].type() ? (@ != "string")) && !exists($.channels[*] ? (!(@ == $channel_names[*])))
-            && $.template.type() == "string" && $.template like_regex "^.{1,100}$" flag "s"
-            && (!exists($.variables) || $.variables.type() == "object" || $.variables.type() == "null")
-            && (!exists($.metadata) || $.metadata.type() == "object" || $.metadata.type() == "null")
-            && (!exists($.category) || $.category.type() == "null"
-                || ($.category.type() == "string" && $.category like_regex "^.{0,100}$" flag "s"))',
-           jsonb_build_object('channel_names', to_jsonb(enum_range(null::notify.channel))), true)
-       and (p_idempotency_key is null or p_idempotency_key ~ '^[\x21-\x7e]{1,255}$') then
+    if notify._is_usual_submission(p_request)
+       and (p_idempotency_key is null or (p_idempotency_key ~ '^[\x21-\x7e]+$' and length(p_idempotency_key) <= 255)) then
         s := row(p_idempotency_key, sha256(convert_to(p_request::text, 'UTF8')), p_request -> 'recipient', null,
                  string_to_array(translate((p_request -> 'channels')::text, '[]" ', ''), ',')::notify.channel[],
                  p_request ->> 'template', coalesce(nullif(p_request -> 'variables', 'null'), '{}'), p_request ->> 'category',

@@ -135,6 +135,7 @@ INLINED = {
     "_default_policy",
     "_is_bsuid",
     "_is_final",
+    "_is_usual_submission",
     "_provider_family",
     "_rank",
     "_tenant",

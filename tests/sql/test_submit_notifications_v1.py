@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
-from tests.conftest import intent
+from tests.conftest import REMINDER, call, intent, submit
 from tests.sql.test_submit_notification_v1__fanout import batch
 
 
@@ -64,3 +67,140 @@ def test_a_batch_respects_consent_per_item(db, ready):
     )
     statuses = [i["body"]["deliveries"][0]["status"] for i in out["items"]]
     assert statuses == ["queued", "suppressed"]
+
+
+def _twin_tenant(db: psycopg.Connection) -> str:
+    twin = str(call(db, "notify_api.create_tenant_v1('twin', 'Twin', 'en')")["id"])
+    call(db, "notify_api.upsert_template_v1(%s, 'event_reminder', %s)", twin, Jsonb(REMINDER))
+    call(
+        db,
+        "notify_api.record_consent_v1(%s, 'runner-42', %s)",
+        twin,
+        Jsonb({"channel": "whatsapp", "status": "granted", "source": "signup_form"}),
+    )
+    return twin
+
+
+def _shape(response: dict) -> object:
+    if "summary" in response:
+        return response["status"], response["summary"]
+    return response["status"], [(d["channel"], d["status"], d.get("reason")) for d in response["deliveries"]]
+
+
+def _state(db: psycopg.Connection, tenant: str) -> object:
+    deliveries = db.execute(
+        "select r.ref, d.channel, d.status, d.reason, d.address, d.template_locale from notify.notification_deliveries d"
+        " join notify.recipients r on r.tenant_id = d.tenant_id and r.id = d.recipient_id where d.tenant_id = %s order by 1, 2",
+        (tenant,),
+    ).fetchall()
+    requests = db.execute(
+        "select idempotency_key, template_key, variables, category, metadata, recipient_count from notify.notification_requests"
+        " where tenant_id = %s order by 1, 2, 3::text",
+        (tenant,),
+    ).fetchall()
+    addresses = db.execute(
+        "select r.ref, r.locale, r.timezone, a.channel, a.address from notify.recipients r"
+        " left join notify.recipient_addresses a on a.tenant_id = r.tenant_id and a.recipient_id = r.id"
+        " where r.tenant_id = %s order by 1, 4",
+        (tenant,),
+    ).fetchall()
+    return deliveries, requests, addresses
+
+
+def test_a_batch_answers_and_writes_as_its_items_one_by_one_would(db, ready):
+    """The usual items are taken together (notify._submit_batch_usual), the others alone: a mixed batch must answer and
+    write exactly what submitting its items one by one does, in order, on a twin tenant."""
+
+    def one(ref: str, **changes: object) -> dict:
+        return intent(
+            **{"recipient": {"ref": ref, "addresses": {"email": f"{ref}@example.com"}}, "channels": ["email"], **changes}
+        )
+
+    later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).isoformat()
+    items = [
+        {"idempotency_key": "k0", "notification": intent()},
+        {"idempotency_key": "k1", "notification": one("r-1")},
+        {"idempotency_key": "k2", "notification": one("r-2", variables={"name": "Ana"})},
+        {"idempotency_key": "k3", "notification": one("r-3", template="missing")},
+        {"idempotency_key": "dup", "notification": one("r-4")},
+        {"idempotency_key": "dup", "notification": one("r-4")},
+        {"idempotency_key": "dup2", "notification": one("r-6")},
+        {"idempotency_key": "dup2", "notification": one("r-7")},
+        {"idempotency_key": "k8", "notification": one("r-8", send_at=later)},
+        {
+            "idempotency_key": "k9",
+            "notification": {
+                **one("x"),
+                "recipient": None,
+                "recipients": [{"ref": "r-9", "addresses": {"email": "r9@example.com"}}, {"ref": "r-1"}],
+            },
+        },
+        {"idempotency_key": "k10", "notification": intent(recipient={"ref": "r-10", "addresses": {"email": "nope@"}})},
+        {"idempotency_key": "k11", "notification": intent(recipient={"ref": "r-11", "timezone": "Europe/Madrid"})},
+        {"idempotency_key": "k12", "notification": {**one("r-12"), "colour": "red"}},
+        {"idempotency_key": "k13", "notification": one("r-13", channels=["email", "email"])},
+        {
+            "idempotency_key": "k14",
+            "notification": intent(recipient={"ref": "r-14", "locale": "es-ES", "addresses": {"email": "r14@example.com"}}),
+        },
+        {"idempotency_key": "k15", "notification": one("r-15", category="marketing", metadata={"run": 7})},
+        {"notification": one("r-16")},
+        {
+            "idempotency_key": "k17",
+            "notification": intent(recipient={"ref": "r-17", "addresses": {"email": None, "whatsapp": "+34600111333"}}),
+        },
+        {"idempotency_key": "before", "notification": one("r-18")},
+        {"idempotency_key": "k19", "notification": one("r-19", channels=["whatsapp", "email", "sms"])},
+    ]
+    for item in items:
+        if item["notification"].get("recipient") is None:
+            item["notification"].pop("recipient", None)
+    twin = _twin_tenant(db)
+    for tenant in (ready, twin):
+        submit(db, tenant, one("r-18"), "before")
+        call(db, "notify_api.upsert_recipient_v1(%s, 'r-17', %s)", tenant, Jsonb({"addresses": {"email": "old@example.com"}}))
+
+    out = batch(db, ready, items)
+    expected = []
+    for item in items:
+        try:
+            with db.transaction():
+                response, replayed = submit(db, twin, item["notification"], item.get("idempotency_key"))
+            expected.append(("replayed" if replayed else "accepted", _shape(response)))
+        except psycopg.Error as error:
+            expected.append(("error", (error.diag.constraint_name, error.diag.column_name, error.diag.message_primary)))
+    got = [
+        (i["outcome"], (i["error"]["type"], i["error"].get("field", ""), i["error"]["detail"]))
+        if i["outcome"] == "error"
+        else (i["outcome"], _shape(i["body"]))
+        for i in out["items"]
+    ]
+    assert [i["index"] for i in out["items"]] == list(range(len(items)))
+    assert got == expected
+    assert _state(db, ready) == _state(db, twin)
+
+
+def test_a_large_usual_batch_is_taken_set_based_and_wakes_once(db, ready):
+    items = [
+        {
+            "idempotency_key": f"big-{i}",
+            "notification": intent(recipient={"ref": f"m-{i}", "addresses": {"email": f"m{i}@example.com"}}, channels=["email"]),
+        }
+        for i in range(1000)
+    ]
+    out = batch(db, ready, items)
+    assert (out["accepted"], out["failed"]) == (1000, 0)
+    assert db.execute("select count(*) from notify.notification_deliveries where status = 'queued'").fetchone()[0] == 1000
+    assert (
+        db.execute("select count(*) from public.procrastinate_jobs where task_name = 'dispatch' and status = 'todo'").fetchone()[
+            0
+        ]
+        == 1
+    )
+    assert (
+        db.execute(
+            "select count(distinct d.id) from notify.delivery_events e"
+            " join notify.notification_deliveries d on d.id = e.delivery_id"
+        ).fetchone()[0]
+        == 1000
+    )
