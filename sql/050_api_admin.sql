@@ -150,19 +150,6 @@ $$;
 comment on function notify._enter_key(uuid, uuid) is
     'Sets the transaction setting notify.test from the API key (true for a test key, else false) and returns it: what a submission with that key writes is then marked test (the column defaults of notify.notification_requests and notification_deliveries read it).';
 
-create function notify._test_answer(p_tenant_id uuid, p_answer jsonb)
-    returns jsonb
-    language sql
-    stable
-    set search_path = pg_catalog, pg_temp
-as $$
-    select case when exists (select from notify.notification_requests r
-                              where r.tenant_id = p_tenant_id and r.id = (p_answer ->> 'id')::uuid and r.test)
-                then p_answer || '{"test": true}'::jsonb else p_answer end
-$$;
-comment on function notify._test_answer(uuid, jsonb) is
-    'A submission''s answer with "test": true added when its request is a test one (also when it is replayed, whatever key replays it).';
-
 create function notify_api.authenticate_api_key_v1(p_key_hash bytea)
     returns table (tenant_id uuid, api_key_id uuid)
     language plpgsql

@@ -166,6 +166,7 @@ begin
                'status', case when bool_and(status = 'suppressed') then 'suppressed' else 'accepted' end,
                'summary', jsonb_agg(jsonb_strip_nulls(jsonb_build_object('channel', channel, 'status', status, 'reason', reason, 'count', n))
                                     order by channel, status, reason))
+           || case when pg_catalog.current_setting('notify.test', true) = 'true' then '{"test": true}'::jsonb else '{}' end
       into v_response
       from counted;
 
@@ -316,6 +317,7 @@ begin
                'id', b.request_id, 'created_at', v_now,
                'status', case when d.all_suppressed then 'suppressed' else 'accepted' end,
                'deliveries', d.deliveries)
+           || case when pg_catalog.current_setting('notify.test', true) = 'true' then '{"test": true}'::jsonb else '{}' end
       from (select i, bool_and(status = 'suppressed') as all_suppressed,
                    jsonb_agg(jsonb_strip_nulls(jsonb_build_object('id', id, 'channel', channel, 'status', status, 'reason', reason))
                              order by ord) as deliveries

@@ -41,7 +41,7 @@ T = TypeVar("T")
 
 
 def _is_test(answer: str | None) -> bool:
-    """Whether a submission's answer (jsonb text, which writes `"key": value`) is a test key's (notify._test_answer)."""
+    """Whether a submission's answer (jsonb text, which writes `"key": value`) is a test key's, as stored with the request."""
     return answer is not None and '"test": true' in answer
 
 
