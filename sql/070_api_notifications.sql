@@ -94,7 +94,7 @@ begin
     if jsonb_typeof(s.metadata) <> 'object' then
         perform notify._raise('ND400', 'invalid_type', 'metadata must be an object', 'metadata');
     end if;
-    if p_idempotency_key is not null and p_idempotency_key !~ '^[\x21-\x7e]{1,255}$' then
+    if p_idempotency_key is not null and (p_idempotency_key !~ '^[\x21-\x7e]+$' or length(p_idempotency_key) > 255) then
         perform notify._raise('ND400', 'invalid_idempotency_key', 'Idempotency-Key must be 1-255 printable ASCII characters', 'Idempotency-Key');
     end if;
     s.idempotency_key := p_idempotency_key;
