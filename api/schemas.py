@@ -159,17 +159,24 @@ class DeliveryOut(Base):
     delivered_at: dt.datetime | None = None
     read_at: dt.datetime | None = None
     opened_at: dt.datetime | None = None  # e-mail: the first open or click reported; a flag, not a status
+    recipient: str | None = None
     finished_at: dt.datetime | None = None
 
 
 class NotificationOut(Base):
+    """`summary` counts the deliveries by channel, status and reason; up to 100 deliveries are also inline with their
+    history; a larger fan-out says `deliveries_omitted` (read them with GET /internal/notifications/{id}/deliveries)."""
+
     id: UUID
     status: Literal["in_progress", "completed"]
     created_at: dt.datetime
     template: str
     channels: list[Channel]
-    deliveries: list[DeliveryOut]
     metadata: dict[str, Any]
+    delivery_count: int
+    summary: list[DeliveryCount]
+    deliveries: list[DeliveryOut] | None = None
+    deliveries_omitted: bool = False
     recipient: str | None = None
     recipient_count: int | None = None
     idempotency_key: str | None = None
@@ -178,6 +185,44 @@ class NotificationOut(Base):
     expires_at: dt.datetime | None = None
     http_request_id: str | None = None
     callback_url: str | None = None
+
+
+class DeliveryPage(Base):
+    """One page of a notification's deliveries; `next_cursor` null on the last."""
+
+    items: list[DeliveryOut]
+    next_cursor: str | None = None
+
+
+class FoundDelivery(Base):
+    id: UUID
+    channel: Channel
+    status: str
+    updated_at: dt.datetime
+    reason: str | None = None
+
+
+class FoundNotification(Base):
+    """`deliveries`: of the one recipient (a single intent, or the `recipient` filtered for within a fan-out)."""
+
+    id: UUID
+    created_at: dt.datetime
+    template: str
+    channels: list[Channel]
+    recipient: str | None = None
+    recipient_count: int | None = None
+    idempotency_key: str | None = None
+    category: str | None = None
+    metadata: dict[str, Any] | None = None
+    deliveries: list[FoundDelivery] | None = None
+
+
+class NotificationPage(Base):
+    """Newest first. A page may hold fewer items than `limit` (each call reads at most 1,000 candidates) while
+    `next_cursor` is set: the end is `next_cursor` null."""
+
+    items: list[FoundNotification]
+    next_cursor: str | None = None
 
 
 class CancelledDelivery(Base):

@@ -86,6 +86,18 @@ class _Api:
     def get_notification(self, notification_id: uuid.UUID | str) -> m.Notification:
         return self._call(Call("GET", f"/internal/notifications/{notification_id}", m.Notification))
 
+    def find_notifications(self, *, cursor: str | None = None, limit: int = 50, **filters: str) -> m.NotificationPage:
+        """One page of notifications, newest first. Filters: recipient, status, channel, category, template,
+        created_from, created_to (ISO 8601), idempotency_key, metadata_key with metadata_value."""
+        params: dict[str, Any] = {k: v for k, v in filters.items() if v is not None} | {"limit": limit}
+        if cursor:
+            params["cursor"] = cursor
+        return self._call(Call("GET", "/internal/notifications", m.NotificationPage, params=params))
+
+    def list_deliveries(self, notification_id: uuid.UUID | str, *, cursor: str | None = None, limit: int = 100) -> m.DeliveryPage:
+        params: dict[str, Any] = {"limit": limit} | ({"cursor": cursor} if cursor else {})
+        return self._call(Call("GET", f"/internal/notifications/{notification_id}/deliveries", m.DeliveryPage, params=params))
+
     def cancel(self, notification_id: uuid.UUID | str) -> m.CancelResult:
         return self._call(Call("POST", f"/internal/notifications/{notification_id}/cancel", m.CancelResult))
 

@@ -106,15 +106,22 @@ class Delivery(Model):
     finished_at: dt.datetime | None = None
     events: list[DeliveryEvent] = []
     attempt_history: list[Attempt] = []
+    recipient: str | None = None
 
 
 class Notification(Model):
+    """`summary` counts the deliveries by channel and status. Up to 100 deliveries come inline; a larger fan-out has
+    `deliveries_omitted` and its deliveries come page by page from `Client.list_deliveries`."""
+
     id: UUID
     status: Literal["in_progress", "completed"]
     created_at: dt.datetime
     template: str
     channels: list[Channel]
-    deliveries: list[Delivery]
+    deliveries: list[Delivery] = []
+    summary: list[DeliveryCount] = []
+    delivery_count: int | None = None
+    deliveries_omitted: bool = False
     metadata: dict[str, Any] = {}
     recipient: str | None = None
     recipient_count: int | None = None
@@ -124,6 +131,39 @@ class Notification(Model):
     expires_at: dt.datetime | None = None
     http_request_id: str | None = None
     callback_url: str | None = None
+
+
+class DeliveryPage(Model):
+    items: list[Delivery]
+    next_cursor: str | None = None
+
+
+class FoundDelivery(Model):
+    id: UUID
+    channel: Channel
+    status: str
+    updated_at: dt.datetime | None = None
+    reason: str | None = None
+
+
+class FoundNotification(Model):
+    id: UUID
+    created_at: dt.datetime
+    template: str
+    channels: list[Channel]
+    recipient: str | None = None
+    recipient_count: int | None = None
+    idempotency_key: str | None = None
+    category: str | None = None
+    metadata: dict[str, Any] | None = None
+    deliveries: list[FoundDelivery] = []
+
+
+class NotificationPage(Model):
+    """Newest first; a page may be short while `next_cursor` is set (the end is `next_cursor` None)."""
+
+    items: list[FoundNotification]
+    next_cursor: str | None = None
 
 
 class CancelledDelivery(Model):

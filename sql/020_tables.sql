@@ -203,6 +203,11 @@ comment on column notify.notification_requests.trace_parent is
     'The W3C traceparent of the submitting request''s span (transaction setting notify.traceparent), when tracing is on: the worker''s delivery spans continue that trace.';
 -- Partial: only the requests that name their own callback URL (status callbacks, sql/095_callbacks.sql).
 create index notification_requests_with_callback on notify.notification_requests (tenant_id, id) where callback_url is not null;
+-- Lookup (notify_api.find_notifications_v1, sql/065_api_lookup.sql): a tenant's requests newest first, keyset by (created_at, id).
+-- Partial on a predicate every row meets but that only the lookup states: an index starting (tenant_id) would otherwise tie
+-- with the keys for a key lookup on a new database (docs/architecture.md, "Indexes that tie with the primary key").
+create index notification_requests_created on notify.notification_requests (tenant_id, created_at, id)
+    where created_at > '-infinity';
 
 create table notify.notification_deliveries (
     tenant_id uuid not null,
@@ -255,6 +260,10 @@ create index notification_deliveries_leases on notify.notification_deliveries (l
 create unique index notification_deliveries_provider_message on notify.notification_deliveries (provider, provider_message_id)
     where provider_message_id is not null;
 -- (Reads by request use the unique key notification_deliveries_one_per_channel, which starts with request_id, tenant_id.)
+-- Lookup by recipient (find_notifications_v1, and erasure and export, sql/066_api_erasure.sql): its deliveries newest first.
+-- (Partial for the same reason as notification_requests_created.)
+create index notification_deliveries_recipient on notify.notification_deliveries (tenant_id, recipient_id, created_at, request_id)
+    where created_at > '-infinity';
 
 create table notify.delivery_attempts (
     tenant_id uuid not null,

@@ -1,0 +1,35 @@
+"""GET /internal/notifications (find, keyset pages) and GET /internal/notifications/{id}/deliveries over HTTP."""
+
+from __future__ import annotations
+
+from tests.api.test_api import client, is_problem  # noqa: F401  (fixture)
+from tests.conftest import intent
+
+
+def test_find_over_http_newest_first_by_pages(client):  # noqa: F811
+    made = []
+    for i in range(5):
+        r = client.post("/internal/notifications", json=intent(metadata={"order": str(i)}), headers={"Idempotency-Key": f"f-{i}"})
+        assert r.status_code == 202
+        made.append(r.json()["id"])
+    first = client.get("/internal/notifications", params={"recipient": "runner-42", "limit": 3})
+    assert first.status_code == 200, first.text
+    second = client.get(
+        "/internal/notifications", params={"recipient": "runner-42", "limit": 3, "cursor": first.json()["next_cursor"]}
+    )
+    assert [i["id"] for i in first.json()["items"] + second.json()["items"]] == made[::-1]
+    assert second.json()["next_cursor"] is None
+    item = first.json()["items"][0]
+    assert item["recipient"] == "runner-42" and {d["channel"] for d in item["deliveries"]} == {"whatsapp", "email"}
+    by_key = client.get("/internal/notifications", params={"idempotency_key": "f-2"}).json()["items"]
+    assert [i["id"] for i in by_key] == [made[2]]
+    by_meta = client.get("/internal/notifications", params={"metadata_key": "order", "metadata_value": "4"}).json()["items"]
+    assert [i["id"] for i in by_meta] == [made[4]]
+    assert client.get("/internal/notifications", params={"status": "queued", "channel": "email"}).json()["items"]
+
+
+def test_a_bad_filter_or_cursor_is_422_naming_it(client):  # noqa: F811
+    is_problem(client.get("/internal/notifications", params={"status": "lost"}), 422, "status")
+    is_problem(client.get("/internal/notifications", params={"created_to": "soon"}), 422, "created_to")
+    is_problem(client.get("/internal/notifications", params={"cursor": "xyz"}), 422, "cursor")
+    is_problem(client.get("/internal/notifications", params={"metadata_key": "a"}), 422, "metadata_value")
