@@ -253,6 +253,33 @@ class RecipientOut(Base):
     timezone: str | None = None
 
 
+class Suppression(Base):
+    channel: Channel
+    category: str | None = None
+
+
+class ErasureReceipt(Base):
+    """`rows_changed`: per table, the rows the erasure changed or removed. `in_flight`: deliveries being sent at the
+    time (not cancellable); erase again once they finish. `suppressed`: what stays opted out, by keyed hash."""
+
+    id: UUID
+    ref: str
+    erased_at: dt.datetime
+    rows_changed: dict[str, int]
+    in_flight: int
+    suppressed: list[Suppression]
+    erased_by: str | None = None
+
+
+class RecipientExport(Base):
+    exported_at: dt.datetime
+    recipient: dict[str, Any]
+    consents: dict[str, Any]
+    notifications: list[dict[str, Any]]
+    mock_messages: list[dict[str, Any]]
+    erasures: list[dict[str, Any]]
+
+
 class ConsentIn(Base):
     channel: Channel
     status: Literal["granted", "revoked"]
