@@ -146,6 +146,14 @@ class _Api:
     def list_consents(self, ref: str) -> m.Consents:
         return self._call(Call("GET", f"/internal/recipients/{_ref(ref)}/consents", m.Consents))
 
+    def erase_recipient(self, ref: str) -> m.ErasureReceipt:
+        """Erases the recipient's personal data (needs the admin scope); the receipt says what changed."""
+        return self._call(Call("DELETE", f"/internal/recipients/{_ref(ref)}", m.ErasureReceipt, retry="unsent"))
+
+    def export_recipient(self, ref: str) -> dict[str, Any]:
+        """Everything held about the recipient, as one JSON document (an access request)."""
+        return self._call(Call("GET", f"/internal/recipients/{_ref(ref)}/export", dict[str, Any]))
+
     # templates, channels, callbacks (admin scope)
     def upsert_template(self, key: str, channels: Mapping[str, Any], *, locale: str | None = None) -> list[m.Template]:
         body: dict[str, Any] = {"channels": channels}

@@ -235,6 +235,21 @@ class ConsentInForce(Model):
     categories: list[CategoryConsent] = []
 
 
+class Suppression(Model):
+    channel: Channel
+    category: str | None = None
+
+
+class ErasureReceipt(Model):
+    id: UUID
+    ref: str
+    erased_at: dt.datetime
+    rows_changed: dict[str, int]
+    in_flight: int = 0
+    suppressed: list[Suppression] = []
+    erased_by: str | None = None
+
+
 class Consents(Model):
     ref: str
     current: list[ConsentInForce]
