@@ -253,6 +253,23 @@ class RecipientOut(Base):
     timezone: str | None = None
 
 
+class Resolution(Base):
+    status: Literal["sent", "failed"]
+    note: Annotated[str, Meta(min_length=1, max_length=500)]
+
+
+class UnknownDeadlinePut(Base):
+    """Seconds a delivery may stay unknown before it becomes failed; null: the default (7 days; e-mail 1 day)."""
+
+    after_seconds: Annotated[int, Meta(ge=60, le=31_536_000)] | None
+
+
+class UnknownDeadlineOut(Base):
+    channel: Channel
+    after_seconds: int
+    default: bool
+
+
 class Suppression(Base):
     channel: Channel
     category: str | None = None

@@ -56,6 +56,20 @@ comment on table notify.recipient_erasures is
     'One erasure of a recipient''s personal data on request: when, by which API key (or login), and how many rows of each table it changed. Content-free.';
 comment on column notify.recipient_erasures.in_flight is 'Deliveries being sent at the time (not cancellable): their outcome may still write; erase again after they finish.';
 
+-- Unknown outcomes get an end (sql/086_api_unknown.sql).
+create table notify.unknown_deadlines (
+    tenant_id uuid not null references notify.tenants (id),
+    channel notify.channel not null,
+    after_seconds integer not null,
+    updated_at timestamptz not null default now(),
+    primary key (tenant_id, channel),
+    constraint unknown_deadlines_range check (after_seconds between 60 and 31536000)
+);
+comment on table notify.unknown_deadlines is
+    'Per tenant and channel: how long a delivery may stay unknown (no provider report after a crashed or timed-out send) before maintenance makes it final (failed, reason outcome_unknown_deadline). No row: notify._unknown_deadline_default (7 days for WhatsApp and SMS, 1 day for e-mail).';
+-- The unresolved unknowns, oldest first: a small hot set however much history there is.
+create index notification_deliveries_unknown on notify.notification_deliveries (updated_at) where status = 'unknown';
+
 -- Erasure (sql/066_api_erasure.sql): the suppression list and the erasure records, by tenant like the rest.
 alter table notify.address_suppressions enable row level security;
 alter table notify.address_suppressions force row level security;
@@ -67,6 +81,12 @@ alter table notify.recipient_erasures force row level security;
 create policy tenant_rows on notify.recipient_erasures to notify_owner
     using (tenant_id = (select notify._tenant())) with check (tenant_id = (select notify._tenant()));
 create policy system_rows on notify.recipient_erasures to notify_system using (true) with check (true);
+-- Deadlines for unknown outcomes (sql/086_api_unknown.sql).
+alter table notify.unknown_deadlines enable row level security;
+alter table notify.unknown_deadlines force row level security;
+create policy tenant_rows on notify.unknown_deadlines to notify_owner
+    using (tenant_id = (select notify._tenant())) with check (tenant_id = (select notify._tenant()));
+create policy system_rows on notify.unknown_deadlines to notify_system using (true) with check (true);
 
 create function notify._address_hash(p_channel notify.channel, p_address text)
     returns bytea
@@ -646,18 +666,209 @@ $$;
 comment on function notify_api.export_recipient_v1(uuid, text) is
     'Everything held about a recipient, for an access request, as one document: the recipient and its addresses, its consent (in force and the ledger with evidence), its notifications with their variables and its deliveries (address, variables, history, attempts), what the mock provider "sent" it, and its past erasures. 404 for an unknown ref.';
 
+create function notify._unknown_deadline_default(p_channel notify.channel)
+    returns integer
+    language sql
+    immutable
+    set search_path = pg_catalog, pg_temp
+as $$
+    -- A provider that accepted a message reports it within minutes, and retries its webhook for days (Meta: up to 7);
+    -- past that, no report is coming.
+    select case p_channel when 'email' then 86400 else 604800 end
+$$;
+comment on function notify._unknown_deadline_default(notify.channel) is
+    'Seconds a delivery may stay unknown when the tenant set no deadline for the channel: 7 days for WhatsApp and SMS, 1 day for e-mail.';
+
+create function notify._finish_unknown_deliveries()
+    returns integer
+    language plpgsql
+    volatile
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_n integer;
+begin
+    -- Never a resend: an unknown past its deadline becomes failed, saying why; a late provider report can still move
+    -- it (failed -> delivered is a legal, ranked change for WhatsApp and SMS).
+    with due as (
+        select d.tenant_id, d.id
+          from notify.notification_deliveries d
+          left join notify.unknown_deadlines u on u.tenant_id = d.tenant_id and u.channel = d.channel
+         where d.status = 'unknown'
+           and d.updated_at < now() - make_interval(secs => coalesce(u.after_seconds, notify._unknown_deadline_default(d.channel)))
+         order by d.updated_at
+         limit 10000
+           for update of d skip locked
+    ), done as (
+        update notify.notification_deliveries d
+           set status = 'failed', reason = 'outcome_unknown_deadline', last_error_code = 'outcome_unknown_deadline',
+               last_error_message = 'no provider report within the channel''s deadline for unknown outcomes; the message may have been delivered'
+          from due
+         where d.tenant_id = due.tenant_id and d.id = due.id and d.status = 'unknown'
+        returning 1
+    )
+    select count(*) into v_n from done;
+    return v_n;
+end
+$$;
+comment on function notify._finish_unknown_deliveries() is
+    'Maintenance: every delivery unknown for longer than its tenant''s deadline for the channel (notify.unknown_deadlines, or the default) becomes failed with reason outcome_unknown_deadline, up to 10,000 per run. Never resent. Returns how many.';
+
+create function notify_api.resolve_delivery_v1(p_tenant_id uuid, p_delivery_id uuid, p_body jsonb, p_resolved_by text default null)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v notify.notification_deliveries;
+    v_status text;
+    v_note text;
+begin
+    perform notify._enter(p_tenant_id);
+    perform notify._check_keys(coalesce(p_body, '{}'), array['status', 'note'], '');
+    v_status := notify._text_field(coalesce(p_body, '{}'), 'status', '', true, 16);
+    if v_status not in ('sent', 'failed') then
+        perform notify._raise('ND400', 'invalid_value', 'status must be sent or failed', 'status');
+    end if;
+    v_note := notify._text_field(p_body, 'note', '', true, 500);
+    select * into v from notify.notification_deliveries d where d.tenant_id = p_tenant_id and d.id = p_delivery_id for update;
+    if v.id is null then
+        perform notify._raise('ND404', 'not_found', 'no such delivery', 'id');
+    end if;
+    if v.status <> 'unknown' then
+        perform notify._raise('ND409', 'not_unknown', format('delivery is %s: only an unknown outcome is resolved by hand', v.status), 'status');
+    end if;
+    -- Recorded in the history like any change: source operator (who, in the note's event), reason the note.
+    perform notify._set_source(left('operator' || coalesce(':' || p_resolved_by, ''), 200));
+    update notify.notification_deliveries d
+       set status = v_status::notify.delivery_status, reason = 'resolved: ' || v_note,
+           sent_at = case when v_status = 'sent' then coalesce(d.sent_at, now()) else d.sent_at end,
+           last_error_code = case when v_status = 'failed' then 'resolved_failed' else d.last_error_code end
+     where d.tenant_id = p_tenant_id and d.id = p_delivery_id
+    returning * into v;
+    return notify._delivery_json(v, true);
+end
+$$;
+comment on function notify_api.resolve_delivery_v1(uuid, uuid, jsonb, text) is
+    'Resolves an unknown outcome by hand: {status: sent|failed, note} (what the operator learned, e.g. from the provider''s console). Recorded in the delivery''s history (source operator:<who>, reason "resolved: <note>"). ND409 not_unknown for a delivery in any other status; 404 for another tenant''s.';
+
+create function notify_api.set_unknown_deadline_v1(p_tenant_id uuid, p_channel text, p_after_seconds integer)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_channel notify.channel;
+begin
+    perform notify._enter(p_tenant_id);
+    v_channel := notify._channel_field(to_jsonb(p_channel), 'channel');
+    if p_after_seconds is null then
+        delete from notify.unknown_deadlines u where u.tenant_id = p_tenant_id and u.channel = v_channel;
+    elsif p_after_seconds not between 60 and 31536000 then
+        perform notify._raise('ND422', 'invalid_value', 'after_seconds must be between 60 (a minute) and 31536000 (a year)', 'after_seconds');
+    else
+        insert into notify.unknown_deadlines as u (tenant_id, channel, after_seconds)
+        values (p_tenant_id, v_channel, p_after_seconds)
+        on conflict (tenant_id, channel) do update set after_seconds = excluded.after_seconds, updated_at = now();
+    end if;
+    return jsonb_build_object('channel', v_channel,
+        'after_seconds', coalesce((select u.after_seconds from notify.unknown_deadlines u
+                                    where u.tenant_id = p_tenant_id and u.channel = v_channel),
+                                  notify._unknown_deadline_default(v_channel)),
+        'default', not exists (select from notify.unknown_deadlines u where u.tenant_id = p_tenant_id and u.channel = v_channel));
+end
+$$;
+comment on function notify_api.set_unknown_deadline_v1(uuid, text, integer) is
+    'Sets how long a delivery on the channel may stay unknown before maintenance makes it final (60 s to a year); null: back to the default (7 days for WhatsApp and SMS, 1 day for e-mail). Returns {channel, after_seconds, default}.';
+
+create or replace function notify_api.run_maintenance_v1()
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_requeued integer;
+    v_unknown integer;
+    v_exhausted integer;
+    v_expired integer;
+    v_woken text[];
+    v_unknown_final integer;
+begin
+    perform notify._set_source('maintenance');
+
+    -- Crashed sends (lease past due): e-mail may be sent twice, so it goes back to the queue;
+    -- WhatsApp and SMS must not be, so they become unknown until a provider report says what happened.
+    -- An expired lease was an attempt: e-mail whose attempts are used up fails instead of being requeued forever.
+    with stale as (
+        select d.tenant_id, d.id, d.attempt, d.channel, d.attempt >= t.retry_max_attempts as exhausted
+          from notify.notification_deliveries d
+          join notify.tenants t on t.id = d.tenant_id
+         where d.status = 'sending' and d.lease_expires_at < now()
+           for update of d skip locked
+    ), attempts as (
+        update notify.delivery_attempts a set finished_at = now(), outcome = 'lease_expired'
+          from stale s
+         where a.tenant_id = s.tenant_id and a.delivery_id = s.id and a.attempt = s.attempt and a.finished_at is null
+    ), moved as (
+        update notify.notification_deliveries d
+           set status = case when s.channel <> 'email' then 'unknown' when s.exhausted then 'failed' else 'queued' end::notify.delivery_status,
+               reason = case when s.channel <> 'email' then 'lease_expired' when s.exhausted then 'retries_exhausted' else d.reason end,
+               last_error_code = case when s.channel = 'email' then 'lease_expired' else d.last_error_code end,
+               last_error_message = case when s.channel = 'email' then format('attempt %s: the worker''s lease expired before it recorded an outcome', s.attempt)
+                                         else d.last_error_message end,
+               due_at = case when s.channel = 'email' and not s.exhausted then now() else d.due_at end
+          from stale s
+         where d.tenant_id = s.tenant_id and d.id = s.id
+        returning d.status
+    )
+    select count(*) filter (where status = 'queued'), count(*) filter (where status = 'unknown'),
+           count(*) filter (where status = 'failed')
+      into v_requeued, v_unknown, v_exhausted from moved;
+
+    -- Deadlines: anything still waiting past its expires_at is never sent.
+    with gone as (
+        update notify.notification_deliveries d set status = 'expired', reason = 'expired_before_send'
+         where d.status in ('queued', 'scheduled') and d.expires_at <= now()
+        returning 1
+    )
+    select count(*) into v_expired from gone;
+
+    -- Unknown outcomes past their channel's deadline become final (failed, never resent; sql/086_api_unknown.sql).
+    v_unknown_final := notify._finish_unknown_deliveries();
+
+    -- Safety net: a wake-up for every channel with due work (coalesced, so cheap when one is pending).
+    select array_agg(c::text) into v_woken
+      from unnest(enum_range(null::notify.channel)) c
+     where exists (select from notify.notification_deliveries d
+                    where d.channel = c and d.status in ('queued', 'scheduled') and d.due_at <= now());
+    perform notify._wake(c::notify.channel) from unnest(v_woken) c;
+
+    return jsonb_build_object('requeued', v_requeued, 'unknown', v_unknown, 'exhausted', v_exhausted, 'expired', v_expired,
+                              'unknown_finalized', v_unknown_final, 'woken', coalesce(to_jsonb(v_woken), '[]'));
+end
+$$;
+comment on function notify_api.run_maintenance_v1() is
+    'Periodic upkeep: expired leases, each counted as an attempt (email -> queued, or failed/retries_exhausted when the tenant''s retry_max_attempts are used up; whatsapp/sms -> unknown), deliveries past expires_at -> expired, unknown outcomes past their channel''s deadline -> failed (outcome_unknown_deadline; notify._finish_unknown_deliveries), a wake-up for every channel with due work.';
+
 revoke execute on all functions in schema notify from public;
 revoke execute on all functions in schema notify_api from public;
-grant select, insert, update, delete on notify.address_hash_key, notify.address_suppressions, notify.recipient_erasures to notify_system;
+grant select, insert, update, delete on notify.address_hash_key, notify.address_suppressions, notify.recipient_erasures,
+    notify.unknown_deadlines to notify_system;
 grant execute on all functions in schema notify to notify_system;
 grant execute on function notify_api.find_notifications_v1(uuid, jsonb, text, integer) to notify_service;
 grant execute on function notify_api.get_notification_v2(uuid, uuid) to notify_service;
 grant execute on function notify_api.list_deliveries_v1(uuid, uuid, text, integer) to notify_service;
 grant execute on function notify_api.erase_recipient_v1(uuid, text, text) to notify_service;
 grant execute on function notify_api.export_recipient_v1(uuid, text) to notify_service;
+grant execute on function notify_api.resolve_delivery_v1(uuid, uuid, jsonb, text) to notify_service;
+grant execute on function notify_api.set_unknown_deadline_v1(uuid, text, integer) to notify_service;
 grant execute on function notify_api.get_notification_v2(uuid, uuid) to notify_caller;
 grant execute on function notify_api.list_deliveries_v1(uuid, uuid, text, integer) to notify_caller;
 grant execute on function notify_api.find_notifications_v1(uuid, jsonb, text, integer) to notify_caller;
 grant execute on function notify_api.erase_recipient_v1(uuid, text, text) to notify_caller;
 grant execute on function notify_api.export_recipient_v1(uuid, text) to notify_caller;
+grant execute on function notify_api.resolve_delivery_v1(uuid, uuid, jsonb, text) to notify_caller;
 select notify._settle_owners();

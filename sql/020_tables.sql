@@ -389,3 +389,17 @@ create table notify.recipient_erasures (
 comment on table notify.recipient_erasures is
     'One erasure of a recipient''s personal data on request: when, by which API key (or login), and how many rows of each table it changed. Content-free.';
 comment on column notify.recipient_erasures.in_flight is 'Deliveries being sent at the time (not cancellable): their outcome may still write; erase again after they finish.';
+
+-- Unknown outcomes get an end (sql/086_api_unknown.sql).
+create table notify.unknown_deadlines (
+    tenant_id uuid not null references notify.tenants (id),
+    channel notify.channel not null,
+    after_seconds integer not null,
+    updated_at timestamptz not null default now(),
+    primary key (tenant_id, channel),
+    constraint unknown_deadlines_range check (after_seconds between 60 and 31536000)
+);
+comment on table notify.unknown_deadlines is
+    'Per tenant and channel: how long a delivery may stay unknown (no provider report after a crashed or timed-out send) before maintenance makes it final (failed, reason outcome_unknown_deadline). No row: notify._unknown_deadline_default (7 days for WhatsApp and SMS, 1 day for e-mail).';
+-- The unresolved unknowns, oldest first: a small hot set however much history there is.
+create index notification_deliveries_unknown on notify.notification_deliveries (updated_at) where status = 'unknown';

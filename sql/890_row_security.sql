@@ -41,6 +41,12 @@ alter table notify.recipient_erasures force row level security;
 create policy tenant_rows on notify.recipient_erasures to notify_owner
     using (tenant_id = (select notify._tenant())) with check (tenant_id = (select notify._tenant()));
 create policy system_rows on notify.recipient_erasures to notify_system using (true) with check (true);
+-- Deadlines for unknown outcomes (sql/086_api_unknown.sql).
+alter table notify.unknown_deadlines enable row level security;
+alter table notify.unknown_deadlines force row level security;
+create policy tenant_rows on notify.unknown_deadlines to notify_owner
+    using (tenant_id = (select notify._tenant())) with check (tenant_id = (select notify._tenant()));
+create policy system_rows on notify.unknown_deadlines to notify_system using (true) with check (true);
 
 create function notify._settle_owners()
     returns void

@@ -37,6 +37,7 @@ grant execute on function notify_api.record_consent_v1(uuid, text, jsonb, text) 
 grant execute on function notify_api.list_consents_v1(uuid, text) to notify_caller;
 grant execute on function notify_api.erase_recipient_v1(uuid, text, text) to notify_caller;
 grant execute on function notify_api.export_recipient_v1(uuid, text) to notify_caller;
+grant execute on function notify_api.resolve_delivery_v1(uuid, uuid, jsonb, text) to notify_caller;
 grant execute on function notify_api.list_templates_v1(uuid, text) to notify_caller;
 
 -- The owning roles (sql/890_row_security.sql): notify_owner owns the tables (notify._settle_owners, below) and the

@@ -33,3 +33,20 @@ def test_a_bad_filter_or_cursor_is_422_naming_it(client):  # noqa: F811
     is_problem(client.get("/internal/notifications", params={"created_to": "soon"}), 422, "created_to")
     is_problem(client.get("/internal/notifications", params={"cursor": "xyz"}), 422, "cursor")
     is_problem(client.get("/internal/notifications", params={"metadata_key": "a"}), 422, "metadata_value")
+
+
+def test_an_admin_resolves_an_unknown_and_sets_the_deadline_over_http(client, db):  # noqa: F811
+    from tests.conftest import claim
+
+    client.post("/internal/notifications", json=intent(channels=["whatsapp"]), headers={"Idempotency-Key": "u-1"})
+    row = claim(db, "whatsapp", lease=1)[0]
+    db.execute("update notify.notification_deliveries set lease_expires_at = now() - interval '1 s'")
+    db.execute("select notify_api.run_maintenance_v1()")
+    is_problem(client.post(f"/internal/deliveries/{row[1]}/resolve", json={"status": "sent"}), 400)
+    done = client.post(f"/internal/deliveries/{row[1]}/resolve", json={"status": "failed", "note": "rejected upstream"})
+    assert done.status_code == 200 and done.json()["status"] == "failed"
+    assert done.json()["events"][-1]["reason"] == "resolved: rejected upstream"
+    is_problem(client.post(f"/internal/deliveries/{row[1]}/resolve", json={"status": "sent", "note": "x"}), 409, "status")
+    put = client.put("/internal/channels/whatsapp/unknown-deadline", json={"after_seconds": 3600})
+    assert put.status_code == 200 and put.json() == {"channel": "whatsapp", "after_seconds": 3600, "default": False}
+    is_problem(client.put("/internal/channels/fax/unknown-deadline", json={"after_seconds": 3600}), 400, "channel")

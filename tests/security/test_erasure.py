@@ -76,7 +76,12 @@ def test_another_tenants_key_can_neither_erase_nor_export(db, ready, clients):
 
 def test_an_application_login_cannot_read_or_compute_the_keyed_hashes(db, db_url, ready):
     call(db, "notify_api.upsert_recipient_v1(%s, 'runner-42', %s)", ready, Jsonb({"addresses": {"email": "a@example.com"}}))
-    call(db, "notify_api.record_consent_v1(%s, 'runner-42', %s)", ready, Jsonb({"channel": "email", "status": "revoked", "source": "x"}))
+    call(
+        db,
+        "notify_api.record_consent_v1(%s, 'runner-42', %s)",
+        ready,
+        Jsonb({"channel": "email", "status": "revoked", "source": "x"}),
+    )
     call(db, "notify_api.erase_recipient_v1(%s, 'runner-42')", ready)
     for role in ("dispatcher_app", "dispatcher_caller"):
         with psycopg.connect(app_url(db_url, role), autocommit=True) as conn:
