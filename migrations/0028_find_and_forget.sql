@@ -472,6 +472,64 @@ $$;
 comment on function notify_api.list_deliveries_v1(uuid, uuid, text, integer) is
     'One page (p_limit 1-1000, default 100) of a notification''s deliveries with their history and recipient, in (recipient, channel) order: {items, next_cursor}; the last page has next_cursor null. ND422 invalid_cursor; 404 for another tenant''s id.';
 
+create function notify_api.get_notification_timeline_v1(p_tenant_id uuid, p_id uuid, p_max_deliveries integer default 20)
+    returns jsonb
+    language plpgsql
+    stable
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v notify.notification_requests;
+begin
+    perform notify._enter(p_tenant_id);
+    select * into v from notify.notification_requests r where r.tenant_id = p_tenant_id and r.id = p_id;
+    if v.id is null then
+        perform notify._raise('ND404', 'not_found', 'no such notification', 'id');
+    end if;
+    -- What support reads, in time order: each status change (its source says who: submit, claim, worker, webhook,
+    -- maintenance, operator, erasure, cancel), each attempt, each status callback attempt. A fan-out: its first
+    -- p_max_deliveries deliveries (in the deliveries sub-resource's order).
+    return jsonb_build_object(
+        'notification', notify._notification_head(v),
+        'timeline', coalesce((
+            with ds as (
+                select d.* from notify.notification_deliveries d
+                 where d.request_id = p_id and d.tenant_id = p_tenant_id
+                 order by d.recipient_id, d.channel
+                 limit greatest(1, least(coalesce(p_max_deliveries, 20), 1000))
+            ), entries as (
+                select e.occurred_at as at, ds.id as delivery_id, ds.channel, ds.recipient_id, 'status' as kind,
+                       jsonb_strip_nulls(jsonb_build_object('from', e.from_status, 'to', e.to_status, 'source', e.source,
+                                                            'reason', e.reason)) as detail, e.seq as ord
+                  from ds join notify.delivery_events e on e.tenant_id = p_tenant_id and e.delivery_id = ds.id
+                union all
+                select a.started_at, ds.id, ds.channel, ds.recipient_id, 'attempt',
+                       jsonb_strip_nulls(jsonb_build_object('attempt', a.attempt, 'outcome', a.outcome, 'provider', a.provider,
+                                                            'provider_message_id', a.provider_message_id,
+                                                            'error_code', a.error_code, 'finished_at', a.finished_at)), 0
+                  from ds join notify.delivery_attempts a on a.tenant_id = p_tenant_id and a.delivery_id = ds.id
+                union all
+                select t.at, ds.id, ds.channel, ds.recipient_id, 'provider_flag', jsonb_build_object('flag', t.flag), 0
+                  from ds cross join lateral (values (ds.opened_at, 'opened'), (ds.complained_at, 'complained')) t(at, flag)
+                 where t.at is not null
+                union all
+                select coalesce(ca.finished_at, m.created_at), ds.id, ds.channel, ds.recipient_id, 'callback',
+                       jsonb_strip_nulls(jsonb_build_object('seq', m.seq, 'message_status', m.status, 'attempt', ca.attempt,
+                                                            'outcome', ca.outcome, 'status_code', ca.status_code,
+                                                            'error', ca.error)), m.seq
+                  from ds join notify.callback_messages m on m.tenant_id = p_tenant_id and m.delivery_id = ds.id
+                  left join notify.callback_attempts ca on ca.tenant_id = p_tenant_id and ca.message_id = m.id
+            )
+            select jsonb_agg(jsonb_build_object('at', x.at, 'delivery_id', x.delivery_id, 'channel', x.channel,
+                                                'recipient', r.ref, 'kind', x.kind) || x.detail
+                             order by x.at, x.delivery_id, x.kind desc, x.ord)
+              from entries x join notify.recipients r on r.tenant_id = p_tenant_id and r.id = x.recipient_id), '[]'));
+end
+$$;
+comment on function notify_api.get_notification_timeline_v1(uuid, uuid, integer) is
+    'A notification''s history in time order, for support (`dispatcher notifications show`): every status change with its source (provider reports arrive as source webhook), attempt, provider flag (opened, complained) and status callback attempt, of its first p_max_deliveries deliveries (default 20, at most 1,000). 404 for another tenant''s id.';
+
 create function notify_api.erase_recipient_v1(p_tenant_id uuid, p_ref text, p_erased_by text default null)
     returns jsonb
     language plpgsql
@@ -861,6 +919,7 @@ grant execute on all functions in schema notify to notify_system;
 grant execute on function notify_api.find_notifications_v1(uuid, jsonb, text, integer) to notify_service;
 grant execute on function notify_api.get_notification_v2(uuid, uuid) to notify_service;
 grant execute on function notify_api.list_deliveries_v1(uuid, uuid, text, integer) to notify_service;
+grant execute on function notify_api.get_notification_timeline_v1(uuid, uuid, integer) to notify_service;
 grant execute on function notify_api.erase_recipient_v1(uuid, text, text) to notify_service;
 grant execute on function notify_api.export_recipient_v1(uuid, text) to notify_service;
 grant execute on function notify_api.resolve_delivery_v1(uuid, uuid, jsonb, text) to notify_service;
@@ -868,6 +927,7 @@ grant execute on function notify_api.set_unknown_deadline_v1(uuid, text, integer
 grant execute on function notify_api.get_notification_v2(uuid, uuid) to notify_caller;
 grant execute on function notify_api.list_deliveries_v1(uuid, uuid, text, integer) to notify_caller;
 grant execute on function notify_api.find_notifications_v1(uuid, jsonb, text, integer) to notify_caller;
+grant execute on function notify_api.get_notification_timeline_v1(uuid, uuid, integer) to notify_caller;
 grant execute on function notify_api.erase_recipient_v1(uuid, text, text) to notify_caller;
 grant execute on function notify_api.export_recipient_v1(uuid, text) to notify_caller;
 grant execute on function notify_api.resolve_delivery_v1(uuid, uuid, jsonb, text) to notify_caller;

@@ -29,6 +29,7 @@ grant execute on function notify_api.get_notification_v1(uuid, uuid) to notify_c
 grant execute on function notify_api.get_notification_v2(uuid, uuid) to notify_caller;
 grant execute on function notify_api.list_deliveries_v1(uuid, uuid, text, integer) to notify_caller;
 grant execute on function notify_api.find_notifications_v1(uuid, jsonb, text, integer) to notify_caller;
+grant execute on function notify_api.get_notification_timeline_v1(uuid, uuid, integer) to notify_caller;
 grant execute on function notify_api.cancel_notification_v1(uuid, uuid) to notify_caller;
 grant execute on function notify_api.list_callbacks_v1(uuid, uuid) to notify_caller;
 grant execute on function notify_api.upsert_recipient_v1(uuid, text, jsonb) to notify_caller;
