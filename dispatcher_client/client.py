@@ -98,6 +98,16 @@ class _Api:
         params: dict[str, Any] = {"limit": limit} | ({"cursor": cursor} if cursor else {})
         return self._call(Call("GET", f"/internal/notifications/{notification_id}/deliveries", m.DeliveryPage, params=params))
 
+    def resolve_delivery(self, delivery_id: uuid.UUID | str, status: Literal["sent", "failed"], note: str) -> m.Delivery:
+        """Ends an unknown outcome by hand (admin scope); recorded in the delivery's history with the note."""
+        body = {"status": status, "note": note}
+        return self._call(Call("POST", f"/internal/deliveries/{delivery_id}/resolve", m.Delivery, body, retry="unsent"))
+
+    def set_unknown_deadline(self, channel: m.Channel, after_seconds: int | None) -> dict[str, Any]:
+        """How long a delivery on the channel may stay unknown before it becomes failed; None: the default."""
+        body = {"after_seconds": after_seconds}
+        return self._call(Call("PUT", f"/internal/channels/{channel}/unknown-deadline", dict[str, Any], body))
+
     def cancel(self, notification_id: uuid.UUID | str) -> m.CancelResult:
         return self._call(Call("POST", f"/internal/notifications/{notification_id}/cancel", m.CancelResult))
 

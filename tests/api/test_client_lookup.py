@@ -27,3 +27,4 @@ def test_the_client_finds_pages_erases_and_exports(client, db, ready):  # noqa: 
     assert receipt.ref == "runner-42" and receipt.rows_changed["recipient_addresses"] == 2
     assert receipt.rows_changed["cancelled_deliveries"] == 3
     assert nd.get_recipient("runner-42").addresses == {}
+    assert nd.set_unknown_deadline("whatsapp", 3600) == {"channel": "whatsapp", "after_seconds": 3600, "default": False}
