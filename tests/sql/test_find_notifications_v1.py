@@ -146,3 +146,14 @@ def test_a_large_fanout_answers_a_summary_and_pages_its_deliveries(db, ready):
         with pytest.raises(psycopg.Error) as err:
             call(db, f"notify_api.{fn}", other, response["id"])
         assert err.value.sqlstate == "ND404"
+
+
+def test_a_fanout_is_found_by_any_of_its_recipients_with_that_recipients_deliveries(db, ready):
+    fan, _ = submit(db, ready, fanout(5))
+    single, _ = submit(db, ready, intent(recipient={"ref": "f-3", "addresses": {"email": "f3@example.com"}}, channels=["email"]))
+    page = find(db, ready, {"recipient": "f-3"})
+    assert ids(page) == [single["id"], fan["id"]]
+    item = page["items"][1]
+    assert item["recipient_count"] == 5 and "recipient" not in item and len(item["deliveries"]) == 1
+    listed = find(db, ready)["items"]
+    assert [("deliveries" in i) for i in listed] == [True, False]  # a fan-out listed without a recipient: no deliveries
