@@ -25,6 +25,7 @@ from api.problems import ProblemException
 from api.routes.callbacks import Callbacks
 from api.routes.channels import Channels
 from api.routes.common import Tenant, unauthorized
+from api.routes.deliveries import Deliveries
 from api.routes.health import bench_baseline, health, version
 from api.routes.mock import Mock
 from api.routes.notifications import Notifications
@@ -107,7 +108,7 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
         "security": [{"BearerAuth": []}],
     }
     bulk = Router(path="/internal", route_handlers=[Notifications], request_max_body_size=settings.max_bulk_body_bytes, **guarded)
-    internal = Router(path="/internal", route_handlers=[Callbacks, Recipients, Templates, Channels, Mock], **guarded)
+    internal = Router(path="/internal", route_handlers=[Callbacks, Recipients, Templates, Channels, Mock, Deliveries], **guarded)
     public = Router(path="/public", route_handlers=[receive_webhook, verify_webhook, unsubscribe_page, unsubscribe])
     plugins = []
     if tracing.enabled:

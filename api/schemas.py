@@ -162,19 +162,26 @@ class DeliveryOut(Base):
     delivered_at: dt.datetime | None = None
     read_at: dt.datetime | None = None
     opened_at: dt.datetime | None = None  # e-mail: the first open or click reported; a flag, not a status
+    recipient: str | None = None
     finished_at: dt.datetime | None = None
     test: bool | None = None  # true: a test key's delivery, sent by the mock provider only
     pricing: dict[str, Any] | None = None  # what the provider said it cost (WhatsApp: pricing_model, category, billable, type)
 
 
 class NotificationOut(Base):
+    """`summary` counts the deliveries by channel, status and reason; up to 100 deliveries are also inline with their
+    history; a larger fan-out says `deliveries_omitted` (read them with GET /internal/notifications/{id}/deliveries)."""
+
     id: UUID
     status: Literal["in_progress", "completed"]
     created_at: dt.datetime
     template: str
     channels: list[Channel]
-    deliveries: list[DeliveryOut]
     metadata: dict[str, Any]
+    delivery_count: int
+    summary: list[DeliveryCount]
+    deliveries: list[DeliveryOut] | None = None
+    deliveries_omitted: bool = False
     recipient: str | None = None
     recipient_count: int | None = None
     idempotency_key: str | None = None
@@ -184,6 +191,44 @@ class NotificationOut(Base):
     http_request_id: str | None = None
     callback_url: str | None = None
     test: bool | None = None  # true: submitted with a test key
+
+
+class DeliveryPage(Base):
+    """One page of a notification's deliveries; `next_cursor` null on the last."""
+
+    items: list[DeliveryOut]
+    next_cursor: str | None = None
+
+
+class FoundDelivery(Base):
+    id: UUID
+    channel: Channel
+    status: str
+    updated_at: dt.datetime
+    reason: str | None = None
+
+
+class FoundNotification(Base):
+    """`deliveries`: of the one recipient (a single intent, or the `recipient` filtered for within a fan-out)."""
+
+    id: UUID
+    created_at: dt.datetime
+    template: str
+    channels: list[Channel]
+    recipient: str | None = None
+    recipient_count: int | None = None
+    idempotency_key: str | None = None
+    category: str | None = None
+    metadata: dict[str, Any] | None = None
+    deliveries: list[FoundDelivery] | None = None
+
+
+class NotificationPage(Base):
+    """Newest first. A page may hold fewer items than `limit` (each call reads at most 1,000 candidates) while
+    `next_cursor` is set: the end is `next_cursor` null."""
+
+    items: list[FoundNotification]
+    next_cursor: str | None = None
 
 
 class CancelledDelivery(Base):
@@ -212,6 +257,50 @@ class RecipientOut(Base):
     updated_at: dt.datetime
     locale: str | None = None
     timezone: str | None = None
+
+
+class Resolution(Base):
+    status: Literal["sent", "failed"]
+    note: Annotated[str, Meta(min_length=1, max_length=500)]
+
+
+class UnknownDeadlinePut(Base):
+    """Seconds a delivery may stay unknown before it becomes failed; null: the default (7 days; e-mail 1 day)."""
+
+    after_seconds: Annotated[int, Meta(ge=60, le=31_536_000)] | None
+
+
+class UnknownDeadlineOut(Base):
+    channel: Channel
+    after_seconds: int
+    default: bool
+
+
+class Suppression(Base):
+    channel: Channel
+    category: str | None = None
+
+
+class ErasureReceipt(Base):
+    """`rows_changed`: per table, the rows the erasure changed or removed. `in_flight`: deliveries being sent at the
+    time (not cancellable); erase again once they finish. `suppressed`: what stays opted out, by keyed hash."""
+
+    id: UUID
+    ref: str
+    erased_at: dt.datetime
+    rows_changed: dict[str, int]
+    in_flight: int
+    suppressed: list[Suppression]
+    erased_by: str | None = None
+
+
+class RecipientExport(Base):
+    exported_at: dt.datetime
+    recipient: dict[str, Any]
+    consents: dict[str, Any]
+    notifications: list[dict[str, Any]]
+    mock_messages: list[dict[str, Any]]
+    erasures: list[dict[str, Any]]
 
 
 class ConsentIn(Base):

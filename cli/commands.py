@@ -18,6 +18,12 @@
     dispatcher login bind --login NAME --tenant S     bind a database login to a tenant (it then enters only its tenants)
     dispatcher login unbind --login NAME --tenant S
     dispatcher login list [--login NAME]
+    dispatcher notifications find --tenant S [--recipient R] [--status X] [--channel C] [--category K] [--template T]
+                                  [--since TS] [--until TS] [--idempotency-key K] [--metadata K=V] [--limit N] [--cursor C]
+    dispatcher notifications show --tenant S ID [--json]      a notification with its timeline
+    dispatcher deliveries resolve --tenant S ID --status sent|failed --note TEXT   end an unknown outcome by hand
+    dispatcher recipients export --tenant S REF               everything held about a recipient (JSON)
+    dispatcher recipients erase --tenant S REF --yes          erase its personal data; prints the receipt
 
 Every command but dev and serve/worker finds its database the same way (`_url`): DATABASE_URL if set; otherwise the
 dev database that `dispatcher dev` runs in its data folder (--data-dir, DISPATCHER_DATA_DIR, default ./.dispatcher),
@@ -263,6 +269,139 @@ def cmd_status(args: argparse.Namespace) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell, as `dispatcher status` prints them."""
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _when(ts: str | None) -> str:
+    """An ISO timestamp from the database as 'YYYY-MM-DD HH:MM:SS.mmm' (its offset dropped: UTC in the dev stack)."""
+    if not ts:
+        return ""
+    return ts.replace("T", " ")[:23]
+
+
+def cmd_notifications_find(args: argparse.Namespace) -> None:
+    filters: dict[str, str] = {
+        k: v
+        for k, v in {
+            "recipient": args.recipient,
+            "status": args.status,
+            "channel": args.channel,
+            "category": args.category,
+            "template": args.template,
+            "created_from": args.since,
+            "created_to": args.until,
+            "idempotency_key": args.idempotency_key,
+        }.items()
+        if v is not None
+    }
+    if args.metadata:
+        name, sep, value = args.metadata.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--metadata must be KEY=VALUE, got {args.metadata!r}")
+        filters |= {"metadata_key": name, "metadata_value": value}
+    with psycopg.connect(_url(args), autocommit=True) as conn:
+        row = conn.execute(
+            "select notify_api.find_notifications_v1(%s, %s, %s, %s)",
+            (_tenant_id(conn, args.tenant), Jsonb(filters), args.cursor, args.limit),
+        ).fetchone()
+    page = row[0] if row else {"items": [], "next_cursor": None}
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return
+    if not page["items"]:
+        print("no notifications found" + (" here; more may be further back (--cursor below)" if page["next_cursor"] else ""))
+    else:
+        _table(
+            ("created", "id", "recipient", "template", "deliveries"),
+            [
+                (
+                    _when(n["created_at"]),
+                    n["id"],
+                    n.get("recipient") or f"{n.get('recipient_count', 0)} recipients",
+                    n["template"],
+                    ", ".join(f"{d['channel']}:{d['status']}" for d in n.get("deliveries", [])) or ", ".join(n["channels"]),
+                )
+                for n in page["items"]
+            ],
+        )
+    if page["next_cursor"]:
+        print(f"\nmore: --cursor {page['next_cursor']}")
+
+
+def cmd_notifications_show(args: argparse.Namespace) -> None:
+    with psycopg.connect(_url(args), autocommit=True) as conn:
+        tenant = _tenant_id(conn, args.tenant)
+        summary = conn.execute("select notify_api.get_notification_v2(%s, %s)", (tenant, args.id)).fetchone()[0]  # type: ignore[index]
+        timeline = conn.execute(
+            "select notify_api.get_notification_timeline_v1(%s, %s, %s)", (tenant, args.id, args.max_deliveries)
+        ).fetchone()[0]  # type: ignore[index]
+    if args.json:
+        print(json.dumps({"notification": summary, "timeline": timeline["timeline"]}, indent=2))
+        return
+    who = summary.get("recipient") or f"{summary.get('recipient_count')} recipients"
+    print(f"notification {summary['id']}  {summary['status']}")
+    print(f"  created   {_when(summary['created_at'])}   template {summary['template']}   to {who}")
+    for name in ("idempotency_key", "category", "send_at", "expires_at", "http_request_id"):
+        if summary.get(name):
+            print(f"  {name.replace('_', ' ')}  {summary[name]}")
+    if summary.get("metadata"):
+        print(f"  metadata  {json.dumps(summary['metadata'])}")
+    print("  deliveries  " + ", ".join(f"{s['channel']} {s['status']} x{s['count']}" for s in summary["summary"]))
+    print()
+    rows = []
+    for e in timeline["timeline"]:
+        kind = e["kind"]
+        if kind == "status":
+            what = f"{e.get('from') or '-'} -> {e['to']}"
+            detail = " ".join(x for x in (f"by {e['source']}", e.get("reason") or "") if x)
+        elif kind == "attempt":
+            what = f"attempt {e['attempt']}: {e.get('outcome') or 'in flight'}"
+            detail = " ".join(
+                x for x in (e.get("provider") or "", e.get("provider_message_id") or "", e.get("error_code") or "") if x
+            )
+        elif kind == "callback":
+            what = f"callback #{e['seq']}: {e.get('outcome') or e.get('message_status')}"
+            detail = str(e.get("status_code") or e.get("error") or "")
+        else:
+            what, detail = f"provider: {e['flag']}", ""
+        rows.append((_when(e["at"]), e["channel"], e["recipient"], what, detail))
+    if rows:
+        _table(("at", "channel", "recipient", "event", "detail"), rows)
+    else:
+        print("no events yet")
+
+
+def cmd_deliveries_resolve(args: argparse.Namespace) -> None:
+    with psycopg.connect(_url(args), autocommit=True) as conn:
+        row = conn.execute(
+            "select notify_api.resolve_delivery_v1(%s, %s, %s, %s)",
+            (_tenant_id(conn, args.tenant), args.id, Jsonb({"status": args.status, "note": args.note}), "cli"),
+        ).fetchone()
+    d = row[0] if row else {}
+    print(f"delivery {d.get('id')} is now {d.get('status')} ({d.get('reason')})")
+
+
+def cmd_recipients_export(args: argparse.Namespace) -> None:
+    with psycopg.connect(_url(args), autocommit=True) as conn:
+        row = conn.execute("select notify_api.export_recipient_v1(%s, %s)", (_tenant_id(conn, args.tenant), args.ref)).fetchone()
+    print(json.dumps(row[0] if row else None, indent=2))
+
+
+def cmd_recipients_erase(args: argparse.Namespace) -> None:
+    if not args.yes:
+        raise SystemExit("erasure cannot be undone: add --yes to erase this recipient's personal data")
+    with psycopg.connect(_url(args), autocommit=True) as conn:
+        row = conn.execute(
+            "select notify_api.erase_recipient_v1(%s, %s, %s)", (_tenant_id(conn, args.tenant), args.ref, "cli")
+        ).fetchone()
+    print(json.dumps(row[0] if row else None, indent=2))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -628,6 +767,49 @@ def parser() -> argparse.ArgumentParser:
     ll = login_sub.add_parser("list", parents=[db], help="the bound logins and their tenants")
     ll.add_argument("--login", default=None)
     ll.set_defaults(func=cmd_login_list)
+
+    notifications = sub.add_parser("notifications", help="find notifications and show their history (support)")
+    notifications_sub = notifications.add_subparsers(dest="action", required=True)
+    nf = notifications_sub.add_parser("find", parents=[db], help="a tenant's notifications, newest first, by filters")
+    nf.add_argument("--tenant", required=True)
+    nf.add_argument("--recipient", help="the recipient's ref")
+    nf.add_argument("--status", help="a delivery's status, e.g. failed or unknown")
+    nf.add_argument("--channel", choices=["whatsapp", "email", "sms"])
+    nf.add_argument("--category")
+    nf.add_argument("--template")
+    nf.add_argument("--since", help="created at or after (ISO 8601)")
+    nf.add_argument("--until", help="created before (ISO 8601)")
+    nf.add_argument("--idempotency-key")
+    nf.add_argument("--metadata", help="KEY=VALUE of the request's metadata")
+    nf.add_argument("--limit", type=int, default=20)
+    nf.add_argument("--cursor", help="the previous page's cursor")
+    nf.add_argument("--json", action="store_true")
+    nf.set_defaults(func=cmd_notifications_find)
+    ns = notifications_sub.add_parser("show", parents=[db], help="a notification with its timeline")
+    ns.add_argument("--tenant", required=True)
+    ns.add_argument("id")
+    ns.add_argument("--max-deliveries", type=int, default=20, help="of a fan-out, how many deliveries' history to show")
+    ns.add_argument("--json", action="store_true")
+    ns.set_defaults(func=cmd_notifications_show)
+
+    deliveries = sub.add_parser("deliveries", help="one delivery").add_subparsers(dest="action", required=True)
+    dr = deliveries.add_parser("resolve", parents=[db], help="end an unknown outcome by hand (to sent or failed, with a note)")
+    dr.add_argument("--tenant", required=True)
+    dr.add_argument("id")
+    dr.add_argument("--status", required=True, choices=["sent", "failed"])
+    dr.add_argument("--note", required=True, help="what you learned, e.g. from the provider's console")
+    dr.set_defaults(func=cmd_deliveries_resolve)
+
+    recipients = sub.add_parser("recipients", help="a recipient's personal data").add_subparsers(dest="action", required=True)
+    rx = recipients.add_parser("export", parents=[db], help="everything held about a recipient, as JSON (access request)")
+    rx.add_argument("--tenant", required=True)
+    rx.add_argument("ref")
+    rx.set_defaults(func=cmd_recipients_export)
+    re_ = recipients.add_parser("erase", parents=[db], help="erase a recipient's personal data (cannot be undone)")
+    re_.add_argument("--tenant", required=True)
+    re_.add_argument("ref")
+    re_.add_argument("--yes", action="store_true", help="confirm")
+    re_.set_defaults(func=cmd_recipients_erase)
     return p
 
 

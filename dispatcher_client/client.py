@@ -86,6 +86,28 @@ class _Api:
     def get_notification(self, notification_id: uuid.UUID | str) -> m.Notification:
         return self._call(Call("GET", f"/internal/notifications/{notification_id}", m.Notification))
 
+    def find_notifications(self, *, cursor: str | None = None, limit: int = 50, **filters: str) -> m.NotificationPage:
+        """One page of notifications, newest first. Filters: recipient, status, channel, category, template,
+        created_from, created_to (ISO 8601), idempotency_key, metadata_key with metadata_value."""
+        params: dict[str, Any] = {k: v for k, v in filters.items() if v is not None} | {"limit": limit}
+        if cursor:
+            params["cursor"] = cursor
+        return self._call(Call("GET", "/internal/notifications", m.NotificationPage, params=params))
+
+    def list_deliveries(self, notification_id: uuid.UUID | str, *, cursor: str | None = None, limit: int = 100) -> m.DeliveryPage:
+        params: dict[str, Any] = {"limit": limit} | ({"cursor": cursor} if cursor else {})
+        return self._call(Call("GET", f"/internal/notifications/{notification_id}/deliveries", m.DeliveryPage, params=params))
+
+    def resolve_delivery(self, delivery_id: uuid.UUID | str, status: Literal["sent", "failed"], note: str) -> m.Delivery:
+        """Ends an unknown outcome by hand (admin scope); recorded in the delivery's history with the note."""
+        body = {"status": status, "note": note}
+        return self._call(Call("POST", f"/internal/deliveries/{delivery_id}/resolve", m.Delivery, body, retry="unsent"))
+
+    def set_unknown_deadline(self, channel: m.Channel, after_seconds: int | None) -> dict[str, Any]:
+        """How long a delivery on the channel may stay unknown before it becomes failed; None: the default."""
+        body = {"after_seconds": after_seconds}
+        return self._call(Call("PUT", f"/internal/channels/{channel}/unknown-deadline", dict[str, Any], body))
+
     def cancel(self, notification_id: uuid.UUID | str) -> m.CancelResult:
         return self._call(Call("POST", f"/internal/notifications/{notification_id}/cancel", m.CancelResult))
 
@@ -133,6 +155,14 @@ class _Api:
 
     def list_consents(self, ref: str) -> m.Consents:
         return self._call(Call("GET", f"/internal/recipients/{_ref(ref)}/consents", m.Consents))
+
+    def erase_recipient(self, ref: str) -> m.ErasureReceipt:
+        """Erases the recipient's personal data (needs the admin scope); the receipt says what changed."""
+        return self._call(Call("DELETE", f"/internal/recipients/{_ref(ref)}", m.ErasureReceipt, retry="unsent"))
+
+    def export_recipient(self, ref: str) -> dict[str, Any]:
+        """Everything held about the recipient, as one JSON document (an access request)."""
+        return self._call(Call("GET", f"/internal/recipients/{_ref(ref)}/export", dict[str, Any]))
 
     # templates, channels, callbacks (admin scope)
     def upsert_template(self, key: str, channels: Mapping[str, Any], *, locale: str | None = None) -> list[m.Template]:

@@ -109,15 +109,22 @@ class Delivery(Model):
     attempt_history: list[Attempt] = []
     test: bool = False  # a test key's delivery
     pricing: dict[str, Any] | None = None  # what the provider said it cost (WhatsApp status pricing)
+    recipient: str | None = None
 
 
 class Notification(Model):
+    """`summary` counts the deliveries by channel and status. Up to 100 deliveries come inline; a larger fan-out has
+    `deliveries_omitted` and its deliveries come page by page from `Client.list_deliveries`."""
+
     id: UUID
     status: Literal["in_progress", "completed"]
     created_at: dt.datetime
     template: str
     channels: list[Channel]
-    deliveries: list[Delivery]
+    deliveries: list[Delivery] = []
+    summary: list[DeliveryCount] = []
+    delivery_count: int | None = None
+    deliveries_omitted: bool = False
     metadata: dict[str, Any] = {}
     recipient: str | None = None
     recipient_count: int | None = None
@@ -128,6 +135,39 @@ class Notification(Model):
     http_request_id: str | None = None
     callback_url: str | None = None
     test: bool = False  # submitted with a test key
+
+
+class DeliveryPage(Model):
+    items: list[Delivery]
+    next_cursor: str | None = None
+
+
+class FoundDelivery(Model):
+    id: UUID
+    channel: Channel
+    status: str
+    updated_at: dt.datetime | None = None
+    reason: str | None = None
+
+
+class FoundNotification(Model):
+    id: UUID
+    created_at: dt.datetime
+    template: str
+    channels: list[Channel]
+    recipient: str | None = None
+    recipient_count: int | None = None
+    idempotency_key: str | None = None
+    category: str | None = None
+    metadata: dict[str, Any] | None = None
+    deliveries: list[FoundDelivery] = []
+
+
+class NotificationPage(Model):
+    """Newest first; a page may be short while `next_cursor` is set (the end is `next_cursor` None)."""
+
+    items: list[FoundNotification]
+    next_cursor: str | None = None
 
 
 class CancelledDelivery(Model):
@@ -198,6 +238,21 @@ class ConsentInForce(Model):
     allowed: bool
     policy: Literal["opt_in", "opt_out"]
     categories: list[CategoryConsent] = []
+
+
+class Suppression(Model):
+    channel: Channel
+    category: str | None = None
+
+
+class ErasureReceipt(Model):
+    id: UUID
+    ref: str
+    erased_at: dt.datetime
+    rows_changed: dict[str, int]
+    in_flight: int = 0
+    suppressed: list[Suppression] = []
+    erased_by: str | None = None
 
 
 class Consents(Model):

@@ -47,6 +47,6 @@ async def maintenance(context: JobContext, timestamp: int) -> dict[str, Any]:
     for job in stalled:
         await context.app.job_manager.finish_job(job, status=jobs.Status.FAILED, delete_job=False)
     result["stalled_jobs"] = len(stalled)
-    if any(result.get(k) for k in ("requeued", "unknown", "expired", "stalled_jobs")):
+    if any(result.get(k) for k in ("requeued", "unknown", "expired", "unknown_finalized", "stalled_jobs")):
         log.info("maintenance", extra=result)
     return result

@@ -238,6 +238,11 @@ comment on column notify.notification_requests.trace_parent is
     'The W3C traceparent of the submitting request''s span (transaction setting notify.traceparent), when tracing is on: the worker''s delivery spans continue that trace.';
 -- Partial: only the requests that name their own callback URL (status callbacks, sql/095_callbacks.sql).
 create index notification_requests_with_callback on notify.notification_requests (tenant_id, id) where callback_url is not null;
+-- Lookup (notify_api.find_notifications_v1, sql/065_api_lookup.sql): a tenant's requests newest first, keyset by (created_at, id).
+-- Partial on a predicate every row meets but that only the lookup states: an index starting (tenant_id) would otherwise tie
+-- with the keys for a key lookup on a new database (docs/architecture.md, "Indexes that tie with the primary key").
+create index notification_requests_created on notify.notification_requests (tenant_id, created_at, id)
+    where created_at > '-infinity';
 
 create table notify.notification_deliveries (
     tenant_id uuid not null,
@@ -297,6 +302,10 @@ create index notification_deliveries_leases on notify.notification_deliveries (l
 create unique index notification_deliveries_provider_message on notify.notification_deliveries (provider, provider_message_id)
     where provider_message_id is not null;
 -- (Reads by request use the unique key notification_deliveries_one_per_channel, which starts with request_id, tenant_id.)
+-- Lookup by recipient (find_notifications_v1, and erasure and export, sql/066_api_erasure.sql): its deliveries newest first.
+-- (Partial for the same reason as notification_requests_created.)
+create index notification_deliveries_recipient on notify.notification_deliveries (tenant_id, recipient_id, created_at, request_id)
+    where created_at > '-infinity';
 
 create table notify.delivery_attempts (
     tenant_id uuid not null,
@@ -374,3 +383,65 @@ create table notify.login_tenants (
 comment on table notify.login_tenants is
     'Database logins bound to the tenants they serve: a login listed here enters only these tenants (notify._enter, ND403) and looks up only these (get_tenant_v1); a login not listed enters any tenant. Managed with notify.bind_login_v1 / unbind_login_v1 (dispatcher login bind).';
 comment on column notify.login_tenants.login is 'The login role''s name, as session_user reports it (not current_user, which is a function''s owner inside security definer functions).';
+
+-- Erasure on request (sql/066_api_erasure.sql).
+-- Not a tenant table: one server-side key, readable only by the owning roles (no application role has any table grant).
+create table notify.address_hash_key (
+    id integer primary key default 1,
+    inner_pad bytea not null,
+    outer_pad bytea not null,
+    created_at timestamptz not null default now(),
+    constraint address_hash_key_one check (id = 1),
+    constraint address_hash_key_pads check (octet_length(inner_pad) = 64 and octet_length(outer_pad) = 64)
+);
+comment on table notify.address_hash_key is
+    'The HMAC-SHA256 key of notify._address_hash, stored as its two 64-byte pads (key XOR 0x36, key XOR 0x5c). Made once, when the schema is created; never leaves the database.';
+insert into notify.address_hash_key (inner_pad, outer_pad)
+select decode(string_agg(lpad(to_hex(get_byte(k.k, i) # 54), 2, '0'), '' order by i), 'hex'),
+       decode(string_agg(lpad(to_hex(get_byte(k.k, i) # 92), 2, '0'), '' order by i), 'hex')
+  from (select sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text || gen_random_uuid()::text, 'UTF8'))
+               || decode(repeat('00', 32), 'hex') as k) k,
+       generate_series(0, 63) i
+ group by k.k;
+
+create table notify.address_suppressions (
+    tenant_id uuid not null references notify.tenants (id),
+    channel notify.channel not null,
+    address_hash bytea not null,
+    category text not null default '',
+    created_at timestamptz not null default now(),
+    erasure_id uuid not null,
+    -- address_hash leads (see docs/architecture.md, "Indexes that tie with the primary key"); a lookup names all four.
+    primary key (address_hash, tenant_id, channel, category)
+);
+comment on table notify.address_suppressions is
+    'Addresses an erased recipient had opted out of (per channel, and category; '''' = every category), as keyed hashes (notify._address_hash), never in clear: consent (notify._consent) refuses them until a grant recorded later for the recipient now using the address.';
+
+create table notify.recipient_erasures (
+    tenant_id uuid not null references notify.tenants (id),
+    id uuid not null default gen_random_uuid(),
+    recipient_id uuid not null,
+    erased_at timestamptz not null default now(),
+    erased_by text,
+    rows_changed jsonb not null,
+    in_flight integer not null default 0,
+    primary key (tenant_id, id),
+    foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id)
+);
+comment on table notify.recipient_erasures is
+    'One erasure of a recipient''s personal data on request: when, by which API key (or login), and how many rows of each table it changed. Content-free.';
+comment on column notify.recipient_erasures.in_flight is 'Deliveries being sent at the time (not cancellable): their outcome may still write; erase again after they finish.';
+
+-- Unknown outcomes get an end (sql/086_api_unknown.sql).
+create table notify.unknown_deadlines (
+    tenant_id uuid not null references notify.tenants (id),
+    channel notify.channel not null,
+    after_seconds integer not null,
+    updated_at timestamptz not null default now(),
+    primary key (tenant_id, channel),
+    constraint unknown_deadlines_range check (after_seconds between 60 and 31536000)
+);
+comment on table notify.unknown_deadlines is
+    'Per tenant and channel: how long a delivery may stay unknown (no provider report after a crashed or timed-out send) before maintenance makes it final (failed, reason outcome_unknown_deadline). No row: notify._unknown_deadline_default (7 days for WhatsApp and SMS, 1 day for e-mail).';
+-- The unresolved unknowns, oldest first: a small hot set however much history there is.
+create index notification_deliveries_unknown on notify.notification_deliveries (updated_at) where status = 'unknown';

@@ -1,6 +1,20 @@
 -- Private helpers that read tables: consent, template resolution, backoff, worker wake-ups.
 -- Called only by notify_api functions, inside the caller's transaction.
 
+create function notify._address_hash(p_channel notify.channel, p_address text)
+    returns bytea
+    language sql
+    stable
+    set search_path = pg_catalog, pg_temp
+as $$
+    -- HMAC-SHA256 (RFC 2104) with the server's key: H((K ^ opad) || H((K ^ ipad) || m)); e-mail addresses lower-cased.
+    select pg_catalog.sha256(k.outer_pad || pg_catalog.sha256(k.inner_pad || pg_catalog.convert_to(
+               p_channel::text || ':' || case when p_channel = 'email' then pg_catalog.lower(p_address) else p_address end, 'UTF8')))
+      from notify.address_hash_key k
+$$;
+comment on function notify._address_hash(notify.channel, text) is
+    'The keyed hash (HMAC-SHA256, key in notify.address_hash_key) of a channel address, for the suppression list of erased recipients. Not executable by application roles: with it, a phone number''s hash could be guessed by trying numbers.';
+
 create function notify._consent(p_tenant_id uuid, p_recipient_id uuid, p_channel notify.channel, p_category text)
     returns table (allowed boolean)
     language sql
@@ -17,9 +31,20 @@ as $$
           limit 1),
         coalesce((select p.policy from notify.channel_policies p where p.tenant_id = p_tenant_id and p.channel = p_channel),
                  notify._default_policy(p_channel)) = 'opt_out')
+       -- an address an erased recipient had opted out of stays out, until a grant recorded later (sql/066_api_erasure.sql)
+       and not exists (
+        select from notify.recipient_addresses a
+          join notify.address_suppressions s
+            on s.address_hash = notify._address_hash(a.channel, a.address) and s.tenant_id = a.tenant_id
+           and s.channel = a.channel and s.category in ('', coalesce(p_category, ''))
+         where a.tenant_id = p_tenant_id and a.recipient_id = p_recipient_id and a.channel = p_channel
+           and not exists (select from notify.recipient_consents g
+                            where g.tenant_id = p_tenant_id and g.recipient_id = p_recipient_id and g.channel = p_channel
+                              and (g.category is null or g.category = p_category) and g.status = 'granted'
+                              and g.recorded_at > s.created_at))
 $$;
 comment on function notify._consent(uuid, uuid, notify.channel, text) is
-    'Whether the recipient may be messaged on the channel for the category: the latest applicable ledger entry decides; without one, the tenant''s channel policy. Use in FROM (cross join lateral) for set-based checks.';
+    'Whether the recipient may be messaged on the channel for the category: the latest applicable ledger entry decides; without one, the tenant''s channel policy; and never to an address on the suppression list (an erased recipient''s opt-out) unless the recipient recorded a grant after it. Use in FROM (cross join lateral) for set-based checks.';
 
 create function notify._consent_allows(p_tenant_id uuid, p_recipient_id uuid, p_channel notify.channel, p_category text)
     returns boolean

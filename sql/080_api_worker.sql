@@ -176,6 +176,7 @@ declare
     v_exhausted integer;
     v_expired integer;
     v_woken text[];
+    v_unknown_final integer;
 begin
     perform notify._set_source('maintenance');
 
@@ -216,6 +217,9 @@ begin
     )
     select count(*) into v_expired from gone;
 
+    -- Unknown outcomes past their channel's deadline become final (failed, never resent; sql/086_api_unknown.sql).
+    v_unknown_final := notify._finish_unknown_deliveries();
+
     -- Safety net: a wake-up for every channel with due work (coalesced, so cheap when one is pending).
     select array_agg(c::text) into v_woken
       from unnest(enum_range(null::notify.channel)) c
@@ -224,8 +228,8 @@ begin
     perform notify._wake(c::notify.channel) from unnest(v_woken) c;
 
     return jsonb_build_object('requeued', v_requeued, 'unknown', v_unknown, 'exhausted', v_exhausted, 'expired', v_expired,
-                              'woken', coalesce(to_jsonb(v_woken), '[]'));
+                              'unknown_finalized', v_unknown_final, 'woken', coalesce(to_jsonb(v_woken), '[]'));
 end
 $$;
 comment on function notify_api.run_maintenance_v1() is
-    'Periodic upkeep: expired leases, each counted as an attempt (email -> queued, or failed/retries_exhausted when the tenant''s retry_max_attempts are used up; whatsapp/sms -> unknown), deliveries past expires_at -> expired, a wake-up for every channel with due work.';
+    'Periodic upkeep: expired leases, each counted as an attempt (email -> queued, or failed/retries_exhausted when the tenant''s retry_max_attempts are used up; whatsapp/sms -> unknown), deliveries past expires_at -> expired, unknown outcomes past their channel''s deadline -> failed (outcome_unknown_deadline; notify._finish_unknown_deliveries), a wake-up for every channel with due work.';

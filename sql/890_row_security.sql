@@ -3,7 +3,8 @@
 -- the transaction to their tenant first (notify._enter). Cross-tenant functions run as notify_system, whose policy
 -- admits every row; nothing else has any privilege on these tables, so any other role sees nothing at all.
 -- Not tenant tables (no tenant_id): rate_buckets (per sender), webhook_events (deduplicated before the tenant is known) and
--- login_tenants (per database login, read by notify._enter before any tenant is entered).
+-- login_tenants (per database login, read by notify._enter before any tenant is entered), and address_hash_key (the server's
+-- one HMAC key, sql/066_api_erasure.sql).
 
 alter table notify.tenants enable row level security;
 alter table notify.tenants force row level security;
@@ -29,6 +30,24 @@ begin
     end loop;
 end
 $$;
+
+-- Erasure (sql/066_api_erasure.sql): the suppression list and the erasure records, by tenant like the rest.
+alter table notify.address_suppressions enable row level security;
+alter table notify.address_suppressions force row level security;
+create policy tenant_rows on notify.address_suppressions to notify_owner
+    using (tenant_id = (select notify._tenant())) with check (tenant_id = (select notify._tenant()));
+create policy system_rows on notify.address_suppressions to notify_system using (true) with check (true);
+alter table notify.recipient_erasures enable row level security;
+alter table notify.recipient_erasures force row level security;
+create policy tenant_rows on notify.recipient_erasures to notify_owner
+    using (tenant_id = (select notify._tenant())) with check (tenant_id = (select notify._tenant()));
+create policy system_rows on notify.recipient_erasures to notify_system using (true) with check (true);
+-- Deadlines for unknown outcomes (sql/086_api_unknown.sql).
+alter table notify.unknown_deadlines enable row level security;
+alter table notify.unknown_deadlines force row level security;
+create policy tenant_rows on notify.unknown_deadlines to notify_owner
+    using (tenant_id = (select notify._tenant())) with check (tenant_id = (select notify._tenant()));
+create policy system_rows on notify.unknown_deadlines to notify_system using (true) with check (true);
 
 create function notify._settle_owners()
     returns void

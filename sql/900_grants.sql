@@ -26,12 +26,19 @@ grant execute on function notify_api.get_tenant_v1(text) to notify_caller;
 grant execute on function notify_api.submit_notification_v1(uuid, jsonb, text) to notify_caller;
 grant execute on function notify_api.submit_notifications_v1(uuid, jsonb) to notify_caller;
 grant execute on function notify_api.get_notification_v1(uuid, uuid) to notify_caller;
+grant execute on function notify_api.get_notification_v2(uuid, uuid) to notify_caller;
+grant execute on function notify_api.list_deliveries_v1(uuid, uuid, text, integer) to notify_caller;
+grant execute on function notify_api.find_notifications_v1(uuid, jsonb, text, integer) to notify_caller;
+grant execute on function notify_api.get_notification_timeline_v1(uuid, uuid, integer) to notify_caller;
 grant execute on function notify_api.cancel_notification_v1(uuid, uuid) to notify_caller;
 grant execute on function notify_api.list_callbacks_v1(uuid, uuid) to notify_caller;
 grant execute on function notify_api.upsert_recipient_v1(uuid, text, jsonb) to notify_caller;
 grant execute on function notify_api.get_recipient_v1(uuid, text) to notify_caller;
 grant execute on function notify_api.record_consent_v1(uuid, text, jsonb, text) to notify_caller;
 grant execute on function notify_api.list_consents_v1(uuid, text) to notify_caller;
+grant execute on function notify_api.erase_recipient_v1(uuid, text, text) to notify_caller;
+grant execute on function notify_api.export_recipient_v1(uuid, text) to notify_caller;
+grant execute on function notify_api.resolve_delivery_v1(uuid, uuid, jsonb, text) to notify_caller;
 grant execute on function notify_api.list_templates_v1(uuid, text) to notify_caller;
 
 -- The owning roles (sql/890_row_security.sql): notify_owner owns the tables (notify._settle_owners, below) and the

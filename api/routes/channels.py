@@ -11,7 +11,7 @@ from litestar.params import FromPath, JSONBody
 from api.db import Database
 from api.problems import ProblemException
 from api.routes.common import ERRORS, Tenant, body_text, sql_json
-from api.schemas import PolicyOut, PolicyPut, ProviderOut, ProviderPut
+from api.schemas import PolicyOut, PolicyPut, ProviderOut, ProviderPut, UnknownDeadlineOut, UnknownDeadlinePut
 from providers.secrets import Grants, check_endpoints
 
 
@@ -93,3 +93,21 @@ class Channels(Controller):
             channel,
             data.policy,
         )
+
+    @put(
+        "/{channel:str}/unknown-deadline",
+        responses=ERRORS,
+        operation_id="setUnknownDeadline",
+        opt={"scope": "admin"},
+        summary="How long a delivery on the channel may stay unknown before it becomes failed",
+        description="after_seconds from 60 to 31,536,000; null restores the default (7 days for WhatsApp and SMS, 1 day "
+        "for e-mail). Applied by the periodic maintenance; never a resend.",
+    )
+    async def set_unknown_deadline(
+        self,
+        channel: FromPath[str],
+        data: JSONBody[UnknownDeadlinePut],
+        tenant: NamedDependency[Tenant],
+        db: NamedDependency[Database],
+    ) -> Response[UnknownDeadlineOut]:
+        return await sql_json(db, "notify_api.set_unknown_deadline_v1(%s, %s, %s)", tenant.id, channel, data.after_seconds)

@@ -12,7 +12,7 @@ import psycopg
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
-from litestar.params import FromPath, HeaderParameter, JSONBody
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from api import problems, request_ids
 from api.db import Database
@@ -24,9 +24,11 @@ from api.schemas import (
     BatchOut,
     CallbackMessage,
     CancelResult,
+    DeliveryPage,
     NotificationAccepted,
     NotificationIn,
     NotificationOut,
+    NotificationPage,
 )
 from dispatcher import metrics, tracing
 from dispatcher.settings import Settings
@@ -212,16 +214,78 @@ class Notifications(Controller):
         return json_response(encode(out).decode())
 
     @get(
+        "/",
+        responses=ERRORS,
+        operation_id="findNotifications",
+        opt={"scope": "read"},
+        summary="Find notifications, newest first",
+        description="Filters (all optional, combined with and): recipient ref, a delivery's status and channel, category, "
+        "template, created_from/created_to (ISO 8601), idempotency_key, metadata_key with metadata_value. Pages by "
+        "`cursor` (the previous page's next_cursor); each call reads at most 1,000 candidates, so a page may be short "
+        "while next_cursor is set. A bad filter or cursor is 422 naming it.",
+    )
+    async def find(
+        self,
+        tenant: NamedDependency[Tenant],
+        db: NamedDependency[Database],
+        recipient: Annotated[str | None, QueryParameter(name="recipient", required=False)] = None,
+        status: Annotated[str | None, QueryParameter(name="status", required=False)] = None,
+        channel: Annotated[str | None, QueryParameter(name="channel", required=False)] = None,
+        category: Annotated[str | None, QueryParameter(name="category", required=False)] = None,
+        template: Annotated[str | None, QueryParameter(name="template", required=False)] = None,
+        created_from: Annotated[str | None, QueryParameter(name="created_from", required=False)] = None,
+        created_to: Annotated[str | None, QueryParameter(name="created_to", required=False)] = None,
+        idempotency_key: Annotated[str | None, QueryParameter(name="idempotency_key", required=False)] = None,
+        metadata_key: Annotated[str | None, QueryParameter(name="metadata_key", required=False)] = None,
+        metadata_value: Annotated[str | None, QueryParameter(name="metadata_value", required=False)] = None,
+        cursor: Annotated[str | None, QueryParameter(name="cursor", required=False)] = None,
+        limit: Annotated[int, QueryParameter(name="limit", ge=1, le=200)] = 50,
+    ) -> Response[NotificationPage]:
+        given = {
+            "recipient": recipient,
+            "status": status,
+            "channel": channel,
+            "category": category,
+            "template": template,
+            "created_from": created_from,
+            "created_to": created_to,
+            "idempotency_key": idempotency_key,
+            "metadata_key": metadata_key,
+            "metadata_value": metadata_value,
+        }
+        filters = encode({k: v for k, v in given.items() if v is not None}).decode()
+        return await sql_json(db, "notify_api.find_notifications_v1(%s, %s::jsonb, %s, %s)", tenant.id, filters, cursor, limit)
+
+    @get(
         "/{notification_id:uuid}",
         responses=ERRORS,
         operation_id="getNotification",
         opt={"scope": "read"},
-        summary="Read a notification and its deliveries",
+        summary="Read a notification: a summary of its deliveries, and up to 100 of them inline",
+        description="A larger fan-out answers `deliveries_omitted: true`; its deliveries are read page by page from "
+        "GET /internal/notifications/{id}/deliveries.",
     )
     async def read(
         self, notification_id: FromPath[UUID], tenant: NamedDependency[Tenant], db: NamedDependency[Database]
     ) -> Response[NotificationOut]:
-        return await sql_json(db, "notify_api.get_notification_v1(%s, %s)", tenant.id, notification_id)
+        return await sql_json(db, "notify_api.get_notification_v2(%s, %s)", tenant.id, notification_id)
+
+    @get(
+        "/{notification_id:uuid}/deliveries",
+        responses=ERRORS,
+        operation_id="listNotificationDeliveries",
+        opt={"scope": "read"},
+        summary="A notification's deliveries, page by page, with their history",
+    )
+    async def deliveries(
+        self,
+        notification_id: FromPath[UUID],
+        tenant: NamedDependency[Tenant],
+        db: NamedDependency[Database],
+        cursor: Annotated[str | None, QueryParameter(name="cursor", required=False)] = None,
+        limit: Annotated[int, QueryParameter(name="limit", ge=1, le=1000)] = 100,
+    ) -> Response[DeliveryPage]:
+        return await sql_json(db, "notify_api.list_deliveries_v1(%s, %s, %s, %s)", tenant.id, notification_id, cursor, limit)
 
     @post(
         "/{notification_id:uuid}/cancel",

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, Request, Response, get, post, put
+from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from api.db import Database
 from api.routes.common import ERRORS, Tenant, body_text, sql_json
-from api.schemas import ConsentEntry, ConsentIn, ConsentsOut, RecipientOut, RecipientPut
+from api.schemas import ConsentEntry, ConsentIn, ConsentsOut, ErasureReceipt, RecipientExport, RecipientOut, RecipientPut
 
 
 class Recipients(Controller):
@@ -78,3 +78,31 @@ class Recipients(Controller):
         self, ref: FromPath[str], tenant: NamedDependency[Tenant], db: NamedDependency[Database]
     ) -> Response[ConsentsOut]:
         return await sql_json(db, "notify_api.list_consents_v1(%s, %s)", tenant.id, ref)
+
+    @delete(
+        "/{ref:str}",
+        responses=ERRORS,
+        operation_id="eraseRecipient",
+        opt={"scope": "admin"},
+        status_code=200,
+        summary="Erase a recipient's personal data (a request to be forgotten)",
+        description="Cancels its pending deliveries, keeps what it had opted out of as keyed hashes (a later submission "
+        "to the same address stays suppressed), and removes its addresses and every copy of its personal data; the "
+        "content-free history stays. Answers with the receipt, also recorded (docs/operations.md, Erasure).",
+    )
+    async def erase(
+        self, ref: FromPath[str], tenant: NamedDependency[Tenant], db: NamedDependency[Database]
+    ) -> Response[ErasureReceipt]:
+        return await sql_json(db, "notify_api.erase_recipient_v1(%s, %s, %s)", tenant.id, ref, f"api_key:{tenant.key_id}")
+
+    @get(
+        "/{ref:str}/export",
+        responses=ERRORS,
+        operation_id="exportRecipient",
+        opt={"scope": "read"},
+        summary="Everything held about a recipient, as one document (an access request)",
+    )
+    async def export(
+        self, ref: FromPath[str], tenant: NamedDependency[Tenant], db: NamedDependency[Database]
+    ) -> Response[RecipientExport]:
+        return await sql_json(db, "notify_api.export_recipient_v1(%s, %s)", tenant.id, ref)

@@ -127,7 +127,16 @@ def test_fanout_and_batch_over_http(client, db):
     bad = dict(body, recipients=[*recipients[:5], {"ref": "x", "addresses": {"email": "nope"}}])
     is_problem(client.post("/internal/notifications", json=bad), 400, "recipients[5].addresses.email")
     read = client.get(f"/internal/notifications/{first.json()['id']}").json()
-    assert read["recipient_count"] == 300 and len(read["deliveries"]) == 300
+    # over 100 deliveries: a summary, and the deliveries page by page (sql/065_api_lookup.sql)
+    assert read["recipient_count"] == 300 and read["deliveries_omitted"] and "deliveries" not in read
+    assert read["summary"] == [{"channel": "email", "status": "queued", "count": 300}] and read["delivery_count"] == 300
+    pages = [client.get(f"/internal/notifications/{first.json()['id']}/deliveries", params={"limit": 200}).json()]
+    pages.append(
+        client.get(
+            f"/internal/notifications/{first.json()['id']}/deliveries", params={"cursor": pages[0]["next_cursor"], "limit": 200}
+        ).json()
+    )
+    assert [len(p["items"]) for p in pages] == [200, 100] and pages[1]["next_cursor"] is None
 
     items = [
         {

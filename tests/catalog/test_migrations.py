@@ -133,6 +133,7 @@ INLINED = {
     "_address_valid",
     "_consent",
     "_default_policy",
+    "_find_candidates",
     "_is_bsuid",
     "_is_final",
     "_is_usual_submission",

@@ -38,4 +38,11 @@ def test_waiting_deliveries_past_their_deadline_expire(db, ready):
 
 
 def test_nothing_to_do_changes_nothing(db, ready):
-    assert call(db, "notify_api.run_maintenance_v1()") == {"requeued": 0, "unknown": 0, "exhausted": 0, "expired": 0, "woken": []}
+    assert call(db, "notify_api.run_maintenance_v1()") == {
+        "requeued": 0,
+        "unknown": 0,
+        "exhausted": 0,
+        "expired": 0,
+        "unknown_finalized": 0,
+        "woken": [],
+    }

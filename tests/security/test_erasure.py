@@ -1,0 +1,95 @@
+"""Attacks on erasure, export and the suppression list: another tenant's key can neither erase, export nor learn of
+tenant A's recipient; a key without the admin scope cannot erase; an application login reads neither the HMAC key nor
+the hashes, and cannot compute a hash (which would let it test phone numbers against the list)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from litestar.testing import TestClient
+from psycopg.types.json import Jsonb
+
+from api.app import create_app
+from dispatcher import keys
+from dispatcher.settings import Settings
+from tests.api.test_api import SECRET
+from tests.conftest import app_url, call, intent, submit
+
+
+def key(db, tenant: str, scopes: list[str]) -> str:
+    k = keys.generate()
+    call(db, "notify_api.create_api_key_v1(%s, 'x', %s, %s, %s)", tenant, keys.display_prefix(k), keys.digest(k), scopes)
+    return k
+
+
+class As:
+    """One API key's view of the app."""
+
+    def __init__(self, client: TestClient, api_key: str) -> None:
+        self.client, self.headers = client, {"Authorization": f"Bearer {api_key}"}
+
+    def __getattr__(self, method: str):
+        return lambda path, **kw: getattr(self.client, method)(path, headers=self.headers, **kw)
+
+
+@pytest.fixture
+def clients(db, db_url, ready) -> Iterator[dict[str, As]]:
+    other = str(call(db, "notify_api.create_tenant_v1('mallory', 'Mallory', 'en')")["id"])
+    settings = Settings(database_url=app_url(db_url), mock_webhook_secret=SECRET)
+    made = {
+        "a": key(db, ready, ["submit", "read", "admin"]),
+        "a_submit_read": key(db, ready, ["submit", "read"]),
+        "b": key(db, other, ["submit", "read", "admin"]),
+    }
+    with TestClient(app=create_app(settings)) as c:
+        yield {name: As(c, k) for name, k in made.items()}
+
+
+def addresses(db, tenant):
+    return db.execute(
+        "select count(*) from notify.recipient_addresses a join notify.recipients r on r.id = a.recipient_id"
+        " where r.tenant_id = %s and r.ref = 'runner-42'",
+        (tenant,),
+    ).fetchone()[0]
+
+
+def test_another_tenants_key_can_neither_erase_nor_export(db, ready, clients):
+    submit(db, ready, intent())
+    b = clients["b"]
+    assert b.delete("/internal/recipients/runner-42").status_code == 404
+    assert b.get("/internal/recipients/runner-42/export").status_code == 404
+    assert addresses(db, ready) == 2  # untouched
+    assert db.execute("select count(*) from notify.recipient_erasures").fetchone()[0] == 0
+    # B erasing its own runner-42 (same ref) changes nothing of A's
+    b.put("/internal/recipients/runner-42", json={"addresses": {"email": "b@example.com"}})
+    assert b.delete("/internal/recipients/runner-42").status_code == 200
+    assert addresses(db, ready) == 2
+    # A's own admin key can; its submit/read key cannot
+    assert clients["a_submit_read"].delete("/internal/recipients/runner-42").status_code == 403
+    assert clients["a"].get("/internal/recipients/runner-42/export").status_code == 200
+    receipt = clients["a"].delete("/internal/recipients/runner-42")
+    assert receipt.status_code == 200 and receipt.json()["rows_changed"]["recipient_addresses"] == 2
+    assert addresses(db, ready) == 0
+
+
+def test_an_application_login_cannot_read_or_compute_the_keyed_hashes(db, db_url, ready):
+    call(db, "notify_api.upsert_recipient_v1(%s, 'runner-42', %s)", ready, Jsonb({"addresses": {"email": "a@example.com"}}))
+    call(
+        db,
+        "notify_api.record_consent_v1(%s, 'runner-42', %s)",
+        ready,
+        Jsonb({"channel": "email", "status": "revoked", "source": "x"}),
+    )
+    call(db, "notify_api.erase_recipient_v1(%s, 'runner-42')", ready)
+    for role in ("dispatcher_app", "dispatcher_caller"):
+        with psycopg.connect(app_url(db_url, role), autocommit=True) as conn:
+            for attack in (
+                "select * from notify.address_hash_key",
+                "select * from notify.address_suppressions",
+                "select * from notify.recipient_erasures",
+                "select notify._address_hash('email', 'a@example.com')",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(attack)
