@@ -18,6 +18,8 @@ alter table notify.notification_requests
         check (idempotency_key ~ '^[\x21-\x7e]+$' and length(idempotency_key) <= 255) not valid;
 alter table notify.notification_requests validate constraint notification_requests_http_request_id;
 alter table notify.notification_requests validate constraint notification_requests_key_format;
+-- Its check constraint called notify._is_http_url for every request, though a request rarely names a callback URL.
+alter function notify._is_http_url(text) strict;
 
 create function notify._is_usual_submission(p_request jsonb)
     returns boolean

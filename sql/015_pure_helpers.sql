@@ -57,6 +57,7 @@ create function notify._is_http_url(p_url text)
     returns boolean
     language sql
     immutable
+    strict   -- null is null without a call: every request row's check constraint passes its (usually null) URL
     parallel safe
     set search_path = pg_catalog, pg_temp
 as $$
