@@ -365,9 +365,9 @@ as $$
         'recipient_count', case when v.recipient_id is null then v.recipient_count end,
         'template', v.template_key, 'category', v.category, 'channels', to_jsonb(v.channels),
         'send_at', v.send_at, 'expires_at', v.expires_at, 'metadata', v.metadata, 'http_request_id', v.http_request_id,
-        'callback_url', v.callback_url))
+        'callback_url', v.callback_url, 'test', case when v.test then true end))
 $$;
-comment on function notify._notification_head(notify.notification_requests) is 'The request part of a notification''s JSON (as get_notification_v1 shows it).';
+comment on function notify._notification_head(notify.notification_requests) is 'The request part of a notification''s JSON (as get_notification_v1 shows it; "test": true for a test key''s).';
 
 create function notify_api.get_notification_v2(p_tenant_id uuid, p_id uuid)
     returns jsonb
@@ -644,11 +644,19 @@ begin
     get diagnostics v_n = row_count;
     v_counts := v_counts || jsonb_build_object('callback_messages', v_n);
 
+    -- WhatsApp windows and the BSUID <-> phone mapping (since 2026 a webhook may name either): by the phone's digits or
+    -- by the business-scoped user id itself.
     delete from notify.whatsapp_windows w
      where w.tenant_id = p_tenant_id
-       and '+' || w.wa_id = any (select substr(x, strpos(x, ':') + 1) from unnest(coalesce(v_addresses, '{}')) x);
+       and w.wa_id = any (select ltrim(substr(x, strpos(x, ':') + 1), '+') from unnest(coalesce(v_addresses, '{}')) x);
     get diagnostics v_n = row_count;
     v_counts := v_counts || jsonb_build_object('whatsapp_windows', v_n);
+    delete from notify.whatsapp_users u
+     where u.tenant_id = p_tenant_id
+       and (u.wa_id = any (select ltrim(substr(x, strpos(x, ':') + 1), '+') from unnest(coalesce(v_addresses, '{}')) x)
+            or u.user_id = any (select substr(x, strpos(x, ':') + 1) from unnest(coalesce(v_addresses, '{}')) x));
+    get diagnostics v_n = row_count;
+    v_counts := v_counts || jsonb_build_object('whatsapp_users', v_n);
 
     -- Provider webhooks are stored before their tenant is known: a payload is this recipient's when it mentions one of
     -- its addresses and names one of its deliveries (or their provider message ids), an inbound message its ledger

@@ -233,9 +233,9 @@ as $$
         'recipient_count', case when v.recipient_id is null then v.recipient_count end,
         'template', v.template_key, 'category', v.category, 'channels', to_jsonb(v.channels),
         'send_at', v.send_at, 'expires_at', v.expires_at, 'metadata', v.metadata, 'http_request_id', v.http_request_id,
-        'callback_url', v.callback_url))
+        'callback_url', v.callback_url, 'test', case when v.test then true end))
 $$;
-comment on function notify._notification_head(notify.notification_requests) is 'The request part of a notification''s JSON (as get_notification_v1 shows it).';
+comment on function notify._notification_head(notify.notification_requests) is 'The request part of a notification''s JSON (as get_notification_v1 shows it; "test": true for a test key''s).';
 
 create function notify_api.get_notification_v2(p_tenant_id uuid, p_id uuid)
     returns jsonb

@@ -88,6 +88,11 @@ def history(db, tenant):
         Jsonb({"channel": "email", "status": "granted", "source": "form"}),
     )
     pending, _ = submit(db, tenant, intent(recipient={"ref": "runner-42"}, channels=["email"], send_at="2100-01-01T00:00:00Z"))
+    # the business-scoped user id Meta mapped to the phone (WhatsApp 2026)
+    db.execute(
+        "insert into notify.whatsapp_users (tenant_id, user_id, wa_id) values (%s, 'US.13491208655302741918', %s)",
+        (tenant, PHONE.lstrip("+")),
+    )
     return first, pending
 
 
@@ -103,6 +108,7 @@ def test_after_an_erasure_no_table_holds_the_address_or_the_phone(db, ready):
         "notify.mock_messages",
         "notify.webhook_events",
         "notify.whatsapp_windows",
+        "notify.whatsapp_users",
     ):
         assert table in before, (table, before)
     receipt = call(db, "notify_api.erase_recipient_v1(%s, 'runner-42', 'api_key:k1')", ready)
