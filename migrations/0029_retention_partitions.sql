@@ -202,14 +202,19 @@ begin
             continue when to_regclass('notify.' || v_name) is not null;
             v_from := v_day::timestamp at time zone 'UTC';
             v_to := (v_day + 1)::timestamp at time zone 'UTC';
-            execute format('create table notify.%I (like notify.%I including defaults including constraints)', v_name, t.table_name);
-            execute format('with moved as (delete from notify.%I where %I >= %L and %I < %L returning *) insert into notify.%I select * from moved',
-                           t.table_name || '_default', t.column_name, v_from, t.column_name, v_to, v_name);
-            execute format('alter table notify.%I attach partition notify.%I for values from (%L) to (%L)',
-                           t.table_name, v_name, v_from, v_to);
-            execute format('comment on table notify.%I is %L', v_name,
-                           format('Partition of notify.%s for %s (UTC), made by notify._ensure_partitions.', t.table_name, v_day));
-            v_made := v_made + 1;
+            begin
+                execute format('create table notify.%I (like notify.%I including defaults including constraints)', v_name, t.table_name);
+                execute format('with moved as (delete from notify.%I where %I >= %L and %I < %L returning *) insert into notify.%I select * from moved',
+                               t.table_name || '_default', t.column_name, v_from, t.column_name, v_to, v_name);
+                execute format('alter table notify.%I attach partition notify.%I for values from (%L) to (%L)',
+                               t.table_name, v_name, v_from, v_to);
+                execute format('comment on table notify.%I is %L', v_name,
+                               format('Partition of notify.%s for %s (UTC), made by notify._ensure_partitions.', t.table_name, v_day));
+                v_made := v_made + 1;
+            exception
+                when lock_not_available then
+                    null;  -- busy (a long reader of the default partition): the next run makes it, rows wait in the default
+            end;
         end loop;
     end loop;
     return v_made;
@@ -240,9 +245,14 @@ begin
               order by 3, 1 loop
         -- DETACH (not CONCURRENTLY: this runs in a transaction) takes the parent's ACCESS EXCLUSIVE lock for a catalog
         -- change only; lock_timeout keeps it from queueing behind a long reader and stalling every writer behind it.
-        execute format('alter table notify.%I detach partition notify.%I', r.table_name, r.relname);
-        execute format('drop table notify.%I', r.relname);
-        v_dropped := v_dropped || r.relname;
+        begin
+            execute format('alter table notify.%I detach partition notify.%I', r.table_name, r.relname);
+            execute format('drop table notify.%I', r.relname);
+            v_dropped := v_dropped || r.relname;
+        exception
+            when lock_not_available then
+                null;  -- busy: the next run drops it
+        end;
     end loop;
     return v_dropped;
 end
@@ -515,6 +525,96 @@ drop table notify.delivery_events_old, notify.delivery_attempts_old, notify.call
 -- Partial, so a claim (to sending) adds no entry, and a scrubbed row leaves it.
 create index notification_deliveries_content_held on notify.notification_deliveries (tenant_id, channel, created_at)
     where status not in ('scheduled', 'queued', 'sending') and (address is not null or variables is not null or last_error_message is not null);
+
+-- The worker's record of attempts looks only at the last day's partitions (sql/080_api_worker.sql).
+create or replace function notify_api.record_attempts_v1(p_results notify.attempt_result[])
+    returns table (delivery_id uuid, status notify.delivery_status, applied boolean)
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    -- Rows whose provider message id another delivery already has (in the table, or earlier in this batch): each
+    -- keeps its own outcome with the id left null, so one provider's reused ids cannot fail the whole batch's record.
+    v_duplicates uuid[];
+begin
+    if exists (select from unnest(p_results) r where r.outcome not in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'bounced')) then
+        perform notify._raise('ND400', 'invalid_value', 'outcome must be sent, retry, failed, unknown, suppressed or bounced', 'outcome');
+    end if;
+    perform notify._set_source('worker');
+
+    select coalesce(array_agg(q.delivery_id), '{}') into v_duplicates
+      from (select r.tenant_id, r.delivery_id, r.provider, r.provider_message_id,
+                   row_number() over (partition by r.provider, r.provider_message_id order by r.tenant_id, r.delivery_id) as n
+              from unnest(p_results) r
+             where r.provider_message_id is not null) q
+     where q.n > 1
+        or exists (select from notify.notification_deliveries x
+                    where x.provider = q.provider and x.provider_message_id = q.provider_message_id
+                      and not (x.tenant_id = q.tenant_id and x.id = q.delivery_id));
+
+    -- The attempt rows first (fenced the same way), so the history is complete even when a webhook overtook us.
+    update notify.delivery_attempts a
+       set finished_at = now(), outcome = r.outcome, provider = r.provider, provider_message_id = r.provider_message_id,
+           error_code = case when r.delivery_id = any (v_duplicates) then 'duplicate_provider_message_id' else r.error_code end,
+           error_message = case when r.delivery_id = any (v_duplicates) then 'the provider returned a message id another delivery already has'
+                                else left(r.error_message, 1000) end
+      from unnest(p_results) r
+     where a.tenant_id = r.tenant_id and a.delivery_id = r.delivery_id and a.attempt = r.attempt and a.finished_at is null
+       -- Only the last day's partitions (sql/105_retention.sql): an attempt still open after a day had its lease expire
+       -- and was closed by maintenance; without the bound each row probes every daily partition's index.
+       and a.started_at > now() - interval '1 day';
+
+    return query
+    with input as (
+        select r.*, t.retry_max_attempts, r.delivery_id = any (v_duplicates) as duplicate
+          from unnest(p_results) r
+          join notify.tenants t on t.id = r.tenant_id
+    ), changed as (
+        update notify.notification_deliveries d
+           set status = case
+                   when i.outcome = 'sent' and d.status in ('sending', 'unknown') then 'sent'
+                   when i.outcome = 'retry' and d.status = 'sending' and d.attempt >= i.retry_max_attempts then 'failed'
+                   when i.outcome = 'retry' and d.status = 'sending' then 'queued'
+                   when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'failed'
+                   when i.outcome = 'unknown' and d.status = 'sending' then 'unknown'
+                   when i.outcome = 'suppressed' and d.status = 'sending' then 'suppressed'
+                   when i.outcome = 'bounced' and d.status in ('sending', 'unknown') then 'bounced'
+                   else d.status end::notify.delivery_status,
+               reason = case
+                   when i.outcome = 'retry' and d.status = 'sending' and d.attempt >= i.retry_max_attempts then 'retries_exhausted'
+                   when i.outcome = 'failed' and d.status in ('sending', 'unknown') and i.error_code = 'render_failed' then 'render_failed'
+                   when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'provider_rejected'
+                   when i.outcome = 'unknown' and d.status = 'sending' then 'outcome_unknown'
+                   when i.outcome = 'suppressed' and d.status = 'sending' then 'provider_opt_out'
+                   when i.outcome = 'bounced' and d.status in ('sending', 'unknown') then 'rejected_by_recipient_server'
+                   else d.reason end,
+               due_at = case when i.outcome = 'retry' and d.status = 'sending' and d.attempt < i.retry_max_attempts
+                             then now() + notify._backoff(i.tenant_id, d.attempt, i.retry_after_seconds)
+                             else d.due_at end,
+               provider = coalesce(i.provider, d.provider),
+               provider_message_id = coalesce(d.provider_message_id, case when not i.duplicate then i.provider_message_id end),
+               sent_at = case when i.outcome = 'sent' then coalesce(d.sent_at, now()) else d.sent_at end,
+               last_error_code = case when i.duplicate then 'duplicate_provider_message_id'
+                                      when i.outcome = 'sent' then d.last_error_code else coalesce(i.error_code, d.last_error_code) end,
+               last_error_message = case when i.duplicate then 'the provider returned a message id another delivery already has'
+                                         when i.outcome = 'sent' then d.last_error_message
+                                         else coalesce(left(i.error_message, 1000), d.last_error_message) end
+          from input i
+         where d.tenant_id = i.tenant_id and d.id = i.delivery_id and d.attempt = i.attempt
+        returning d.id, d.channel, d.status, d.due_at
+    ), woken as (
+        select notify._wake(c.channel, min(c.due_at)) from changed c where c.status = 'queued' group by c.channel
+    )
+    select i.delivery_id, c.status, c.id is not null
+      from input i
+      left join changed c on c.id = i.delivery_id
+      cross join (select count(*) from woken) w;
+end
+$$;
+comment on function notify_api.record_attempts_v1(notify.attempt_result[]) is
+    'Writes a batch of provider outcomes, each fenced by its attempt number (a stale worker changes nothing): sent, retry (backoff with jitter, or failed when attempts are used up), failed (reason render_failed for a template that could not be rendered, else provider_rejected), unknown, suppressed, bounced. A provider message id another delivery already has (in the table or earlier in the batch) is not stored: that row keeps its outcome with error code duplicate_provider_message_id. Wakes the worker for retries.';
+
 
 -- Row security (sql/890_row_security.sql) on the new table and the partitioned ones (their partitions have none).
 do $$

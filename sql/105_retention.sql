@@ -199,14 +199,19 @@ begin
             continue when to_regclass('notify.' || v_name) is not null;
             v_from := v_day::timestamp at time zone 'UTC';
             v_to := (v_day + 1)::timestamp at time zone 'UTC';
-            execute format('create table notify.%I (like notify.%I including defaults including constraints)', v_name, t.table_name);
-            execute format('with moved as (delete from notify.%I where %I >= %L and %I < %L returning *) insert into notify.%I select * from moved',
-                           t.table_name || '_default', t.column_name, v_from, t.column_name, v_to, v_name);
-            execute format('alter table notify.%I attach partition notify.%I for values from (%L) to (%L)',
-                           t.table_name, v_name, v_from, v_to);
-            execute format('comment on table notify.%I is %L', v_name,
-                           format('Partition of notify.%s for %s (UTC), made by notify._ensure_partitions.', t.table_name, v_day));
-            v_made := v_made + 1;
+            begin
+                execute format('create table notify.%I (like notify.%I including defaults including constraints)', v_name, t.table_name);
+                execute format('with moved as (delete from notify.%I where %I >= %L and %I < %L returning *) insert into notify.%I select * from moved',
+                               t.table_name || '_default', t.column_name, v_from, t.column_name, v_to, v_name);
+                execute format('alter table notify.%I attach partition notify.%I for values from (%L) to (%L)',
+                               t.table_name, v_name, v_from, v_to);
+                execute format('comment on table notify.%I is %L', v_name,
+                               format('Partition of notify.%s for %s (UTC), made by notify._ensure_partitions.', t.table_name, v_day));
+                v_made := v_made + 1;
+            exception
+                when lock_not_available then
+                    null;  -- busy (a long reader of the default partition): the next run makes it, rows wait in the default
+            end;
         end loop;
     end loop;
     return v_made;
@@ -237,9 +242,14 @@ begin
               order by 3, 1 loop
         -- DETACH (not CONCURRENTLY: this runs in a transaction) takes the parent's ACCESS EXCLUSIVE lock for a catalog
         -- change only; lock_timeout keeps it from queueing behind a long reader and stalling every writer behind it.
-        execute format('alter table notify.%I detach partition notify.%I', r.table_name, r.relname);
-        execute format('drop table notify.%I', r.relname);
-        v_dropped := v_dropped || r.relname;
+        begin
+            execute format('alter table notify.%I detach partition notify.%I', r.table_name, r.relname);
+            execute format('drop table notify.%I', r.relname);
+            v_dropped := v_dropped || r.relname;
+        exception
+            when lock_not_available then
+                null;  -- busy: the next run drops it
+        end;
     end loop;
     return v_dropped;
 end
