@@ -21,9 +21,11 @@ def test_migrating_a_populated_database_keeps_every_row_in_its_days_partition(em
     for p in schema.migration_files():
         if p.name < "0029":
             (before / p.name).write_bytes(p.read_bytes())
-    (before / "CHECKSUMS").write_text(schema.CHECKSUMS.read_text())
+    landed = [line for line in schema.CHECKSUMS.read_text().splitlines(keepends=True) if line.split()[-1] < "0029"]
+    (before / "CHECKSUMS").write_text("".join(landed))
     with monkeypatch.context() as m:
         m.setattr(schema, "MIGRATIONS_DIR", before)
+        m.setattr(schema, "CHECKSUMS", before / "CHECKSUMS")
         schema.migrate(empty_db)
     with psycopg.connect(empty_db, autocommit=True) as conn:
         assert conn.execute("select relkind::text from pg_class where oid = 'notify.delivery_events'::regclass").fetchone()[0] == "r"
