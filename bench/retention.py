@@ -24,7 +24,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -36,7 +35,10 @@ from dispatcher import schema  # noqa: E402
 from dispatcher.embedded import EmbeddedPostgres  # noqa: E402
 from runner.drainer import CLAIM, RECORD  # noqa: E402
 
-TEMPLATE = {"locale": "en", "channels": {"email": {"subject": "Reminder: {{event}}", "text": "Hi {{name}}, see you at {{event}}."}}}
+TEMPLATE = {
+    "locale": "en",
+    "channels": {"email": {"subject": "Reminder: {{event}}", "text": "Hi {{name}}, see you at {{event}}."}},
+}
 
 
 def log(msg: str) -> None:
@@ -85,8 +87,14 @@ class Load:
                 rows = conn.execute(CLAIM, {"channel": "email", "limit": 100, "lease": 60}).fetchall()
                 if rows:
                     results = [
-                        {"tenant_id": str(r[0]), "delivery_id": str(r[1]), "attempt": r[2], "outcome": "sent", "provider": "mock",
-                         "provider_message_id": f"m-{r[1]}"}
+                        {
+                            "tenant_id": str(r[0]),
+                            "delivery_id": str(r[1]),
+                            "attempt": r[2],
+                            "outcome": "sent",
+                            "provider": "mock",
+                            "provider_message_id": f"m-{r[1]}",
+                        }
                         for r in rows
                     ]
                     conn.execute(RECORD, {"results": Jsonb(results)}).fetchall()
@@ -121,7 +129,8 @@ def fill_day(conn: psycopg.Connection, tenant_id: str, day: dt.date, deliveries:
         conn.execute("create temporary table if not exists bench_ids (n integer, id uuid, at timestamptz)")
         conn.execute("truncate bench_ids")
         conn.execute(
-            """insert into bench_ids select g, gen_random_uuid(), %(start)s + (g * (86000.0 / %(total)s::integer)) * interval '1 second'
+            """insert into bench_ids
+               select g, gen_random_uuid(), %(start)s + (g * (86000.0 / %(total)s::integer)) * interval '1 second'
                  from generate_series(%(first)s::integer, %(last)s::integer) g""",
             {"start": start, "total": deliveries, "first": first, "last": first + n - 1},
         )
@@ -134,7 +143,8 @@ def fill_day(conn: psycopg.Connection, tenant_id: str, day: dt.date, deliveries:
         )
         conn.execute(
             """insert into notify.delivery_attempts (tenant_id, delivery_id, attempt, started_at, finished_at, outcome, provider)
-               select %(tenant)s, b.id, 1, b.at + interval '1 second', b.at + interval '2 seconds', 'sent', 'mock' from bench_ids b""",
+               select %(tenant)s, b.id, 1, b.at + interval '1 second', b.at + interval '2 seconds', 'sent', 'mock'
+                 from bench_ids b""",
             {"tenant": tenant_id},
         )
 
@@ -233,9 +243,16 @@ def main() -> None:
     print(f"  delete the same rows      : {delete['ms']:>10,.1f} ms   ({figures['delete_over_drop']}x the drop)")
     print(f"  then vacuum them          : {delete['vacuum_ms']:>10,.1f} ms")
     print(f"  {'':26}{'ingest/s':>10}{'slowest ms':>12}{'dispatch/s':>12}{'slowest batch ms':>18}")
-    for label, w in (("baseline", baseline), ("during the drop (1 s)", drop), ("during the delete", delete),
-                     ("during the vacuum", delete["vacuum"])):
-        print(f"  {label:26}{w['ingest_per_s']:>10}{w['ingest_slowest_ms']:>12}{w['dispatch_per_s']:>12}{w['dispatch_slowest_batch_ms']:>18}")
+    for label, w in (
+        ("baseline", baseline),
+        ("during the drop (1 s)", drop),
+        ("during the delete", delete),
+        ("during the vacuum", delete["vacuum"]),
+    ):
+        print(
+            f"  {label:26}{w['ingest_per_s']:>10}{w['ingest_slowest_ms']:>12}"
+            f"{w['dispatch_per_s']:>12}{w['dispatch_slowest_batch_ms']:>18}"
+        )
     print(json.dumps(figures))
     pg.stop()
 

@@ -10,9 +10,14 @@ from psycopg.types.json import Jsonb
 
 from dispatcher import schema
 from tests.catalog.test_migrations import empty_db  # noqa: F401  (fixture)
-from tests.conftest import REMINDER, RECORD, call, claim, intent, mock_message, result, submit
+from tests.conftest import RECORD, REMINDER, call, claim, intent, mock_message, result, submit
 
-TABLES = {"delivery_events": "occurred_at", "delivery_attempts": "started_at", "callback_attempts": "started_at", "mock_messages": "sent_at"}
+TABLES = {
+    "delivery_events": "occurred_at",
+    "delivery_attempts": "started_at",
+    "callback_attempts": "started_at",
+    "mock_messages": "sent_at",
+}
 
 
 def test_migrating_a_populated_database_keeps_every_row_in_its_days_partition(empty_db, tmp_path, monkeypatch):  # noqa: F811
@@ -28,11 +33,15 @@ def test_migrating_a_populated_database_keeps_every_row_in_its_days_partition(em
         m.setattr(schema, "CHECKSUMS", before / "CHECKSUMS")
         schema.migrate(empty_db)
     with psycopg.connect(empty_db, autocommit=True) as conn:
-        assert conn.execute("select relkind::text from pg_class where oid = 'notify.delivery_events'::regclass").fetchone()[0] == "r"
+        assert (
+            conn.execute("select relkind::text from pg_class where oid = 'notify.delivery_events'::regclass").fetchone()[0] == "r"
+        )
         tenant = str(call(conn, "notify_api.create_tenant_v1('acme')")["id"])
         call(conn, "notify_api.upsert_template_v1(%s, 'event_reminder', %s)", tenant, Jsonb(REMINDER))
         for i in range(5):
-            submit(conn, tenant, intent(recipient={"ref": f"r{i}", "addresses": {"email": f"r{i}@example.com"}}, channels=["email"]))
+            submit(
+                conn, tenant, intent(recipient={"ref": f"r{i}", "addresses": {"email": f"r{i}@example.com"}}, channels=["email"])
+            )
         rows = claim(conn, "email")
         call(conn, "notify_api.record_mock_messages_v1(%s)", Jsonb([mock_message(r, n) for n, r in enumerate(rows)]))
         conn.execute(RECORD, {"results": Jsonb([result(r, "sent") for r in rows])})
@@ -56,7 +65,10 @@ def test_migrating_a_populated_database_keeps_every_row_in_its_days_partition(em
     with psycopg.connect(empty_db, autocommit=True) as conn:
         for table, column in TABLES.items():
             assert conn.execute(f"select count(*), max({column}) from notify.{table}").fetchone() == counted[table], table
-            assert conn.execute("select relkind::text from pg_class where oid = %s::regclass", (f"notify.{table}",)).fetchone()[0] == "p"
+            assert (
+                conn.execute("select relkind::text from pg_class where oid = %s::regclass", (f"notify.{table}",)).fetchone()[0]
+                == "p"
+            )
             # Every row but the far-future one sits in the daily partition named after its UTC day.
             placed = conn.execute(
                 f"select tableoid::regclass::text, ({column} at time zone 'UTC')::date from notify.{table}"
@@ -67,7 +79,9 @@ def test_migrating_a_populated_database_keeps_every_row_in_its_days_partition(em
         assert conn.execute("select count(*) from notify.delivery_events_default").fetchone()[0] == 1
         # The worker's path on the new tables: identities go on past the old ones, attempts recorded.
         submit(conn, tenant, intent(recipient={"ref": "new", "addresses": {"email": "new@example.com"}}, channels=["email"]))
-        assert conn.execute("select min(id) from notify.delivery_events where seq = 1 and source = 'submit' and id > %s", (max_event,)).fetchone()[0]
+        assert conn.execute(
+            "select min(id) from notify.delivery_events where seq = 1 and source = 'submit' and id > %s", (max_event,)
+        ).fetchone()[0]
         rows = claim(conn, "email")
         assert [r[1] for r in conn.execute(RECORD, {"results": Jsonb([result(r, "sent") for r in rows])})] == ["sent"]
         assert conn.execute("select count(*) from notify.delivery_attempts where outcome = 'sent'").fetchone()[0] == 6

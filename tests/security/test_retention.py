@@ -3,15 +3,28 @@ application role going for the tables and partitions directly. Each attacker use
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import psycopg
 import pytest
+from litestar.testing import TestClient
 from psycopg.types.json import Jsonb
 
-from tests.api.test_api import SECRET, client, is_problem, make_key  # noqa: F401  (the client fixture)
+from api.app import create_app
+from dispatcher.settings import Settings
+from tests.api.test_api import SECRET, is_problem, make_key
 from tests.conftest import app_url, call
 
-assert SECRET
 VICTIM = {"content_days": 400, "history_days": 3000}
+
+
+@pytest.fixture
+def client(db: psycopg.Connection, db_url: str, ready: str) -> Iterator[TestClient]:
+    settings = Settings(database_url=app_url(db_url), mock_webhook_secret=SECRET, max_body_bytes=64 * 1024)
+    key, _ = make_key(db, ready)
+    with TestClient(app=create_app(settings)) as c:
+        c.headers["Authorization"] = f"Bearer {key}"
+        yield c
 
 
 @pytest.fixture
@@ -29,9 +42,14 @@ def test_another_tenants_key_neither_reads_nor_changes_the_settings(client, db, 
     _, key = attacker_key(db)
     headers = {"Authorization": f"Bearer {key}"}
     seen = client.get("/internal/retention", headers=headers, params={"tenant_id": victim})
-    assert seen.status_code == 200 and seen.json()["content_days"] == 30 and seen.json()["default"] is True  # its own, not the victim's
+    assert (
+        seen.status_code == 200 and seen.json()["content_days"] == 30 and seen.json()["default"] is True
+    )  # its own, not the victim's
     is_problem(client.put("/internal/retention", json={"tenant_id": victim, "content_days": 1}, headers=headers), 400)
-    assert client.put("/internal/retention", json={"content_days": 1}, headers=headers, params={"tenant_id": victim}).status_code == 200
+    assert (
+        client.put("/internal/retention", json={"content_days": 1}, headers=headers, params={"tenant_id": victim}).status_code
+        == 200
+    )
     got = call(db, "notify_api.get_retention_v1(%s)", victim)
     assert (got["content_days"], got["history_days"]) == (400, 3000)
 
@@ -61,7 +79,13 @@ def test_a_trusted_sql_caller_gets_no_retention_function_and_no_table(db_url, vi
 
 def test_the_application_role_reaches_no_partition_and_no_settings_row(db_url, victim):
     with psycopg.connect(app_url(db_url), autocommit=True) as conn:
-        for table in ("retention_settings", "delivery_events", "delivery_events_default", "mock_messages_default", "delivery_attempts"):
+        for table in (
+            "retention_settings",
+            "delivery_events",
+            "delivery_events_default",
+            "mock_messages_default",
+            "delivery_attempts",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(f"select * from notify.{table}")
         part = conn.execute(

@@ -20,7 +20,8 @@ def partitions(db, table: str) -> list[str]:
     return [
         r[0]
         for r in db.execute(
-            "select c.relname from pg_inherits i join pg_class c on c.oid = i.inhrelid where i.inhparent = %s::regclass order by 1",
+            "select c.relname from pg_inherits i join pg_class c on c.oid = i.inhrelid"
+            " where i.inhparent = %s::regclass order by 1",
             (f"notify.{table}",),
         )
     ]

@@ -11,7 +11,13 @@ from tests.conftest import REMINDER, call, claim, intent, mock_message, record, 
 def sent_notification(db, tenant: str, ref: str = "runner-42") -> str:
     """A notification on WhatsApp and e-mail, claimed, "sent" by the mock provider and recorded as sent."""
     body = intent(recipient={"ref": ref, "addresses": {"whatsapp": "+34600111222", "email": "ana@example.com"}, "locale": "en"})
-    call(db, "notify_api.record_consent_v1(%s, %s, %s)", tenant, ref, Jsonb({"channel": "whatsapp", "status": "granted", "source": "t"}))
+    call(
+        db,
+        "notify_api.record_consent_v1(%s, %s, %s)",
+        tenant,
+        ref,
+        Jsonb({"channel": "whatsapp", "status": "granted", "source": "t"}),
+    )
     response, _ = submit(db, tenant, body)
     rows = claim(db, "whatsapp") + claim(db, "email")
     assert len(rows) == 2
@@ -22,8 +28,13 @@ def sent_notification(db, tenant: str, ref: str = "runner-42") -> str:
 
 def age(db, tenant: str, days: int) -> None:
     """Moves a tenant's deliveries and mock messages `days` into the past (as if submitted then)."""
-    db.execute("update notify.notification_deliveries set created_at = created_at - make_interval(days => %s) where tenant_id = %s", (days, tenant))
-    db.execute("update notify.mock_messages set sent_at = sent_at - make_interval(days => %s) where tenant_id = %s", (days, tenant))
+    db.execute(
+        "update notify.notification_deliveries set created_at = created_at - make_interval(days => %s) where tenant_id = %s",
+        (days, tenant),
+    )
+    db.execute(
+        "update notify.mock_messages set sent_at = sent_at - make_interval(days => %s) where tenant_id = %s", (days, tenant)
+    )
 
 
 def content(db, notification_id: str) -> list[tuple]:
@@ -32,7 +43,8 @@ def content(db, notification_id: str) -> list[tuple]:
                   (select count(*) from notify.delivery_events e where e.tenant_id = d.tenant_id and e.delivery_id = d.id),
                   (select count(*) from notify.delivery_attempts a where a.tenant_id = d.tenant_id and a.delivery_id = d.id),
                   (select count(*) from notify.mock_messages m where m.tenant_id = d.tenant_id and m.delivery_id = d.id)
-             from notify.notification_deliveries d join notify.notification_requests r on r.tenant_id = d.tenant_id and r.id = d.request_id
+             from notify.notification_deliveries d
+             join notify.notification_requests r on r.tenant_id = d.tenant_id and r.id = d.request_id
             where d.request_id = %s order by 1""",
         (notification_id,),
     ).fetchall()
@@ -46,10 +58,20 @@ def test_past_the_period_personal_data_goes_and_history_stays(db, ready):
     assert [r[2] for r in before] == ["ana@example.com", "+34600111222"] and before[0][4] == {"name": "Ana", "event": "Long run"}
 
     done = call(db, "notify_api.scrub_expired_v1(1000)")
-    assert done == {"deliveries": 2, "requests": 1, "mock_messages": 2, "callback_messages": 0, "webhook_events": 0, "more": False}
+    assert done == {
+        "deliveries": 2,
+        "requests": 1,
+        "mock_messages": 2,
+        "callback_messages": 0,
+        "webhook_events": 0,
+        "more": False,
+    }
     after = content(db, old)
     # Address, variables and the rendered mock messages are gone; status, events and attempts are untouched.
-    assert [(r[0], r[1], r[2], r[3], r[4], r[7]) for r in after] == [("email", "sent", None, None, {}, 0), ("whatsapp", "sent", None, None, {}, 0)]
+    assert [(r[0], r[1], r[2], r[3], r[4], r[7]) for r in after] == [
+        ("email", "sent", None, None, {}, 0),
+        ("whatsapp", "sent", None, None, {}, 0),
+    ]
     assert [(r[5], r[6]) for r in after] == [(r[5], r[6]) for r in before] and all(r[5] >= 3 for r in after)
     # The notification still reads back (content-free), and the recent one keeps everything.
     assert {d["status"] for d in call(db, "notify_api.get_notification_v1(%s, %s)", ready, old)["deliveries"]} == {"sent"}
@@ -58,7 +80,12 @@ def test_past_the_period_personal_data_goes_and_history_stays(db, ready):
 
 
 def test_each_tenant_and_channel_has_its_own_period(db, ready):
-    call(db, "notify_api.set_retention_v1(%s, %s)", ready, Jsonb({"content_days": 60, "channels": {"whatsapp": {"content_days": 7}}}))
+    call(
+        db,
+        "notify_api.set_retention_v1(%s, %s)",
+        ready,
+        Jsonb({"content_days": 60, "channels": {"whatsapp": {"content_days": 7}}}),
+    )
     mine = sent_notification(db, ready)
     other = str(call(db, "notify_api.create_tenant_v1('other')")["id"])
     call(db, "notify_api.upsert_template_v1(%s, 'event_reminder', %s)", other, Jsonb(REMINDER))
@@ -81,7 +108,9 @@ def test_waiting_deliveries_are_never_scrubbed_and_batches_are_bounded(db, ready
     first = call(db, "notify_api.scrub_expired_v1(1)")
     assert (first["deliveries"], first["more"]) == (1, True)
     assert call(db, "notify_api.scrub_expired_v1(10)")["deliveries"] == 1
-    left = db.execute("select status::text, address from notify.notification_deliveries where tenant_id = %s and address is not null", (ready,)).fetchall()
+    left = db.execute(
+        "select status::text, address from notify.notification_deliveries where tenant_id = %s and address is not null", (ready,)
+    ).fetchall()
     assert left == [("queued", left[0][1])]  # the one still waiting keeps its address
 
 
