@@ -75,7 +75,8 @@ async def retention(context: JobContext, timestamp: int) -> dict[str, Any]:
         if not more:
             break
     result["scrubbed"] = scrubbed
-    # procrastinate's own clean-up (one statement; our jobs are wake-ups, so there are few of them).
+    # procrastinate's own clean-up (one statement; successful jobs are deleted at once, so only failed, cancelled and
+    # aborted wake-ups are left for it).
     await context.app.job_manager.delete_old_jobs(
         nb_hours=settings.read("job_retention_hours"), include_failed=True, include_cancelled=True, include_aborted=True
     )
