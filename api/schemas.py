@@ -496,3 +496,36 @@ class Problem(Base):
     detail: str | None = None
     field: str | None = None
     instance: str | None = None
+
+
+class RetentionPeriods(Base):
+    content_days: int | None = None
+    history_days: int | None = None
+
+
+class RetentionChannels(Base):
+    whatsapp: RetentionPeriods | None = None
+    email: RetentionPeriods | None = None
+    sms: RetentionPeriods | None = None
+
+
+class RetentionPut(Base):
+    # Days, 1 to 3650, history at least content: checked by notify_api.set_retention_v1, which names the field.
+    content_days: int | None = None
+    history_days: int | None = None
+    channels: RetentionChannels | None = None
+
+
+class RetentionInForce(Base):
+    content_days: int
+    history_days: int
+    override: bool
+
+
+class RetentionOut(Base):
+    content_days: int
+    history_days: int
+    channels: dict[str, RetentionInForce]
+    defaults: RetentionPeriods
+    default: bool
+    updated_at: dt.datetime | None = None

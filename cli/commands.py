@@ -227,6 +227,45 @@ def cmd_provider_list(args: argparse.Namespace) -> None:
     print(json.dumps(row[0] if row else [], indent=2))
 
 
+def cmd_retention_show(args: argparse.Namespace) -> None:
+    with psycopg.connect(_url(args), autocommit=True) as conn:
+        row = conn.execute("select notify_api.get_retention_v1(%s)", (_tenant_id(conn, args.tenant),)).fetchone()
+    print(json.dumps(row[0] if row else None, indent=2))
+
+
+def cmd_retention_set(args: argparse.Namespace) -> None:
+    body: dict[str, object] = {}
+    if args.content_days is not None:
+        body["content_days"] = args.content_days
+    if args.history_days is not None:
+        body["history_days"] = args.history_days
+    channels: dict[str, dict[str, object]] = {}
+    for field, items in (("content_days", args.channel_content), ("history_days", args.channel_history)):
+        for channel, days in _pairs(items, "--setting").items():
+            channels.setdefault(channel, {})[field] = days
+    if channels:
+        body["channels"] = channels
+    with psycopg.connect(_url(args), autocommit=True) as conn:
+        row = conn.execute("select notify_api.set_retention_v1(%s, %s)", (_tenant_id(conn, args.tenant), Jsonb(body))).fetchone()
+    print(json.dumps(row[0] if row else None, indent=2))
+
+
+def cmd_retention_run(args: argparse.Namespace) -> None:
+    """What the worker's retention task does, once, now: partitions ahead and dropped, then scrub batches (a transaction each)."""
+    with psycopg.connect(_url(args), autocommit=True) as conn:
+        result = conn.execute("select notify_api.run_retention_v1()").fetchone()[0]
+        totals: dict[str, int] = {}
+        while True:
+            batch = conn.execute("select notify_api.scrub_expired_v1(1000)").fetchone()[0]
+            more = batch.pop("more")
+            for kind, n in batch.items():
+                totals[kind] = totals.get(kind, 0) + n
+            if not more:
+                break
+    result["scrubbed"] = totals
+    print(json.dumps(result, indent=2))
+
+
 def cmd_login_bind(args: argparse.Namespace) -> None:
     with psycopg.connect(_url(args, owner=True), autocommit=True) as conn:
         row = conn.execute("select notify.bind_login_v1(%s, %s)", (args.login, args.tenant)).fetchone()
@@ -746,6 +785,28 @@ def parser() -> argparse.ArgumentParser:
     pl = provider.add_parser("list", parents=[db], help="the provider of each channel (secret references, never values)")
     pl.add_argument("--tenant", required=True)
     pl.set_defaults(func=cmd_provider_list)
+
+    retention = sub.add_parser(
+        "retention",
+        help="how long personal data and history are kept (docs/operations.md, Retention)",
+    ).add_subparsers(dest="action", required=True)
+    rs = retention.add_parser("show", parents=[db], help="a tenant's retention periods, per channel")
+    rs.add_argument("--tenant", required=True)
+    rs.set_defaults(func=cmd_retention_show)
+    rset = retention.add_parser(
+        "set",
+        parents=[db],
+        help="set a tenant's retention periods (replaces them; what is left out takes the default)",
+        description="Days, 1 to 3650; history at least content. --channel-content whatsapp=7 --channel-history sms=60.",
+    )
+    rset.add_argument("--tenant", required=True)
+    rset.add_argument("--content-days", type=int, default=None, help="personal data and content")
+    rset.add_argument("--history-days", type=int, default=None, help="content-free history (statuses, timestamps, attempts)")
+    rset.add_argument("--channel-content", action="append", default=[], metavar="CHANNEL=DAYS")
+    rset.add_argument("--channel-history", action="append", default=[], metavar="CHANNEL=DAYS")
+    rset.set_defaults(func=cmd_retention_set)
+    rr = retention.add_parser("run", parents=[db], help="run the worker's retention task once, now")
+    rr.set_defaults(func=cmd_retention_run)
 
     login = sub.add_parser(
         "login",

@@ -117,6 +117,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     maintenance_cron: Annotated[str, Env("DISPATCHER_MAINTENANCE_CRON", W, "when maintenance runs (cron, seconds last)")] = (
         "* * * * * */10"
     )
+    retention_cron: Annotated[str, Env("DISPATCHER_RETENTION_CRON", W, "when the retention task runs (cron, seconds last)")] = (
+        "*/10 * * * * 0"
+    )
+    job_retention_hours: Annotated[
+        int, Env("DISPATCHER_JOB_RETENTION_HOURS", W, "hours a finished procrastinate job is kept")
+    ] = 24
     # rendering (tenant templates are untrusted: docs/security.md, "Templates and the shared worker")
     render_processes: Annotated[int, Env("DISPATCHER_RENDER_PROCESSES", W, "render child processes")] = 2
     render_timeout_ms: Annotated[float, Env("DISPATCHER_RENDER_TIMEOUT_MS", W, "time budget of one render")] = 500.0

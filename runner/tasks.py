@@ -19,6 +19,10 @@ from runner.context import drainer_for, sender_for
 log = logging.getLogger("runner")
 
 MAINTENANCE = "select notify_api.run_maintenance_v1() as result"
+RETENTION = "select notify_api.run_retention_v1() as result"
+SCRUB = "select notify_api.scrub_expired_v1(%(limit)s) as result"
+SCRUB_BATCH = 1000
+SCRUB_MAX_BATCHES = 1000  # per run: a backlog larger than a million rows per kind goes on at the next run
 
 
 @app.task(name="callbacks", queue="callbacks", pass_context=True)
@@ -49,4 +53,33 @@ async def maintenance(context: JobContext, timestamp: int) -> dict[str, Any]:
     result["stalled_jobs"] = len(stalled)
     if any(result.get(k) for k in ("requeued", "unknown", "expired", "unknown_finalized", "stalled_jobs")):
         log.info("maintenance", extra=result)
+    return result
+
+
+@app.periodic(cron=settings.read("retention_cron"), periodic_id="retention")
+@app.task(name="retention", queue="maintenance", queueing_lock="retention", pass_context=True)
+async def retention(context: JobContext, timestamp: int) -> dict[str, Any]:
+    """Every 10 minutes (DISPATCHER_RETENTION_CRON): daily partitions made a week ahead and dropped past the longest
+    history period, expired personal data scrubbed in batches of 1,000 rows (a transaction each, so no lock is held
+    long), finished procrastinate jobs older than DISPATCHER_JOB_RETENTION_HOURS deleted (docs/operations.md, "Retention")."""
+    assert context.app is not None
+    connector = context.app.connector
+    row = await connector.execute_query_one_async(RETENTION)
+    result: dict[str, Any] = dict(row["result"])
+    scrubbed: dict[str, int] = {}
+    for _ in range(SCRUB_MAX_BATCHES):
+        batch = dict((await connector.execute_query_one_async(SCRUB, limit=SCRUB_BATCH))["result"])
+        more = batch.pop("more")
+        for kind, n in batch.items():
+            scrubbed[kind] = scrubbed.get(kind, 0) + int(n)
+        if not more:
+            break
+    result["scrubbed"] = scrubbed
+    # procrastinate's own clean-up (one statement; successful jobs are deleted at once, so only failed, cancelled and
+    # aborted wake-ups are left for it).
+    await context.app.job_manager.delete_old_jobs(
+        nb_hours=settings.read("job_retention_hours"), include_failed=True, include_cancelled=True, include_aborted=True
+    )
+    if result["partitions_created"] or result["partitions_dropped"] or any(scrubbed.values()):
+        log.info("retention", extra=result)
     return result

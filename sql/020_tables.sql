@@ -306,6 +306,10 @@ create unique index notification_deliveries_provider_message on notify.notificat
 -- (Partial for the same reason as notification_requests_created.)
 create index notification_deliveries_recipient on notify.notification_deliveries (tenant_id, recipient_id, created_at, request_id)
     where created_at > '-infinity';
+-- Retention (sql/105_retention.sql): deliveries done with that still hold personal data, by tenant, channel and age.
+-- Partial, so a claim (to sending) adds no entry, and a scrubbed row leaves it.
+create index notification_deliveries_content_held on notify.notification_deliveries (tenant_id, channel, created_at)
+    where status not in ('scheduled', 'queued', 'sending') and (address is not null or variables is not null or last_error_message is not null);
 
 create table notify.delivery_attempts (
     tenant_id uuid not null,
@@ -318,12 +322,18 @@ create table notify.delivery_attempts (
     provider_message_id text,
     error_code text,
     error_message text,
-    primary key (tenant_id, delivery_id, attempt),
+    -- started_at is in the key because the table is partitioned by it (a partitioned table's keys include its
+    -- partition column); (tenant_id, delivery_id, attempt) still leads, so lookups by attempt use it.
+    primary key (tenant_id, delivery_id, attempt, started_at),
     -- No foreign key to notification_deliveries: rows are written only by claim_deliveries_v1 for the rows it
     -- claims, and a per-row RI check costs more than the rest of the insert (docs/architecture.md).
     constraint delivery_attempts_outcome check (outcome in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'bounced', 'lease_expired'))
-);
+) partition by range (started_at);
 comment on table notify.delivery_attempts is 'One row per claim of a delivery; outcome null while the provider call is in flight.';
+-- Daily partitions (<table>_pYYYYMMDD, UTC) are made ahead and dropped past retention (sql/105_retention.sql); the
+-- default partition takes a row no daily partition covers, so an insert never fails.
+create table notify.delivery_attempts_default partition of notify.delivery_attempts default;
+comment on table notify.delivery_attempts_default is 'Rows of notify.delivery_attempts outside every daily partition (moved out when their day''s partition is made).';
 
 create table notify.delivery_events (
     tenant_id uuid not null,
@@ -335,12 +345,14 @@ create table notify.delivery_events (
     source text not null,
     reason text,
     occurred_at timestamptz not null default now(),
-    primary key (tenant_id, id)
+    primary key (tenant_id, id, occurred_at)  -- occurred_at: the partition column (as in delivery_attempts)
     -- No foreign key to notification_deliveries: rows are written only by the deliveries' own trigger
     -- (_200_record_event_*), and a per-row RI check would double the cost of every status change.
-);
+) partition by range (occurred_at);
 comment on table notify.delivery_events is 'Status history of each delivery, appended by trigger on every status change.';
 comment on column notify.delivery_events.source is 'Who changed it: submit, claim, worker, webhook, cancel, maintenance (transaction setting notify.source).';
+create table notify.delivery_events_default partition of notify.delivery_events default;
+comment on table notify.delivery_events_default is 'Rows of notify.delivery_events outside every daily partition (moved out when their day''s partition is made).';
 create index delivery_events_delivery on notify.delivery_events (tenant_id, delivery_id, seq);
 
 create table notify.webhook_events (
@@ -367,10 +379,12 @@ create table notify.mock_messages (
     provider_message_id text not null,
     rendered jsonb not null,
     sent_at timestamptz not null default now(),
-    primary key (tenant_id, id)
-);
+    primary key (tenant_id, id, sent_at)  -- sent_at: the partition column (as in delivery_attempts)
+) partition by range (sent_at);
 comment on table notify.mock_messages is
     'What the built-in mock provider would have sent, so a developer can look. One row per provider call.';
+create table notify.mock_messages_default partition of notify.mock_messages default;
+comment on table notify.mock_messages_default is 'Rows of notify.mock_messages outside every daily partition (moved out when their day''s partition is made).';
 create index mock_messages_delivery on notify.mock_messages (tenant_id, delivery_id);
 
 -- Not a tenant table: read before any tenant is entered (notify._enter), keyed by the database login.

@@ -112,7 +112,10 @@ begin
            error_message = case when r.delivery_id = any (v_duplicates) then 'the provider returned a message id another delivery already has'
                                 else left(r.error_message, 1000) end
       from unnest(p_results) r
-     where a.tenant_id = r.tenant_id and a.delivery_id = r.delivery_id and a.attempt = r.attempt and a.finished_at is null;
+     where a.tenant_id = r.tenant_id and a.delivery_id = r.delivery_id and a.attempt = r.attempt and a.finished_at is null
+       -- Only the last day's partitions (sql/105_retention.sql): an attempt still open after a day had its lease expire
+       -- and was closed by maintenance; without the bound each row probes every daily partition's index.
+       and a.started_at > now() - interval '1 day';
 
     return query
     with input as (

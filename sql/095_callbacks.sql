@@ -62,11 +62,13 @@ create table notify.callback_attempts (
     status_code integer,
     error text,
     outcome text not null,
-    primary key (tenant_id, message_id, attempt),
+    primary key (tenant_id, message_id, attempt, started_at),  -- started_at: the partition column (sql/105_retention.sql)
     constraint callback_attempts_outcome check (outcome in ('delivered', 'retry', 'failed', 'refused'))
-);
+) partition by range (started_at);
 comment on table notify.callback_attempts is
     'Every attempt to post a callback: the receiver''s status code or the error, and what it meant (refused: the URL resolved to a private or loopback address).';
+create table notify.callback_attempts_default partition of notify.callback_attempts default;
+comment on table notify.callback_attempts_default is 'Rows of notify.callback_attempts outside every daily partition (moved out when their day''s partition is made).';
 
 create function notify._wake_callbacks(p_at timestamptz default null)
     returns void

@@ -5,6 +5,9 @@
 -- Not tenant tables (no tenant_id): rate_buckets (per sender), webhook_events (deduplicated before the tenant is known) and
 -- login_tenants (per database login, read by notify._enter before any tenant is entered), and address_hash_key (the server's
 -- one HMAC key, sql/066_api_erasure.sql).
+-- Partitioned tables (sql/105_retention.sql) carry the policies on the parent, which every function reads and writes
+-- through; their partitions have none and no grant to any application role (only the owner names a partition: the
+-- partition maintenance, which moves a default partition's rows without the policies hiding them).
 
 alter table notify.tenants enable row level security;
 alter table notify.tenants force row level security;
@@ -20,7 +23,8 @@ begin
                                    'recipient_addresses', 'recipient_consents', 'templates', 'notification_requests',
                                    'notification_deliveries', 'delivery_attempts', 'delivery_events', 'mock_messages',
                                    'callback_endpoints', 'callback_messages', 'callback_attempts', 'provider_grants',
-                                   'whatsapp_users', 'whatsapp_business_limits']
+                                   'whatsapp_users', 'whatsapp_business_limits',
+                                   'retention_settings']
     loop
         execute format('alter table notify.%I enable row level security', v_table);
         execute format('alter table notify.%I force row level security', v_table);
@@ -68,7 +72,8 @@ begin
                  'create_tenant_v1', 'get_tenant_v1', 'authenticate_api_key_v1', 'authorize_v1', 'take_tokens_v1',
                  'claim_deliveries_v1', 'record_attempts_v1', 'run_maintenance_v1', 'queue_health_v1', 'ingest_webhook_v1',
                  'record_mock_messages_v1', 'claim_callbacks_v1', 'record_callback_attempts_v1', 'check_api_key_v1',
-                 'charge_api_key_v1', 'set_provider_grants_v1', 'whatsapp_limits_v1']) as cross_tenant
+                 'charge_api_key_v1', 'set_provider_grants_v1', 'whatsapp_limits_v1',
+                 'run_retention_v1', 'scrub_expired_v1']) as cross_tenant
                from pg_proc p where p.pronamespace in ('notify'::regnamespace, 'notify_api'::regnamespace) loop
         execute format('alter function %s owner to %s', r.fn, case when r.cross_tenant then 'notify_system' else 'notify_owner' end);
     end loop;

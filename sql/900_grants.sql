@@ -45,6 +45,8 @@ grant execute on function notify_api.list_templates_v1(uuid, text) to notify_cal
 -- tenant-scoped functions; notify_system reads and writes every row through its own policy and owns the cross-tenant
 -- functions.
 grant usage on schema notify, notify_api to notify_owner, notify_system;
+-- notify_owner's partition maintenance (notify._ensure_partitions, sql/105_retention.sql) creates tables in notify.
+grant create on schema notify to notify_owner;
 grant select, insert, update, delete on all tables in schema notify to notify_system;
 grant usage, select on all sequences in schema notify to notify_system;
 grant execute on all functions in schema notify to notify_system;

@@ -6,6 +6,7 @@
 - channels: /internal/channels (providers and consent policies)
 - callbacks: /internal/callbacks (status callback settings)
 - mock: /internal/mock (the mock provider's messages)
+- retention: /internal/retention (how long personal data and history are kept)
 - webhooks: /public (provider webhooks, WhatsApp's handshake, one-click unsubscribe)
 - health: /health, /version (and the benchmark's baseline route)
 

@@ -145,16 +145,16 @@ def test_values_are_parsed_as_declared(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert Settings.from_env(database_url="postgresql:///given").database_url == "postgresql:///given"
 
 
-def test_the_maintenance_cron_is_still_configurable():
-    """It is read when runner.tasks registers the periodic task (procrastinate needs it then)."""
+def test_the_maintenance_and_retention_crons_are_still_configurable():
+    """They are read when runner.tasks registers the periodic tasks (procrastinate needs them then)."""
     code = (
         "from runner.app import app; app.perform_import_paths(); "
         "print([t.cron for t in app.periodic_registry.periodic_tasks.values()])"
     )
-    env = {"PATH": "/usr/bin:/bin", "DISPATCHER_MAINTENANCE_CRON": "*/5 * * * * 30"}
+    env = {"PATH": "/usr/bin:/bin", "DISPATCHER_MAINTENANCE_CRON": "*/5 * * * * 30", "DISPATCHER_RETENTION_CRON": "0 3 * * * 0"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['*/5 * * * * 30']"
+    assert out.strip() == "['*/5 * * * * 30', '0 3 * * * 0']"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True
     ).stdout
-    assert out.strip() == repr([DECLARED["maintenance_cron"].default])
+    assert out.strip() == repr([DECLARED["maintenance_cron"].default, DECLARED["retention_cron"].default])
