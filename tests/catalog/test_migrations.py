@@ -138,6 +138,7 @@ INLINED = {
     "_rank",
     "_tenant",
     "_transition_allowed",
+    "_uuidv7",
 }
 
 
