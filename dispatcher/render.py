@@ -21,7 +21,7 @@ import re
 from typing import Any
 
 from jinja2 import StrictUndefined, Template, TemplateError, pass_context
-from jinja2.runtime import Context
+from jinja2.runtime import Context, new_context
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 from jinja2.utils import _PassArg
 
@@ -145,9 +145,21 @@ def environments(limits: Limits) -> tuple[BoundedEnvironment, BoundedEnvironment
 
 
 @functools.lru_cache(maxsize=1024)
-def _compiled(source: str, escape: bool, limits: Limits) -> Template:
-    """Compiling is ~100x the cost of rendering; a batch renders the same few templates many times."""
-    return environments(limits)[escape].from_string(source)
+def _compiled(source: str, escape: bool, limits: Limits) -> tuple[Template, dict[str, Any]]:
+    """Compiling is ~100x the cost of rendering; a batch renders the same few templates many times. With the template,
+    its globals copied once into a plain dict: Template.generate copies them (a ChainMap, slow to iterate) on every
+    render, which cost more than rendering a short message (docs/benchmarks.md, "Dispatch: where the time goes")."""
+    template = environments(limits)[escape].from_string(source)
+    return template, dict(template.globals)
+
+
+def _generate(template: Template, template_globals: dict[str, Any], variables: dict[str, Any]) -> Any:
+    """Template.generate(variables), with the globals from _compiled's plain dict: the same context, the same errors."""
+    context = new_context(template.environment, template.name, template.blocks, dict(variables), False, template_globals)
+    try:
+        yield from template.root_render_func(context)
+    except Exception:  # noqa: BLE001 - re-raised by handle_exception, as Template.generate does
+        yield template.environment.handle_exception()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -199,7 +211,7 @@ def fill(
     cap = limits.max_chars if limit is None else limit
     try:
         out, size = [], 0
-        for chunk in _compiled(template, escape, limits).generate(variables):
+        for chunk in _generate(*_compiled(template, escape, limits), variables):
             size += len(chunk)
             if size > cap:
                 raise OutputTooLarge(f"OutputTooLarge: rendered output over {cap} characters")

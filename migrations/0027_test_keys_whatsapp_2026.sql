@@ -155,7 +155,7 @@ begin
                      order by x.ord),
            array_agg(x.channel order by x.channel) filter (where x.status in ('queued', 'scheduled'))
       into v_channels, v_template_locales, v_missing, v_addresses, v_ids, v_statuses, v_reasons, v_deliveries, v_open
-      from (select u.channel, u.ord, t.locale as template_locale, a.address, gen_random_uuid() as id,
+      from (select u.channel, u.ord, t.locale as template_locale, a.address, notify._uuidv7() as id,  -- time-ordered, as the column default
                    (select string_agg(r, ', ') from unnest(t.required_variables) r where not s.variables ? r) as missing,
                    case when a.address is null or not c.allowed then 'suppressed'
                         when s.send_at > v_now then 'scheduled'
@@ -521,7 +521,7 @@ begin
         status notify.delivery_status, reason text
     ) on commit drop;
     insert into pg_temp._batch_deliveries
-    select b.i, c.ord, gen_random_uuid(), c.channel, a.address, t.template_locale,
+    select b.i, c.ord, notify._uuidv7(), c.channel, a.address, t.template_locale,
            case when a.address is null or not consent.allowed then 'suppressed' else 'queued' end::notify.delivery_status,
            case when a.address is null then 'no_address' when not consent.allowed then 'no_consent' end
       from pg_temp._batch b
@@ -801,18 +801,33 @@ begin
         perform notify._raise('ND400', 'invalid_value', 'limit must be 1 to 10000', 'limit');
     end if;
     perform notify._set_source('claim');
+    -- One pass: the locking scan returns the columns the decision needs (a locked row is its newest version), the
+    -- decision is made once per row (materialized: its consent lookups run once, not once per column using it), and
+    -- the update returns what the worker needs straight from the decision, without joining the rows again.
     return query
-    with due as (
-        select d.tenant_id, d.id
+    with due as materialized (
+        select d.tenant_id, d.id, d.request_id, d.recipient_id, d.channel, d.address, d.template_locale, d.variables,
+               d.expires_at, d.test
           from notify.notification_deliveries d
          where d.channel = p_channel and d.status in ('queued', 'scheduled') and d.due_at <= now()
          order by d.due_at
          limit p_limit
            for update skip locked
-    ), decided as (
+    ), decided as materialized (
         -- Expiry and consent are checked again here: a revoke or a deadline between submit and send wins.
         -- Free-form WhatsApp text outside the 24-hour customer-service window is refused, not sent to fail.
-        select d.tenant_id, d.id,
+        select d.tenant_id, d.id, d.address, d.template_locale, r.template_key, t.content,
+               r.variables || coalesce(d.variables, '{}') as variables, r.category, d.request_id,
+               -- A test delivery (README "Test keys") goes to the mock, whatever the tenant configured: never a real provider.
+               case when d.test or r.test then 'mock' else cp.provider end as provider,
+               case when d.test or r.test then '{"test": true}'::jsonb
+                    when cp.provider is not null
+                    then jsonb_build_object('settings', cp.settings, 'secrets', cp.secrets, 'updated_at', cp.updated_at,
+                                            'grants', (select jsonb_build_object('env_prefix', g.env_prefix, 'file_dir', g.file_dir,
+                                                                                 'private_endpoints', g.private_endpoints)
+                                                         from notify.provider_grants g where g.tenant_id = d.tenant_id)) end
+                   as provider_config,
+               r.http_request_id, r.trace_parent,
                case when d.expires_at is not null and d.expires_at <= now() then 'expired'
                     when not consent.allowed then 'suppressed'
                     -- A marketing template (its WhatsApp category, followed from Meta's template_category_update) needs
@@ -824,9 +839,8 @@ begin
                               where w.tenant_id = d.tenant_id and w.phone_number_id = cp.settings ->> 'phone_number_id'
                                 and w.wa_id = ltrim(d.address, '+') and w.last_inbound_at > now() - interval '24 hours')
                          then 'failed'
-                    else 'sending' end as next_status
-          from due
-          join notify.notification_deliveries d on d.tenant_id = due.tenant_id and d.id = due.id
+                    else 'sending' end::notify.delivery_status as next_status
+          from due d
           join notify.notification_requests r on r.tenant_id = d.tenant_id and r.id = d.request_id
          cross join lateral notify._consent(d.tenant_id, d.recipient_id, d.channel, r.category) consent
           left join notify.channel_providers cp on cp.tenant_id = d.tenant_id and cp.channel = d.channel
@@ -834,34 +848,24 @@ begin
                                       and t.channel = d.channel and t.locale = d.template_locale
     ), updated as (
         update notify.notification_deliveries d
-           set status = x.next_status::notify.delivery_status,
+           set status = x.next_status,
                attempt = d.attempt + (x.next_status = 'sending')::integer,
                lease_expires_at = case when x.next_status = 'sending' then now() + make_interval(secs => p_lease_seconds) end,
                reason = case x.next_status when 'expired' then 'expired_before_send' when 'suppressed' then 'no_consent'
                                            when 'failed' then 'outside_customer_service_window' else d.reason end
           from decided x
          where d.tenant_id = x.tenant_id and d.id = x.id
-        returning d.*
+        returning d.tenant_id, d.id, d.attempt, d.channel, d.status, x.address, x.template_key, x.template_locale,
+                  x.content, x.variables, x.category, x.request_id, x.provider, x.provider_config, x.http_request_id,
+                  x.trace_parent
     ), attempts as (
         insert into notify.delivery_attempts (tenant_id, delivery_id, attempt)
         select u.tenant_id, u.id, u.attempt from updated u where u.status = 'sending'
     )
-    select u.tenant_id, u.id, u.attempt, u.channel, u.address, r.template_key, u.template_locale, t.content,
-           r.variables || coalesce(u.variables, '{}'), r.category, u.request_id,
-           -- A test delivery (README "Test keys") goes to the mock, whatever the tenant configured: never a real provider.
-           case when u.test or r.test then 'mock' else coalesce(cp.provider, 'mock') end,
-           case when u.test or r.test then '{"test": true}'::jsonb
-                when cp.provider is not null
-                then jsonb_build_object('settings', cp.settings, 'secrets', cp.secrets, 'updated_at', cp.updated_at,
-                                        'grants', (select jsonb_build_object('env_prefix', g.env_prefix, 'file_dir', g.file_dir,
-                                                                             'private_endpoints', g.private_endpoints)
-                                                     from notify.provider_grants g where g.tenant_id = u.tenant_id)) end,
-           r.http_request_id, r.trace_parent
+    select u.tenant_id, u.id, u.attempt, u.channel, u.address, u.template_key, u.template_locale, u.content,
+           u.variables, u.category, u.request_id, coalesce(u.provider, 'mock'), u.provider_config,
+           u.http_request_id, u.trace_parent
       from updated u
-      join notify.notification_requests r on r.tenant_id = u.tenant_id and r.id = u.request_id
-      left join notify.templates t on t.tenant_id = u.tenant_id and t.key = r.template_key
-                                  and t.channel = u.channel and t.locale = u.template_locale
-      left join notify.channel_providers cp on cp.tenant_id = u.tenant_id and cp.channel = u.channel
      where u.status = 'sending';
 end
 $$;

@@ -168,16 +168,16 @@ comment on function notify_api.get_retention_v1(uuid) is 'A tenant''s retention 
 -- kept for the longest history period of any tenant, content (the mock outbox) for the longest content period. Each also
 -- has a default partition (<table>_default) that takes a row no daily partition covers, so an insert never fails.
 create function notify._partitioned_tables()
-    returns table (table_name text, column_name text, kind text)
+    returns table (table_name text, column_name text, kind text, fillfactor integer)
     language sql
     immutable
     set search_path = pg_catalog, pg_temp
 as $$
-    values ('delivery_events', 'occurred_at', 'history'), ('delivery_attempts', 'started_at', 'history'),
-           ('callback_attempts', 'started_at', 'history'), ('mock_messages', 'sent_at', 'content')
+    values ('delivery_events', 'occurred_at', 'history', 100), ('delivery_attempts', 'started_at', 'history', 35),
+           ('callback_attempts', 'started_at', 'history', 100), ('mock_messages', 'sent_at', 'content', 100)
 $$;
 comment on function notify._partitioned_tables() is
-    'The tables partitioned by day, their partition column, and whether their rows are history or content (which retention period drops them).';
+    'The tables partitioned by day, their partition column, whether their rows are history or content (which retention period drops them), and their partitions'' fillfactor (delivery_attempts: 35, so the outcome''s update is HOT).';
 
 create function notify._ensure_partitions(p_from date, p_to date)
     returns integer
@@ -203,7 +203,8 @@ begin
             v_from := v_day::timestamp at time zone 'UTC';
             v_to := (v_day + 1)::timestamp at time zone 'UTC';
             begin
-                execute format('create table notify.%I (like notify.%I including defaults including constraints)', v_name, t.table_name);
+                execute format('create table notify.%I (like notify.%I including defaults including constraints) with (fillfactor = %s)',
+                               v_name, t.table_name, t.fillfactor);
                 execute format('with moved as (delete from notify.%I where %I >= %L and %I < %L returning *) insert into notify.%I select * from moved',
                                t.table_name || '_default', t.column_name, v_from, t.column_name, v_to, v_name);
                 execute format('alter table notify.%I attach partition notify.%I for values from (%L) to (%L)',
@@ -447,7 +448,7 @@ create table notify.delivery_attempts (
 comment on table notify.delivery_attempts is 'One row per claim of a delivery; outcome null while the provider call is in flight.';
 -- Daily partitions (<table>_pYYYYMMDD, UTC) are made ahead and dropped past retention (sql/105_retention.sql); the
 -- default partition takes a row no daily partition covers, so an insert never fails.
-create table notify.delivery_attempts_default partition of notify.delivery_attempts default;
+create table notify.delivery_attempts_default partition of notify.delivery_attempts default with (fillfactor = 35);
 comment on table notify.delivery_attempts_default is 'Rows of notify.delivery_attempts outside every daily partition (moved out when their day''s partition is made).';
 
 create table notify.delivery_events (
@@ -537,79 +538,106 @@ declare
     -- Rows whose provider message id another delivery already has (in the table, or earlier in this batch): each
     -- keeps its own outcome with the id left null, so one provider's reused ids cannot fail the whole batch's record.
     v_duplicates uuid[];
+    v_constraint text;
+    v_ids uuid[];
+    v_statuses notify.delivery_status[];
+    v_applied boolean[];
 begin
     if exists (select from unnest(p_results) r where r.outcome not in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'bounced')) then
         perform notify._raise('ND400', 'invalid_value', 'outcome must be sent, retry, failed, unknown, suppressed or bounced', 'outcome');
     end if;
     perform notify._set_source('worker');
 
+    -- Duplicates within the batch are found by sorting it. Duplicates of ids already in the table are rare, and the
+    -- unique index finds them anyway while it stores the new ids: the batch is written first without probing the
+    -- index once per row, and only when the index refuses an id is it written again (this block is rolled back)
+    -- with those rows found and left out.
     select coalesce(array_agg(q.delivery_id), '{}') into v_duplicates
-      from (select r.tenant_id, r.delivery_id, r.provider, r.provider_message_id,
+      from (select r.delivery_id,
                    row_number() over (partition by r.provider, r.provider_message_id order by r.tenant_id, r.delivery_id) as n
               from unnest(p_results) r
              where r.provider_message_id is not null) q
-     where q.n > 1
-        or exists (select from notify.notification_deliveries x
-                    where x.provider = q.provider and x.provider_message_id = q.provider_message_id
-                      and not (x.tenant_id = q.tenant_id and x.id = q.delivery_id));
+     where q.n > 1;
 
-    -- The attempt rows first (fenced the same way), so the history is complete even when a webhook overtook us.
-    update notify.delivery_attempts a
-       set finished_at = now(), outcome = r.outcome, provider = r.provider, provider_message_id = r.provider_message_id,
-           error_code = case when r.delivery_id = any (v_duplicates) then 'duplicate_provider_message_id' else r.error_code end,
-           error_message = case when r.delivery_id = any (v_duplicates) then 'the provider returned a message id another delivery already has'
-                                else left(r.error_message, 1000) end
-      from unnest(p_results) r
-     where a.tenant_id = r.tenant_id and a.delivery_id = r.delivery_id and a.attempt = r.attempt and a.finished_at is null
-       -- Only the last day's partitions (sql/105_retention.sql): an attempt still open after a day had its lease expire
-       -- and was closed by maintenance; without the bound each row probes every daily partition's index.
-       and a.started_at > now() - interval '1 day';
+    for v_try in 1 .. 2 loop
+        begin
+            -- The attempt rows first (fenced the same way), so the history is complete even when a webhook overtook us.
+            update notify.delivery_attempts a
+               set finished_at = now(), outcome = r.outcome, provider = r.provider, provider_message_id = r.provider_message_id,
+                   error_code = case when r.delivery_id = any (v_duplicates) then 'duplicate_provider_message_id' else r.error_code end,
+                   error_message = case when r.delivery_id = any (v_duplicates) then 'the provider returned a message id another delivery already has'
+                                        else left(r.error_message, 1000) end
+              from unnest(p_results) r
+             where a.tenant_id = r.tenant_id and a.delivery_id = r.delivery_id and a.attempt = r.attempt and a.finished_at is null
+               -- Only the last day's partitions (sql/105_retention.sql): an attempt still open after a day had its lease
+               -- expire and was closed by maintenance; without the bound each row probes every daily partition's index.
+               and a.started_at > now() - interval '1 day';
 
-    return query
-    with input as (
-        select r.*, t.retry_max_attempts, r.delivery_id = any (v_duplicates) as duplicate
-          from unnest(p_results) r
-          join notify.tenants t on t.id = r.tenant_id
-    ), changed as (
-        update notify.notification_deliveries d
-           set status = case
-                   when i.outcome = 'sent' and d.status in ('sending', 'unknown') then 'sent'
-                   when i.outcome = 'retry' and d.status = 'sending' and d.attempt >= i.retry_max_attempts then 'failed'
-                   when i.outcome = 'retry' and d.status = 'sending' then 'queued'
-                   when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'failed'
-                   when i.outcome = 'unknown' and d.status = 'sending' then 'unknown'
-                   when i.outcome = 'suppressed' and d.status = 'sending' then 'suppressed'
-                   when i.outcome = 'bounced' and d.status in ('sending', 'unknown') then 'bounced'
-                   else d.status end::notify.delivery_status,
-               reason = case
-                   when i.outcome = 'retry' and d.status = 'sending' and d.attempt >= i.retry_max_attempts then 'retries_exhausted'
-                   when i.outcome = 'failed' and d.status in ('sending', 'unknown') and i.error_code = 'render_failed' then 'render_failed'
-                   when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'provider_rejected'
-                   when i.outcome = 'unknown' and d.status = 'sending' then 'outcome_unknown'
-                   when i.outcome = 'suppressed' and d.status = 'sending' then 'provider_opt_out'
-                   when i.outcome = 'bounced' and d.status in ('sending', 'unknown') then 'rejected_by_recipient_server'
-                   else d.reason end,
-               due_at = case when i.outcome = 'retry' and d.status = 'sending' and d.attempt < i.retry_max_attempts
-                             then now() + notify._backoff(i.tenant_id, d.attempt, i.retry_after_seconds)
-                             else d.due_at end,
-               provider = coalesce(i.provider, d.provider),
-               provider_message_id = coalesce(d.provider_message_id, case when not i.duplicate then i.provider_message_id end),
-               sent_at = case when i.outcome = 'sent' then coalesce(d.sent_at, now()) else d.sent_at end,
-               last_error_code = case when i.duplicate then 'duplicate_provider_message_id'
-                                      when i.outcome = 'sent' then d.last_error_code else coalesce(i.error_code, d.last_error_code) end,
-               last_error_message = case when i.duplicate then 'the provider returned a message id another delivery already has'
-                                         when i.outcome = 'sent' then d.last_error_message
-                                         else coalesce(left(i.error_message, 1000), d.last_error_message) end
-          from input i
-         where d.tenant_id = i.tenant_id and d.id = i.delivery_id and d.attempt = i.attempt
-        returning d.id, d.channel, d.status, d.due_at
-    ), woken as (
-        select notify._wake(c.channel, min(c.due_at)) from changed c where c.status = 'queued' group by c.channel
-    )
-    select i.delivery_id, c.status, c.id is not null
-      from input i
-      left join changed c on c.id = i.delivery_id
-      cross join (select count(*) from woken) w;
+            with input as (
+                select r.*, t.retry_max_attempts, r.delivery_id = any (v_duplicates) as duplicate
+                  from unnest(p_results) r
+                  join notify.tenants t on t.id = r.tenant_id
+            ), changed as (
+                update notify.notification_deliveries d
+                   set status = case
+                           when i.outcome = 'sent' and d.status in ('sending', 'unknown') then 'sent'
+                           when i.outcome = 'retry' and d.status = 'sending' and d.attempt >= i.retry_max_attempts then 'failed'
+                           when i.outcome = 'retry' and d.status = 'sending' then 'queued'
+                           when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'failed'
+                           when i.outcome = 'unknown' and d.status = 'sending' then 'unknown'
+                           when i.outcome = 'suppressed' and d.status = 'sending' then 'suppressed'
+                           when i.outcome = 'bounced' and d.status in ('sending', 'unknown') then 'bounced'
+                           else d.status end::notify.delivery_status,
+                       reason = case
+                           when i.outcome = 'retry' and d.status = 'sending' and d.attempt >= i.retry_max_attempts then 'retries_exhausted'
+                           when i.outcome = 'failed' and d.status in ('sending', 'unknown') and i.error_code = 'render_failed' then 'render_failed'
+                           when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'provider_rejected'
+                           when i.outcome = 'unknown' and d.status = 'sending' then 'outcome_unknown'
+                           when i.outcome = 'suppressed' and d.status = 'sending' then 'provider_opt_out'
+                           when i.outcome = 'bounced' and d.status in ('sending', 'unknown') then 'rejected_by_recipient_server'
+                           else d.reason end,
+                       due_at = case when i.outcome = 'retry' and d.status = 'sending' and d.attempt < i.retry_max_attempts
+                                     then now() + notify._backoff(i.tenant_id, d.attempt, i.retry_after_seconds)
+                                     else d.due_at end,
+                       provider = coalesce(i.provider, d.provider),
+                       provider_message_id = coalesce(d.provider_message_id, case when not i.duplicate then i.provider_message_id end),
+                       sent_at = case when i.outcome = 'sent' then coalesce(d.sent_at, now()) else d.sent_at end,
+                       last_error_code = case when i.duplicate then 'duplicate_provider_message_id'
+                                              when i.outcome = 'sent' then d.last_error_code else coalesce(i.error_code, d.last_error_code) end,
+                       last_error_message = case when i.duplicate then 'the provider returned a message id another delivery already has'
+                                                 when i.outcome = 'sent' then d.last_error_message
+                                                 else coalesce(left(i.error_message, 1000), d.last_error_message) end
+                  from input i
+                 where d.tenant_id = i.tenant_id and d.id = i.delivery_id and d.attempt = i.attempt
+                returning d.id, d.channel, d.status, d.due_at
+            ), woken as (
+                select notify._wake(c.channel, min(c.due_at)) from changed c where c.status = 'queued' group by c.channel
+            )
+            select array_agg(i.delivery_id), array_agg(c.status), array_agg(c.id is not null)
+              into v_ids, v_statuses, v_applied
+              from input i
+              left join changed c on c.id = i.delivery_id
+             cross join (select count(*) from woken) w;
+            exit;
+        exception when unique_violation then
+            get stacked diagnostics v_constraint = constraint_name;
+            if v_constraint is distinct from 'notification_deliveries_provider_message' or v_try = 2 then
+                raise;
+            end if;
+            -- An id the table already has (or one a concurrent batch committed meanwhile): find those rows.
+            select coalesce(array_agg(q.delivery_id), '{}') into v_duplicates
+              from (select r.tenant_id, r.delivery_id, r.provider, r.provider_message_id,
+                           row_number() over (partition by r.provider, r.provider_message_id order by r.tenant_id, r.delivery_id) as n
+                      from unnest(p_results) r
+                     where r.provider_message_id is not null) q
+             where q.n > 1
+                or exists (select from notify.notification_deliveries x
+                            where x.provider = q.provider and x.provider_message_id = q.provider_message_id
+                              and not (x.tenant_id = q.tenant_id and x.id = q.delivery_id));
+        end;
+    end loop;
+
+    return query select * from unnest(v_ids, v_statuses, v_applied);
 end
 $$;
 comment on function notify_api.record_attempts_v1(notify.attempt_result[]) is

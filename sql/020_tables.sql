@@ -246,7 +246,7 @@ create index notification_requests_created on notify.notification_requests (tena
 
 create table notify.notification_deliveries (
     tenant_id uuid not null,
-    id uuid not null default gen_random_uuid(),
+    id uuid not null default notify._uuidv7(),  -- time-ordered: see the comment on notify._uuidv7
     request_id uuid not null,
     recipient_id uuid not null,
     channel notify.channel not null,
@@ -329,10 +329,14 @@ create table notify.delivery_attempts (
     -- claims, and a per-row RI check costs more than the rest of the insert (docs/architecture.md).
     constraint delivery_attempts_outcome check (outcome in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'bounced', 'lease_expired'))
 ) partition by range (started_at);
+-- Each row is inserted at claim and updated once when the outcome is recorded: room on its page lets that update be HOT
+-- (no new index entry, no other page written). A partitioned table has no storage of its own, so each daily partition is
+-- made with fillfactor 35 (notify._partition_storage, sql/105_retention.sql); at 35% a batch's rows all find room for
+-- their outcome (docs/benchmarks.md).
 comment on table notify.delivery_attempts is 'One row per claim of a delivery; outcome null while the provider call is in flight.';
 -- Daily partitions (<table>_pYYYYMMDD, UTC) are made ahead and dropped past retention (sql/105_retention.sql); the
 -- default partition takes a row no daily partition covers, so an insert never fails.
-create table notify.delivery_attempts_default partition of notify.delivery_attempts default;
+create table notify.delivery_attempts_default partition of notify.delivery_attempts default with (fillfactor = 35);
 comment on table notify.delivery_attempts_default is 'Rows of notify.delivery_attempts outside every daily partition (moved out when their day''s partition is made).';
 
 create table notify.delivery_events (

@@ -304,7 +304,7 @@ begin
         status notify.delivery_status, reason text
     ) on commit drop;
     insert into pg_temp._batch_deliveries
-    select b.i, c.ord, gen_random_uuid(), c.channel, a.address, t.template_locale,
+    select b.i, c.ord, notify._uuidv7(), c.channel, a.address, t.template_locale,
            case when a.address is null or not consent.allowed then 'suppressed' else 'queued' end::notify.delivery_status,
            case when a.address is null then 'no_address' when not consent.allowed then 'no_consent' end
       from pg_temp._batch b

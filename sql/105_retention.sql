@@ -165,16 +165,16 @@ comment on function notify_api.get_retention_v1(uuid) is 'A tenant''s retention 
 -- kept for the longest history period of any tenant, content (the mock outbox) for the longest content period. Each also
 -- has a default partition (<table>_default) that takes a row no daily partition covers, so an insert never fails.
 create function notify._partitioned_tables()
-    returns table (table_name text, column_name text, kind text)
+    returns table (table_name text, column_name text, kind text, fillfactor integer)
     language sql
     immutable
     set search_path = pg_catalog, pg_temp
 as $$
-    values ('delivery_events', 'occurred_at', 'history'), ('delivery_attempts', 'started_at', 'history'),
-           ('callback_attempts', 'started_at', 'history'), ('mock_messages', 'sent_at', 'content')
+    values ('delivery_events', 'occurred_at', 'history', 100), ('delivery_attempts', 'started_at', 'history', 35),
+           ('callback_attempts', 'started_at', 'history', 100), ('mock_messages', 'sent_at', 'content', 100)
 $$;
 comment on function notify._partitioned_tables() is
-    'The tables partitioned by day, their partition column, and whether their rows are history or content (which retention period drops them).';
+    'The tables partitioned by day, their partition column, whether their rows are history or content (which retention period drops them), and their partitions'' fillfactor (delivery_attempts: 35, so the outcome''s update is HOT).';
 
 create function notify._ensure_partitions(p_from date, p_to date)
     returns integer
@@ -200,7 +200,8 @@ begin
             v_from := v_day::timestamp at time zone 'UTC';
             v_to := (v_day + 1)::timestamp at time zone 'UTC';
             begin
-                execute format('create table notify.%I (like notify.%I including defaults including constraints)', v_name, t.table_name);
+                execute format('create table notify.%I (like notify.%I including defaults including constraints) with (fillfactor = %s)',
+                               v_name, t.table_name, t.fillfactor);
                 execute format('with moved as (delete from notify.%I where %I >= %L and %I < %L returning *) insert into notify.%I select * from moved',
                                t.table_name || '_default', t.column_name, v_from, t.column_name, v_to, v_name);
                 execute format('alter table notify.%I attach partition notify.%I for values from (%L) to (%L)',

@@ -141,6 +141,7 @@ INLINED = {
     "_rank",
     "_tenant",
     "_transition_allowed",
+    "_uuidv7",
 }
 
 

@@ -1,0 +1,220 @@
+-- 0025: a cheaper dispatch (docs/benchmarks.md, "Dispatch: where the time goes").
+-- claim_deliveries_v1 makes one pass (the locking scan carries the columns, each row's decision is made once, the update
+-- returns what the worker needs); record_attempts_v1 lets the unique index find provider message ids other deliveries
+-- already have instead of probing it once per row; delivery ids are time-ordered (notify._uuidv7); delivery_attempts
+-- leaves room on its pages so that recording an outcome is a HOT update.
+
+create or replace function notify._uuidv7()
+    returns uuid
+    language sql
+    volatile
+    parallel safe
+    -- inlinable: no SET clause (see docs/architecture.md, "Hot helpers are inlined"); the default of hot tables' ids.
+    -- Not pure (it reads the clock), but here because the tables' defaults need it before sql/020_tables.sql.
+as $$
+    select pg_catalog.encode(
+               pg_catalog.set_bit(pg_catalog.set_bit(
+                   pg_catalog.overlay(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()),
+                                      pg_catalog.substr(pg_catalog.int8send(
+                                          pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000)::pg_catalog.int8), 3),
+                                      1, 6),
+                   52, 1), 53, 1),
+               'hex')::pg_catalog.uuid
+$$;
+comment on function notify._uuidv7() is
+    'A time-ordered UUID (RFC 9562 version 7: 48-bit Unix milliseconds, then random bits) on PostgreSQL 16 and later alike (18''s uuidv7() is not there before). New rows of a table keyed by it land at the right edge of its indexes instead of anywhere in them.';
+
+revoke execute on function notify._uuidv7() from public;
+grant execute on function notify._uuidv7() to notify_system;
+
+alter table notify.notification_deliveries alter column id set default notify._uuidv7();
+alter table notify.delivery_attempts set (fillfactor = 35);
+
+create or replace function notify_api.claim_deliveries_v1(p_channel notify.channel, p_limit integer, p_lease_seconds integer default 60)
+    returns setof notify.claimed_delivery
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if p_limit is null or p_limit < 1 or p_limit > 10000 then
+        perform notify._raise('ND400', 'invalid_value', 'limit must be 1 to 10000', 'limit');
+    end if;
+    perform notify._set_source('claim');
+    -- One pass: the locking scan returns the columns the decision needs (a locked row is its newest version), the
+    -- decision is made once per row (materialized: its consent lookups run once, not once per column using it), and
+    -- the update returns what the worker needs straight from the decision, without joining the rows again.
+    return query
+    with due as materialized (
+        select d.tenant_id, d.id, d.request_id, d.recipient_id, d.channel, d.address, d.template_locale, d.variables,
+               d.expires_at
+          from notify.notification_deliveries d
+         where d.channel = p_channel and d.status in ('queued', 'scheduled') and d.due_at <= now()
+         order by d.due_at
+         limit p_limit
+           for update skip locked
+    ), decided as materialized (
+        -- Expiry and consent are checked again here: a revoke or a deadline between submit and send wins.
+        -- Free-form WhatsApp text outside the 24-hour customer-service window is refused, not sent to fail.
+        select d.tenant_id, d.id, d.address, d.template_locale, r.template_key, t.content,
+               r.variables || coalesce(d.variables, '{}') as variables, r.category, d.request_id, cp.provider,
+               case when cp.provider is not null
+                    then jsonb_build_object('settings', cp.settings, 'secrets', cp.secrets, 'updated_at', cp.updated_at,
+                                            'grants', (select jsonb_build_object('env_prefix', g.env_prefix, 'file_dir', g.file_dir,
+                                                                                 'private_endpoints', g.private_endpoints)
+                                                         from notify.provider_grants g where g.tenant_id = d.tenant_id)) end
+                   as provider_config,
+               r.http_request_id, r.trace_parent,
+               case when d.expires_at is not null and d.expires_at <= now() then 'expired'
+                    when not consent.allowed then 'suppressed'
+                    when cp.provider = 'whatsapp_cloud' and t.content ? 'text' and not exists (
+                             select from notify.whatsapp_windows w
+                              where w.tenant_id = d.tenant_id and w.phone_number_id = cp.settings ->> 'phone_number_id'
+                                and w.wa_id = ltrim(d.address, '+') and w.last_inbound_at > now() - interval '24 hours')
+                         then 'failed'
+                    else 'sending' end::notify.delivery_status as next_status
+          from due d
+          join notify.notification_requests r on r.tenant_id = d.tenant_id and r.id = d.request_id
+         cross join lateral notify._consent(d.tenant_id, d.recipient_id, d.channel, r.category) consent
+          left join notify.channel_providers cp on cp.tenant_id = d.tenant_id and cp.channel = d.channel
+          left join notify.templates t on t.tenant_id = d.tenant_id and t.key = r.template_key
+                                      and t.channel = d.channel and t.locale = d.template_locale
+    ), updated as (
+        update notify.notification_deliveries d
+           set status = x.next_status,
+               attempt = d.attempt + (x.next_status = 'sending')::integer,
+               lease_expires_at = case when x.next_status = 'sending' then now() + make_interval(secs => p_lease_seconds) end,
+               reason = case x.next_status when 'expired' then 'expired_before_send' when 'suppressed' then 'no_consent'
+                                           when 'failed' then 'outside_customer_service_window' else d.reason end
+          from decided x
+         where d.tenant_id = x.tenant_id and d.id = x.id
+        returning d.tenant_id, d.id, d.attempt, d.channel, d.status, x.address, x.template_key, x.template_locale,
+                  x.content, x.variables, x.category, x.request_id, x.provider, x.provider_config, x.http_request_id,
+                  x.trace_parent
+    ), attempts as (
+        insert into notify.delivery_attempts (tenant_id, delivery_id, attempt)
+        select u.tenant_id, u.id, u.attempt from updated u where u.status = 'sending'
+    )
+    select u.tenant_id, u.id, u.attempt, u.channel, u.address, u.template_key, u.template_locale, u.content,
+           u.variables, u.category, u.request_id, coalesce(u.provider, 'mock'), u.provider_config,
+           u.http_request_id, u.trace_parent
+      from updated u
+     where u.status = 'sending';
+end
+$$;
+comment on function notify_api.claim_deliveries_v1(notify.channel, integer, integer) is
+    'Claims up to p_limit due deliveries of a channel (FOR UPDATE SKIP LOCKED): expired ones become expired, revoked ones suppressed, WhatsApp text outside the 24-hour window failed, the rest sending with attempt+1 and a lease. Returns what the worker needs to send them, with the tenant''s provider and its operator grant (checked again at send time).';
+
+create or replace function notify_api.record_attempts_v1(p_results notify.attempt_result[])
+    returns table (delivery_id uuid, status notify.delivery_status, applied boolean)
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    -- Rows whose provider message id another delivery already has (in the table, or earlier in this batch): each
+    -- keeps its own outcome with the id left null, so one provider's reused ids cannot fail the whole batch's record.
+    v_duplicates uuid[];
+    v_constraint text;
+    v_ids uuid[];
+    v_statuses notify.delivery_status[];
+    v_applied boolean[];
+begin
+    if exists (select from unnest(p_results) r where r.outcome not in ('sent', 'retry', 'failed', 'unknown', 'suppressed', 'bounced')) then
+        perform notify._raise('ND400', 'invalid_value', 'outcome must be sent, retry, failed, unknown, suppressed or bounced', 'outcome');
+    end if;
+    perform notify._set_source('worker');
+
+    -- Duplicates within the batch are found by sorting it. Duplicates of ids already in the table are rare, and the
+    -- unique index finds them anyway while it stores the new ids: the batch is written first without probing the
+    -- index once per row, and only when the index refuses an id is it written again (this block is rolled back)
+    -- with those rows found and left out.
+    select coalesce(array_agg(q.delivery_id), '{}') into v_duplicates
+      from (select r.delivery_id,
+                   row_number() over (partition by r.provider, r.provider_message_id order by r.tenant_id, r.delivery_id) as n
+              from unnest(p_results) r
+             where r.provider_message_id is not null) q
+     where q.n > 1;
+
+    for v_try in 1 .. 2 loop
+        begin
+            -- The attempt rows first (fenced the same way), so the history is complete even when a webhook overtook us.
+            update notify.delivery_attempts a
+               set finished_at = now(), outcome = r.outcome, provider = r.provider, provider_message_id = r.provider_message_id,
+                   error_code = case when r.delivery_id = any (v_duplicates) then 'duplicate_provider_message_id' else r.error_code end,
+                   error_message = case when r.delivery_id = any (v_duplicates) then 'the provider returned a message id another delivery already has'
+                                        else left(r.error_message, 1000) end
+              from unnest(p_results) r
+             where a.tenant_id = r.tenant_id and a.delivery_id = r.delivery_id and a.attempt = r.attempt and a.finished_at is null;
+
+            with input as (
+                select r.*, t.retry_max_attempts, r.delivery_id = any (v_duplicates) as duplicate
+                  from unnest(p_results) r
+                  join notify.tenants t on t.id = r.tenant_id
+            ), changed as (
+                update notify.notification_deliveries d
+                   set status = case
+                           when i.outcome = 'sent' and d.status in ('sending', 'unknown') then 'sent'
+                           when i.outcome = 'retry' and d.status = 'sending' and d.attempt >= i.retry_max_attempts then 'failed'
+                           when i.outcome = 'retry' and d.status = 'sending' then 'queued'
+                           when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'failed'
+                           when i.outcome = 'unknown' and d.status = 'sending' then 'unknown'
+                           when i.outcome = 'suppressed' and d.status = 'sending' then 'suppressed'
+                           when i.outcome = 'bounced' and d.status in ('sending', 'unknown') then 'bounced'
+                           else d.status end::notify.delivery_status,
+                       reason = case
+                           when i.outcome = 'retry' and d.status = 'sending' and d.attempt >= i.retry_max_attempts then 'retries_exhausted'
+                           when i.outcome = 'failed' and d.status in ('sending', 'unknown') and i.error_code = 'render_failed' then 'render_failed'
+                           when i.outcome = 'failed' and d.status in ('sending', 'unknown') then 'provider_rejected'
+                           when i.outcome = 'unknown' and d.status = 'sending' then 'outcome_unknown'
+                           when i.outcome = 'suppressed' and d.status = 'sending' then 'provider_opt_out'
+                           when i.outcome = 'bounced' and d.status in ('sending', 'unknown') then 'rejected_by_recipient_server'
+                           else d.reason end,
+                       due_at = case when i.outcome = 'retry' and d.status = 'sending' and d.attempt < i.retry_max_attempts
+                                     then now() + notify._backoff(i.tenant_id, d.attempt, i.retry_after_seconds)
+                                     else d.due_at end,
+                       provider = coalesce(i.provider, d.provider),
+                       provider_message_id = coalesce(d.provider_message_id, case when not i.duplicate then i.provider_message_id end),
+                       sent_at = case when i.outcome = 'sent' then coalesce(d.sent_at, now()) else d.sent_at end,
+                       last_error_code = case when i.duplicate then 'duplicate_provider_message_id'
+                                              when i.outcome = 'sent' then d.last_error_code else coalesce(i.error_code, d.last_error_code) end,
+                       last_error_message = case when i.duplicate then 'the provider returned a message id another delivery already has'
+                                                 when i.outcome = 'sent' then d.last_error_message
+                                                 else coalesce(left(i.error_message, 1000), d.last_error_message) end
+                  from input i
+                 where d.tenant_id = i.tenant_id and d.id = i.delivery_id and d.attempt = i.attempt
+                returning d.id, d.channel, d.status, d.due_at
+            ), woken as (
+                select notify._wake(c.channel, min(c.due_at)) from changed c where c.status = 'queued' group by c.channel
+            )
+            select array_agg(i.delivery_id), array_agg(c.status), array_agg(c.id is not null)
+              into v_ids, v_statuses, v_applied
+              from input i
+              left join changed c on c.id = i.delivery_id
+             cross join (select count(*) from woken) w;
+            exit;
+        exception when unique_violation then
+            get stacked diagnostics v_constraint = constraint_name;
+            if v_constraint is distinct from 'notification_deliveries_provider_message' or v_try = 2 then
+                raise;
+            end if;
+            -- An id the table already has (or one a concurrent batch committed meanwhile): find those rows.
+            select coalesce(array_agg(q.delivery_id), '{}') into v_duplicates
+              from (select r.tenant_id, r.delivery_id, r.provider, r.provider_message_id,
+                           row_number() over (partition by r.provider, r.provider_message_id order by r.tenant_id, r.delivery_id) as n
+                      from unnest(p_results) r
+                     where r.provider_message_id is not null) q
+             where q.n > 1
+                or exists (select from notify.notification_deliveries x
+                            where x.provider = q.provider and x.provider_message_id = q.provider_message_id
+                              and not (x.tenant_id = q.tenant_id and x.id = q.delivery_id));
+        end;
+    end loop;
+
+    return query select * from unnest(v_ids, v_statuses, v_applied);
+end
+$$;
+comment on function notify_api.record_attempts_v1(notify.attempt_result[]) is
+    'Writes a batch of provider outcomes, each fenced by its attempt number (a stale worker changes nothing): sent, retry (backoff with jitter, or failed when attempts are used up), failed (reason render_failed for a template that could not be rendered, else provider_rejected), unknown, suppressed, bounced. A provider message id another delivery already has (in the table or earlier in the batch) is not stored: that row keeps its outcome with error code duplicate_provider_message_id. Wakes the worker for retries.';
+
+select notify._settle_owners();
