@@ -213,7 +213,7 @@ begin
                      order by x.ord),
            array_agg(x.channel order by x.channel) filter (where x.status in ('queued', 'scheduled'))
       into v_channels, v_template_locales, v_missing, v_addresses, v_ids, v_statuses, v_reasons, v_deliveries, v_open
-      from (select u.channel, u.ord, t.locale as template_locale, a.address, notify._uuidv7() as id,  -- time-ordered, as the column default
+      from (select u.channel, u.ord, t.locale as template_locale, a.address, notify._uuidv7() as id,
                    (select string_agg(r, ', ') from unnest(t.required_variables) r where not s.variables ? r) as missing,
                    case when a.address is null or not c.allowed then 'suppressed'
                         when s.send_at > v_now then 'scheduled'
