@@ -16,6 +16,8 @@ from dispatcher import keys
 from dispatcher.settings import Settings
 from tests.api.test_api import SECRET
 from tests.conftest import app_url, call, intent, submit
+from tests.sql.test_erase_recipient_v1 import INBOUND
+from tests.sql.test_set_channel_provider_v1 import WA, set_provider
 
 
 def key(db, tenant: str, scopes: list[str]) -> str:
@@ -93,3 +95,37 @@ def test_an_application_login_cannot_read_or_compute_the_keyed_hashes(db, db_url
             ):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     conn.execute(attack)
+
+
+def test_an_erasure_leaves_no_copy_of_the_business_scoped_user_id_meta_mapped_to_the_phone(db, ready):
+    """WhatsApp 2026: an inbound message naming both the phone and the BSUID opens the window under both and maps them
+    (notify.whatsapp_users); a later BSUID-only status payload names the BSUID alone. Erasing the recipient (known to us
+    by its phone) must remove the BSUID's window and the payload too, not only what names the phone's digits."""
+    bsuid, phone = "ES.73491208655302741918", "+34600111999"
+    set_provider(db, ready, "whatsapp", WA)
+    call(db, "notify_api.upsert_recipient_v1(%s, 'bsuid-user', %s)", ready, Jsonb({"addresses": {"whatsapp": phone}}))
+    message = {
+        "phone_number_id": WA["settings"]["phone_number_id"],
+        "sender": phone.lstrip("+"),
+        "user_id": bsuid,
+        "message_id": "wamid.b1",
+        "text": "hola",
+    }
+    number = WA["settings"]["phone_number_id"]
+    db.execute(
+        INBOUND, ("in-b1", Jsonb({"phone_number_id": number, "from": phone.lstrip("+"), "user_id": bsuid}), Jsonb([message]))
+    )
+    # a second inbound message, BSUID only (the user hid the number): its payload names the BSUID, not the phone
+    message = {**message, "sender": None, "message_id": "wamid.b2"}
+    db.execute(INBOUND, ("in-b2", Jsonb({"phone_number_id": number, "user_id": bsuid, "text": "hola"}), Jsonb([message])))
+    windows = "select count(*) from notify.whatsapp_windows where wa_id = %s"
+    assert db.execute(windows, (bsuid,)).fetchone()[0] == 1  # the setup holds the BSUID's window
+    call(db, "notify_api.erase_recipient_v1(%s, 'bsuid-user')", ready)
+    left = {
+        "whatsapp_windows": db.execute(windows, (bsuid,)).fetchone()[0],
+        "whatsapp_users": db.execute("select count(*) from notify.whatsapp_users where user_id = %s", (bsuid,)).fetchone()[0],
+        "webhook_events": db.execute(
+            "select count(*) from notify.webhook_events where strpos(payload::text, %s) > 0", (bsuid,)
+        ).fetchone()[0],
+    }
+    assert left == {"whatsapp_windows": 0, "whatsapp_users": 0, "webhook_events": 0}
