@@ -17,7 +17,7 @@ from dispatcher.settings import Settings
 from tests.api.test_api import SECRET
 from tests.conftest import app_url, call, intent, submit
 from tests.sql.test_erase_recipient_v1 import INBOUND
-from tests.sql.test_set_channel_provider_v1 import WA, set_provider
+from tests.sql.test_set_channel_provider_v1 import WA, grant, set_provider
 
 
 def key(db, tenant: str, scopes: list[str]) -> str:
@@ -129,3 +129,32 @@ def test_an_erasure_leaves_no_copy_of_the_business_scoped_user_id_meta_mapped_to
         ).fetchone()[0],
     }
     assert left == {"whatsapp_windows": 0, "whatsapp_users": 0, "webhook_events": 0}
+
+
+def test_another_tenant_cannot_wipe_a_webhook_payload_of_a_by_erasing_its_own_recipient(db, ready):
+    """Tenant B knows a phone number A's customers use. B gives its own recipient that phone and takes a business number
+    whose digits occur in it (phone_number_id is any 5-20 digits not taken): erasing B's recipient must not touch A's raw
+    webhooks (notify.webhook_events is no tenant's table: only the erasing tenant's own payloads may be rewritten)."""
+    phone = "+34600111999"
+    set_provider(db, ready, "whatsapp", WA)
+    message = {
+        "phone_number_id": WA["settings"]["phone_number_id"],
+        "sender": phone.lstrip("+"),
+        "message_id": "wamid.a1",
+        "text": "hola",
+    }
+    payload = {"phone_number_id": WA["settings"]["phone_number_id"], "from": phone.lstrip("+"), "text": "hola"}
+    db.execute(INBOUND, ("in-a1", Jsonb(payload), Jsonb([message])))
+    mallory = str(call(db, "notify_api.create_tenant_v1('mallory', 'Mallory', 'en')")["id"])
+    grant(db, mallory, env_prefix="MALLORY_")
+    set_provider(
+        db,
+        mallory,
+        "whatsapp",
+        {**WA, "settings": {"phone_number_id": phone[3:8]}, "secrets": {"access_token": "env:MALLORY_WA_TOKEN"}},  # "60011"
+        granted=False,
+    )
+    call(db, "notify_api.upsert_recipient_v1(%s, 'victim', %s)", mallory, Jsonb({"addresses": {"whatsapp": phone}}))
+    call(db, "notify_api.erase_recipient_v1(%s, 'victim')", mallory)
+    [(kept,)] = db.execute("select payload from notify.webhook_events where event_key = 'in-a1'").fetchall()
+    assert kept == payload
