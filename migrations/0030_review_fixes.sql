@@ -1,6 +1,8 @@
--- 0030: review fixes of round 13.
+-- 0030: review fixes of round 13 (notify_api.erase_recipient_v1).
 -- Erasure reaches the WhatsApp identifiers mapped to the recipient's addresses (notify.whatsapp_users): the 24-hour
 -- windows kept under its business-scoped user id and the webhook payloads that name only that id go too.
+-- A raw webhook payload is the erasing tenant's only when it names one of its deliveries, their provider message ids
+-- or its business numbers exactly (no longer as substrings: another tenant's erasure could rewrite it).
 
 create or replace function notify_api.erase_recipient_v1(p_tenant_id uuid, p_ref text, p_erased_by text default null)
     returns jsonb
@@ -143,7 +145,10 @@ begin
        and (exists (select from jsonb_array_elements(e.outcomes) o
                      where o ->> 'delivery_id' = any (v_deliveries::text[]) or o ->> 'provider_message_id' = any (v_message_ids)
                         or o ->> 'inbound' = any (v_inbound))
-            or exists (select from unnest(v_message_ids || v_numbers) n where strpos(e.payload::text, n) > 0));
+            -- exactly (as a value, a business number as a phone_number_id): a substring would let another tenant's
+            -- erasure rewrite ours (phone_number_id is any 5-20 digits, the digits of a phone for one)
+            or jsonb_path_exists(e.payload, 'lax $.** ? (@ == $ids[*])', jsonb_build_object('ids', to_jsonb(v_message_ids)))
+            or jsonb_path_exists(e.payload, 'lax $.**.phone_number_id ? (@ == $ids[*])', jsonb_build_object('ids', to_jsonb(v_numbers))));
     get diagnostics v_n = row_count;
     v_counts := v_counts || jsonb_build_object('webhook_events', v_n);
 

@@ -143,7 +143,10 @@ begin
        and (exists (select from jsonb_array_elements(e.outcomes) o
                      where o ->> 'delivery_id' = any (v_deliveries::text[]) or o ->> 'provider_message_id' = any (v_message_ids)
                         or o ->> 'inbound' = any (v_inbound))
-            or exists (select from unnest(v_message_ids || v_numbers) n where strpos(e.payload::text, n) > 0));
+            -- exactly (as a value, a business number as a phone_number_id): a substring would let another tenant's
+            -- erasure rewrite ours (phone_number_id is any 5-20 digits, the digits of a phone for one)
+            or jsonb_path_exists(e.payload, 'lax $.** ? (@ == $ids[*])', jsonb_build_object('ids', to_jsonb(v_message_ids)))
+            or jsonb_path_exists(e.payload, 'lax $.**.phone_number_id ? (@ == $ids[*])', jsonb_build_object('ids', to_jsonb(v_numbers))));
     get diagnostics v_n = row_count;
     v_counts := v_counts || jsonb_build_object('webhook_events', v_n);
 
