@@ -3,6 +3,8 @@
 -- windows kept under its business-scoped user id and the webhook payloads that name only that id go too.
 -- A raw webhook payload is the erasing tenant's only when it names one of its deliveries, their provider message ids
 -- or its business numbers exactly (no longer as substrings: another tenant's erasure could rewrite it).
+-- notify._ensure_partitions locks the default partition against writers before it moves a day's rows out of it: a row
+-- committed between the move and the attach made ATTACH fail, and with it the whole retention run.
 
 create or replace function notify_api.erase_recipient_v1(p_tenant_id uuid, p_ref text, p_erased_by text default null)
     returns jsonb
@@ -163,5 +165,51 @@ begin
     values (p_tenant_id, v_erasure, v_recipient.id, p_erased_by, v_counts, v_in_flight);
     return jsonb_build_object('id', v_erasure, 'ref', v_recipient.ref, 'erased_at', now(), 'erased_by', p_erased_by,
                               'rows_changed', v_counts, 'in_flight', v_in_flight, 'suppressed', v_suppressed);
+end
+$$;
+
+create or replace function notify._ensure_partitions(p_from date, p_to date)
+    returns integer
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+    set lock_timeout = '2s'
+as $$
+declare
+    t record;
+    v_day date;
+    v_name text;
+    v_from timestamptz;
+    v_to timestamptz;
+    v_made integer := 0;
+begin
+    -- A day is a UTC day. A partition is created as a table of its own and attached (which locks the parent only in SHARE
+    -- UPDATE EXCLUSIVE mode, so inserts and reads go on); rows the default partition took for that day move into it first.
+    for t in select * from notify._partitioned_tables() loop
+        for v_day in select d::date from generate_series(p_from, p_to, interval '1 day') d loop
+            v_name := t.table_name || '_p' || to_char(v_day, 'YYYYMMDD');
+            continue when to_regclass('notify.' || v_name) is not null;
+            v_from := v_day::timestamp at time zone 'UTC';
+            v_to := (v_day + 1)::timestamp at time zone 'UTC';
+            begin
+                execute format('create table notify.%I (like notify.%I including defaults including constraints) with (fillfactor = %s)',
+                               v_name, t.table_name, t.fillfactor);
+                -- Writers of the default partition wait from here to the attach (which would find a row one of them
+                -- committed after the move, and fail); reads go on. A writer holding it past lock_timeout: the next run.
+                execute format('lock table notify.%I in exclusive mode', t.table_name || '_default');
+                execute format('with moved as (delete from notify.%I where %I >= %L and %I < %L returning *) insert into notify.%I select * from moved',
+                               t.table_name || '_default', t.column_name, v_from, t.column_name, v_to, v_name);
+                execute format('alter table notify.%I attach partition notify.%I for values from (%L) to (%L)',
+                               t.table_name, v_name, v_from, v_to);
+                execute format('comment on table notify.%I is %L', v_name,
+                               format('Partition of notify.%s for %s (UTC), made by notify._ensure_partitions.', t.table_name, v_day));
+                v_made := v_made + 1;
+            exception
+                when lock_not_available then
+                    null;  -- busy (a long reader of the default partition): the next run makes it, rows wait in the default
+            end;
+        end loop;
+    end loop;
+    return v_made;
 end
 $$;
