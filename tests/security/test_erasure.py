@@ -4,6 +4,8 @@ the hashes, and cannot compute a hash (which would let it test phone numbers aga
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -158,3 +160,52 @@ def test_another_tenant_cannot_wipe_a_webhook_payload_of_a_by_erasing_its_own_re
     call(db, "notify_api.erase_recipient_v1(%s, 'victim')", mallory)
     [(kept,)] = db.execute("select payload from notify.webhook_events where event_key = 'in-a1'").fetchall()
     assert kept == payload
+
+
+def _wait_for_lock(db, conn) -> None:
+    for _ in range(500):
+        if db.execute(
+            "select count(*) from pg_stat_activity where pid = %s and wait_event_type = 'Lock'", (conn.info.backend_pid,)
+        ).fetchone()[0]:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the submission never waited for the erasure")
+
+
+@pytest.mark.parametrize("how", ["one", "batch"])
+def test_a_submission_racing_an_erasure_does_not_keep_the_erased_address(db, connect, ready, how):
+    """A known recipient's submission reads its addresses without a lock; an erasure that commits after that read but
+    before the submission writes must not leave a delivery holding (and then sending to) the erased address."""
+    email = "racer@example.com"
+    call(db, "notify_api.upsert_recipient_v1(%s, 'racer', %s)", ready, Jsonb({"addresses": {"email": email}}))
+    body = intent(recipient={"ref": "racer"}, channels=["email"])
+    eraser = connect()
+    eraser.execute("select notify_api.erase_recipient_v1(%s, 'racer')", (ready,))  # not committed yet
+    submitter = connect(autocommit=True)
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            if how == "one":
+                outcome["out"] = submitter.execute(
+                    "select response from notify_api.submit_notification_v1(%s, %s, 'race-1')", (ready, Jsonb(body))
+                ).fetchone()[0]
+            else:
+                outcome["out"] = submitter.execute(
+                    "select notify_api.submit_notifications_v1(%s, %s)",
+                    (ready, Jsonb([{"idempotency_key": "race-1", "notification": body}])),
+                ).fetchone()[0]
+        except Exception as error:  # noqa: BLE001 - reported below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    _wait_for_lock(db, submitter)
+    eraser.commit()
+    thread.join()
+    assert "error" not in outcome, outcome
+    held = db.execute(
+        "select d.status, d.address from notify.notification_deliveries d join notify.recipients r on r.id = d.recipient_id"
+        " where r.ref = 'racer'"
+    ).fetchall()
+    assert held == [("suppressed", None)], held
