@@ -209,3 +209,23 @@ def test_a_submission_racing_an_erasure_does_not_keep_the_erased_address(db, con
         " where r.ref = 'racer'"
     ).fetchall()
     assert held == [("suppressed", None)], held
+
+
+def test_an_erased_whatsapp_opt_out_stays_out_under_the_bsuid_meta_mapped_to_the_phone(db, ready):
+    """The erased recipient had revoked WhatsApp and Meta had mapped its phone to a business-scoped user id. The same
+    person addressed by that BSUID under another ref (a grant from before the erasure does not count) stays out."""
+    bsuid, phone = "ES.83491208655302741918", "+34600111888"
+    call(db, "notify_api.upsert_recipient_v1(%s, 'gone', %s)", ready, Jsonb({"addresses": {"whatsapp": phone}}))
+    for ref, status in (("gone", "revoked"), ("again", "granted")):
+        call(
+            db,
+            f"notify_api.record_consent_v1(%s, '{ref}', %s)",
+            ready,
+            Jsonb({"channel": "whatsapp", "status": status, "source": "form"}),
+        )
+    db.execute(
+        "insert into notify.whatsapp_users (tenant_id, user_id, wa_id) values (%s, %s, %s)", (ready, bsuid, phone.lstrip("+"))
+    )
+    call(db, "notify_api.erase_recipient_v1(%s, 'gone')", ready)
+    back, _ = submit(db, ready, intent(recipient={"ref": "again", "addresses": {"whatsapp": bsuid}}, channels=["whatsapp"]))
+    assert [(d["status"], d.get("reason")) for d in back["deliveries"]] == [("suppressed", "no_consent")]
