@@ -1,8 +1,9 @@
--- 0030: review fixes of round 13 (notify_api.erase_recipient_v1).
--- Erasure reaches the WhatsApp identifiers mapped to the recipient's addresses (notify.whatsapp_users): the 24-hour
--- windows kept under its business-scoped user id and the webhook payloads that name only that id go too.
--- A raw webhook payload is the erasing tenant's only when it names one of its deliveries, their provider message ids
--- or its business numbers exactly (no longer as substrings: another tenant's erasure could rewrite it).
+-- 0030: review fixes of round 13.
+-- Erasure (notify_api.erase_recipient_v1) reaches the WhatsApp identifiers mapped to the recipient's addresses
+-- (notify.whatsapp_users): the 24-hour windows kept under its business-scoped user id, the webhook payloads that name
+-- only that id, and its opt-outs, which stay out under the BSUID too. A raw webhook payload is the erasing tenant's
+-- only when it names one of its deliveries, their provider message ids or its business numbers exactly (no longer as
+-- substrings: another tenant's erasure could rewrite it).
 -- notify._ensure_partitions locks the default partition against writers before it moves a day's rows out of it: a row
 -- committed between the move and the attach made ATTACH fail, and with it the whole retention run.
 -- A submission (notify._upsert_recipient, notify._submit_batch_usual) locks a known recipient KEY SHARE (as its deliveries'
@@ -43,7 +44,17 @@ begin
             select d.channel, d.address from notify.notification_deliveries d
              where d.tenant_id = p_tenant_id and d.recipient_id = v_recipient.id and d.created_at > '-infinity'
                and d.address is not null) x;
-    -- Since 2026 Meta may name a user by its business-scoped user id alone: the ids mapped to its addresses are its too.
+    -- Since 2026 Meta may name a user by its business-scoped user id alone: the ids mapped to its addresses are its too,
+    -- its WhatsApp addresses under either form (so an opt-out stays out under both, and both forms' copies go).
+    select array_agg(distinct x) into v_addresses
+      from (select unnest(coalesce(v_addresses, '{}'))
+            union all
+            select 'whatsapp:' || w
+              from unnest(notify._whatsapp_aliases(p_tenant_id, array(select ltrim(substr(a, 10), '+')
+                                                                         from unnest(coalesce(v_addresses, '{}')) a
+                                                                        where a like 'whatsapp:%'))) i,
+                   lateral (select case when i ~ '^[0-9]+$' then '+' || i else i end) v(w)
+             where notify._address_valid('whatsapp', w)) s(x);
     v_wa_ids := notify._whatsapp_aliases(p_tenant_id, array(select ltrim(substr(x, strpos(x, ':') + 1), '+')
                                                             from unnest(coalesce(v_addresses, '{}')) x));
     select array_agg(distinct n) into v_needles

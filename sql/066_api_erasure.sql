@@ -36,7 +36,17 @@ begin
             select d.channel, d.address from notify.notification_deliveries d
              where d.tenant_id = p_tenant_id and d.recipient_id = v_recipient.id and d.created_at > '-infinity'
                and d.address is not null) x;
-    -- Since 2026 Meta may name a user by its business-scoped user id alone: the ids mapped to its addresses are its too.
+    -- Since 2026 Meta may name a user by its business-scoped user id alone: the ids mapped to its addresses are its too,
+    -- its WhatsApp addresses under either form (so an opt-out stays out under both, and both forms' copies go).
+    select array_agg(distinct x) into v_addresses
+      from (select unnest(coalesce(v_addresses, '{}'))
+            union all
+            select 'whatsapp:' || w
+              from unnest(notify._whatsapp_aliases(p_tenant_id, array(select ltrim(substr(a, 10), '+')
+                                                                         from unnest(coalesce(v_addresses, '{}')) a
+                                                                        where a like 'whatsapp:%'))) i,
+                   lateral (select case when i ~ '^[0-9]+$' then '+' || i else i end) v(w)
+             where notify._address_valid('whatsapp', w)) s(x);
     v_wa_ids := notify._whatsapp_aliases(p_tenant_id, array(select ltrim(substr(x, strpos(x, ':') + 1), '+')
                                                             from unnest(coalesce(v_addresses, '{}')) x));
     select array_agg(distinct n) into v_needles
