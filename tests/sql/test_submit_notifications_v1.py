@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 
 import psycopg
 import pytest
@@ -285,4 +287,53 @@ def test_a_large_usual_batch_is_taken_set_based_and_wakes_once(db, ready):
             " join notify.notification_deliveries d on d.id = e.delivery_id"
         ).fetchone()[0]
         == 1000
+    )
+
+
+def test_a_batch_racing_another_with_the_same_key_replays_it(db, ready, connect):
+    """Two batches with the same key at once: the second waits at the key, then answers the first's stored answer (as
+    an item submitted alone would), and writes no delivery of its own."""
+    items = [
+        {
+            "idempotency_key": "race-k",
+            "notification": intent(recipient={"ref": "c-1", "addresses": {"email": "c1@example.com"}}, channels=["email"]),
+        },
+        {
+            "idempotency_key": "race-other",
+            "notification": intent(recipient={"ref": "c-2", "addresses": {"email": "c2@example.com"}}, channels=["email"]),
+        },
+    ]
+    first = connect()
+    one = first.execute("select notify_api.submit_notifications_v1(%s, %s)", (ready, Jsonb(items[:1]))).fetchone()[0]
+    second = connect(autocommit=True)
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["out"] = second.execute(
+                "select notify_api.submit_notifications_v1(%s, %s)", (ready, Jsonb(items))
+            ).fetchone()[0]
+        except Exception as error:  # noqa: BLE001 - reported below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    for _ in range(500):
+        if db.execute(
+            "select count(*) from pg_stat_activity where pid = %s and wait_event_type = 'Lock'", (second.info.backend_pid,)
+        ).fetchone()[0]:
+            break
+        time.sleep(0.01)
+    first.commit()
+    thread.join()
+    assert "error" not in outcome, outcome
+    out = outcome["out"]
+    assert [(i["outcome"], i["status"]) for i in out["items"]] == [("replayed", 200), ("accepted", 202)]
+    assert out["items"][0]["body"] == one["items"][0]["body"]
+    assert (
+        db.execute(
+            "select count(*) from notify.notification_deliveries d join notify.notification_requests r on r.id = d.request_id"
+            " where r.idempotency_key = 'race-k'"
+        ).fetchone()[0]
+        == 1
     )
