@@ -41,7 +41,10 @@ begin
                                                    where a.tenant_id = p_tenant_id and a.recipient_id = r.id
                                                      and a.channel::text = e.key and a.address = e.value #>> '{}'))) as same_addresses
       into v_known
-      from notify.recipients r where r.tenant_id = p_tenant_id and r.ref = p_ref;
+      from notify.recipients r where r.tenant_id = p_tenant_id and r.ref = p_ref
+       -- the lock the deliveries' foreign-key check takes anyway (KEY SHARE: no queue behind another submission), taken
+       -- before the addresses are read, so an erasure in progress (FOR UPDATE) is waited for, not read around
+       for key share of r;
     v := v_known.recipient;
     v_same_addresses := v_known.same_addresses;
     if v.id is not null and v_same_addresses

@@ -13,6 +13,7 @@ declare
     v_erasure uuid := gen_random_uuid();
     v_addresses text[];          -- every address the recipient had (current, and those its deliveries were sent to)
     v_needles text[];            -- how those appear in provider payloads: as given, lower-cased, phones without '+'
+    v_wa_ids text[];             -- its WhatsApp identifiers (phones' digits, BSUIDs) and what notify.whatsapp_users maps them to
     v_deliveries uuid[];
     v_message_ids text[];
     v_numbers text[];            -- the tenant's WhatsApp business numbers (inbound webhooks name them)
@@ -35,9 +36,25 @@ begin
             select d.channel, d.address from notify.notification_deliveries d
              where d.tenant_id = p_tenant_id and d.recipient_id = v_recipient.id and d.created_at > '-infinity'
                and d.address is not null) x;
+    -- Since 2026 Meta may name a user by its business-scoped user id alone: the ids mapped to its addresses are its too,
+    -- its WhatsApp addresses under either form (so an opt-out stays out under both, and both forms' copies go).
+    select array_agg(distinct x) into v_addresses
+      from (select unnest(coalesce(v_addresses, '{}'))
+            union all
+            select 'whatsapp:' || w
+              from unnest(notify._whatsapp_aliases(p_tenant_id, array(select ltrim(substr(a, 10), '+')
+                                                                         from unnest(coalesce(v_addresses, '{}')) a
+                                                                        where a like 'whatsapp:%'))) i,
+                   lateral (select case when i ~ '^[0-9]+$' then '+' || i else i end) v(w)
+             where notify._address_valid('whatsapp', w)) s(x);
+    v_wa_ids := notify._whatsapp_aliases(p_tenant_id, array(select ltrim(substr(x, strpos(x, ':') + 1), '+')
+                                                            from unnest(coalesce(v_addresses, '{}')) x));
     select array_agg(distinct n) into v_needles
-      from unnest(coalesce(v_addresses, '{}')) a,
-           lateral (values (split_part(a, ':', 2)), (lower(split_part(a, ':', 2))), (ltrim(split_part(a, ':', 2), '+'))) v(n)
+      from (select v.n
+              from unnest(coalesce(v_addresses, '{}')) a,
+                   lateral (values (split_part(a, ':', 2)), (lower(split_part(a, ':', 2))), (ltrim(split_part(a, ':', 2), '+'))) v(n)
+            union all
+            select unnest(v_wa_ids)) x(n)
      where length(n) >= 6;
     select coalesce(array_agg(d.id), '{}'), coalesce(array_agg(d.provider_message_id) filter (where d.provider_message_id is not null), '{}')
       into v_deliveries, v_message_ids
@@ -117,16 +134,13 @@ begin
     v_counts := v_counts || jsonb_build_object('callback_messages', v_n);
 
     -- WhatsApp windows and the BSUID <-> phone mapping (since 2026 a webhook may name either): by the phone's digits or
-    -- by the business-scoped user id itself.
+    -- by the business-scoped user id, and by whatever the mapping links them to (a window is kept under both).
     delete from notify.whatsapp_windows w
-     where w.tenant_id = p_tenant_id
-       and w.wa_id = any (select ltrim(substr(x, strpos(x, ':') + 1), '+') from unnest(coalesce(v_addresses, '{}')) x);
+     where w.tenant_id = p_tenant_id and w.wa_id = any (v_wa_ids);
     get diagnostics v_n = row_count;
     v_counts := v_counts || jsonb_build_object('whatsapp_windows', v_n);
     delete from notify.whatsapp_users u
-     where u.tenant_id = p_tenant_id
-       and (u.wa_id = any (select ltrim(substr(x, strpos(x, ':') + 1), '+') from unnest(coalesce(v_addresses, '{}')) x)
-            or u.user_id = any (select substr(x, strpos(x, ':') + 1) from unnest(coalesce(v_addresses, '{}')) x));
+     where u.tenant_id = p_tenant_id and (u.wa_id = any (v_wa_ids) or u.user_id = any (v_wa_ids));
     get diagnostics v_n = row_count;
     v_counts := v_counts || jsonb_build_object('whatsapp_users', v_n);
 
@@ -139,7 +153,10 @@ begin
        and (exists (select from jsonb_array_elements(e.outcomes) o
                      where o ->> 'delivery_id' = any (v_deliveries::text[]) or o ->> 'provider_message_id' = any (v_message_ids)
                         or o ->> 'inbound' = any (v_inbound))
-            or exists (select from unnest(v_message_ids || v_numbers) n where strpos(e.payload::text, n) > 0));
+            -- exactly (as a value, a business number as a phone_number_id): a substring would let another tenant's
+            -- erasure rewrite ours (phone_number_id is any 5-20 digits, the digits of a phone for one)
+            or jsonb_path_exists(e.payload, 'lax $.** ? (@ == $ids[*])', jsonb_build_object('ids', to_jsonb(v_message_ids)))
+            or jsonb_path_exists(e.payload, 'lax $.**.phone_number_id ? (@ == $ids[*])', jsonb_build_object('ids', to_jsonb(v_numbers))));
     get diagnostics v_n = row_count;
     v_counts := v_counts || jsonb_build_object('webhook_events', v_n);
 

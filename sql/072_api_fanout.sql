@@ -205,6 +205,13 @@ begin
         template text, variables jsonb, category text, metadata jsonb, recipient_id uuid, effective_locale text,
         request_id uuid, response jsonb
     ) on commit drop;
+    -- The known recipients locked first as their deliveries' foreign-key check would (KEY SHARE), so what is read of
+    -- them below is what an erasure in progress (FOR UPDATE) leaves, not what it is removing.
+    perform from notify.recipients rec
+     where rec.tenant_id = p_tenant_id
+       and rec.ref in (select e.item -> 'notification' -> 'recipient' ->> 'ref' from jsonb_array_elements(p_items) e(item))
+     order by rec.ref
+       for key share;
     with items as (
         select e.i - 1 as i, e.item, e.item -> 'notification' as body, e.item -> 'notification' -> 'recipient' as r
           from jsonb_array_elements(p_items) with ordinality e(item, i)

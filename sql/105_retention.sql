@@ -202,6 +202,9 @@ begin
             begin
                 execute format('create table notify.%I (like notify.%I including defaults including constraints) with (fillfactor = %s)',
                                v_name, t.table_name, t.fillfactor);
+                -- Writers of the default partition wait from here to the attach (which would find a row one of them
+                -- committed after the move, and fail); reads go on. A writer holding it past lock_timeout: the next run.
+                execute format('lock table notify.%I in exclusive mode', t.table_name || '_default');
                 execute format('with moved as (delete from notify.%I where %I >= %L and %I < %L returning *) insert into notify.%I select * from moved',
                                t.table_name || '_default', t.column_name, v_from, t.column_name, v_to, v_name);
                 execute format('alter table notify.%I attach partition notify.%I for values from (%L) to (%L)',

@@ -4,6 +4,8 @@ dropped once older than the longest history (or, for content tables, content) pe
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 
 from psycopg.types.json import Jsonb
 
@@ -89,3 +91,40 @@ def test_partitions_past_the_longest_period_of_any_tenant_are_dropped(db, tenant
     names = partitions(db, "delivery_events")
     assert [name("delivery_events", d) in names for d in old] == [False, False, False, True, True]
     assert db.execute("select count(*) from notify.delivery_events").fetchone()[0] == 2
+
+
+def test_a_row_the_default_partition_takes_while_its_day_is_made_does_not_fail_the_run(db, connect, tenant):
+    """A day with no partition yet (the worker was down) takes its rows in the default partition. When the partition is
+    made, a writer that commits such a row after the move but before the attach must not fail the run (ATTACH would find
+    the row in the default partition: "updated partition constraint for default partition would be violated")."""
+    day = today(db) + dt.timedelta(days=30)  # beyond the partitions made ahead
+    at = f"'{day.isoformat()} 12:00:00+00'::timestamptz"
+    assert add_event(db, tenant, at) == "notify.delivery_events_default"
+    writer = connect()
+    assert add_event(writer, tenant, at) == "notify.delivery_events_default"  # not committed yet
+    runner = connect(autocommit=True)
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["made"] = runner.execute("select notify._ensure_partitions(%s, %s)", (day, day)).fetchone()[0]
+        except Exception as error:  # noqa: BLE001 - reported below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    for _ in range(200):  # until the run waits for the writer's lock (after its move)
+        waiting = db.execute(
+            "select count(*) from pg_stat_activity where pid = %s and wait_event_type = 'Lock'", (runner.info.backend_pid,)
+        ).fetchone()[0]
+        if waiting:
+            break
+        time.sleep(0.01)
+    writer.commit()
+    thread.join()
+    assert "error" not in outcome, outcome
+    # both rows are in the day's partition now, or (the run gave up this day) both still wait in the default one
+    where = db.execute(
+        f"select tableoid::regclass::text, count(*) from notify.delivery_events where occurred_at = {at} group by 1"
+    ).fetchall()
+    assert where in ([(f"notify.{name('delivery_events', day)}", 2)], [("notify.delivery_events_default", 2)]), where

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 
 import psycopg
 import pytest
@@ -151,6 +153,49 @@ def test_a_batch_answers_and_writes_as_its_items_one_by_one_would(db, ready):
         },
         {"idempotency_key": "before", "notification": one("r-18")},
         {"idempotency_key": "k19", "notification": one("r-19", channels=["whatsapp", "email", "sms"])},
+        # review (round 13): edge cases of the usual-path predicate and of the set-based writes
+        {"idempotency_key": "k20", "notification": one("r-20", template="")},
+        {"idempotency_key": "k21", "notification": one("r-21", template="t" * 101)},
+        {"idempotency_key": "k22", "notification": one("r-22", category="c" * 101)},
+        {"idempotency_key": "k23", "notification": one("r-23", category=7)},
+        {"idempotency_key": "k24", "notification": one("r-24", variables=["name"])},
+        {"idempotency_key": "k25", "notification": one("r-25", metadata="x")},
+        {"idempotency_key": "k26", "notification": one("r-26", channels=["pager"])},
+        {"idempotency_key": "k27", "notification": one("r-27", channels=[])},
+        {"idempotency_key": "k28", "notification": one("r-28", channels="email")},
+        {"idempotency_key": "k29", "notification": one("r-29", channels=[["email"]])},
+        {"idempotency_key": "k30", "notification": one("r-30", template=["event_reminder"])},
+        {"idempotency_key": "clé-31", "notification": one("r-31")},
+        {"idempotency_key": "k 32", "notification": one("r-32")},
+        {"idempotency_key": "", "notification": one("r-33")},
+        {"idempotency_key": "k35", "notification": intent(recipient={"ref": "", "addresses": {"email": "e@example.com"}})},
+        {"idempotency_key": "k36", "notification": intent(recipient={"ref": "ü" * 200, "addresses": {"email": "u@example.com"}})},
+        {"idempotency_key": "k37", "notification": intent(recipient={"ref": "ü" * 201})},
+        {"idempotency_key": "k38", "notification": intent(recipient={"ref": 38})},
+        {"idempotency_key": "k39", "notification": intent(recipient={"ref": "r-39", "addresses": {"pager": "x"}})},
+        {"idempotency_key": "k40", "notification": intent(recipient={"ref": "r-40", "addresses": ["e@example.com"]})},
+        {"idempotency_key": "k41", "notification": intent(recipient={"ref": "r-41", "addresses": {"email": 41}})},
+        {
+            "idempotency_key": "k42",
+            "notification": intent(recipient={"ref": "r-42", "addresses": {"whatsapp": "US.13491208655302741918"}}),
+        },
+        {"idempotency_key": "k43", "notification": intent(recipient={"ref": "r-43", "locale": "es-MX"}, channels=["sms"])},
+        {"idempotency_key": "k44", "notification": intent(recipient={"ref": "r-44", "locale": "x"})},
+        {"idempotency_key": "k45", "notification": intent(recipient={"ref": "r-45", "locale": 45})},
+        {"idempotency_key": "k46", "notification": intent(recipient={"ref": "r-46", "colour": "red"})},
+        {"idempotency_key": "k47", "notification": one("known-addr", channels=["email", "sms"])},
+        {"idempotency_key": "k48", "notification": intent(recipient={"ref": "known-locale", "locale": "es"}, channels=["email"])},
+        {"idempotency_key": "k49", "notification": one("opted-out")},
+        {"idempotency_key": "k50", "notification": one("market", category="marketing", channels=["email", "whatsapp"])},
+        {"idempotency_key": "k51", "notification": intent(recipient={"ref": "r-51", "addresses": {"email": "gone@example.com"}})},
+        {"idempotency_key": "k52", "notification": {**one("r-52"), "variables": None, "metadata": None, "category": None}},
+        {"idempotency_key": "k53", "notification": {**one("r-53"), "recipient": [{"ref": "r-53"}]}},
+        {"idempotency_key": "k54", "notification": one("r-54", variables={"name": None, "event": {"x": [1]}})},
+        {"idempotency_key": "k55", "notification": one("r-55", channels=["email", "sms", "email"])},
+        {"idempotency_key": "k56", "notification": intent(recipient={"ref": "r-56", "timezone": None, "locale": None})},
+        {"idempotency_key": "k57", "notification": one("r-57", expires_at=None)},
+        {"idempotency_key": "k58", "notification": one("r-58", callback_url=None)},
+        {"idempotency_key": None, "notification": one("r-61")},
     ]
     for item in items:
         if item["notification"].get("recipient") is None:
@@ -159,6 +204,45 @@ def test_a_batch_answers_and_writes_as_its_items_one_by_one_would(db, ready):
     for tenant in (ready, twin):
         submit(db, tenant, one("r-18"), "before")
         call(db, "notify_api.upsert_recipient_v1(%s, 'r-17', %s)", tenant, Jsonb({"addresses": {"email": "old@example.com"}}))
+        call(
+            db,
+            "notify_api.upsert_recipient_v1(%s, 'known-addr', %s)",
+            tenant,
+            Jsonb({"addresses": {"email": "old-known@example.com", "sms": "+34600111444"}}),
+        )
+        call(
+            db,
+            "notify_api.upsert_recipient_v1(%s, 'known-locale', %s)",
+            tenant,
+            Jsonb({"locale": "en-GB", "timezone": "Europe/London"}),
+        )
+        call(
+            db,
+            "notify_api.upsert_recipient_v1(%s, 'opted-out', %s)",
+            tenant,
+            Jsonb({"addresses": {"email": "opted-out@example.com"}}),
+        )
+        call(
+            db,
+            "notify_api.record_consent_v1(%s, 'opted-out', %s)",
+            tenant,
+            Jsonb({"channel": "email", "status": "revoked", "source": "unsubscribe_link"}),
+        )
+        call(
+            db,
+            "notify_api.record_consent_v1(%s, 'market', %s)",
+            tenant,
+            Jsonb({"channel": "whatsapp", "status": "granted", "source": "signup_form", "category": "marketing"}),
+        )
+        # an erased recipient's opt-out stays with its address (the suppression list)
+        call(db, "notify_api.upsert_recipient_v1(%s, 'erased', %s)", tenant, Jsonb({"addresses": {"email": "gone@example.com"}}))
+        call(
+            db,
+            "notify_api.record_consent_v1(%s, 'erased', %s)",
+            tenant,
+            Jsonb({"channel": "email", "status": "revoked", "source": "unsubscribe_link"}),
+        )
+        call(db, "notify_api.erase_recipient_v1(%s, 'erased')", tenant)
 
     out = batch(db, ready, items)
     expected = []
@@ -203,4 +287,53 @@ def test_a_large_usual_batch_is_taken_set_based_and_wakes_once(db, ready):
             " join notify.notification_deliveries d on d.id = e.delivery_id"
         ).fetchone()[0]
         == 1000
+    )
+
+
+def test_a_batch_racing_another_with_the_same_key_replays_it(db, ready, connect):
+    """Two batches with the same key at once: the second waits at the key, then answers the first's stored answer (as
+    an item submitted alone would), and writes no delivery of its own."""
+    items = [
+        {
+            "idempotency_key": "race-k",
+            "notification": intent(recipient={"ref": "c-1", "addresses": {"email": "c1@example.com"}}, channels=["email"]),
+        },
+        {
+            "idempotency_key": "race-other",
+            "notification": intent(recipient={"ref": "c-2", "addresses": {"email": "c2@example.com"}}, channels=["email"]),
+        },
+    ]
+    first = connect()
+    one = first.execute("select notify_api.submit_notifications_v1(%s, %s)", (ready, Jsonb(items[:1]))).fetchone()[0]
+    second = connect(autocommit=True)
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["out"] = second.execute(
+                "select notify_api.submit_notifications_v1(%s, %s)", (ready, Jsonb(items))
+            ).fetchone()[0]
+        except Exception as error:  # noqa: BLE001 - reported below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    for _ in range(500):
+        if db.execute(
+            "select count(*) from pg_stat_activity where pid = %s and wait_event_type = 'Lock'", (second.info.backend_pid,)
+        ).fetchone()[0]:
+            break
+        time.sleep(0.01)
+    first.commit()
+    thread.join()
+    assert "error" not in outcome, outcome
+    out = outcome["out"]
+    assert [(i["outcome"], i["status"]) for i in out["items"]] == [("replayed", 200), ("accepted", 202)]
+    assert out["items"][0]["body"] == one["items"][0]["body"]
+    assert (
+        db.execute(
+            "select count(*) from notify.notification_deliveries d join notify.notification_requests r on r.id = d.request_id"
+            " where r.idempotency_key = 'race-k'"
+        ).fetchone()[0]
+        == 1
     )
