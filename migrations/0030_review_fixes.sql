@@ -349,11 +349,14 @@ begin
     -- them below is what an erasure in progress (FOR UPDATE) leaves, not what it is removing.
     perform from notify.recipients rec
      where rec.tenant_id = p_tenant_id
-       and rec.ref in (select e.item -> 'notification' -> 'recipient' ->> 'ref' from jsonb_array_elements(p_items) e(item))
+       and rec.ref = any (array(select e.item -> 'notification' -> 'recipient' ->> 'ref' from jsonb_array_elements(p_items) e(item)))
      order by rec.ref
        for key share;
     with items as (
-        select e.i - 1 as i, e.item, e.item -> 'notification' as body, e.item -> 'notification' -> 'recipient' as r
+        -- The key and the ref as columns of their own: under row security a join on an expression over the item (->>,
+        -- not leakproof) cannot become an index condition, and each item scanned the tenant's every request.
+        select e.i - 1 as i, e.item, e.item -> 'notification' as body, e.item -> 'notification' -> 'recipient' as r,
+               e.item ->> 'idempotency_key' as key, e.item -> 'notification' -> 'recipient' ->> 'ref' as ref
           from jsonb_array_elements(p_items) with ordinality e(item, i)
     ), shared as (
         -- keys and recipient refs that more than one item names (a fan-out item's recipients included)
@@ -377,7 +380,7 @@ begin
            coalesce(it.r ->> 'locale', rec.locale, n.default_locale), gen_random_uuid()
       from items it
       join notify.tenants n on n.id = p_tenant_id
-      left join notify.recipients rec on rec.tenant_id = p_tenant_id and rec.ref = it.r ->> 'ref'
+      left join notify.recipients rec on rec.tenant_id = p_tenant_id and rec.ref = it.ref
      where jsonb_typeof(it.item) = 'object'
        and not exists (select from jsonb_object_keys(it.item) k where k not in ('idempotency_key', 'notification'))
        and (jsonb_typeof(it.item -> 'idempotency_key') is null or jsonb_typeof(it.item -> 'idempotency_key') = 'null'
@@ -398,10 +401,9 @@ begin
                                              or not notify._address_valid(a.key::notify.channel, a.value #>> '{}'))))))
        and jsonb_array_length(it.body -> 'channels')
            = (select count(distinct c) from jsonb_array_elements_text(it.body -> 'channels') c)
-       and not exists (select from shared sh where sh.kind = 'key' and sh.v = it.item ->> 'idempotency_key')
-       and not exists (select from shared sh where sh.kind = 'ref' and sh.v = it.r ->> 'ref')
-       and not exists (select from notify.notification_requests q
-                        where q.tenant_id = p_tenant_id and q.idempotency_key = it.item ->> 'idempotency_key');
+       and not exists (select from shared sh where sh.kind = 'key' and sh.v = it.key)
+       and not exists (select from shared sh where sh.kind = 'ref' and sh.v = it.ref)
+       and not exists (select from notify.notification_requests q where q.tenant_id = p_tenant_id and q.idempotency_key = it.key);
 
     -- 2. Templates per template, channel and locale (resolved once each); an item lacking one, or a variable one needs,
     --    goes item by item (and fails there, naming the field).
@@ -503,3 +505,5 @@ begin
     drop table pg_temp._batch, pg_temp._batch_templates, pg_temp._batch_deliveries;
 end
 $$;
+comment on function notify._submit_batch_usual(uuid, jsonb) is
+    'The set-based half of submit_notifications_v1: the items with a usual body that will succeed (notify._is_usual_submission, valid recipient, templates and variables present, key and recipient not shared with another item) are taken together, a statement per step instead of per item; their answers, by item index. Leaves every other item, and every item that would fail, to the item-by-item path.';

@@ -103,3 +103,40 @@ def test_a_submission_reads_as_much_after_thousands(db: psycopg.Connection, read
     late = index_tuples_per_submission(2000, 300)
     print(f"\nindex entries read per submission: {early:.1f} on empty tables, {late:.1f} after 2,000 submissions")
     assert late < 30, f"a submission reads {late:.0f} index entries after 2,000 others (a scan that grows with the table)"
+
+
+TUPLES_READ = """
+select coalesce(sum(pg_stat_get_xact_tuples_returned(c.oid)), 0)
+  from pg_class c where c.relnamespace = 'notify'::regnamespace and c.relkind in ('r', 'i')
+"""
+
+
+def test_a_batch_reads_as_much_per_item_after_thousands(db: psycopg.Connection, ready: str) -> None:
+    """The set-based batch (notify._submit_batch_usual) runs as notify_owner under row security, where a join on an
+    expression over the item cannot become an index condition: each item then scanned every request of its tenant.
+    Rows and index entries read per item, counted by Postgres for the transaction, stay flat as requests grow."""
+
+    def items(first: int, n: int) -> list[dict]:
+        return [
+            {
+                "idempotency_key": f"b-{i}",
+                "notification": intent(
+                    recipient={"ref": f"r-{i % 300}", "addresses": {"email": f"r{i % 300}@example.com"}}, channels=["email"]
+                ),
+            }
+            for i in range(first, first + n)
+        ]
+
+    def read_per_item(first: int, n: int) -> float:
+        with db.transaction(force_rollback=True):
+            before = db.execute(TUPLES_READ).fetchone()[0]
+            out = call(db, "notify_api.submit_notifications_v1(%s, %s)", ready, psycopg.types.json.Jsonb(items(first, n)))
+            assert out["accepted"] == n
+            return float(db.execute(TUPLES_READ).fetchone()[0] - before) / n
+
+    early = read_per_item(0, 200)
+    for first in range(0, 3000, 1000):
+        call(db, "notify_api.submit_notifications_v1(%s, %s)", ready, psycopg.types.json.Jsonb(items(10_000 + first, 1000)))
+    late = read_per_item(20_000, 200)
+    print(f"\nrows and index entries read per batch item: {early:.1f} on empty tables, {late:.1f} after 3,000 requests")
+    assert late < 2 * early + 20, f"a batch item reads {late:.0f} rows after 3,000 requests ({early:.0f} before)"
