@@ -35,7 +35,10 @@ create table notify.address_suppressions (
     category text not null default '',
     created_at timestamptz not null default now(),
     erasure_id uuid not null,
-    -- address_hash leads (see docs/architecture.md, "Indexes that tie with the primary key"); a lookup names all four.
+    -- address_hash leads (see docs/architecture.md, "Indexes that tie with the primary key");
+-- Whether a tenant has suppressed addresses on a channel at all (notify._consent asks before hashing an address).
+-- Partial on a predicate no key lookup names, so it never ties with the primary key (as notification_requests_created).
+create index address_suppressions_tenant on notify.address_suppressions (tenant_id, channel) where created_at > '-infinity'; a lookup names all four.
     primary key (address_hash, tenant_id, channel, category)
 );
 comment on table notify.address_suppressions is
@@ -118,8 +121,12 @@ as $$
           limit 1),
         coalesce((select p.policy from notify.channel_policies p where p.tenant_id = p_tenant_id and p.channel = p_channel),
                  notify._default_policy(p_channel)) = 'opt_out')
-       -- an address an erased recipient had opted out of stays out, until a grant recorded later (sql/066_api_erasure.sql)
-       and not exists (
+       -- an address an erased recipient had opted out of stays out, until a grant recorded later (sql/066_api_erasure.sql);
+       -- the keyed hash is computed only where the tenant has suppressed addresses on the channel at all (a probe of an
+       -- index, where hashing every delivery's address at submit and again at claim cost every tenant)
+       and (not exists (select from notify.address_suppressions s0
+                         where s0.tenant_id = p_tenant_id and s0.channel = p_channel and s0.created_at > '-infinity')
+            or not exists (
         select from notify.recipient_addresses a
           join notify.address_suppressions s
             on s.address_hash = notify._address_hash(a.channel, a.address) and s.tenant_id = a.tenant_id
@@ -128,7 +135,7 @@ as $$
            and not exists (select from notify.recipient_consents g
                             where g.tenant_id = p_tenant_id and g.recipient_id = p_recipient_id and g.channel = p_channel
                               and (g.category is null or g.category = p_category) and g.status = 'granted'
-                              and g.recorded_at > s.created_at))
+                              and g.recorded_at > s.created_at)))
 $$;
 comment on function notify._consent(uuid, uuid, notify.channel, text) is
     'Whether the recipient may be messaged on the channel for the category: the latest applicable ledger entry decides; without one, the tenant''s channel policy; and never to an address on the suppression list (an erased recipient''s opt-out) unless the recipient recorded a grant after it. Use in FROM (cross join lateral) for set-based checks.';
