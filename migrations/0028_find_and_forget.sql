@@ -35,12 +35,12 @@ create table notify.address_suppressions (
     category text not null default '',
     created_at timestamptz not null default now(),
     erasure_id uuid not null,
-    -- address_hash leads (see docs/architecture.md, "Indexes that tie with the primary key");
--- Whether a tenant has suppressed addresses on a channel at all (notify._consent asks before hashing an address).
--- Partial on a predicate no key lookup names, so it never ties with the primary key (as notification_requests_created).
-create index address_suppressions_tenant on notify.address_suppressions (tenant_id, channel) where created_at > '-infinity'; a lookup names all four.
+    -- address_hash leads (see docs/architecture.md, "Indexes that tie with the primary key"); a lookup names all four.
     primary key (address_hash, tenant_id, channel, category)
 );
+-- Whether a tenant has suppressed addresses on a channel at all (notify._consent asks before hashing an address).
+-- Partial on a predicate no key lookup names, so it never ties with the primary key (as notification_requests_created).
+create index address_suppressions_tenant on notify.address_suppressions (tenant_id, channel) where created_at > '-infinity';
 comment on table notify.address_suppressions is
     'Addresses an erased recipient had opted out of (per channel, and category; '''' = every category), as keyed hashes (notify._address_hash), never in clear: consent (notify._consent) refuses them until a grant recorded later for the recipient now using the address.';
 
