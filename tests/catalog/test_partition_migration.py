@@ -98,7 +98,9 @@ def test_migrating_a_populated_database_keeps_every_row_in_its_days_partition(em
 def test_0031_partitions_webhook_payloads_and_callback_messages_keeping_dedup_and_the_outbox(empty_db, tmp_path, monkeypatch):  # noqa: F811
     migrate_before(empty_db, "0031", tmp_path, monkeypatch)
     with psycopg.connect(empty_db, autocommit=True) as conn:
-        assert conn.execute("select relkind::text from pg_class where oid = 'notify.webhook_events'::regclass").fetchone()[0] == "r"
+        assert (
+            conn.execute("select relkind::text from pg_class where oid = 'notify.webhook_events'::regclass").fetchone()[0] == "r"
+        )
         tenant = str(call(conn, "notify_api.create_tenant_v1('acme')")["id"])
         call(conn, "notify_api.upsert_template_v1(%s, 'event_reminder', %s)", tenant, Jsonb(REMINDER))
         configure(conn, tenant)
@@ -120,7 +122,9 @@ def test_0031_partitions_webhook_payloads_and_callback_messages_keeping_dedup_an
             assert out["stored"]
         conn.execute("update notify.webhook_events set received_at = received_at - make_interval(days => id::integer % 3)")
         counted = {
-            t: conn.execute(f"select count(*), max({c}), string_agg(md5(x::text), ',' order by md5(x::text)) from notify.{t} x").fetchone()
+            t: conn.execute(
+                f"select count(*), max({c}), string_agg(md5(x::text), ',' order by md5(x::text)) from notify.{t} x"
+            ).fetchone()
             for t, c in {"webhook_events": "received_at", "callback_messages": "created_at"}.items()
         }
         max_webhook = conn.execute("select max(id) from notify.webhook_events").fetchone()[0]
@@ -132,8 +136,13 @@ def test_0031_partitions_webhook_payloads_and_callback_messages_keeping_dedup_an
                 f"select count(*), max({column}), string_agg(md5(x::text), ',' order by md5(x::text)) from notify.{table} x"
             ).fetchone()
             assert got == counted[table], table
-            assert conn.execute("select relkind::text from pg_class where oid = %s::regclass", (f"notify.{table}",)).fetchone()[0] == "p"
-            placed = conn.execute(f"select tableoid::regclass::text, ({column} at time zone 'UTC')::date from notify.{table}").fetchall()
+            assert (
+                conn.execute("select relkind::text from pg_class where oid = %s::regclass", (f"notify.{table}",)).fetchone()[0]
+                == "p"
+            )
+            placed = conn.execute(
+                f"select tableoid::regclass::text, ({column} at time zone 'UTC')::date from notify.{table}"
+            ).fetchall()
             assert len({p for p, _ in placed}) > 1, table  # rows of several days, each in its own partition
             for part, day in placed:
                 assert part == f"notify.{table}_p{day:%Y%m%d}", (table, part, day)

@@ -151,9 +151,13 @@ def test_a_day_of_webhook_payloads_past_retention_is_dropped_while_its_keys_stil
     call(db, "notify._ensure_partitions(%s, %s)", old, old)
     assert ingest(db, "old-1")["stored"] and ingest(db, "new-1")["stored"]
     # The payload of old-1 was received on `old` (its key is still within its window: received now).
-    assert db.execute(
-        f"update notify.webhook_events set received_at = {noon(old)} where event_key = 'old-1' returning tableoid::regclass::text"
-    ).fetchone()[0] == f"notify.{name('webhook_events', old)}"
+    assert (
+        db.execute(
+            f"update notify.webhook_events set received_at = {noon(old)} where event_key = 'old-1'"
+            " returning tableoid::regclass::text"
+        ).fetchone()[0]
+        == f"notify.{name('webhook_events', old)}"
+    )
 
     got = call(db, "notify_api.run_retention_v1()")
     assert got["shortest_content_days"] == 5 and got["longest_content_days"] == 60
@@ -175,7 +179,8 @@ def test_a_callback_day_with_a_message_still_to_be_sent_is_kept_until_it_is_fini
     call(db, "notify._ensure_partitions(%s, %s)", finished, pending)
     for at, status in ((pending, "delivered"), (pending, "pending"), (finished, "delivered"), (finished, "failed")):
         db.execute(
-            "insert into notify.callback_messages (tenant_id, notification_id, delivery_id, seq, url, payload, status, created_at)"
+            "insert into notify.callback_messages"
+            " (tenant_id, notification_id, delivery_id, seq, url, payload, status, created_at)"
             f" values (%s, gen_random_uuid(), gen_random_uuid(), 1, 'https://example.com/cb', '{{}}', %s, {noon(at)})",
             (tenant, status),
         )
