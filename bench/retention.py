@@ -193,7 +193,9 @@ def main() -> None:
 
         # 1. Retention as built: the day's partitions detached and dropped (what run_retention_v1 does past the period).
         d0 = time.perf_counter()
-        dropped = conn.execute("select notify._drop_partitions(%s, '1970-01-01')", (day + dt.timedelta(days=1),)).fetchone()[0]  # type: ignore[index]
+        dropped = conn.execute(
+            "select notify._drop_partitions(%s, '1970-01-01', '1970-01-01')", (day + dt.timedelta(days=1),)
+        ).fetchone()[0]  # type: ignore[index]
         d1 = time.perf_counter()
         time.sleep(1)
         drop = {"ms": round((d1 - d0) * 1000, 1), "dropped": dropped, **load.window(d0, max(d1, d0 + 1.0))}

@@ -359,19 +359,34 @@ create table notify.delivery_events_default partition of notify.delivery_events 
 comment on table notify.delivery_events_default is 'Rows of notify.delivery_events outside every daily partition (moved out when their day''s partition is made).';
 create index delivery_events_delivery on notify.delivery_events (tenant_id, delivery_id, seq);
 
+-- Provider webhooks are deduplicated by (provider, event_key), globally, not per tenant: a webhook is deduplicated
+-- before the tenant is known (it is found from the events). The keys live in a small table of their own, so that the
+-- payloads (the big part, personal data) can be partitioned by day: a partitioned table's unique keys must include its
+-- partition column, which a duplicate delivered on another day would not share.
+create table notify.webhook_event_keys (
+    provider text not null,
+    event_key text not null,
+    received_at timestamptz not null default now(),
+    primary key (provider, event_key)
+);
+comment on table notify.webhook_event_keys is
+    'The deduplication keys of provider webhooks, claimed by ingest_webhook_v1 before it stores a payload (a key already here: a duplicate). Deleted past the raw payloads'' retention in bounded batches (scrub_expired_v1).';
+create index webhook_event_keys_received on notify.webhook_event_keys (received_at);
+
 create table notify.webhook_events (
-    id bigint generated always as identity primary key,
+    id bigint generated always as identity,
     provider text not null,
     event_key text not null,
     received_at timestamptz not null default now(),
     payload jsonb not null,
     outcomes jsonb not null default '[]',
-    -- Global, not per tenant: a webhook is deduplicated before the tenant is known (it is found from the events).
-    constraint webhook_events_dedup unique (provider, event_key)
-);
+    primary key (id, received_at)  -- received_at: the partition column; (provider, event_key) is unique in webhook_event_keys
+) partition by range (received_at);
 comment on table notify.webhook_events is
-    'Every verified provider webhook, stored once per provider event key, with what each of its status events did.';
+    'Every verified provider webhook, stored once per provider event key (notify.webhook_event_keys), with what each of its status events did.';
 comment on column notify.webhook_events.outcomes is 'Per status event: applied, stale (lower rank or illegal), unmatched (no such delivery) or ambiguous (two deliveries carry its provider message id); per inbound message its outcome; kept (with a reason) for what the adapter could not apply.';
+create table notify.webhook_events_default partition of notify.webhook_events default;
+comment on table notify.webhook_events_default is 'Rows of notify.webhook_events outside every daily partition (moved out when their day''s partition is made).';
 
 create table notify.mock_messages (
     tenant_id uuid not null,

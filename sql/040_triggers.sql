@@ -100,7 +100,7 @@ begin
           join notify.notification_requests r on r.tenant_id = c.tenant_id and r.id = c.request_id
           join notify.callback_endpoints e on e.tenant_id = c.tenant_id and e.enabled   -- no endpoint: no secret to sign with
          where coalesce(r.callback_url, e.url) is not null
-        on conflict (tenant_id, delivery_id, seq) do nothing;
+        on conflict (tenant_id, delivery_id, seq, created_at) do nothing;  -- created_at = now(): the partition key (sql/095)
     else
         insert into notify.callback_messages (tenant_id, notification_id, delivery_id, seq, url, payload)
         select c.tenant_id, c.request_id, c.id, c.seq, coalesce(r.callback_url, e.url), notify._callback_event(c, o.status, r)
@@ -109,7 +109,7 @@ begin
           join notify.notification_requests r on r.tenant_id = c.tenant_id and r.id = c.request_id
           join notify.callback_endpoints e on e.tenant_id = c.tenant_id and e.enabled
          where c.status is distinct from o.status and coalesce(r.callback_url, e.url) is not null
-        on conflict (tenant_id, delivery_id, seq) do nothing;
+        on conflict (tenant_id, delivery_id, seq, created_at) do nothing;  -- created_at = now(): the partition key (sql/095)
     end if;
     get diagnostics v_count = row_count;
     if v_count > 0 then

@@ -338,11 +338,11 @@ begin
     if p_event_key is null or length(p_event_key) not between 1 and 500 then
         perform notify._raise('ND400', 'invalid_value', 'event_key must be 1 to 500 characters', 'event_key');
     end if;
-    insert into notify.webhook_events (provider, event_key, payload)
-    values (p_provider, p_event_key, coalesce(p_payload, 'null'))
-    on conflict (provider, event_key) do nothing
-    returning id into v_id;
-    if v_id is null then
+    -- The key first: a key already claimed (committed, or by a concurrent ingest, which this waits for) is a duplicate.
+    insert into notify.webhook_event_keys (provider, event_key)
+    values (p_provider, p_event_key)
+    on conflict (provider, event_key) do nothing;
+    if not found then
         return jsonb_build_object('stored', false, 'duplicate', true, 'outcomes', '[]'::jsonb);
     end if;
 
@@ -368,9 +368,12 @@ begin
     select v_outcomes || coalesce(jsonb_agg(jsonb_build_object('outcome', 'kept', 'reason', left(n, 500)) order by o), '[]')
       into v_outcomes
       from unnest(coalesce(p_notes, '{}')) with ordinality as x(n, o);
-    update notify.webhook_events set outcomes = v_outcomes where id = v_id;
+    -- The payload last, with its outcomes, in one insert (today's partition of notify.webhook_events).
+    insert into notify.webhook_events (provider, event_key, payload, outcomes)
+    values (p_provider, p_event_key, coalesce(p_payload, 'null'), v_outcomes)
+    returning id into v_id;
     return jsonb_build_object('stored', true, 'duplicate', false, 'id', v_id, 'outcomes', v_outcomes);
 end
 $$;
 comment on function notify_api.ingest_webhook_v1(text, text, jsonb, notify.status_event[], notify.inbound_message[], text[], jsonb) is
-    'Stores a verified provider webhook once per (provider, event key), applies its normalized status events by rank (keeping the pricing they carry: outcome priced) and records its inbound messages and account-level changes (p_updates, notify._apply_whatsapp_update); p_notes (what the adapter could not apply, and why) are kept as outcomes "kept" with their reason. A duplicate changes nothing.';
+    'Stores a verified provider webhook once per (provider, event key) (the key claimed in notify.webhook_event_keys first, the payload stored with its outcomes last), applies its normalized status events by rank (keeping the pricing they carry: outcome priced) and records its inbound messages and account-level changes (p_updates, notify._apply_whatsapp_update); p_notes (what the adapter could not apply, and why) are kept as outcomes "kept" with their reason. A duplicate changes nothing.';

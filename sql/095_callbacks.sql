@@ -43,13 +43,20 @@ create table notify.callback_messages (
     created_at timestamptz not null default now(),
     finished_at timestamptz,
     last_error text,
-    primary key (tenant_id, id),
-    constraint callback_messages_one_per_change unique (tenant_id, delivery_id, seq),
+    -- created_at is in the keys because the table is partitioned by it (sql/105_retention.sql); it never changes, so an
+    -- update never moves a row. The trigger's conflict target is the second key: a change is queued once, in the
+    -- transaction that makes it (created_at = now(), the same for both inserts of one change).
+    primary key (tenant_id, id, created_at),
+    constraint callback_messages_one_per_change unique (tenant_id, delivery_id, seq, created_at),
     constraint callback_messages_status check (status in ('pending', 'sending', 'delivered', 'failed'))
-);
+) partition by range (created_at);
 comment on table notify.callback_messages is
     'The callback outbox: one message per delivery status change, committed with the change. Sent in seq order per delivery (a later change waits for the earlier one to be delivered or given up).';
 comment on column notify.callback_messages.seq is 'The delivery''s sequence number at this change (1 = created): receivers drop an event older than one they have.';
+-- Daily partitions (<table>_pYYYYMMDD, UTC) are made ahead and dropped past retention, never while one holds a message
+-- still pending or sending (sql/105_retention.sql); the default partition takes a row no daily partition covers.
+create table notify.callback_messages_default partition of notify.callback_messages default;
+comment on table notify.callback_messages_default is 'Rows of notify.callback_messages outside every daily partition (moved out when their day''s partition is made).';
 create index callback_messages_due on notify.callback_messages (next_attempt_at) where status in ('pending', 'sending');
 create index callback_messages_notification on notify.callback_messages (tenant_id, notification_id);
 
@@ -254,7 +261,7 @@ begin
     return query
     with due as (
         -- In order per delivery: a message waits while an earlier change of the same delivery is still undelivered.
-        select m.tenant_id, m.id from notify.callback_messages m
+        select m.tenant_id, m.id, m.created_at from notify.callback_messages m
          where m.next_attempt_at <= now()
            and (m.status = 'pending' or (m.status = 'sending' and m.lease_expires_at < now()))
            and not exists (select from notify.callback_messages p
@@ -266,7 +273,7 @@ begin
     ), claimed as (
         update notify.callback_messages m
            set status = 'sending', attempts = m.attempts + 1, lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-          from due where m.tenant_id = due.tenant_id and m.id = due.id
+          from due where m.tenant_id = due.tenant_id and m.id = due.id and m.created_at = due.created_at
         returning m.*
     )
     select c.tenant_id, c.id, c.attempts, c.url, c.payload,

@@ -162,19 +162,24 @@ $$;
 comment on function notify_api.get_retention_v1(uuid) is 'A tenant''s retention periods, the period in force per channel and the defaults.';
 
 -- Daily partitions. The partitioned tables (by range on their timestamp, UTC days) and what their rows are: history is
--- kept for the longest history period of any tenant, content (the mock outbox) for the longest content period. Each also
--- has a default partition (<table>_default) that takes a row no daily partition covers, so an insert never fails.
+-- kept for the longest history period of any tenant, content (the mock outbox, callback messages) for the longest
+-- content period, raw content (provider webhooks' payloads, no tenant's until parsed) for the shortest content period
+-- of any tenant. A partition with a row matching kept_while is not dropped (callback messages still to be sent: a
+-- later run drops it once they are delivered or given up). Each table also has a default partition (<table>_default)
+-- that takes a row no daily partition covers, so an insert never fails.
 create function notify._partitioned_tables()
-    returns table (table_name text, column_name text, kind text, fillfactor integer)
+    returns table (table_name text, column_name text, kind text, fillfactor integer, kept_while text)
     language sql
     immutable
     set search_path = pg_catalog, pg_temp
 as $$
-    values ('delivery_events', 'occurred_at', 'history', 100), ('delivery_attempts', 'started_at', 'history', 35),
-           ('callback_attempts', 'started_at', 'history', 100), ('mock_messages', 'sent_at', 'content', 100)
+    values ('delivery_events', 'occurred_at', 'history', 100, null), ('delivery_attempts', 'started_at', 'history', 35, null),
+           ('callback_attempts', 'started_at', 'history', 100, null), ('mock_messages', 'sent_at', 'content', 100, null),
+           ('callback_messages', 'created_at', 'content', 100, 'status in (''pending'', ''sending'')'),
+           ('webhook_events', 'received_at', 'raw', 100, null)
 $$;
 comment on function notify._partitioned_tables() is
-    'The tables partitioned by day, their partition column, whether their rows are history or content (which retention period drops them), and their partitions'' fillfactor (delivery_attempts: 35, so the outcome''s update is HOT).';
+    'The tables partitioned by day, their partition column, what their rows are (which retention period drops them: history, the longest history period; content, the longest content period; raw, the shortest content period), their partitions'' fillfactor (delivery_attempts: 35, so the outcome''s update is HOT), and the rows that keep a partition from being dropped (kept_while, a condition).';
 
 create function notify._ensure_partitions(p_from date, p_to date)
     returns integer
@@ -224,7 +229,7 @@ $$;
 comment on function notify._ensure_partitions(date, date) is
     'Creates the missing daily partitions from p_from to p_to (UTC days) of every partitioned table, moving rows the default partition holds for those days. Returns how many it made. Run by run_retention_v1 (days ahead) and by the migration that partitioned the tables.';
 
-create function notify._drop_partitions(p_history_before date, p_content_before date)
+create function notify._drop_partitions(p_history_before date, p_content_before date, p_raw_before date)
     returns text[]
     language plpgsql
     security definer
@@ -233,17 +238,24 @@ create function notify._drop_partitions(p_history_before date, p_content_before 
 as $$
 declare
     r record;
+    v_kept boolean;
     v_dropped text[] := '{}';
 begin
     -- Only daily partitions named <table>_pYYYYMMDD whose whole day lies before the cutoff; never the default partition.
-    for r in select c.relname, t.table_name, to_date(right(c.relname, 8), 'YYYYMMDD') as day
+    for r in select c.relname, t.table_name, t.kept_while, to_date(right(c.relname, 8), 'YYYYMMDD') as day
                from notify._partitioned_tables() t
                join pg_inherits i on i.inhparent = ('notify.' || t.table_name)::regclass
                join pg_class c on c.oid = i.inhrelid
               where c.relname ~ ('^' || t.table_name || '_p[0-9]{8}$')
                 and to_date(right(c.relname, 8), 'YYYYMMDD') + 1
-                    <= case t.kind when 'history' then p_history_before else p_content_before end
-              order by 3, 1 loop
+                    <= case t.kind when 'history' then p_history_before when 'raw' then p_raw_before else p_content_before end
+              order by 4, 1 loop
+        -- A partition still holding rows that must stay (callback messages pending or sending: an old day gets no new
+        -- rows, and a finished message never goes back) waits for a later run.
+        if r.kept_while is not null then
+            execute format('select exists (select from notify.%I where %s)', r.relname, r.kept_while) into v_kept;
+            continue when v_kept;
+        end if;
         -- DETACH (not CONCURRENTLY: this runs in a transaction) takes the parent's ACCESS EXCLUSIVE lock for a catalog
         -- change only; lock_timeout keeps it from queueing behind a long reader and stalling every writer behind it.
         begin
@@ -258,8 +270,8 @@ begin
     return v_dropped;
 end
 $$;
-comment on function notify._drop_partitions(date, date) is
-    'Detaches and drops the daily partitions of history tables whose day ends on or before p_history_before, and of content tables before p_content_before. Returns their names.';
+comment on function notify._drop_partitions(date, date, date) is
+    'Detaches and drops the daily partitions of history tables whose day ends on or before p_history_before, of content tables before p_content_before and of raw content (webhook payloads) before p_raw_before, but not one holding a row its table''s kept_while names (notify._partitioned_tables). Returns their names.';
 
 create function notify_api.run_retention_v1(p_days_ahead integer default 7)
     returns jsonb
@@ -270,6 +282,7 @@ as $$
 declare
     v_history integer;
     v_content integer;
+    v_shortest integer;
     v_made integer;
     v_dropped text[];
     v_today date := (now() at time zone 'UTC')::date;
@@ -278,18 +291,21 @@ begin
         perform notify._raise('ND400', 'invalid_value', 'days_ahead must be 1 to 90', 'days_ahead');
     end if;
     -- A partition spans every tenant: it goes when it is older than the longest period of any tenant (and channel).
+    -- Raw webhook payloads are no tenant's (they carry addresses of any tenant): they go after the shortest.
     select coalesce(max(p.history_days), (select history_days from notify._retention_defaults())),
-           coalesce(max(p.content_days), (select content_days from notify._retention_defaults()))
-      into v_history, v_content
+           coalesce(max(p.content_days), (select content_days from notify._retention_defaults())),
+           coalesce(min(p.content_days), (select content_days from notify._retention_defaults()))
+      into v_history, v_content, v_shortest
       from notify._retention_periods() p;
     v_made := notify._ensure_partitions(v_today, v_today + p_days_ahead);
-    v_dropped := notify._drop_partitions(v_today - v_history, v_today - v_content);
+    v_dropped := notify._drop_partitions(v_today - v_history, v_today - v_content, v_today - v_shortest);
     return jsonb_build_object('partitions_created', v_made, 'partitions_dropped', to_jsonb(v_dropped),
-                              'longest_history_days', v_history, 'longest_content_days', v_content);
+                              'longest_history_days', v_history, 'longest_content_days', v_content,
+                              'shortest_content_days', v_shortest);
 end
 $$;
 comment on function notify_api.run_retention_v1(integer) is
-    'Worker (the "retention" task) and operators: creates the daily partitions for today and p_days_ahead days ahead, and drops the partitions older than the longest history period of any tenant (content tables: the longest content period). Scrubbing is scrub_expired_v1''s.';
+    'Worker (the "retention" task) and operators: creates the daily partitions for today and p_days_ahead days ahead, and drops the partitions older than the longest history period of any tenant (content tables: the longest content period, callback messages only once none of the day is pending or sending; webhook payloads: the shortest content period). Scrubbing is scrub_expired_v1''s.';
 
 create function notify_api.scrub_expired_v1(p_limit integer default 1000)
     returns jsonb
@@ -367,7 +383,7 @@ begin
     -- Callback messages (the outbox; its attempts stay, as history): finished ones past the tenant's shortest content
     -- period are deleted, in one batch across tenants.
     with due as (
-        select m.tenant_id, m.id
+        select m.tenant_id, m.id, m.created_at
           from notify.callback_messages m
           join (select p.tenant_id, min(p.content_days) as days from notify._retention_periods() p group by 1) p
             on p.tenant_id = m.tenant_id
@@ -375,24 +391,29 @@ begin
          limit p_limit
            for update of m skip locked
     ), gone as (
-        delete from notify.callback_messages m using due where m.tenant_id = due.tenant_id and m.id = due.id returning 1
+        delete from notify.callback_messages m using due
+         where m.tenant_id = due.tenant_id and m.id = due.id and m.created_at = due.created_at returning 1
     )
     select count(*) into v_callbacks from gone;
     -- Raw provider webhooks are not a tenant's until parsed (they carry addresses of any tenant): kept for the shortest
-    -- content period of any tenant, oldest first.
+    -- content period of any tenant. Their payloads go by whole days (run_retention_v1); their deduplication keys (a
+    -- duplicate is refused while its key is kept) here, oldest first.
     select coalesce(min(p.content_days), (select content_days from notify._retention_defaults())) into v_shortest
       from notify._retention_periods() p;
     with gone as (
-        delete from notify.webhook_events w
-         where w.id in (select x.id from notify.webhook_events x where x.received_at < now() - make_interval(days => v_shortest)
-                         order by x.id limit p_limit)
+        delete from notify.webhook_event_keys k
+         where (k.provider, k.event_key) in (
+                   select x.provider, x.event_key from notify.webhook_event_keys x
+                    where x.received_at < now() - make_interval(days => v_shortest)
+                    order by x.received_at limit p_limit
+                      for update skip locked)
         returning 1
     )
     select count(*) into v_webhooks from gone;
     return jsonb_build_object('deliveries', v_deliveries, 'requests', v_requests, 'callback_messages', v_callbacks,
-                              'mock_messages', v_mock, 'webhook_events', v_webhooks,
+                              'mock_messages', v_mock, 'webhook_event_keys', v_webhooks,
                               'more', greatest(v_deliveries, v_callbacks, v_mock, v_webhooks) >= p_limit);
 end
 $$;
 comment on function notify_api.scrub_expired_v1(integer) is
-    'Worker (the "retention" task) and operators: one bounded batch (p_limit rows of each kind) of retention scrubbing, per tenant and channel content period: deliveries done with lose address, variables and error texts (and their attempts'' error texts; their request its variables once none holds content), the mock outbox and finished callback messages past the period are deleted, raw webhook events past the shortest content period of any tenant are deleted. Call again (a transaction each) while "more" is true.';
+    'Worker (the "retention" task) and operators: one bounded batch (p_limit rows of each kind) of retention scrubbing, per tenant and channel content period: deliveries done with lose address, variables and error texts (and their attempts'' error texts; their request its variables once none holds content), the mock outbox and finished callback messages past the period are deleted, webhook deduplication keys past the shortest content period of any tenant are deleted (their payloads go by whole days, run_retention_v1). Call again (a transaction each) while "more" is true.';

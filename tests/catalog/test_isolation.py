@@ -134,15 +134,17 @@ def violations(db: psycopg.Connection) -> list[str]:
          where c.connamespace = 'notify'::regnamespace and c.contype in ('u', 'p', 'f')
            and not exists (select from pg_attribute a where a.attrelid = c.conrelid and a.attnum = any(c.conkey) and
              a.attname = 'tenant_id')
-           and c.conrelid::regclass::text not in ('notify.rate_buckets', 'notify.webhook_events', 'notify.login_tenants',
+           and c.conrelid::regclass::text not in ('notify.rate_buckets', 'notify.webhook_event_keys', 'notify.login_tenants',
                                                     'notify.address_hash_key')
+           and c.conrelid::regclass::text !~ '^notify[.]webhook_events(_default|_p[0-9]{8})?$'
         union all
         select i.indrelid::regclass::text, x.relname from pg_index i join pg_class x on x.oid = i.indexrelid
          where x.relnamespace = 'notify'::regnamespace and i.indisunique
            and not exists (select from pg_attribute a where a.attrelid = i.indrelid and a.attnum = any(i.indkey) and
              a.attname = 'tenant_id')
-           and i.indrelid::regclass::text not in ('notify.rate_buckets', 'notify.webhook_events', 'notify.login_tenants',
-                                                    'notify.address_hash_key')""")
+           and i.indrelid::regclass::text not in ('notify.rate_buckets', 'notify.webhook_event_keys', 'notify.login_tenants',
+                                                    'notify.address_hash_key')
+           and i.indrelid::regclass::text !~ '^notify[.]webhook_events(_default|_p[0-9]{8})?$'""")
         if r[1] not in GLOBAL_UNIQUE
     ]
     return found

@@ -1,5 +1,6 @@
 """notify_api.run_retention_v1: daily partitions made ahead, a default partition for anything outside them, partitions
-dropped once older than the longest history (or, for content tables, content) period of any tenant."""
+dropped once older than the longest history (or, for content tables, content) period of any tenant; raw webhook
+payloads after the shortest content period, callback messages only once none of the day's is still to be sent."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import time
 from psycopg.types.json import Jsonb
 
 from tests.conftest import call
+from tests.sql.test_state_machine import INGEST
 
-TABLES = ("delivery_events", "delivery_attempts", "callback_attempts", "mock_messages")
+TABLES = ("delivery_events", "delivery_attempts", "callback_attempts", "mock_messages", "callback_messages", "webhook_events")
 
 
 def today(db) -> dt.date:
@@ -128,3 +130,68 @@ def test_a_row_the_default_partition_takes_while_its_day_is_made_does_not_fail_t
         f"select tableoid::regclass::text, count(*) from notify.delivery_events where occurred_at = {at} group by 1"
     ).fetchall()
     assert where in ([(f"notify.{name('delivery_events', day)}", 2)], [("notify.delivery_events_default", 2)]), where
+
+
+def noon(day: dt.date) -> str:
+    return f"'{day}'::date + time '12:00' at time zone 'UTC'"
+
+
+def ingest(db, key: str) -> dict:
+    return db.execute(INGEST, ("mock", key, Jsonb({"to": "+34600111222"}), Jsonb([]))).fetchone()[0]
+
+
+def test_a_day_of_webhook_payloads_past_retention_is_dropped_while_its_keys_still_refuse_a_duplicate(db, tenant):
+    """Raw payloads are no tenant's: their day goes after the shortest content period of any tenant (here 5 days, while
+    another tenant's 60 keep the other content tables' day); deduplication does not depend on the payload, only on the
+    key, which scrub_expired_v1 deletes past the same period."""
+    call(db, "notify_api.set_retention_v1(%s, %s)", tenant, Jsonb({"content_days": 5}))
+    other = str(call(db, "notify_api.create_tenant_v1('other')")["id"])
+    call(db, "notify_api.set_retention_v1(%s, %s)", other, Jsonb({"content_days": 60}))
+    old = today(db) - dt.timedelta(days=10)
+    call(db, "notify._ensure_partitions(%s, %s)", old, old)
+    assert ingest(db, "old-1")["stored"] and ingest(db, "new-1")["stored"]
+    # The payload of old-1 was received on `old` (its key is still within its window: received now).
+    assert (
+        db.execute(
+            f"update notify.webhook_events set received_at = {noon(old)} where event_key = 'old-1'"
+            " returning tableoid::regclass::text"
+        ).fetchone()[0]
+        == f"notify.{name('webhook_events', old)}"
+    )
+
+    got = call(db, "notify_api.run_retention_v1()")
+    assert got["shortest_content_days"] == 5 and got["longest_content_days"] == 60
+    assert name("webhook_events", old) in got["partitions_dropped"]
+    assert name("mock_messages", old) in partitions(db, "mock_messages")  # content: the longest period (60 days)
+    assert [r[0] for r in db.execute("select event_key from notify.webhook_events")] == ["new-1"]
+    # Its key still refuses the duplicate, until the key itself is past the period.
+    assert ingest(db, "old-1") == {"stored": False, "duplicate": True, "outcomes": []}
+    assert call(db, "notify_api.scrub_expired_v1(1000)")["webhook_event_keys"] == 0
+    db.execute("update notify.webhook_event_keys set received_at = now() - interval '6 days' where event_key = 'old-1'")
+    assert call(db, "notify_api.scrub_expired_v1(1000)")["webhook_event_keys"] == 1
+    assert ingest(db, "old-1")["stored"]
+    assert not ingest(db, "new-1")["stored"]
+
+
+def test_a_callback_day_with_a_message_still_to_be_sent_is_kept_until_it_is_finished(db, tenant):
+    day = today(db)
+    pending, finished = day - dt.timedelta(days=40), day - dt.timedelta(days=41)
+    call(db, "notify._ensure_partitions(%s, %s)", finished, pending)
+    for at, status in ((pending, "delivered"), (pending, "pending"), (finished, "delivered"), (finished, "failed")):
+        db.execute(
+            "insert into notify.callback_messages"
+            " (tenant_id, notification_id, delivery_id, seq, url, payload, status, created_at)"
+            f" values (%s, gen_random_uuid(), gen_random_uuid(), 1, 'https://example.com/cb', '{{}}', %s, {noon(at)})",
+            (tenant, status),
+        )
+    got = call(db, "notify_api.run_retention_v1()")
+    assert name("callback_messages", finished) in got["partitions_dropped"]
+    assert name("callback_messages", pending) not in got["partitions_dropped"]
+    assert name("callback_messages", pending) in partitions(db, "callback_messages")
+    assert name("mock_messages", pending) not in partitions(db, "mock_messages")  # the other content of that day went
+    # Sending holds it too; once given up (failed), the next run drops it.
+    db.execute("update notify.callback_messages set status = 'sending' where status = 'pending'")
+    assert name("callback_messages", pending) not in call(db, "notify_api.run_retention_v1()")["partitions_dropped"]
+    db.execute("update notify.callback_messages set status = 'failed' where status = 'sending'")
+    assert name("callback_messages", pending) in call(db, "notify_api.run_retention_v1()")["partitions_dropped"]
+    assert db.execute("select count(*) from notify.callback_messages").fetchone()[0] == 0

@@ -63,7 +63,7 @@ def test_past_the_period_personal_data_goes_and_history_stays(db, ready):
         "requests": 1,
         "mock_messages": 2,
         "callback_messages": 0,
-        "webhook_events": 0,
+        "webhook_event_keys": 0,
         "more": False,
     }
     after = content(db, old)
@@ -114,10 +114,12 @@ def test_waiting_deliveries_are_never_scrubbed_and_batches_are_bounded(db, ready
     assert left == [("queued", left[0][1])]  # the one still waiting keeps its address
 
 
-def test_old_webhook_events_and_finished_callback_messages_are_deleted(db, ready):
+def test_old_webhook_keys_and_finished_callback_messages_are_deleted(db, ready):
+    """Webhook payloads go by whole days (run_retention_v1); their deduplication keys are deleted here, past the
+    shortest content period of any tenant."""
     db.execute(
-        "insert into notify.webhook_events (provider, event_key, payload, received_at) values "
-        "('mock', 'old', '{\"to\": \"+34600111222\"}', now() - interval '31 days'), ('mock', 'new', '{}', now())"
+        "insert into notify.webhook_event_keys (provider, event_key, received_at) values "
+        "('mock', 'old', now() - interval '31 days'), ('mock', 'new', now())"
     )
     nid = sent_notification(db, ready)
     db.execute(
@@ -129,6 +131,6 @@ def test_old_webhook_events_and_finished_callback_messages_are_deleted(db, ready
         (nid,),
     )
     done = call(db, "notify_api.scrub_expired_v1(1000)")
-    assert (done["webhook_events"], done["callback_messages"]) == (1, 1)
-    assert [r[0] for r in db.execute("select event_key from notify.webhook_events")] == ["new"]
+    assert (done["webhook_event_keys"], done["callback_messages"]) == (1, 1)
+    assert [r[0] for r in db.execute("select event_key from notify.webhook_event_keys")] == ["new"]
     assert [r[0] for r in db.execute("select status from notify.callback_messages where seq = 9")] == ["pending"]

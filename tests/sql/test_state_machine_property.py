@@ -33,7 +33,7 @@ def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None
             # Every example starts from the same state, so what it draws depends only on its own steps.
             db.execute(
                 "truncate notify.notification_deliveries, notify.delivery_events, notify.delivery_attempts, "
-                "notify.webhook_events, notify.recipient_consents, notify.notification_requests"
+                "notify.webhook_events, notify.webhook_event_keys, notify.recipient_consents, notify.notification_requests"
             )
             self.claimed: list[tuple] = []  # every claim ever made (stale ones included)
             self.requests: list[str] = []
