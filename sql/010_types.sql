@@ -18,12 +18,22 @@ create type notify.delivery_status as enum (
     'bounced',     -- e-mail rejected by the recipient server (final)
     'suppressed',  -- not sent: no consent, no address, opt-out (final)
     'cancelled',   -- caller cancelled before claim (final)
-    'expired'      -- expires_at passed before claim (final)
+    'expired',     -- expires_at passed before claim (final)
+    -- Added by migration 0032 (issue #14: routes, quiet hours, caps), at the end as ALTER TYPE ... ADD VALUE puts them.
+    'waiting',     -- a later step of a route, waiting for the earlier steps' outcome (due_at 'infinity' until a timer runs)
+                   --                               -> queued | scheduled | held | sending | suppressed | cancelled | expired | failed | not_needed
+    'held',        -- due, but held by a tenant policy (quiet hours, a frequency cap) until due_at; the reason says which
+                   --                               -> queued | sending | suppressed | cancelled | expired | failed | not_needed
+    'not_needed'   -- never sent: an earlier step of its route reached its goal (final)
 );
 comment on type notify.delivery_status is
     'Status of one delivery. Legal transitions are listed beside each value and enforced by notify._transition_allowed.';
 
 create type notify.consent_status as enum ('granted', 'revoked');
+create type notify.priority as enum ('high', 'normal', 'bulk');
+comment on type notify.priority is
+    'How soon a claim serves a delivery: every due high delivery before any normal one, normal before bulk (and, within a priority, tenants in turn). Declared in that order, so it sorts that way.';
+
 comment on type notify.consent_status is 'One consent ledger entry either grants or revokes.';
 
 create type notify.consent_policy as enum ('opt_in', 'opt_out');

@@ -92,7 +92,7 @@ create function notify._is_final(p_status notify.delivery_status)
     immutable
     -- inlinable: no SET clause (see docs/architecture.md, "Hot helpers are inlined")
 as $$
-    select p_status in ('read', 'bounced', 'suppressed', 'cancelled', 'expired', 'failed', 'delivered')
+    select p_status in ('read', 'bounced', 'suppressed', 'cancelled', 'expired', 'failed', 'delivered', 'not_needed')
 $$;
 comment on function notify._is_final(notify.delivery_status) is
     'True where no further work is planned (the delivery may still move by a provider report, e.g. delivered -> read).';
@@ -116,6 +116,9 @@ as $$
         when 'suppressed' then 70
         when 'cancelled' then 90
         when 'expired' then 90
+        when 'waiting' then 10
+        when 'held' then 20
+        when 'not_needed' then 90
     end
 $$;
 comment on function notify._rank(notify.channel, notify.delivery_status) is
@@ -128,8 +131,10 @@ create function notify._transition_allowed(p_channel notify.channel, p_from noti
     -- inlinable: no SET clause (see docs/architecture.md, "Hot helpers are inlined")
 as $$
     select case p_from
-        when 'scheduled' then p_to in ('queued', 'sending', 'suppressed', 'cancelled', 'expired', 'failed')
-        when 'queued' then p_to in ('sending', 'suppressed', 'cancelled', 'expired', 'failed')
+        when 'scheduled' then p_to in ('queued', 'sending', 'suppressed', 'cancelled', 'expired', 'failed', 'held', 'not_needed')
+        when 'queued' then p_to in ('sending', 'suppressed', 'cancelled', 'expired', 'failed', 'held', 'not_needed')
+        when 'waiting' then p_to in ('queued', 'scheduled', 'held', 'sending', 'suppressed', 'cancelled', 'expired', 'failed', 'not_needed')
+        when 'held' then p_to in ('queued', 'sending', 'suppressed', 'cancelled', 'expired', 'failed', 'not_needed')
         when 'sending' then p_to in ('queued', 'sent', 'delivered', 'read', 'failed', 'bounced', 'suppressed', 'unknown')
         when 'unknown' then p_to in ('queued', 'sent', 'delivered', 'read', 'failed', 'bounced')
         when 'sent' then p_to in ('delivered', 'read', 'failed', 'bounced', 'suppressed')

@@ -217,6 +217,10 @@ create table notify.notification_requests (
         constraint notification_requests_trace_parent check (trace_parent ~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'),
     -- Added by migration 0027 (test keys): defaults to the transaction setting notify.test, like the two ids above.
     test boolean not null default coalesce(nullif(current_setting('notify.test', true), '')::boolean, false),
+    -- Added by migration 0033 (issue #14): the route as the caller gave it, normalized (null: channels, every one sent);
+    -- the request's priority.
+    route jsonb,
+    priority notify.priority not null default 'normal',
     primary key (tenant_id, id),
     foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
     -- The key leads, not tenant_id: an index starting (tenant_id) could be picked for a primary-key lookup (see
@@ -234,6 +238,9 @@ comment on column notify.notification_requests.http_request_id is
 comment on column notify.notification_requests.callback_url is 'Where this request''s status callbacks go, instead of the tenant''s callback URL.';
 comment on column notify.notification_requests.test is
     'Submitted with a test key (transaction setting notify.test, set from the key by notify._enter_key): its deliveries are test deliveries.';
+comment on column notify.notification_requests.route is
+    'The ordered fallback route of a request submitted with route instead of channels: [{channel, until, within}, ...] (until: sent | delivered | read, within: an ISO 8601 duration), normalized. Null for channels (every channel sent).';
+comment on column notify.notification_requests.priority is 'The priority its deliveries are claimed with (notify.priority).';
 comment on column notify.notification_requests.trace_parent is
     'The W3C traceparent of the submitting request''s span (transaction setting notify.traceparent), when tracing is on: the worker''s delivery spans continue that trace.';
 -- Partial: only the requests that name their own callback URL (status callbacks, sql/095_callbacks.sql).
@@ -275,6 +282,12 @@ create table notify.notification_deliveries (
     -- Added by migration 0027 (test keys): set at insert from the same transaction setting as its request's.
     test boolean not null default coalesce(nullif(current_setting('notify.test', true), '')::boolean, false),
     pricing jsonb,
+    -- Added by migration 0033 (issue #14): the delivery's place in its request's route (null: not routed), the status
+    -- that makes later steps not needed, and how long after being sent it may take to reach it; its priority.
+    route_step smallint,
+    route_until notify.delivery_status,
+    route_within interval,
+    priority notify.priority not null default 'normal',
     primary key (tenant_id, id),
     foreign key (tenant_id, request_id) references notify.notification_requests (tenant_id, id),
     foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
@@ -292,10 +305,16 @@ comment on column notify.notification_deliveries.test is
     'A test delivery (submitted with a test key): the claim hands it to the mock provider whatever the tenant configured, so it never reaches a real provider.';
 comment on column notify.notification_deliveries.pricing is
     'What the provider says the message cost, from its status reports (WhatsApp: {pricing_model, category, billable, type}); the first report that carries it.';
+comment on column notify.notification_deliveries.route_step is
+    'Its position (1, 2, ...) in its request''s route for its recipient; null when the request named channels. Step n+1 waits (status waiting) until step n cannot succeed or has not reached route_until within route_within of being sent.';
+comment on column notify.notification_deliveries.route_until is 'A route step''s goal (sent, delivered or read): reached in time, the later steps are not_needed.';
+comment on column notify.notification_deliveries.route_within is 'How long after this step is sent it may take to reach route_until before the next step falls due (null: no time limit; the next step waits for an outcome).';
+comment on column notify.notification_deliveries.priority is 'Copied from the request: a claim serves high before normal before bulk.';
 comment on column notify.notification_deliveries.lease_expires_at is 'Set at claim; past it, maintenance treats the send as crashed (crash policy per channel).';
 -- The queue: only rows waiting to be claimed are indexed, so the hot set stays small however much history there is.
+-- (waiting: a route's later step, due_at 'infinity' until its timer runs; held: by quiet hours or a cap until due_at.)
 create index notification_deliveries_due on notify.notification_deliveries (channel, due_at)
-    where status in ('queued', 'scheduled');
+    where status in ('queued', 'scheduled', 'held', 'waiting');
 create index notification_deliveries_leases on notify.notification_deliveries (lease_expires_at)
     where status = 'sending';
 -- Global, not per tenant: provider webhooks name only the provider's message id.
@@ -309,7 +328,7 @@ create index notification_deliveries_recipient on notify.notification_deliveries
 -- Retention (sql/105_retention.sql): deliveries done with that still hold personal data, by tenant, channel and age.
 -- Partial, so a claim (to sending) adds no entry, and a scrubbed row leaves it.
 create index notification_deliveries_content_held on notify.notification_deliveries (tenant_id, channel, created_at)
-    where status not in ('scheduled', 'queued', 'sending') and (address is not null or variables is not null or last_error_message is not null);
+    where status not in ('scheduled', 'queued', 'sending', 'held', 'waiting') and (address is not null or variables is not null or last_error_message is not null);
 
 create table notify.delivery_attempts (
     tenant_id uuid not null,

@@ -260,7 +260,7 @@ begin
     select coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object('channel', s.channel, 'status', s.status, 'reason', s.reason,
                                                                    'count', s.n))
                               order by array_position(v.channels, s.channel), s.status, s.reason), '[]'),
-           coalesce(sum(s.n), 0), coalesce(bool_or(s.status in ('scheduled', 'queued', 'sending', 'unknown')), false)
+           coalesce(sum(s.n), 0), coalesce(bool_or(s.status in ('scheduled', 'queued', 'sending', 'unknown', 'held', 'waiting')), false)
       into v_summary, v_total, v_open
       from (select d.channel, d.status, d.reason, count(*) as n from notify.notification_deliveries d
              where d.request_id = p_id and d.tenant_id = p_tenant_id group by 1, 2, 3) s;

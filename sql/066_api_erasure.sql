@@ -93,7 +93,7 @@ begin
     -- 2. Pending deliveries are cancelled (recorded in their history, source erasure); one being sent cannot be.
     perform notify._set_source('erasure');
     update notify.notification_deliveries d set status = 'cancelled', reason = 'recipient_erased'
-     where d.tenant_id = p_tenant_id and d.id = any (v_deliveries) and d.status in ('scheduled', 'queued');
+     where d.tenant_id = p_tenant_id and d.id = any (v_deliveries) and d.status in ('scheduled', 'queued', 'held', 'waiting');
     get diagnostics v_n = row_count;
     v_counts := v_counts || jsonb_build_object('cancelled_deliveries', v_n);
     select count(*) into v_in_flight from notify.notification_deliveries d

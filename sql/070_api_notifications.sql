@@ -321,7 +321,7 @@ begin
         perform notify._raise('ND404', 'not_found', 'no such notification', 'id');
     end if;
     select jsonb_agg(notify._delivery_json(d, true) order by array_position(v.channels, d.channel), d.id),
-           bool_or(d.status in ('scheduled', 'queued', 'sending', 'unknown'))
+           bool_or(d.status in ('scheduled', 'queued', 'sending', 'unknown', 'held', 'waiting'))
       into v_deliveries, v_open
       from notify.notification_deliveries d where d.tenant_id = p_tenant_id and d.request_id = p_id;
     return jsonb_strip_nulls(jsonb_build_object(
@@ -362,8 +362,8 @@ begin
     ), cancelled as (
         update notify.notification_deliveries d set status = 'cancelled', reason = 'cancelled_by_caller'
           from locked l
-         where d.tenant_id = p_tenant_id and d.id = l.id and l.status in ('scheduled', 'queued')
-           and d.status in ('scheduled', 'queued')
+         where d.tenant_id = p_tenant_id and d.id = l.id and l.status in ('scheduled', 'queued', 'held', 'waiting')
+           and d.status in ('scheduled', 'queued', 'held', 'waiting')
         returning d.id
     )
     select jsonb_build_object('id', p_id, 'deliveries', jsonb_agg(jsonb_build_object(

@@ -20,7 +20,7 @@ begin
         select d.tenant_id, d.id, d.request_id, d.recipient_id, d.channel, d.address, d.template_locale, d.variables,
                d.expires_at, d.test
           from notify.notification_deliveries d
-         where d.channel = p_channel and d.status in ('queued', 'scheduled') and d.due_at <= now()
+         where d.channel = p_channel and d.status in ('queued', 'scheduled', 'held', 'waiting') and d.due_at <= now()
          order by d.due_at
          limit p_limit
            for update skip locked
@@ -246,7 +246,7 @@ begin
     -- Deadlines: anything still waiting past its expires_at is never sent.
     with gone as (
         update notify.notification_deliveries d set status = 'expired', reason = 'expired_before_send'
-         where d.status in ('queued', 'scheduled') and d.expires_at <= now()
+         where d.status in ('queued', 'scheduled', 'held', 'waiting') and d.expires_at <= now()
         returning 1
     )
     select count(*) into v_expired from gone;
@@ -258,7 +258,7 @@ begin
     select array_agg(c::text) into v_woken
       from unnest(enum_range(null::notify.channel)) c
      where exists (select from notify.notification_deliveries d
-                    where d.channel = c and d.status in ('queued', 'scheduled') and d.due_at <= now());
+                    where d.channel = c and d.status in ('queued', 'scheduled', 'held', 'waiting') and d.due_at <= now());
     perform notify._wake(c::notify.channel) from unnest(v_woken) c;
 
     return jsonb_build_object('requeued', v_requeued, 'unknown', v_unknown, 'exhausted', v_exhausted, 'expired', v_expired,

@@ -15,7 +15,7 @@ as $$
                count(*) filter (where d.due_at > now()) as scheduled,
                extract(epoch from now() - min(d.due_at) filter (where d.due_at <= now())) as oldest_due_seconds
           from notify.notification_deliveries d
-         where d.status in ('queued', 'scheduled')
+         where d.status in ('queued', 'scheduled', 'held', 'waiting')
          group by 1, 2
     ), in_flight as (
         select d.tenant_id, d.channel, count(*) as sending, count(*) filter (where d.lease_expires_at < now()) as leases_past_due

@@ -253,7 +253,7 @@ begin
                 get diagnostics v_count = row_count;
                 -- Deliveries still waiting to be sent go to the new id too (a rare event: a scan of the waiting WhatsApp rows).
                 update notify.notification_deliveries x set address = v_new
-                 where x.channel = 'whatsapp' and x.status in ('queued', 'scheduled') and x.tenant_id = v_tenant and x.address = v_old;
+                 where x.channel = 'whatsapp' and x.status in ('queued', 'scheduled', 'held', 'waiting') and x.tenant_id = v_tenant and x.address = v_old;
                 insert into notify.whatsapp_windows as w (tenant_id, phone_number_id, wa_id, last_inbound_at)
                 select w0.tenant_id, w0.phone_number_id, v_new, w0.last_inbound_at from notify.whatsapp_windows w0
                  where w0.tenant_id = v_tenant and w0.wa_id = v_old

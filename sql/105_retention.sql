@@ -339,7 +339,7 @@ begin
             select d.tenant_id, d.id, d.request_id
               from notify.notification_deliveries d
              where d.tenant_id = r.tenant_id and d.channel = r.channel and d.created_at < r.cutoff
-               and d.status not in ('scheduled', 'queued', 'sending')
+               and d.status not in ('scheduled', 'queued', 'sending', 'held', 'waiting')
                and (d.address is not null or d.variables is not null or d.last_error_message is not null)
              order by d.created_at
              limit greatest(p_limit - v_deliveries, 0)
@@ -360,7 +360,7 @@ begin
              where q.tenant_id = s.tenant_id and q.id = s.request_id and q.variables <> '{}'
                and not exists (select from notify.notification_deliveries x
                                 where x.request_id = q.id and x.tenant_id = q.tenant_id
-                                  and (x.address is not null or x.variables is not null or x.status in ('scheduled', 'queued', 'sending'))
+                                  and (x.address is not null or x.variables is not null or x.status in ('scheduled', 'queued', 'sending', 'held', 'waiting'))
                                   and x.id not in (select s2.id from scrubbed s2))
             returning 1
         )
