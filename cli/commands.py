@@ -408,6 +408,9 @@ def cmd_notifications_show(args: argparse.Namespace) -> None:
         elif kind == "callback":
             what = f"callback #{e['seq']}: {e.get('outcome') or e.get('message_status')}"
             detail = str(e.get("status_code") or e.get("error") or "")
+        elif kind == "webhook":
+            what = f"report from {e['provider']}: {e.get('status') or '-'}"
+            detail = e.get("outcome") or ""
         else:
             what, detail = f"provider: {e['flag']}", ""
         rows.append((_when(e["at"]), e["channel"], e["recipient"], what, detail))

@@ -404,6 +404,9 @@ create table notify.webhook_events (
 comment on table notify.webhook_events is
     'Every verified provider webhook, stored once per provider event key (notify.webhook_event_keys), with what each of its status events did.';
 comment on column notify.webhook_events.outcomes is 'Per status event: applied, stale (lower rank or illegal), unmatched (no such delivery) or ambiguous (two deliveries carry its provider message id); per inbound message its outcome; kept (with a reason) for what the adapter could not apply.';
+-- A delivery's provider reports, for its timeline (get_notification_timeline_v1): the outcomes name its delivery id or
+-- provider message id.
+create index webhook_events_outcomes on notify.webhook_events using gin (outcomes jsonb_path_ops);
 create table notify.webhook_events_default partition of notify.webhook_events default;
 comment on table notify.webhook_events_default is 'Rows of notify.webhook_events outside every daily partition (moved out when their day''s partition is made).';
 

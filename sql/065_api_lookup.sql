@@ -356,7 +356,7 @@ begin
         perform notify._raise('ND404', 'not_found', 'no such notification', 'id');
     end if;
     -- What support reads, in time order: each status change (its source says who: submit, claim, worker, webhook,
-    -- maintenance, operator, erasure, cancel), each attempt, each status callback attempt. A fan-out: its first
+    -- maintenance, operator, erasure, cancel), each attempt, each provider report (webhook), each status callback attempt. A fan-out: its first
     -- p_max_deliveries deliveries (in the deliveries sub-resource's order).
     return jsonb_build_object(
         'notification', notify._notification_head(v),
@@ -382,6 +382,24 @@ begin
                   from ds cross join lateral (values (ds.opened_at, 'opened'), (ds.complained_at, 'complained')) t(at, flag)
                  where t.at is not null
                 union all
+                -- Each provider report on the delivery, as the webhook's stored outcomes name it (by our delivery id, or by
+                -- the provider's message id from a provider that reports on the delivery's: as ingest matched it), never
+                -- the raw payload (one webhook may carry other tenants' events). webhook_events has no tenant: the
+                -- deliveries (this tenant's, row security) choose the entries; a GIN index finds the webhooks.
+                select w.received_at, ds.id, ds.channel, ds.recipient_id, 'webhook',
+                       jsonb_strip_nulls(jsonb_build_object('provider', w.provider, 'status', o ->> 'status',
+                                                            'outcome', o ->> 'outcome', 'webhook_id', w.id)), 0
+                  from ds
+                  join notify.webhook_events w
+                    on w.received_at >= ds.created_at
+                   and (w.outcomes @> jsonb_build_array(jsonb_build_object('delivery_id', ds.id))
+                        or (ds.provider_message_id is not null
+                            and w.outcomes @> jsonb_build_array(jsonb_build_object('provider_message_id', ds.provider_message_id))))
+                 cross join lateral jsonb_array_elements(w.outcomes) o
+                 where (ds.provider is null or ds.provider = any (notify._provider_family(w.provider)))
+                   and (o ->> 'delivery_id' = ds.id::text
+                        or (o ->> 'delivery_id' is null and o ->> 'provider_message_id' = ds.provider_message_id))
+                union all
                 select coalesce(ca.finished_at, m.created_at), ds.id, ds.channel, ds.recipient_id, 'callback',
                        jsonb_strip_nulls(jsonb_build_object('seq', m.seq, 'message_status', m.status, 'attempt', ca.attempt,
                                                             'outcome', ca.outcome, 'status_code', ca.status_code,
@@ -396,4 +414,4 @@ begin
 end
 $$;
 comment on function notify_api.get_notification_timeline_v1(uuid, uuid, integer) is
-    'A notification''s history in time order, for support (`dispatcher notifications show`): every status change with its source (provider reports arrive as source webhook), attempt, provider flag (opened, complained) and status callback attempt, of its first p_max_deliveries deliveries (default 20, at most 1,000). 404 for another tenant''s id.';
+    'A notification''s history in time order, for support (`dispatcher notifications show`): every status change with its source (provider reports arrive as source webhook), attempt, provider report (kind webhook: the provider, the status it reported and what ingest did with it, never the raw payload), provider flag (opened, complained) and status callback attempt, of its first p_max_deliveries deliveries (default 20, at most 1,000). 404 for another tenant''s id.';

@@ -295,19 +295,26 @@ declare
     v_next timestamptz;
     v_count integer;
 begin
-    -- p_results: [{tenant_id, id, attempt, started_at, status_code?, error?, outcome: delivered|retry|failed|refused}]
+    -- p_results: [{tenant_id, id, attempt, started_at, created_at?, status_code?, error?, outcome: delivered|retry|failed|refused}]
+    -- created_at: the message's, as claim_callbacks_v1 returned it. The outbox is partitioned by it, so with it each
+    -- message is found in its own day's partition; without it (an older worker), it is looked up first.
     -- Always a new table (a planted pg_temp._callback_results makes this fail instead of running its triggers as
     -- notify_system), dropped before returning so the worker may record twice in one transaction.
     create temporary table pg_temp._callback_results (
-        tenant_id uuid, id uuid, attempt integer, started_at timestamptz, status_code integer, error text, outcome text
+        tenant_id uuid, id uuid, attempt integer, started_at timestamptz, status_code integer, error text, outcome text,
+        created_at timestamptz
     ) on commit drop;
     insert into pg_temp._callback_results
     select * from jsonb_to_recordset(p_results) as x(tenant_id uuid, id uuid, attempt integer, started_at timestamptz,
-                                                     status_code integer, error text, outcome text);
+                                                     status_code integer, error text, outcome text, created_at timestamptz);
+    update pg_temp._callback_results r set created_at = m.created_at
+      from notify.callback_messages m
+     where r.created_at is null and m.tenant_id = r.tenant_id and m.id = r.id;
     insert into notify.callback_attempts (tenant_id, message_id, attempt, started_at, status_code, error, outcome)
     select r.tenant_id, r.id, r.attempt, r.started_at, r.status_code, left(r.error, 500), r.outcome
       from pg_temp._callback_results r
-      join notify.callback_messages m on m.tenant_id = r.tenant_id and m.id = r.id and m.attempts = r.attempt
+      join notify.callback_messages m on m.tenant_id = r.tenant_id and m.id = r.id and m.created_at = r.created_at
+                                     and m.attempts = r.attempt
     on conflict do nothing;
     with updated as (
         update notify.callback_messages m
@@ -322,8 +329,8 @@ begin
                last_error = case when r.outcome = 'delivered' then null
                                  else coalesce(r.error, 'HTTP ' || r.status_code) end
           from pg_temp._callback_results r, notify.callback_endpoints e
-         where m.tenant_id = r.tenant_id and m.id = r.id and m.attempts = r.attempt and m.status = 'sending'
-           and e.tenant_id = m.tenant_id
+         where m.tenant_id = r.tenant_id and m.id = r.id and m.created_at = r.created_at and m.attempts = r.attempt
+           and m.status = 'sending' and e.tenant_id = m.tenant_id
         returning m.status, m.next_attempt_at
     )
     select min(u.next_attempt_at) filter (where u.status = 'pending') into v_next from updated u;

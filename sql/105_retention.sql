@@ -273,6 +273,25 @@ $$;
 comment on function notify._drop_partitions(date, date, date) is
     'Detaches and drops the daily partitions of history tables whose day ends on or before p_history_before, of content tables before p_content_before and of raw content (webhook payloads) before p_raw_before, but not one holding a row its table''s kept_while names (notify._partitioned_tables). Returns their names.';
 
+create function notify._default_partition_days(p_before date)
+    returns table (day date)
+    language plpgsql
+    stable
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    t record;
+begin
+    for t in select * from notify._partitioned_tables() loop
+        return query execute format('select distinct (%I at time zone ''UTC'')::date from notify.%I where %I < %L',
+                                    t.column_name, t.table_name || '_default', t.column_name,
+                                    p_before::timestamp at time zone 'UTC');
+    end loop;
+end
+$$;
+comment on function notify._default_partition_days(date) is
+    'The UTC days before p_before that some default partition holds rows for (rows written while their day had no partition): run_retention_v1 makes their partitions, which moves the rows there.';
+
 create function notify_api.run_retention_v1(p_days_ahead integer default 7)
     returns jsonb
     language plpgsql
@@ -286,6 +305,7 @@ declare
     v_made integer;
     v_dropped text[];
     v_today date := (now() at time zone 'UTC')::date;
+    v_day date;
 begin
     if p_days_ahead is null or p_days_ahead < 1 or p_days_ahead > 90 then
         perform notify._raise('ND400', 'invalid_value', 'days_ahead must be 1 to 90', 'days_ahead');
@@ -298,6 +318,13 @@ begin
       into v_history, v_content, v_shortest
       from notify._retention_periods() p;
     v_made := notify._ensure_partitions(v_today, v_today + p_days_ahead);
+    -- Rows a default partition took for a past day (the worker was down when that day began, so it had no partition):
+    -- their day's partition is made now and they move into it, so that they go with their day like every other row
+    -- (at once, below, when the day is already past its period). Only days some default partition holds rows for, and
+    -- at most 31 a run (a scan of the default partitions, which hold nothing in normal operation).
+    for v_day in select d.day from notify._default_partition_days(v_today) d order by 1 limit 31 loop
+        v_made := v_made + notify._ensure_partitions(v_day, v_day);
+    end loop;
     v_dropped := notify._drop_partitions(v_today - v_history, v_today - v_content, v_today - v_shortest);
     return jsonb_build_object('partitions_created', v_made, 'partitions_dropped', to_jsonb(v_dropped),
                               'longest_history_days', v_history, 'longest_content_days', v_content,
@@ -305,7 +332,7 @@ begin
 end
 $$;
 comment on function notify_api.run_retention_v1(integer) is
-    'Worker (the "retention" task) and operators: creates the daily partitions for today and p_days_ahead days ahead, and drops the partitions older than the longest history period of any tenant (content tables: the longest content period, callback messages only once none of the day is pending or sending; webhook payloads: the shortest content period). Scrubbing is scrub_expired_v1''s.';
+    'Worker (the "retention" task) and operators: creates the daily partitions for today and p_days_ahead days ahead (and for up to 31 past days a default partition holds rows for, moving them there), and drops the partitions older than the longest history period of any tenant (content tables: the longest content period, callback messages only once none of the day is pending or sending; webhook payloads: the shortest content period). Scrubbing is scrub_expired_v1''s.';
 
 create function notify_api.scrub_expired_v1(p_limit integer default 1000)
     returns jsonb

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from psycopg.types.json import Jsonb
 
 from cli.commands import main
 from tests.conftest import app_url, call, claim, intent, record, result, submit
+from tests.sql.test_state_machine import INGEST
 
 
 @pytest.fixture
@@ -36,6 +38,7 @@ def test_find_and_show_a_notification_with_its_timeline(cli, db, ready):
     assert [n["id"] for n in json.loads(only)["items"]] == [second["id"]]
     assert "more: --cursor" in cli("notifications", "find", "--tenant", "acme", "--limit", "1")
 
+    db.execute(INGEST, ("mock", "cli-1", Jsonb({}), Jsonb([{"provider_message_id": "pm-1", "status": "delivered"}])))
     shown = cli("notifications", "show", "--tenant", "acme", first["id"])
     assert f"notification {first['id']}" in shown and "idempotency key  order-7" in shown
     timeline = shown.split("\n\n", 1)[1].splitlines()
@@ -45,6 +48,7 @@ def test_find_and_show_a_notification_with_its_timeline(cli, db, ready):
     assert any("queued -> sending by claim" in e for e in events)
     assert any("attempt 1: sent mock pm-1" in e for e in events)
     assert any("sending -> sent by worker" in e for e in events)
+    assert any("report from mock: delivered applied" in e for e in events)
 
 
 def test_resolve_export_and_erase_from_the_command_line(cli, db, ready):

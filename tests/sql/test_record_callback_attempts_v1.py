@@ -49,3 +49,20 @@ def test_a_stale_attempt_changes_nothing(db, ready):
     record_callbacks(db, attempt(ready, row[1], 1, "delivered", 200))  # attempt 1's late answer
     assert message(db)[:2] == ("sending", 2)
     assert db.execute("select count(*) from notify.callback_attempts").fetchone()[0] == 1
+
+
+def test_the_message_is_found_by_its_creation_time_when_the_worker_names_it(db, ready):
+    """The worker passes the message's created_at back (the outbox is partitioned by it, so the record looks in that
+    day's partition alone); the key is exact: another time matches no message, and an older worker's record without it
+    still finds the message."""
+    row = claimed_one(db, ready, [0, 0])
+    created = row[6]
+    wrong = {**attempt(ready, row[1], 1, "delivered", 200), "created_at": "2001-01-01T00:00:00Z"}
+    record_callbacks(db, wrong)
+    assert message(db)[:2] == ("sending", 1)
+    record_callbacks(db, {**attempt(ready, row[1], 1, "retry"), "created_at": created.isoformat()})
+    assert message(db)[:2] == ("pending", 1)
+    db.execute("update notify.callback_messages set next_attempt_at = now()")
+    [again] = claim_callbacks(db)
+    record_callbacks(db, attempt(ready, again[1], 2, "delivered", 200))  # no created_at: looked up first
+    assert message(db)[:2] == ("delivered", 2)

@@ -69,6 +69,22 @@ def test_rows_the_default_partition_took_move_into_their_days_partition(db, tena
     assert db.execute("select count(*) from notify.delivery_events_default").fetchone()[0] == 0
 
 
+def test_rows_a_past_day_left_in_the_default_partition_go_with_their_day(db, tenant):
+    """The worker was down when a day began: that day had no partition and its rows went to the default partition.
+    The next run makes the day's partition and moves them there (to be dropped with their day), and a day already past
+    its period goes at once."""
+    day = today(db)
+    recent, ancient = day - dt.timedelta(days=3), day - dt.timedelta(days=400)
+    for d in (recent, ancient):
+        assert add_event(db, tenant, f"'{d}'::date + time '12:00' at time zone 'UTC'") == "notify.delivery_events_default"
+    got = call(db, "notify_api.run_retention_v1()")
+    assert db.execute("select count(*) from notify.delivery_events_default").fetchone()[0] == 0
+    where = db.execute("select tableoid::regclass::text from notify.delivery_events where tenant_id = %s", (tenant,)).fetchall()
+    assert where == [(f"notify.{name('delivery_events', recent)}",)]  # the ancient row went with its (dropped) day
+    assert name("delivery_events", ancient) in got["partitions_dropped"]
+    assert name("delivery_events", recent) in partitions(db, "delivery_events")
+
+
 def test_partitions_past_the_longest_period_of_any_tenant_are_dropped(db, tenant):
     day = today(db)
     old = [day - dt.timedelta(days=n) for n in (150, 100, 91, 89, 40)]
