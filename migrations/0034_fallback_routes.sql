@@ -4,6 +4,9 @@
 -- the first step not suppressed is due (queued or scheduled), the later ones wait (status waiting, due_at 'infinity');
 -- their ids are in step order. A priority (high | normal | bulk, normal by default) is stored on the request and on
 -- each delivery. notify.submission carries both (route, priority).
+-- Trigger _350_advance_route moves a route's steps as one step's status changes (sql/040_triggers.sql says how):
+-- a goal reached ends the later pending steps not_needed, a step that cannot succeed makes the next waiting one due
+-- now, a first claim starts the next step's within timer and ends earlier pending steps as superseded.
 
 alter type notify.submission add attribute route jsonb, add attribute priority notify.priority;
 comment on type notify.submission is
@@ -1034,10 +1037,181 @@ comment on function notify._submit_batch_usual(uuid, jsonb) is
     'The set-based half of submit_notifications_v1: the items with a usual body that will succeed (notify._is_usual_submission, valid recipient, templates and variables present, key and recipient not shared with another item) are taken together, a statement per step instead of per item; their answers, by item index. Leaves every other item, and every item that would fail, to the item-by-item path.';
 
 
+create or replace function notify._route_level(p_status notify.delivery_status)
+    returns integer
+    language sql
+    immutable
+    set search_path = pg_catalog, pg_temp
+as $$
+    select case p_status when 'sent' then 1 when 'delivered' then 2 when 'read' then 3 else 0 end
+$$;
+comment on function notify._route_level(notify.delivery_status) is
+    'How far a route step got towards its goal (route_until): sent 1, delivered 2, read 3, anything else 0 (unknown included: not reached). A step reached its goal when its level is at least its goal''s.';
+
+
+create or replace function notify.tg_notification_deliveries__advance_route()
+    returns trigger
+    language plpgsql
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_pending constant notify.delivery_status[] := array['waiting', 'queued', 'scheduled', 'held']::notify.delivery_status[];
+    v_woken integer;
+    v_source text;
+begin
+    -- Most statements move no route step: one look at their rows, then nothing.
+    if not exists (select from new_rows n where n.route_step is not null) then
+        return null;
+    end if;
+    -- What this trigger changes is recorded with source route (in the history and callbacks), then the source is
+    -- given back to the statement's own writer.
+    v_source := current_setting('notify.source', true);
+    perform notify._set_source('route');
+
+    -- 1. Goal reached: the later pending steps are not needed (locked in step order; a claim in progress is waited for).
+    with reached as (
+        select n.tenant_id, n.request_id, n.recipient_id, n.route_step, n.status
+          from new_rows n join old_rows o on o.tenant_id = n.tenant_id and o.id = n.id
+         where n.route_step is not null and n.status is distinct from o.status
+           and notify._route_level(n.status) >= notify._route_level(n.route_until)
+           and notify._route_level(o.status) < notify._route_level(n.route_until)
+    ), later as (
+        select d.tenant_id, d.id, format('step_%s_%s', r.route_step, r.status) as reason
+          from reached r
+          join notify.notification_deliveries d
+            on d.request_id = r.request_id and d.tenant_id = r.tenant_id and d.recipient_id = r.recipient_id
+           and d.route_step > r.route_step
+         where d.status = any (v_pending)
+         order by d.route_step
+           for update of d
+    )
+    update notify.notification_deliveries d set status = 'not_needed', reason = l.reason
+      from later l
+     where d.tenant_id = l.tenant_id and d.id = l.id and d.status = any (v_pending);
+
+    -- 1b. ... and if a later step had been claimed already (or, rule 3, an earlier step is claimed again after a later
+    --     one), the step that reached its goal or was claimed says so (read after the locks above: what they waited for
+    --     has committed).
+    with noted as (
+        select n.tenant_id, n.id, n.seq, n.status, min(d.route_step) as step
+          from new_rows n join old_rows o on o.tenant_id = n.tenant_id and o.id = n.id
+          join notify.notification_deliveries d
+            on d.request_id = n.request_id and d.tenant_id = n.tenant_id and d.recipient_id = n.recipient_id
+           and d.route_step > n.route_step and d.attempt > 0
+         where n.route_step is not null and n.status is distinct from o.status
+           and ((notify._route_level(n.status) >= notify._route_level(n.route_until)
+                 and notify._route_level(o.status) < notify._route_level(n.route_until))
+                or (n.status = 'sending' and o.status = any (v_pending) and n.attempt > 1))
+         group by n.tenant_id, n.id, n.seq, n.status
+    ), events as (
+        insert into notify.delivery_events (tenant_id, delivery_id, seq, from_status, to_status, source, reason)
+        select x.tenant_id, x.id, x.seq, x.status, x.status, 'route', format('step_%s_already_claimed', x.step) from noted x
+    )
+    update notify.notification_deliveries d set reason = format('step_%s_already_claimed', x.step)
+      from noted x
+     where d.tenant_id = x.tenant_id and d.id = x.id;
+
+    -- 2. Cannot succeed: the next step not final, if waiting, is due now.
+    with lost as (
+        select n.tenant_id, n.request_id, n.recipient_id, n.route_step, n.status
+          from new_rows n join old_rows o on o.tenant_id = n.tenant_id and o.id = n.id
+         where n.route_step is not null and n.status is distinct from o.status
+           and (n.status in ('suppressed', 'failed', 'bounced', 'expired')
+                or (n.status = 'cancelled' and n.reason is distinct from 'cancelled_by_caller'
+                    and n.reason is distinct from 'recipient_erased'))
+           and notify._route_level(o.status) < notify._route_level(n.route_until)
+    ), next_step as (
+        select distinct on (l.tenant_id, l.request_id, l.recipient_id, l.route_step)
+               d.tenant_id, d.id, d.status, d.expires_at, d.route_step, format('step_%s_%s', l.route_step, l.status) as reason
+          from lost l
+          join notify.notification_deliveries d
+            on d.request_id = l.request_id and d.tenant_id = l.tenant_id and d.recipient_id = l.recipient_id
+           and d.route_step > l.route_step
+         where not notify._is_final(d.status)
+         order by l.tenant_id, l.request_id, l.recipient_id, l.route_step, d.route_step
+    ), due as (
+        select d.tenant_id, d.id, x.reason
+          from next_step x
+          join notify.notification_deliveries d on d.tenant_id = x.tenant_id and d.id = x.id
+         where x.status = 'waiting' and (x.expires_at is null or x.expires_at > now())
+         order by x.route_step
+           for update of d
+    ), moved as (
+        update notify.notification_deliveries d set status = 'queued', due_at = now(), reason = x.reason
+          from due x
+         where d.tenant_id = x.tenant_id and d.id = x.id and d.status = 'waiting'
+        returning d.channel
+    )
+    select count(*) into v_woken
+      from (select notify._wake(m.channel) from (select distinct channel from moved order by 1) m) w;
+
+    -- 3. Claimed: the next step's timer starts; earlier pending steps (a retry) end, skipping a locked one.
+    with claimed as (
+        select n.tenant_id, n.request_id, n.recipient_id, n.route_step, n.route_until, n.route_within
+          from new_rows n join old_rows o on o.tenant_id = n.tenant_id and o.id = n.id
+         where n.route_step is not null and n.status = 'sending' and o.status = any (v_pending)
+    ), next_step as (
+        select distinct on (c.tenant_id, c.request_id, c.recipient_id, c.route_step)
+               d.tenant_id, d.id, d.status, d.due_at, d.route_step, c.route_within,
+               format('step_%s_not_%s_in_time', c.route_step, c.route_until) as reason
+          from claimed c
+          join notify.notification_deliveries d
+            on d.request_id = c.request_id and d.tenant_id = c.tenant_id and d.recipient_id = c.recipient_id
+           and d.route_step > c.route_step
+         where not notify._is_final(d.status) and c.route_within is not null
+         order by c.tenant_id, c.request_id, c.recipient_id, c.route_step, d.route_step
+    ), timed as (
+        select d.tenant_id, d.id, x.route_within, x.reason
+          from next_step x
+          join notify.notification_deliveries d on d.tenant_id = x.tenant_id and d.id = x.id
+         where x.status = 'waiting' and x.due_at = 'infinity'
+         order by x.route_step
+           for update of d
+    ), set_timer as (
+        update notify.notification_deliveries d set due_at = now() + x.route_within, reason = x.reason
+          from timed x
+         where d.tenant_id = x.tenant_id and d.id = x.id and d.status = 'waiting' and d.due_at = 'infinity'
+        returning d.channel, d.due_at
+    )
+    select count(*) into v_woken
+      from (select notify._wake(t.channel, t.due_at) from (select * from set_timer order by channel) t) w;
+
+    with claimed as (
+        select n.tenant_id, n.request_id, n.recipient_id, n.route_step
+          from new_rows n join old_rows o on o.tenant_id = n.tenant_id and o.id = n.id
+         where n.route_step > 1 and n.status = 'sending' and o.status = any (v_pending)
+    ), earlier as (
+        select d.tenant_id, d.id, format('superseded_by_step_%s', c.route_step) as reason
+          from claimed c
+          join notify.notification_deliveries d
+            on d.request_id = c.request_id and d.tenant_id = c.tenant_id and d.recipient_id = c.recipient_id
+           and d.route_step < c.route_step
+         where d.status = any (v_pending)
+         order by d.route_step
+           for update of d skip locked
+    )
+    update notify.notification_deliveries d set status = 'cancelled', reason = e.reason
+      from earlier e
+     where d.tenant_id = e.tenant_id and d.id = e.id and d.status = any (v_pending);
+    perform set_config('notify.source', coalesce(v_source, ''), true);
+    return null;
+end
+$$;
+comment on function notify.tg_notification_deliveries__advance_route() is
+    'Fallback routes: when a route step''s status changes, a goal reached makes the later pending steps not_needed (or notes that a later one was claimed already), a step that cannot succeed makes the next waiting step due now, a first claim starts the next step''s within timer and ends earlier pending steps as superseded. Statement-level and set-based; locks a route''s steps in step order.';
+
+
+create trigger _350_advance_route
+    after update on notify.notification_deliveries
+    referencing old table as old_rows new table as new_rows
+    for each statement execute function notify.tg_notification_deliveries__advance_route();
+
 revoke execute on function notify._duration_field(jsonb, text) from public;
 revoke execute on function notify._priority_field(jsonb) from public;
 revoke execute on function notify._parse_route(jsonb) from public;
-grant execute on function notify._duration_field(jsonb, text), notify._priority_field(jsonb), notify._parse_route(jsonb)
-    to notify_system;
+revoke execute on function notify._route_level(notify.delivery_status) from public;
+revoke execute on function notify.tg_notification_deliveries__advance_route() from public;
+grant execute on function notify._duration_field(jsonb, text), notify._priority_field(jsonb), notify._parse_route(jsonb),
+    notify._route_level(notify.delivery_status), notify.tg_notification_deliveries__advance_route() to notify_system;
 
 select notify._settle_owners();

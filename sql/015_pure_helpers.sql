@@ -442,3 +442,14 @@ end
 $$;
 comment on function notify._parse_route(jsonb) is
     'Reads a submission''s route, [{channel, until?, within?}, ...], refusing the first wrong step by field (route[1].within): a known channel not repeated, until one of sent, delivered (the default), read, within an ISO 8601 duration (notify._duration_field), none on the last step. Returns it normalized (until filled in; within as given).';
+
+create function notify._route_level(p_status notify.delivery_status)
+    returns integer
+    language sql
+    immutable
+    set search_path = pg_catalog, pg_temp
+as $$
+    select case p_status when 'sent' then 1 when 'delivered' then 2 when 'read' then 3 else 0 end
+$$;
+comment on function notify._route_level(notify.delivery_status) is
+    'How far a route step got towards its goal (route_until): sent 1, delivered 2, read 3, anything else 0 (unknown included: not reached). A step reached its goal when its level is at least its goal''s.';
