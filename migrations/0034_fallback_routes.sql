@@ -37,13 +37,14 @@ begin
             format('%s must be an ISO 8601 duration of weeks, days, hours, minutes and seconds (PT15M, PT1H30M, P1D); years and months are not accepted', p_path),
             p_path);
     end if;
-    begin
-        v_interval := make_interval(weeks => coalesce(m[1], '0')::integer, days => coalesce(m[2], '0')::integer,
-                                    hours => coalesce(m[3], '0')::integer, mins => coalesce(m[4], '0')::integer,
-                                    secs => coalesce(replace(m[5], ',', '.'), '0')::double precision);
-    exception when numeric_value_out_of_range or datetime_field_overflow or interval_field_overflow then
-        v_interval := interval '1000 days';
-    end;
+    -- More than 9 digits in a part is more than 30 days anyway (and would overflow an integer): no exception block,
+    -- which would cost a subtransaction per call.
+    if greatest(length(m[1]), length(m[2]), length(m[3]), length(m[4]), length(split_part(replace(m[5], ',', '.'), '.', 1))) > 9 then
+        perform notify._raise('ND400', 'invalid_duration', format('%s must be at most 30 days (P30D)', p_path), p_path);
+    end if;
+    v_interval := make_interval(weeks => coalesce(m[1], '0')::integer, days => coalesce(m[2], '0')::integer,
+                                hours => coalesce(m[3], '0')::integer, mins => coalesce(m[4], '0')::integer,
+                                secs => coalesce(replace(m[5], ',', '.'), '0')::double precision);
     if v_interval <= interval '0' then
         perform notify._raise('ND400', 'invalid_duration', format('%s must be longer than zero', p_path), p_path);
     end if;
@@ -667,6 +668,11 @@ declare
     v_now timestamptz := now();
     v_response jsonb;
     v_channel_names text[] := enum_range(null::notify.channel)::text[];
+    -- a route's steps: their goal and time limit, read once (not once per recipient)
+    v_untils notify.delivery_status[] := array(select (e ->> 'until')::notify.delivery_status
+                                                 from jsonb_array_elements(s.route) with ordinality x(e, i) order by i);
+    v_withins interval[] := array(select notify._duration_field(e -> 'within', 'route')
+                                    from jsonb_array_elements(s.route) with ordinality x(e, i) order by i);
 begin
     if jsonb_typeof(v_items) is distinct from 'array' or jsonb_array_length(v_items) not between 1 and 10000 then
         perform notify._raise('ND400', 'invalid_length', 'recipients must be a list of 1 to 10000 recipients', 'recipients');
@@ -819,8 +825,7 @@ begin
              route_step, route_until, route_within, priority)
         select p_tenant_id, id, v_claim.request_id, recipient_id, channel, address, template_locale, variables, status, reason,
                case when status = 'waiting' then 'infinity' else greatest(coalesce(s.send_at, v_now), v_now) end, s.expires_at,
-               case when s.route is not null then ord end, (s.route -> (ord::integer - 1) ->> 'until')::notify.delivery_status,
-               notify._duration_field(s.route -> (ord::integer - 1) -> 'within', 'route'), s.priority
+               case when s.route is not null then ord end, v_untils[ord], v_withins[ord], s.priority
           from decided order by i, ord
         returning channel, status, reason
     ), counted as (

@@ -353,13 +353,14 @@ begin
             format('%s must be an ISO 8601 duration of weeks, days, hours, minutes and seconds (PT15M, PT1H30M, P1D); years and months are not accepted', p_path),
             p_path);
     end if;
-    begin
-        v_interval := make_interval(weeks => coalesce(m[1], '0')::integer, days => coalesce(m[2], '0')::integer,
-                                    hours => coalesce(m[3], '0')::integer, mins => coalesce(m[4], '0')::integer,
-                                    secs => coalesce(replace(m[5], ',', '.'), '0')::double precision);
-    exception when numeric_value_out_of_range or datetime_field_overflow or interval_field_overflow then
-        v_interval := interval '1000 days';
-    end;
+    -- More than 9 digits in a part is more than 30 days anyway (and would overflow an integer): no exception block,
+    -- which would cost a subtransaction per call.
+    if greatest(length(m[1]), length(m[2]), length(m[3]), length(m[4]), length(split_part(replace(m[5], ',', '.'), '.', 1))) > 9 then
+        perform notify._raise('ND400', 'invalid_duration', format('%s must be at most 30 days (P30D)', p_path), p_path);
+    end if;
+    v_interval := make_interval(weeks => coalesce(m[1], '0')::integer, days => coalesce(m[2], '0')::integer,
+                                hours => coalesce(m[3], '0')::integer, mins => coalesce(m[4], '0')::integer,
+                                secs => coalesce(replace(m[5], ',', '.'), '0')::double precision);
     if v_interval <= interval '0' then
         perform notify._raise('ND400', 'invalid_duration', format('%s must be longer than zero', p_path), p_path);
     end if;

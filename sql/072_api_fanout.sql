@@ -15,6 +15,11 @@ declare
     v_now timestamptz := now();
     v_response jsonb;
     v_channel_names text[] := enum_range(null::notify.channel)::text[];
+    -- a route's steps: their goal and time limit, read once (not once per recipient)
+    v_untils notify.delivery_status[] := array(select (e ->> 'until')::notify.delivery_status
+                                                 from jsonb_array_elements(s.route) with ordinality x(e, i) order by i);
+    v_withins interval[] := array(select notify._duration_field(e -> 'within', 'route')
+                                    from jsonb_array_elements(s.route) with ordinality x(e, i) order by i);
 begin
     if jsonb_typeof(v_items) is distinct from 'array' or jsonb_array_length(v_items) not between 1 and 10000 then
         perform notify._raise('ND400', 'invalid_length', 'recipients must be a list of 1 to 10000 recipients', 'recipients');
@@ -167,8 +172,7 @@ begin
              route_step, route_until, route_within, priority)
         select p_tenant_id, id, v_claim.request_id, recipient_id, channel, address, template_locale, variables, status, reason,
                case when status = 'waiting' then 'infinity' else greatest(coalesce(s.send_at, v_now), v_now) end, s.expires_at,
-               case when s.route is not null then ord end, (s.route -> (ord::integer - 1) ->> 'until')::notify.delivery_status,
-               notify._duration_field(s.route -> (ord::integer - 1) -> 'within', 'route'), s.priority
+               case when s.route is not null then ord end, v_untils[ord], v_withins[ord], s.priority
           from decided order by i, ord
         returning channel, status, reason
     ), counted as (
