@@ -353,7 +353,7 @@ def test_race_a_cancel_waits_for_the_webhook_without_deadlock(db, ready, connect
 
 def test_race_a_failure_and_the_timer_claim_end_in_one_outcome(db, ready, connect):
     """Step 1 fails (the worker's record) while another worker claims step 2 because its timer ran out: step 2 is sent
-    once, and its reason says why it went (the timer)."""
+    once (not queued again), and its reason says why it went (the timer)."""
     r = routed(db, ready)
     (row,) = claim(db, "whatsapp")
     make_due(db, r["id"], 2)
@@ -361,15 +361,14 @@ def test_race_a_failure_and_the_timer_claim_end_in_one_outcome(db, ready, connec
     assert len(claim(a, "email")) == 1  # 1. claim of step 2, uncommitted
     done: dict = {}
     thread = threading.Thread(target=lambda: done.update(out=record(b, result(row, "failed"))))
-    thread.start()  # 2. step 1 fails: rule 2 looks for the next step; it is sending (not waiting), nothing to do
+    # 2. Step 1 fails: rule 2 still sees step 2 waiting and waits for the claim's row lock ...
+    thread.start()
+    wait_until_blocked(db, b)
+    # 3. ... the claim commits; rule 2 then finds step 2 sending, not waiting, and leaves it.
+    a.commit()
     thread.join(10)
-    if thread.is_alive():
-        wait_until_blocked(db, b)
-        a.commit()
-        thread.join(10)
-    else:
-        a.commit()
     b.commit()
+    assert done["out"][0][1] == "failed"
     assert [s[:3] for s in steps(db, r["id"])] == [
         (1, "failed", "provider_rejected"),
         (2, "sending", "step_1_not_delivered_in_time"),
@@ -380,3 +379,46 @@ def test_race_a_failure_and_the_timer_claim_end_in_one_outcome(db, ready, connec
         ]
         == 1
     )
+
+
+def retry_pending(db: psycopg.Connection, tenant: str) -> tuple[dict, tuple]:
+    """Step 1 was tried once and waits for its retry (due now); step 2's timer has run out."""
+    r = routed(db, tenant)
+    (row,) = claim(db, "whatsapp")
+    record(db, result(row, "retry"))
+    db.execute("update notify.notification_deliveries set due_at = now() where id = %s", (row[1],))
+    make_due(db, r["id"], 2)
+    return r, row
+
+
+def test_race_the_timer_claim_first_supersedes_the_retry_a_concurrent_claim_skips(db, ready, connect):
+    r, _ = retry_pending(db, ready)
+    email_worker, wa_worker = connect(), connect()
+    # 1. Step 2 is claimed (its trigger ends step 1's retry, holding its row), uncommitted.
+    assert len(claim(email_worker, "email")) == 1
+    # 2. A WhatsApp worker's claim skips the locked retry at once.
+    wa_worker.execute("set statement_timeout = '5s'")
+    assert claim(wa_worker, "whatsapp") == []
+    wa_worker.commit()
+    # 3. The email worker commits: the retry is superseded, never sent again.
+    email_worker.commit()
+    assert claim(wa_worker, "whatsapp") == []
+    wa_worker.commit()
+    assert [s[:3] for s in steps(db, r["id"])] == [
+        (1, "cancelled", "superseded_by_step_2"),
+        (2, "sending", "step_1_not_delivered_in_time"),
+    ]
+
+
+def test_race_the_retry_claimed_first_goes_out_and_no_claim_waits(db, ready, connect):
+    """The one case where both go out: step 1's retry is being claimed when step 2's timer claim comes. Neither claim
+    waits for the other (the backwards lock skips), so there is no deadlock."""
+    r, row = retry_pending(db, ready)
+    wa_worker, email_worker = connect(), connect()
+    assert len(claim(wa_worker, "whatsapp")) == 1  # 1. the retry is claimed (attempt 2), uncommitted
+    email_worker.execute("set statement_timeout = '5s'")
+    assert len(claim(email_worker, "email")) == 1  # 2. step 2's claim skips the locked retry instead of waiting
+    email_worker.commit()
+    wa_worker.commit()
+    assert [s[:2] for s in steps(db, r["id"])] == [(1, "sending"), (2, "sending")]
+    assert db.execute("select attempt from notify.notification_deliveries where id = %s", (row[1],)).fetchone()[0] == 2
