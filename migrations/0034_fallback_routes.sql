@@ -205,11 +205,12 @@ begin
     else
         s.recipients := p_request -> 'recipients';
     end if;
-    -- channels (every one sent) or a route (an ordered fallback, notify._parse_route): exactly one of the two.
-    if p_request ? 'route' and p_request ? 'channels' then
+    -- channels (every one sent) or a route (an ordered fallback, notify._parse_route): exactly one of the two (a null
+    -- one is absent, as for the other fields).
+    if coalesce(p_request -> 'route', 'null') <> 'null' and coalesce(p_request -> 'channels', 'null') <> 'null' then
         perform notify._raise('ND400', 'invalid_value', 'give either channels (every one sent) or route (a fallback, in order), not both', 'route');
     end if;
-    if p_request ? 'route' then
+    if coalesce(p_request -> 'route', 'null') <> 'null' then
         s.route := notify._parse_route(p_request -> 'route');
         select array_agg((e ->> 'channel')::notify.channel order by i) into s.channels
           from jsonb_array_elements(s.route) with ordinality as x(e, i);

@@ -89,8 +89,16 @@ def test_a_bad_priority_is_refused_on_the_usual_body_too(db, ready):
 def test_neither_channels_nor_route_is_refused(db, ready):
     body = intent()
     body.pop("channels")
-    err = raises(db, ready, body)
-    assert (err.sqlstate, err.diag.column_name, err.diag.constraint_name) == ("ND400", "channels", "missing_field")
+    for given in ({}, {"route": None}, {"channels": None, "route": None}):
+        err = raises(db, ready, {**body, **given})
+        assert (err.sqlstate, err.diag.column_name, err.diag.constraint_name) == ("ND400", "channels", "missing_field")
+
+
+def test_a_null_channels_or_route_is_absent(db, ready):
+    response, _ = submit(db, ready, {**routed(), "channels": None})
+    assert [d["step"] for d in response["deliveries"]] == [1, 2]
+    response, _ = submit(db, ready, {**intent(), "route": None})
+    assert [d.get("step") for d in response["deliveries"]] == [None, None]
 
 
 def test_durations_are_read_as_iso_8601(db):
