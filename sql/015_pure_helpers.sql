@@ -194,8 +194,8 @@ as $$
             && (!exists($.variables) || $.variables.type() == "object" || $.variables.type() == "null")
             && (!exists($.metadata) || $.metadata.type() == "object" || $.metadata.type() == "null")
             && (!exists($.category) || $.category.type() == "null" || $.category.type() == "string")
-            && (!exists($.priority) || $.priority.type() == "null" || $.priority == "high" || $.priority == "normal"
-                || $.priority == "bulk")',
+            && (!exists($.priority) || $.priority.type() == "null"
+                || ($.priority.type() == "string" && ($.priority == "high" || $.priority == "normal" || $.priority == "bulk")))',
            jsonb_build_object('channel_names', to_jsonb(enum_range(null::notify.channel))), true)
        -- lengths apart: a counted repetition ({1,100}) makes a regular expression many times slower
        and length(p_request ->> 'template') <= 100 and coalesce(length(p_request ->> 'category'), 0) <= 100

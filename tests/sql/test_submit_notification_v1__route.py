@@ -81,9 +81,10 @@ def test_a_bad_route_or_priority_names_the_field_and_writes_nothing(db, ready, c
     assert db.execute("select count(*) from notify.notification_requests").fetchone()[0] == 0
 
 
-def test_a_bad_priority_is_refused_on_the_usual_body_too(db, ready):
-    err = raises(db, ready, intent(priority="urgent"))
-    assert (err.sqlstate, err.diag.column_name) == ("ND400", "priority")
+@pytest.mark.parametrize("priority", ["urgent", ["high"], {"a": "high"}, 1, True, ""])
+def test_a_bad_priority_is_refused_on_the_usual_body_too(db, ready, priority):
+    err = raises(db, ready, intent(priority=priority))
+    assert (err.sqlstate, err.diag.column_name, err.diag.constraint_name) == ("ND400", "priority", "invalid_value")
 
 
 def test_neither_channels_nor_route_is_refused(db, ready):

@@ -205,6 +205,8 @@ def test_a_batch_answers_and_writes_as_its_items_one_by_one_would(db, ready):
         {"idempotency_key": "k65", "notification": one("r-65", priority="urgent")},
         {"idempotency_key": "k66", "notification": one("r-66", priority=1)},
         {"idempotency_key": "k67", "notification": one("r-67", priority="HIGH")},
+        {"idempotency_key": "k71", "notification": one("r-71", priority=["high"])},
+        {"idempotency_key": "k72", "notification": one("r-72", priority={"a": "high"})},
         {
             "idempotency_key": "k68",
             "notification": {
