@@ -33,6 +33,7 @@ from dispatcher_client.models import (
     ProviderConfig,
     Recipient,
     RecipientOut,
+    RouteStep,
     StatusChange,
     Template,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "ProviderConfig",
     "Recipient",
     "RecipientOut",
+    "RouteStep",
     "StatusChange",
     "Template",
     "verify_callback",

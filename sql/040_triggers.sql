@@ -8,6 +8,7 @@
 --   before update of status, per row:  _100_check_transition    (refuses an illegal change; sets seq, updated_at, finished_at)
 --   after insert, per statement:       _200_record_event_insert, then _300_queue_callbacks_insert
 --   after update, per statement:       _200_record_event_update, then _300_queue_callbacks_update
+--   after update, per statement:       _350_advance_route (fallback routes: moves a route's other steps)
 --   after update of status, per row:   _400_revoke_marketing_consent (only rows suppressed with WhatsApp error 131050)
 -- _100 comes first because both after triggers copy the seq it sets. The history (_200) and the callback outbox (_300)
 -- neither read what the other writes; the history goes first, and the outbox, which also defers the callbacks task,
@@ -129,6 +130,183 @@ create trigger _300_queue_callbacks_update
     after update on notify.notification_deliveries
     referencing old table as old_rows new table as new_rows
     for each statement execute function notify.tg_notification_deliveries__queue_callbacks();
+
+-- Fallback routes (issue #14): a request submitted with a route has one delivery per step (route_step 1, 2, ...) per
+-- recipient; the later ones wait (status waiting, due_at 'infinity'). This trigger moves the other steps when one
+-- step's status changes, whoever changed it (claim, worker, webhook, maintenance, a trusted SQL client):
+--   1. Goal reached. A step reaches route_until (rank-wise: delivered counts for sent, read for delivered and sent; an
+--      unknown outcome does not) for the first time: every later step still pending (waiting, queued, scheduled, held)
+--      ends not_needed, reason step_<n>_<status> (step_1_delivered). A later step already claimed (attempt > 0: being
+--      sent, sent, or a retry) is left as it is, and the step that reached its goal says so: reason and a history note
+--      step_<m>_already_claimed (both went out; the later one was claimed first).
+--   2. Cannot succeed. A step ends suppressed, failed, bounced, expired or cancelled by the system (not by the caller,
+--      whose cancel covers every step, nor by an erasure) before reaching its goal: the next step not final, if it is
+--      waiting (and not past its expires_at), is due at once: queued, due_at now, reason step_<n>_<status>, worker woken.
+--   3. Claimed. A step first goes to sending (claimed: committed before the provider is called, so a crash, a hang or a
+--      retry does not stop the clock) and has a within: the next step not final, if it is still waiting untimed, is
+--      due at now + within (it stays waiting; the claim takes due waiting rows and re-checks consent), reason
+--      step_<n>_not_<until>_in_time; rule 1 makes it not_needed if the goal comes first. A later step claimed ends the
+--      earlier steps still pending (a retry waiting for its backoff) cancelled, reason superseded_by_step_<m>: the route
+--      has moved on. An earlier step claimed again (its retry) while a later one was claimed says so as in rule 1.
+-- Locks: a route's steps are locked in step order (their ids are too, so cancel, which locks by id, agrees). The one
+-- backwards lock (rule 3, an earlier step ended when a later one is claimed) skips a locked row instead of waiting, so
+-- it cannot close a cycle. A claim holds the row it claims (FOR UPDATE SKIP LOCKED): rule 1 waits for it and then sees
+-- it sending; a claim that comes while rule 1 holds the later step skips it and then finds it not_needed.
+create function notify.tg_notification_deliveries__advance_route()
+    returns trigger
+    language plpgsql
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_pending constant notify.delivery_status[] := array['waiting', 'queued', 'scheduled', 'held']::notify.delivery_status[];
+    v_woken integer;
+    v_source text;
+begin
+    -- Most statements move no route step: one look at their rows, then nothing.
+    if not exists (select from new_rows n where n.route_step is not null) then
+        return null;
+    end if;
+    -- What this trigger changes is recorded with source route (in the history and callbacks), then the source is
+    -- given back to the statement's own writer.
+    v_source := current_setting('notify.source', true);
+    perform notify._set_source('route');
+
+    -- 1. Goal reached: the later pending steps are not needed (locked in step order; a claim in progress is waited for).
+    with reached as (
+        select n.tenant_id, n.request_id, n.recipient_id, n.route_step, n.status
+          from new_rows n join old_rows o on o.tenant_id = n.tenant_id and o.id = n.id
+         where n.route_step is not null and n.status is distinct from o.status
+           and notify._route_level(n.status) >= notify._route_level(n.route_until)
+           and notify._route_level(o.status) < notify._route_level(n.route_until)
+    ), later as (
+        select d.tenant_id, d.id, format('step_%s_%s', r.route_step, r.status) as reason
+          from reached r
+          join notify.notification_deliveries d
+            on d.request_id = r.request_id and d.tenant_id = r.tenant_id and d.recipient_id = r.recipient_id
+           and d.route_step > r.route_step
+         where d.status = any (v_pending)
+         order by d.route_step
+           for update of d
+    )
+    update notify.notification_deliveries d set status = 'not_needed', reason = l.reason
+      from later l
+     where d.tenant_id = l.tenant_id and d.id = l.id and d.status = any (v_pending);
+
+    -- 1b. ... and if a later step had been claimed already (or, rule 3, an earlier step is claimed again after a later
+    --     one), the step that reached its goal or was claimed says so (read after the locks above: what they waited for
+    --     has committed).
+    with noted as (
+        select n.tenant_id, n.id, n.seq, n.status, min(d.route_step) as step
+          from new_rows n join old_rows o on o.tenant_id = n.tenant_id and o.id = n.id
+          join notify.notification_deliveries d
+            on d.request_id = n.request_id and d.tenant_id = n.tenant_id and d.recipient_id = n.recipient_id
+           and d.route_step > n.route_step and d.attempt > 0
+         where n.route_step is not null and n.status is distinct from o.status
+           and ((notify._route_level(n.status) >= notify._route_level(n.route_until)
+                 and notify._route_level(o.status) < notify._route_level(n.route_until))
+                or (n.status = 'sending' and o.status = any (v_pending) and n.attempt > 1))
+         group by n.tenant_id, n.id, n.seq, n.status
+    ), events as (
+        insert into notify.delivery_events (tenant_id, delivery_id, seq, from_status, to_status, source, reason)
+        select x.tenant_id, x.id, x.seq, x.status, x.status, 'route', format('step_%s_already_claimed', x.step) from noted x
+    )
+    update notify.notification_deliveries d set reason = format('step_%s_already_claimed', x.step)
+      from noted x
+     where d.tenant_id = x.tenant_id and d.id = x.id;
+
+    -- 2. Cannot succeed: the next step not final, if waiting, is due now.
+    with lost as (
+        select n.tenant_id, n.request_id, n.recipient_id, n.route_step, n.status
+          from new_rows n join old_rows o on o.tenant_id = n.tenant_id and o.id = n.id
+         where n.route_step is not null and n.status is distinct from o.status
+           and (n.status in ('suppressed', 'failed', 'bounced', 'expired')
+                or (n.status = 'cancelled' and n.reason is distinct from 'cancelled_by_caller'
+                    and n.reason is distinct from 'recipient_erased'))
+           and notify._route_level(o.status) < notify._route_level(n.route_until)
+    ), next_step as (
+        select distinct on (l.tenant_id, l.request_id, l.recipient_id, l.route_step)
+               d.tenant_id, d.id, d.status, d.expires_at, d.route_step, format('step_%s_%s', l.route_step, l.status) as reason
+          from lost l
+          join notify.notification_deliveries d
+            on d.request_id = l.request_id and d.tenant_id = l.tenant_id and d.recipient_id = l.recipient_id
+           and d.route_step > l.route_step
+         where not notify._is_final(d.status)
+         order by l.tenant_id, l.request_id, l.recipient_id, l.route_step, d.route_step
+    ), due as (
+        select d.tenant_id, d.id, x.reason
+          from next_step x
+          join notify.notification_deliveries d on d.tenant_id = x.tenant_id and d.id = x.id
+         where x.status = 'waiting' and (x.expires_at is null or x.expires_at > now())
+         order by x.route_step
+           for update of d
+    ), moved as (
+        update notify.notification_deliveries d set status = 'queued', due_at = now(), reason = x.reason
+          from due x
+         where d.tenant_id = x.tenant_id and d.id = x.id and d.status = 'waiting'
+        returning d.channel
+    )
+    select count(*) into v_woken
+      from (select notify._wake(m.channel) from (select distinct channel from moved order by 1) m) w;
+
+    -- 3. Claimed: the next step's timer starts; earlier pending steps (a retry) end, skipping a locked one.
+    with claimed as (
+        select n.tenant_id, n.request_id, n.recipient_id, n.route_step, n.route_until, n.route_within
+          from new_rows n join old_rows o on o.tenant_id = n.tenant_id and o.id = n.id
+         where n.route_step is not null and n.status = 'sending' and o.status = any (v_pending)
+    ), next_step as (
+        select distinct on (c.tenant_id, c.request_id, c.recipient_id, c.route_step)
+               d.tenant_id, d.id, d.status, d.due_at, d.route_step, c.route_within,
+               format('step_%s_not_%s_in_time', c.route_step, c.route_until) as reason
+          from claimed c
+          join notify.notification_deliveries d
+            on d.request_id = c.request_id and d.tenant_id = c.tenant_id and d.recipient_id = c.recipient_id
+           and d.route_step > c.route_step
+         where not notify._is_final(d.status) and c.route_within is not null
+         order by c.tenant_id, c.request_id, c.recipient_id, c.route_step, d.route_step
+    ), timed as (
+        select d.tenant_id, d.id, x.route_within, x.reason
+          from next_step x
+          join notify.notification_deliveries d on d.tenant_id = x.tenant_id and d.id = x.id
+         where x.status = 'waiting' and x.due_at = 'infinity'
+         order by x.route_step
+           for update of d
+    ), set_timer as (
+        update notify.notification_deliveries d set due_at = now() + x.route_within, reason = x.reason
+          from timed x
+         where d.tenant_id = x.tenant_id and d.id = x.id and d.status = 'waiting' and d.due_at = 'infinity'
+        returning d.channel, d.due_at
+    )
+    select count(*) into v_woken
+      from (select notify._wake(t.channel, t.due_at) from (select * from set_timer order by channel) t) w;
+
+    with claimed as (
+        select n.tenant_id, n.request_id, n.recipient_id, n.route_step
+          from new_rows n join old_rows o on o.tenant_id = n.tenant_id and o.id = n.id
+         where n.route_step > 1 and n.status = 'sending' and o.status = any (v_pending)
+    ), earlier as (
+        select d.tenant_id, d.id, format('superseded_by_step_%s', c.route_step) as reason
+          from claimed c
+          join notify.notification_deliveries d
+            on d.request_id = c.request_id and d.tenant_id = c.tenant_id and d.recipient_id = c.recipient_id
+           and d.route_step < c.route_step
+         where d.status = any (v_pending)
+         order by d.route_step
+           for update of d skip locked
+    )
+    update notify.notification_deliveries d set status = 'cancelled', reason = e.reason
+      from earlier e
+     where d.tenant_id = e.tenant_id and d.id = e.id and d.status = any (v_pending);
+    perform set_config('notify.source', coalesce(v_source, ''), true);
+    return null;
+end
+$$;
+comment on function notify.tg_notification_deliveries__advance_route() is
+    'Fallback routes: when a route step''s status changes, a goal reached makes the later pending steps not_needed (or notes that a later one was claimed already), a step that cannot succeed makes the next waiting step due now, a first claim starts the next step''s within timer and ends earlier pending steps as superseded. Statement-level and set-based; locks a route''s steps in step order.';
+
+create trigger _350_advance_route
+    after update on notify.notification_deliveries
+    referencing old table as old_rows new table as new_rows
+    for each statement execute function notify.tg_notification_deliveries__advance_route();
 
 -- WhatsApp 131050 (whatsapp-2026.md §4): the user stopped this business's marketing messages. Whether the send was refused
 -- with it or a status report carried it, the delivery is suppressed and marketing consent is revoked, with the evidence.

@@ -1,7 +1,8 @@
-"""A Hypothesis stateful test of the delivery state machine: random sequences of submits, claims, provider
-outcomes (some from stale attempts), webhooks (shuffled, duplicated, for any status), cancels, consent
-revokes and maintenance never reach an illegal state, never regress a provider-driven status, and keep a
-complete, gapless history."""
+"""A Hypothesis stateful test of the delivery state machine: random sequences of submits (fallback routes
+included), claims, provider outcomes (some from stale attempts), webhooks (shuffled, duplicated, for any status),
+cancels, consent revokes, route timers running out and maintenance never reach an illegal state, never regress a
+provider-driven status, and keep a complete, gapless history; a route never sends a step it made not_needed and
+never leaves a step waiting untimed once every earlier step is final."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ from psycopg.types.json import Jsonb
 from tests.conftest import call, claim, intent, record, result, submit
 
 STATUSES = ["sent", "delivered", "read", "failed", "bounced", "suppressed"]
+ROUTES = [
+    [{"channel": "whatsapp", "until": "delivered", "within": "PT15M"}, {"channel": "email"}],
+    [{"channel": "email", "until": "sent", "within": "PT1H"}, {"channel": "whatsapp"}],
+    [{"channel": "whatsapp", "until": "read"}, {"channel": "email"}],
+]
 OUTCOMES = ["sent", "retry", "failed", "unknown", "suppressed", "bounced"]
 INGEST = (
     "select notify_api.ingest_webhook_v1('mock', %s, '{}', "
@@ -43,6 +49,19 @@ def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None
             extra = {"send_at": "2099-01-01T00:00:00Z"} if scheduled else {}
             response, _ = submit(db, ready, intent(channels=channels, **extra))
             self.requests.append(response["id"])
+
+        @rule(route=st.sampled_from(ROUTES), scheduled=st.booleans())
+        def submit_route(self, route: list[dict], scheduled: bool) -> None:
+            body = intent(route=route, **({"send_at": "2099-01-01T00:00:00Z"} if scheduled else {}))
+            body.pop("channels")
+            response, _ = submit(db, ready, body)
+            self.requests.append(response["id"])
+
+        @rule()
+        def route_timers_run_out(self) -> None:
+            db.execute(
+                "update notify.notification_deliveries set due_at = now() where status = 'waiting' and due_at < 'infinity'"
+            )
 
         @rule(channel=st.sampled_from(["email", "whatsapp"]), due=st.booleans())
         def claim(self, channel: str, due: bool) -> None:
@@ -94,9 +113,12 @@ def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None
                     select e.delivery_id, e.seq, e.from_status, e.to_status, e.source, d.channel,
                            lag(e.to_status) over (partition by e.delivery_id order by e.seq) as previous,
                            lag(e.seq) over (partition by e.delivery_id order by e.seq) as previous_seq
-                      from notify.delivery_events e join notify.notification_deliveries d on d.id = e.delivery_id)
+                      from notify.delivery_events e join notify.notification_deliveries d on d.id = e.delivery_id
+                     where not (e.source = 'route' and e.from_status = e.to_status))
                 select delivery_id, seq, from_status, to_status, source from h
                  where (seq > 1 and (previous is distinct from from_status or previous_seq <> seq - 1))
+                   -- a route's note (from = to, source route, the seq of the change it explains) is not a change
+                   and not (source = 'route' and from_status = to_status)
                     or (from_status is not null and not notify._transition_allowed(channel, from_status, to_status))
                     or (source = 'webhook' and notify._rank(channel, to_status) <= notify._rank(channel, from_status))
                  limit 1""").fetchall()
@@ -108,6 +130,37 @@ def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None
                       e.seq desc limit 1)
             """).fetchone()[0]
             assert current == 0
+
+        @invariant()
+        def routes_send_only_what_is_needed_and_never_stall(self) -> None:
+            # a step made not_needed was never claimed, and an earlier step of its route reached its goal
+            unexplained = db.execute("""
+                select count(*) from notify.notification_deliveries m
+                 where m.status = 'not_needed'
+                   and (m.attempt > 0
+                        or not exists (select from notify.notification_deliveries e
+                                         join notify.delivery_events x on x.delivery_id = e.id
+                                        where e.request_id = m.request_id and e.recipient_id = m.recipient_id
+                                          and e.route_step < m.route_step
+                                          and notify._route_level(x.to_status) >= notify._route_level(e.route_until)))
+            """).fetchone()[0]
+            assert unexplained == 0
+            # a step still waiting untimed has an earlier step that is not final yet (else it would be due)
+            stalled = db.execute("""
+                select count(*) from notify.notification_deliveries m
+                 where m.status = 'waiting' and m.due_at = 'infinity'
+                   and not exists (select from notify.notification_deliveries e
+                                    where e.request_id = m.request_id and e.recipient_id = m.recipient_id
+                                      and e.route_step < m.route_step and not notify._is_final(e.status))
+            """).fetchone()[0]
+            assert stalled == 0
+            # waiting steps were never claimed
+            assert (
+                db.execute(
+                    "select count(*) from notify.notification_deliveries where status = 'waiting' and attempt > 0"
+                ).fetchone()[0]
+                == 0
+            )
 
     run_state_machine_as_test(
         Deliveries,
