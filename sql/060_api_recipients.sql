@@ -312,7 +312,8 @@ begin
     if v_channels ? 'sms' then
         -- What the SMS text costs, counted on its fixed text: placeholders ({{ }}, and {% %} and {# #} tags) count as
         -- nothing, so a warning is certain (variables can only add to it; the delivery keeps the count of what was sent).
-        v_parts := notify._sms_parts(regexp_replace(v_channels #>> '{sms,text}', '\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}', '', 'g'));
+        v_parts := notify._sms_parts(regexp_replace(v_channels #>> '{sms,text}',
+                                               '\{\{(?:[^}]|\}(?!\}))*\}\}|\{%(?:[^%]|%(?!\}))*%\}|\{#(?:[^#]|#(?!\}))*#\}', '', 'g'));
         select jsonb_agg(case when t ->> 'channel' = 'sms' and t ->> 'locale' = v_locale
                               then t || jsonb_build_object('sms', v_parts, 'warnings', to_jsonb(array_remove(array[
                                   case when v_parts ->> 'encoding' = 'UCS-2' then jsonb_build_object('code', 'sms_ucs2', 'message',
