@@ -439,7 +439,9 @@ class TwilioWebhooks:
                 status=mapped,
                 tenant_id=tenant_id,
                 delivery_id=delivery_id,
-                provider_message_id=sid,
+                # Not the sid: a report that names no delivery of this tenant must match nothing, and the database
+                # would otherwise look the sid up across tenants (the worker records the sid at send time anyway).
+                provider_message_id=None,
                 occurred_at=None,
                 error_code=f"twilio_{code}" if code and mapped in ("failed", "suppressed") else None,
                 error_message=(text(form.get("ErrorMessage")) or DESCRIPTIONS.get(code or 0)) if code else None,
