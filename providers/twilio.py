@@ -385,7 +385,11 @@ class TwilioWebhooks:
         form = dict(self._form(headers, body))
         tenant_id, _ = parse_correlation_id((parse_qs(query).get("nd") or [None])[0])
         number = form.get("From") if "MessageStatus" in form else form.get("To")
-        return {"account_sid": form.get("AccountSid"), "tenant_id": str(tenant_id) if tenant_id else None, "number": number}
+        return {
+            "account_sid": text(form.get("AccountSid"), 64),
+            "tenant_id": str(tenant_id) if tenant_id else None,
+            "number": text(number, 64),
+        }
 
     def parse_keyed(self, headers: dict[str, str], body: bytes, query: str, keys: list[dict[str, Any]]) -> ParsedWebhook:
         offered = headers.get("x-twilio-signature", "").encode()

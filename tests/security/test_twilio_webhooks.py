@@ -182,3 +182,10 @@ def test_a_verified_webhook_never_gets_a_5xx(client, db, tenants, params):
     query = urlencode({"nd": f"{tenant}:not-a-uuid"}) if "MessageStatus" in params else ""  # found by its number
     answer = post(client, params, query, sign(A_TOKEN, URL + (f"?{query}" if query else ""), params))
     assert answer.status_code == 200, answer.text
+
+
+def test_an_unverifiable_request_with_odd_hints_is_a_4xx(client, tenants):
+    # A NUL in AccountSid, a To that is no number: whose key to try cannot be found, and nothing breaks.
+    for params in ({"AccountSid": "AC\x00", "MessageSid": "SMz", "To": A_NUMBER, "Body": "STOP"}, {"To": "x" * 5000}):
+        assert post(client, params, "", "c2lnbmF0dXJl").status_code == 401
+    assert post(client, {"a": "b"}, "", "x", **{"content-type": "application/json"}).status_code == 400
