@@ -556,7 +556,7 @@ begin
     end if;
     -- The number it was sent to belongs to one tenant (channel_providers_twilio_number_key).
     select cp.tenant_id, cp.settings into v_tenant from notify.channel_providers cp
-     where cp.provider = p_provider and cp.channel = 'sms' and cp.settings ->> 'from_number' = m.phone_number_id;
+     where cp.provider = 'twilio' and cp.channel = 'sms' and cp.settings ->> 'from_number' = m.phone_number_id;
     if v_tenant.tenant_id is null then
         return 'unmatched';
     end if;
