@@ -413,6 +413,9 @@ class TemplateOut(Base):
     required_variables: list[str]
     version: int
     updated_at: dt.datetime
+    # In the answer of a save, on its sms template: what its fixed text costs, and warnings (UCS-2, several segments).
+    sms: dict[str, Any] | None = None
+    warnings: list[dict[str, str]] | None = None
 
 
 class PolicyPut(Base):
@@ -427,7 +430,7 @@ class PolicyOut(Base):
 
 
 class ProviderPut(Base):
-    provider: Literal["mock", "whatsapp_cloud", "smtp"]
+    provider: Literal["mock", "whatsapp_cloud", "smtp", "twilio"]
     settings: dict[str, Any] | None = None
     # References only ("env:NAME" or "file:/path"); the database refuses anything else, naming the secret.
     secrets: dict[str, str] | None = None

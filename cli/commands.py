@@ -781,7 +781,7 @@ def parser() -> argparse.ArgumentParser:
     )
     ps.add_argument("--tenant", required=True)
     ps.add_argument("--channel", required=True, choices=["whatsapp", "email", "sms"])
-    ps.add_argument("--provider", required=True, choices=["mock", "whatsapp_cloud", "smtp"])
+    ps.add_argument("--provider", required=True, choices=["mock", "whatsapp_cloud", "smtp", "twilio"])
     ps.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE")
     ps.add_argument("--secret", action="append", default=[], metavar="NAME=env:VAR|file:/path")
     ps.set_defaults(func=cmd_provider_set)

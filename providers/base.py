@@ -51,6 +51,9 @@ class SendResult(msgspec.Struct, kw_only=True, frozen=True):
     error_code: str | None = None
     error_message: str | None = None
     retry_after_seconds: float | None = None
+    # What the message costs as sent, when the provider knows it at send time (SMS: {encoding, segments, units}); kept
+    # on the delivery (notify.attempt_result.pricing).
+    pricing: dict[str, Any] | None = None
 
 
 class StatusEvent(msgspec.Struct, kw_only=True, frozen=True):
@@ -221,3 +224,16 @@ class WebhookAdapter(Protocol):
     def parse(self, headers: dict[str, str], body: bytes) -> ParsedWebhook:
         """Verifies the raw body and returns what to store; raises WebhookRejected."""
         ...
+
+
+class KeyedWebhookAdapter(Protocol):
+    """An adapter whose provider signs with each tenant's own secret (Twilio: the account's auth token). The route asks
+    it whose keys to look up (`key_hints`, from the unverified request), fetches those tenants' key references
+    (notify_api.webhook_keys_v1), and hands them to `parse_keyed`, which verifies with them and parses. `query` is the
+    request's raw query string (a signed URL includes it)."""
+
+    provider: str
+
+    def key_hints(self, headers: dict[str, str], body: bytes, query: str) -> dict[str, Any]: ...
+
+    def parse_keyed(self, headers: dict[str, str], body: bytes, query: str, keys: list[dict[str, Any]]) -> ParsedWebhook: ...

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from providers.base import Provider, ProviderContext, ProviderSettings, WebhookAdapter
+from providers.base import KeyedWebhookAdapter, Provider, ProviderContext, ProviderSettings, WebhookAdapter
 from providers.email_webhooks import MailgunWebhooks, SendGridWebhooks
 from providers.mock import MockProvider, MockWebhooks
 from providers.secrets import Grants
 from providers.smtp import Smtp
+from providers.twilio import Twilio, TwilioWebhooks
 from providers.whatsapp import WhatsAppCloud, WhatsAppWebhooks
 
 
@@ -21,6 +22,8 @@ def provider_for(name: str, config: dict[str, Any] | None, ctx: ProviderContext)
         return WhatsAppCloud(settings, secrets, ctx, grants)
     if name == "smtp":
         return Smtp(settings, secrets, ctx, grants)
+    if name == "twilio":
+        return Twilio(settings, secrets, ctx, grants)
     s = ctx.settings
     return MockProvider(
         record=ctx.record_mock,
@@ -35,7 +38,7 @@ def provider_for(name: str, config: dict[str, Any] | None, ctx: ProviderContext)
     )
 
 
-def webhook_adapters(settings: ProviderSettings | object) -> dict[str, WebhookAdapter]:
+def webhook_adapters(settings: ProviderSettings | object) -> dict[str, WebhookAdapter | KeyedWebhookAdapter]:
     """The webhook adapters, from the providers' settings (or a whole Settings, of which only that part is read)."""
     settings = ProviderSettings.of(settings)
     tolerance = settings.webhook_tolerance_seconds
@@ -44,4 +47,5 @@ def webhook_adapters(settings: ProviderSettings | object) -> dict[str, WebhookAd
         "whatsapp": WhatsAppWebhooks(settings.whatsapp_app_secrets),
         "sendgrid": SendGridWebhooks(settings.sendgrid_verification_key, tolerance),
         "mailgun": MailgunWebhooks(settings.mailgun_signing_key, tolerance),
+        "twilio": TwilioWebhooks(settings.public_url),
     }

@@ -101,7 +101,7 @@ async def check_endpoints(provider: str, settings: Mapping[str, Any] | None, gra
     if grants.private_endpoints or not isinstance(settings, Mapping):
         return None
     try:
-        if provider == "whatsapp_cloud" and isinstance(settings.get("base_url"), str):
+        if provider in ("whatsapp_cloud", "twilio") and isinstance(settings.get("base_url"), str):
             await endpoint(settings["base_url"], grants)
         elif provider == "smtp" and isinstance(settings.get("host"), str):
             port = settings.get("port") if isinstance(settings.get("port"), int) else 587
@@ -109,7 +109,7 @@ async def check_endpoints(provider: str, settings: Mapping[str, Any] | None, gra
     except UnsafeUrl as exc:
         if "not a valid URL" in str(exc):
             return None  # malformed: the database names the field (400 invalid_format)
-        return ("settings.base_url" if provider == "whatsapp_cloud" else "settings.host"), str(exc)
+        return ("settings.base_url" if provider in ("whatsapp_cloud", "twilio") else "settings.host"), str(exc)
     except ValueError:  # a host getaddrinfo cannot even encode: the database judges its syntax
         return None
     return None

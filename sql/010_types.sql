@@ -49,10 +49,11 @@ create type notify.attempt_result as (
     provider_message_id text,
     error_code text,
     error_message text,
-    retry_after_seconds double precision
+    retry_after_seconds double precision,
+    pricing jsonb               -- added by migration 0039: what the message costs as sent (SMS: {encoding, segments, units})
 );
 comment on type notify.attempt_result is
-    'One provider call''s outcome, as the worker reports it to notify_api.record_attempts_v1. attempt is the fencing token returned by the claim.';
+    'One provider call''s outcome, as the worker reports it to notify_api.record_attempts_v1. attempt is the fencing token returned by the claim; pricing, what the provider knows at send time of what the message costs (SMS: its encoding and segments), is kept on the delivery.';
 
 create type notify.status_event as (
     tenant_id uuid,
@@ -81,7 +82,7 @@ create type notify.inbound_message as (
     user_id text                -- added by migration 0027: the sender's business-scoped user id (sender, the phone, may be null)
 );
 comment on type notify.inbound_message is
-    'A message a recipient sent to a business number (WhatsApp): it opens the 24-hour window, and an opt-out keyword revokes consent. The sender is known by its phone number (sender), its business-scoped user id (user_id), or both.';
+    'A message a recipient sent to a business number: WhatsApp (phone_number_id, the Graph id of the number): it opens the 24-hour window, and an opt-out keyword revokes consent; the sender is known by its phone number (sender), its business-scoped user id (user_id), or both. SMS through Twilio (phone_number_id: the E.164 number it was sent to, sender: the E.164 sender): STOP and START keywords revoke and restore SMS consent.';
 
 create type notify.claimed_delivery as (
     tenant_id uuid,

@@ -454,3 +454,68 @@ as $$
 $$;
 comment on function notify._route_level(notify.delivery_status) is
     'How far a route step got towards its goal (route_until): sent 1, delivered 2, read 3, anything else 0 (unknown included: not reached). A step reached its goal when its level is at least its goal''s.';
+
+-- SMS segments (issue #16). GSM 03.38: the basic set costs one septet, its extension table (escape + character) two; a
+-- text with any other character goes as UCS-2 (UTF-16 code units: a character beyond the BMP, an emoji, costs two).
+-- One segment holds 160 septets or 70 units; a longer text is split into segments of 153 septets or 67 units (the rest is
+-- the concatenation header), and a two-unit character (an escape pair, a surrogate pair) is never split across two.
+-- The worker counts the text it sends with the same rules (providers/twilio.py, sms_parts; tests/providers/test_twilio.py
+-- checks that both agree); this one counts a template's fixed text at save time (notify_api.upsert_template_v1).
+create function notify._sms_parts(p_text text)
+    returns jsonb
+    language plpgsql
+    immutable
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_basic constant text := E'@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !"#¤%&''()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà';
+    v_extension constant text := E'\f^{}\\[~]|€';
+    v_gsm boolean := true;
+    v_costs integer[] := '{}';
+    v_char text;
+    v_units integer := 0;
+    v_single integer;
+    v_multi integer;
+    v_segments integer := 0;
+    v_used integer := 0;
+    v_cost integer;
+begin
+    if p_text is null or p_text = '' then
+        return jsonb_build_object('encoding', 'GSM-7', 'segments', 0, 'units', 0);
+    end if;
+    foreach v_char in array regexp_split_to_array(p_text, '') loop
+        if strpos(v_basic, v_char) > 0 then
+            v_costs := v_costs || 1;
+        elsif strpos(v_extension, v_char) > 0 then
+            v_costs := v_costs || 2;
+        else
+            v_gsm := false;
+            exit;
+        end if;
+    end loop;
+    if not v_gsm then
+        v_costs := '{}';
+        foreach v_char in array regexp_split_to_array(p_text, '') loop
+            v_costs := v_costs || case when ascii(v_char) > 65535 then 2 else 1 end;
+        end loop;
+    end if;
+    v_single := case when v_gsm then 160 else 70 end;
+    v_multi := case when v_gsm then 153 else 67 end;
+    select coalesce(sum(c), 0) into v_units from unnest(v_costs) c;
+    if v_units <= v_single then
+        v_segments := 1;
+    else
+        v_segments := 1;
+        foreach v_cost in array v_costs loop
+            if v_used + v_cost > v_multi then
+                v_segments := v_segments + 1;
+                v_used := 0;
+            end if;
+            v_used := v_used + v_cost;
+        end loop;
+    end if;
+    return jsonb_build_object('encoding', case when v_gsm then 'GSM-7' else 'UCS-2' end, 'segments', v_segments, 'units', v_units);
+end
+$$;
+comment on function notify._sms_parts(text) is
+    'How an SMS text is sent: {encoding: GSM-7|UCS-2, segments, units (septets or UTF-16 code units)}, by GSM 03.38 (extension characters count two septets; 160/153 septets, 70/67 units per segment; a two-unit character never split). The worker counts with the same rules (providers/twilio.py sms_parts).';

@@ -70,7 +70,8 @@ create table notify.channel_providers (
     updated_at timestamptz not null default now(),
     primary key (tenant_id, channel),
     constraint channel_providers_known check (
-        (provider = 'mock') or (provider = 'whatsapp_cloud' and channel = 'whatsapp') or (provider = 'smtp' and channel = 'email')),
+        (provider = 'mock') or (provider = 'whatsapp_cloud' and channel = 'whatsapp') or (provider = 'smtp' and channel = 'email')
+        or (provider = 'twilio' and channel = 'sms')),
     constraint channel_providers_secret_refs check (notify._secret_refs_valid(secrets))
 );
 comment on table notify.channel_providers is
@@ -81,6 +82,9 @@ comment on column notify.channel_providers.secrets is
 -- (Global, not per tenant, like api_clients.key_hash: a webhook names the number before its tenant is known.)
 create unique index channel_providers_phone_number_id_key on notify.channel_providers ((settings ->> 'phone_number_id'))
     where provider = 'whatsapp_cloud';
+-- A Twilio number belongs to one tenant too: inbound SMS (STOP, START, HELP) are routed by the number they were sent to.
+create unique index channel_providers_twilio_number_key on notify.channel_providers ((settings ->> 'from_number'))
+    where provider = 'twilio';
 
 create table notify.whatsapp_windows (
     tenant_id uuid not null references notify.tenants (id),

@@ -10,6 +10,7 @@
 --   after update, per statement:       _200_record_event_update, then _300_queue_callbacks_update
 --   after update, per statement:       _350_advance_route (fallback routes: moves a route's other steps)
 --   after update of status, per row:   _400_revoke_marketing_consent (only rows suppressed with WhatsApp error 131050)
+--   after update of status, per row:   _410_revoke_sms_consent (only rows suppressed with Twilio error 21610)
 -- _100 comes first because both after triggers copy the seq it sets. The history (_200) and the callback outbox (_300)
 -- neither read what the other writes; the history goes first, and the outbox, which also defers the callbacks task,
 -- last. A statement-level trigger with transition tables takes one event, hence the _insert/_update pairs.
@@ -335,3 +336,32 @@ create trigger _400_revoke_marketing_consent
     when (new.status = 'suppressed' and old.status is distinct from new.status and new.channel = 'whatsapp'
           and new.last_error_code = 'whatsapp_131050')
     execute function notify.tg_notification_deliveries__revoke_marketing_consent();
+
+-- Twilio 21610: the recipient replied STOP to the sending number, and Twilio refuses to message it until it replies START.
+-- Whether the send was refused with it or a status report carried it, the delivery is suppressed and the recipient's SMS
+-- consent (every category) is revoked, with the evidence; an inbound START restores it (notify._record_sms_inbound).
+create function notify.tg_notification_deliveries__revoke_sms_consent()
+    returns trigger
+    language plpgsql
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if notify._consent_allows(new.tenant_id, new.recipient_id, new.channel, null) then
+        insert into notify.recipient_consents (tenant_id, recipient_id, channel, category, status, source, evidence, recorded_by)
+        values (new.tenant_id, new.recipient_id, new.channel, null, 'revoked', 'provider_opt_out',
+                jsonb_strip_nulls(jsonb_build_object('delivery_id', new.id, 'provider', new.provider, 'provider_message_id', new.provider_message_id,
+                                                     'error_code', new.last_error_code, 'error_message', new.last_error_message,
+                                                     'reported_at', now())), 'dispatcher');
+    end if;
+    return null;
+end
+$$;
+comment on function notify.tg_notification_deliveries__revoke_sms_consent() is
+    'An SMS delivery suppressed with Twilio error 21610 (the recipient replied STOP) revokes the recipient''s SMS consent, with the delivery and the error as evidence.';
+
+create trigger _410_revoke_sms_consent
+    after update of status on notify.notification_deliveries
+    for each row
+    when (new.status = 'suppressed' and old.status is distinct from new.status and new.channel = 'sms'
+          and new.last_error_code = 'twilio_21610')
+    execute function notify.tg_notification_deliveries__revoke_sms_consent();

@@ -231,6 +231,8 @@ declare
     v_key text;
     v_content jsonb;
     v_channel notify.channel;
+    v_answer jsonb;
+    v_parts jsonb;
 begin
     perform notify._enter(p_tenant_id);
     perform notify._check_keys(p_body, array['locale', 'channels'], '');
@@ -306,11 +308,29 @@ begin
                 version = t.version + 1, updated_at = now()
             where t.content is distinct from excluded.content;
     end loop;
-    return notify_api.list_templates_v1(p_tenant_id, p_key);
+    v_answer := notify_api.list_templates_v1(p_tenant_id, p_key);
+    if v_channels ? 'sms' then
+        -- What the SMS text costs, counted on its fixed text: placeholders ({{ }}, and {% %} and {# #} tags) count as
+        -- nothing, so a warning is certain (variables can only add to it; the delivery keeps the count of what was sent).
+        v_parts := notify._sms_parts(regexp_replace(v_channels #>> '{sms,text}',
+                                               '\{\{(?:[^}]|\}(?!\}))*\}\}|\{%(?:[^%]|%(?!\}))*%\}|\{#(?:[^#]|#(?!\}))*#\}', '', 'g'));
+        select jsonb_agg(case when t ->> 'channel' = 'sms' and t ->> 'locale' = v_locale
+                              then t || jsonb_build_object('sms', v_parts, 'warnings', to_jsonb(array_remove(array[
+                                  case when v_parts ->> 'encoding' = 'UCS-2' then jsonb_build_object('code', 'sms_ucs2', 'message',
+                                      'the text has a character outside the GSM-7 alphabet: it is sent as UCS-2, 70 characters per segment instead of 160') end,
+                                  case when (v_parts ->> 'segments')::integer > 1 then jsonb_build_object('code', 'sms_segments', 'message',
+                                      format('the text without its variables already needs %s segments (%s %s units; one segment holds %s)',
+                                             v_parts ->> 'segments', v_parts ->> 'units', v_parts ->> 'encoding',
+                                             case when v_parts ->> 'encoding' = 'UCS-2' then 70 else 160 end)) end], null)))
+                              else t end order by o)
+          into v_answer
+          from jsonb_array_elements(v_answer) with ordinality x(t, o);
+    end if;
+    return v_answer;
 end
 $$;
 comment on function notify_api.upsert_template_v1(uuid, text, jsonb) is
-    'Sets the content of a template key for one locale: {locale?, channels: {email: {subject, text, html?}, whatsapp: {name, language, category?, parameters[], header_parameters[], buttons[{sub_type, index, parameter}]} | {text}, sms: {text}}} (category: marketing, utility or authentication, Meta''s). Texts over their size (subject 998, e-mail text 65,536, HTML 262,144, WhatsApp text 4,096, SMS 1,600 characters) are 422 template_too_large.';
+    'Sets the content of a template key for one locale: {locale?, channels: {email: {subject, text, html?}, whatsapp: {name, language, category?, parameters[], header_parameters[], buttons[{sub_type, index, parameter}]} | {text}, sms: {text}}} (category: marketing, utility or authentication, Meta''s). Texts over their size (subject 998, e-mail text 65,536, HTML 262,144, WhatsApp text 4,096, SMS 1,600 characters) are 422 template_too_large. The answer''s sms template (of this locale) carries sms: {encoding, segments, units} of its fixed text (placeholders count as nothing) and warnings: [{code: sms_ucs2|sms_segments, message}] when it needs UCS-2 or more than one segment.';
 
 create function notify_api.list_templates_v1(p_tenant_id uuid, p_key text default null)
     returns jsonb

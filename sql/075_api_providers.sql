@@ -91,6 +91,10 @@ as $$
         when 'smtp' then jsonb_build_object(
             'port', 587, 'security', 'starttls', 'timeout_seconds', 30, 'validate_certs', true,
             'transactional_categories', jsonb_build_array('transactional'), 'max_connections', 8)
+        -- Twilio's own opt-out, opt-in and help keywords are always matched (notify._sms_keyword); these are the tenant's extra ones.
+        when 'twilio' then jsonb_build_object(
+            'base_url', 'https://api.twilio.com', 'rate_per_second', 10, 'timeout_seconds', 15,
+            'opt_out_keywords', '[]'::jsonb, 'opt_in_keywords', '[]'::jsonb)
         else '{}'::jsonb
     end
 $$;
@@ -112,15 +116,17 @@ declare
     v_ref text;
     v_grant notify.provider_grants;
     v_host text;
+    v_constraint text;
 begin
     perform notify._enter(p_tenant_id);
     select * into v_grant from notify.provider_grants g where g.tenant_id = p_tenant_id;
     perform notify._check_keys(p_body, array['provider', 'settings', 'secrets'], '');
     v_provider := notify._text_field(p_body, 'provider', '', true, 40);
-    if v_provider not in ('mock', 'whatsapp_cloud', 'smtp')
-       or (v_provider = 'whatsapp_cloud' and p_channel <> 'whatsapp') or (v_provider = 'smtp' and p_channel <> 'email') then
+    if v_provider not in ('mock', 'whatsapp_cloud', 'smtp', 'twilio')
+       or (v_provider = 'whatsapp_cloud' and p_channel <> 'whatsapp') or (v_provider = 'smtp' and p_channel <> 'email')
+       or (v_provider = 'twilio' and p_channel <> 'sms') then
         perform notify._raise('ND422', 'invalid_provider',
-            format('provider %s cannot serve %s (mock: any channel; whatsapp_cloud: whatsapp; smtp: email)', v_provider, p_channel), 'provider');
+            format('provider %s cannot serve %s (mock: any channel; whatsapp_cloud: whatsapp; smtp: email; twilio: sms)', v_provider, p_channel), 'provider');
     end if;
     v_settings := coalesce(p_body -> 'settings', '{}');
     v_secrets := coalesce(p_body -> 'secrets', '{}');
@@ -132,10 +138,13 @@ begin
                                          'waba_id']
         when 'smtp' then array['host', 'port', 'security', 'username', 'from_address', 'from_name', 'timeout_seconds', 'validate_certs',
                                'esp', 'transactional_categories', 'max_connections', 'public_url']
+        when 'twilio' then array['account_sid', 'api_key_sid', 'from_number', 'messaging_service_sid', 'base_url', 'rate_per_second',
+                                 'timeout_seconds', 'validity_period', 'opt_out_keywords', 'opt_in_keywords']
         else array[]::text[] end;
     perform notify._check_keys(v_settings, v_allowed, 'settings');
     perform notify._check_keys(v_secrets, case v_provider when 'whatsapp_cloud' then array['access_token']
-                                                          when 'smtp' then array['password'] else array[]::text[] end, 'secrets');
+                                                          when 'smtp' then array['password']
+                                                          when 'twilio' then array['auth_token', 'api_key_secret'] else array[]::text[] end, 'secrets');
     if not notify._secret_refs_valid(v_secrets) then
         select k into v_key from jsonb_each(v_secrets) e(k, v) where not notify._secret_refs_valid(jsonb_build_object(k, v)) limit 1;
         perform notify._raise('ND422', 'invalid_secret_reference',
@@ -152,7 +161,9 @@ begin
         end if;
     end loop;
     v_required := case v_provider when 'whatsapp_cloud' then array['settings.phone_number_id', 'secrets.access_token']
-                                  when 'smtp' then array['settings.host', 'settings.from_address'] else array[]::text[] end;
+                                  when 'smtp' then array['settings.host', 'settings.from_address']
+                                  -- The auth token even with an API key: Twilio signs its webhooks with it.
+                                  when 'twilio' then array['settings.account_sid', 'secrets.auth_token'] else array[]::text[] end;
     foreach v_key in array v_required loop
         if jsonb_typeof(jsonb_build_object('settings', v_settings, 'secrets', v_secrets) #> string_to_array(v_key, '.')) is distinct from 'string' then
             perform notify._raise('ND400', 'missing_field', format('%s is required for %s', v_key, v_provider), v_key);
@@ -162,7 +173,46 @@ begin
         perform notify._raise('ND400', 'invalid_format', 'settings.phone_number_id is the numeric Graph id of the business number',
                               'settings.phone_number_id');
     end if;
-    if v_provider = 'whatsapp_cloud' and v_settings ? 'base_url' then
+    if v_provider = 'twilio' then
+        if v_settings ->> 'account_sid' !~ '^AC[0-9a-fA-F]{32}$' then
+            perform notify._raise('ND400', 'invalid_format', 'settings.account_sid is the Twilio account SID (AC and 32 hex digits)',
+                                  'settings.account_sid');
+        end if;
+        if not (v_settings ? 'from_number' or v_settings ? 'messaging_service_sid') then
+            perform notify._raise('ND400', 'missing_field', 'settings.from_number or settings.messaging_service_sid is required for twilio',
+                                  'settings.from_number');
+        end if;
+        if v_settings ? 'from_number' and (jsonb_typeof(v_settings -> 'from_number') <> 'string'
+                                            or not notify._address_valid('sms', v_settings ->> 'from_number')) then
+            perform notify._raise('ND400', 'invalid_format', 'settings.from_number must be an E.164 phone number (+ and 7 to 15 digits)',
+                                  'settings.from_number');
+        end if;
+        if v_settings ? 'messaging_service_sid' and coalesce(v_settings ->> 'messaging_service_sid', '') !~ '^MG[0-9a-fA-F]{32}$' then
+            perform notify._raise('ND400', 'invalid_format', 'settings.messaging_service_sid is a Messaging Service SID (MG and 32 hex digits)',
+                                  'settings.messaging_service_sid');
+        end if;
+        if v_settings ? 'api_key_sid' and coalesce(v_settings ->> 'api_key_sid', '') !~ '^SK[0-9a-fA-F]{32}$' then
+            perform notify._raise('ND400', 'invalid_format', 'settings.api_key_sid is an API key SID (SK and 32 hex digits)', 'settings.api_key_sid');
+        end if;
+        if (v_settings ? 'api_key_sid') <> (v_secrets ? 'api_key_secret') then
+            perform notify._raise('ND400', 'missing_field', 'settings.api_key_sid and secrets.api_key_secret go together',
+                                  case when v_settings ? 'api_key_sid' then 'secrets.api_key_secret' else 'settings.api_key_sid' end);
+        end if;
+        if v_settings ? 'validity_period' and (jsonb_typeof(v_settings -> 'validity_period') <> 'number'
+                                                or (v_settings ->> 'validity_period')::numeric not between 1 and 36000
+                                                or (v_settings ->> 'validity_period')::numeric <> trunc((v_settings ->> 'validity_period')::numeric)) then
+            perform notify._raise('ND400', 'invalid_value', 'settings.validity_period must be 1-36000 seconds', 'settings.validity_period');
+        end if;
+        foreach v_key in array array['opt_out_keywords', 'opt_in_keywords'] loop
+            if v_settings ? v_key and (jsonb_typeof(v_settings -> v_key) <> 'array' or jsonb_array_length(v_settings -> v_key) > 20
+                 or exists (select from jsonb_array_elements(v_settings -> v_key) k
+                             where jsonb_typeof(k) <> 'string' or k #>> '{}' !~ '^[[:alnum:]]{1,40}$')) then
+                perform notify._raise('ND400', 'invalid_value',
+                    format('settings.%s must be a list of at most 20 single words (letters and digits, up to 40)', v_key), 'settings.' || v_key);
+            end if;
+        end loop;
+    end if;
+    if v_provider in ('whatsapp_cloud', 'twilio') and v_settings ? 'base_url' then
         v_host := substring(v_settings ->> 'base_url' from '^https?://(\[[0-9A-Fa-f:.]+\]|[^][/?#@:\s]+)(:[0-9]{1,5})?(/[^\s?#]*)?$');
         if jsonb_typeof(v_settings -> 'base_url') <> 'string' or v_host is null then
             perform notify._raise('ND400', 'invalid_format', 'settings.base_url must be an http(s) URL without credentials, query or fragment',
@@ -200,8 +250,8 @@ begin
         perform notify._raise('ND400', 'invalid_value', 'settings.rate_per_second must be a positive number', 'settings.rate_per_second');
     end if;
     -- Meta's throughput per number: 80 messages per second by default, up to 1,000 once upgraded (whatsapp-2026.md §1).
-    if v_provider = 'whatsapp_cloud' and (v_settings ->> 'rate_per_second')::numeric > 1000 then
-        perform notify._raise('ND400', 'invalid_value', 'settings.rate_per_second must be at most 1000 (Meta''s highest throughput per number)',
+    if v_provider in ('whatsapp_cloud', 'twilio') and (v_settings ->> 'rate_per_second')::numeric > 1000 then
+        perform notify._raise('ND400', 'invalid_value', 'settings.rate_per_second must be at most 1000 (Meta''s highest throughput per number; Twilio queues what exceeds a sender''s rate)',
                               'settings.rate_per_second');
     end if;
     if v_provider = 'whatsapp_cloud' and v_settings ? 'waba_id'
@@ -218,14 +268,19 @@ begin
         set provider = excluded.provider, settings = excluded.settings, secrets = excluded.secrets, updated_at = now();
     return (select p from jsonb_array_elements(notify_api.list_channel_providers_v1(p_tenant_id)) p where p ->> 'channel' = p_channel::text);
 exception
-    when unique_violation then  -- channel_providers_phone_number_id_key: the number is another tenant's
+    when unique_violation then  -- channel_providers_phone_number_id_key (WhatsApp), _twilio_number_key: the number is another tenant's
+        get stacked diagnostics v_constraint = constraint_name;
+        if v_constraint = 'channel_providers_twilio_number_key' then
+            perform notify._raise('ND409', 'phone_number_taken',
+                'settings.from_number is configured for another tenant: a Twilio number belongs to one tenant', 'settings.from_number');
+        end if;
         perform notify._raise('ND409', 'phone_number_taken',
             'settings.phone_number_id is configured for another tenant: a WhatsApp business number belongs to one tenant',
             'settings.phone_number_id');
 end
 $$;
 comment on function notify_api.set_channel_provider_v1(uuid, notify.channel, jsonb) is
-    'Sets the provider of a tenant''s channel: {provider: mock|whatsapp_cloud|smtp, settings, secrets: {name: "env:VAR"|"file:/path"}}. Settings are checked per provider and merged over its defaults (WhatsApp: rate_per_second at most 1000, waba_id routes account-level webhooks); secret references must lie in the tenant''s operator-set grant (notify.provider_grants), endpoints must be public hosts unless granted, a WhatsApp number belongs to one tenant.';
+    'Sets the provider of a tenant''s channel: {provider: mock|whatsapp_cloud|smtp|twilio, settings, secrets: {name: "env:VAR"|"file:/path"}}. Settings are checked per provider and merged over its defaults (WhatsApp: rate_per_second at most 1000, waba_id routes account-level webhooks; Twilio (sms): account_sid, from_number and/or messaging_service_sid, api_key_sid with secrets.api_key_secret, secrets.auth_token always, validity_period, extra opt_out_keywords/opt_in_keywords); secret references must lie in the tenant''s operator-set grant (notify.provider_grants), endpoints must be public hosts unless granted, a WhatsApp or Twilio number belongs to one tenant.';
 
 create function notify_api.list_channel_providers_v1(p_tenant_id uuid)
     returns jsonb

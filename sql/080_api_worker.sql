@@ -157,6 +157,8 @@ begin
                        provider = coalesce(i.provider, d.provider),
                        provider_message_id = coalesce(d.provider_message_id, case when not i.duplicate then i.provider_message_id end),
                        sent_at = case when i.outcome = 'sent' then coalesce(d.sent_at, now()) else d.sent_at end,
+                       -- What the message costs as the provider sent it (SMS: encoding and segments); the first one given.
+                       pricing = coalesce(d.pricing, case when jsonb_typeof(i.pricing) = 'object' then i.pricing end),
                        last_error_code = case when i.duplicate then 'duplicate_provider_message_id'
                                               when i.outcome = 'sent' then d.last_error_code else coalesce(i.error_code, d.last_error_code) end,
                        last_error_message = case when i.duplicate then 'the provider returned a message id another delivery already has'
@@ -196,7 +198,7 @@ begin
 end
 $$;
 comment on function notify_api.record_attempts_v1(notify.attempt_result[]) is
-    'Writes a batch of provider outcomes, each fenced by its attempt number (a stale worker changes nothing): sent, retry (backoff with jitter, or failed when attempts are used up), failed (reason render_failed for a template that could not be rendered, else provider_rejected), unknown, suppressed, bounced. A provider message id another delivery already has (in the table or earlier in the batch) is not stored: that row keeps its outcome with error code duplicate_provider_message_id. Wakes the worker for retries.';
+    'Writes a batch of provider outcomes, each fenced by its attempt number (a stale worker changes nothing): sent, retry (backoff with jitter, or failed when attempts are used up), failed (reason render_failed for a template that could not be rendered, else provider_rejected), unknown, suppressed, bounced. A provider message id another delivery already has (in the table or earlier in the batch) is not stored: that row keeps its outcome with error code duplicate_provider_message_id. A result''s pricing (an object: SMS encoding and segments) is kept on a delivery that has none yet. Wakes the worker for retries.';
 
 create function notify_api.run_maintenance_v1()
     returns jsonb

@@ -119,6 +119,9 @@ declare
     v_ids text[];
     v_revoked integer;
 begin
+    if p_provider = 'twilio' then
+        return notify._record_sms_inbound(p_provider, m);
+    end if;
     if v_phone is null and v_user_id is null then
         return 'no_sender';
     end if;
@@ -154,7 +157,75 @@ begin
 end
 $$;
 comment on function notify._record_inbound(text, notify.inbound_message) is
-    'Records an inbound WhatsApp message for every tenant using that business number: opens the 24-hour window, and an opt-out keyword (settings.opt_out_keywords) revokes the sender''s WhatsApp consent with the message as evidence. The sender is matched by its phone number or its business-scoped user id, and by whatever notify.whatsapp_users maps either to.';
+    'Records an inbound WhatsApp message for every tenant using that business number: opens the 24-hour window, and an opt-out keyword (settings.opt_out_keywords) revokes the sender''s WhatsApp consent with the message as evidence. The sender is matched by its phone number or its business-scoped user id, and by whatever notify.whatsapp_users maps either to. An inbound SMS (provider twilio) goes to notify._record_sms_inbound.';
+
+create function notify._sms_keyword(p_text text, p_settings jsonb)
+    returns text
+    language sql
+    immutable
+    set search_path = pg_catalog, pg_temp
+as $$
+    -- The whole message, trimmed of spaces and end punctuation, case-insensitive: "stop", " Stop! " match, "stop it" does not.
+    select case
+        when w = any (array['STOP', 'STOPALL', 'UNSUBSCRIBE', 'CANCEL', 'END', 'QUIT'])
+             or w in (select upper(k) from jsonb_array_elements_text(coalesce(p_settings -> 'opt_out_keywords', '[]')) k) then 'opt_out'
+        when w = any (array['START', 'YES', 'UNSTOP'])
+             or w in (select upper(k) from jsonb_array_elements_text(coalesce(p_settings -> 'opt_in_keywords', '[]')) k) then 'opt_in'
+        when w = any (array['HELP', 'INFO']) then 'help'
+    end
+      from (select upper(btrim(coalesce(p_text, ''), E' \t\r\n.!')) as w) x
+$$;
+comment on function notify._sms_keyword(text, jsonb) is
+    'What an inbound SMS asks for: opt_out (Twilio''s STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT, or a tenant''s settings.opt_out_keywords), opt_in (START, YES, UNSTOP, or settings.opt_in_keywords), help (HELP, INFO), or null. The whole message is the keyword, trimmed, case-insensitive.';
+
+create function notify._record_sms_inbound(p_provider text, m notify.inbound_message)
+    returns text
+    language plpgsql
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_tenant record;
+    v_keyword text;
+    v_count integer;
+    v_evidence jsonb;
+begin
+    if m.sender is null or not notify._address_valid('sms', m.sender) then
+        return 'no_sender';
+    end if;
+    -- The number it was sent to belongs to one tenant (channel_providers_twilio_number_key).
+    select cp.tenant_id, cp.settings into v_tenant from notify.channel_providers cp
+     where cp.provider = 'twilio' and cp.channel = 'sms' and cp.settings ->> 'from_number' = m.phone_number_id;
+    if v_tenant.tenant_id is null then
+        return 'unmatched';
+    end if;
+    v_keyword := notify._sms_keyword(m.text, v_tenant.settings);
+    if v_keyword is null then
+        return 'received';
+    elsif v_keyword = 'help' then
+        return 'help_requested';  -- Twilio answers HELP itself (the Messaging Service's help text); kept as the outcome
+    end if;
+    v_evidence := jsonb_strip_nulls(jsonb_build_object('message_id', m.message_id, 'text', left(m.text, 160), 'received_at', m.received_at,
+                                                       'to', m.phone_number_id, 'provider', p_provider));
+    -- Every category (category null): Twilio itself blocks the number after STOP, whatever the message is about.
+    insert into notify.recipient_consents (tenant_id, recipient_id, channel, status, source, evidence, recorded_by)
+    select a.tenant_id, a.recipient_id, 'sms'::notify.channel,
+           case v_keyword when 'opt_out' then 'revoked' else 'granted' end::notify.consent_status, 'inbound_keyword', v_evidence, 'dispatcher'
+      from notify.recipient_addresses a
+     where a.tenant_id = v_tenant.tenant_id and a.channel = 'sms' and a.address = m.sender
+       and case v_keyword
+               when 'opt_out' then notify._consent_allows(a.tenant_id, a.recipient_id, 'sms', null)
+               -- START restores what a STOP took: only where the recipient's latest channel-wide entry is a revoke (a START
+               -- from someone who never opted in grants nothing).
+               else (select c.status from notify.recipient_consents c
+                      where c.tenant_id = a.tenant_id and c.recipient_id = a.recipient_id and c.channel = 'sms' and c.category is null
+                      order by c.id desc limit 1) = 'revoked' end;
+    get diagnostics v_count = row_count;
+    return case when v_count > 0 then case v_keyword when 'opt_out' then 'opted_out' else 'opted_in' end
+                else case v_keyword when 'opt_out' then 'opt_out_unknown_sender' else 'opt_in_nothing_to_restore' end end;
+end
+$$;
+comment on function notify._record_sms_inbound(text, notify.inbound_message) is
+    'Records an inbound SMS for the tenant whose Twilio number received it (m.phone_number_id, E.164): an opt-out keyword revokes the sender''s SMS consent (every category), an opt-in keyword restores it where the latest entry is a revoke, HELP is kept as the outcome help_requested; the message id, text and time are the evidence.';
 
 create function notify._whatsapp_aliases(p_tenant_id uuid, p_ids text[])
     returns text[]
@@ -319,6 +390,37 @@ end
 $$;
 comment on function notify._record_pricing(text, notify.status_event) is
     'Keeps the pricing a status report carries ({pricing_model, category, billable, type}) on its delivery, once; true when it was recorded now (the API counts it in its metrics).';
+
+create function notify_api.webhook_keys_v1(p_provider text, p_hints jsonb)
+    returns jsonb
+    language plpgsql
+    stable
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    -- Twilio signs a webhook with the auth token of the tenant's own account: the adapter needs that tenant's secret
+    -- reference (resolved in the API process, inside the operator's grant) before it can verify anything. The hints come
+    -- from the unverified request, so they only choose whose key to try: a status callback names its tenant in its URL
+    -- (our correlation id, ?nd=tenant:delivery), an inbound message the number it was sent to; the account must match too.
+    if p_provider <> 'twilio' or jsonb_typeof(p_hints) <> 'object' then
+        return '[]';
+    end if;
+    return coalesce((
+        select jsonb_agg(jsonb_build_object(
+                   'tenant_id', cp.tenant_id, 'settings', jsonb_build_object('account_sid', cp.settings ->> 'account_sid'),
+                   'secrets', jsonb_build_object('auth_token', cp.secrets ->> 'auth_token'),
+                   'grants', (select jsonb_build_object('env_prefix', g.env_prefix, 'file_dir', g.file_dir)
+                                from notify.provider_grants g where g.tenant_id = cp.tenant_id)))
+          from notify.channel_providers cp
+         where cp.provider = 'twilio' and cp.channel = 'sms'
+           and cp.settings ->> 'account_sid' = p_hints ->> 'account_sid'
+           and (case when p_hints ->> 'tenant_id' ~ '^[0-9a-fA-F-]{36}$' then cp.tenant_id = (p_hints ->> 'tenant_id')::uuid
+                     else cp.settings ->> 'from_number' = p_hints ->> 'number' end)), '[]');
+end
+$$;
+comment on function notify_api.webhook_keys_v1(text, jsonb) is
+    'The signing-key references a webhook adapter needs before it can verify a request, for providers that sign with each tenant''s own secret (twilio: the auth token of the account named by hints.account_sid, of the tenant named by hints.tenant_id (a status callback''s correlation) or owning hints.number (an inbound message)): [{tenant_id, settings: {account_sid}, secrets: {auth_token: reference}, grants}]. References only, never values.';
 
 create function notify_api.ingest_webhook_v1(p_provider text, p_event_key text, p_payload jsonb, p_events notify.status_event[],
                                             p_inbound notify.inbound_message[] default '{}', p_notes text[] default '{}',

@@ -24,7 +24,8 @@ GLOBAL_UNIQUE = {
     "api_clients_key_hash_key",
     "notification_deliveries_provider_message",
     "channel_providers_phone_number_id_key",
-}  # a WhatsApp business number belongs to one tenant (sql/075)
+    "channel_providers_twilio_number_key",
+}  # a WhatsApp business number, a Twilio number belongs to one tenant (sql/020)
 # Functions that see every tenant's rows (owned by notify_system): the worker, webhooks, key lookup, tenant creation.
 CROSS_TENANT = {
     "create_tenant_v1",
@@ -46,6 +47,7 @@ CROSS_TENANT = {
     "whatsapp_limits_v1",  # dispatcher status: every tenant's WhatsApp messaging tier, like queue_health_v1
     "run_retention_v1",
     "scrub_expired_v1",
+    "webhook_keys_v1",  # Twilio: whose auth token verifies a webhook, found before its tenant is known
 }  # the operator's: a tenant's secret namespace may not overlap another's
 APP_ROLES = ("notify_service", "notify_caller", "dispatcher_app", "dispatcher_caller")
 
