@@ -31,11 +31,13 @@ create table notify.frequency_caps (
     channel notify.channel,
     category text,
     action text not null default 'suppress',
+    position smallint not null default 0,
     updated_at timestamptz not null default now(),
     primary key (tenant_id, id),
     constraint frequency_caps_sane check (max_count between 1 and 10000 and period between interval '1 second' and interval '31 days'),
     constraint frequency_caps_action check (action in ('suppress', 'hold'))
 );
+comment on column notify.frequency_caps.position is 'Its place in the list the tenant set (get returns them in that order).';
 comment on table notify.frequency_caps is
     'At most max_count messages per recipient in any sliding period, counting only messages on channel (null: any) of category (null: any); over it a delivery is suppressed (action suppress) or held until the cap frees (hold). No row: no caps. Checked by set_frequency_caps_v1.';
 
@@ -391,6 +393,9 @@ begin
         perform notify._raise('ND422', 'invalid_quiet_hours', 'at most 100 categories', 'categories');
     end if;
     update notify.tenants set default_timezone = v_timezone where id = p_tenant_id;
+    if not found then
+        perform notify._raise('ND404', 'not_found', 'no such tenant', 'tenant_id');
+    end if;
     delete from notify.quiet_hours where tenant_id = p_tenant_id;
     insert into notify.quiet_hours select * from unnest(v_rows);
     return notify._quiet_hours_json(p_tenant_id);
@@ -437,7 +442,7 @@ as $$
     select jsonb_build_object(
         'caps', coalesce(jsonb_agg(jsonb_build_object('max', c.max_count, 'period', notify._iso_duration(c.period),
                                                       'channel', c.channel, 'category', c.category, 'action', c.action)
-                                   order by c.channel nulls first, c.category nulls first, c.period, c.max_count) filter (where c.id is not null), '[]'),
+                                   order by c.position) filter (where c.id is not null), '[]'),
         'default', count(c.id) = 0,
         'defaults', jsonb_build_object('caps', '[]'::jsonb, 'action', 'suppress'),
         'updated_at', max(c.updated_at))
@@ -467,6 +472,9 @@ begin
     perform notify._enter(p_tenant_id);
     if p_body is null or jsonb_typeof(p_body) <> 'object' then
         perform notify._raise('ND400', 'invalid_type', 'body must be an object', '');
+    end if;
+    if not exists (select from notify.tenants t where t.id = p_tenant_id) then
+        perform notify._raise('ND404', 'not_found', 'no such tenant', 'tenant_id');
     end if;
     perform notify._check_keys(p_body, array['caps'], '');
     if jsonb_typeof(p_body -> 'caps') is distinct from 'array' then
@@ -512,7 +520,7 @@ begin
                                                  and r.period = v_interval) then
             perform notify._raise('ND422', 'invalid_frequency_cap', format('%s repeats the channel, category and period of an earlier cap', v_path), v_path);
         end if;
-        v_rows := v_rows || row(p_tenant_id, gen_random_uuid(), v_max::integer, v_interval, v_channel, v_category, v_action, now())::notify.frequency_caps;
+        v_rows := v_rows || row(p_tenant_id, gen_random_uuid(), v_max::integer, v_interval, v_channel, v_category, v_action, v_i, now())::notify.frequency_caps;
         v_i := v_i + 1;
     end loop;
     delete from notify.frequency_caps where tenant_id = p_tenant_id;

@@ -159,7 +159,8 @@ def test_claim_holds_a_delivery_due_in_quiet_hours_until_they_end(db, ready):
     assert (status, reason, due_at, attempt) == ("held", "quiet_hours", ends, 0)
     # The history says so.
     event = db.execute(
-        "select to_status::text, reason, source from notify.delivery_events where delivery_id = %s order by seq desc limit 1", (d,)
+        "select to_status::text, reason, source from notify.delivery_events where delivery_id = %s order by seq desc limit 1",
+        (d,),
     ).fetchone()
     assert event == ("held", "quiet_hours", "claim")
     # Not due again before the window ends; when it has (due_at moved to the past, the window with it), it is sent.
