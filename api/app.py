@@ -29,8 +29,8 @@ from api.routes.deliveries import Deliveries
 from api.routes.health import bench_baseline, health, version
 from api.routes.mock import Mock
 from api.routes.notifications import Notifications
-from api.routes.recipients import Recipients
 from api.routes.policies import FrequencyCaps, QuietHours
+from api.routes.recipients import Recipients
 from api.routes.retention import Retention
 from api.routes.templates import Templates
 from api.routes.webhooks import receive_webhook, unsubscribe, unsubscribe_page, verify_webhook
