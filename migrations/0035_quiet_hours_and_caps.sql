@@ -263,12 +263,15 @@ begin
         insert into notify.policy_sends (tenant_id, delivery_id, recipient_id, channel, category, first_sent_at, last_sent_at)
         values (p_tenant_id, p_delivery_id, p_recipient_id, p_channel, p_category, now(), now())
         on conflict (tenant_id, delivery_id) do update set last_sent_at = excluded.last_sent_at;
+    elsif v_out.decision = 'hold' then
+        -- Claimed again when the hold ends: a wake-up at that second (coalesced with any other for the same second).
+        perform notify._wake(p_channel, v_out.until);
     end if;
     return v_out;
 end
 $$;
 comment on function notify._policy_claim(uuid, uuid, uuid, notify.channel, text, text, timestamptz) is
-    'The claim''s policy step for one delivery about to be sent (claim_deliveries_v1 calls it only for tenants with a policy and for whatsapp_cloud): serialized per recipient (a transaction advisory lock) where sends are counted, decided by notify._policy_evaluate at now(), and a send written to notify.policy_sends.';
+    'The claim''s policy step for one delivery about to be sent (claim_deliveries_v1 calls it only for tenants with a policy and for whatsapp_cloud): serialized per recipient (a transaction advisory lock) where sends are counted, decided by notify._policy_evaluate at now(), a send written to notify.policy_sends, a hold''s end given a wake-up (notify._wake).';
 
 create function notify._prune_policy_sends()
     returns integer

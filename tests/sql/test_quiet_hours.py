@@ -163,6 +163,9 @@ def test_claim_holds_a_delivery_due_in_quiet_hours_until_they_end(db, ready):
         (d,),
     ).fetchone()
     assert event == ("held", "quiet_hours", "claim")
+    # The worker is woken when they end (a dispatch job at that second).
+    lock = "dispatch:email:%d" % call(db, "ceil(extract(epoch from %s::timestamptz))::bigint", ends)
+    assert call(db, "(select count(*) from procrastinate_jobs where queueing_lock = %s and status = 'todo')", lock) == 1
     # Not due again before the window ends; when it has (due_at moved to the past, the window with it), it is sent.
     assert claim(db, "email") == []
     call(db, "notify_api.delete_quiet_hours_v1(%s)", ready)
