@@ -58,11 +58,12 @@ create table notify.policy_sends (
     category text,
     first_sent_at timestamptz not null,
     last_sent_at timestamptz not null,
-    primary key (tenant_id, delivery_id)
+    -- recipient_id second: every lookup is by recipient, and no other index may look like a way to do it (the ledger
+    -- grows faster than its statistics; a cached plan walking a tenant's whole ledger per delivery would be quadratic).
+    primary key (tenant_id, recipient_id, delivery_id)
 );
 comment on table notify.policy_sends is
     'Messages claimed for sending, per recipient, for the frequency caps (first_sent_at: a retry is the same message) and WhatsApp''s pair rate limit (last_sent_at: the latest attempt). Written only for tenants with caps and for whatsapp_cloud; pruned past the longest cap period by run_maintenance_v1.';
-create index policy_sends_recipient on notify.policy_sends (tenant_id, recipient_id, first_sent_at);
 create index policy_sends_pruning on notify.policy_sends (last_sent_at);
 
 create type notify.policy_outcome as (decision text, reason text, until timestamptz, detail jsonb);
@@ -121,6 +122,10 @@ create function notify._policy_evaluate(p_tenant_id uuid, p_recipient_id uuid, p
     language plpgsql
     stable
     set search_path = pg_catalog, pg_temp
+    -- Its lookups are by key (a recipient's sends: policy_sends' primary key). The ledger grows from nothing in a
+    -- burst (a tenant's first capped bulk send), faster than its statistics: a plan cached while it looked empty would
+    -- scan it whole for every delivery, so a sequential scan is never chosen here.
+    set enable_seqscan = off
 as $$
 declare
     v_out notify.policy_outcome := row('send', null, null, '{}'::jsonb)::notify.policy_outcome;
@@ -204,9 +209,10 @@ begin
     -- 3. WhatsApp's pair rate limit: at most one message per _pair_interval() to the same user (the recipient on the
     -- tenant's one WhatsApp number), so the Cloud API's error 131056 is avoided rather than retried.
     if p_provider = 'whatsapp_cloud' and p_channel = 'whatsapp' then
-        select max(l.last_sent_at) into v_last
+        -- (the time bound as a filter, not an index condition: only the primary key finds a recipient's rows)
+        select max(l.last_sent_at) filter (where l.last_sent_at <= p_at) into v_last
           from notify.policy_sends l
-         where l.tenant_id = p_tenant_id and l.recipient_id = p_recipient_id and l.channel = 'whatsapp' and l.last_sent_at <= p_at;
+         where l.tenant_id = p_tenant_id and l.recipient_id = p_recipient_id and l.channel = 'whatsapp';
         if v_last + notify._pair_interval() > p_at then
             v_out.until := v_last + notify._pair_interval();
             v_out.detail := jsonb_build_object('pair_rate_limit', jsonb_build_object(
@@ -262,7 +268,7 @@ begin
     if v_counted and v_out.decision = 'send' then
         insert into notify.policy_sends (tenant_id, delivery_id, recipient_id, channel, category, first_sent_at, last_sent_at)
         values (p_tenant_id, p_delivery_id, p_recipient_id, p_channel, p_category, now(), now())
-        on conflict (tenant_id, delivery_id) do update set last_sent_at = excluded.last_sent_at;
+        on conflict (tenant_id, recipient_id, delivery_id) do update set last_sent_at = excluded.last_sent_at;
     elsif v_out.decision = 'hold' then
         -- Claimed again when the hold ends: a wake-up at that second (coalesced with any other for the same second).
         perform notify._wake(p_channel, v_out.until);
@@ -640,25 +646,24 @@ begin
           left join notify.templates t on t.tenant_id = d.tenant_id and t.key = r.template_key
                                       and t.channel = d.channel and t.locale = d.template_locale
     ), policed as materialized (
-        -- Tenant policies (sql/077_api_policies.sql), only for a row about to be sent whose tenant has quiet hours or caps
+        -- Tenant policies (sql/077_api_policies.sql), only for rows about to be sent whose tenant has quiet hours or caps
         -- (one hashed probe per claim, so a tenant that sets nothing pays almost nothing) or whose provider is
-        -- whatsapp_cloud (the pair rate limit): quiet hours hold it, a cap suppresses or holds it. notify._policy_claim
-        -- is volatile, so it runs after the sort, once per row in (tenant, recipient) order: its per-recipient locks are
-        -- taken in the same order by every claim.
-        select x.*,
-               case when x.next_status = 'sending'
-                         and (x.provider = 'whatsapp_cloud'
-                              or x.tenant_id in (select q.tenant_id from notify.quiet_hours q
-                                                 union all select c.tenant_id from notify.frequency_caps c))
-                    then notify._policy_claim(x.tenant_id, x.id, x.recipient_id, p_channel, x.category, x.provider, x.expires_at) end
-                   as policy
+        -- whatsapp_cloud (the pair rate limit): quiet hours hold them, a cap suppresses or holds them.
+        -- notify._policy_claim is volatile, so it runs after the sort, once per row in (tenant, recipient) order: its
+        -- per-recipient locks are taken in the same order by every claim.
+        select x.tenant_id, x.id,
+               notify._policy_claim(x.tenant_id, x.id, x.recipient_id, p_channel, x.category, x.provider, x.expires_at) as policy
           from decided x
+         where x.next_status = 'sending'
+           and (x.provider = 'whatsapp_cloud'
+                or x.tenant_id in (select q.tenant_id from notify.quiet_hours q union all select c.tenant_id from notify.frequency_caps c))
          order by x.tenant_id, x.recipient_id
     ), final as (
-        select p.*,
+        select x.*, p.policy,
                case (p.policy).decision when 'hold' then 'held' when 'suppress' then 'suppressed' when 'expire' then 'expired'
-                                        else p.next_status::text end::notify.delivery_status as final_status
-          from policed p
+                                        else x.next_status::text end::notify.delivery_status as final_status
+          from decided x
+          left join policed p on p.tenant_id = x.tenant_id and p.id = x.id
     ), updated as (
         update notify.notification_deliveries d
            set status = x.final_status,

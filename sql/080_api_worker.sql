@@ -58,25 +58,24 @@ begin
           left join notify.templates t on t.tenant_id = d.tenant_id and t.key = r.template_key
                                       and t.channel = d.channel and t.locale = d.template_locale
     ), policed as materialized (
-        -- Tenant policies (sql/077_api_policies.sql), only for a row about to be sent whose tenant has quiet hours or caps
+        -- Tenant policies (sql/077_api_policies.sql), only for rows about to be sent whose tenant has quiet hours or caps
         -- (one hashed probe per claim, so a tenant that sets nothing pays almost nothing) or whose provider is
-        -- whatsapp_cloud (the pair rate limit): quiet hours hold it, a cap suppresses or holds it. notify._policy_claim
-        -- is volatile, so it runs after the sort, once per row in (tenant, recipient) order: its per-recipient locks are
-        -- taken in the same order by every claim.
-        select x.*,
-               case when x.next_status = 'sending'
-                         and (x.provider = 'whatsapp_cloud'
-                              or x.tenant_id in (select q.tenant_id from notify.quiet_hours q
-                                                 union all select c.tenant_id from notify.frequency_caps c))
-                    then notify._policy_claim(x.tenant_id, x.id, x.recipient_id, p_channel, x.category, x.provider, x.expires_at) end
-                   as policy
+        -- whatsapp_cloud (the pair rate limit): quiet hours hold them, a cap suppresses or holds them.
+        -- notify._policy_claim is volatile, so it runs after the sort, once per row in (tenant, recipient) order: its
+        -- per-recipient locks are taken in the same order by every claim.
+        select x.tenant_id, x.id,
+               notify._policy_claim(x.tenant_id, x.id, x.recipient_id, p_channel, x.category, x.provider, x.expires_at) as policy
           from decided x
+         where x.next_status = 'sending'
+           and (x.provider = 'whatsapp_cloud'
+                or x.tenant_id in (select q.tenant_id from notify.quiet_hours q union all select c.tenant_id from notify.frequency_caps c))
          order by x.tenant_id, x.recipient_id
     ), final as (
-        select p.*,
+        select x.*, p.policy,
                case (p.policy).decision when 'hold' then 'held' when 'suppress' then 'suppressed' when 'expire' then 'expired'
-                                        else p.next_status::text end::notify.delivery_status as final_status
-          from policed p
+                                        else x.next_status::text end::notify.delivery_status as final_status
+          from decided x
+          left join policed p on p.tenant_id = x.tenant_id and p.id = x.id
     ), updated as (
         update notify.notification_deliveries d
            set status = x.final_status,
