@@ -29,6 +29,7 @@ from api.routes.deliveries import Deliveries
 from api.routes.health import bench_baseline, health, version
 from api.routes.mock import Mock
 from api.routes.notifications import Notifications
+from api.routes.policies import FrequencyCaps, QuietHours
 from api.routes.recipients import Recipients
 from api.routes.retention import Retention
 from api.routes.templates import Templates
@@ -110,7 +111,9 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
     }
     bulk = Router(path="/internal", route_handlers=[Notifications], request_max_body_size=settings.max_bulk_body_bytes, **guarded)
     internal = Router(
-        path="/internal", route_handlers=[Callbacks, Recipients, Templates, Channels, Mock, Deliveries, Retention], **guarded
+        path="/internal",
+        route_handlers=[Callbacks, Recipients, Templates, Channels, Mock, Deliveries, Retention, QuietHours, FrequencyCaps],
+        **guarded,
     )
     public = Router(path="/public", route_handlers=[receive_webhook, verify_webhook, unsubscribe_page, unsubscribe])
     plugins = []

@@ -555,3 +555,62 @@ class RetentionOut(Base):
     defaults: RetentionPeriods
     default: bool
     updated_at: dt.datetime | None = None
+
+
+# Quiet hours and frequency caps (/internal/quiet-hours, /internal/frequency-caps): the SQL functions check every rule
+# again (HH:MM times, IANA time zones, ISO 8601 periods of PT1S to P31D) and name the field.
+ClockTime = Annotated[str, Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$", examples=["21:00"])]
+
+
+class QuietWindow(Base):
+    start: ClockTime | None = None
+    end: ClockTime | None = None
+    exempt: bool | None = None
+
+
+class QuietHoursPut(Base):
+    timezone: Annotated[str, Meta(max_length=64, examples=["Europe/Madrid"])] | None = None
+    start: ClockTime | None = None
+    end: ClockTime | None = None
+    categories: dict[str, QuietWindow] | None = None
+
+
+class QuietHoursDefaults(Base):
+    timezone: str
+    start: str | None = None
+    end: str | None = None
+    categories: dict[str, QuietWindow] = {}
+
+
+class QuietHoursOut(Base):
+    timezone: str | None
+    start: str | None
+    end: str | None
+    categories: dict[str, QuietWindow]
+    default: bool
+    defaults: QuietHoursDefaults
+    updated_at: dt.datetime | None = None
+
+
+class FrequencyCap(Base):
+    max: Annotated[int, Meta(ge=1, le=10000)]
+    period: Annotated[str, Meta(max_length=32, examples=["P1D"])]
+    channel: Channel | None = None
+    category: Annotated[str, Meta(min_length=1, max_length=100)] | None = None
+    action: Literal["suppress", "hold"] | None = None
+
+
+class FrequencyCapsPut(Base):
+    caps: Annotated[list[FrequencyCap], Meta(max_length=20)]
+
+
+class FrequencyCapsDefaults(Base):
+    caps: list[FrequencyCap]
+    action: str
+
+
+class FrequencyCapsOut(Base):
+    caps: list[FrequencyCap]
+    default: bool
+    defaults: FrequencyCapsDefaults
+    updated_at: dt.datetime | None = None

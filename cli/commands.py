@@ -250,6 +250,64 @@ def cmd_retention_set(args: argparse.Namespace) -> None:
     print(json.dumps(row[0] if row else None, indent=2))
 
 
+def _policy_call(args: argparse.Namespace, function: str, body: dict[str, object] | None = None) -> None:
+    """Calls one of the policy functions (sql/077_api_policies.sql) for --tenant and prints the JSON it returns."""
+    with psycopg.connect(_url(args), autocommit=True) as conn:
+        params: tuple[object, ...] = (_tenant_id(conn, args.tenant),) + ((Jsonb(body),) if body is not None else ())
+        placeholders = ", ".join(["%s"] * len(params))
+        row = conn.execute(f"select notify_api.{function}({placeholders})", params).fetchone()  # type: ignore[arg-type]
+    print(json.dumps(row[0] if row else None, indent=2))
+
+
+def cmd_quiet_hours_show(args: argparse.Namespace) -> None:
+    _policy_call(args, "get_quiet_hours_v1")
+
+
+def cmd_quiet_hours_set(args: argparse.Namespace) -> None:
+    body: dict[str, object] = {}
+    if args.timezone is not None:
+        body["timezone"] = args.timezone
+    if args.start is not None or args.end is not None:
+        body["start"], body["end"] = args.start, args.end
+    categories: dict[str, object] = {}
+    for item in args.category:
+        name, sep, window = item.partition("=")
+        start, dash, end = window.partition("-")
+        if not sep or not name or not dash:
+            raise SystemExit(f"--category must be NAME=HH:MM-HH:MM, got {item!r}")
+        categories[name] = {"start": start, "end": end}
+    for name in args.exempt:
+        categories[name] = {"exempt": True}
+    if categories:
+        body["categories"] = categories
+    _policy_call(args, "set_quiet_hours_v1", body)
+
+
+def cmd_quiet_hours_delete(args: argparse.Namespace) -> None:
+    _policy_call(args, "delete_quiet_hours_v1")
+
+
+def cmd_caps_show(args: argparse.Namespace) -> None:
+    _policy_call(args, "get_frequency_caps_v1")
+
+
+def cmd_caps_set(args: argparse.Namespace) -> None:
+    caps: list[dict[str, object]] = []
+    for spec in args.cap:
+        cap: dict[str, object] = {}
+        for part in spec.split(","):
+            name, sep, value = part.strip().partition("=")
+            if not sep or name not in ("max", "period", "channel", "category", "action"):
+                raise SystemExit(f"--cap must be max=N,period=P1D[,channel=C][,category=C][,action=suppress|hold], got {spec!r}")
+            cap[name] = int(value) if name == "max" and value.isdigit() else value
+        caps.append(cap)
+    _policy_call(args, "set_frequency_caps_v1", {"caps": caps})
+
+
+def cmd_caps_delete(args: argparse.Namespace) -> None:
+    _policy_call(args, "delete_frequency_caps_v1")
+
+
 def cmd_retention_run(args: argparse.Namespace) -> None:
     """What the worker's retention task does, once, now: partitions ahead and dropped, then scrub batches (a transaction each)."""
     with psycopg.connect(_url(args), autocommit=True) as conn:
@@ -810,6 +868,52 @@ def parser() -> argparse.ArgumentParser:
     rset.set_defaults(func=cmd_retention_set)
     rr = retention.add_parser("run", parents=[db], help="run the worker's retention task once, now")
     rr.set_defaults(func=cmd_retention_run)
+
+    quiet = sub.add_parser(
+        "quiet-hours",
+        help="when a tenant's deliveries are held: quiet hours in the recipient's time zone (README, Quiet hours)",
+    ).add_subparsers(dest="action", required=True)
+    qs = quiet.add_parser("show", parents=[db], help="a tenant's quiet hours and default time zone")
+    qs.add_argument("--tenant", required=True)
+    qs.set_defaults(func=cmd_quiet_hours_show)
+    qset = quiet.add_parser(
+        "set",
+        parents=[db],
+        help="set a tenant's quiet hours (replaces them; what is left out is not set)",
+        description="Local times HH:MM; a window whose start is after its end crosses midnight. "
+        "--start 21:00 --end 08:00 --timezone Europe/Madrid --category reminder=20:00-09:00 --exempt password_reset.",
+    )
+    qset.add_argument("--tenant", required=True)
+    qset.add_argument("--timezone", default=None, help="for recipients without one (default UTC)")
+    qset.add_argument("--start", default=None, metavar="HH:MM", help="the default window's start")
+    qset.add_argument("--end", default=None, metavar="HH:MM", help="the default window's end")
+    qset.add_argument("--category", action="append", default=[], metavar="NAME=HH:MM-HH:MM", help="a category's own window")
+    qset.add_argument("--exempt", action="append", default=[], metavar="NAME", help="a category sent at once")
+    qset.set_defaults(func=cmd_quiet_hours_set)
+    qd = quiet.add_parser("delete", parents=[db], help="remove a tenant's quiet hours and default time zone")
+    qd.add_argument("--tenant", required=True)
+    qd.set_defaults(func=cmd_quiet_hours_delete)
+
+    caps = sub.add_parser(
+        "caps",
+        help="how many messages a recipient may get: frequency caps (README, Frequency caps)",
+    ).add_subparsers(dest="action", required=True)
+    cs = caps.add_parser("show", parents=[db], help="a tenant's frequency caps")
+    cs.add_argument("--tenant", required=True)
+    cs.set_defaults(func=cmd_caps_show)
+    cset = caps.add_parser(
+        "set",
+        parents=[db],
+        help="set a tenant's frequency caps (replaces them; none given removes them)",
+        description="--cap max=3,period=P1D,category=reminder --cap max=1,period=PT10M,channel=whatsapp,action=hold. "
+        "period: ISO 8601, PT1S to P31D; action: suppress (default) or hold until the cap frees.",
+    )
+    cset.add_argument("--tenant", required=True)
+    cset.add_argument("--cap", action="append", default=[], metavar="max=N,period=P1D[,channel=..][,category=..][,action=..]")
+    cset.set_defaults(func=cmd_caps_set)
+    cd = caps.add_parser("delete", parents=[db], help="remove a tenant's frequency caps")
+    cd.add_argument("--tenant", required=True)
+    cd.set_defaults(func=cmd_caps_delete)
 
     login = sub.add_parser(
         "login",

@@ -213,6 +213,38 @@ class _Api:
             Call("POST", "/internal/callbacks/rotate-secret", m.Callbacks, {"overlap_seconds": overlap_seconds}, retry="unsent")
         )
 
+    # policies: quiet hours and frequency caps (README, "Quiet hours and frequency caps")
+    def get_quiet_hours(self) -> m.QuietHours:
+        return self._call(Call("GET", "/internal/quiet-hours", m.QuietHours))
+
+    def set_quiet_hours(
+        self,
+        *,
+        start: str | None = None,
+        end: str | None = None,
+        timezone: str | None = None,
+        categories: Mapping[str, m.QuietWindow | Mapping[str, Any]] | None = None,
+    ) -> m.QuietHours:
+        """Replaces the quiet hours: the default window start-end (HH:MM, both or neither), per-category windows or
+        {"exempt": True}, and the time zone of recipients without one."""
+        body: dict[str, Any] = {k: v for k, v in {"start": start, "end": end, "timezone": timezone}.items() if v is not None}
+        if categories is not None:
+            body["categories"] = dict(categories)
+        return self._call(Call("PUT", "/internal/quiet-hours", m.QuietHours, body))
+
+    def delete_quiet_hours(self) -> m.QuietHours:
+        return self._call(Call("DELETE", "/internal/quiet-hours", m.QuietHours))
+
+    def get_frequency_caps(self) -> m.FrequencyCaps:
+        return self._call(Call("GET", "/internal/frequency-caps", m.FrequencyCaps))
+
+    def set_frequency_caps(self, caps: Sequence[m.FrequencyCap | Mapping[str, Any]]) -> m.FrequencyCaps:
+        """Replaces the frequency caps ([] removes them)."""
+        return self._call(Call("PUT", "/internal/frequency-caps", m.FrequencyCaps, {"caps": list(caps)}))
+
+    def delete_frequency_caps(self) -> m.FrequencyCaps:
+        return self._call(Call("DELETE", "/internal/frequency-caps", m.FrequencyCaps))
+
     def list_mock_messages(self, delivery_id: uuid.UUID | str | None = None, limit: int = 100) -> list[m.MockMessage]:
         params: dict[str, Any] = {"limit": limit}
         if delivery_id:

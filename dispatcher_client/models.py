@@ -375,3 +375,43 @@ class CallbackEvent(Model):
     timestamp: dt.datetime
     data: StatusChange
     webhook_id: str = ""
+
+
+# -- policies (/internal/quiet-hours, /internal/frequency-caps) ----------------------------------------------------
+class QuietWindow(Model):
+    """A category's own quiet hours (start, end: HH:MM local time), or exempt: sent at once."""
+
+    start: str | None = None
+    end: str | None = None
+    exempt: bool | None = None
+
+
+class QuietHours(Model):
+    """Quiet hours in force: the default window (start, end), per-category windows, the time zone of recipients without
+    one (None: UTC). `default`: nothing is set."""
+
+    categories: dict[str, QuietWindow]
+    default: bool
+    timezone: str | None = None
+    start: str | None = None
+    end: str | None = None
+    defaults: dict[str, Any] | None = None
+    updated_at: dt.datetime | None = None
+
+
+class FrequencyCap(Model):
+    """At most `max` messages per recipient in any sliding `period` (ISO 8601, PT1S to P31D), counting only `channel`
+    and `category` when given; over it suppressed (action "suppress", the default) or held until the cap frees ("hold")."""
+
+    max: int
+    period: str
+    channel: Channel | None = None
+    category: str | None = None
+    action: Literal["suppress", "hold"] | None = None
+
+
+class FrequencyCaps(Model):
+    caps: list[FrequencyCap]
+    default: bool
+    defaults: dict[str, Any] | None = None
+    updated_at: dt.datetime | None = None

@@ -7,6 +7,7 @@
 - callbacks: /internal/callbacks (status callback settings)
 - mock: /internal/mock (the mock provider's messages)
 - retention: /internal/retention (how long personal data and history are kept)
+- policies: /internal/quiet-hours, /internal/frequency-caps (when deliveries are held, how many a recipient gets)
 - webhooks: /public (provider webhooks, WhatsApp's handshake, one-click unsubscribe)
 - health: /health, /version (and the benchmark's baseline route)
 
