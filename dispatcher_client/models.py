@@ -72,6 +72,60 @@ class Accepted(Model):
     test: bool = False  # submitted with a test key: sent by the mock provider only
 
 
+class PreviewReason(Model):
+    """Why a previewed delivery would not be sent (or, with `at` "claim", would be refused when the worker claims it):
+    no_address, no_consent, template_not_found, missing_variables (`variables`), render_failed,
+    outside_customer_service_window, and the policies' reasons."""
+
+    reason: str
+    detail: str | None = None
+    at: str | None = None
+    variables: list[str] | None = None
+    channel: str | None = None
+
+
+class PreviewDelivery(Model):
+    """One delivery of a dry run (per recipient and channel). `consent`, `locale`, `template`, `provider` and
+    `address` are objects as documented in docs/sql-api.md ("Dry run"); `rendered` is the content a send would render."""
+
+    recipient: str
+    channel: Channel
+    would_send: bool
+    status: str
+    recipient_known: bool
+    reasons: list[PreviewReason]
+    provider: dict[str, Any]
+    address: dict[str, Any]
+    consent: dict[str, Any]
+    locale: dict[str, Any]
+    template: dict[str, Any]
+    variables: dict[str, Any]
+    reason: str | None = None
+    index: int | None = None
+    due_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    timezone: str | None = None
+    missing_variables: list[str] | None = None
+    rendered: dict[str, Any] | None = None
+
+
+class Preview(Model):
+    """The dry run of a submission: nothing was written. `outcome` is what the submission would answer; `refused` its
+    error when it would be refused (a template or variables missing)."""
+
+    preview: bool
+    outcome: Literal["accepted", "suppressed", "refused"]
+    previewed_at: dt.datetime
+    template: str
+    deliveries: list[PreviewDelivery]
+    refused: dict[str, Any] | None = None
+    test: bool = False
+    category: str | None = None
+    send_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    recipient_count: int | None = None
+
+
 class DeliveryEvent(Model):
     seq: int
     to: str

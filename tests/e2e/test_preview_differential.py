@@ -178,3 +178,29 @@ def test_each_preview_says_what_the_real_submission_then_does(db: psycopg.Connec
                 assert message["rendered"] == d["rendered"], (case.name, channel)
             compared += 1
     assert compared == 11
+
+
+def test_the_client_previews_with_typed_answers(stack: tuple[Service, str]) -> None:
+    from dispatcher_client import Client, DispatcherError, Intent, Recipient
+
+    service, _ = stack
+    intent = Intent(
+        recipient=Recipient(ref="client-r", addresses={"email": "c@example.com"}),
+        channels=["whatsapp", "email"],
+        template="event_reminder",
+        variables={"name": "Ana", "event": "Long run"},
+    )
+    with Client(service.base_url, service.key) as nd:
+        preview = nd.preview(intent)
+        assert preview.preview and preview.outcome == "accepted"
+        wa, email = preview.deliveries
+        assert not wa.would_send and [r.reason for r in wa.reasons] == ["no_address", "no_consent"]
+        assert email.would_send and email.rendered == {
+            "subject": "Reminder: Long run",
+            "text": "Hi Ana, see you at Long run.",
+            "html": "<p>Hi Ana, see you at <b>Long run</b>.</p>",
+        }
+        with pytest.raises(DispatcherError) as info:
+            nd.preview(Intent(recipient=Recipient(ref=""), channels=["email"], template="event_reminder"))
+        assert info.value.status == 400
+        assert nd.find_notifications(recipient="client-r").items == []  # nothing was written
