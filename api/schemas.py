@@ -42,11 +42,28 @@ class FanoutRecipient(Base):
     variables: dict[str, Any] | None = None
 
 
-class NotificationIn(Base):
-    """One intent: either `recipient` (one) or `recipients` (a fan-out of up to 10,000, each with optional variables)."""
+class RouteStep(Base):
+    """One step of a fallback route: its channel; the status that makes the later steps unnecessary (`until`, default
+    delivered); how long after it is sent it may take to reach it before the next step is sent (`within`, an ISO 8601
+    duration such as PT15M; none on the last step). The database checks them again and names the field it refuses."""
 
-    channels: Annotated[list[Channel], Meta(min_length=1, max_length=3)]
+    channel: Channel
+    until: Literal["sent", "delivered", "read"] | None = None
+    within: Annotated[str, Meta(max_length=40, examples=["PT15M"])] | None = None
+
+
+Priority = Literal["high", "normal", "bulk"]
+
+
+class NotificationIn(Base):
+    """One intent: either `recipient` (one) or `recipients` (a fan-out of up to 10,000, each with optional variables);
+    either `channels` (every one sent) or `route` (a fallback: the next step only when the one before cannot succeed or
+    has not reached its goal in time)."""
+
     template: Annotated[str, Meta(min_length=1, max_length=100)]
+    channels: Annotated[list[Channel], Meta(min_length=1, max_length=3)] | None = None
+    route: Annotated[list[RouteStep], Meta(min_length=1, max_length=3)] | None = None
+    priority: Priority | None = None
     recipient: RecipientIn | None = None
     recipients: Annotated[list[FanoutRecipient], Meta(min_length=1, max_length=10_000)] | None = None
     variables: dict[str, Any] | None = None
@@ -63,6 +80,7 @@ class DeliverySummary(Base):
     channel: Channel
     status: str
     reason: str | None = None
+    step: int | None = None  # its place in the request's route, when it has one
 
 
 class DeliveryCount(Base):
@@ -166,6 +184,7 @@ class DeliveryOut(Base):
     finished_at: dt.datetime | None = None
     test: bool | None = None  # true: a test key's delivery, sent by the mock provider only
     pricing: dict[str, Any] | None = None  # what the provider said it cost (WhatsApp: pricing_model, category, billable, type)
+    step: int | None = None  # its place in the request's route, when it has one
 
 
 class NotificationOut(Base):
@@ -191,6 +210,8 @@ class NotificationOut(Base):
     http_request_id: str | None = None
     callback_url: str | None = None
     test: bool | None = None  # true: submitted with a test key
+    route: list[RouteStep] | None = None  # the fallback route, normalized (until filled in), when it has one
+    priority: Priority | None = None
 
 
 class DeliveryPage(Base):
@@ -206,6 +227,7 @@ class FoundDelivery(Base):
     status: str
     updated_at: dt.datetime
     reason: str | None = None
+    step: int | None = None
 
 
 class FoundNotification(Base):
@@ -221,6 +243,7 @@ class FoundNotification(Base):
     category: str | None = None
     metadata: dict[str, Any] | None = None
     deliveries: list[FoundDelivery] | None = None
+    route: list[RouteStep] | None = None
 
 
 class NotificationPage(Base):

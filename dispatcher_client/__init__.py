@@ -36,6 +36,7 @@ from dispatcher_client.models import (
     ProviderConfig,
     Recipient,
     RecipientOut,
+    RouteStep,
     StatusChange,
     Template,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "ProviderConfig",
     "Recipient",
     "RecipientOut",
+    "RouteStep",
     "StatusChange",
     "Template",
     "verify_callback",

@@ -28,11 +28,27 @@ class FanoutRecipient(Recipient):
     variables: dict[str, Any] | None = None
 
 
-class Intent(Model):
-    """What to send: to `recipient` (one) or `recipients` (a fan-out of up to 10,000), on `channels` in order."""
+Priority = Literal["high", "normal", "bulk"]
 
-    channels: list[Channel]
+
+class RouteStep(Model):
+    """A step of a fallback route: `until` (sent, delivered or read; the server's default is delivered) is the status
+    that makes the later steps unnecessary; `within` (an ISO 8601 duration, e.g. "PT15M") how long after being sent
+    it may take before the next step is sent anyway. The last step needs neither."""
+
+    channel: Channel
+    until: Literal["sent", "delivered", "read"] | None = None
+    within: str | None = None
+
+
+class Intent(Model):
+    """What to send: to `recipient` (one) or `recipients` (a fan-out of up to 10,000), on every one of `channels`, or
+    along a fallback `route` (exactly one of the two); `priority` high, normal (the default) or bulk."""
+
     template: str
+    channels: list[Channel] | None = None
+    route: list[RouteStep] | None = None
+    priority: Priority | None = None
     recipient: Recipient | None = None
     recipients: list[FanoutRecipient] | None = None
     variables: dict[str, Any] | None = None
@@ -49,6 +65,7 @@ class DeliverySummary(Model):
     channel: Channel
     status: str
     reason: str | None = None
+    step: int | None = None  # its place in the route, when the intent has one
 
 
 class DeliveryCount(Model):
@@ -164,6 +181,7 @@ class Delivery(Model):
     test: bool = False  # a test key's delivery
     pricing: dict[str, Any] | None = None  # what the provider said it cost (WhatsApp status pricing)
     recipient: str | None = None
+    step: int | None = None  # its place in the route, when the notification has one
 
 
 class Notification(Model):
@@ -189,6 +207,8 @@ class Notification(Model):
     http_request_id: str | None = None
     callback_url: str | None = None
     test: bool = False  # submitted with a test key
+    route: list[RouteStep] | None = None  # the fallback route (until filled in), when it has one
+    priority: Priority = "normal"
 
 
 class DeliveryPage(Model):
@@ -202,6 +222,7 @@ class FoundDelivery(Model):
     status: str
     updated_at: dt.datetime | None = None
     reason: str | None = None
+    step: int | None = None
 
 
 class FoundNotification(Model):
@@ -215,6 +236,7 @@ class FoundNotification(Model):
     category: str | None = None
     metadata: dict[str, Any] | None = None
     deliveries: list[FoundDelivery] = []
+    route: list[RouteStep] | None = None
 
 
 class NotificationPage(Model):

@@ -184,7 +184,8 @@ as $$
     select jsonb_path_match(p_request,
            '$.type() == "object"
             && !exists($.keyvalue() ? (!(@.key == "recipient" || @.key == "channels" || @.key == "template"
-                                          || @.key == "variables" || @.key == "category" || @.key == "metadata")))
+                                          || @.key == "variables" || @.key == "category" || @.key == "metadata"
+                                          || @.key == "priority")))
             && $.recipient.type() == "object"
             && !exists($.recipient.keyvalue() ? (!(@.key == "ref" || @.key == "addresses" || @.key == "locale" || @.key == "timezone")))
             && $.channels.type() == "array" && $.channels.size() >= 1
@@ -192,13 +193,15 @@ as $$
             && $.template.type() == "string" && $.template != ""
             && (!exists($.variables) || $.variables.type() == "object" || $.variables.type() == "null")
             && (!exists($.metadata) || $.metadata.type() == "object" || $.metadata.type() == "null")
-            && (!exists($.category) || $.category.type() == "null" || $.category.type() == "string")',
+            && (!exists($.category) || $.category.type() == "null" || $.category.type() == "string")
+            && (!exists($.priority) || $.priority.type() == "null" || $.priority == "high" || $.priority == "normal"
+                || $.priority == "bulk")',
            jsonb_build_object('channel_names', to_jsonb(enum_range(null::notify.channel))), true)
        -- lengths apart: a counted repetition ({1,100}) makes a regular expression many times slower
        and length(p_request ->> 'template') <= 100 and coalesce(length(p_request ->> 'category'), 0) <= 100
 $$;
 comment on function notify._is_usual_submission(jsonb) is
-    'True for the usual submission body (one recipient object; channels, template, variables, category, metadata of the right types; no times, no callback URL), which notify._parse_submission and the batch read without checking field by field. Accepts only bodies those checks accept; false (or null) sends a body to them.';
+    'True for the usual submission body (one recipient object; channels, template, variables, category, metadata, priority of the right types; no route, no times, no callback URL), which notify._parse_submission and the batch read without checking field by field. Accepts only bodies those checks accept; false (or null) sends a body to them.';
 
 create function notify._check_keys(p_object jsonb, p_allowed text[], p_path text)
     returns void
@@ -323,3 +326,119 @@ as $$
 $$;
 comment on function notify._secret_refs_valid(jsonb) is
     'True if every value is a secret reference (env:NAME or file:/absolute/path), so a secret itself can never be stored.';
+
+-- Fallback routes and priority (issue #14, migration 0034): read by notify._parse_submission.
+create function notify._duration_field(p_value jsonb, p_path text)
+    returns interval
+    language plpgsql
+    immutable
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v text;
+    m text[];
+    v_interval interval;
+begin
+    if p_value is null or jsonb_typeof(p_value) = 'null' then
+        return null;
+    end if;
+    if jsonb_typeof(p_value) <> 'string' then
+        perform notify._raise('ND400', 'invalid_type', format('%s must be an ISO 8601 duration such as PT15M', p_path), p_path);
+    end if;
+    v := p_value #>> '{}';
+    -- Weeks, days, hours, minutes and seconds only: a year or a month has no fixed length.
+    m := regexp_match(v, '^P(?:([0-9]+)W)?(?:([0-9]+)D)?(?:T(?:([0-9]+)H)?(?:([0-9]+)M)?(?:([0-9]+(?:[.,][0-9]+)?)S)?)?$');
+    if m is null or length(v) > 40 or v in ('P', 'PT') or right(v, 1) = 'T' then
+        perform notify._raise('ND400', 'invalid_duration',
+            format('%s must be an ISO 8601 duration of weeks, days, hours, minutes and seconds (PT15M, PT1H30M, P1D); years and months are not accepted', p_path),
+            p_path);
+    end if;
+    begin
+        v_interval := make_interval(weeks => coalesce(m[1], '0')::integer, days => coalesce(m[2], '0')::integer,
+                                    hours => coalesce(m[3], '0')::integer, mins => coalesce(m[4], '0')::integer,
+                                    secs => coalesce(replace(m[5], ',', '.'), '0')::double precision);
+    exception when numeric_value_out_of_range or datetime_field_overflow or interval_field_overflow then
+        v_interval := interval '1000 days';
+    end;
+    if v_interval <= interval '0' then
+        perform notify._raise('ND400', 'invalid_duration', format('%s must be longer than zero', p_path), p_path);
+    end if;
+    if v_interval > interval '30 days' then
+        perform notify._raise('ND400', 'invalid_duration', format('%s must be at most 30 days (P30D)', p_path), p_path);
+    end if;
+    return v_interval;
+end
+$$;
+comment on function notify._duration_field(jsonb, text) is
+    'Reads an ISO 8601 duration (PnW, PnD, PTnHnMnS and their combinations; no years or months) as an interval, refusing junk, zero and more than 30 days with the field named; null for null.';
+
+create function notify._priority_field(p_value jsonb)
+    returns notify.priority
+    language plpgsql
+    immutable
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if p_value is null or jsonb_typeof(p_value) = 'null' then
+        return 'normal';
+    end if;
+    if jsonb_typeof(p_value) <> 'string' or (p_value #>> '{}') <> all (enum_range(null::notify.priority)::text[]) then
+        perform notify._raise('ND400', 'invalid_value', 'priority must be one of high, normal, bulk', 'priority');
+    end if;
+    return (p_value #>> '{}')::notify.priority;
+end
+$$;
+comment on function notify._priority_field(jsonb) is 'Reads a submission''s priority (high, normal or bulk; absent or null: normal), refusing anything else by name.';
+
+create function notify._parse_route(p_route jsonb)
+    returns jsonb
+    language plpgsql
+    immutable
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_step jsonb;
+    v_path text;
+    v_channel notify.channel;
+    v_channels notify.channel[] := '{}';
+    v_until text;
+    v_out jsonb := '[]';
+    v_n integer;
+begin
+    if jsonb_typeof(p_route) is distinct from 'array' or jsonb_array_length(p_route) = 0 then
+        perform notify._raise('ND400', 'missing_field', 'route must be a non-empty list of steps {channel, until?, within?}', 'route');
+    end if;
+    v_n := jsonb_array_length(p_route);
+    for i in 0 .. v_n - 1 loop
+        v_step := p_route -> i;
+        v_path := format('route[%s]', i);
+        if jsonb_typeof(v_step) <> 'object' then
+            perform notify._raise('ND400', 'invalid_type', format('%s must be an object {channel, until?, within?}', v_path), v_path);
+        end if;
+        perform notify._check_keys(v_step, array['channel', 'until', 'within'], v_path);
+        v_channel := notify._channel_field(v_step -> 'channel', v_path || '.channel');
+        if v_channel = any (v_channels) then
+            perform notify._raise('ND400', 'duplicate_channel',
+                format('%s.channel: a route must not repeat a channel (%s is step %s already)', v_path, v_channel,
+                       array_position(v_channels, v_channel)), v_path || '.channel');
+        end if;
+        v_channels := v_channels || v_channel;
+        -- The goal that makes the later steps unnecessary; delivered unless said (on the last step it changes nothing).
+        v_until := coalesce(nullif(v_step -> 'until', 'null') #>> '{}', 'delivered');
+        if jsonb_typeof(coalesce(nullif(v_step -> 'until', 'null'), '"delivered"')) <> 'string'
+           or v_until not in ('sent', 'delivered', 'read') then
+            perform notify._raise('ND400', 'invalid_value', format('%s.until must be one of sent, delivered, read', v_path), v_path || '.until');
+        end if;
+        perform notify._duration_field(v_step -> 'within', v_path || '.within');
+        if i = v_n - 1 and jsonb_typeof(v_step -> 'within') is distinct from 'null' and v_step ? 'within' then
+            perform notify._raise('ND400', 'invalid_value',
+                format('%s.within: the last step has no later step to fall back to', v_path), v_path || '.within');
+        end if;
+        v_out := v_out || jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
+            'channel', v_channel, 'until', v_until, 'within', nullif(v_step -> 'within', 'null'))));
+    end loop;
+    return v_out;
+end
+$$;
+comment on function notify._parse_route(jsonb) is
+    'Reads a submission''s route, [{channel, until?, within?}, ...], refusing the first wrong step by field (route[1].within): a known channel not repeated, until one of sent, delivered (the default), read, within an ISO 8601 duration (notify._duration_field), none on the last step. Returns it normalized (until filled in; within as given).';

@@ -186,11 +186,12 @@ begin
                'recipient', (select r.ref from notify.recipients r where r.tenant_id = p_tenant_id and r.id = p.recipient_id),
                'recipient_count', case when p.recipient_id is null then p.recipient_count end,
                'template', p.template_key, 'category', p.category, 'channels', to_jsonb(p.channels),
-               'metadata', nullif(p.metadata, '{}'::jsonb)))
+               'metadata', nullif(p.metadata, '{}'::jsonb), 'route', p.route))
            -- deliveries of the one recipient (single intents, or the filtered recipient's within a fan-out)
            || case when p.recipient_id is not null or v_recipient is not null then jsonb_build_object('deliveries',
                   (select coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
-                              'id', d.id, 'channel', d.channel, 'status', d.status, 'reason', d.reason, 'updated_at', d.updated_at))
+                              'id', d.id, 'channel', d.channel, 'step', d.route_step, 'status', d.status, 'reason', d.reason,
+                              'updated_at', d.updated_at))
                               order by array_position(p.channels, d.channel)), '[]')
                      from notify.notification_deliveries d
                     where d.request_id = p.id and d.tenant_id = p_tenant_id
@@ -233,9 +234,9 @@ as $$
         'recipient_count', case when v.recipient_id is null then v.recipient_count end,
         'template', v.template_key, 'category', v.category, 'channels', to_jsonb(v.channels),
         'send_at', v.send_at, 'expires_at', v.expires_at, 'metadata', v.metadata, 'http_request_id', v.http_request_id,
-        'callback_url', v.callback_url, 'test', case when v.test then true end))
+        'callback_url', v.callback_url, 'test', case when v.test then true end, 'route', v.route, 'priority', v.priority))
 $$;
-comment on function notify._notification_head(notify.notification_requests) is 'The request part of a notification''s JSON (as get_notification_v1 shows it; "test": true for a test key''s).';
+comment on function notify._notification_head(notify.notification_requests) is 'The request part of a notification''s JSON (as get_notification_v1 shows it; "test": true for a test key''s; its route, when it has one, and priority).';
 
 create function notify_api.get_notification_v2(p_tenant_id uuid, p_id uuid)
     returns jsonb

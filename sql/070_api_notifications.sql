@@ -17,10 +17,14 @@ create type notify.submission as (
     send_at timestamptz,
     expires_at timestamptz,
     metadata jsonb,
-    callback_url text
+    callback_url text,
+    -- Added by migration 0034 (issue #14): the route, normalized (notify._parse_route; null: channels, every one sent),
+    -- whose channels are also in channels, in step order; and the priority (never null: normal unless given).
+    route jsonb,
+    priority notify.priority
 );
 comment on type notify.submission is
-    'A submission body read and checked once (notify._parse_submission): recipient (one, the object) or recipients (a fan-out, the list, checked by notify._submit_fanout), and what every recipient shares. fingerprint is the body''s SHA-256, compared on replay.';
+    'A submission body read and checked once (notify._parse_submission): recipient (one, the object) or recipients (a fan-out, the list, checked by notify._submit_fanout), and what every recipient shares. fingerprint is the body''s SHA-256, compared on replay. route: the fallback route normalized ([{channel, until, within?}], until filled in), or null when the body named channels; channels is then the route''s channels in step order. priority: high, normal or bulk (normal unless given).';
 
 create function notify._parse_submission(p_tenant_id uuid, p_request jsonb, p_idempotency_key text)
     returns notify.submission
@@ -41,7 +45,8 @@ begin
         s := row(p_idempotency_key, sha256(convert_to(p_request::text, 'UTF8')), p_request -> 'recipient', null,
                  string_to_array(translate((p_request -> 'channels')::text, '[]" ', ''), ',')::notify.channel[],
                  p_request ->> 'template', coalesce(nullif(p_request -> 'variables', 'null'), '{}'), p_request ->> 'category',
-                 null, null, coalesce(nullif(p_request -> 'metadata', 'null'), '{}'), null)::notify.submission;
+                 null, null, coalesce(nullif(p_request -> 'metadata', 'null'), '{}'), null,
+                 null, coalesce((p_request ->> 'priority')::notify.priority, 'normal'))::notify.submission;
         if cardinality(s.channels) = 1 or cardinality(s.channels) = (select count(distinct c) from unnest(s.channels) c) then
             return s;
         end if;
@@ -51,8 +56,8 @@ begin
         perform notify._raise('ND400', 'invalid_type', 'body must be a JSON object', '');
     end if;
     perform notify._check_keys(p_request,
-        array['recipient', 'recipients', 'channels', 'template', 'variables', 'category', 'send_at', 'expires_at', 'metadata',
-              'callback_url'], '');
+        array['recipient', 'recipients', 'channels', 'route', 'template', 'variables', 'category', 'send_at', 'expires_at', 'metadata',
+              'callback_url', 'priority'], '');
     if (p_request ? 'recipient') = (p_request ? 'recipients') then
         perform notify._raise('ND400', 'missing_field', 'give either recipient (one) or recipients (a fan-out), not both', 'recipient');
     end if;
@@ -65,15 +70,26 @@ begin
     else
         s.recipients := p_request -> 'recipients';
     end if;
-    if jsonb_typeof(p_request -> 'channels') is distinct from 'array' or jsonb_array_length(p_request -> 'channels') = 0 then
-        perform notify._raise('ND400', 'missing_field', 'channels must be a non-empty list', 'channels');
+    -- channels (every one sent) or a route (an ordered fallback, notify._parse_route): exactly one of the two.
+    if p_request ? 'route' and p_request ? 'channels' then
+        perform notify._raise('ND400', 'invalid_value', 'give either channels (every one sent) or route (a fallback, in order), not both', 'route');
     end if;
-    select array_agg(notify._channel_field(c, 'channels[' || (i - 1) || ']') order by i)
-      into s.channels
-      from jsonb_array_elements(p_request -> 'channels') with ordinality as e(c, i);
-    if cardinality(s.channels) <> (select count(distinct c) from unnest(s.channels) c) then
-        perform notify._raise('ND400', 'duplicate_channel', 'channels must not repeat a channel', 'channels');
+    if p_request ? 'route' then
+        s.route := notify._parse_route(p_request -> 'route');
+        select array_agg((e ->> 'channel')::notify.channel order by i) into s.channels
+          from jsonb_array_elements(s.route) with ordinality as x(e, i);
+    else
+        if jsonb_typeof(p_request -> 'channels') is distinct from 'array' or jsonb_array_length(p_request -> 'channels') = 0 then
+            perform notify._raise('ND400', 'missing_field', 'channels (or route) must be a non-empty list', 'channels');
+        end if;
+        select array_agg(notify._channel_field(c, 'channels[' || (i - 1) || ']') order by i)
+          into s.channels
+          from jsonb_array_elements(p_request -> 'channels') with ordinality as e(c, i);
+        if cardinality(s.channels) <> (select count(distinct c) from unnest(s.channels) c) then
+            perform notify._raise('ND400', 'duplicate_channel', 'channels must not repeat a channel', 'channels');
+        end if;
     end if;
+    s.priority := notify._priority_field(p_request -> 'priority');
     s.template := notify._text_field(p_request, 'template', '', true, 100);
     s.variables := coalesce(p_request -> 'variables', '{}');
     if jsonb_typeof(s.variables) = 'null' then s.variables := '{}'; end if;
@@ -125,10 +141,10 @@ begin
     -- A concurrent twin waits here for our commit, then replays it.
     insert into notify.notification_requests
         (tenant_id, id, idempotency_key, fingerprint, recipient_id, recipient_count, template_key, variables, category, channels,
-         send_at, expires_at, metadata, callback_url, response)
+         send_at, expires_at, metadata, callback_url, response, route, priority)
     values (p_tenant_id, coalesce(p_request_id, gen_random_uuid()), s.idempotency_key, s.fingerprint, p_recipient_id,
             p_recipient_count, s.template, s.variables, s.category, s.channels, s.send_at, s.expires_at, s.metadata,
-            s.callback_url, p_response)
+            s.callback_url, p_response, s.route, coalesce(s.priority, 'normal'))
     on conflict (tenant_id, idempotency_key) do nothing
     returning id into request_id;
     if request_id is null then
@@ -205,26 +221,37 @@ begin
     -- 3. Per channel, in the caller's order and in one read: the template (resolved once; the delivery keeps its
     --    locale), the variables it lacks, the consent in force (checked again at claim), the address, and so the
     --    delivery's status. Nothing is written before every channel has passed.
+    --    A route's steps alike, each with its own template and consent: the first step not suppressed is due (queued or
+    --    scheduled, its reason naming the step before it when that one was suppressed), the later ones wait.
+    --    The ids are sorted into step order, so whoever locks a request's deliveries by id (cancel) locks them in the
+    --    route's order, as the route's trigger does (sql/040_triggers.sql).
     select coalesce(v_recipient.locale, n.default_locale) into v_locale from notify.tenants n where n.id = p_tenant_id;
+    v_ids := array(select notify._uuidv7() from unnest(s.channels) order by 1);
     select array_agg(x.channel order by x.ord), array_agg(x.template_locale order by x.ord),
            array_agg(x.missing order by x.ord), array_agg(x.address order by x.ord), array_agg(x.id order by x.ord),
            array_agg(x.status order by x.ord), array_agg(x.reason order by x.ord),
-           jsonb_agg(jsonb_strip_nulls(jsonb_build_object('id', x.id, 'channel', x.channel, 'status', x.status, 'reason', x.reason))
+           jsonb_agg(jsonb_strip_nulls(jsonb_build_object('id', x.id, 'channel', x.channel, 'status', x.status, 'reason', x.reason,
+                                                          'step', case when s.route is not null then x.ord end))
                      order by x.ord),
            array_agg(x.channel order by x.channel) filter (where x.status in ('queued', 'scheduled'))
       into v_channels, v_template_locales, v_missing, v_addresses, v_ids, v_statuses, v_reasons, v_deliveries, v_open
-      from (select u.channel, u.ord, t.locale as template_locale, a.address, notify._uuidv7() as id,
-                   (select string_agg(r, ', ') from unnest(t.required_variables) r where not s.variables ? r) as missing,
-                   case when a.address is null or not c.allowed then 'suppressed'
+      from (select y.channel, y.ord, y.template_locale, y.address, y.id, y.missing,
+                   case when y.reason is not null then 'suppressed'
+                        when s.route is not null and y.ord > y.active then 'waiting'
                         when s.send_at > v_now then 'scheduled'
                         else 'queued' end::notify.delivery_status as status,
-                   case when a.address is null then 'no_address' when not c.allowed then 'no_consent' end as reason
-              from unnest(s.channels) with ordinality as u(channel, ord)
-             cross join lateral notify._resolve_template(p_tenant_id, s.template, u.channel, v_locale) t
-             cross join lateral notify._consent(p_tenant_id, v_recipient.id, u.channel, s.category) c
-              left join notify.recipient_addresses a
-                     on a.tenant_id = p_tenant_id and a.recipient_id = v_recipient.id and a.channel = u.channel
-            offset 0) x;
+                   coalesce(y.reason, case when s.route is not null and y.ord = y.active and y.ord > 1
+                                           then format('step_%s_suppressed', y.ord - 1) end) as reason
+              from (select u.channel, u.ord, t.locale as template_locale, a.address, v_ids[u.ord] as id,
+                           (select string_agg(r, ', ') from unnest(t.required_variables) r where not s.variables ? r) as missing,
+                           case when a.address is null then 'no_address' when not c.allowed then 'no_consent' end as reason,
+                           min(u.ord) filter (where a.address is not null and c.allowed) over () as active
+                      from unnest(s.channels) with ordinality as u(channel, ord)
+                     cross join lateral notify._resolve_template(p_tenant_id, s.template, u.channel, v_locale) t
+                     cross join lateral notify._consent(p_tenant_id, v_recipient.id, u.channel, s.category) c
+                      left join notify.recipient_addresses a
+                             on a.tenant_id = p_tenant_id and a.recipient_id = v_recipient.id and a.channel = u.channel
+                    offset 0) y) x;
     for i in 1 .. cardinality(v_channels) loop
         if v_template_locales[i] is null then
             perform notify._raise('ND422', 'template_not_found',
@@ -254,14 +281,18 @@ begin
         return;
     end if;
 
-    -- 5. One delivery per channel, suppressed ones with their reason.
+    -- 5. One delivery per channel (per route step), suppressed ones with their reason; a waiting step is due at
+    --    'infinity' until the route's trigger sets its time (sql/040_triggers.sql).
     perform notify._set_source('submit');
     insert into notify.notification_deliveries
-        (tenant_id, id, request_id, recipient_id, channel, address, template_locale, status, reason, due_at, expires_at)
+        (tenant_id, id, request_id, recipient_id, channel, address, template_locale, status, reason, due_at, expires_at,
+         route_step, route_until, route_within, priority)
     select p_tenant_id, d.id, v_request_id, v_recipient.id, d.channel, d.address, d.template_locale, d.status, d.reason,
-           greatest(coalesce(s.send_at, v_now), v_now), s.expires_at
+           case when d.status = 'waiting' then 'infinity' else greatest(coalesce(s.send_at, v_now), v_now) end, s.expires_at,
+           case when s.route is not null then d.ord end, (s.route -> (d.ord::integer - 1) ->> 'until')::notify.delivery_status,
+           notify._duration_field(s.route -> (d.ord::integer - 1) -> 'within', 'route'), s.priority
       from unnest(v_ids, v_channels, v_addresses, v_template_locales, v_statuses, v_reasons)
-           as d(id, channel, address, template_locale, status, reason);
+           with ordinality as d(id, channel, address, template_locale, status, reason, ord);
 
     -- 6. Wake the worker, with the caller's commit: now, or when the scheduled work falls due.
     perform notify._wake_submission(s, v_open);
@@ -272,7 +303,7 @@ begin
 end
 $$;
 comment on function notify_api.submit_notification_v1(uuid, jsonb, text) is
-    'Accepts a notification intent (the POST /internal/notifications body) in one transaction: idempotency, recipient upsert, template and variable checks, consent, one delivery per channel (per recipient for a fan-out), worker wake-up. Returns the response and whether it is a replay.';
+    'Accepts a notification intent (the POST /internal/notifications body) in one transaction: idempotency, recipient upsert, template and variable checks, consent, one delivery per channel or route step (per recipient for a fan-out; a route''s later steps waiting), worker wake-up. Returns the response and whether it is a replay.';
 
 create function notify._delivery_json(d notify.notification_deliveries, p_detail boolean)
     returns jsonb
@@ -281,7 +312,7 @@ create function notify._delivery_json(d notify.notification_deliveries, p_detail
     set search_path = pg_catalog, pg_temp
 as $$
     select jsonb_strip_nulls(jsonb_build_object(
-        'id', d.id, 'channel', d.channel, 'status', d.status, 'reason', d.reason, 'attempts', d.attempt,
+        'id', d.id, 'channel', d.channel, 'step', d.route_step, 'status', d.status, 'reason', d.reason, 'attempts', d.attempt,
         'test', case when d.test then true end, 'provider', d.provider, 'provider_message_id', d.provider_message_id,
         'error', case when d.last_error_code is not null or d.last_error_message is not null
                       then jsonb_build_object('code', d.last_error_code, 'message', d.last_error_message) end,
@@ -301,7 +332,7 @@ as $$
        else '{}' end
 $$;
 comment on function notify._delivery_json(notify.notification_deliveries, boolean) is
-    'The public JSON form of a delivery (timestamps include opened_at, the first e-mail open or click reported; "test": true for a test delivery; pricing, what the provider said it cost), with its history when p_detail.';
+    'The public JSON form of a delivery (step: its place in the request''s route, when it has one; timestamps include opened_at, the first e-mail open or click reported; "test": true for a test delivery; pricing, what the provider said it cost), with its history when p_detail.';
 
 create function notify_api.get_notification_v1(p_tenant_id uuid, p_id uuid)
     returns jsonb
@@ -331,12 +362,12 @@ begin
         'recipient_count', case when v.recipient_id is null then v.recipient_count end,
         'template', v.template_key, 'category', v.category, 'channels', to_jsonb(v.channels),
         'send_at', v.send_at, 'expires_at', v.expires_at, 'metadata', v.metadata, 'http_request_id', v.http_request_id,
-        'callback_url', v.callback_url, 'test', case when v.test then true end))
+        'callback_url', v.callback_url, 'test', case when v.test then true end, 'route', v.route, 'priority', v.priority))
         || jsonb_build_object('deliveries', coalesce(v_deliveries, '[]'));
 end
 $$;
 comment on function notify_api.get_notification_v1(uuid, uuid) is
-    'A notification with every delivery''s status, attempts, provider message id, timestamps and event history ("test": true for a test key''s). 404 for another tenant''s id.';
+    'A notification with every delivery''s status, attempts, provider message id, timestamps and event history ("test": true for a test key''s; its route and each delivery''s step, when it has one; its priority). 404 for another tenant''s id.';
 
 create function notify_api.cancel_notification_v1(p_tenant_id uuid, p_id uuid)
     returns jsonb

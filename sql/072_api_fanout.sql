@@ -139,24 +139,37 @@ begin
                               format('recipients[%s].variables.%s', v_bad.idx, v_bad.v));
     end if;
 
-    -- 5. One delivery per recipient and channel, consent checked set-based.
+    -- 5. One delivery per recipient and channel, consent checked set-based. With a route, one route per recipient, as
+    --    for one recipient (submit_notification_v1): the first step not suppressed is due, the later ones wait, and
+    --    each recipient's ids are in step order.
     perform notify._set_source('submit');
     with rows as materialized (
-        select f.recipient_id, c.channel, a.address, t.template_locale, f.variables, consent.allowed, f.i, c.ord
-          from pg_temp._fanout_input f
+        select f.recipient_id, c.channel, a.address, t.template_locale, f.variables, consent.allowed, f.i, c.ord,
+               min(c.ord) filter (where a.address is not null and consent.allowed) over (partition by f.i) as active,
+               f.ids[c.ord] as id
+          from (select f0.*, array(select notify._uuidv7() from unnest(s.channels) where f0.i is not null order by 1) as ids
+                  from pg_temp._fanout_input f0 offset 0) f
          cross join unnest(s.channels) with ordinality c(channel, ord)
           join pg_temp._fanout_templates t on t.channel = c.channel and t.locale = f.effective_locale
           left join notify.recipient_addresses a on a.tenant_id = p_tenant_id and a.recipient_id = f.recipient_id and a.channel = c.channel
          cross join lateral notify._consent(p_tenant_id, f.recipient_id, c.channel, s.category) consent
+    ), decided as (
+        select r.*,
+               case when r.address is null or not r.allowed then 'suppressed'
+                    when s.route is not null and r.ord > r.active then 'waiting'
+                    when s.send_at > v_now then 'scheduled' else 'queued' end::notify.delivery_status as status,
+               case when r.address is null then 'no_address' when not r.allowed then 'no_consent'
+                    when s.route is not null and r.ord = r.active and r.ord > 1 then format('step_%s_suppressed', r.ord - 1) end as reason
+          from rows r
     ), inserted as (
         insert into notify.notification_deliveries
-            (tenant_id, request_id, recipient_id, channel, address, template_locale, variables, status, reason, due_at, expires_at)
-        select p_tenant_id, v_claim.request_id, recipient_id, channel, address, template_locale, variables,
-               case when address is null or not allowed then 'suppressed'
-                    when s.send_at > v_now then 'scheduled' else 'queued' end::notify.delivery_status,
-               case when address is null then 'no_address' when not allowed then 'no_consent' end,
-               greatest(coalesce(s.send_at, v_now), v_now), s.expires_at
-          from rows order by i, ord
+            (tenant_id, id, request_id, recipient_id, channel, address, template_locale, variables, status, reason, due_at, expires_at,
+             route_step, route_until, route_within, priority)
+        select p_tenant_id, id, v_claim.request_id, recipient_id, channel, address, template_locale, variables, status, reason,
+               case when status = 'waiting' then 'infinity' else greatest(coalesce(s.send_at, v_now), v_now) end, s.expires_at,
+               case when s.route is not null then ord end, (s.route -> (ord::integer - 1) ->> 'until')::notify.delivery_status,
+               notify._duration_field(s.route -> (ord::integer - 1) -> 'within', 'route'), s.priority
+          from decided order by i, ord
         returning channel, status, reason
     ), counted as (
         select channel, status, reason, count(*) as n from inserted group by channel, status, reason
@@ -203,7 +216,7 @@ begin
     create temporary table pg_temp._batch (
         i integer primary key, key text, body jsonb, ref text, addresses jsonb, locale text, channels notify.channel[],
         template text, variables jsonb, category text, metadata jsonb, recipient_id uuid, effective_locale text,
-        request_id uuid, response jsonb
+        request_id uuid, response jsonb, priority notify.priority
     ) on commit drop;
     -- The known recipients locked first as their deliveries' foreign-key check would (KEY SHARE), so what is read of
     -- them below is what an erasure in progress (FOR UPDATE) leaves, not what it is removing.
@@ -232,12 +245,13 @@ begin
         ) refs where v is not null group by v having count(*) > 1
     )
     insert into pg_temp._batch (i, key, body, ref, addresses, locale, channels, template, variables, category, metadata,
-                                recipient_id, effective_locale, request_id)
+                                recipient_id, effective_locale, request_id, priority)
     select it.i, it.item ->> 'idempotency_key', it.body, it.r ->> 'ref', nullif(it.r -> 'addresses', 'null'),
            it.r ->> 'locale', string_to_array(translate((it.body -> 'channels')::text, '[]" ', ''), ',')::notify.channel[],
            it.body ->> 'template', coalesce(nullif(it.body -> 'variables', 'null'), '{}'), it.body ->> 'category',
            coalesce(nullif(it.body -> 'metadata', 'null'), '{}'), rec.id,
-           coalesce(it.r ->> 'locale', rec.locale, n.default_locale), gen_random_uuid()
+           coalesce(it.r ->> 'locale', rec.locale, n.default_locale), gen_random_uuid(),
+           coalesce((it.body ->> 'priority')::notify.priority, 'normal')
       from items it
       join notify.tenants n on n.id = p_tenant_id
       left join notify.recipients rec on rec.tenant_id = p_tenant_id and rec.ref = it.ref
@@ -337,9 +351,9 @@ begin
     --    item-by-item path, which replays it.
     insert into notify.notification_requests
         (tenant_id, id, idempotency_key, fingerprint, recipient_id, recipient_count, template_key, variables, category,
-         channels, metadata, response)
+         channels, metadata, response, priority)
     select p_tenant_id, b.request_id, b.key, sha256(convert_to(b.body::text, 'UTF8')), b.recipient_id, 1, b.template,
-           b.variables, b.category, b.channels, b.metadata, b.response
+           b.variables, b.category, b.channels, b.metadata, b.response, b.priority
       from pg_temp._batch b order by b.i
     on conflict (tenant_id, idempotency_key) do nothing;
     get diagnostics v_claimed = row_count;
@@ -351,8 +365,9 @@ begin
     -- 6. The deliveries, the worker's wake-up (due now: the usual body has no send_at), the answers.
     perform notify._set_source('submit');
     insert into notify.notification_deliveries
-        (tenant_id, id, request_id, recipient_id, channel, address, template_locale, status, reason, due_at)
-    select p_tenant_id, d.id, b.request_id, b.recipient_id, d.channel, d.address, d.template_locale, d.status, d.reason, v_now
+        (tenant_id, id, request_id, recipient_id, channel, address, template_locale, status, reason, due_at, priority)
+    select p_tenant_id, d.id, b.request_id, b.recipient_id, d.channel, d.address, d.template_locale, d.status, d.reason, v_now,
+           b.priority
       from pg_temp._batch_deliveries d join pg_temp._batch b on b.i = d.i
      order by d.i, d.ord;
     perform notify._wake(x.channel)

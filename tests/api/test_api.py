@@ -102,6 +102,21 @@ def test_bad_submissions_are_problems_naming_the_field(client, db, body, status,
     assert db.execute("select count(*) from notify.notification_requests").fetchone()[0] == 0
 
 
+def test_a_route_and_a_priority_over_http(client, db):
+    body = intent(priority="high", route=[{"channel": "whatsapp", "within": "PT15M"}, {"channel": "email"}])
+    body.pop("channels")
+    created = client.post("/internal/notifications", json=body)
+    assert created.status_code == 202, created.text
+    assert [(d["step"], d["status"]) for d in created.json()["deliveries"]] == [(1, "queued"), (2, "waiting")]
+    read = client.get(f"/internal/notifications/{created.json()['id']}").json()
+    assert read["route"][0] == {"channel": "whatsapp", "until": "delivered", "within": "PT15M"} and read["priority"] == "high"
+    assert [d["step"] for d in read["deliveries"]] == [1, 2]
+    bad = {**body, "route": [{"channel": "whatsapp", "within": "soon"}, {"channel": "email"}]}
+    is_problem(client.post("/internal/notifications", json=bad), 400, "route[0].within")
+    is_problem(client.post("/internal/notifications", json={**body, "priority": "urgent"}), 400, "priority")
+    is_problem(client.post("/internal/notifications", json={**body, "channels": ["email"]}), 400, "route")
+
+
 def test_malformed_json_and_nul_characters_are_400(client):
     is_problem(client.post("/internal/notifications", content=b"{not json", headers={"content-type": "application/json"}), 400)
     body = intent(variables={"name": "A\u0000na", "event": "x"})

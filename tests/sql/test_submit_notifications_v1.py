@@ -91,12 +91,14 @@ def _shape(response: dict) -> object:
 
 def _state(db: psycopg.Connection, tenant: str) -> object:
     deliveries = db.execute(
-        "select r.ref, d.channel, d.status, d.reason, d.address, d.template_locale from notify.notification_deliveries d"
+        "select r.ref, d.channel, d.status, d.reason, d.address, d.template_locale, d.priority, d.route_step, d.route_until,"
+        " d.route_within, d.due_at = 'infinity' from notify.notification_deliveries d"
         " join notify.recipients r on r.tenant_id = d.tenant_id and r.id = d.recipient_id where d.tenant_id = %s order by 1, 2",
         (tenant,),
     ).fetchall()
     requests = db.execute(
-        "select idempotency_key, template_key, variables, category, metadata, recipient_count from notify.notification_requests"
+        "select idempotency_key, template_key, variables, category, metadata, recipient_count, priority, route, channels"
+        " from notify.notification_requests"
         " where tenant_id = %s order by 1, 2, 3::text",
         (tenant,),
     ).fetchall()
@@ -196,10 +198,36 @@ def test_a_batch_answers_and_writes_as_its_items_one_by_one_would(db, ready):
         {"idempotency_key": "k57", "notification": one("r-57", expires_at=None)},
         {"idempotency_key": "k58", "notification": one("r-58", callback_url=None)},
         {"idempotency_key": None, "notification": one("r-61")},
+        # issue #14: priority (in the usual path when valid) and route (item by item)
+        {"idempotency_key": "k62", "notification": one("r-62", priority="high")},
+        {"idempotency_key": "k63", "notification": one("r-63", priority="bulk")},
+        {"idempotency_key": "k64", "notification": one("r-64", priority=None)},
+        {"idempotency_key": "k65", "notification": one("r-65", priority="urgent")},
+        {"idempotency_key": "k66", "notification": one("r-66", priority=1)},
+        {"idempotency_key": "k67", "notification": one("r-67", priority="HIGH")},
+        {
+            "idempotency_key": "k68",
+            "notification": {
+                **intent(recipient={"ref": "r-68", "addresses": {"email": "r68@example.com", "whatsapp": "+34600111668"}}),
+                "channels": None,
+                "route": [{"channel": "whatsapp", "until": "delivered", "within": "PT15M"}, {"channel": "email"}],
+                "priority": "high",
+            },
+        },
+        {
+            "idempotency_key": "k69",
+            "notification": {**one("r-69"), "route": [{"channel": "email"}]},
+        },
+        {
+            "idempotency_key": "k70",
+            "notification": {**one("r-70"), "channels": None, "route": [{"channel": "email", "within": "PT0S"}]},
+        },
     ]
     for item in items:
         if item["notification"].get("recipient") is None:
             item["notification"].pop("recipient", None)
+        if "route" in item["notification"] and item["notification"].get("channels") is None:
+            item["notification"].pop("channels", None)
     twin = _twin_tenant(db)
     for tenant in (ready, twin):
         submit(db, tenant, one("r-18"), "before")
