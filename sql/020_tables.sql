@@ -14,6 +14,8 @@ create table notify.tenants (
     retry_max_ms integer not null default 3600000,
     api_rate_per_second double precision not null default 1000,
     created_at timestamptz not null default now(),
+    -- Added by migration 0035 (quiet hours, sql/077_api_policies.sql).
+    default_timezone text,
     constraint tenants_slug_key unique (slug),
     constraint tenants_slug_format check (slug ~ '^[a-z0-9][a-z0-9_-]{0,62}$'),
     constraint tenants_retry_sane check (retry_max_attempts between 1 and 100 and retry_base_ms > 0 and retry_max_ms >= retry_base_ms)
@@ -22,6 +24,8 @@ comment on table notify.tenants is 'A calling organisation. Everything else belo
 comment on column notify.tenants.default_locale is 'Last step of template locale fallback (es-ES -> es -> default_locale).';
 comment on column notify.tenants.retry_max_attempts is 'Attempts per delivery before a transient failure becomes failed.';
 comment on column notify.tenants.api_rate_per_second is 'Requests per second each API key of the tenant may make (burst: one second''s worth); over it, 429.';
+comment on column notify.tenants.default_timezone is
+    'The time zone of the tenant''s recipients that have none, for quiet hours (null: UTC); an IANA name checked by set_quiet_hours_v1 when set, never per delivery.';
 comment on column notify.tenants.retry_base_ms is 'Backoff before retry n is min(retry_max_ms, retry_base_ms * 2^(n-1)) scaled by a random factor in [0.5, 1).';
 
 create table notify.api_clients (

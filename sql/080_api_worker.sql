@@ -27,7 +27,7 @@ begin
     ), decided as materialized (
         -- Expiry and consent are checked again here: a revoke or a deadline between submit and send wins.
         -- Free-form WhatsApp text outside the 24-hour customer-service window is refused, not sent to fail.
-        select d.tenant_id, d.id, d.address, d.template_locale, r.template_key, t.content,
+        select d.tenant_id, d.id, d.recipient_id, d.expires_at, d.address, d.template_locale, r.template_key, t.content,
                r.variables || coalesce(d.variables, '{}') as variables, r.category, d.request_id,
                -- A test delivery (README "Test keys") goes to the mock, whatever the tenant configured: never a real provider.
                case when d.test or r.test then 'mock' else cp.provider end as provider,
@@ -57,14 +57,36 @@ begin
           left join notify.channel_providers cp on cp.tenant_id = d.tenant_id and cp.channel = d.channel
           left join notify.templates t on t.tenant_id = d.tenant_id and t.key = r.template_key
                                       and t.channel = d.channel and t.locale = d.template_locale
+    ), policed as materialized (
+        -- Tenant policies (sql/077_api_policies.sql), only for a row about to be sent whose tenant has quiet hours or caps
+        -- (one hashed probe per claim, so a tenant that sets nothing pays almost nothing) or whose provider is
+        -- whatsapp_cloud (the pair rate limit): quiet hours hold it, a cap suppresses or holds it. notify._policy_claim
+        -- is volatile, so it runs after the sort, once per row in (tenant, recipient) order: its per-recipient locks are
+        -- taken in the same order by every claim.
+        select x.*,
+               case when x.next_status = 'sending'
+                         and (x.provider = 'whatsapp_cloud'
+                              or x.tenant_id in (select q.tenant_id from notify.quiet_hours q
+                                                 union all select c.tenant_id from notify.frequency_caps c))
+                    then notify._policy_claim(x.tenant_id, x.id, x.recipient_id, p_channel, x.category, x.provider, x.expires_at) end
+                   as policy
+          from decided x
+         order by x.tenant_id, x.recipient_id
+    ), final as (
+        select p.*,
+               case (p.policy).decision when 'hold' then 'held' when 'suppress' then 'suppressed' when 'expire' then 'expired'
+                                        else p.next_status::text end::notify.delivery_status as final_status
+          from policed p
     ), updated as (
         update notify.notification_deliveries d
-           set status = x.next_status,
-               attempt = d.attempt + (x.next_status = 'sending')::integer,
-               lease_expires_at = case when x.next_status = 'sending' then now() + make_interval(secs => p_lease_seconds) end,
-               reason = case x.next_status when 'expired' then 'expired_before_send' when 'suppressed' then 'no_consent'
-                                           when 'failed' then 'outside_customer_service_window' else d.reason end
-          from decided x
+           set status = x.final_status,
+               attempt = d.attempt + (x.final_status = 'sending')::integer,
+               lease_expires_at = case when x.final_status = 'sending' then now() + make_interval(secs => p_lease_seconds) end,
+               reason = case when (x.policy).decision <> 'send' then (x.policy).reason
+                             else case x.next_status when 'expired' then 'expired_before_send' when 'suppressed' then 'no_consent'
+                                                     when 'failed' then 'outside_customer_service_window' else d.reason end end,
+               due_at = case when (x.policy).decision = 'hold' then (x.policy).until else d.due_at end
+          from final x
          where d.tenant_id = x.tenant_id and d.id = x.id
         returning d.tenant_id, d.id, d.attempt, d.channel, d.status, x.address, x.template_key, x.template_locale,
                   x.content, x.variables, x.category, x.request_id, x.provider, x.provider_config, x.http_request_id,
@@ -81,7 +103,7 @@ begin
 end
 $$;
 comment on function notify_api.claim_deliveries_v1(notify.channel, integer, integer) is
-    'Claims up to p_limit due deliveries of a channel (FOR UPDATE SKIP LOCKED): expired ones become expired, revoked ones (and marketing templates without marketing consent) suppressed, WhatsApp text outside the 24-hour window failed, the rest sending with attempt+1 and a lease. Returns what the worker needs to send them, with the tenant''s provider and its operator grant (checked again at send time); for a test delivery always the mock provider, with config {"test": true}.';
+    'Claims up to p_limit due deliveries of a channel (FOR UPDATE SKIP LOCKED): expired ones become expired, revoked ones (and marketing templates without marketing consent) suppressed, WhatsApp text outside the 24-hour window failed, those the tenant''s policies stop (notify._policy_claim: quiet hours, frequency caps, WhatsApp''s pair rate limit) held until due_at, suppressed or expired with the policy''s reason, the rest sending with attempt+1 and a lease. Returns what the worker needs to send them, with the tenant''s provider and its operator grant (checked again at send time); for a test delivery always the mock provider, with config {"test": true}.';
 
 create function notify_api.record_attempts_v1(p_results notify.attempt_result[])
     returns table (delivery_id uuid, status notify.delivery_status, applied boolean)
@@ -211,6 +233,7 @@ declare
     v_expired integer;
     v_woken text[];
     v_unknown_final integer;
+    v_policy_sends integer;
 begin
     perform notify._set_source('maintenance');
 
@@ -254,6 +277,9 @@ begin
     -- Unknown outcomes past their channel's deadline become final (failed, never resent; sql/086_api_unknown.sql).
     v_unknown_final := notify._finish_unknown_deliveries();
 
+    -- The frequency caps' ledger: sends no cap or pair limit can count any more (sql/077_api_policies.sql).
+    v_policy_sends := notify._prune_policy_sends();
+
     -- Safety net: a wake-up for every channel with due work (coalesced, so cheap when one is pending).
     select array_agg(c::text) into v_woken
       from unnest(enum_range(null::notify.channel)) c
@@ -262,8 +288,8 @@ begin
     perform notify._wake(c::notify.channel) from unnest(v_woken) c;
 
     return jsonb_build_object('requeued', v_requeued, 'unknown', v_unknown, 'exhausted', v_exhausted, 'expired', v_expired,
-                              'unknown_finalized', v_unknown_final, 'woken', coalesce(to_jsonb(v_woken), '[]'));
+                              'unknown_finalized', v_unknown_final, 'policy_sends_pruned', v_policy_sends, 'woken', coalesce(to_jsonb(v_woken), '[]'));
 end
 $$;
 comment on function notify_api.run_maintenance_v1() is
-    'Periodic upkeep: expired leases, each counted as an attempt (email -> queued, or failed/retries_exhausted when the tenant''s retry_max_attempts are used up; whatsapp/sms -> unknown), deliveries past expires_at -> expired, unknown outcomes past their channel''s deadline -> failed (outcome_unknown_deadline; notify._finish_unknown_deliveries), a wake-up for every channel with due work.';
+    'Periodic upkeep: expired leases, each counted as an attempt (email -> queued, or failed/retries_exhausted when the tenant''s retry_max_attempts are used up; whatsapp/sms -> unknown), deliveries past expires_at -> expired, unknown outcomes past their channel''s deadline -> failed (outcome_unknown_deadline; notify._finish_unknown_deliveries), the frequency caps'' ledger pruned (notify._prune_policy_sends), a wake-up for every channel with due work.';

@@ -24,7 +24,7 @@ begin
                                    'notification_deliveries', 'delivery_attempts', 'delivery_events', 'mock_messages',
                                    'callback_endpoints', 'callback_messages', 'callback_attempts', 'provider_grants',
                                    'whatsapp_users', 'whatsapp_business_limits',
-                                   'retention_settings']
+                                   'retention_settings', 'quiet_hours', 'frequency_caps', 'policy_sends']
     loop
         execute format('alter table notify.%I enable row level security', v_table);
         execute format('alter table notify.%I force row level security', v_table);

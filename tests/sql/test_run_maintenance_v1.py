@@ -44,5 +44,6 @@ def test_nothing_to_do_changes_nothing(db, ready):
         "exhausted": 0,
         "expired": 0,
         "unknown_finalized": 0,
+        "policy_sends_pruned": 0,
         "woken": [],
     }

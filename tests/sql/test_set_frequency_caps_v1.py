@@ -1,0 +1,71 @@
+"""notify_api.set_frequency_caps_v1, get_frequency_caps_v1, delete_frequency_caps_v1: replace, read back with the
+defaults, remove; every error names its field."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from tests.conftest import call
+
+
+def test_nothing_set_is_the_default(db, tenant):
+    assert call(db, "notify_api.get_frequency_caps_v1(%s)", tenant) == {
+        "caps": [],
+        "default": True,
+        "defaults": {"caps": [], "action": "suppress"},
+        "updated_at": None,
+    }
+
+
+def test_set_get_and_delete(db, tenant):
+    caps = [
+        {"max": 3, "period": "P1D", "category": "reminder"},
+        {"max": 1, "period": "PT10M", "channel": "whatsapp", "action": "hold"},
+        {"max": 20, "period": "P1W"},
+    ]
+    out = call(db, "notify_api.set_frequency_caps_v1(%s, %s)", tenant, Jsonb({"caps": caps}))
+    assert out["caps"] == [
+        {"max": 3, "period": "P1D", "channel": None, "category": "reminder", "action": "suppress"},
+        {"max": 1, "period": "PT10M", "channel": "whatsapp", "category": None, "action": "hold"},
+        {"max": 20, "period": "P7D", "channel": None, "category": None, "action": "suppress"},
+    ]
+    assert out["default"] is False and call(db, "notify_api.get_frequency_caps_v1(%s)", tenant) == out
+    out = call(db, "notify_api.set_frequency_caps_v1(%s, %s)", tenant, Jsonb({"caps": [{"max": 2, "period": "P1DT12H"}]}))
+    assert [c["period"] for c in out["caps"]] == ["P1DT12H"]
+    assert call(db, "notify_api.delete_frequency_caps_v1(%s)", tenant)["default"] is True
+    assert call(db, "notify_api.set_frequency_caps_v1(%s, %s)", tenant, Jsonb({"caps": []}))["caps"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "problem", "field"),
+    [
+        ({}, "ND400", "missing_field", "caps"),
+        ({"caps": {}}, "ND400", "invalid_type", "caps"),
+        ({"caps": [1]}, "ND400", "invalid_type", "caps[0]"),
+        ({"caps": [{"period": "P1D"}]}, "ND400", "missing_field", "caps[0].max"),
+        ({"caps": [{"max": 1.5, "period": "P1D"}]}, "ND400", "invalid_type", "caps[0].max"),
+        ({"caps": [{"max": 0, "period": "P1D"}]}, "ND422", "invalid_frequency_cap", "caps[0].max"),
+        ({"caps": [{"max": 1}]}, "ND400", "missing_field", "caps[0].period"),
+        ({"caps": [{"max": 1, "period": "1 day"}]}, "ND400", "invalid_format", "caps[0].period"),
+        ({"caps": [{"max": 1, "period": "P1M"}]}, "ND400", "invalid_format", "caps[0].period"),
+        ({"caps": [{"max": 1, "period": "P"}]}, "ND400", "invalid_format", "caps[0].period"),
+        ({"caps": [{"max": 1, "period": "P32D"}]}, "ND422", "invalid_frequency_cap", "caps[0].period"),
+        ({"caps": [{"max": 1, "period": "PT0S"}]}, "ND422", "invalid_frequency_cap", "caps[0].period"),
+        ({"caps": [{"max": 1, "period": "P1D", "channel": "fax"}]}, "ND400", "invalid_channel", "caps[0].channel"),
+        ({"caps": [{"max": 1, "period": "P1D", "action": "drop"}]}, "ND400", "invalid_value", "caps[0].action"),
+        ({"caps": [{"max": 1, "period": "P1D", "per": "x"}]}, "ND400", "unknown_field", "caps[0].per"),
+        (
+            {"caps": [{"max": 1, "period": "P1D"}, {"max": 2, "period": "PT24H"}]},
+            "ND422",
+            "invalid_frequency_cap",
+            "caps[1]",
+        ),
+        ({"caps": [{"max": 1, "period": f"PT{i + 1}M"} for i in range(21)]}, "ND422", "invalid_frequency_cap", "caps"),
+    ],
+)
+def test_errors_name_the_field(db, tenant, body, status, problem, field):
+    with pytest.raises(psycopg.Error) as info:
+        call(db, "notify_api.set_frequency_caps_v1(%s, %s)", tenant, Jsonb(body))
+    assert (info.value.sqlstate, info.value.diag.constraint_name, info.value.diag.column_name) == (status, problem, field)
