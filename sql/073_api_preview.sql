@@ -111,6 +111,79 @@ $$;
 comment on function notify._preview_check_fanout(jsonb) is
     'The checks notify._submit_fanout makes of a fan-out''s recipients (1 to 10,000, each valid, no ref twice), with the same errors, writing nothing: the dry run''s (notify_api.preview_notification_v1).';
 
+create function notify._preview_policy(p_tenant_id uuid, p_recipient_id uuid, p_channel notify.channel, p_category text,
+                                       p_provider text, p_address text, p_expires_at timestamptz, p_at timestamptz,
+                                       p_timezone text)
+    returns jsonb
+    language plpgsql
+    stable
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_at timestamptz := p_at;
+    v record;
+    v_window record;
+    v_end timestamptz;
+    v_holds jsonb := '[]';
+    v_stored_timezone text;
+begin
+    -- What the claim's policy step (notify._policy_decision, sql/077_api_policies.sql) would decide when the delivery
+    -- falls due, and again when each hold ends (at most three holds: quiet hours, then a cap, then the pair limit).
+    -- p_timezone: the recipient's time zone as the submission would store it (the body's, else the stored one). Where it
+    -- is not the one the policy step reads (a new recipient's, or one the body changes), quiet hours are decided here
+    -- with it, by the same window and notify._quiet_hours_end.
+    select coalesce(r.timezone, t.default_timezone, 'UTC') into v_stored_timezone
+      from notify.tenants t left join notify.recipients r on r.tenant_id = t.id and r.id = p_recipient_id
+     where t.id = p_tenant_id;
+    for i in 1 .. 4 loop
+        if p_timezone is not null and p_timezone is distinct from v_stored_timezone then
+            select q.* into v_window
+              from notify.quiet_hours q
+             where q.tenant_id = p_tenant_id and q.category in ('', coalesce(p_category, ''))
+             order by q.category desc
+             limit 1;
+            v_end := case when v_window.tenant_id is not null and not v_window.exempt
+                          then notify._quiet_hours_end(v_window.starts_at, v_window.ends_at, p_timezone, v_at) end;
+            if v_end is not null then
+                select case when p_expires_at is not null and v_end > p_expires_at then 'expire' else 'hold' end as decision,
+                       case when p_expires_at is not null and v_end > p_expires_at then 'quiet_hours_past_expiry'
+                            else 'quiet_hours' end as reason,
+                       v_end as until,
+                       jsonb_build_object('quiet_hours', jsonb_build_object(
+                           'start', to_char(v_window.starts_at, 'HH24:MI'), 'end', to_char(v_window.ends_at, 'HH24:MI'),
+                           'timezone', p_timezone, 'category', nullif(v_window.category, ''))) as detail
+                  into v;
+            else
+                select * into v from notify._policy_decision(p_tenant_id, p_recipient_id, p_channel, p_category, p_provider,
+                                                             p_address, p_expires_at, v_at);
+                if v.reason in ('quiet_hours', 'quiet_hours_past_expiry') then
+                    -- the stored time zone's quiet hours, which the body's time zone replaces: not in force
+                    select 'send' as decision, null::text as reason, null::timestamptz as until, '{}'::jsonb as detail into v;
+                end if;
+            end if;
+        else
+            select * into v from notify._policy_decision(p_tenant_id, p_recipient_id, p_channel, p_category, p_provider,
+                                                         p_address, p_expires_at, v_at);
+        end if;
+        exit when v.decision <> 'hold' or i = 4;
+        v_holds := v_holds || jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
+            'reason', v.reason, 'from', v_at, 'until', v.until, 'detail', nullif(v.detail, '{}'))));
+        v_at := v.until;
+    end loop;
+    return jsonb_strip_nulls(jsonb_build_object(
+        'decision', case when v.decision = 'hold' then 'hold' when jsonb_array_length(v_holds) > 0 and v.decision = 'send'
+                         then 'hold' else v.decision end,
+        'reason', case when v.decision <> 'send' then v.reason end,
+        'until', case when v.decision <> 'send' then v.until end,
+        'detail', nullif(v.detail, '{}'),
+        'holds', nullif(v_holds, '[]'),
+        'sends_at', case when v.decision = 'send' then v_at end,
+        'counts', case when p_recipient_id is null then 'none yet: a new recipient has no sends to count' end));
+end
+$$;
+comment on function notify._preview_policy(uuid, uuid, notify.channel, text, text, text, timestamptz, timestamptz, text) is
+    'The dry run''s view of the tenant policies for one delivery: notify._policy_decision when it falls due and again when each hold ends, with quiet hours in p_timezone (the body''s time zone overlaid on the stored one). {decision send|hold|suppress|expire, reason, until, detail (window or cap with its count), holds [{reason, from, until, detail}], sends_at, counts (a new recipient has none)}.';
+
 create function notify_api.preview_notification_v1(p_tenant_id uuid, p_request jsonb)
     returns jsonb
     language plpgsql
@@ -123,6 +196,7 @@ declare
     v_now timestamptz := now();
     v_due timestamptz;
     v_default_locale text;
+    v_default_timezone text;
     v_test boolean := coalesce(pg_catalog.current_setting('notify.test', true), '') = 'true';
     v_deliveries jsonb;
     v_refusal jsonb;
@@ -141,7 +215,7 @@ begin
                                                 s.recipient, 'recipient');
         v_items := jsonb_build_array(s.recipient);
     end if;
-    v_default_locale := (select n.default_locale from notify.tenants n where n.id = p_tenant_id);
+    select n.default_locale, n.default_timezone into v_default_locale, v_default_timezone from notify.tenants n where n.id = p_tenant_id;
     v_due := greatest(coalesce(s.send_at, v_now), v_now);
 
     -- 2. Per recipient and channel, in the submission's order, read only: the stored recipient overlaid with what the
@@ -156,7 +230,8 @@ begin
           from jsonb_array_elements(v_items) with ordinality e(r, i)
     ), people as (
         select f.i, f.ref, f.addresses, f.variables, rec.id as recipient_id,
-               coalesce(f.locale, rec.locale, v_default_locale) as locale, coalesce(f.timezone, rec.timezone) as timezone
+               coalesce(f.locale, rec.locale, v_default_locale) as locale,
+               coalesce(f.timezone, rec.timezone, v_default_timezone, 'UTC') as timezone
           from input f
           left join notify.recipients rec on rec.tenant_id = p_tenant_id and rec.ref = f.ref
     ), rows as (
@@ -187,6 +262,7 @@ begin
           left join notify.channel_providers cp on cp.tenant_id = p_tenant_id and cp.channel = c.channel
     ), decided as (
         select r.*,
+               case when v_test then 'mock' else coalesce(r.configured_provider, 'mock') end as provider_name,
                coalesce(r.consent_status = 'granted', r.policy = 'opt_out') as consent_allows,
                -- an erased recipient's opt-out of this address (notify._consent), unless a grant was recorded after it
                (select jsonb_build_object('category', nullif(sup.category, ''), 'recorded_at', sup.created_at)
@@ -211,17 +287,43 @@ begin
                         where w.tenant_id = p_tenant_id and w.phone_number_id = x.settings ->> 'phone_number_id'
                           and w.wa_id = ltrim(r.address, '+') and w.last_inbound_at > v_now - interval '24 hours'), false) as outside_window
           from rows r
+    ), stepped as (
+        -- A route's first step that is not suppressed is due; the later ones wait (notify_api.submit_notification_v1).
+        select d.*, d.address is null or not d.consent_allows or d.suppression is not null as suppressed,
+               min(d.ord) filter (where d.address is not null and d.consent_allows and d.suppression is null)
+                   over (partition by d.i) as active
+          from decided d
+    ), policed as (
+        -- The tenant's policies, as the claim applies them to a delivery about to be sent, when it falls due.
+        select t.*, t.route is not null and t.ord > coalesce(t.active, 0) and not t.suppressed as waiting,
+               case when not t.suppressed and (t.route is null or t.ord = t.active)
+                    then notify._preview_policy(p_tenant_id, t.recipient_id, t.channel, s.category, t.provider_name, t.address,
+                                                s.expires_at, v_due, t.timezone) end as policy_decision
+          from (select x.*, s.route,
+                       case when s.route is not null and x.ord > coalesce(x.active, 0) and not x.suppressed then
+                           format('only if step %s does not reach %s', x.ord - 1, s.route -> (x.ord::integer - 2) ->> 'until')
+                           || coalesce(' within ' || (s.route -> (x.ord::integer - 2) ->> 'within'), '')
+                           || ' (or cannot: it is suppressed, fails, bounces or expires)' end as condition
+                  from stepped x) t
     ), answered as (
-        select d.i, d.ord, d.ref, d.channel, d.locale, d.template_locale, d.missing,
-               d.address is null or not d.consent_allows or d.suppression is not null as suppressed,
+        select d.i, d.ord, d.ref, d.channel, d.locale, d.template_locale, d.missing, d.suppressed, d.waiting,
+               d.policy_decision ->> 'decision' in ('suppress', 'expire') as refused_by_policy,
                jsonb_strip_nulls(jsonb_build_object(
                    'recipient', d.ref, 'index', case when v_fanout then d.i - 1 end,
                    'recipient_known', d.recipient_id is not null, 'channel', d.channel,
-                   'status', case when d.address is null or not d.consent_allows or d.suppression is not null then 'suppressed'
+                   'step', case when s.route is not null then d.ord end,
+                   'status', case when d.suppressed then 'suppressed' when d.waiting then 'waiting'
                                   when s.send_at > v_now then 'scheduled' else 'queued' end,
                    'reason', case when d.address is null then 'no_address'
-                                  when not d.consent_allows or d.suppression is not null then 'no_consent' end,
-                   'due_at', v_due, 'expires_at', s.expires_at,
+                                  when not d.consent_allows or d.suppression is not null then 'no_consent'
+                                  when s.route is not null and d.ord = d.active and d.ord > 1
+                                  then format('step_%s_suppressed', d.ord - 1) end,
+                   'due_at', case when not d.waiting then v_due end, 'expires_at', s.expires_at,
+                   'condition', d.condition,
+                   'policy', d.policy_decision,
+                   'sends_at', case when not d.suppressed and not d.waiting
+                                    and coalesce(d.policy_decision ->> 'decision', 'send') in ('send', 'hold')
+                                    then coalesce((d.policy_decision ->> 'sends_at')::timestamptz, v_due) end,
                    'provider', jsonb_build_object(
                        'name', case when v_test then 'mock' else coalesce(d.configured_provider, 'mock') end,
                        'source', case when v_test then 'test_key' when d.configured_provider is null then 'default_mock'
@@ -264,15 +366,20 @@ begin
                    case when d.marketing_refused then jsonb_build_object(
                        'reason', 'no_consent', 'at', 'claim',
                        'detail', 'a marketing template needs marketing consent') end,
+                   case when d.policy_decision ->> 'decision' in ('suppress', 'expire') then jsonb_strip_nulls(jsonb_build_object(
+                       'reason', d.policy_decision ->> 'reason', 'at', 'claim', 'until', d.policy_decision -> 'until'))
+                       || coalesce(d.policy_decision -> 'detail', '{}') end,
+                   case when d.waiting then jsonb_build_object('reason', 'route_step_waiting', 'step', d.ord - 1, 'detail', d.condition) end,
                    case when d.outside_window then jsonb_build_object(
                        'reason', 'outside_customer_service_window', 'at', 'claim',
                        'detail', 'free-form WhatsApp text needs an inbound message from the user in the last 24 hours') end
                ], null))) as delivery,
                coalesce(d.marketing_refused or d.outside_window, false) as refused_at_claim
-          from decided d
+          from policed d
     )
     select jsonb_agg(a.delivery || jsonb_build_object('would_send',
-                     not a.suppressed and not a.refused_at_claim and a.template_locale is not null and cardinality(a.missing) = 0)
+                     not a.suppressed and not a.waiting and not a.refused_at_claim and not coalesce(a.refused_by_policy, false)
+                     and a.template_locale is not null and cardinality(a.missing) = 0)
                      order by a.i, a.ord),
            -- The error the submission would answer instead, as it orders its checks: for one recipient, channel by
            -- channel the template, then its variables; for a fan-out, every template first, then the variables.

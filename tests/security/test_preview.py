@@ -95,7 +95,7 @@ def test_another_tenants_key_learns_nothing_of_as_recipient(two, db, ready):
             assert secret not in text, (secret, text)
         for d in response.json()["deliveries"]:
             assert not d["recipient_known"] and d["address"] == {"present": False} and "entry" not in d["consent"]
-            assert d["locale"]["wanted"] == "en" and "timezone" not in d
+            assert d["locale"]["wanted"] == "en" and d["timezone"] == "UTC"  # the tenant's default, not A's Europe/Madrid
     # A fan-out naming A's refs learns no more.
     fan = b.post(
         PREVIEW,

@@ -335,3 +335,95 @@ def test_a_trusted_sql_caller_may_preview_and_is_bound_to_its_transactions_tenan
         with pytest.raises(psycopg.Error) as info:
             preview(caller, other, intent())
         assert info.value.sqlstate == "ND404"
+
+
+# -- after the route and policy helpers' checkpoints (ROUTE-CORE, POLICY-CORE) -----------------------------------------
+ROUTE = [{"channel": "whatsapp", "until": "delivered", "within": "PT15M"}, {"channel": "email"}]
+
+
+def routed(**overrides: Any) -> dict[str, Any]:
+    body = {k: v for k, v in intent(**overrides).items() if k != "channels"}
+    body.setdefault("route", ROUTE)
+    return body
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        {"ref": "runner-42", "addresses": {"whatsapp": "+34600111222", "email": "ana@example.com"}},  # step 1 due
+        {"ref": "stranger", "addresses": {"whatsapp": "+34600999888", "email": "s@example.com"}},  # step 1 without consent
+        {"ref": "nowhere"},  # neither step has an address
+    ],
+)
+def test_a_routes_steps_as_the_submission_records_them(db, ready, recipient):
+    answer = preview(db, ready, routed(recipient=recipient))
+    submitted, _ = submit(db, ready, routed(recipient=recipient))
+    assert [(d["step"], d["channel"], d["status"], d.get("reason")) for d in answer["deliveries"]] == [
+        (d["step"], d["channel"], d["status"], d.get("reason")) for d in submitted["deliveries"]
+    ]
+    steps = {d["step"]: d for d in answer["deliveries"]}
+    if recipient["ref"] == "runner-42":
+        assert steps[1]["would_send"] and not steps[2]["would_send"] and "due_at" not in steps[2]
+        assert steps[2]["condition"].startswith("only if step 1 does not reach delivered within PT15M")
+        assert steps[2]["reasons"] == [{"reason": "route_step_waiting", "step": 1, "detail": steps[2]["condition"]}]
+    elif recipient["ref"] == "stranger":
+        assert not steps[1]["would_send"] and steps[1]["reason"] == "no_consent"
+        assert steps[2]["would_send"] and steps[2]["reason"] == "step_1_suppressed" and steps[2]["reasons"] == []
+
+
+def window_around_now(db: psycopg.Connection, tenant: str, **extra: Any) -> dt.datetime:
+    """Quiet hours (tenant time zone UTC) from an hour ago to two hours from now; returns when they end."""
+    now = db.execute("select date_trunc('minute', now() at time zone 'UTC')").fetchone()[0]
+    start, end = now - dt.timedelta(hours=1), now + dt.timedelta(hours=2)
+    call(
+        db,
+        "notify_api.set_quiet_hours_v1(%s, %s)",
+        tenant,
+        Jsonb({"timezone": "UTC", "start": start.strftime("%H:%M"), "end": end.strftime("%H:%M"), **extra}),
+    )
+    return end.replace(tzinfo=dt.UTC)
+
+
+def test_quiet_hours_hold_it_until_they_end_in_the_recipients_time_zone(db, ready):
+    ends = window_around_now(db, ready, categories={"password_reset": {"exempt": True}})
+    email = by_channel(preview(db, ready, intent()))["email"]
+    assert email["would_send"] and email["status"] == "queued"
+    assert email["policy"]["decision"] == "hold" and email["policy"]["holds"][0]["reason"] == "quiet_hours"
+    assert email["policy"]["holds"][0]["detail"]["quiet_hours"]["timezone"] == "UTC"
+    assert dt.datetime.fromisoformat(email["sends_at"]) == ends
+    # an exempt category is sent at once
+    assert by_channel(preview(db, ready, intent(category="password_reset")))["email"]["policy"]["decision"] == "send"
+    # a body whose time zone puts now outside the window (Auckland: 12 or 13 hours ahead of UTC) is not held
+    email = by_channel(
+        preview(
+            db, ready, intent(recipient={"ref": "kiwi", "addresses": {"email": "k@example.com"}, "timezone": "Pacific/Auckland"})
+        )
+    )["email"]
+    assert email["policy"]["decision"] == "send" and email["timezone"] == "Pacific/Auckland"
+    # quiet hours that end after expires_at: it would expire, with that reason
+    email = by_channel(preview(db, ready, intent(expires_at=(ends - dt.timedelta(minutes=30)).isoformat())))["email"]
+    assert not email["would_send"] and email["policy"]["decision"] == "expire"
+    assert [r["reason"] for r in email["reasons"]] == ["quiet_hours_past_expiry"] and email["reasons"][0]["at"] == "claim"
+
+
+def test_a_frequency_cap_names_itself_and_its_current_count(db, ready):
+    from tests.conftest import claim
+
+    call(
+        db, "notify_api.set_frequency_caps_v1(%s, %s)", ready, Jsonb({"caps": [{"max": 1, "period": "P1D", "channel": "email"}]})
+    )
+    submit(db, ready, intent(channels=["email"]))
+    assert len(claim(db, "email")) == 1  # the first reminder is sent (counted by the claim)
+    email = by_channel(preview(db, ready, intent()))["email"]
+    assert not email["would_send"] and email["status"] == "queued"  # submitted queued, suppressed when claimed
+    [why] = email["reasons"]
+    assert (why["reason"], why["at"], why["cap"]["max"], why["cap"]["count"], why["cap"]["period"]) == (
+        "frequency_cap",
+        "claim",
+        1,
+        1,
+        "P1D",
+    )
+    # a new recipient has nothing to count, and the preview says so
+    new = by_channel(preview(db, ready, intent(recipient={"ref": "new", "addresses": {"email": "n@example.com"}})))["email"]
+    assert new["would_send"] and new["policy"]["counts"].startswith("none yet")
