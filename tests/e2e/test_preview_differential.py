@@ -5,6 +5,8 @@ mock's outbox (GET /internal/mock/messages)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +20,7 @@ from tests.conftest import REMINDER, Service, call, start_service, stop_service,
 
 pytestmark = pytest.mark.slow
 
-PENDING = {"scheduled", "queued", "sending", "held", "waiting"}
+PENDING = {"scheduled", "queued", "sending", "waiting"}  # a held delivery is what a case waits for
 SENT = {"sent", "delivered", "read"}
 
 
@@ -61,6 +63,40 @@ def template(key: str, channels: dict[str, Any], locale: str = "en") -> Callable
         call(conn, "notify_api.upsert_template_v1(%s, %s, %s)", tenant, key, Jsonb({"locale": locale, "channels": channels}))
 
     return setup
+
+
+ROUTE = [{"channel": "whatsapp", "until": "delivered", "within": "PT15M"}, {"channel": "email"}]
+
+
+def quiet_hours(conn: psycopg.Connection, tenant: str) -> None:
+    """Quiet hours for category night only (so the other cases are not held), from an hour ago to two hours from now."""
+    now = conn.execute("select now() at time zone 'UTC'").fetchone()[0]
+    start, end = (now - dt.timedelta(hours=1)).strftime("%H:%M"), (now + dt.timedelta(hours=2)).strftime("%H:%M")
+    call(
+        conn,
+        "notify_api.set_quiet_hours_v1(%s, %s)",
+        tenant,
+        Jsonb({"timezone": "UTC", "categories": {"night": {"start": start, "end": end}}}),
+    )
+
+
+def cap_reached(conn: psycopg.Connection, tenant: str) -> None:
+    """At most one digest a day; the first one is sent by the worker before the case is previewed."""
+    call(
+        conn,
+        "notify_api.set_frequency_caps_v1(%s, %s)",
+        tenant,
+        Jsonb({"caps": [{"max": 1, "period": "P1D", "category": "digest"}]}),
+    )
+    first = conn.execute(
+        "select response from notify_api.submit_notification_v1(%s, %s)",
+        (tenant, Jsonb(body("capped", channels=["email"], category="digest"))),
+    ).fetchone()[0]
+    deadline = time.monotonic() + 30
+    query = "select status::text from notify.notification_deliveries where id = %s"
+    while conn.execute(query, (first["deliveries"][0]["id"],)).fetchone()[0] not in SENT:
+        assert time.monotonic() < deadline, "the first digest was never sent"
+        time.sleep(0.1)
 
 
 CASES = [
@@ -110,6 +146,25 @@ CASES = [
         test_key=True,
         expect={"whatsapp": (True, None), "email": (True, None)},
     ),
+    # after the route and policy helpers' checkpoints
+    Case(
+        "route: step 1 reaches its goal",
+        {k: v for k, v in body("routed").items() if k != "channels"} | {"route": ROUTE},
+        consent("routed", "whatsapp", "granted"),
+        expect={"whatsapp": (True, None)},
+    ),
+    Case(
+        "route: step 1 suppressed",
+        {k: v for k, v in body("unrouted").items() if k != "channels"} | {"route": ROUTE},
+        expect={"whatsapp": (False, "no_consent"), "email": (True, "step_1_suppressed")},
+    ),
+    Case("quiet hours", body("sleeper", channels=["email"], category="night"), lambda conn, tenant: quiet_hours(conn, tenant)),
+    Case(
+        "frequency cap",
+        body("capped", channels=["email"], category="digest"),
+        lambda conn, tenant: cap_reached(conn, tenant),
+        expect={"email": (False, "frequency_cap")},
+    ),
 ]
 
 
@@ -129,6 +184,17 @@ def stack(db: psycopg.Connection, tmp_path: Any) -> Iterator[tuple[Service, str]
         yield service, test_key
     finally:
         stop_service(service)
+
+
+def settled(notification: dict[str, Any]) -> bool:
+    """Every delivery has its outcome: none pending, but a later route step that waits after the step before it
+    reached its goal (it is then not needed: it ends not_needed, or waits until the route's timer ends it)."""
+    steps = {d.get("step"): d for d in notification["deliveries"]}
+    return all(
+        d["status"] not in PENDING
+        or (d["status"] == "waiting" and steps[d["step"] - 1]["status"] in {"delivered", "read", "not_needed"})
+        for d in notification["deliveries"]
+    )
 
 
 def outcome(delivery: dict[str, Any]) -> tuple[bool, str | None]:
@@ -158,18 +224,30 @@ def test_each_preview_says_what_the_real_submission_then_does(db: psycopg.Connec
             continue
         assert submitted.status_code == 202, (case.name, submitted.text)
         assert answer["outcome"] == submitted.json()["status"], case.name
-        notification = service.wait_for(
-            submitted.json()["id"], lambda n: all(d["status"] not in PENDING for d in n["deliveries"]), timeout=30
-        )
+        notification = service.wait_for(submitted.json()["id"], settled, timeout=30)
         real = {d["channel"]: d for d in notification["deliveries"]}
         previewed = {d["channel"]: d for d in answer["deliveries"]}
         assert list(real) == list(previewed), case.name
         for channel, d in previewed.items():
             r = real[channel]
-            reason = next((x["reason"] for x in d["reasons"]), None)
-            assert (d["would_send"], reason) == outcome(r), (case.name, channel, d, r)
-            if case.expect:
+            assert d.get("step") == r.get("step"), (case.name, channel)
+            if channel in case.expect:
                 assert outcome(r) == case.expect[channel], (case.name, channel, r)
+            if d["status"] == "waiting":
+                # a later route step: sent only if the step before it does not reach its goal; the mock delivered it
+                assert not d["would_send"] and d["condition"].startswith(f"only if step {d['step'] - 1} does not reach")
+                assert r["status"] in ("waiting", "not_needed") and not r.get("sent_at"), (case.name, channel, r)
+                compared += 1
+                continue
+            if (d.get("policy") or {}).get("decision") == "hold":
+                # held by the policy at claim time until when the preview said it would be sent
+                assert d["would_send"] and r["status"] == "held", (case.name, r)
+                assert r["reason"] == d["policy"]["holds"][0]["reason"] == "quiet_hours", (case.name, r)
+                assert dt.datetime.fromisoformat(r["due_at"]) == dt.datetime.fromisoformat(d["sends_at"]), (case.name, r, d)
+                compared += 1
+                continue
+            reason = d.get("reason") or next((x["reason"] for x in d["reasons"]), None)
+            assert (d["would_send"], reason) == outcome(r), (case.name, channel, d, r)
             if r["status"] in SENT:
                 assert r["provider"] == d["provider"]["name"], (case.name, channel)
                 assert bool(r.get("test")) == (d["provider"]["source"] == "test_key"), (case.name, channel)
@@ -177,7 +255,7 @@ def test_each_preview_says_what_the_real_submission_then_does(db: psycopg.Connec
                     [message] = c.get("/internal/mock/messages", params={"delivery_id": r["id"]}).json()
                 assert message["rendered"] == d["rendered"], (case.name, channel)
             compared += 1
-    assert compared == 11
+    assert compared == 17
 
 
 def test_the_client_previews_with_typed_answers(stack: tuple[Service, str]) -> None:
