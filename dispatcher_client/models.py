@@ -99,6 +99,11 @@ class PreviewReason(Model):
     at: str | None = None
     variables: list[str] | None = None
     channel: str | None = None
+    step: int | None = None  # route_step_waiting: the step this one waits on
+    until: dt.datetime | None = None
+    cap: dict[str, Any] | None = None  # frequency_cap: {max, period, count, channel, category, action}
+    quiet_hours: dict[str, Any] | None = None  # quiet_hours_past_expiry: {start, end, timezone, category}
+    pair_rate_limit: dict[str, Any] | None = None
 
 
 class PreviewDelivery(Model):
@@ -117,8 +122,12 @@ class PreviewDelivery(Model):
     locale: dict[str, Any]
     template: dict[str, Any]
     variables: dict[str, Any]
-    reason: str | None = None
+    reason: str | None = None  # the reason the submission would record (no_address, no_consent, step_1_suppressed)
     index: int | None = None
+    step: int | None = None  # its place in the route, when the intent gave one
+    condition: str | None = None  # a waiting route step: when it would be sent
+    policy: dict[str, Any] | None = None  # the tenant policies' decision: {decision, reason, until, detail, holds, sends_at}
+    sends_at: dt.datetime | None = None  # when it would be sent (after any hold)
     due_at: dt.datetime | None = None
     expires_at: dt.datetime | None = None
     timezone: str | None = None
