@@ -201,6 +201,8 @@ declare
     v_deliveries jsonb;
     v_refusal jsonb;
     v_fanout boolean;
+    v_suppressed_channels notify.channel[];
+    v_has_policies boolean;
 begin
     perform notify._enter(p_tenant_id);
     -- 1. The body, read and checked exactly as a submission reads it: its errors stay errors (same type, status, field).
@@ -217,6 +219,11 @@ begin
     end if;
     select n.default_locale, n.default_timezone into v_default_locale, v_default_timezone from notify.tenants n where n.id = p_tenant_id;
     v_due := greatest(coalesce(s.send_at, v_now), v_now);
+    -- As the claim does: the policies are evaluated only where the tenant has some (or for whatsapp_cloud), and an
+    -- address is hashed for the suppression list only on a channel where the tenant has suppressed addresses.
+    v_has_policies := exists (select from notify.quiet_hours q where q.tenant_id = p_tenant_id)
+                      or exists (select from notify.frequency_caps c where c.tenant_id = p_tenant_id);
+    v_suppressed_channels := array(select distinct x.channel from notify.address_suppressions x where x.tenant_id = p_tenant_id);
 
     -- 2. Per recipient and channel, in the submission's order, read only: the stored recipient overlaid with what the
     --    body gives (locale, time zone, addresses; an address given as null is removed), the template and its locale
@@ -267,7 +274,8 @@ begin
                -- an erased recipient's opt-out of this address (notify._consent), unless a grant was recorded after it
                (select jsonb_build_object('category', nullif(sup.category, ''), 'recorded_at', sup.created_at)
                   from notify.address_suppressions sup
-                 where r.address is not null and sup.tenant_id = p_tenant_id and sup.channel = r.channel
+                 where r.address is not null and r.channel = any (v_suppressed_channels)
+                   and sup.tenant_id = p_tenant_id and sup.channel = r.channel
                    and sup.address_hash = notify._address_hash(r.channel, r.address)
                    and sup.category in ('', coalesce(s.category, ''))
                    and not exists (select from notify.recipient_consents g
@@ -278,9 +286,11 @@ begin
                  limit 1) as suppression,
                -- what the claim checks again when it sends: a marketing template needs marketing consent, and free-form
                -- WhatsApp text needs the 24-hour customer-service window (notify_api.claim_deliveries_v1)
-               coalesce(r.content ->> 'category' = 'marketing'
-                        and not notify._consent_allows(p_tenant_id, r.recipient_id, r.channel, 'marketing'), false) as marketing_refused,
-               coalesce(not v_test and r.configured_provider = 'whatsapp_cloud' and r.content ? 'text' and r.address is not null
+               -- (each condition coalesced, so that AND stops at the first false instead of going on past a null)
+               coalesce(r.content ->> 'category', '') = 'marketing'
+                   and not notify._consent_allows(p_tenant_id, r.recipient_id, r.channel, 'marketing') as marketing_refused,
+               coalesce(not v_test and coalesce(r.configured_provider, '') = 'whatsapp_cloud' and coalesce(r.content ? 'text', false)
+                        and r.address is not null
                    and not exists (
                        select from notify.whatsapp_windows w
                          join notify.channel_providers x on x.tenant_id = p_tenant_id and x.channel = 'whatsapp'
@@ -297,6 +307,7 @@ begin
         -- The tenant's policies, as the claim applies them to a delivery about to be sent, when it falls due.
         select t.*, t.route is not null and t.ord > coalesce(t.active, 0) and not t.suppressed as waiting,
                case when not t.suppressed and (t.route is null or t.ord = t.active)
+                         and (v_has_policies or t.provider_name = 'whatsapp_cloud')
                     then notify._preview_policy(p_tenant_id, t.recipient_id, t.channel, s.category, t.provider_name, t.address,
                                                 s.expires_at, v_due, t.timezone) end as policy_decision
           from (select x.*, s.route,
