@@ -30,11 +30,13 @@ from api.routes.health import bench_baseline, health, version
 from api.routes.mock import Mock
 from api.routes.notifications import Notifications
 from api.routes.policies import FrequencyCaps, QuietHours
+from api.routes.preview import Previews
 from api.routes.recipients import Recipients
 from api.routes.retention import Retention
 from api.routes.templates import Templates
 from api.routes.webhooks import receive_webhook, unsubscribe, unsubscribe_page, verify_webhook
 from dispatcher import __version__, keys, metrics, tracing
+from dispatcher.render_pool import RenderPool
 from dispatcher.settings import Settings
 from providers.base import ConfigurationError
 from providers.registry import webhook_adapters
@@ -86,6 +88,7 @@ async def authenticate(request: Request[Any, Any, Any]) -> Tenant:
 
 def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
     db = Database(settings.database_url, min_size=settings.pool_min, max_size=settings.pool_max)
+    render_pool = RenderPool(settings)  # the dry run's renders (POST /internal/notifications/preview), started on first use
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -98,6 +101,7 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
                 metrics_server.shutdown()
                 metrics_server.server_close()
             await db.close()
+            render_pool.close()
 
     metrics.register_queue_health(settings.database_url)
     prometheus = PrometheusConfig(app_name="dispatcher", prefix="dispatcher_http", group_path=True, exclude=["/metrics"])
@@ -109,7 +113,9 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
         "guards": [require_key],
         "security": [{"BearerAuth": []}],
     }
-    bulk = Router(path="/internal", route_handlers=[Notifications], request_max_body_size=settings.max_bulk_body_bytes, **guarded)
+    bulk = Router(
+        path="/internal", route_handlers=[Notifications, Previews], request_max_body_size=settings.max_bulk_body_bytes, **guarded
+    )
     internal = Router(
         path="/internal",
         route_handlers=[Callbacks, Recipients, Templates, Channels, Mock, Deliveries, Retention, QuietHours, FrequencyCaps],
@@ -126,7 +132,7 @@ def create_app(settings: Settings, *, debug: bool = False) -> Litestar:
         route_handlers=[bulk, internal, public, health, version, *([bench_baseline] if settings.bench_baseline else [])],
         middleware=[request_ids.middleware, prometheus.middleware],
         dependencies={"db": Provide(provide_db)},
-        state=State({"db": db, "webhook_adapters": webhook_adapters(settings), "settings": settings}),
+        state=State({"db": db, "webhook_adapters": webhook_adapters(settings), "settings": settings, "render_pool": render_pool}),
         lifespan=[lifespan],
         exception_handlers={Exception: problems.handle},
         request_max_body_size=settings.max_body_bytes,

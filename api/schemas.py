@@ -614,3 +614,20 @@ class FrequencyCapsOut(Base):
     default: bool
     defaults: FrequencyCapsDefaults
     updated_at: dt.datetime | None = None
+class NotificationPreview(Base):
+    """The dry run of a submission (POST /internal/notifications/preview): nothing is written. `outcome` is what the
+    submission would answer (accepted, suppressed, or refused with the error in `refused`); each delivery (per
+    recipient and channel) says whether it would be sent, when, through which provider, its rendered content, or every
+    reason it would not be (docs/sql-api.md, "Dry run")."""
+
+    preview: bool
+    outcome: Literal["accepted", "suppressed", "refused"]
+    previewed_at: dt.datetime
+    template: str
+    deliveries: list[dict[str, Any]]
+    refused: dict[str, Any] | None = None
+    test: bool | None = None
+    category: str | None = None
+    send_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    recipient_count: int | None = None

@@ -21,6 +21,7 @@
     dispatcher notifications find --tenant S [--recipient R] [--status X] [--channel C] [--category K] [--template T]
                                   [--since TS] [--until TS] [--idempotency-key K] [--metadata K=V] [--limit N] [--cursor C]
     dispatcher notifications show --tenant S ID [--json]      a notification with its timeline
+    dispatcher notifications preview --tenant S FILE|- [--json]  dry run of a submission body: would it send, and if not why
     dispatcher deliveries resolve --tenant S ID --status sent|failed --note TEXT   end an unknown outcome by hand
     dispatcher recipients export --tenant S REF               everything held about a recipient (JSON)
     dispatcher recipients erase --tenant S REF --yes          erase its personal data; prints the receipt
@@ -476,6 +477,73 @@ def cmd_notifications_show(args: argparse.Namespace) -> None:
         _table(("at", "channel", "recipient", "event", "detail"), rows)
     else:
         print("no events yet")
+
+
+def _reasons(delivery: dict[str, Any]) -> str:
+    parts = []
+    for r in delivery.get("reasons") or []:
+        text = r["reason"] + (f" ({r['at']})" if r.get("at") else "")
+        if r["reason"] == "no_consent" and (delivery.get("consent") or {}).get("entry"):
+            entry = delivery["consent"]["entry"]
+            text += f" [consent #{entry['id']} {entry['status']} by {entry['source']} at {_when(entry['recorded_at'])}]"
+        elif r["reason"] == "missing_variables":
+            text += ": " + ", ".join(r.get("variables") or [])
+        elif r.get("detail"):
+            text += f": {r['detail']}"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def cmd_notifications_preview(args: argparse.Namespace) -> None:
+    """A submission body's dry run (notify_api.preview_notification_v1), rendered with the worker's renderer and limits."""
+    from dispatcher.preview import render_preview
+    from dispatcher.render_pool import RenderPool
+
+    raw = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: the body is not JSON: {exc}") from None
+    url = _url(args)
+    with psycopg.connect(url, autocommit=True) as conn:
+        tenant = _tenant_id(conn, args.tenant)
+        answer = conn.execute("select notify_api.preview_notification_v1(%s, %s)", (tenant, Jsonb(body))).fetchone()[0]  # type: ignore[index]
+    pool = RenderPool(declared.Settings.from_env(database_url=url))
+
+    async def rendered() -> dict[str, Any]:
+        try:
+            return await render_preview(answer, pool)
+        finally:
+            pool.close()
+
+    answer = asyncio.run(rendered())
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return
+    print(
+        f"preview: the submission would be {answer['outcome']}"
+        + (f" ({answer['refused']['type']}: {answer['refused']['detail']})" if answer.get("refused") else "")
+    )
+    rows = []
+    for d in answer["deliveries"]:
+        rows.append(
+            (
+                d["recipient"],
+                d["channel"],
+                "yes" if d["would_send"] else "no",
+                d["status"],
+                _when(d.get("due_at")),
+                d["provider"]["name"]
+                + ("" if d["provider"]["source"] == "channel_provider" else f" ({d['provider']['source']})"),
+                _reasons(d),
+            )
+        )
+    _table(("recipient", "channel", "sends", "status", "due", "provider", "why not"), rows)
+    for d in answer["deliveries"][: args.max_rendered]:
+        if d.get("rendered"):
+            print(f"\n{d['recipient']} / {d['channel']} ({d['locale'].get('template_locale')}):")
+            for name, value in d["rendered"].items():
+                print(f"  {name}: {value}")
 
 
 def cmd_deliveries_resolve(args: argparse.Namespace) -> None:
@@ -959,6 +1027,14 @@ def parser() -> argparse.ArgumentParser:
     ns.add_argument("--max-deliveries", type=int, default=20, help="of a fan-out, how many deliveries' history to show")
     ns.add_argument("--json", action="store_true")
     ns.set_defaults(func=cmd_notifications_show)
+    npv = notifications_sub.add_parser(
+        "preview", parents=[db], help="dry run of a submission body: what it would send, when, through what, or why not"
+    )
+    npv.add_argument("--tenant", required=True)
+    npv.add_argument("file", help="the POST /internal/notifications body as a JSON file, or - for stdin")
+    npv.add_argument("--max-rendered", type=int, default=10, help="how many deliveries' rendered content to print")
+    npv.add_argument("--json", action="store_true")
+    npv.set_defaults(func=cmd_notifications_preview)
 
     deliveries = sub.add_parser("deliveries", help="one delivery").add_subparsers(dest="action", required=True)
     dr = deliveries.add_parser("resolve", parents=[db], help="end an unknown outcome by hand (to sent or failed, with a note)")

@@ -9,8 +9,9 @@ A template is tenant input, so rendering is bounded (docs/security.md, "Template
 - `range` stops at 10,000 items; filters take no integer argument over the output cap, and are never evaluated at
   compile time (so saving `{{ 'x'|center(10**9) }}` cannot exhaust the API either);
 - output is counted while it is generated and stops at the cap of its field (subject, text, HTML);
-- the worker renders in child processes (runner/render_pool.py) with an address-space limit and a time budget
-  per delivery, so a template that still manages to be slow or large fails alone and never blocks the event loop.
+- the worker (and the API's dry run) render in child processes (dispatcher/render_pool.py) with an address-space limit
+  and a time budget per delivery, so a template that still manages to be slow or large fails alone and never blocks an
+  event loop.
 """
 
 from __future__ import annotations

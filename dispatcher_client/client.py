@@ -73,6 +73,11 @@ class _Api:
             headers["X-Request-ID"] = request_id
         return self._call(Call("POST", "/internal/notifications", m.Accepted, intent, headers=headers))
 
+    def preview(self, intent: m.Intent) -> m.Preview:
+        """A dry run of `submit(intent)`: nothing is written; per delivery whether it would be sent, when, through
+        which provider, its rendered content, or every reason it would not be. Its shape errors raise as submit's do."""
+        return self._call(Call("POST", "/internal/notifications/preview", m.Preview, intent))
+
     def submit_batch(self, intents: Sequence[m.Intent | tuple[m.Intent, str]]) -> m.BatchResult:
         """Up to 1,000 independent intents, each with its own key (given as (intent, key), or generated)."""
         items = [

@@ -89,6 +89,69 @@ class Accepted(Model):
     test: bool = False  # submitted with a test key: sent by the mock provider only
 
 
+class PreviewReason(Model):
+    """Why a previewed delivery would not be sent (or, with `at` "claim", would be refused when the worker claims it):
+    no_address, no_consent, template_not_found, missing_variables (`variables`), render_failed,
+    outside_customer_service_window, and the policies' reasons."""
+
+    reason: str
+    detail: str | None = None
+    at: str | None = None
+    variables: list[str] | None = None
+    channel: str | None = None
+    step: int | None = None  # route_step_waiting: the step this one waits on
+    until: dt.datetime | None = None
+    cap: dict[str, Any] | None = None  # frequency_cap: {max, period, count, channel, category, action}
+    quiet_hours: dict[str, Any] | None = None  # quiet_hours_past_expiry: {start, end, timezone, category}
+    pair_rate_limit: dict[str, Any] | None = None
+
+
+class PreviewDelivery(Model):
+    """One delivery of a dry run (per recipient and channel). `consent`, `locale`, `template`, `provider` and
+    `address` are objects as documented in docs/sql-api.md ("Dry run"); `rendered` is the content a send would render."""
+
+    recipient: str
+    channel: Channel
+    would_send: bool
+    status: str
+    recipient_known: bool
+    reasons: list[PreviewReason]
+    provider: dict[str, Any]
+    address: dict[str, Any]
+    consent: dict[str, Any]
+    locale: dict[str, Any]
+    template: dict[str, Any]
+    variables: dict[str, Any]
+    reason: str | None = None  # the reason the submission would record (no_address, no_consent, step_1_suppressed)
+    index: int | None = None
+    step: int | None = None  # its place in the route, when the intent gave one
+    condition: str | None = None  # a waiting route step: when it would be sent
+    policy: dict[str, Any] | None = None  # the tenant policies' decision: {decision, reason, until, detail, holds, sends_at}
+    sends_at: dt.datetime | None = None  # when it would be sent (after any hold)
+    due_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    timezone: str | None = None
+    missing_variables: list[str] | None = None
+    rendered: dict[str, Any] | None = None
+
+
+class Preview(Model):
+    """The dry run of a submission: nothing was written. `outcome` is what the submission would answer; `refused` its
+    error when it would be refused (a template or variables missing)."""
+
+    preview: bool
+    outcome: Literal["accepted", "suppressed", "refused"]
+    previewed_at: dt.datetime
+    template: str
+    deliveries: list[PreviewDelivery]
+    refused: dict[str, Any] | None = None
+    test: bool = False
+    category: str | None = None
+    send_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    recipient_count: int | None = None
+
+
 class DeliveryEvent(Model):
     seq: int
     to: str

@@ -53,3 +53,20 @@ end
 $$;
 comment on function notify_api.submit_notifications_http_v1(uuid, jsonb, text, text, uuid, double precision) is
     'POST /internal/notifications/batch in one statement: sets notify.request_id, notify.traceparent and notify.test (from the key) for this transaction, calls submit_notifications_v1 on the body''s items (a test key''s answer and items say "test": true), then takes the key''s rate token (charge_api_key_v1), last.';
+
+create function notify_api.preview_notification_http_v1(p_tenant_id uuid, p_body jsonb, p_key_id uuid)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform notify._enter(p_tenant_id);
+    -- A test key's preview names the mock, as its submission would be sent by it (notify._enter_key sets notify.test,
+    -- a setting of this transaction only: nothing is written).
+    perform notify._enter_key(p_tenant_id, p_key_id);
+    return notify_api.preview_notification_v1(p_tenant_id, p_body);
+end
+$$;
+comment on function notify_api.preview_notification_http_v1(uuid, jsonb, uuid) is
+    'POST /internal/notifications/preview in one statement: sets notify.test from the key for this transaction (a test key''s preview answers "test": true and the mock provider), then calls preview_notification_v1. Writes nothing; the route''s rate token is taken by its guard.';

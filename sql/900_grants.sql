@@ -25,6 +25,7 @@ grant usage on schema notify to notify_caller;
 grant execute on function notify_api.get_tenant_v1(text) to notify_caller;
 grant execute on function notify_api.submit_notification_v1(uuid, jsonb, text) to notify_caller;
 grant execute on function notify_api.submit_notifications_v1(uuid, jsonb) to notify_caller;
+grant execute on function notify_api.preview_notification_v1(uuid, jsonb) to notify_caller;
 grant execute on function notify_api.get_notification_v1(uuid, uuid) to notify_caller;
 grant execute on function notify_api.get_notification_v2(uuid, uuid) to notify_caller;
 grant execute on function notify_api.list_deliveries_v1(uuid, uuid, text, integer) to notify_caller;
