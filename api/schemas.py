@@ -614,6 +614,8 @@ class FrequencyCapsOut(Base):
     default: bool
     defaults: FrequencyCapsDefaults
     updated_at: dt.datetime | None = None
+
+
 class NotificationPreview(Base):
     """The dry run of a submission (POST /internal/notifications/preview): nothing is written. `outcome` is what the
     submission would answer (accepted, suppressed, or refused with the error in `refused`); each delivery (per
