@@ -143,8 +143,10 @@ begin
     insert into notify.notification_requests
         (tenant_id, id, idempotency_key, fingerprint, recipient_id, recipient_count, template_key, variables, category, channels,
          send_at, expires_at, metadata, callback_url, response, route, priority)
+    -- Nothing will be sent when every delivery is suppressed (the answer says so): the variables are not kept at all.
     values (p_tenant_id, coalesce(p_request_id, gen_random_uuid()), s.idempotency_key, s.fingerprint, p_recipient_id,
-            p_recipient_count, s.template, s.variables, s.category, s.channels, s.send_at, s.expires_at, s.metadata,
+            p_recipient_count, s.template,
+            case when p_response ->> 'status' = 'suppressed' then '{}'::jsonb else s.variables end, s.category, s.channels, s.send_at, s.expires_at, s.metadata,
             s.callback_url, p_response, s.route, coalesce(s.priority, 'normal'))
     on conflict (tenant_id, idempotency_key) do nothing
     returning id into request_id;

@@ -170,7 +170,9 @@ begin
         insert into notify.notification_deliveries
             (tenant_id, id, request_id, recipient_id, channel, address, template_locale, variables, status, reason, due_at, expires_at,
              route_step, route_until, route_within, priority)
-        select p_tenant_id, id, v_claim.request_id, recipient_id, channel, address, template_locale, variables, status, reason,
+        -- A suppressed delivery is never sent: its per-recipient variables are not kept.
+        select p_tenant_id, id, v_claim.request_id, recipient_id, channel, address, template_locale,
+               case when status <> 'suppressed' then variables end, status, reason,
                case when status = 'waiting' then 'infinity' else greatest(coalesce(s.send_at, v_now), v_now) end, s.expires_at,
                case when s.route is not null then ord end, v_untils[ord], v_withins[ord], s.priority
           from decided order by i, ord
@@ -187,7 +189,9 @@ begin
       into v_response
       from counted;
 
-    update notify.notification_requests r set response = v_response
+    -- Every delivery suppressed: nothing will be sent, so the request keeps no variables (as a single intent's).
+    update notify.notification_requests r
+       set response = v_response, variables = case when v_response ->> 'status' = 'suppressed' then '{}' else r.variables end
      where r.tenant_id = p_tenant_id and r.id = v_claim.request_id;
     perform notify._wake_submission(s, array(
         select c from unnest(s.channels) c
@@ -357,7 +361,7 @@ begin
         (tenant_id, id, idempotency_key, fingerprint, recipient_id, recipient_count, template_key, variables, category,
          channels, metadata, response, priority)
     select p_tenant_id, b.request_id, b.key, sha256(convert_to(b.body::text, 'UTF8')), b.recipient_id, 1, b.template,
-           b.variables, b.category, b.channels, b.metadata, b.response, b.priority
+           case when b.response ->> 'status' = 'suppressed' then '{}'::jsonb else b.variables end, b.category, b.channels, b.metadata, b.response, b.priority
       from pg_temp._batch b order by b.i
     on conflict (tenant_id, idempotency_key) do nothing;
     get diagnostics v_claimed = row_count;

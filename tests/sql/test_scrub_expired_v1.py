@@ -134,3 +134,37 @@ def test_old_webhook_keys_and_finished_callback_messages_are_deleted(db, ready):
     assert (done["webhook_event_keys"], done["callback_messages"]) == (1, 1)
     assert [r[0] for r in db.execute("select event_key from notify.webhook_event_keys")] == ["new"]
     assert [r[0] for r in db.execute("select status from notify.callback_messages where seq = 9")] == ["pending"]
+
+
+def test_a_request_that_sends_nothing_keeps_no_variables(db, ready):
+    """Every delivery suppressed at submit (no address, no consent): nothing will ever be sent, so neither the request
+    nor its deliveries keep the variables (retention finds content only where it is held: these would have stayed)."""
+    lone = {"ref": "runner-9", "addresses": {}}
+    single, _ = submit(db, ready, intent(recipient=lone, variables={"name": "Zoe", "event": "Night run"}))
+    fanout, _ = submit(
+        db,
+        ready,
+        {
+            "recipients": [{"ref": "runner-9", "variables": {"name": "Zoe"}}, {"ref": "runner-10", "variables": {"name": "Yan"}}],
+            "channels": ["whatsapp"],
+            "template": "event_reminder",
+            "variables": {"event": "Night run"},
+        },
+    )
+    batch = call(
+        db,
+        "notify_api.submit_notifications_v1(%s, %s)",
+        ready,
+        Jsonb([{"notification": intent(recipient=lone, channels=["email"], variables={"name": "Zoe", "event": "Night run"})}]),
+    )
+    ids = [single["id"], fanout["id"], batch["items"][0]["body"]["id"]]
+    assert [single["status"], fanout["status"], batch["items"][0]["body"]["status"]] == ["suppressed"] * 3
+    rows = db.execute(
+        "select r.variables, array_agg(d.variables is null) from notify.notification_requests r"
+        " join notify.notification_deliveries d on d.request_id = r.id where r.id = any(%s::uuid[]) group by r.id, r.variables",
+        (ids,),
+    ).fetchall()
+    assert rows and all(v == {} and all(nulls) for v, nulls in rows), rows
+    # One delivery that will be sent keeps them, as before.
+    sent, _ = submit(db, ready, intent(channels=["email"], variables={"name": "Ana", "event": "Long run"}))
+    assert db.execute("select variables from notify.notification_requests where id = %s", (sent["id"],)).fetchone()[0] != {}

@@ -1,0 +1,423 @@
+-- 0040: a leftover of issue #15 ("Keep only as long as allowed"). A request whose every delivery was suppressed at
+-- submit (no address, no consent) kept its variables past retention: retention scrubs a request once none of its
+-- deliveries holds content, and finds the deliveries that do by their content (address, variables, error text), which a
+-- delivery suppressed for lack of an address never has. Nothing will ever be sent for such a request, so its
+-- variables are not kept at all (single intents, fan-outs, batches), nor a suppressed fan-out delivery's own variables.
+
+create or replace function notify._claim_submission(p_tenant_id uuid, s notify.submission, p_recipient_id uuid, p_recipient_count integer,
+                                         p_request_id uuid, p_response jsonb, out request_id uuid, out replay jsonb)
+    language plpgsql
+    volatile
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    -- A concurrent twin waits here for our commit, then replays it.
+    insert into notify.notification_requests
+        (tenant_id, id, idempotency_key, fingerprint, recipient_id, recipient_count, template_key, variables, category, channels,
+         send_at, expires_at, metadata, callback_url, response, route, priority)
+    -- Nothing will be sent when every delivery is suppressed (the answer says so): the variables are not kept at all.
+    values (p_tenant_id, coalesce(p_request_id, gen_random_uuid()), s.idempotency_key, s.fingerprint, p_recipient_id,
+            p_recipient_count, s.template,
+            case when p_response ->> 'status' = 'suppressed' then '{}'::jsonb else s.variables end, s.category, s.channels, s.send_at, s.expires_at, s.metadata,
+            s.callback_url, p_response, s.route, coalesce(s.priority, 'normal'))
+    on conflict (tenant_id, idempotency_key) do nothing
+    returning id into request_id;
+    if request_id is null then
+        replay := notify._replay(p_tenant_id, s.idempotency_key, s.fingerprint);
+    end if;
+end
+$$;
+comment on function notify._claim_submission(uuid, notify.submission, uuid, integer, uuid, jsonb) is
+    'Claims the submission''s idempotency key with its request row (recipient_id for one recipient, null for a fan-out of p_recipient_count; the id and the response when the caller knows them already, so the row is written once): the new request''s id, or, when the key was taken, the stored response to replay (ND422 idempotency_key_reused for another body).';
+
+create or replace function notify._submit_fanout(p_tenant_id uuid, s notify.submission)
+    returns table (response jsonb, replayed boolean)
+    language plpgsql
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_items jsonb := s.recipients;
+    v_count integer;
+    v_bad record;
+    v_claim record;
+    v_default_locale text;
+    v_now timestamptz := now();
+    v_response jsonb;
+    v_channel_names text[] := enum_range(null::notify.channel)::text[];
+    -- a route's steps: their goal and time limit, read once (not once per recipient)
+    v_untils notify.delivery_status[] := array(select (e ->> 'until')::notify.delivery_status
+                                                 from jsonb_array_elements(s.route) with ordinality x(e, i) order by i);
+    v_withins interval[] := array(select notify._duration_field(e -> 'within', 'route')
+                                    from jsonb_array_elements(s.route) with ordinality x(e, i) order by i);
+begin
+    if jsonb_typeof(v_items) is distinct from 'array' or jsonb_array_length(v_items) not between 1 and 10000 then
+        perform notify._raise('ND400', 'invalid_length', 'recipients must be a list of 1 to 10000 recipients', 'recipients');
+    end if;
+    v_count := jsonb_array_length(v_items);
+
+    -- 1. Every recipient checked set-based; the first offender is named.
+    select i - 1 as idx, r, k into v_bad
+      from jsonb_array_elements(v_items) with ordinality e(r, i)
+      left join lateral (select k from jsonb_object_keys(case when jsonb_typeof(r) = 'object' then r else '{}' end) k
+                          where k not in ('ref', 'addresses', 'locale', 'timezone', 'variables') limit 1) x on true
+     where jsonb_typeof(r) <> 'object' or x.k is not null
+        or jsonb_typeof(r -> 'ref') is distinct from 'string' or length(r ->> 'ref') not between 1 and 200
+        or (r ? 'addresses' and jsonb_typeof(r -> 'addresses') not in ('object', 'null'))
+        or (r ? 'variables' and jsonb_typeof(r -> 'variables') not in ('object', 'null'))
+        or (jsonb_typeof(r -> 'locale') = 'string' and r ->> 'locale' !~ '^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$')
+        or (r ? 'locale' and jsonb_typeof(r -> 'locale') not in ('string', 'null'))
+        or (r ? 'timezone' and jsonb_typeof(r -> 'timezone') not in ('string', 'null'))
+     order by i limit 1;
+    if found then
+        perform notify._raise('ND400', case when v_bad.k is not null then 'unknown_field' else 'invalid_value' end,
+            format('recipients[%s] is not a valid recipient (ref 1-200 characters; addresses, locale, timezone, variables)', v_bad.idx)
+            || coalesce(': unknown field ' || v_bad.k, ''),
+            format('recipients[%s]', v_bad.idx) || coalesce('.' || v_bad.k, ''));
+    end if;
+    select i - 1 as idx, a.key into v_bad
+      from jsonb_array_elements(v_items) with ordinality e(r, i)
+     cross join lateral jsonb_each(case when jsonb_typeof(r -> 'addresses') = 'object' then r -> 'addresses' else '{}' end) a
+     where a.key <> all (v_channel_names)
+        or (jsonb_typeof(a.value) <> 'null'
+            and (jsonb_typeof(a.value) <> 'string' or not notify._address_valid(a.key::notify.channel, a.value #>> '{}')))
+     order by i limit 1;
+    if found then
+        perform notify._raise('ND400', 'invalid_address', format('recipients[%s].addresses.%s is not a valid %s address', v_bad.idx, v_bad.key, v_bad.key),
+                              format('recipients[%s].addresses.%s', v_bad.idx, v_bad.key));
+    end if;
+    select i - 1 as idx into v_bad
+      from jsonb_array_elements(v_items) with ordinality e(r, i)
+     where jsonb_typeof(r -> 'timezone') = 'string'
+       and not exists (select from pg_catalog.pg_timezone_names z where z.name = r ->> 'timezone')
+     order by i limit 1;
+    if found then
+        perform notify._raise('ND400', 'invalid_timezone', format('recipients[%s].timezone is not an IANA time zone', v_bad.idx),
+                              format('recipients[%s].timezone', v_bad.idx));
+    end if;
+    select min(i) - 1 as idx, r ->> 'ref' as ref into v_bad
+      from jsonb_array_elements(v_items) with ordinality e(r, i)
+     group by r ->> 'ref' having count(*) > 1 order by min(i) limit 1;
+    if found then
+        perform notify._raise('ND400', 'duplicate_recipient', format('recipient %s appears more than once', v_bad.ref), 'recipients');
+    end if;
+
+    -- 2. Claim the idempotency key before the heavy work: a replay of a 10,000-recipient intent is one lookup.
+    v_claim := notify._claim_submission(p_tenant_id, s, null, v_count, null, null);
+    if v_claim.request_id is null then
+        response := v_claim.replay;
+        replayed := true;
+        return next;
+        return;
+    end if;
+
+    -- 3. Recipients and their addresses, set-based. The input goes into an analyzed temporary table first, so
+    --    the planner knows it has v_count rows (a function scan is estimated at 100) and joins accordingly.
+    --    Our temporary tables are always new: a table of that name the caller planted in pg_temp (its triggers would
+    --    run as this function's owner) makes the create fail. They are dropped before returning, because a batch
+    --    fans out many times in one transaction; an error rolls their creation back with everything else.
+    create temporary table pg_temp._fanout_input (
+        i integer, ref text, addresses jsonb, locale text, timezone text, variables jsonb, recipient_id uuid, effective_locale text
+    ) on commit drop;
+    insert into pg_temp._fanout_input (i, ref, addresses, locale, timezone, variables)
+    select i, r ->> 'ref', case when jsonb_typeof(r -> 'addresses') = 'object' then r -> 'addresses' end, r ->> 'locale',
+           r ->> 'timezone', case when jsonb_typeof(r -> 'variables') = 'object' then r -> 'variables' end
+      from jsonb_array_elements(v_items) with ordinality e(r, i);
+    analyze pg_temp._fanout_input;
+
+    insert into notify.recipients as x (tenant_id, ref, locale, timezone)
+    select p_tenant_id, f.ref, f.locale, f.timezone from pg_temp._fanout_input f
+    on conflict (tenant_id, ref) do update
+        set locale = coalesce(excluded.locale, x.locale), timezone = coalesce(excluded.timezone, x.timezone),
+            updated_at = now()
+        where (excluded.locale is not null and excluded.locale is distinct from x.locale)
+           or (excluded.timezone is not null and excluded.timezone is distinct from x.timezone);
+    v_default_locale := (select default_locale from notify.tenants where id = p_tenant_id);
+    update pg_temp._fanout_input f set recipient_id = rec.id, effective_locale = coalesce(rec.locale, v_default_locale)
+      from notify.recipients rec
+     where rec.tenant_id = p_tenant_id and rec.ref = f.ref;
+    analyze pg_temp._fanout_input;
+
+    insert into notify.recipient_addresses as a (tenant_id, recipient_id, channel, address)
+    select p_tenant_id, f.recipient_id, kv.key::notify.channel, kv.value #>> '{}'
+      from pg_temp._fanout_input f cross join lateral jsonb_each(coalesce(f.addresses, '{}')) kv
+     where jsonb_typeof(kv.value) = 'string'
+    on conflict (tenant_id, recipient_id, channel) do update
+        set address = excluded.address, updated_at = now()
+        where a.address is distinct from excluded.address;
+    delete from notify.recipient_addresses a
+     using pg_temp._fanout_input f, lateral jsonb_each(coalesce(f.addresses, '{}')) kv
+     where jsonb_typeof(kv.value) = 'null'
+       and a.tenant_id = p_tenant_id and a.recipient_id = f.recipient_id and a.channel = kv.key::notify.channel;
+
+    -- 4. Templates per channel and distinct locale (resolved once each), and the variables every recipient needs.
+    create temporary table pg_temp._fanout_templates (
+        channel notify.channel, locale text, template_locale text, required_variables text[]) on commit drop;
+    insert into pg_temp._fanout_templates
+    select c.channel, l.locale, t.locale, t.required_variables
+      from unnest(s.channels) c(channel)
+     cross join (select distinct f.effective_locale as locale from pg_temp._fanout_input f) l
+     cross join lateral notify._resolve_template(p_tenant_id, s.template, c.channel, l.locale) t;
+    select channel, locale into v_bad from pg_temp._fanout_templates where template_locale is null limit 1;
+    if found then
+        perform notify._raise('ND422', 'template_not_found',
+            format('template %s has no %s content for locale %s or its fallbacks', s.template, v_bad.channel, v_bad.locale), 'template');
+    end if;
+    select f.i - 1 as idx, need.v into v_bad
+      from pg_temp._fanout_input f
+      join pg_temp._fanout_templates t on t.locale = f.effective_locale
+     cross join lateral unnest(t.required_variables) need(v)
+     where not (s.variables || coalesce(f.variables, '{}')) ? need.v
+     order by f.i limit 1;
+    if found then
+        perform notify._raise('ND422', 'missing_variables', format('template %s needs variable %s for recipients[%s]', s.template, v_bad.v, v_bad.idx),
+                              format('recipients[%s].variables.%s', v_bad.idx, v_bad.v));
+    end if;
+
+    -- 5. One delivery per recipient and channel, consent checked set-based. With a route, one route per recipient, as
+    --    for one recipient (submit_notification_v1): the first step not suppressed is due, the later ones wait, and
+    --    each recipient's ids are in step order.
+    perform notify._set_source('submit');
+    with rows as materialized (
+        select f.recipient_id, c.channel, a.address, t.template_locale, f.variables, consent.allowed, f.i, c.ord,
+               min(c.ord) filter (where a.address is not null and consent.allowed) over (partition by f.i) as active,
+               f.ids[c.ord] as id
+          from (select f0.*, array(select notify._uuidv7() from unnest(s.channels) where f0.i is not null order by 1) as ids
+                  from pg_temp._fanout_input f0 offset 0) f
+         cross join unnest(s.channels) with ordinality c(channel, ord)
+          join pg_temp._fanout_templates t on t.channel = c.channel and t.locale = f.effective_locale
+          left join notify.recipient_addresses a on a.tenant_id = p_tenant_id and a.recipient_id = f.recipient_id and a.channel = c.channel
+         cross join lateral notify._consent(p_tenant_id, f.recipient_id, c.channel, s.category) consent
+    ), decided as (
+        select r.*,
+               case when r.address is null or not r.allowed then 'suppressed'
+                    when s.route is not null and r.ord > r.active then 'waiting'
+                    when s.send_at > v_now then 'scheduled' else 'queued' end::notify.delivery_status as status,
+               case when r.address is null then 'no_address' when not r.allowed then 'no_consent'
+                    when s.route is not null and r.ord = r.active and r.ord > 1 then format('step_%s_suppressed', r.ord - 1) end as reason
+          from rows r
+    ), inserted as (
+        insert into notify.notification_deliveries
+            (tenant_id, id, request_id, recipient_id, channel, address, template_locale, variables, status, reason, due_at, expires_at,
+             route_step, route_until, route_within, priority)
+        -- A suppressed delivery is never sent: its per-recipient variables are not kept.
+        select p_tenant_id, id, v_claim.request_id, recipient_id, channel, address, template_locale,
+               case when status <> 'suppressed' then variables end, status, reason,
+               case when status = 'waiting' then 'infinity' else greatest(coalesce(s.send_at, v_now), v_now) end, s.expires_at,
+               case when s.route is not null then ord end, v_untils[ord], v_withins[ord], s.priority
+          from decided order by i, ord
+        returning channel, status, reason
+    ), counted as (
+        select channel, status, reason, count(*) as n from inserted group by channel, status, reason
+    )
+    select jsonb_build_object(
+               'id', v_claim.request_id, 'created_at', v_now, 'recipient_count', v_count,
+               'status', case when bool_and(status = 'suppressed') then 'suppressed' else 'accepted' end,
+               'summary', jsonb_agg(jsonb_strip_nulls(jsonb_build_object('channel', channel, 'status', status, 'reason', reason, 'count', n))
+                                    order by channel, status, reason))
+           || case when pg_catalog.current_setting('notify.test', true) = 'true' then '{"test": true}'::jsonb else '{}' end
+      into v_response
+      from counted;
+
+    -- Every delivery suppressed: nothing will be sent, so the request keeps no variables (as a single intent's).
+    update notify.notification_requests r
+       set response = v_response, variables = case when v_response ->> 'status' = 'suppressed' then '{}' else r.variables end
+     where r.tenant_id = p_tenant_id and r.id = v_claim.request_id;
+    perform notify._wake_submission(s, array(
+        select c from unnest(s.channels) c
+         where exists (select from jsonb_array_elements(v_response -> 'summary') x
+                        where x ->> 'channel' = c::text and x ->> 'status' in ('queued', 'scheduled'))));
+    drop table pg_temp._fanout_input, pg_temp._fanout_templates;
+    response := v_response;
+    replayed := false;
+    return next;
+end
+$$;
+comment on function notify._submit_fanout(uuid, notify.submission) is
+    'The fan-out half of submit_notification_v1, given the body it read (notify._parse_submission): up to 10,000 recipients, each with optional per-recipient variables; the same idempotency claim, template resolution and wake-up as one recipient, but recipients, addresses, template checks, consent and deliveries are set-based statements, not per-row round trips. The response summarizes deliveries by channel, status and reason.';
+
+create or replace function notify._submit_batch_usual(p_tenant_id uuid, p_items jsonb)
+    returns table (idx integer, result jsonb)
+    language plpgsql
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_now timestamptz := now();
+    v_channel_names text[] := enum_range(null::notify.channel)::text[];
+    v_claimed integer;
+begin
+    -- 1. The items this path takes: a usual body (notify._is_usual_submission) with a well-formed key not used before,
+    --    valid addresses and locale, no time zone, distinct channels, and neither its key nor its recipient shared with
+    --    another item of the batch (those keep the item-by-item order). Every other item, and every item that would
+    --    fail, is left to the item-by-item path of submit_notifications_v1, so each error is the one that path gives.
+    --    Temporary tables as in notify._submit_fanout: always new, dropped before returning.
+    create temporary table pg_temp._batch (
+        i integer primary key, key text, body jsonb, ref text, addresses jsonb, locale text, channels notify.channel[],
+        template text, variables jsonb, category text, metadata jsonb, recipient_id uuid, effective_locale text,
+        request_id uuid, response jsonb, priority notify.priority
+    ) on commit drop;
+    -- The known recipients locked first as their deliveries' foreign-key check would (KEY SHARE), so what is read of
+    -- them below is what an erasure in progress (FOR UPDATE) leaves, not what it is removing.
+    perform from notify.recipients rec
+     where rec.tenant_id = p_tenant_id
+       and rec.ref = any (array(select e.item -> 'notification' -> 'recipient' ->> 'ref' from jsonb_array_elements(p_items) e(item)))
+     order by rec.ref
+       for key share;
+    with items as (
+        -- The key and the ref as columns of their own: under row security a join on an expression over the item (->>,
+        -- not leakproof) cannot become an index condition, and each item scanned the tenant's every request.
+        select e.i - 1 as i, e.item, e.item -> 'notification' as body, e.item -> 'notification' -> 'recipient' as r,
+               e.item ->> 'idempotency_key' as key, e.item -> 'notification' -> 'recipient' ->> 'ref' as ref
+          from jsonb_array_elements(p_items) with ordinality e(item, i)
+    ), shared as (
+        -- keys and recipient refs that more than one item names (a fan-out item's recipients included)
+        select 'key' as kind, item ->> 'idempotency_key' as v from items
+         where jsonb_typeof(item) = 'object' and jsonb_typeof(item -> 'idempotency_key') = 'string'
+         group by 2 having count(*) > 1
+        union all
+        select 'ref', v from (
+            select r ->> 'ref' as v from items where jsonb_typeof(r) = 'object'
+            union all
+            select x ->> 'ref' from items, jsonb_array_elements(case when jsonb_typeof(body -> 'recipients') = 'array'
+                                                                     then body -> 'recipients' else '[]' end) x
+        ) refs where v is not null group by v having count(*) > 1
+    )
+    insert into pg_temp._batch (i, key, body, ref, addresses, locale, channels, template, variables, category, metadata,
+                                recipient_id, effective_locale, request_id, priority)
+    select it.i, it.item ->> 'idempotency_key', it.body, it.r ->> 'ref', nullif(it.r -> 'addresses', 'null'),
+           it.r ->> 'locale', string_to_array(translate((it.body -> 'channels')::text, '[]" ', ''), ',')::notify.channel[],
+           it.body ->> 'template', coalesce(nullif(it.body -> 'variables', 'null'), '{}'), it.body ->> 'category',
+           coalesce(nullif(it.body -> 'metadata', 'null'), '{}'), rec.id,
+           coalesce(it.r ->> 'locale', rec.locale, n.default_locale), gen_random_uuid(),
+           coalesce((it.body ->> 'priority')::notify.priority, 'normal')
+      from items it
+      join notify.tenants n on n.id = p_tenant_id
+      left join notify.recipients rec on rec.tenant_id = p_tenant_id and rec.ref = it.ref
+     where jsonb_typeof(it.item) = 'object'
+       and not exists (select from jsonb_object_keys(it.item) k where k not in ('idempotency_key', 'notification'))
+       and (jsonb_typeof(it.item -> 'idempotency_key') is null or jsonb_typeof(it.item -> 'idempotency_key') = 'null'
+            or (jsonb_typeof(it.item -> 'idempotency_key') = 'string' and it.item ->> 'idempotency_key' ~ '^[\x21-\x7e]+$'
+                and length(it.item ->> 'idempotency_key') <= 255))
+       and notify._is_usual_submission(it.body)
+       and jsonb_typeof(it.r -> 'ref') = 'string' and length(it.r ->> 'ref') between 1 and 200
+       and (jsonb_typeof(it.r -> 'locale') is null or jsonb_typeof(it.r -> 'locale') = 'null'
+            or (jsonb_typeof(it.r -> 'locale') = 'string' and length(it.r ->> 'locale') <= 35
+                and it.r ->> 'locale' ~ '^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$'))
+       and (jsonb_typeof(it.r -> 'timezone') is null or jsonb_typeof(it.r -> 'timezone') = 'null')
+       and (jsonb_typeof(it.r -> 'addresses') is null or jsonb_typeof(it.r -> 'addresses') = 'null'
+            or (jsonb_typeof(it.r -> 'addresses') = 'object'
+                and not exists (select from jsonb_each(it.r -> 'addresses') a
+                                 where a.key <> all (v_channel_names)
+                                    or (jsonb_typeof(a.value) <> 'null'
+                                        and (jsonb_typeof(a.value) <> 'string'
+                                             or not notify._address_valid(a.key::notify.channel, a.value #>> '{}'))))))
+       and jsonb_array_length(it.body -> 'channels')
+           = (select count(distinct c) from jsonb_array_elements_text(it.body -> 'channels') c)
+       and not exists (select from shared sh where sh.kind = 'key' and sh.v = it.key)
+       and not exists (select from shared sh where sh.kind = 'ref' and sh.v = it.ref)
+       and not exists (select from notify.notification_requests q where q.tenant_id = p_tenant_id and q.idempotency_key = it.key);
+
+    -- 2. Templates per template, channel and locale (resolved once each); an item lacking one, or a variable one needs,
+    --    goes item by item (and fails there, naming the field).
+    create temporary table pg_temp._batch_templates (
+        template text, channel notify.channel, locale text, template_locale text, required_variables text[]
+    ) on commit drop;
+    insert into pg_temp._batch_templates
+    select x.template, x.channel, x.locale, t.locale, t.required_variables
+      from (select distinct b.template, c.channel, b.effective_locale as locale
+              from pg_temp._batch b cross join unnest(b.channels) c(channel)) x
+     cross join lateral notify._resolve_template(p_tenant_id, x.template, x.channel, x.locale) t;
+    delete from pg_temp._batch b
+     where exists (select from unnest(b.channels) c(channel)
+                     join pg_temp._batch_templates t on t.template = b.template and t.channel = c.channel and t.locale = b.effective_locale
+                    where t.template_locale is null or exists (select from unnest(t.required_variables) v where not b.variables ? v));
+
+    -- 3. Recipients and addresses, set-based. A known recipient is only read (no row lock), as notify._upsert_recipient does.
+    insert into notify.recipients (tenant_id, ref, locale)
+    select p_tenant_id, b.ref, b.locale from pg_temp._batch b where b.recipient_id is null order by b.i
+    on conflict (tenant_id, ref) do nothing;
+    update notify.recipients r set locale = b.locale, updated_at = now()
+      from pg_temp._batch b
+     where b.recipient_id is not null and r.tenant_id = p_tenant_id and r.id = b.recipient_id
+       and b.locale is not null and b.locale is distinct from r.locale;
+    update pg_temp._batch b set recipient_id = r.id
+      from notify.recipients r
+     where b.recipient_id is null and r.tenant_id = p_tenant_id and r.ref = b.ref;
+    insert into notify.recipient_addresses as a (tenant_id, recipient_id, channel, address)
+    select p_tenant_id, b.recipient_id, kv.key::notify.channel, kv.value #>> '{}'
+      from pg_temp._batch b cross join lateral jsonb_each(coalesce(b.addresses, '{}')) kv
+     where jsonb_typeof(kv.value) = 'string'
+       and not exists (select from notify.recipient_addresses x
+                        where x.tenant_id = p_tenant_id and x.recipient_id = b.recipient_id
+                          and x.channel = kv.key::notify.channel and x.address = kv.value #>> '{}')
+    on conflict (tenant_id, recipient_id, channel) do update
+        set address = excluded.address, updated_at = now()
+        where a.address is distinct from excluded.address;
+    delete from notify.recipient_addresses a
+     using pg_temp._batch b, lateral jsonb_each(coalesce(b.addresses, '{}')) kv
+     where jsonb_typeof(kv.value) = 'null'
+       and a.tenant_id = p_tenant_id and a.recipient_id = b.recipient_id and a.channel = kv.key::notify.channel;
+
+    -- 4. Each item's deliveries (consent and address decide, as for one recipient) and so its answer, before its request
+    --    row is written once, with that answer.
+    create temporary table pg_temp._batch_deliveries (
+        i integer, ord integer, id uuid, channel notify.channel, address text, template_locale text,
+        status notify.delivery_status, reason text
+    ) on commit drop;
+    insert into pg_temp._batch_deliveries
+    select b.i, c.ord, notify._uuidv7(), c.channel, a.address, t.template_locale,
+           case when a.address is null or not consent.allowed then 'suppressed' else 'queued' end::notify.delivery_status,
+           case when a.address is null then 'no_address' when not consent.allowed then 'no_consent' end
+      from pg_temp._batch b
+     cross join unnest(b.channels) with ordinality c(channel, ord)
+      join pg_temp._batch_templates t on t.template = b.template and t.channel = c.channel and t.locale = b.effective_locale
+      left join notify.recipient_addresses a on a.tenant_id = p_tenant_id and a.recipient_id = b.recipient_id and a.channel = c.channel
+     cross join lateral notify._consent(p_tenant_id, b.recipient_id, c.channel, b.category) consent;
+    update pg_temp._batch b
+       set response = jsonb_build_object(
+               'id', b.request_id, 'created_at', v_now,
+               'status', case when d.all_suppressed then 'suppressed' else 'accepted' end,
+               'deliveries', d.deliveries)
+           || case when pg_catalog.current_setting('notify.test', true) = 'true' then '{"test": true}'::jsonb else '{}' end
+      from (select i, bool_and(status = 'suppressed') as all_suppressed,
+                   jsonb_agg(jsonb_strip_nulls(jsonb_build_object('id', id, 'channel', channel, 'status', status, 'reason', reason))
+                             order by ord) as deliveries
+              from pg_temp._batch_deliveries group by i) d
+     where d.i = b.i;
+
+    -- 5. Claim the keys. One a concurrent twin took meanwhile (it waited for the twin's commit) leaves its item to the
+    --    item-by-item path, which replays it.
+    insert into notify.notification_requests
+        (tenant_id, id, idempotency_key, fingerprint, recipient_id, recipient_count, template_key, variables, category,
+         channels, metadata, response, priority)
+    select p_tenant_id, b.request_id, b.key, sha256(convert_to(b.body::text, 'UTF8')), b.recipient_id, 1, b.template,
+           case when b.response ->> 'status' = 'suppressed' then '{}'::jsonb else b.variables end, b.category, b.channels, b.metadata, b.response, b.priority
+      from pg_temp._batch b order by b.i
+    on conflict (tenant_id, idempotency_key) do nothing;
+    get diagnostics v_claimed = row_count;
+    if v_claimed < (select count(*) from pg_temp._batch) then
+        delete from pg_temp._batch b
+         where not exists (select from notify.notification_requests q where q.tenant_id = p_tenant_id and q.id = b.request_id);
+    end if;
+
+    -- 6. The deliveries, the worker's wake-up (due now: the usual body has no send_at), the answers.
+    perform notify._set_source('submit');
+    insert into notify.notification_deliveries
+        (tenant_id, id, request_id, recipient_id, channel, address, template_locale, status, reason, due_at, priority)
+    select p_tenant_id, d.id, b.request_id, b.recipient_id, d.channel, d.address, d.template_locale, d.status, d.reason, v_now,
+           b.priority
+      from pg_temp._batch_deliveries d join pg_temp._batch b on b.i = d.i
+     order by d.i, d.ord;
+    perform notify._wake(x.channel)
+       from (select distinct d.channel from pg_temp._batch_deliveries d join pg_temp._batch b on b.i = d.i
+              where d.status = 'queued') x
+      order by x.channel;
+    return query
+        select b.i, jsonb_build_object('index', b.i, 'outcome', 'accepted', 'status', 202, 'body', b.response)
+          from pg_temp._batch b order by b.i;
+    drop table pg_temp._batch, pg_temp._batch_templates, pg_temp._batch_deliveries;
+end
+$$;
+comment on function notify._submit_batch_usual(uuid, jsonb) is
+    'The set-based half of submit_notifications_v1: the items with a usual body that will succeed (notify._is_usual_submission, valid recipient, templates and variables present, key and recipient not shared with another item) are taken together, a statement per step instead of per item; their answers, by item index. Leaves every other item, and every item that would fail, to the item-by-item path.';
+
+select notify._settle_owners();
