@@ -60,11 +60,13 @@ begin
         -- below: the pair gets all its rows, since an even split of what is left among it and the larger ones is more.
         select b.*, b.e * (b.m - b.r + 1) <= b.budget - b.before as below from budgeted b
     ), rest as (
-        -- The others split what the pairs below left evenly; the remainder's extra rows go to the longest-waiting pairs,
-        -- so with more pairs than rows the pairs take turns from claim to claim.
+        -- The others split what the pairs below left evenly. The remainder's extra rows (with more pairs than rows, the
+        -- only ones) go to pairs in an order drawn afresh by each claim, a hash of the tenant and the transaction's time:
+        -- all of a fan-out's rows are due at the same instant, so "longest waiting first" would pick the same tenants
+        -- claim after claim until they were drained.
         select f.*, min(f.r) filter (where not f.below) over (partition by f.priority) as first_rest,
                min(f.before) filter (where not f.below) over (partition by f.priority) as used,
-               row_number() over (partition by f.priority, f.below order by f.oldest, f.tenant_id) as k
+               row_number() over (partition by f.priority, f.below order by md5(f.tenant_id::text || now()::text)) as k
           from filled f
     )
     select s.priority, s.tenant_id, s.n::integer
