@@ -15,6 +15,7 @@ the scenario does not depend on the submission's `priority` field.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ class Trickle:
         self.rate = rate
         self.sent = 0
         self.failed = 0
+        self.answered_ms: list[float] = []  # each submission's HTTP round trip (its commit included)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
         self._run_id = time.time_ns()
@@ -85,9 +87,11 @@ class Trickle:
             "variables": {"name": "Ben", "event": "Password reset"},
         }
         try:
+            t0 = time.perf_counter()
             r = await client.post("/internal/notifications", json=body, headers={"Idempotency-Key": f"fair-{self._run_id}-{i}"})
             if r.status_code == 202:
                 self.sent += 1
+                self.answered_ms.append((time.perf_counter() - t0) * 1000)
             else:
                 self.failed += 1
         except httpx.HTTPError:
@@ -100,6 +104,15 @@ class Trickle:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(60)
+
+    def figures(self) -> dict[str, Any]:
+        answered = sorted(self.answered_ms)
+        p99 = answered[min(len(answered) - 1, int(len(answered) * 0.99))] if answered else float("nan")
+        return {
+            "failed": self.failed,
+            "http_p50_ms": round(statistics.median(answered), 1) if answered else None,
+            "http_p99_ms": round(p99, 1),
+        }
 
 
 def latency(stack: Stack, tenant: str, since: Any, until: Any, waited_for: str | None = None) -> dict[str, Any]:
@@ -224,7 +237,7 @@ def scenario_fairness(
     trickle.stop()
     time.sleep(2)
     stack.stop(worker)
-    alone = latency(stack, b_tenant, since, until) | {"failed": trickle.failed}
+    alone = latency(stack, b_tenant, since, until) | trickle.figures()
     log(f"fairness: B alone {alone}")
 
     # A alone: scenario 3's drain of the same backlog at A's priority.
@@ -247,7 +260,7 @@ def scenario_fairness(
     stack.stop(a_with_b.pop("worker"))
     # B's requests created while A's backlog was being drained: from A's first claim to A's last outcome
     during = latency(stack, b_tenant, a_with_b.pop("first_claim"), a_with_b.pop("last_outcome"), waited_for=stack.tenant_id)
-    during["failed"] = trickle.failed
+    during.update(trickle.figures())
     log(f"fairness: A with B {a_with_b}; B during A's drain {during}")
 
     result = {
@@ -272,10 +285,18 @@ def report_rows(f: dict[str, Any]) -> list[str]:
     alone, during = f["b_alone"], f["b_during_drain"]
     verdict = "met" if f["b_p99_ratio"] <= 2 else "missed"
     backlog = f"{f['backlog']:,} {f['priority']}"
+    waited = ""
+    if "claims_waited_max" in during:
+        waited = (
+            f"; A's claims started between B's submit and its claim: median {during['claims_waited_p50']:g}, "
+            f"max {during['claims_waited_max']}"
+        )
     rows = [
         f"| 11 | fairness: tenant B at {f['rate_per_s']:g}/s over HTTP during tenant A's {backlog} backlog's drain: "
-        f"B's submit → provider call | p50 {during['p50_ms']} ms, p99 {during['p99_ms']} ms ({during['measured']} requests) "
-        f"| B alone: p50 {alone['p50_ms']} ms, p99 {alone['p99_ms']} ms ({alone['measured']} requests) "
+        f"B's submit → provider call | p50 {during['p50_ms']} ms, p99 {during['p99_ms']} ms ({during['measured']} requests; "
+        f"B's own HTTP submission p50 {during['http_p50_ms']} ms, p99 {during['http_p99_ms']} ms{waited}) "
+        f"| B alone: p50 {alone['p50_ms']} ms, p99 {alone['p99_ms']} ms ({alone['measured']} requests; HTTP submission "
+        f"p50 {alone['http_p50_ms']} ms, p99 {alone['http_p99_ms']} ms) "
         f"| p99 {f['b_p99_ratio']}× | p99 ≤ 2× alone | {verdict} |"
     ]
     s3 = f"; scenario 3: {f['scenario3_per_s']:,}/s" if "scenario3_per_s" in f else ""
