@@ -178,14 +178,14 @@ def bulk_backlog(stack: Stack, n: int, prefix: str, priority: str) -> None:
         conn.execute("vacuum analyze notify.notification_deliveries")
 
 
-def drain_a(stack: Stack, n: int, priority: str, **env: str) -> dict[str, Any]:
+def drain_a(stack: Stack, n: int, priority: str, batch: int = 500) -> dict[str, Any]:
     """Drains A's backlog (scenario 3's settings) with the worker: waits for A's rows only, so B's trickle beside it
     does not keep the drain going; A's rate over the first claim to the last outcome of A's deliveries."""
     from bench.run import rss_mb
 
     stack.sql("delete from procrastinate_jobs where status = 'todo' and task_name = 'dispatch'")
     started = stack.sql("select now()")
-    worker = stack.start_worker(DISPATCHER_BATCH_SIZE="500", DISPATCHER_MAX_IN_FLIGHT="1000", **env)
+    worker = stack.start_worker(DISPATCHER_BATCH_SIZE=str(batch), DISPATCHER_MAX_IN_FLIGHT="1000")
     deadline = time.monotonic() + 900
     # through the queue's index (channel, priority, tenant_id, due_at) and the leases' index, as drain() does
     while stack.sql(
@@ -220,7 +220,13 @@ def drain_a(stack: Stack, n: int, priority: str, **env: str) -> dict[str, Any]:
 
 
 def scenario_fairness(
-    stack: Stack, n: int, seconds: int, priority: str = "bulk", rate: float = B_RATE, scenario3: dict[str, Any] | None = None
+    stack: Stack,
+    n: int,
+    seconds: int,
+    priority: str = "bulk",
+    rate: float = B_RATE,
+    batch: int = 500,
+    scenario3: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from bench.run import log
 
@@ -228,7 +234,7 @@ def scenario_fairness(
 
     # B alone: the worker idle but for B's trickle.
     log(f"fairness: tenant B alone at {rate:g}/s for {seconds}s")
-    worker = stack.start_worker(DISPATCHER_BATCH_SIZE="500", DISPATCHER_MAX_IN_FLIGHT="1000")
+    worker = stack.start_worker(DISPATCHER_BATCH_SIZE=str(batch), DISPATCHER_MAX_IN_FLIGHT="1000")
     time.sleep(3)
     since = stack.sql("select now()")
     trickle = Trickle(stack, b_key, rate).start()
@@ -243,7 +249,7 @@ def scenario_fairness(
     # A alone: scenario 3's drain of the same backlog at A's priority.
     log(f"fairness: tenant A's {n:,} {priority} deliveries drained alone")
     bulk_backlog(stack, n, "fa-", priority)
-    a_alone = drain_a(stack, n, priority)
+    a_alone = drain_a(stack, n, priority, batch)
     stack.stop(a_alone.pop("worker"))
     for k in ("first_claim", "last_outcome"):
         a_alone.pop(k)
@@ -254,7 +260,7 @@ def scenario_fairness(
     bulk_backlog(stack, n, "fb-", priority)
     trickle = Trickle(stack, b_key, rate).start()
     time.sleep(1)
-    a_with_b = drain_a(stack, n, priority)
+    a_with_b = drain_a(stack, n, priority, batch)
     trickle.stop()
     time.sleep(2)
     stack.stop(a_with_b.pop("worker"))
@@ -267,6 +273,7 @@ def scenario_fairness(
         "rate_per_s": rate,
         "backlog": n,
         "priority": priority,
+        "batch": batch,
         "b_alone": alone,
         "b_during_drain": during,
         "b_p99_ratio": round(during["p99_ms"] / alone["p99_ms"], 2),
@@ -285,6 +292,8 @@ def report_rows(f: dict[str, Any]) -> list[str]:
     alone, during = f["b_alone"], f["b_during_drain"]
     verdict = "met" if f["b_p99_ratio"] <= 2 else "missed"
     backlog = f"{f['backlog']:,} {f['priority']}"
+    if f.get("batch", 500) != 500:
+        backlog += f" (claims of {f['batch']})"
     waited = ""
     if "claims_waited_max" in during:
         waited = (

@@ -662,6 +662,7 @@ def main() -> None:
     parser.add_argument("--fairness-backlog", type=int, default=100_000, help="tenant A's backlog in scenario 11")
     parser.add_argument("--fairness-rate", type=float, default=fairness.B_RATE, help="tenant B's submissions/s in scenario 11")
     parser.add_argument("--fairness-priority", default="bulk", choices=["high", "normal", "bulk"], help="tenant A's priority")
+    parser.add_argument("--fairness-batch", type=int, default=500, help="the worker's batch size in scenario 11 (scenario 3's)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -769,6 +770,7 @@ def main() -> None:
                 args.seconds,
                 priority=args.fairness_priority,
                 rate=args.fairness_rate,
+                batch=args.fairness_batch,
                 scenario3=results.get("dispatch_0ms", {}).get("ours"),
             )
             log(f"fairness: {results['fairness']}")
