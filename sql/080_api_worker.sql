@@ -2,7 +2,7 @@
 -- Called by runner/ (procrastinate tasks) in batches; one call per batch, never per delivery.
 
 create function notify._claim_shares(p_channel notify.channel, p_limit integer)
-    returns table (priority notify.priority, tenant_id uuid, n integer)
+    returns table (priority notify.priority, tenant_id uuid, n integer, oldest timestamptz)
     language plpgsql
     stable
     set search_path = pg_catalog, pg_temp
@@ -38,13 +38,15 @@ begin
     ), counted as (
         -- Each pair's due rows, counted up to its even share of p_limit (so a level reads at most about p_limit
         -- entries); one that has its share or more counts as p_limit ("has enough"). The lowest priority with due
-        -- work, when it is one tenant's (today's usual queue), takes what is left without counting.
+        -- work, when it is one tenant's (today's usual queue), takes what is left without counting. From the pair's
+        -- oldest row on: the entries before it are the rows claims took since the last vacuum, already walked once.
         select u.priority, u.tenant_id, u.oldest, u.m,
                case when u.last_level and u.m = 1 then p_limit
                     else (select case when count(*) < c.cap then count(*)::integer else p_limit end
                             from (select from notify.notification_deliveries d
                                    where d.channel = p_channel and d.priority = u.priority and d.tenant_id = u.tenant_id
-                                     and d.status in ('queued', 'scheduled', 'held', 'waiting') and d.due_at <= now()
+                                     and d.status in ('queued', 'scheduled', 'held', 'waiting')
+                                     and d.due_at >= u.oldest and d.due_at <= now()
                                    limit c.cap) y) end as e
           from due u
          cross join lateral (select (p_limit + u.m - 1) / u.m as cap) c
@@ -69,8 +71,8 @@ begin
                row_number() over (partition by f.priority, f.below order by md5(f.tenant_id::text || now()::text)) as k
           from filled f
     )
-    select s.priority, s.tenant_id, s.n::integer
-      from (select x.priority, x.tenant_id,
+    select s.priority, s.tenant_id, s.n::integer, s.oldest
+      from (select x.priority, x.tenant_id, x.oldest,
                    case when x.below then x.e
                         else (x.budget - x.used) / (x.m - x.first_rest + 1)
                              + (x.k <= (x.budget - x.used) % (x.m - x.first_rest + 1))::integer end as n
@@ -79,7 +81,7 @@ begin
 end
 $$;
 comment on function notify._claim_shares(notify.channel, integer) is
-    'The claim''s shares: for each (priority, tenant) pair with deliveries due on the channel, how many of p_limit rows it gets. Strict priority (high, then normal, then bulk get what is left), and within a priority an even share per tenant, a tenant with fewer due rows leaving the rest to the others. Pairs are found by a loose scan of notification_deliveries_due, one index probe each; reads at most about p_limit entries per priority to count. Used by claim_deliveries_v1.';
+    'The claim''s shares: for each (priority, tenant) pair with deliveries due on the channel, how many of p_limit rows it gets, and the due_at of its oldest row (where the claim''s scan of the pair starts). Strict priority (high, then normal, then bulk get what is left), and within a priority an even share per tenant, a tenant with fewer due rows leaving the rest to the others. Pairs are found by a loose scan of notification_deliveries_due, one index probe each; reads at most about p_limit entries per priority to count. Used by claim_deliveries_v1.';
 
 create function notify_api.claim_deliveries_v1(p_channel notify.channel, p_limit integer, p_lease_seconds integer default 60)
     returns setof notify.claimed_delivery
@@ -102,12 +104,14 @@ begin
           from notify._claim_shares(p_channel, p_limit) s
          cross join lateral (
                 -- Each (priority, tenant) pair's share, oldest first; SKIP LOCKED within each, so concurrent claims
-                -- take disjoint rows and still fill their batches from the rows behind the locked ones.
+                -- take disjoint rows and still fill their batches from the rows behind the locked ones. The scan
+                -- starts at the pair's oldest row, which _claim_shares found: the index entries before it (rows
+                -- claimed since the last vacuum) are stepped over once per claim, not twice.
                 select d.tenant_id, d.id, d.request_id, d.recipient_id, d.channel, d.address, d.template_locale, d.variables,
                        d.expires_at, d.test
                   from notify.notification_deliveries d
                  where d.channel = p_channel and d.priority = s.priority and d.tenant_id = s.tenant_id
-                   and d.status in ('queued', 'scheduled', 'held', 'waiting') and d.due_at <= now()
+                   and d.status in ('queued', 'scheduled', 'held', 'waiting') and d.due_at >= s.oldest and d.due_at <= now()
                  order by d.due_at
                  limit s.n
                    for update skip locked) d
