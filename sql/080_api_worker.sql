@@ -35,7 +35,7 @@ begin
                p.priority = max(p.priority) over () as last_level
           from pairs p
          where p.due_at <= now()
-    ), counted as (
+    ), counted as materialized (  -- materialized: its count is read by several window functions, made once
         -- Each pair's due rows, counted up to its even share of p_limit (so a level reads at most about p_limit
         -- entries); one that has its share or more counts as p_limit ("has enough"). The lowest priority with due
         -- work, when it is one tenant's (today's usual queue), takes what is left without counting. From the pair's
