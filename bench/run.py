@@ -7,6 +7,7 @@ noisy machine. Needs `wrk` (Debian package; `just bench` installs it). Scenarios
 graphile-worker, plain SQL, pgbench's insert) and 9 (direct SQL submission) are in bench/limits.py; they need
 pgbench (the embedded wheel has it) and, for graphile-worker, Node and npm (without them those rows are skipped).
 Scenario 10 (retention: dropping a day of history against deleting it) runs bench/retention.py on a database of its own.
+Scenario 11 (priority and fairness: a tenant's trickle beside another tenant's bulk backlog) is in bench/fairness.py.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", module="platformdirs")
 
-from bench import limits  # noqa: E402
+from bench import fairness, limits  # noqa: E402
 from dispatcher import keys, schema  # noqa: E402
 from dispatcher.embedded import EmbeddedPostgres  # noqa: E402
 
@@ -605,6 +606,8 @@ def report(results: dict[str, Any], out: Path) -> str:
             f"| 6 | growth: dispatch | {g['dispatch_per_s']:,}/s | {g['empty_dispatch_per_s']:,}/s empty | "
             f"{g['dispatch_ratio']:.0%} | ≥ 90% | {verdict(g['dispatch_ratio'], 0.9)} |"
         )
+    if "fairness" in r:
+        lines += fairness.report_rows(r["fairness"])
     if "retention" in r:
         t = r["retention"]
         b, d, x = t["baseline"], t["during_drop"], t["during_delete"]
@@ -654,8 +657,12 @@ def main() -> None:
     parser.add_argument("--baseline-jobs", type=int, default=20_000, help="no-op jobs run by plain procrastinate")
     parser.add_argument("--growth-finished", type=int, default=1_000_000)
     parser.add_argument("--growth-scheduled", type=int, default=100_000)
-    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated scenario numbers")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated scenario numbers")
     parser.add_argument("--retention-deliveries", type=int, default=1_000_000, help="deliveries in scenario 10's day of history")
+    parser.add_argument("--fairness-backlog", type=int, default=100_000, help="tenant A's backlog in scenario 11")
+    parser.add_argument("--fairness-rate", type=float, default=fairness.B_RATE, help="tenant B's submissions/s in scenario 11")
+    parser.add_argument("--fairness-priority", default="bulk", choices=["high", "normal", "bulk"], help="tenant A's priority")
+    parser.add_argument("--fairness-batch", type=int, default=500, help="the worker's batch size in scenario 11 (scenario 3's)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -756,6 +763,17 @@ def main() -> None:
             log(f"latency at {rate:.0f} req/s")
             results["latency"] = scenario_latency(stack, rate, args.seconds)
             log(f"latency: {results['latency']}")
+        if 11 in only:  # before the growth, whose 1.1 M rows would be in its drains
+            results["fairness"] = fairness.scenario_fairness(
+                stack,
+                args.fairness_backlog,
+                args.seconds,
+                priority=args.fairness_priority,
+                rate=args.fairness_rate,
+                batch=args.fairness_batch,
+                scenario3=results.get("dispatch_0ms", {}).get("ours"),
+            )
+            log(f"fairness: {results['fairness']}")
         if 6 in only:
             grow(stack, args.growth_finished, args.growth_scheduled)
             ingest = wrk(stack, "/internal/notifications", stack.key, args.seconds)

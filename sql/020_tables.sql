@@ -321,7 +321,9 @@ comment on column notify.notification_deliveries.priority is 'Copied from the re
 comment on column notify.notification_deliveries.lease_expires_at is 'Set at claim; past it, maintenance treats the send as crashed (crash policy per channel).';
 -- The queue: only rows waiting to be claimed are indexed, so the hot set stays small however much history there is.
 -- (waiting: a route's later step, due_at 'infinity' until its timer runs; held: by quiet hours or a cap until due_at.)
-create index notification_deliveries_due on notify.notification_deliveries (channel, due_at)
+-- By priority and tenant, then due time: a claim walks the (priority, tenant) pairs with a loose index scan, one probe
+-- each, and takes each pair's share oldest first (notify._claim_shares, docs/architecture.md "Priority and fairness").
+create index notification_deliveries_due on notify.notification_deliveries (channel, priority, tenant_id, due_at)
     where status in ('queued', 'scheduled', 'held', 'waiting');
 create index notification_deliveries_leases on notify.notification_deliveries (lease_expires_at)
     where status = 'sending';

@@ -1,6 +1,88 @@
 -- notify_api: the worker's side — claim due deliveries, record provider outcomes, periodic maintenance.
 -- Called by runner/ (procrastinate tasks) in batches; one call per batch, never per delivery.
 
+create function notify._claim_shares(p_channel notify.channel, p_limit integer)
+    returns table (priority notify.priority, tenant_id uuid, n integer, oldest timestamptz)
+    language plpgsql
+    stable
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    -- How many of a claim's p_limit rows each (priority, tenant) pair with due work gets (docs/architecture.md,
+    -- "Priority and fairness"): every higher priority first, and within a priority the same share per tenant, a tenant
+    -- with fewer due rows than its share leaving the rest to the others (water-filling).
+    return query
+    with recursive pairs as (
+        -- A loose scan of the queue's index (channel, priority, tenant_id, due_at): one probe per pair, each landing on
+        -- the pair's oldest row, so a pair whose rows are all in the future costs one probe, not a walk through them.
+        (select d.priority, d.tenant_id, d.due_at
+           from notify.notification_deliveries d
+          where d.channel = p_channel and d.status in ('queued', 'scheduled', 'held', 'waiting')
+          order by d.priority, d.tenant_id, d.due_at
+          limit 1)
+        union all
+        select x.priority, x.tenant_id, x.due_at
+          from pairs p
+         cross join lateral (
+                select d.priority, d.tenant_id, d.due_at
+                  from notify.notification_deliveries d
+                 where d.channel = p_channel and d.status in ('queued', 'scheduled', 'held', 'waiting')
+                   and (d.priority, d.tenant_id) > (p.priority, p.tenant_id)
+                 order by d.priority, d.tenant_id, d.due_at
+                 limit 1) x
+    ), due as (
+        select p.priority, p.tenant_id, p.due_at as oldest, (count(*) over (partition by p.priority))::integer as m,
+               p.priority = max(p.priority) over () as last_level
+          from pairs p
+         where p.due_at <= now()
+    ), counted as materialized (  -- materialized: its count is read by several window functions, made once
+        -- Each pair's due rows, counted up to its even share of p_limit (so a level reads at most about p_limit
+        -- entries); one that has its share or more counts as p_limit ("has enough"). The lowest priority with due
+        -- work, when it is one tenant's (today's usual queue), takes what is left without counting. From the pair's
+        -- oldest row on: the entries before it are the rows claims took since the last vacuum, already walked once.
+        select u.priority, u.tenant_id, u.oldest, u.m,
+               case when u.last_level and u.m = 1 then p_limit
+                    else (select case when count(*) < c.cap then count(*)::integer else p_limit end
+                            from (select from notify.notification_deliveries d
+                                   where d.channel = p_channel and d.priority = u.priority and d.tenant_id = u.tenant_id
+                                     and d.status in ('queued', 'scheduled', 'held', 'waiting')
+                                     and d.due_at >= u.oldest and d.due_at <= now()
+                                   limit c.cap) y) end as e
+          from due u
+         cross join lateral (select (p_limit + u.m - 1) / u.m as cap) c
+    ), budgeted as (
+        -- A priority's budget: what the higher ones leave. Within it the pairs by count, smallest first.
+        select c.priority, c.tenant_id, c.oldest, c.m, c.e,
+               greatest(0, p_limit - (sum(c.e) over (order by c.priority) - sum(c.e) over (partition by c.priority))) as budget,
+               row_number() over w as r,
+               coalesce(sum(c.e) over (w rows between unbounded preceding and 1 preceding), 0) as before
+          from counted c
+        window w as (partition by c.priority order by c.e, c.oldest, c.tenant_id)
+    ), filled as (
+        -- below: the pair gets all its rows, since an even split of what is left among it and the larger ones is more.
+        select b.*, b.e * (b.m - b.r + 1) <= b.budget - b.before as below from budgeted b
+    ), rest as (
+        -- The others split what the pairs below left evenly. The remainder's extra rows (with more pairs than rows, the
+        -- only ones) go to pairs in an order drawn afresh by each claim, a hash of the tenant and the transaction's time:
+        -- all of a fan-out's rows are due at the same instant, so "longest waiting first" would pick the same tenants
+        -- claim after claim until they were drained.
+        select f.*, min(f.r) filter (where not f.below) over (partition by f.priority) as first_rest,
+               min(f.before) filter (where not f.below) over (partition by f.priority) as used,
+               row_number() over (partition by f.priority, f.below order by md5(f.tenant_id::text || now()::text)) as k
+          from filled f
+    )
+    select s.priority, s.tenant_id, s.n::integer, s.oldest
+      from (select x.priority, x.tenant_id, x.oldest,
+                   case when x.below then x.e
+                        else (x.budget - x.used) / (x.m - x.first_rest + 1)
+                             + (x.k <= (x.budget - x.used) % (x.m - x.first_rest + 1))::integer end as n
+              from rest x) s
+     where s.n > 0;
+end
+$$;
+comment on function notify._claim_shares(notify.channel, integer) is
+    'The claim''s shares: for each (priority, tenant) pair with deliveries due on the channel, how many of p_limit rows it gets, and the due_at of its oldest row (where the claim''s scan of the pair starts). Strict priority (high, then normal, then bulk get what is left), and within a priority an even share per tenant, a tenant with fewer due rows leaving the rest to the others. Pairs are found by a loose scan of notification_deliveries_due, one index probe each; reads at most about p_limit entries per priority to count. Used by claim_deliveries_v1.';
+
 create function notify_api.claim_deliveries_v1(p_channel notify.channel, p_limit integer, p_lease_seconds integer default 60)
     returns setof notify.claimed_delivery
     language plpgsql
@@ -19,11 +101,21 @@ begin
     with due as materialized (
         select d.tenant_id, d.id, d.request_id, d.recipient_id, d.channel, d.address, d.template_locale, d.variables,
                d.expires_at, d.test
-          from notify.notification_deliveries d
-         where d.channel = p_channel and d.status in ('queued', 'scheduled', 'held', 'waiting') and d.due_at <= now()
-         order by d.due_at
-         limit p_limit
-           for update skip locked
+          from notify._claim_shares(p_channel, p_limit) s
+         cross join lateral (
+                -- Each (priority, tenant) pair's share, oldest first; SKIP LOCKED within each, so concurrent claims
+                -- take disjoint rows and still fill their batches from the rows behind the locked ones. The scan
+                -- starts at the pair's oldest row, which _claim_shares found: the index entries before it (rows
+                -- claimed since the last vacuum) are stepped over once per claim, not twice.
+                select d.tenant_id, d.id, d.request_id, d.recipient_id, d.channel, d.address, d.template_locale, d.variables,
+                       d.expires_at, d.test
+                  from notify.notification_deliveries d
+                 where d.channel = p_channel and d.priority = s.priority and d.tenant_id = s.tenant_id
+                   and d.status in ('queued', 'scheduled', 'held', 'waiting') and d.due_at >= s.oldest and d.due_at <= now()
+                 order by d.due_at
+                 limit s.n
+                   for update skip locked) d
+         limit p_limit  -- the shares add up to p_limit at most: this tells the planner how many rows come (a nested loop)
     ), decided as materialized (
         -- Expiry and consent are checked again here: a revoke or a deadline between submit and send wins.
         -- Free-form WhatsApp text outside the 24-hour customer-service window is refused, not sent to fail.
@@ -102,7 +194,7 @@ begin
 end
 $$;
 comment on function notify_api.claim_deliveries_v1(notify.channel, integer, integer) is
-    'Claims up to p_limit due deliveries of a channel (FOR UPDATE SKIP LOCKED): expired ones become expired, revoked ones (and marketing templates without marketing consent) suppressed, WhatsApp text outside the 24-hour window failed, those the tenant''s policies stop (notify._policy_claim: quiet hours, frequency caps, WhatsApp''s pair rate limit) held until due_at, suppressed or expired with the policy''s reason, the rest sending with attempt+1 and a lease. Returns what the worker needs to send them, with the tenant''s provider and its operator grant (checked again at send time); for a test delivery always the mock provider, with config {"test": true}.';
+    'Claims up to p_limit due deliveries of a channel (FOR UPDATE SKIP LOCKED), higher priority first and within a priority each tenant its share (notify._claim_shares): expired ones become expired, revoked ones (and marketing templates without marketing consent) suppressed, WhatsApp text outside the 24-hour window failed, those the tenant''s policies stop (notify._policy_claim: quiet hours, frequency caps, WhatsApp''s pair rate limit) held until due_at, suppressed or expired with the policy''s reason, the rest sending with attempt+1 and a lease. Returns what the worker needs to send them, with the tenant''s provider and its operator grant (checked again at send time); for a test delivery always the mock provider, with config {"test": true}.';
 
 create function notify_api.record_attempts_v1(p_results notify.attempt_result[])
     returns table (delivery_id uuid, status notify.delivery_status, applied boolean)
