@@ -1,8 +1,9 @@
 """A Hypothesis stateful test of the delivery state machine: random sequences of submits (fallback routes
 included), claims, provider outcomes (some from stale attempts), webhooks (shuffled, duplicated, for any status),
-cancels, consent revokes, route timers running out and maintenance never reach an illegal state, never regress a
-provider-driven status, and keep a complete, gapless history; a route never sends a step it made not_needed and
-never leaves a step waiting untimed once every earlier step is final."""
+cancels, consent revokes, route timers running out, quiet hours and frequency caps (held, suppressed) and maintenance
+never reach an illegal state, never regress a provider-driven status, and keep a complete, gapless history; a route
+never sends a step it made not_needed and never leaves a step waiting untimed once every earlier step is final; some
+deliveries are held along the way."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ INGEST = (
 
 def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None:
     counter = itertools.count()
+    reached: set[str] = set()  # statuses the claim produced, over every example
     call(db, "notify_api.set_retry_policy_v1(%s, 3, 1, 1)", ready)
 
     class Deliveries(RuleBasedStateMachine):
@@ -41,6 +43,9 @@ def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None
                 "truncate notify.notification_deliveries, notify.delivery_events, notify.delivery_attempts, "
                 "notify.webhook_events, notify.webhook_event_keys, notify.recipient_consents, notify.notification_requests"
             )
+            db.execute("truncate notify.policy_sends")
+            call(db, "notify_api.delete_quiet_hours_v1(%s)", ready)
+            call(db, "notify_api.delete_frequency_caps_v1(%s)", ready)
             self.claimed: list[tuple] = []  # every claim ever made (stale ones included)
             self.requests: list[str] = []
 
@@ -57,6 +62,20 @@ def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None
             response, _ = submit(db, ready, body)
             self.requests.append(response["id"])
 
+        @rule(quiet=st.booleans(), cap=st.sampled_from([None, "suppress", "hold"]))
+        def policies(self, quiet: bool, cap: str | None) -> None:
+            """Quiet hours around now (held until they end) and a cap of 2 a day (suppressed, or held until it frees)."""
+            if quiet:
+                start, end = db.execute(
+                    "select to_char(now() at time zone 'UTC' - interval '1 hour', 'HH24:MI'),"
+                    " to_char(now() at time zone 'UTC' + interval '1 hour', 'HH24:MI')"
+                ).fetchone()
+                call(db, "notify_api.set_quiet_hours_v1(%s, %s)", ready, Jsonb({"timezone": "UTC", "start": start, "end": end}))
+            else:
+                call(db, "notify_api.delete_quiet_hours_v1(%s)", ready)
+            caps = [{"max": 2, "period": "P1D", "action": cap}] if cap else []
+            call(db, "notify_api.set_frequency_caps_v1(%s, %s)", ready, Jsonb({"caps": caps}))
+
         @rule()
         def route_timers_run_out(self) -> None:
             db.execute(
@@ -66,8 +85,13 @@ def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None
         @rule(channel=st.sampled_from(["email", "whatsapp"]), due=st.booleans())
         def claim(self, channel: str, due: bool) -> None:
             if due:
-                db.execute("update notify.notification_deliveries set due_at = now() where status in ('queued', 'scheduled')")
+                db.execute(
+                    "update notify.notification_deliveries set due_at = now() where status in ('queued', 'scheduled', 'held')"
+                )
             self.claimed.extend(claim(db, channel, limit=3))
+            reached.update(
+                r[0] for r in db.execute("select distinct to_status::text from notify.delivery_events where source = 'claim'")
+            )
 
         @rule(data=st.data(), outcome=st.sampled_from(OUTCOMES))
         def record(self, data: st.DataObject, outcome: str) -> None:
@@ -166,3 +190,5 @@ def test_random_histories_stay_legal(db: psycopg.Connection, ready: str) -> None
         Deliveries,
         settings=settings(max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=list(HealthCheck)),
     )
+    # The policies were in play: the claim held and suppressed deliveries, besides sending them.
+    assert {"sending", "held", "suppressed"} <= reached, reached
