@@ -128,6 +128,15 @@ declare
     v_end timestamptz;
     v_cap record;
     v_last timestamptz;
+    -- The sends not counted against this delivery: its own first send (a retry is the same message) and, for a route
+    -- step, its route's other steps (one message to the person: a failed WhatsApp step does not use up the cap that
+    -- its e-mail fallback would then be suppressed by). Two lookups by key, only where a delivery is given.
+    v_own uuid[] := case when p_delivery_id is null then '{}'::uuid[] else array(
+        select s.id from notify.notification_deliveries d
+          join notify.notification_deliveries s
+            on s.request_id = d.request_id and s.tenant_id = d.tenant_id and s.recipient_id = d.recipient_id
+           and (s.id = d.id or (d.route_step is not null and s.route_step is not null))
+         where d.tenant_id = p_tenant_id and d.id = p_delivery_id) || p_delivery_id end;
 begin
     -- 1. Quiet hours: the category's own row (a window, or exempt), else the default window.
     select q.* into v_window
@@ -158,7 +167,7 @@ begin
     end if;
 
     -- 2. Frequency caps: the messages already claimed for sending to the recipient in each matching cap's period (a
-    -- retry does not count its own first send). A suppressing cap over its count wins; else the latest time a holding
+    -- retry does not count its own first send, nor a route step its route's other steps). A suppressing cap over its count wins; else the latest time a holding
     -- cap frees (when its max_count-th newest send leaves the period).
     for v_cap in
         select c.*, n.count, f.frees
@@ -168,13 +177,13 @@ begin
                                 and l.first_sent_at > p_at - c.period and l.first_sent_at <= p_at
                                 and (c.channel is null or l.channel = c.channel)
                                 and (c.category is null or l.category = c.category)
-                                and l.delivery_id is distinct from p_delivery_id) n
+                                and l.delivery_id <> all (v_own)) n
          cross join lateral (select l.first_sent_at + c.period as frees from notify.policy_sends l
                               where l.tenant_id = p_tenant_id and l.recipient_id = p_recipient_id
                                 and l.first_sent_at > p_at - c.period and l.first_sent_at <= p_at
                                 and (c.channel is null or l.channel = c.channel)
                                 and (c.category is null or l.category = c.category)
-                                and l.delivery_id is distinct from p_delivery_id
+                                and l.delivery_id <> all (v_own)
                               order by l.first_sent_at desc offset c.max_count - 1 limit 1) f
          where c.tenant_id = p_tenant_id
            and (c.channel is null or c.channel = p_channel)
@@ -224,7 +233,7 @@ begin
 end
 $$;
 comment on function notify._policy_evaluate(uuid, uuid, notify.channel, text, text, timestamptz, timestamptz, uuid) is
-    'The tenant policies'' decision for a delivery about to be sent at p_at, in order: quiet hours (hold until they end, or expire when that is past p_expires_at; exempt categories pass), frequency caps (suppress, or hold until the cap frees), WhatsApp''s pair rate limit (hold until 6 s after the last send). p_delivery_id (or null) is not counted against its own caps. Reads only; row security applies.';
+    'The tenant policies'' decision for a delivery about to be sent at p_at, in order: quiet hours (hold until they end, or expire when that is past p_expires_at; exempt categories pass), frequency caps (suppress, or hold until the cap frees), WhatsApp''s pair rate limit (hold until 6 s after the last send). p_delivery_id (or null) is not counted against its own caps, nor are its route''s other steps (a route is one message). Reads only; row security applies.';
 
 create function notify._policy_decision(p_tenant_id uuid, p_recipient_id uuid, p_channel notify.channel, p_category text,
                                         p_provider text, p_address text, p_expires_at timestamptz, p_at timestamptz)

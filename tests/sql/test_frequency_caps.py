@@ -230,3 +230,21 @@ def test_a_cap_is_checked_again_for_other_statuses_untouched(db, ready):
     assert claim(db, "whatsapp") == []
     assert delivery(db, response["deliveries"][0]["id"])[:2] == ("suppressed", "no_consent")
     assert call(db, "(select count(*) from notify.policy_sends)") == 0
+
+
+def test_a_route_step_is_not_capped_by_its_own_earlier_step(db, ready):
+    """A route is one message to the person ("WhatsApp, else e-mail"): its failed first step must not use up the cap
+    that its fallback is then suppressed by (1 reminder a day: the WhatsApp fails, the e-mail must still go out)."""
+    from tests.sql.test_route_progress import routed, steps
+
+    set_caps(db, ready, {"max": 1, "period": "P1D"})
+    routed_request = routed(db, ready)
+    [step_1] = claim(db, "whatsapp")
+    record(db, result(step_1, "failed", error_code="131026"))
+    [step_2] = claim(db, "email")
+    assert [s[:2] for s in steps(db, routed_request["id"])] == [(1, "failed"), (2, "sending")]
+    # ... and the route counts: the next reminder that day is over the cap.
+    record(db, result(step_2, "sent"))
+    [other] = send_email(db, ready)
+    assert claim(db, "email") == []
+    assert delivery(db, other)[:2] == ("suppressed", "frequency_cap")

@@ -1,0 +1,130 @@
+-- 0041: review of issue #14 (fallback routes, delivery policies, dry run). A route step is not counted against the
+-- frequency caps by its own route's other steps: a route is one message to the person, so a failed WhatsApp step no
+-- longer uses up the cap its e-mail fallback was then suppressed by.
+
+create or replace function notify._policy_evaluate(p_tenant_id uuid, p_recipient_id uuid, p_channel notify.channel, p_category text,
+                                        p_provider text, p_expires_at timestamptz, p_at timestamptz, p_delivery_id uuid)
+    returns notify.policy_outcome
+    language plpgsql
+    stable
+    set search_path = pg_catalog, pg_temp
+    -- Its lookups are by key (a recipient's sends: policy_sends' primary key). The ledger grows from nothing in a
+    -- burst (a tenant's first capped bulk send), faster than its statistics: a plan cached while it looked empty would
+    -- scan it whole for every delivery, so a sequential scan is never chosen here.
+    set enable_seqscan = off
+as $$
+declare
+    v_out notify.policy_outcome := row('send', null, null, '{}'::jsonb)::notify.policy_outcome;
+    v_window notify.quiet_hours;
+    v_timezone text;
+    v_end timestamptz;
+    v_cap record;
+    v_last timestamptz;
+    -- The sends not counted against this delivery: its own first send (a retry is the same message) and, for a route
+    -- step, its route's other steps (one message to the person: a failed WhatsApp step does not use up the cap that
+    -- its e-mail fallback would then be suppressed by). Two lookups by key, only where a delivery is given.
+    v_own uuid[] := case when p_delivery_id is null then '{}'::uuid[] else array(
+        select s.id from notify.notification_deliveries d
+          join notify.notification_deliveries s
+            on s.request_id = d.request_id and s.tenant_id = d.tenant_id and s.recipient_id = d.recipient_id
+           and (s.id = d.id or (d.route_step is not null and s.route_step is not null))
+         where d.tenant_id = p_tenant_id and d.id = p_delivery_id) || p_delivery_id end;
+begin
+    -- 1. Quiet hours: the category's own row (a window, or exempt), else the default window.
+    select q.* into v_window
+      from notify.quiet_hours q
+     where q.tenant_id = p_tenant_id and q.category in ('', coalesce(p_category, ''))
+     order by q.category desc
+     limit 1;
+    if v_window.tenant_id is not null and not v_window.exempt then
+        select coalesce(r.timezone, t.default_timezone, 'UTC') into v_timezone
+          from notify.tenants t
+          left join notify.recipients r on r.tenant_id = t.id and r.id = p_recipient_id
+         where t.id = p_tenant_id;
+        v_end := notify._quiet_hours_end(v_window.starts_at, v_window.ends_at, coalesce(v_timezone, 'UTC'), p_at);
+        if v_end is not null then
+            v_out.detail := jsonb_build_object('quiet_hours', jsonb_build_object(
+                'start', to_char(v_window.starts_at, 'HH24:MI'), 'end', to_char(v_window.ends_at, 'HH24:MI'),
+                'timezone', coalesce(v_timezone, 'UTC'), 'category', nullif(v_window.category, '')));
+            v_out.until := v_end;
+            if p_expires_at is not null and v_end > p_expires_at then
+                v_out.decision := 'expire';
+                v_out.reason := 'quiet_hours_past_expiry';
+            else
+                v_out.decision := 'hold';
+                v_out.reason := 'quiet_hours';
+            end if;
+            return v_out;
+        end if;
+    end if;
+
+    -- 2. Frequency caps: the messages already claimed for sending to the recipient in each matching cap's period (a
+    -- retry does not count its own first send, nor a route step its route's other steps). A suppressing cap over its count wins; else the latest time a holding
+    -- cap frees (when its max_count-th newest send leaves the period).
+    for v_cap in
+        select c.*, n.count, f.frees
+          from notify.frequency_caps c
+         cross join lateral (select count(*) as count from notify.policy_sends l
+                              where l.tenant_id = p_tenant_id and l.recipient_id = p_recipient_id
+                                and l.first_sent_at > p_at - c.period and l.first_sent_at <= p_at
+                                and (c.channel is null or l.channel = c.channel)
+                                and (c.category is null or l.category = c.category)
+                                and l.delivery_id <> all (v_own)) n
+         cross join lateral (select l.first_sent_at + c.period as frees from notify.policy_sends l
+                              where l.tenant_id = p_tenant_id and l.recipient_id = p_recipient_id
+                                and l.first_sent_at > p_at - c.period and l.first_sent_at <= p_at
+                                and (c.channel is null or l.channel = c.channel)
+                                and (c.category is null or l.category = c.category)
+                                and l.delivery_id <> all (v_own)
+                              order by l.first_sent_at desc offset c.max_count - 1 limit 1) f
+         where c.tenant_id = p_tenant_id
+           and (c.channel is null or c.channel = p_channel)
+           and (c.category is null or c.category = p_category)
+         order by c.action desc, f.frees desc, c.id
+    loop
+        -- (cross join lateral f: only caps with at least max_count sends in their period, i.e. over them, get here;
+        -- suppress sorts before hold, and the holding cap that frees last first.)
+        v_out.detail := jsonb_build_object('cap', jsonb_build_object(
+            'max', v_cap.max_count, 'period', notify._iso_duration(v_cap.period), 'count', v_cap.count,
+            'channel', v_cap.channel, 'category', v_cap.category, 'action', v_cap.action));
+        v_out.reason := 'frequency_cap';
+        if v_cap.action = 'suppress' then
+            v_out.decision := 'suppress';
+        elsif p_expires_at is not null and v_cap.frees > p_expires_at then
+            v_out.decision := 'expire';
+            v_out.reason := 'frequency_cap_past_expiry';
+            v_out.until := v_cap.frees;
+        else
+            v_out.decision := 'hold';
+            v_out.until := v_cap.frees;
+        end if;
+        return v_out;
+    end loop;
+
+    -- 3. WhatsApp's pair rate limit: at most one message per _pair_interval() to the same user (the recipient on the
+    -- tenant's one WhatsApp number), so the Cloud API's error 131056 is avoided rather than retried.
+    if p_provider = 'whatsapp_cloud' and p_channel = 'whatsapp' then
+        -- (the time bound as a filter, not an index condition: only the primary key finds a recipient's rows)
+        select max(l.last_sent_at) filter (where l.last_sent_at <= p_at) into v_last
+          from notify.policy_sends l
+         where l.tenant_id = p_tenant_id and l.recipient_id = p_recipient_id and l.channel = 'whatsapp';
+        if v_last + notify._pair_interval() > p_at then
+            v_out.until := v_last + notify._pair_interval();
+            v_out.detail := jsonb_build_object('pair_rate_limit', jsonb_build_object(
+                'last_sent_at', v_last, 'interval', notify._iso_duration(notify._pair_interval())));
+            if p_expires_at is not null and v_out.until > p_expires_at then
+                v_out.decision := 'expire';
+                v_out.reason := 'pair_rate_limit_past_expiry';
+            else
+                v_out.decision := 'hold';
+                v_out.reason := 'pair_rate_limit';
+            end if;
+        end if;
+    end if;
+    return v_out;
+end
+$$;
+comment on function notify._policy_evaluate(uuid, uuid, notify.channel, text, text, timestamptz, timestamptz, uuid) is
+    'The tenant policies'' decision for a delivery about to be sent at p_at, in order: quiet hours (hold until they end, or expire when that is past p_expires_at; exempt categories pass), frequency caps (suppress, or hold until the cap frees), WhatsApp''s pair rate limit (hold until 6 s after the last send). p_delivery_id (or null) is not counted against its own caps, nor are its route''s other steps (a route is one message). Reads only; row security applies.';
+
+
