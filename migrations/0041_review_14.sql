@@ -1,6 +1,7 @@
 -- 0041: review of issue #14 (fallback routes, delivery policies, dry run). A route step is not counted against the
 -- frequency caps by its own route's other steps: a route is one message to the person, so a failed WhatsApp step no
--- longer uses up the cap its e-mail fallback was then suppressed by.
+-- longer uses up the cap its e-mail fallback was then suppressed by. A cap's period too long for an interval
+-- (P99999999999999999999999D) is refused as out of range (ND422) instead of failing with a database error (a 500).
 
 create or replace function notify._policy_evaluate(p_tenant_id uuid, p_recipient_id uuid, p_channel notify.channel, p_category text,
                                         p_provider text, p_expires_at timestamptz, p_at timestamptz, p_delivery_id uuid)
@@ -126,5 +127,91 @@ end
 $$;
 comment on function notify._policy_evaluate(uuid, uuid, notify.channel, text, text, timestamptz, timestamptz, uuid) is
     'The tenant policies'' decision for a delivery about to be sent at p_at, in order: quiet hours (hold until they end, or expire when that is past p_expires_at; exempt categories pass), frequency caps (suppress, or hold until the cap frees), WhatsApp''s pair rate limit (hold until 6 s after the last send). p_delivery_id (or null) is not counted against its own caps, nor are its route''s other steps (a route is one message). Reads only; row security applies.';
+
+
+create or replace function notify_api.set_frequency_caps_v1(p_tenant_id uuid, p_body jsonb)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_cap jsonb;
+    v_i integer := 0;
+    v_path text;
+    v_max jsonb;
+    v_period text;
+    v_interval interval;
+    v_channel notify.channel;
+    v_category text;
+    v_action text;
+    v_rows notify.frequency_caps[] := '{}';
+begin
+    perform notify._enter(p_tenant_id);
+    if p_body is null or jsonb_typeof(p_body) <> 'object' then
+        perform notify._raise('ND400', 'invalid_type', 'body must be an object', '');
+    end if;
+    if not exists (select from notify.tenants t where t.id = p_tenant_id) then
+        perform notify._raise('ND404', 'not_found', 'no such tenant', 'tenant_id');
+    end if;
+    perform notify._check_keys(p_body, array['caps'], '');
+    if jsonb_typeof(p_body -> 'caps') is distinct from 'array' then
+        perform notify._raise('ND400', case when p_body ? 'caps' then 'invalid_type' else 'missing_field' end,
+                              'caps must be an array of caps', 'caps');
+    end if;
+    if jsonb_array_length(p_body -> 'caps') > 20 then
+        perform notify._raise('ND422', 'invalid_frequency_cap', 'at most 20 caps', 'caps');
+    end if;
+    for v_cap in select * from jsonb_array_elements(p_body -> 'caps') loop
+        v_path := format('caps[%s]', v_i);
+        if jsonb_typeof(v_cap) <> 'object' then
+            perform notify._raise('ND400', 'invalid_type', format('%s must be an object', v_path), v_path);
+        end if;
+        perform notify._check_keys(v_cap, array['max', 'period', 'channel', 'category', 'action'], v_path);
+        v_max := v_cap -> 'max';
+        if v_max is null or jsonb_typeof(v_max) = 'null' then
+            perform notify._raise('ND400', 'missing_field', format('%s.max is required', v_path), v_path || '.max');
+        end if;
+        if jsonb_typeof(v_max) <> 'number' or v_max::numeric <> trunc(v_max::numeric) then
+            perform notify._raise('ND400', 'invalid_type', format('%s.max must be a whole number', v_path), v_path || '.max');
+        end if;
+        if v_max::numeric not between 1 and 10000 then
+            perform notify._raise('ND422', 'invalid_frequency_cap', format('%s.max must be 1 to 10000', v_path), v_path || '.max');
+        end if;
+        v_period := notify._text_field(v_cap, 'period', v_path, true, 32);
+        if v_period !~ '^P(?=\d|T\d)(\d+W)?(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+S)?)?$' then
+            perform notify._raise('ND400', 'invalid_format', format('%s.period must be an ISO 8601 duration in weeks, days, hours, minutes or seconds (P1D, PT6H)', v_path),
+                                  v_path || '.period');
+        end if;
+        -- (a part of more than 7 digits is far past 31 days, and may be past what an interval holds: refused as such,
+        -- before the cast could fail with a database error)
+        if v_period ~ '\d{8}' then
+            perform notify._raise('ND422', 'invalid_frequency_cap', format('%s.period must be 1 second to 31 days', v_path), v_path || '.period');
+        end if;
+        v_interval := v_period::interval;
+        if v_interval not between interval '1 second' and interval '31 days' then
+            perform notify._raise('ND422', 'invalid_frequency_cap', format('%s.period must be 1 second to 31 days', v_path), v_path || '.period');
+        end if;
+        v_channel := case when jsonb_typeof(v_cap -> 'channel') is distinct from 'null' and v_cap ? 'channel'
+                          then notify._channel_field(v_cap -> 'channel', v_path || '.channel') end;
+        v_category := notify._text_field(v_cap, 'category', v_path, false, 100);
+        v_action := coalesce(notify._text_field(v_cap, 'action', v_path, false, 16), 'suppress');
+        if v_action not in ('suppress', 'hold') then
+            perform notify._raise('ND400', 'invalid_value', format('%s.action must be suppress or hold', v_path), v_path || '.action');
+        end if;
+        if exists (select from unnest(v_rows) r where r.channel is not distinct from v_channel and r.category is not distinct from v_category
+                                                 and r.period = v_interval) then
+            perform notify._raise('ND422', 'invalid_frequency_cap', format('%s repeats the channel, category and period of an earlier cap', v_path), v_path);
+        end if;
+        v_rows := v_rows || row(p_tenant_id, gen_random_uuid(), v_max::integer, v_interval, v_channel, v_category, v_action, v_i, now())::notify.frequency_caps;
+        v_i := v_i + 1;
+    end loop;
+    delete from notify.frequency_caps where tenant_id = p_tenant_id;
+    insert into notify.frequency_caps select * from unnest(v_rows);
+    return notify._frequency_caps_json(p_tenant_id);
+end
+$$;
+comment on function notify_api.set_frequency_caps_v1(uuid, jsonb) is
+    'Sets a tenant''s frequency caps, {caps: [{max, period, channel?, category?, action?}]} (max 1-10000 messages per recipient in a sliding period, an ISO 8601 duration of 1 second to 31 days; channel, category: null = any; action suppress (default) or hold). Replaces the previous caps ([] removes them). Errors name the field (caps[0].period).';
 
 
