@@ -167,31 +167,46 @@ begin
     end if;
 
     -- 2. Frequency caps: the messages already claimed for sending to the recipient in each matching cap's period (a
-    -- retry does not count its own first send, nor a route step its route's other steps). A suppressing cap over its count wins; else the latest time a holding
-    -- cap frees (when its max_count-th newest send leaves the period).
+    -- retry does not count its own first send, nor a route step its route's other steps). A suppressing cap over its
+    -- count wins; else the latest time a holding cap frees (when its max_count-th newest send leaves the period).
+    -- The recipient's sends are read once (within the longest matching period) and every cap counts that copy: a
+    -- tenant's 20 caps over a recipient's 10,000 sends cost one index scan per delivery, not 40 (the claim serves every
+    -- tenant's rows in one statement: one tenant's caps must not hold up another's). When a cap frees is looked for
+    -- only where a holding cap is over its count.
     for v_cap in
-        select c.*, n.count, f.frees
-          from notify.frequency_caps c
-         cross join lateral (select count(*) as count from notify.policy_sends l
-                              where l.tenant_id = p_tenant_id and l.recipient_id = p_recipient_id
-                                and l.first_sent_at > p_at - c.period and l.first_sent_at <= p_at
+        with caps as (
+            select c.*
+              from notify.frequency_caps c
+             where c.tenant_id = p_tenant_id
+               and (c.channel is null or c.channel = p_channel)
+               and (c.category is null or c.category = p_category)
+        ), sends as materialized (
+            select l.first_sent_at, l.channel, l.category
+              from notify.policy_sends l
+             where l.tenant_id = p_tenant_id and l.recipient_id = p_recipient_id
+               and l.first_sent_at > p_at - (select max(c.period) from caps c) and l.first_sent_at <= p_at
+               and l.delivery_id <> all (v_own)
+        ), counted as (
+            select c.*,
+                   (select count(*) from sends l
+                     where l.first_sent_at > p_at - c.period
+                       and (c.channel is null or l.channel = c.channel)
+                       and (c.category is null or l.category = c.category)) as count
+              from caps c
+        )
+        select c.*, f.frees
+          from counted c
+          left join lateral (select l.first_sent_at + c.period as frees from sends l
+                              where c.action = 'hold'
+                                and l.first_sent_at > p_at - c.period
                                 and (c.channel is null or l.channel = c.channel)
                                 and (c.category is null or l.category = c.category)
-                                and l.delivery_id <> all (v_own)) n
-         cross join lateral (select l.first_sent_at + c.period as frees from notify.policy_sends l
-                              where l.tenant_id = p_tenant_id and l.recipient_id = p_recipient_id
-                                and l.first_sent_at > p_at - c.period and l.first_sent_at <= p_at
-                                and (c.channel is null or l.channel = c.channel)
-                                and (c.category is null or l.category = c.category)
-                                and l.delivery_id <> all (v_own)
-                              order by l.first_sent_at desc offset c.max_count - 1 limit 1) f
-         where c.tenant_id = p_tenant_id
-           and (c.channel is null or c.channel = p_channel)
-           and (c.category is null or c.category = p_category)
+                              order by l.first_sent_at desc offset c.max_count - 1 limit 1) f on true
+         where c.count >= c.max_count
          order by c.action desc, f.frees desc, c.id
     loop
-        -- (cross join lateral f: only caps with at least max_count sends in their period, i.e. over them, get here;
-        -- suppress sorts before hold, and the holding cap that frees last first.)
+        -- (only caps with at least max_count sends in their period, i.e. over them, get here; suppress sorts before
+        -- hold, and the holding cap that frees last first.)
         v_out.detail := jsonb_build_object('cap', jsonb_build_object(
             'max', v_cap.max_count, 'period', notify._iso_duration(v_cap.period), 'count', v_cap.count,
             'channel', v_cap.channel, 'category', v_cap.category, 'action', v_cap.action));

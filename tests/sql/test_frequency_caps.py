@@ -248,3 +248,24 @@ def test_a_route_step_is_not_capped_by_its_own_earlier_step(db, ready):
     [other] = send_email(db, ready)
     assert claim(db, "email") == []
     assert delivery(db, other)[:2] == ("suppressed", "frequency_cap")
+
+
+def test_many_caps_read_a_recipients_sends_once(db, ready):
+    """The claim serves every tenant's rows in one statement: a tenant's 20 caps over a recipient's sends must not
+    read them 40 times per delivery (20 caps over 10,000 sends made a claim of 100 deliveries take seconds, holding up
+    other tenants' rows in the same batch). Counted as index scans of the ledger in this transaction, not timed."""
+    set_caps(db, ready, *({"max": 10000, "period": f"PT{i + 1}H", "action": "hold" if i % 2 else "suppress"} for i in range(20)))
+    [delivery_id] = send_email(db, ready)
+    recipient = db.execute("select recipient_id from notify.notification_deliveries where id = %s", (delivery_id,)).fetchone()[0]
+    db.execute(
+        "insert into notify.policy_sends select %s, gen_random_uuid(), %s, 'email', null, now() - i * interval '1 second',"
+        " now() - i * interval '1 second' from generate_series(1, 50) i",
+        (ready, recipient),
+    )
+    scans = "select pg_stat_get_xact_numscans('notify.policy_sends_pkey'::regclass)"
+    before = db.execute(scans).fetchone()[0]
+    decision = db.execute(
+        "select decision, detail from notify._policy_decision(%s, %s, 'email', null, 'mock', null, null, now())", (ready, recipient)
+    ).fetchone()
+    assert decision == ("send", {})
+    assert db.execute(scans).fetchone()[0] - before <= 1
