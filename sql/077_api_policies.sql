@@ -274,6 +274,7 @@ declare
     v_counted boolean := p_provider = 'whatsapp_cloud'
                          or exists (select from notify.frequency_caps c where c.tenant_id = p_tenant_id);
     v_out notify.policy_outcome;
+    v_at timestamptz;
 begin
     if v_counted then
         -- Caps hold across concurrent claims: one recipient's sends are counted and written one transaction at a time.
@@ -282,10 +283,14 @@ begin
     end if;
     -- A new statement after the lock: a volatile function's statements each take a new snapshot, so this one sees the
     -- sends another claim committed while we waited (and, within one claim, the ones written for earlier rows).
-    v_out := notify._policy_evaluate(p_tenant_id, p_recipient_id, p_channel, p_category, p_provider, p_expires_at, now(), p_delivery_id);
+    -- Decided and written at the clock's time after the lock, not at now() (the transaction's start): a claim whose
+    -- transaction began before another's committed send would otherwise count only sends up to its own start, and
+    -- send the 5th reminder under a cap of 4 (or a second WhatsApp message to the user within 6 seconds).
+    v_at := clock_timestamp();
+    v_out := notify._policy_evaluate(p_tenant_id, p_recipient_id, p_channel, p_category, p_provider, p_expires_at, v_at, p_delivery_id);
     if v_counted and v_out.decision = 'send' then
         insert into notify.policy_sends (tenant_id, delivery_id, recipient_id, channel, category, first_sent_at, last_sent_at)
-        values (p_tenant_id, p_delivery_id, p_recipient_id, p_channel, p_category, now(), now())
+        values (p_tenant_id, p_delivery_id, p_recipient_id, p_channel, p_category, v_at, v_at)
         on conflict (tenant_id, recipient_id, delivery_id) do update set last_sent_at = excluded.last_sent_at;
     elsif v_out.decision = 'hold' then
         -- Claimed again when the hold ends: a wake-up at that second (coalesced with any other for the same second).
@@ -295,7 +300,7 @@ begin
 end
 $$;
 comment on function notify._policy_claim(uuid, uuid, uuid, notify.channel, text, text, timestamptz) is
-    'The claim''s policy step for one delivery about to be sent (claim_deliveries_v1 calls it only for tenants with a policy and for whatsapp_cloud): serialized per recipient (a transaction advisory lock) where sends are counted, decided by notify._policy_evaluate at now(), a send written to notify.policy_sends, a hold''s end given a wake-up (notify._wake).';
+    'The claim''s policy step for one delivery about to be sent (claim_deliveries_v1 calls it only for tenants with a policy and for whatsapp_cloud): serialized per recipient (a transaction advisory lock) where sends are counted, decided by notify._policy_evaluate at clock_timestamp() after the lock (so a send another claim committed meanwhile counts, even when this transaction began first), a send written to notify.policy_sends, a hold''s end given a wake-up (notify._wake).';
 
 create function notify._prune_policy_sends()
     returns integer

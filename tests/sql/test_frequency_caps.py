@@ -269,3 +269,38 @@ def test_many_caps_read_a_recipients_sends_once(db, ready):
     ).fetchone()
     assert decision == ("send", {})
     assert db.execute(scans).fetchone()[0] - before <= 1
+
+
+def test_a_claim_whose_transaction_began_first_still_counts_a_send_committed_meanwhile(db, ready, connect):
+    """Worker B's transaction began (its now()) before worker A's; A claims the 4th reminder and commits first, then B
+    claims the 5th. B must count A's send although A's claim time is later than B's now(): the 5th is suppressed
+    (it was sent: the cap counted only sends up to B's transaction start)."""
+    set_caps(db, ready, {"max": 4, "period": "P1D"})
+    send_email(db, ready, 3)
+    assert len(claim(db, "email")) == 3
+    fourth, fifth = send_email(db, ready, 2)
+    db.commit()
+    a, b = connect(), connect()
+    b.execute("select now()")  # B's transaction (and its now()) begins first
+    time.sleep(0.01)
+    assert [str(r[1]) for r in claim(a, "email", limit=1)] == [fourth]
+    a.commit()
+    assert claim(b, "email", limit=10) == []
+    b.commit()
+    assert delivery(db, fifth)[:2] == ("suppressed", "frequency_cap")
+
+
+def test_the_pair_rate_limit_counts_a_send_committed_after_the_claims_transaction_began(db, ready, connect):
+    """The same for WhatsApp's pair limit: B, whose transaction began first, must not send a second message to the
+    user right after A's (error 131056): it is held for 6 seconds after A's send."""
+    whatsapp_ready(db, ready)
+    first, second = (submit(db, ready, intent(channels=["whatsapp"]))[0]["deliveries"][0]["id"] for _ in range(2))
+    db.commit()
+    a, b = connect(), connect()
+    b.execute("select now()")
+    time.sleep(0.01)
+    assert [str(r[1]) for r in claim(a, "whatsapp", limit=1)] == [first]
+    a.commit()
+    assert claim(b, "whatsapp", limit=10) == []
+    b.commit()
+    assert delivery(db, second)[:2] == ("held", "pair_rate_limit")
