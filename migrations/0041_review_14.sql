@@ -1,7 +1,8 @@
 -- 0041: review of issue #14 (fallback routes, delivery policies, dry run). A route step is not counted against the
 -- frequency caps by its own route's other steps: a route is one message to the person, so a failed WhatsApp step no
 -- longer uses up the cap its e-mail fallback was then suppressed by. A cap's period too long for an interval
--- (P99999999999999999999999D) is refused as out of range (ND422) instead of failing with a database error (a 500).
+-- (P99999999999999999999999D) is refused as out of range (ND422 naming caps[n].period) instead of failing with
+-- Postgres's own data error (a 400 without a field over HTTP).
 -- A delivery's caps read the recipient's sends once (every cap counts that copy) instead of twice per cap: a tenant's 20
 -- caps over a recipient's 10,000 sends made each delivery cost 40 index scans, and the claim, which serves every
 -- tenant's rows in one statement, took seconds per batch (measured: 7.1 s -> 4.1 s for 100 such deliveries).
