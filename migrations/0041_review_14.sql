@@ -32,14 +32,8 @@ declare
     v_cap record;
     v_last timestamptz;
     -- The sends not counted against this delivery: its own first send (a retry is the same message) and, for a route
-    -- step, its route's other steps (one message to the person: a failed WhatsApp step does not use up the cap that
-    -- its e-mail fallback would then be suppressed by). Two lookups by key, only where a delivery is given.
-    v_own uuid[] := case when p_delivery_id is null then '{}'::uuid[] else array(
-        select s.id from notify.notification_deliveries d
-          join notify.notification_deliveries s
-            on s.request_id = d.request_id and s.tenant_id = d.tenant_id and s.recipient_id = d.recipient_id
-           and (s.id = d.id or (d.route_step is not null and s.route_step is not null))
-         where d.tenant_id = p_tenant_id and d.id = p_delivery_id) || p_delivery_id end;
+    -- step, its route's other steps (found below, only where the tenant has caps).
+    v_own uuid[] := case when p_delivery_id is null then '{}'::uuid[] else array[p_delivery_id] end;
 begin
     -- 1. Quiet hours: the category's own row (a window, or exempt), else the default window.
     select q.* into v_window
@@ -76,6 +70,16 @@ begin
     -- tenant's 20 caps over a recipient's 10,000 sends cost one index scan per delivery, not 40 (the claim serves every
     -- tenant's rows in one statement: one tenant's caps must not hold up another's). When a cap frees is looked for
     -- only where a holding cap is over its count.
+    -- A route step's other steps: one message to the person (a failed WhatsApp step does not use up the cap that its
+    -- e-mail fallback would then be suppressed by). Two lookups by key.
+    if p_delivery_id is not null and exists (select from notify.frequency_caps c where c.tenant_id = p_tenant_id) then
+        v_own := v_own || array(
+            select s.id from notify.notification_deliveries d
+              join notify.notification_deliveries s
+                on s.request_id = d.request_id and s.tenant_id = d.tenant_id and s.recipient_id = d.recipient_id
+               and s.route_step is not null and s.id <> d.id
+             where d.tenant_id = p_tenant_id and d.id = p_delivery_id and d.route_step is not null);
+    end if;
     for v_cap in
         with caps as (
             select c.*
