@@ -12,6 +12,8 @@
 -- The claim's policy step decides and writes at clock_timestamp() after its per-recipient lock instead of now(): a
 -- claim whose transaction began before another claim's committed send counted only sends up to its own start, and
 -- sent the 5th reminder under a cap of 4 (or a second WhatsApp message within the pair limit's 6 seconds).
+-- Setting or removing quiet hours or caps releases what the previous settings held (notify._release_held, new): a
+-- tenant correcting a wrong window no longer waits for the old window's end.
 
 create or replace function notify._policy_evaluate(p_tenant_id uuid, p_recipient_id uuid, p_channel notify.channel, p_category text,
                                         p_provider text, p_expires_at timestamptz, p_at timestamptz, p_delivery_id uuid)
@@ -237,11 +239,12 @@ begin
     end loop;
     delete from notify.frequency_caps where tenant_id = p_tenant_id;
     insert into notify.frequency_caps select * from unnest(v_rows);
+    perform notify._release_held(p_tenant_id, array['frequency_cap']);
     return notify._frequency_caps_json(p_tenant_id);
 end
 $$;
 comment on function notify_api.set_frequency_caps_v1(uuid, jsonb) is
-    'Sets a tenant''s frequency caps, {caps: [{max, period, channel?, category?, action?}]} (max 1-10000 messages per recipient in a sliding period, an ISO 8601 duration of 1 second to 31 days; channel, category: null = any; action suppress (default) or hold). Replaces the previous caps ([] removes them). Errors name the field (caps[0].period).';
+    'Sets a tenant''s frequency caps, {caps: [{max, period, channel?, category?, action?}]} (max 1-10000 messages per recipient in a sliding period, an ISO 8601 duration of 1 second to 31 days; channel, category: null = any; action suppress (default) or hold). Replaces the previous caps ([] removes them); what a holding cap held is due again at once (notify._release_held). Errors name the field (caps[0].period).';
 
 
 create or replace function notify_api.preview_notification_v1(p_tenant_id uuid, p_request jsonb)
@@ -551,3 +554,159 @@ comment on function notify._policy_claim(uuid, uuid, uuid, notify.channel, text,
     'The claim''s policy step for one delivery about to be sent (claim_deliveries_v1 calls it only for tenants with a policy and for whatsapp_cloud): serialized per recipient (a transaction advisory lock) where sends are counted, decided by notify._policy_evaluate at clock_timestamp() after the lock (so a send another claim committed meanwhile counts, even when this transaction began first), a send written to notify.policy_sends, a hold''s end given a wake-up (notify._wake).';
 
 
+create or replace function notify._release_held(p_tenant_id uuid, p_reasons text[])
+    returns integer
+    language plpgsql
+    volatile
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_released integer;
+begin
+    -- What the tenant's previous settings held (reason in p_reasons) is due now: the claim decides again under the new
+    -- ones (held again, until the new end, if they still say so). Found through the queue index (a due time in the
+    -- future, before 'infinity'); the status does not change, so no history row: the next claim writes one.
+    -- Locked by id, as cancel does (a route's steps are in id order, so the route trigger agrees).
+    with held as (
+        select d.tenant_id, d.id
+          from notify.notification_deliveries d
+         where d.channel = any (enum_range(null::notify.channel))
+           and d.due_at > now() and d.due_at < 'infinity'
+           and d.status = 'held' and d.tenant_id = p_tenant_id and d.reason = any (p_reasons)
+         order by d.id
+           for update
+    ), released as (
+        update notify.notification_deliveries d set due_at = now()
+          from held h
+         where d.tenant_id = h.tenant_id and d.id = h.id and d.status = 'held' and d.reason = any (p_reasons)
+        returning d.channel
+    ), woken as (
+        select notify._wake(r.channel) from (select distinct channel from released order by 1) r
+    )
+    select (select count(*) from released)::integer into v_released from (select count(*) from woken) w;
+    return v_released;
+end
+$$;
+comment on function notify._release_held(uuid, text[]) is
+    'Makes a tenant''s deliveries held for one of p_reasons (quiet_hours, frequency_cap) due now and wakes their channels, so that the claim decides again under the settings just changed. Called by set/delete_quiet_hours_v1 and set/delete_frequency_caps_v1.';
+
+
+create or replace function notify_api.set_quiet_hours_v1(p_tenant_id uuid, p_body jsonb)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_timezone text;
+    v_start time;
+    v_end time;
+    v_key text;
+    v_value jsonb;
+    v_rows notify.quiet_hours[] := '{}';
+begin
+    perform notify._enter(p_tenant_id);
+    if p_body is null or jsonb_typeof(p_body) <> 'object' then
+        perform notify._raise('ND400', 'invalid_type', 'body must be an object', '');
+    end if;
+    perform notify._check_keys(p_body, array['timezone', 'start', 'end', 'categories'], '');
+    v_timezone := notify._text_field(p_body, 'timezone', '', false, 64);
+    -- Checked here, once (pg_timezone_names reads the whole time zone database): never per delivery.
+    if v_timezone is not null and not exists (select from pg_catalog.pg_timezone_names where name = v_timezone) then
+        perform notify._raise('ND400', 'invalid_timezone', format('timezone %s is not an IANA time zone', v_timezone), 'timezone');
+    end if;
+    if p_body ? 'start' or p_body ? 'end' then
+        v_start := notify._clock_field(p_body, 'start', '');
+        v_end := notify._clock_field(p_body, 'end', '');
+        if v_start = v_end then
+            perform notify._raise('ND422', 'invalid_quiet_hours', 'end must differ from start', 'end');
+        end if;
+        v_rows := v_rows || row(p_tenant_id, '', v_start, v_end, false, now())::notify.quiet_hours;
+    end if;
+    if p_body ? 'categories' and jsonb_typeof(p_body -> 'categories') <> 'null' then
+        if jsonb_typeof(p_body -> 'categories') <> 'object' then
+            perform notify._raise('ND400', 'invalid_type', 'categories must be an object', 'categories');
+        end if;
+        for v_key, v_value in select * from jsonb_each(p_body -> 'categories') order by 1 loop
+            if length(v_key) not between 1 and 100 then
+                perform notify._raise('ND400', 'invalid_length', 'a category must be 1 to 100 characters', 'categories');
+            end if;
+            if jsonb_typeof(v_value) <> 'object' then
+                perform notify._raise('ND400', 'invalid_type', format('categories.%s must be an object', v_key), 'categories.' || v_key);
+            end if;
+            perform notify._check_keys(v_value, array['start', 'end', 'exempt'], 'categories.' || v_key);
+            if v_value ? 'exempt' and jsonb_typeof(v_value -> 'exempt') <> 'boolean' then
+                perform notify._raise('ND400', 'invalid_type', format('categories.%s.exempt must be true or false', v_key),
+                                      format('categories.%s.exempt', v_key));
+            end if;
+            if coalesce((v_value ->> 'exempt')::boolean, false) then
+                if v_value ? 'start' or v_value ? 'end' then
+                    perform notify._raise('ND422', 'invalid_quiet_hours', format('categories.%s is exempt: it has no start or end', v_key),
+                                          format('categories.%s.exempt', v_key));
+                end if;
+                v_rows := v_rows || row(p_tenant_id, v_key, null, null, true, now())::notify.quiet_hours;
+            else
+                v_start := notify._clock_field(v_value, 'start', 'categories.' || v_key);
+                v_end := notify._clock_field(v_value, 'end', 'categories.' || v_key);
+                if v_start = v_end then
+                    perform notify._raise('ND422', 'invalid_quiet_hours', format('categories.%s.end must differ from its start', v_key),
+                                          format('categories.%s.end', v_key));
+                end if;
+                v_rows := v_rows || row(p_tenant_id, v_key, v_start, v_end, false, now())::notify.quiet_hours;
+            end if;
+        end loop;
+    end if;
+    if cardinality(v_rows) > 100 then
+        perform notify._raise('ND422', 'invalid_quiet_hours', 'at most 100 categories', 'categories');
+    end if;
+    update notify.tenants set default_timezone = v_timezone where id = p_tenant_id;
+    if not found then
+        perform notify._raise('ND404', 'not_found', 'no such tenant', 'tenant_id');
+    end if;
+    delete from notify.quiet_hours where tenant_id = p_tenant_id;
+    insert into notify.quiet_hours select * from unnest(v_rows);
+    perform notify._release_held(p_tenant_id, array['quiet_hours']);
+    return notify._quiet_hours_json(p_tenant_id);
+end
+$$;
+comment on function notify_api.set_quiet_hours_v1(uuid, jsonb) is
+    'Sets a tenant''s quiet hours, {timezone?, start?, end?, categories?: {name: {start, end} | {exempt: true}}} (HH:MM local time of the recipient; start > end crosses midnight; timezone: the tenant''s default for recipients without one, checked against the time zone database). Replaces the previous settings; what is left out is not set; what the previous ones held is due again at once (notify._release_held). Errors name the field.';
+
+
+create or replace function notify_api.delete_quiet_hours_v1(p_tenant_id uuid)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform notify._enter(p_tenant_id);
+    update notify.tenants set default_timezone = null where id = p_tenant_id;
+    delete from notify.quiet_hours where tenant_id = p_tenant_id;
+    perform notify._release_held(p_tenant_id, array['quiet_hours']);
+    return notify._quiet_hours_json(p_tenant_id);
+end
+$$;
+comment on function notify_api.delete_quiet_hours_v1(uuid) is 'Removes a tenant''s quiet hours and default time zone (back to the defaults: none, UTC); what they held is due at once.';
+
+
+create or replace function notify_api.delete_frequency_caps_v1(p_tenant_id uuid)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform notify._enter(p_tenant_id);
+    delete from notify.frequency_caps where tenant_id = p_tenant_id;
+    perform notify._release_held(p_tenant_id, array['frequency_cap']);
+    return notify._frequency_caps_json(p_tenant_id);
+end
+$$;
+comment on function notify_api.delete_frequency_caps_v1(uuid) is 'Removes a tenant''s frequency caps (back to the default: none); what a holding cap held is due at once.';
+
+
+
+revoke execute on function notify._release_held(uuid, text[]) from public;
+grant execute on function notify._release_held(uuid, text[]) to notify_system;
+select notify._settle_owners();

@@ -324,6 +324,42 @@ $$;
 comment on function notify._prune_policy_sends() is
     'Deletes the policy_sends rows no cap or pair limit can count any more (older than the tenant''s longest cap period and than a minute). Run by run_maintenance_v1.';
 
+create function notify._release_held(p_tenant_id uuid, p_reasons text[])
+    returns integer
+    language plpgsql
+    volatile
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_released integer;
+begin
+    -- What the tenant's previous settings held (reason in p_reasons) is due now: the claim decides again under the new
+    -- ones (held again, until the new end, if they still say so). Found through the queue index (a due time in the
+    -- future, before 'infinity'); the status does not change, so no history row: the next claim writes one.
+    -- Locked by id, as cancel does (a route's steps are in id order, so the route trigger agrees).
+    with held as (
+        select d.tenant_id, d.id
+          from notify.notification_deliveries d
+         where d.channel = any (enum_range(null::notify.channel))
+           and d.due_at > now() and d.due_at < 'infinity'
+           and d.status = 'held' and d.tenant_id = p_tenant_id and d.reason = any (p_reasons)
+         order by d.id
+           for update
+    ), released as (
+        update notify.notification_deliveries d set due_at = now()
+          from held h
+         where d.tenant_id = h.tenant_id and d.id = h.id and d.status = 'held' and d.reason = any (p_reasons)
+        returning d.channel
+    ), woken as (
+        select notify._wake(r.channel) from (select distinct channel from released order by 1) r
+    )
+    select (select count(*) from released)::integer into v_released from (select count(*) from woken) w;
+    return v_released;
+end
+$$;
+comment on function notify._release_held(uuid, text[]) is
+    'Makes a tenant''s deliveries held for one of p_reasons (quiet_hours, frequency_cap) due now and wakes their channels, so that the claim decides again under the settings just changed. Called by set/delete_quiet_hours_v1 and set/delete_frequency_caps_v1.';
+
 -- Admin: set (replaces), get, delete. Errors name the field.
 
 create function notify._clock_field(p_object jsonb, p_key text, p_path text)
@@ -440,11 +476,12 @@ begin
     end if;
     delete from notify.quiet_hours where tenant_id = p_tenant_id;
     insert into notify.quiet_hours select * from unnest(v_rows);
+    perform notify._release_held(p_tenant_id, array['quiet_hours']);
     return notify._quiet_hours_json(p_tenant_id);
 end
 $$;
 comment on function notify_api.set_quiet_hours_v1(uuid, jsonb) is
-    'Sets a tenant''s quiet hours, {timezone?, start?, end?, categories?: {name: {start, end} | {exempt: true}}} (HH:MM local time of the recipient; start > end crosses midnight; timezone: the tenant''s default for recipients without one, checked against the time zone database). Replaces the previous settings; what is left out is not set. Errors name the field.';
+    'Sets a tenant''s quiet hours, {timezone?, start?, end?, categories?: {name: {start, end} | {exempt: true}}} (HH:MM local time of the recipient; start > end crosses midnight; timezone: the tenant''s default for recipients without one, checked against the time zone database). Replaces the previous settings; what is left out is not set; what the previous ones held is due again at once (notify._release_held). Errors name the field.';
 
 create function notify_api.get_quiet_hours_v1(p_tenant_id uuid)
     returns jsonb
@@ -470,10 +507,11 @@ begin
     perform notify._enter(p_tenant_id);
     update notify.tenants set default_timezone = null where id = p_tenant_id;
     delete from notify.quiet_hours where tenant_id = p_tenant_id;
+    perform notify._release_held(p_tenant_id, array['quiet_hours']);
     return notify._quiet_hours_json(p_tenant_id);
 end
 $$;
-comment on function notify_api.delete_quiet_hours_v1(uuid) is 'Removes a tenant''s quiet hours and default time zone (back to the defaults: none, UTC).';
+comment on function notify_api.delete_quiet_hours_v1(uuid) is 'Removes a tenant''s quiet hours and default time zone (back to the defaults: none, UTC); what they held is due at once.';
 
 create function notify._frequency_caps_json(p_tenant_id uuid)
     returns jsonb
@@ -572,11 +610,12 @@ begin
     end loop;
     delete from notify.frequency_caps where tenant_id = p_tenant_id;
     insert into notify.frequency_caps select * from unnest(v_rows);
+    perform notify._release_held(p_tenant_id, array['frequency_cap']);
     return notify._frequency_caps_json(p_tenant_id);
 end
 $$;
 comment on function notify_api.set_frequency_caps_v1(uuid, jsonb) is
-    'Sets a tenant''s frequency caps, {caps: [{max, period, channel?, category?, action?}]} (max 1-10000 messages per recipient in a sliding period, an ISO 8601 duration of 1 second to 31 days; channel, category: null = any; action suppress (default) or hold). Replaces the previous caps ([] removes them). Errors name the field (caps[0].period).';
+    'Sets a tenant''s frequency caps, {caps: [{max, period, channel?, category?, action?}]} (max 1-10000 messages per recipient in a sliding period, an ISO 8601 duration of 1 second to 31 days; channel, category: null = any; action suppress (default) or hold). Replaces the previous caps ([] removes them); what a holding cap held is due again at once (notify._release_held). Errors name the field (caps[0].period).';
 
 create function notify_api.get_frequency_caps_v1(p_tenant_id uuid)
     returns jsonb
@@ -601,7 +640,8 @@ as $$
 begin
     perform notify._enter(p_tenant_id);
     delete from notify.frequency_caps where tenant_id = p_tenant_id;
+    perform notify._release_held(p_tenant_id, array['frequency_cap']);
     return notify._frequency_caps_json(p_tenant_id);
 end
 $$;
-comment on function notify_api.delete_frequency_caps_v1(uuid) is 'Removes a tenant''s frequency caps (back to the default: none).';
+comment on function notify_api.delete_frequency_caps_v1(uuid) is 'Removes a tenant''s frequency caps (back to the default: none); what a holding cap held is due at once.';

@@ -250,3 +250,35 @@ def test_a_route_step_held_by_quiet_hours_starts_no_timer(db, ready):
     r = routed(db, ready)
     assert claim(db, "whatsapp") == []
     assert steps(db, r["id"]) == [(1, "held", "quiet_hours", "later"), (2, "waiting", None, "never")]
+
+
+def test_changing_or_removing_the_quiet_hours_releases_what_they_held(db, ready):
+    """A tenant that set the wrong window (every daytime message held until the evening) and corrects it, or removes
+    its quiet hours, must not still wait for the old window's end: what they held is due at once and the claim decides
+    again under the new settings (held again if the new window still covers it)."""
+    start, finish, ends = window_around_now(db)
+    set_quiet(db, ready, {"start": start, "end": finish})
+    held = [submit(db, ready, intent(channels=["email"]))[0]["deliveries"][0]["id"] for _ in range(2)]
+    assert claim(db, "email") == []
+    assert {delivery(db, d)[:2] for d in held} == {("held", "quiet_hours")}
+    # Still inside the new window: held again, until the new end.
+    start2, finish2, ends2 = window_around_now(db, before="2 hours", after="30 minutes")
+    set_quiet(db, ready, {"start": start2, "end": finish2})
+    assert claim(db, "email") == []
+    assert {delivery(db, d)[:3] for d in held} == {("held", "quiet_hours", ends2)}
+    # Removed: sent now.
+    call(db, "notify_api.delete_quiet_hours_v1(%s)", ready)
+    assert sorted(str(r[1]) for r in claim(db, "email")) == sorted(held)
+
+
+def test_changing_the_caps_releases_what_a_holding_cap_held(db, ready):
+    from tests.sql.test_frequency_caps import send_email, set_caps
+
+    set_caps(db, ready, {"max": 1, "period": "P1D", "action": "hold"})
+    send_email(db, ready)
+    assert len(claim(db, "email")) == 1
+    [second] = send_email(db, ready)
+    assert claim(db, "email") == []
+    assert delivery(db, second)[:2] == ("held", "frequency_cap")
+    set_caps(db, ready, {"max": 2, "period": "P1D", "action": "hold"})
+    assert [str(r[1]) for r in claim(db, "email")] == [second]
