@@ -562,16 +562,20 @@ create or replace function notify._release_held(p_tenant_id uuid, p_reasons text
 as $$
 declare
     v_released integer;
+    -- How far ahead such a hold can end: quiet hours within a day (two, for a daylight-saving day and a window's
+    -- length), a cap within its period (31 days at most). The queue index is read over that range only, not over every
+    -- tenant's scheduled deliveries.
+    v_horizon interval := case when 'frequency_cap' = any (p_reasons) then interval '32 days' else interval '2 days' end;
 begin
     -- What the tenant's previous settings held (reason in p_reasons) is due now: the claim decides again under the new
     -- ones (held again, until the new end, if they still say so). Found through the queue index (a due time in the
-    -- future, before 'infinity'); the status does not change, so no history row: the next claim writes one.
+    -- future, within the horizon); the status does not change, so no history row: the next claim writes one.
     -- Locked by id, as cancel does (a route's steps are in id order, so the route trigger agrees).
     with held as (
         select d.tenant_id, d.id
           from notify.notification_deliveries d
          where d.channel = any (enum_range(null::notify.channel))
-           and d.due_at > now() and d.due_at < 'infinity'
+           and d.due_at > now() and d.due_at <= now() + v_horizon
            and d.status = 'held' and d.tenant_id = p_tenant_id and d.reason = any (p_reasons)
          order by d.id
            for update
