@@ -14,6 +14,8 @@
 -- sent the 5th reminder under a cap of 4 (or a second WhatsApp message within the pair limit's 6 seconds).
 -- Setting or removing quiet hours or caps releases what the previous settings held (notify._release_held, new): a
 -- tenant correcting a wrong window no longer waits for the old window's end.
+-- A route's e-mail step before another may not wait for read (e-mail reports no reads: the next step waited forever
+-- without within, or always followed with it): ND400 invalid_value naming route[n].until.
 
 create or replace function notify._policy_evaluate(p_tenant_id uuid, p_recipient_id uuid, p_channel notify.channel, p_category text,
                                         p_provider text, p_expires_at timestamptz, p_at timestamptz, p_delivery_id uuid)
@@ -709,6 +711,67 @@ end
 $$;
 comment on function notify_api.delete_frequency_caps_v1(uuid) is 'Removes a tenant''s frequency caps (back to the default: none); what a holding cap held is due at once.';
 
+
+
+create or replace function notify._parse_route(p_route jsonb)
+    returns jsonb
+    language plpgsql
+    immutable
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_step jsonb;
+    v_path text;
+    v_channel notify.channel;
+    v_channels notify.channel[] := '{}';
+    v_until text;
+    v_out jsonb := '[]';
+    v_n integer;
+begin
+    if jsonb_typeof(p_route) is distinct from 'array' or jsonb_array_length(p_route) = 0 then
+        perform notify._raise('ND400', 'missing_field', 'route must be a non-empty list of steps {channel, until?, within?}', 'route');
+    end if;
+    v_n := jsonb_array_length(p_route);
+    for i in 0 .. v_n - 1 loop
+        v_step := p_route -> i;
+        v_path := format('route[%s]', i);
+        if jsonb_typeof(v_step) <> 'object' then
+            perform notify._raise('ND400', 'invalid_type', format('%s must be an object {channel, until?, within?}', v_path), v_path);
+        end if;
+        perform notify._check_keys(v_step, array['channel', 'until', 'within'], v_path);
+        v_channel := notify._channel_field(v_step -> 'channel', v_path || '.channel');
+        if v_channel = any (v_channels) then
+            perform notify._raise('ND400', 'duplicate_channel',
+                format('%s.channel: a route must not repeat a channel (%s is step %s already)', v_path, v_channel,
+                       array_position(v_channels, v_channel)), v_path || '.channel');
+        end if;
+        v_channels := v_channels || v_channel;
+        -- The goal that makes the later steps unnecessary; delivered unless said (on the last step it changes nothing).
+        v_until := coalesce(nullif(v_step -> 'until', 'null') #>> '{}', 'delivered');
+        if jsonb_typeof(coalesce(nullif(v_step -> 'until', 'null'), '"delivered"')) <> 'string'
+           or v_until not in ('sent', 'delivered', 'read') then
+            perform notify._raise('ND400', 'invalid_value', format('%s.until must be one of sent, delivered, read', v_path), v_path || '.until');
+        end if;
+        -- E-mail reports no reads (an open is a flag, not a status): a step waiting for one would keep the next step
+        -- waiting until the route expires, or always send it after within.
+        if v_channel = 'email' and v_until = 'read' and i < v_n - 1 then
+            perform notify._raise('ND400', 'invalid_value',
+                format('%s.until: e-mail never reports read (an open is not a status), so the next step would always follow; use sent or delivered', v_path),
+                v_path || '.until');
+        end if;
+        perform notify._duration_field(v_step -> 'within', v_path || '.within');
+        if i = v_n - 1 and jsonb_typeof(v_step -> 'within') is distinct from 'null' and v_step ? 'within' then
+            perform notify._raise('ND400', 'invalid_value',
+                format('%s.within: the last step has no later step to fall back to', v_path), v_path || '.within');
+        end if;
+        v_out := v_out || jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
+            'channel', v_channel, 'until', v_until, 'within', nullif(v_step -> 'within', 'null'))));
+    end loop;
+    return v_out;
+end
+$$;
+comment on function notify._parse_route(jsonb) is
+    'Reads a submission''s route, [{channel, until?, within?}, ...], refusing the first wrong step by field (route[1].within): a known channel not repeated, until one of sent, delivered (the default), read (not on an e-mail step before another: e-mail reports no reads), within an ISO 8601 duration (notify._duration_field), none on the last step. Returns it normalized (until filled in; within as given).';
 
 
 revoke execute on function notify._release_held(uuid, text[]) from public;
