@@ -773,7 +773,6 @@ $$;
 comment on function notify._parse_route(jsonb) is
     'Reads a submission''s route, [{channel, until?, within?}, ...], refusing the first wrong step by field (route[1].within): a known channel not repeated, until one of sent, delivered (the default), read (not on an e-mail step before another: e-mail reports no reads), within an ISO 8601 duration (notify._duration_field), none on the last step. Returns it normalized (until filled in; within as given).';
 
-
 revoke execute on function notify._release_held(uuid, text[]) from public;
 grant execute on function notify._release_held(uuid, text[]) to notify_system;
 select notify._settle_owners();
