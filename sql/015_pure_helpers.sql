@@ -430,6 +430,13 @@ begin
            or v_until not in ('sent', 'delivered', 'read') then
             perform notify._raise('ND400', 'invalid_value', format('%s.until must be one of sent, delivered, read', v_path), v_path || '.until');
         end if;
+        -- E-mail reports no reads (an open is a flag, not a status): a step waiting for one would keep the next step
+        -- waiting until the route expires, or always send it after within.
+        if v_channel = 'email' and v_until = 'read' and i < v_n - 1 then
+            perform notify._raise('ND400', 'invalid_value',
+                format('%s.until: e-mail never reports read (an open is not a status), so the next step would always follow; use sent or delivered', v_path),
+                v_path || '.until');
+        end if;
         perform notify._duration_field(v_step -> 'within', v_path || '.within');
         if i = v_n - 1 and jsonb_typeof(v_step -> 'within') is distinct from 'null' and v_step ? 'within' then
             perform notify._raise('ND400', 'invalid_value',
@@ -442,7 +449,7 @@ begin
 end
 $$;
 comment on function notify._parse_route(jsonb) is
-    'Reads a submission''s route, [{channel, until?, within?}, ...], refusing the first wrong step by field (route[1].within): a known channel not repeated, until one of sent, delivered (the default), read, within an ISO 8601 duration (notify._duration_field), none on the last step. Returns it normalized (until filled in; within as given).';
+    'Reads a submission''s route, [{channel, until?, within?}, ...], refusing the first wrong step by field (route[1].within): a known channel not repeated, until one of sent, delivered (the default), read (not on an e-mail step before another: e-mail reports no reads), within an ISO 8601 duration (notify._duration_field), none on the last step. Returns it normalized (until filled in; within as given).';
 
 create function notify._route_level(p_status notify.delivery_status)
     returns integer

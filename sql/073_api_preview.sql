@@ -303,19 +303,40 @@ begin
                min(d.ord) filter (where d.address is not null and d.consent_allows and d.suppression is null)
                    over (partition by d.i) as active
           from decided d
+    ), wanted as (
+        select x.*, s.route,
+               case when s.route is not null and x.ord > coalesce(x.active, 0) and not x.suppressed then
+                   format('only if step %s does not reach %s', x.ord - 1, s.route -> (x.ord::integer - 2) ->> 'until')
+                   || coalesce(' within ' || (s.route -> (x.ord::integer - 2) ->> 'within'), '')
+                   || ' (or cannot: it is suppressed, fails, bounces or expires)' end as condition,
+               coalesce(not x.suppressed and (s.route is null or x.ord = x.active)
+                        and (v_has_policies or x.provider_name = 'whatsapp_cloud'), false) as policy_wanted
+          from stepped x
+    ), keyed as (
+        -- The policies' decision depends on the recipient only through its time zone and its counted sends: recipients
+        -- without any sends (every new one) in one time zone share one decision per channel and provider, so a
+        -- 10,000-recipient fan-out asks for a few decisions instead of 20,000 (it took 13 s with quiet hours set).
+        select w.*,
+               case when w.policy_wanted and w.recipient_id is not null
+                         and exists (select from notify.policy_sends l where l.tenant_id = p_tenant_id and l.recipient_id = w.recipient_id)
+                    then w.recipient_id end as own_sends
+          from wanted w
+    ), decisions as materialized (
+        select k.own_sends, k.known, k.channel, k.provider_name, k.timezone,
+               notify._preview_policy(p_tenant_id, k.recipient_id, k.channel, s.category, k.provider_name, k.address,
+                                      s.expires_at, v_due, k.timezone) as policy_decision
+          from (select w.own_sends, w.recipient_id is not null as known, w.channel, w.provider_name, w.timezone,
+                       (array_agg(w.recipient_id))[1] as recipient_id, (array_agg(w.address))[1] as address
+                  from keyed w
+                 where w.policy_wanted
+                 group by 1, 2, 3, 4, 5) k
     ), policed as (
         -- The tenant's policies, as the claim applies them to a delivery about to be sent, when it falls due.
-        select t.*, t.route is not null and t.ord > coalesce(t.active, 0) and not t.suppressed as waiting,
-               case when not t.suppressed and (t.route is null or t.ord = t.active)
-                         and (v_has_policies or t.provider_name = 'whatsapp_cloud')
-                    then notify._preview_policy(p_tenant_id, t.recipient_id, t.channel, s.category, t.provider_name, t.address,
-                                                s.expires_at, v_due, t.timezone) end as policy_decision
-          from (select x.*, s.route,
-                       case when s.route is not null and x.ord > coalesce(x.active, 0) and not x.suppressed then
-                           format('only if step %s does not reach %s', x.ord - 1, s.route -> (x.ord::integer - 2) ->> 'until')
-                           || coalesce(' within ' || (s.route -> (x.ord::integer - 2) ->> 'within'), '')
-                           || ' (or cannot: it is suppressed, fails, bounces or expires)' end as condition
-                  from stepped x) t
+        select t.*, t.route is not null and t.ord > coalesce(t.active, 0) and not t.suppressed as waiting, p.policy_decision
+          from keyed t
+          left join decisions p
+                 on t.policy_wanted and p.own_sends is not distinct from t.own_sends and p.known = (t.recipient_id is not null)
+                and p.channel = t.channel and p.provider_name = t.provider_name and p.timezone = t.timezone
     ), answered as (
         select d.i, d.ord, d.ref, d.channel, d.locale, d.template_locale, d.missing, d.suppressed, d.waiting,
                d.policy_decision ->> 'decision' in ('suppress', 'expire') as refused_by_policy,

@@ -128,6 +128,9 @@ declare
     v_end timestamptz;
     v_cap record;
     v_last timestamptz;
+    -- The sends not counted against this delivery: its own first send (a retry is the same message) and, for a route
+    -- step, its route's other steps (found below, only where the tenant has caps).
+    v_own uuid[] := case when p_delivery_id is null then '{}'::uuid[] else array[p_delivery_id] end;
 begin
     -- 1. Quiet hours: the category's own row (a window, or exempt), else the default window.
     select q.* into v_window
@@ -158,31 +161,56 @@ begin
     end if;
 
     -- 2. Frequency caps: the messages already claimed for sending to the recipient in each matching cap's period (a
-    -- retry does not count its own first send). A suppressing cap over its count wins; else the latest time a holding
-    -- cap frees (when its max_count-th newest send leaves the period).
+    -- retry does not count its own first send, nor a route step its route's other steps). A suppressing cap over its
+    -- count wins; else the latest time a holding cap frees (when its max_count-th newest send leaves the period).
+    -- The recipient's sends are read once (within the longest matching period) and every cap counts that copy: a
+    -- tenant's 20 caps over a recipient's 10,000 sends cost one index scan per delivery, not 40 (the claim serves every
+    -- tenant's rows in one statement: one tenant's caps must not hold up another's). When a cap frees is looked for
+    -- only where a holding cap is over its count.
+    -- A route step's other steps: one message to the person (a failed WhatsApp step does not use up the cap that its
+    -- e-mail fallback would then be suppressed by). Two lookups by key.
+    if p_delivery_id is not null and exists (select from notify.frequency_caps c where c.tenant_id = p_tenant_id) then
+        v_own := v_own || array(
+            select s.id from notify.notification_deliveries d
+              join notify.notification_deliveries s
+                on s.request_id = d.request_id and s.tenant_id = d.tenant_id and s.recipient_id = d.recipient_id
+               and s.route_step is not null and s.id <> d.id
+             where d.tenant_id = p_tenant_id and d.id = p_delivery_id and d.route_step is not null);
+    end if;
     for v_cap in
-        select c.*, n.count, f.frees
-          from notify.frequency_caps c
-         cross join lateral (select count(*) as count from notify.policy_sends l
-                              where l.tenant_id = p_tenant_id and l.recipient_id = p_recipient_id
-                                and l.first_sent_at > p_at - c.period and l.first_sent_at <= p_at
+        with caps as (
+            select c.*
+              from notify.frequency_caps c
+             where c.tenant_id = p_tenant_id
+               and (c.channel is null or c.channel = p_channel)
+               and (c.category is null or c.category = p_category)
+        ), sends as materialized (
+            select l.first_sent_at, l.channel, l.category
+              from notify.policy_sends l
+             where l.tenant_id = p_tenant_id and l.recipient_id = p_recipient_id
+               and l.first_sent_at > p_at - (select max(c.period) from caps c) and l.first_sent_at <= p_at
+               and l.delivery_id <> all (v_own)
+        ), counted as (
+            select c.*,
+                   (select count(*) from sends l
+                     where l.first_sent_at > p_at - c.period
+                       and (c.channel is null or l.channel = c.channel)
+                       and (c.category is null or l.category = c.category)) as count
+              from caps c
+        )
+        select c.*, f.frees
+          from counted c
+          left join lateral (select l.first_sent_at + c.period as frees from sends l
+                              where c.action = 'hold'
+                                and l.first_sent_at > p_at - c.period
                                 and (c.channel is null or l.channel = c.channel)
                                 and (c.category is null or l.category = c.category)
-                                and l.delivery_id is distinct from p_delivery_id) n
-         cross join lateral (select l.first_sent_at + c.period as frees from notify.policy_sends l
-                              where l.tenant_id = p_tenant_id and l.recipient_id = p_recipient_id
-                                and l.first_sent_at > p_at - c.period and l.first_sent_at <= p_at
-                                and (c.channel is null or l.channel = c.channel)
-                                and (c.category is null or l.category = c.category)
-                                and l.delivery_id is distinct from p_delivery_id
-                              order by l.first_sent_at desc offset c.max_count - 1 limit 1) f
-         where c.tenant_id = p_tenant_id
-           and (c.channel is null or c.channel = p_channel)
-           and (c.category is null or c.category = p_category)
+                              order by l.first_sent_at desc offset c.max_count - 1 limit 1) f on true
+         where c.count >= c.max_count
          order by c.action desc, f.frees desc, c.id
     loop
-        -- (cross join lateral f: only caps with at least max_count sends in their period, i.e. over them, get here;
-        -- suppress sorts before hold, and the holding cap that frees last first.)
+        -- (only caps with at least max_count sends in their period, i.e. over them, get here; suppress sorts before
+        -- hold, and the holding cap that frees last first.)
         v_out.detail := jsonb_build_object('cap', jsonb_build_object(
             'max', v_cap.max_count, 'period', notify._iso_duration(v_cap.period), 'count', v_cap.count,
             'channel', v_cap.channel, 'category', v_cap.category, 'action', v_cap.action));
@@ -224,7 +252,7 @@ begin
 end
 $$;
 comment on function notify._policy_evaluate(uuid, uuid, notify.channel, text, text, timestamptz, timestamptz, uuid) is
-    'The tenant policies'' decision for a delivery about to be sent at p_at, in order: quiet hours (hold until they end, or expire when that is past p_expires_at; exempt categories pass), frequency caps (suppress, or hold until the cap frees), WhatsApp''s pair rate limit (hold until 6 s after the last send). p_delivery_id (or null) is not counted against its own caps. Reads only; row security applies.';
+    'The tenant policies'' decision for a delivery about to be sent at p_at, in order: quiet hours (hold until they end, or expire when that is past p_expires_at; exempt categories pass), frequency caps (suppress, or hold until the cap frees), WhatsApp''s pair rate limit (hold until 6 s after the last send). p_delivery_id (or null) is not counted against its own caps, nor are its route''s other steps (a route is one message). Reads only; row security applies.';
 
 create function notify._policy_decision(p_tenant_id uuid, p_recipient_id uuid, p_channel notify.channel, p_category text,
                                         p_provider text, p_address text, p_expires_at timestamptz, p_at timestamptz)
@@ -250,6 +278,7 @@ declare
     v_counted boolean := p_provider = 'whatsapp_cloud'
                          or exists (select from notify.frequency_caps c where c.tenant_id = p_tenant_id);
     v_out notify.policy_outcome;
+    v_at timestamptz;
 begin
     if v_counted then
         -- Caps hold across concurrent claims: one recipient's sends are counted and written one transaction at a time.
@@ -258,10 +287,14 @@ begin
     end if;
     -- A new statement after the lock: a volatile function's statements each take a new snapshot, so this one sees the
     -- sends another claim committed while we waited (and, within one claim, the ones written for earlier rows).
-    v_out := notify._policy_evaluate(p_tenant_id, p_recipient_id, p_channel, p_category, p_provider, p_expires_at, now(), p_delivery_id);
+    -- Decided and written at the clock's time after the lock, not at now() (the transaction's start): a claim whose
+    -- transaction began before another's committed send would otherwise count only sends up to its own start, and
+    -- send the 5th reminder under a cap of 4 (or a second WhatsApp message to the user within 6 seconds).
+    v_at := clock_timestamp();
+    v_out := notify._policy_evaluate(p_tenant_id, p_recipient_id, p_channel, p_category, p_provider, p_expires_at, v_at, p_delivery_id);
     if v_counted and v_out.decision = 'send' then
         insert into notify.policy_sends (tenant_id, delivery_id, recipient_id, channel, category, first_sent_at, last_sent_at)
-        values (p_tenant_id, p_delivery_id, p_recipient_id, p_channel, p_category, now(), now())
+        values (p_tenant_id, p_delivery_id, p_recipient_id, p_channel, p_category, v_at, v_at)
         on conflict (tenant_id, recipient_id, delivery_id) do update set last_sent_at = excluded.last_sent_at;
     elsif v_out.decision = 'hold' then
         -- Claimed again when the hold ends: a wake-up at that second (coalesced with any other for the same second).
@@ -271,7 +304,7 @@ begin
 end
 $$;
 comment on function notify._policy_claim(uuid, uuid, uuid, notify.channel, text, text, timestamptz) is
-    'The claim''s policy step for one delivery about to be sent (claim_deliveries_v1 calls it only for tenants with a policy and for whatsapp_cloud): serialized per recipient (a transaction advisory lock) where sends are counted, decided by notify._policy_evaluate at now(), a send written to notify.policy_sends, a hold''s end given a wake-up (notify._wake).';
+    'The claim''s policy step for one delivery about to be sent (claim_deliveries_v1 calls it only for tenants with a policy and for whatsapp_cloud): serialized per recipient (a transaction advisory lock) where sends are counted, decided by notify._policy_evaluate at clock_timestamp() after the lock (so a send another claim committed meanwhile counts, even when this transaction began first), a send written to notify.policy_sends, a hold''s end given a wake-up (notify._wake).';
 
 create function notify._prune_policy_sends()
     returns integer
@@ -290,6 +323,46 @@ as $$
 $$;
 comment on function notify._prune_policy_sends() is
     'Deletes the policy_sends rows no cap or pair limit can count any more (older than the tenant''s longest cap period and than a minute). Run by run_maintenance_v1.';
+
+create function notify._release_held(p_tenant_id uuid, p_reasons text[])
+    returns integer
+    language plpgsql
+    volatile
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_released integer;
+    -- How far ahead such a hold can end: quiet hours within a day (two, for a daylight-saving day and a window's
+    -- length), a cap within its period (31 days at most). The queue index is read over that range only, not over every
+    -- tenant's scheduled deliveries.
+    v_horizon interval := case when 'frequency_cap' = any (p_reasons) then interval '32 days' else interval '2 days' end;
+begin
+    -- What the tenant's previous settings held (reason in p_reasons) is due now: the claim decides again under the new
+    -- ones (held again, until the new end, if they still say so). Found through the queue index (a due time in the
+    -- future, within the horizon); the status does not change, so no history row: the next claim writes one.
+    -- Locked by id, as cancel does (a route's steps are in id order, so the route trigger agrees).
+    with held as (
+        select d.tenant_id, d.id
+          from notify.notification_deliveries d
+         where d.channel = any (enum_range(null::notify.channel))
+           and d.due_at > now() and d.due_at <= now() + v_horizon
+           and d.status = 'held' and d.tenant_id = p_tenant_id and d.reason = any (p_reasons)
+         order by d.id
+           for update
+    ), released as (
+        update notify.notification_deliveries d set due_at = now()
+          from held h
+         where d.tenant_id = h.tenant_id and d.id = h.id and d.status = 'held' and d.reason = any (p_reasons)
+        returning d.channel
+    ), woken as (
+        select notify._wake(r.channel) from (select distinct channel from released order by 1) r
+    )
+    select (select count(*) from released)::integer into v_released from (select count(*) from woken) w;
+    return v_released;
+end
+$$;
+comment on function notify._release_held(uuid, text[]) is
+    'Makes a tenant''s deliveries held for one of p_reasons (quiet_hours, frequency_cap) due now and wakes their channels, so that the claim decides again under the settings just changed. Called by set/delete_quiet_hours_v1 and set/delete_frequency_caps_v1.';
 
 -- Admin: set (replaces), get, delete. Errors name the field.
 
@@ -407,11 +480,12 @@ begin
     end if;
     delete from notify.quiet_hours where tenant_id = p_tenant_id;
     insert into notify.quiet_hours select * from unnest(v_rows);
+    perform notify._release_held(p_tenant_id, array['quiet_hours']);
     return notify._quiet_hours_json(p_tenant_id);
 end
 $$;
 comment on function notify_api.set_quiet_hours_v1(uuid, jsonb) is
-    'Sets a tenant''s quiet hours, {timezone?, start?, end?, categories?: {name: {start, end} | {exempt: true}}} (HH:MM local time of the recipient; start > end crosses midnight; timezone: the tenant''s default for recipients without one, checked against the time zone database). Replaces the previous settings; what is left out is not set. Errors name the field.';
+    'Sets a tenant''s quiet hours, {timezone?, start?, end?, categories?: {name: {start, end} | {exempt: true}}} (HH:MM local time of the recipient; start > end crosses midnight; timezone: the tenant''s default for recipients without one, checked against the time zone database). Replaces the previous settings; what is left out is not set; what the previous ones held is due again at once (notify._release_held). Errors name the field.';
 
 create function notify_api.get_quiet_hours_v1(p_tenant_id uuid)
     returns jsonb
@@ -437,10 +511,11 @@ begin
     perform notify._enter(p_tenant_id);
     update notify.tenants set default_timezone = null where id = p_tenant_id;
     delete from notify.quiet_hours where tenant_id = p_tenant_id;
+    perform notify._release_held(p_tenant_id, array['quiet_hours']);
     return notify._quiet_hours_json(p_tenant_id);
 end
 $$;
-comment on function notify_api.delete_quiet_hours_v1(uuid) is 'Removes a tenant''s quiet hours and default time zone (back to the defaults: none, UTC).';
+comment on function notify_api.delete_quiet_hours_v1(uuid) is 'Removes a tenant''s quiet hours and default time zone (back to the defaults: none, UTC); what they held is due at once.';
 
 create function notify._frequency_caps_json(p_tenant_id uuid)
     returns jsonb
@@ -514,6 +589,11 @@ begin
             perform notify._raise('ND400', 'invalid_format', format('%s.period must be an ISO 8601 duration in weeks, days, hours, minutes or seconds (P1D, PT6H)', v_path),
                                   v_path || '.period');
         end if;
+        -- (a part of more than 7 digits is far past 31 days, and may be past what an interval holds: refused as such,
+        -- before the cast could fail with a database error)
+        if v_period ~ '\d{8}' then
+            perform notify._raise('ND422', 'invalid_frequency_cap', format('%s.period must be 1 second to 31 days', v_path), v_path || '.period');
+        end if;
         v_interval := v_period::interval;
         if v_interval not between interval '1 second' and interval '31 days' then
             perform notify._raise('ND422', 'invalid_frequency_cap', format('%s.period must be 1 second to 31 days', v_path), v_path || '.period');
@@ -534,11 +614,12 @@ begin
     end loop;
     delete from notify.frequency_caps where tenant_id = p_tenant_id;
     insert into notify.frequency_caps select * from unnest(v_rows);
+    perform notify._release_held(p_tenant_id, array['frequency_cap']);
     return notify._frequency_caps_json(p_tenant_id);
 end
 $$;
 comment on function notify_api.set_frequency_caps_v1(uuid, jsonb) is
-    'Sets a tenant''s frequency caps, {caps: [{max, period, channel?, category?, action?}]} (max 1-10000 messages per recipient in a sliding period, an ISO 8601 duration of 1 second to 31 days; channel, category: null = any; action suppress (default) or hold). Replaces the previous caps ([] removes them). Errors name the field (caps[0].period).';
+    'Sets a tenant''s frequency caps, {caps: [{max, period, channel?, category?, action?}]} (max 1-10000 messages per recipient in a sliding period, an ISO 8601 duration of 1 second to 31 days; channel, category: null = any; action suppress (default) or hold). Replaces the previous caps ([] removes them); what a holding cap held is due again at once (notify._release_held). Errors name the field (caps[0].period).';
 
 create function notify_api.get_frequency_caps_v1(p_tenant_id uuid)
     returns jsonb
@@ -563,7 +644,8 @@ as $$
 begin
     perform notify._enter(p_tenant_id);
     delete from notify.frequency_caps where tenant_id = p_tenant_id;
+    perform notify._release_held(p_tenant_id, array['frequency_cap']);
     return notify._frequency_caps_json(p_tenant_id);
 end
 $$;
-comment on function notify_api.delete_frequency_caps_v1(uuid) is 'Removes a tenant''s frequency caps (back to the default: none).';
+comment on function notify_api.delete_frequency_caps_v1(uuid) is 'Removes a tenant''s frequency caps (back to the default: none); what a holding cap held is due at once.';

@@ -230,3 +230,77 @@ def test_a_cap_is_checked_again_for_other_statuses_untouched(db, ready):
     assert claim(db, "whatsapp") == []
     assert delivery(db, response["deliveries"][0]["id"])[:2] == ("suppressed", "no_consent")
     assert call(db, "(select count(*) from notify.policy_sends)") == 0
+
+
+def test_a_route_step_is_not_capped_by_its_own_earlier_step(db, ready):
+    """A route is one message to the person ("WhatsApp, else e-mail"): its failed first step must not use up the cap
+    that its fallback is then suppressed by (1 reminder a day: the WhatsApp fails, the e-mail must still go out)."""
+    from tests.sql.test_route_progress import routed, steps
+
+    set_caps(db, ready, {"max": 1, "period": "P1D"})
+    routed_request = routed(db, ready)
+    [step_1] = claim(db, "whatsapp")
+    record(db, result(step_1, "failed", error_code="131026"))
+    [step_2] = claim(db, "email")
+    assert [s[:2] for s in steps(db, routed_request["id"])] == [(1, "failed"), (2, "sending")]
+    # ... and the route counts: the next reminder that day is over the cap.
+    record(db, result(step_2, "sent"))
+    [other] = send_email(db, ready)
+    assert claim(db, "email") == []
+    assert delivery(db, other)[:2] == ("suppressed", "frequency_cap")
+
+
+def test_many_caps_read_a_recipients_sends_once(db, ready):
+    """The claim serves every tenant's rows in one statement: a tenant's 20 caps over a recipient's sends must not
+    read them 40 times per delivery (20 caps over 10,000 sends made a claim of 100 deliveries take seconds, holding up
+    other tenants' rows in the same batch). Counted as index scans of the ledger in this transaction, not timed."""
+    set_caps(db, ready, *({"max": 10000, "period": f"PT{i + 1}H", "action": "hold" if i % 2 else "suppress"} for i in range(20)))
+    [delivery_id] = send_email(db, ready)
+    recipient = db.execute("select recipient_id from notify.notification_deliveries where id = %s", (delivery_id,)).fetchone()[0]
+    db.execute(
+        "insert into notify.policy_sends select %s, gen_random_uuid(), %s, 'email', null, now() - i * interval '1 second',"
+        " now() - i * interval '1 second' from generate_series(1, 50) i",
+        (ready, recipient),
+    )
+    scans = "select pg_stat_get_xact_numscans('notify.policy_sends_pkey'::regclass)"
+    before = db.execute(scans).fetchone()[0]
+    decision = db.execute(
+        "select decision, detail from notify._policy_decision(%s, %s, 'email', null, 'mock', null, null, now())", (ready, recipient)
+    ).fetchone()
+    assert decision == ("send", {})
+    assert db.execute(scans).fetchone()[0] - before <= 1
+
+
+def test_a_claim_whose_transaction_began_first_still_counts_a_send_committed_meanwhile(db, ready, connect):
+    """Worker B's transaction began (its now()) before worker A's; A claims the 4th reminder and commits first, then B
+    claims the 5th. B must count A's send although A's claim time is later than B's now(): the 5th is suppressed
+    (it was sent: the cap counted only sends up to B's transaction start)."""
+    set_caps(db, ready, {"max": 4, "period": "P1D"})
+    send_email(db, ready, 3)
+    assert len(claim(db, "email")) == 3
+    fourth, fifth = send_email(db, ready, 2)
+    db.commit()
+    a, b = connect(), connect()
+    b.execute("select now()")  # B's transaction (and its now()) begins first
+    time.sleep(0.01)
+    assert [str(r[1]) for r in claim(a, "email", limit=1)] == [fourth]
+    a.commit()
+    assert claim(b, "email", limit=10) == []
+    b.commit()
+    assert delivery(db, fifth)[:2] == ("suppressed", "frequency_cap")
+
+
+def test_the_pair_rate_limit_counts_a_send_committed_after_the_claims_transaction_began(db, ready, connect):
+    """The same for WhatsApp's pair limit: B, whose transaction began first, must not send a second message to the
+    user right after A's (error 131056): it is held for 6 seconds after A's send."""
+    whatsapp_ready(db, ready)
+    first, second = (submit(db, ready, intent(channels=["whatsapp"]))[0]["deliveries"][0]["id"] for _ in range(2))
+    db.commit()
+    a, b = connect(), connect()
+    b.execute("select now()")
+    time.sleep(0.01)
+    assert [str(r[1]) for r in claim(a, "whatsapp", limit=1)] == [first]
+    a.commit()
+    assert claim(b, "whatsapp", limit=10) == []
+    b.commit()
+    assert delivery(db, second)[:2] == ("held", "pair_rate_limit")

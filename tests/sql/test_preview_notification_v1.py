@@ -427,3 +427,33 @@ def test_a_frequency_cap_names_itself_and_its_current_count(db, ready):
     # a new recipient has nothing to count, and the preview says so
     new = by_channel(preview(db, ready, intent(recipient={"ref": "new", "addresses": {"email": "n@example.com"}})))["email"]
     assert new["would_send"] and new["policy"]["counts"].startswith("none yet")
+
+
+def test_a_fanout_with_policies_asks_for_one_decision_per_time_zone_not_per_recipient(db, ready):
+    """A 10,000-recipient fan-out with quiet hours set took 13 s (a policy decision per delivery, held then sent: two
+    evaluations each); recipients without counted sends share one decision per time zone and channel. Counted as
+    calls of notify._preview_policy in this transaction, not timed; a recipient with sends still gets its own."""
+    from tests.conftest import claim
+
+    call(db, "notify_api.set_frequency_caps_v1(%s, %s)", ready, Jsonb({"caps": [{"max": 1, "period": "P1D", "channel": "email"}]}))
+    submit(db, ready, intent(channels=["email"]))
+    call(db, "notify_api.delete_quiet_hours_v1(%s)", ready)  # off for the claim
+    assert len(claim(db, "email")) == 1  # runner-42 has a counted e-mail
+    ends = window_around_now(db, ready)
+    db.execute("set track_functions = 'pl'")
+    body = intent()
+    body.pop("recipient")
+    body["recipients"] = [{"ref": "runner-42"}] + [
+        {"ref": f"r{i}", "addresses": {"email": f"r{i}@example.com"}, **({"timezone": "Pacific/Auckland"} if i % 2 else {})}
+        for i in range(40)
+    ]
+    calls = "select coalesce(pg_stat_get_xact_function_calls('notify._preview_policy(uuid, uuid, notify.channel, text, text, text, timestamptz, timestamptz, text)'::regprocedure), 0)"
+    before = db.execute(calls).fetchone()[0]
+    answer = preview(db, ready, body)
+    # (whatsapp: no address for the new ones, and runner-42's; e-mail: runner-42, UTC and Auckland)
+    assert db.execute(calls).fetchone()[0] - before <= 4
+    email = {d["recipient"]: d for d in answer["deliveries"] if d["channel"] == "email"}
+    assert email["runner-42"]["policy"]["decision"] == "suppress" and email["runner-42"]["policy"]["reason"] == "frequency_cap"
+    assert email["r0"]["policy"]["decision"] == "hold" and dt.datetime.fromisoformat(email["r0"]["sends_at"]) == ends
+    assert email["r1"]["policy"]["decision"] == "send" and email["r1"]["timezone"] == "Pacific/Auckland"
+    assert all(email[f"r{i}"]["policy"] == email[f"r{i % 2}"]["policy"] for i in range(40))

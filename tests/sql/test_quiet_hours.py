@@ -215,3 +215,70 @@ def test_another_tenants_quiet_hours_change_nothing(db, ready):
     set_quiet(db, other, {"start": start, "end": finish})
     submit(db, ready, intent(channels=["email"]))
     assert len(claim(db, "email")) == 1
+
+
+def test_a_route_step_held_by_quiet_hours_is_not_needed_when_the_earlier_one_succeeds(db, ready):
+    """Step 1 (WhatsApp) went out just before quiet hours; its 15-minute timer ran out inside them, so step 2 (e-mail)
+    was held until they end; step 1's late `delivered` then makes the held step not_needed: never sent, and said so."""
+    from tests.sql.test_route_progress import history, make_due, report, routed, send_step_1, step_id, steps
+
+    r = routed(db, ready)
+    send_step_1(db)
+    start, finish, ends = window_around_now(db)
+    set_quiet(db, ready, {"start": start, "end": finish})
+    make_due(db, r["id"], 2)
+    assert claim(db, "email") == []
+    assert [s[:3] for s in steps(db, r["id"])] == [(1, "sent", None), (2, "held", "quiet_hours")]
+    step_1 = step_id(db, r["id"], 1)
+    report(db, ready, step_1, "delivered", "late-delivered")
+    assert [s[:3] for s in steps(db, r["id"])] == [(1, "delivered", None), (2, "not_needed", "step_1_delivered")]
+    assert history(db, step_id(db, r["id"], 2))[-2:] == [
+        ("waiting", "held", "claim", "quiet_hours"),
+        ("held", "not_needed", "route", "step_1_delivered"),
+    ]
+    db.execute("update notify.notification_deliveries set due_at = now() - interval '1 second' where request_id = %s", (r["id"],))
+    assert claim(db, "email") == []
+
+
+def test_a_route_step_held_by_quiet_hours_starts_no_timer(db, ready):
+    """Step 1 held by quiet hours is not sent: the next step's within timer does not start (it stays waiting, untimed),
+    so the fallback is not sent in the quiet hours instead of the held first choice."""
+    from tests.sql.test_route_progress import routed, steps
+
+    start, finish, ends = window_around_now(db)
+    set_quiet(db, ready, {"start": start, "end": finish})
+    r = routed(db, ready)
+    assert claim(db, "whatsapp") == []
+    assert steps(db, r["id"]) == [(1, "held", "quiet_hours", "later"), (2, "waiting", None, "never")]
+
+
+def test_changing_or_removing_the_quiet_hours_releases_what_they_held(db, ready):
+    """A tenant that set the wrong window (every daytime message held until the evening) and corrects it, or removes
+    its quiet hours, must not still wait for the old window's end: what they held is due at once and the claim decides
+    again under the new settings (held again if the new window still covers it)."""
+    start, finish, ends = window_around_now(db)
+    set_quiet(db, ready, {"start": start, "end": finish})
+    held = [submit(db, ready, intent(channels=["email"]))[0]["deliveries"][0]["id"] for _ in range(2)]
+    assert claim(db, "email") == []
+    assert {delivery(db, d)[:2] for d in held} == {("held", "quiet_hours")}
+    # Still inside the new window: held again, until the new end.
+    start2, finish2, ends2 = window_around_now(db, before="2 hours", after="30 minutes")
+    set_quiet(db, ready, {"start": start2, "end": finish2})
+    assert claim(db, "email") == []
+    assert {delivery(db, d)[:3] for d in held} == {("held", "quiet_hours", ends2)}
+    # Removed: sent now.
+    call(db, "notify_api.delete_quiet_hours_v1(%s)", ready)
+    assert sorted(str(r[1]) for r in claim(db, "email")) == sorted(held)
+
+
+def test_changing_the_caps_releases_what_a_holding_cap_held(db, ready):
+    from tests.sql.test_frequency_caps import send_email, set_caps
+
+    set_caps(db, ready, {"max": 1, "period": "P1D", "action": "hold"})
+    send_email(db, ready)
+    assert len(claim(db, "email")) == 1
+    [second] = send_email(db, ready)
+    assert claim(db, "email") == []
+    assert delivery(db, second)[:2] == ("held", "frequency_cap")
+    set_caps(db, ready, {"max": 2, "period": "P1D", "action": "hold"})
+    assert [str(r[1]) for r in claim(db, "email")] == [second]

@@ -47,6 +47,9 @@ def deliveries(db: psycopg.Connection, request_id: str) -> list[tuple]:
         ({"route": [{"channel": "email", "within": "PT1M"}, {"channel": "email"}]}, "route[1].channel", "duplicate_channel"),
         ({"route": [{"channel": "whatsapp", "until": "opened"}, {"channel": "email"}]}, "route[0].until", "invalid_value"),
         ({"route": [{"channel": "whatsapp", "until": 1}, {"channel": "email"}]}, "route[0].until", "invalid_value"),
+        # e-mail reports no reads (an open is a flag, not a status): a later step would wait for it forever, or
+        # always follow after within
+        ({"route": [{"channel": "email", "until": "read"}, {"channel": "sms"}]}, "route[0].until", "invalid_value"),
         (
             {"route": [{"channel": "whatsapp", "within": "15 minutes"}, {"channel": "email"}]},
             "route[0].within",
