@@ -61,7 +61,9 @@ def test_bad_settings_are_problems_naming_the_field(client):
     is_problem(client.put("/internal/frequency-caps", json={"caps": [{"max": 1, "period": "P40D"}]}), 422, "caps[0].period")
     is_problem(client.put("/internal/frequency-caps", json={"caps": [{"max": 1, "period": "1 day"}]}), 400, "caps[0].period")
     # a period too long for an interval: 422 naming it, not a 500
-    is_problem(client.put("/internal/frequency-caps", json={"caps": [{"max": 1, "period": "P99999999999999D"}]}), 422, "caps[0].period")
+    is_problem(
+        client.put("/internal/frequency-caps", json={"caps": [{"max": 1, "period": "P99999999999999D"}]}), 422, "caps[0].period"
+    )
     is_problem(client.put("/internal/frequency-caps", json={"caps": [{"max": 0, "period": "P1D"}]}), 400)
     is_problem(client.put("/internal/frequency-caps", json={"limit": 3}), 400)
     assert client.get("/internal/quiet-hours").json()["default"] is True

@@ -265,7 +265,8 @@ def test_many_caps_read_a_recipients_sends_once(db, ready):
     scans = "select pg_stat_get_xact_numscans('notify.policy_sends_pkey'::regclass)"
     before = db.execute(scans).fetchone()[0]
     decision = db.execute(
-        "select decision, detail from notify._policy_decision(%s, %s, 'email', null, 'mock', null, null, now())", (ready, recipient)
+        "select decision, detail from notify._policy_decision(%s, %s, 'email', null, 'mock', null, null, now())",
+        (ready, recipient),
     ).fetchone()
     assert decision == ("send", {})
     assert db.execute(scans).fetchone()[0] - before <= 1

@@ -435,7 +435,9 @@ def test_a_fanout_with_policies_asks_for_one_decision_per_time_zone_not_per_reci
     calls of notify._preview_policy in this transaction, not timed; a recipient with sends still gets its own."""
     from tests.conftest import claim
 
-    call(db, "notify_api.set_frequency_caps_v1(%s, %s)", ready, Jsonb({"caps": [{"max": 1, "period": "P1D", "channel": "email"}]}))
+    call(
+        db, "notify_api.set_frequency_caps_v1(%s, %s)", ready, Jsonb({"caps": [{"max": 1, "period": "P1D", "channel": "email"}]})
+    )
     submit(db, ready, intent(channels=["email"]))
     call(db, "notify_api.delete_quiet_hours_v1(%s)", ready)  # off for the claim
     assert len(claim(db, "email")) == 1  # runner-42 has a counted e-mail
@@ -447,7 +449,8 @@ def test_a_fanout_with_policies_asks_for_one_decision_per_time_zone_not_per_reci
         {"ref": f"r{i}", "addresses": {"email": f"r{i}@example.com"}, **({"timezone": "Pacific/Auckland"} if i % 2 else {})}
         for i in range(40)
     ]
-    calls = "select coalesce(pg_stat_get_xact_function_calls('notify._preview_policy(uuid, uuid, notify.channel, text, text, text, timestamptz, timestamptz, text)'::regprocedure), 0)"
+    signature = "notify._preview_policy(uuid, uuid, notify.channel, text, text, text, timestamptz, timestamptz, text)"
+    calls = f"select coalesce(pg_stat_get_xact_function_calls('{signature}'::regprocedure), 0)"
     before = db.execute(calls).fetchone()[0]
     answer = preview(db, ready, body)
     # (whatsapp: no address for the new ones, and runner-42's; e-mail: runner-42, UTC and Auckland)
