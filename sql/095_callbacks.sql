@@ -98,10 +98,11 @@ as $$
         'notification_id', c.request_id, 'delivery_id', c.id, 'sequence', c.seq, 'channel', c.channel,
         'status', c.status, 'previous_status', p_previous, 'reason', coalesce(c.reason, c.last_error_code),
         'attempt', nullif(c.attempt, 0), 'provider', c.provider, 'provider_message_id', c.provider_message_id,
-        'metadata', nullif(r.metadata, '{}'::jsonb), 'http_request_id', r.http_request_id, 'test', case when c.test then true end)))
+        'metadata', nullif(r.metadata, '{}'::jsonb), 'http_request_id', r.http_request_id, 'test', case when c.test then true end,
+        'step', c.route_step)))
 $$;
 comment on function notify._callback_event(notify.notification_deliveries, notify.delivery_status, notify.notification_requests) is
-    'The Standard Webhooks payload of one delivery status change: ids, sequence, channel, status and reason, the request''s metadata, "test": true for a test delivery. No address, no content.';
+    'The Standard Webhooks payload of one delivery status change: ids, sequence, channel, status and reason, the request''s metadata, "test": true for a test delivery, the route step (step) of a routed request. No address, no content.';
 
 create function notify._callback_json(e notify.callback_endpoints, p_secret text)
     returns jsonb

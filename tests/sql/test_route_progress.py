@@ -422,3 +422,22 @@ def test_race_the_retry_claimed_first_goes_out_and_no_claim_waits(db, ready, con
     wa_worker.commit()
     assert [s[:2] for s in steps(db, r["id"])] == [(1, "sending"), (2, "sending")]
     assert db.execute("select attempt from notify.notification_deliveries where id = %s", (row[1],)).fetchone()[0] == 2
+
+
+def test_status_callbacks_name_the_route_step(db, ready):
+    """A receiver sees how the route went: each status callback of a routed delivery carries its step."""
+    from tests.sql.callbacks import configure
+
+    configure(db, ready)
+    plain = submit(db, ready, intent(channels=["email"]))[0]
+    request = routed(db, ready)
+    got = db.execute(
+        "select payload -> 'data' ->> 'channel', payload -> 'data' ->> 'status', payload -> 'data' -> 'step'"
+        " from notify.callback_messages where notification_id = %s order by delivery_id, seq",
+        (request["id"],),
+    ).fetchall()
+    assert got == [("whatsapp", "queued", 1), ("email", "waiting", 2)]
+    unrouted = db.execute(
+        "select payload -> 'data' from notify.callback_messages where notification_id = %s", (plain["id"],)
+    ).fetchone()[0]
+    assert "step" not in unrouted
