@@ -175,7 +175,9 @@ begin
                lease_expires_at = case when x.final_status = 'sending' then now() + make_interval(secs => p_lease_seconds) end,
                reason = case when (x.policy).decision <> 'send' then (x.policy).reason
                              else case x.next_status when 'expired' then 'expired_before_send' when 'suppressed' then 'no_consent'
-                                                     when 'failed' then 'outside_customer_service_window' else d.reason end end,
+                                                     when 'failed' then 'outside_customer_service_window'
+                                                     -- the hold is over: its reason no longer says why (the history does)
+                                                     else case when d.status = 'held' then null else d.reason end end end,
                due_at = case when (x.policy).decision = 'hold' then (x.policy).until else d.due_at end
           from final x
          where d.tenant_id = x.tenant_id and d.id = x.id
