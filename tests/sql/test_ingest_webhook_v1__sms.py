@@ -195,3 +195,26 @@ def test_an_sms_template_that_needs_ucs2_or_segments_is_saved_with_warnings(db, 
     assert [w["code"] for w in both["warnings"]] == ["sms_ucs2", "sms_segments"]
     [wa] = call(db, "notify_api.upsert_template_v1(%s, 'w', %s)", tenant, Jsonb({"channels": {"whatsapp": {"text": "中"}}}))
     assert "warnings" not in wa
+
+
+def test_erasure_reaches_an_ordinary_inbound_sms_and_only_the_tenants_own(db, sms):
+    """An inbound SMS that is no keyword cites no consent entry; its stored payload (Twilio's form: From, To, Body)
+    still holds the recipient's phone and words, so erasure wipes it, as it does for WhatsApp, by the tenant's number.
+    Another tenant's message from the same phone to its own number stays."""
+    ingest = (
+        "select notify_api.ingest_webhook_v1('twilio', %s, %s, '{}',"
+        " array(select r from jsonb_populate_recordset(null::notify.inbound_message, %s) r))"
+    )
+
+    def receive(to: str, body: str) -> None:
+        sid = f"SM{uuid.uuid4().hex}"
+        row = {"phone_number_id": to, "sender": PHONE, "message_id": sid, "text": body, "received_at": "2026-12-01T10:00:00Z"}
+        form = {"MessageSid": sid, "From": PHONE, "To": to, "Body": body}
+        db.execute(ingest, (f"inbound:{sid}", Jsonb(form), Jsonb([row])))
+
+    receive(NUMBER, "running late, save me a spot")
+    receive("+15005550009", "a message to another club")  # no tenant has this number: unmatched, not ours
+    call(db, "notify_api.erase_recipient_v1(%s, 'runner-42', 'test')", sms)
+    payloads = [r[0] for r in db.execute("select payload from notify.webhook_events where provider = 'twilio' order by id")]
+    assert payloads[0] == {"erased": True}
+    assert payloads[1]["Body"] == "a message to another club"
