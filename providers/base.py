@@ -134,6 +134,9 @@ class ProviderContext:
     take_tokens: Callable[[str, float, int], Awaitable[int]]
     record_mock: Callable[[list[dict[str, Any]]], Awaitable[None]]
     settings: ProviderSettings
+    # Each channel's rules as the database states them ({channel: {has_read, resend_after_ambiguous, ...}}:
+    # notify_api.channel_rules_v1, sql/015 notify._channel_rules), filled by the worker before its first claim.
+    channel_rules: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 class ConfigurationError(Exception):

@@ -16,7 +16,7 @@ import logging
 import random
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -110,8 +110,12 @@ class MockProvider:
         outcomes: dict[str, str] | None = None,
         record_messages: bool = True,
         test: bool = False,
+        channel_rules: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.test = test  # serves test deliveries (a test key's): the metrics say so
+        # Each channel's rules as the database states them (notify_api.channel_rules_v1, loaded by the worker): a read is
+        # reported only on a channel that has reads.
+        self._channel_rules = channel_rules if channel_rules is not None else {}
         self._record = record
         self._url = webhook_url
         self._secret = webhook_secret
@@ -188,7 +192,7 @@ class MockProvider:
             return
         if script == "async_failed":
             statuses = ["sent", "failed"]
-        elif script == "delivered" or message.channel == "email":
+        elif script == "delivered" or not self._channel_rules.get(message.channel, {}).get("has_read", False):
             statuses = ["sent", "delivered"]
         else:
             statuses = ["sent", "delivered", "read"]

@@ -35,6 +35,7 @@ def provider_for(name: str, config: dict[str, Any] | None, ctx: ProviderContext)
         outcomes=s.mock_outcomes,
         record_messages=s.mock_record,
         test=bool(config.get("test")),  # the claim's config of a test delivery (sql/080_api_worker.sql)
+        channel_rules=ctx.channel_rules,
     )
 
 

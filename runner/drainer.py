@@ -30,6 +30,7 @@ RECORD = (
 )
 RECORD_MOCK = "select notify_api.record_mock_messages_v1(%(messages)s)"
 TAKE_TOKENS = "select notify_api.take_tokens_v1(%(key)s, %(rate)s, %(wanted)s) as granted"
+CHANNEL_RULES = "select notify_api.channel_rules_v1() as rules"
 
 _to_builtins = msgspec.to_builtins
 
@@ -148,7 +149,8 @@ class DeliveryDrainer:
                 sent = await provider.send_many(messages)
         except Exception as exc:  # the provider itself broke: we cannot know what left us
             log.exception("provider crashed", extra={"channel": channel, "provider": provider.name})
-            outcome = "retry" if channel == "email" else "unknown"
+            # Resent only where a duplicate is acceptable (the channel's rules: e-mail); elsewhere unknown, never resent.
+            outcome = "retry" if self.ctx.channel_rules.get(channel, {}).get("resend_after_ambiguous") else "unknown"
             sent = [
                 SendResult(
                     outcome=outcome, provider=provider.name, error_code="provider_exception", error_message=type(exc).__name__
@@ -191,6 +193,9 @@ class DeliveryDrainer:
         running: set[asyncio.Task[None]] = set()
         counts: dict[str, int] = {}
         idle_since: float | None = None
+        if not self.ctx.channel_rules:  # once per process: the rules change only with a migration
+            row = await self.connector.execute_query_one_async(CHANNEL_RULES)
+            self.ctx.channel_rules.update(row["rules"])
 
         async def run(rows: list[dict[str, Any]]) -> None:
             nonlocal free

@@ -40,6 +40,19 @@ create type notify.consent_policy as enum ('opt_in', 'opt_out');
 comment on type notify.consent_policy is
     'opt_in: suppressed unless granted (WhatsApp, SMS default). opt_out: allowed unless revoked (e-mail default).';
 
+-- What is special about a channel, in one place: notify._channel_rules (sql/015_pure_helpers.sql) gives each channel's
+-- row, and every rule that differs by channel reads it there (docs/architecture.md, "One place per channel").
+create type notify.channel_rules as (
+    default_policy notify.consent_policy,  -- consent when the tenant set no policy for the channel
+    resend_after_ambiguous boolean,        -- a send whose outcome is unknown (a crash, an expired lease) goes again
+    has_read boolean,                      -- the channel reports reads (a `read` status exists)
+    failure_beats_delivery boolean,        -- a failure reported after `delivered` wins (a bounce); else delivered wins
+    address_kind text,                     -- the address format: email, e164 or e164_or_bsuid (notify._address_valid)
+    unknown_deadline_seconds integer       -- how long `unknown` waits for a report when the tenant set no deadline
+);
+comment on type notify.channel_rules is
+    'The rules that differ by channel (notify._channel_rules): default consent policy, resend after an ambiguous outcome, whether read exists, how a late failure ranks against delivered, the address format, how long unknown lasts.';
+
 create type notify.attempt_result as (
     tenant_id uuid,
     delivery_id uuid,

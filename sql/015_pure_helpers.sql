@@ -46,22 +46,40 @@ $$;
 comment on function notify._uuidv7() is
     'A time-ordered UUID (RFC 9562 version 7: 48-bit Unix milliseconds, then random bits) on PostgreSQL 16 and later alike (18''s uuidv7() is not there before). New rows of a table keyed by it land at the right edge of its indexes instead of anywhere in them.';
 
+create function notify._channel_rules(p_channel notify.channel)
+    returns notify.channel_rules
+    language sql
+    immutable
+    -- inlinable: no SET clause (see docs/architecture.md, "Hot helpers are inlined"); each row folds to a constant
+as $$
+    -- One row per channel: a new channel is one enum value (sql/010_types.sql) and one line here.
+    --                                          policy     resend  read   late failure  address          unknown for
+    select case p_channel
+        when 'email'    then row('opt_out', true,  false, true,  'email',         86400)::notify.channel_rules
+        when 'whatsapp' then row('opt_in',  false, true,  false, 'e164_or_bsuid', 604800)::notify.channel_rules
+        when 'sms'      then row('opt_in',  false, false, false, 'e164',          604800)::notify.channel_rules
+    end
+$$;
+comment on function notify._channel_rules(notify.channel) is
+    'What is special about each channel (notify.channel_rules), in one place: e-mail is opt-out, resent after an ambiguous outcome (a duplicate e-mail is acceptable), has no reads, lets a bounce after delivered win, and an unknown lasts a day; WhatsApp and SMS are opt-in, never resent after an ambiguous outcome, delivered beats a late failure, an unknown lasts 7 days; only WhatsApp reports reads and takes business-scoped user ids.';
+
 create function notify._address_valid(p_channel notify.channel, p_address text)
     returns boolean
     language sql
     immutable
     -- inlinable: no SET clause (see docs/architecture.md, "Hot helpers are inlined")
 as $$
-    select case p_channel
+    select case (notify._channel_rules(p_channel)).address_kind
         -- No counted repetition ({1,64}) inside the pattern: it makes Postgres' regex engine 20x slower; lengths are checked apart.
         when 'email' then p_address ~ '^[A-Za-z0-9.!#$%&''*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$'
                           and length(p_address) <= 254 and strpos(p_address, '@') <= 65
-        when 'whatsapp' then p_address ~ '^\+[1-9][0-9]{6,14}$' or notify._is_bsuid(p_address)
-        else p_address ~ '^\+[1-9][0-9]{6,14}$'
+        when 'e164_or_bsuid' then p_address ~ '^\+[1-9][0-9]{6,14}$' or notify._is_bsuid(p_address)
+        when 'e164' then p_address ~ '^\+[1-9][0-9]{6,14}$'
+        else false
     end
 $$;
 comment on function notify._address_valid(notify.channel, text) is
-    'E.164 (+ and 7 to 15 digits) for whatsapp and sms, or a business-scoped user id for whatsapp (notify._is_bsuid); a practical RFC 5322 addr-spec subset for email.';
+    'Whether an address has its channel''s format (notify._channel_rules: address_kind): E.164 (+ and 7 to 15 digits) for whatsapp and sms, or a business-scoped user id for whatsapp (notify._is_bsuid); a practical RFC 5322 addr-spec subset for email.';
 
 create function notify._default_policy(p_channel notify.channel)
     returns notify.consent_policy
@@ -69,9 +87,9 @@ create function notify._default_policy(p_channel notify.channel)
     immutable
     -- inlinable: no SET clause (see docs/architecture.md, "Hot helpers are inlined")
 as $$
-    select case p_channel when 'email' then 'opt_out'::notify.consent_policy else 'opt_in'::notify.consent_policy end
+    select (notify._channel_rules(p_channel)).default_policy
 $$;
-comment on function notify._default_policy(notify.channel) is 'Consent policy of a channel when the tenant has set none.';
+comment on function notify._default_policy(notify.channel) is 'Consent policy of a channel when the tenant has set none (notify._channel_rules).';
 
 create function notify._is_http_url(p_url text)
     returns boolean
@@ -109,7 +127,7 @@ as $$
         when 'sending' then 30
         when 'unknown' then 35
         when 'sent' then 40
-        when 'failed' then case when p_channel = 'email' then 70 else 45 end
+        when 'failed' then case when (notify._channel_rules(p_channel)).failure_beats_delivery then 70 else 45 end
         when 'delivered' then 50
         when 'read' then 60
         when 'bounced' then 70
@@ -122,7 +140,7 @@ as $$
     end
 $$;
 comment on function notify._rank(notify.channel, notify.delivery_status) is
-    'Monotonic rank used to apply provider reports in any order: a report applies only if it ranks higher. For WhatsApp/SMS a failed loses to delivered; for e-mail a bounce or failure beats delivered.';
+    'Monotonic rank used to apply provider reports in any order: a report applies only if it ranks higher. Where a late failure beats delivery (notify._channel_rules: e-mail) a bounce or failure beats delivered; elsewhere (WhatsApp, SMS) a failed loses to delivered.';
 
 create function notify._transition_allowed(p_channel notify.channel, p_from notify.delivery_status, p_to notify.delivery_status)
     returns boolean
@@ -138,13 +156,15 @@ as $$
         when 'sending' then p_to in ('queued', 'sent', 'delivered', 'read', 'failed', 'bounced', 'suppressed', 'unknown')
         when 'unknown' then p_to in ('queued', 'sent', 'delivered', 'read', 'failed', 'bounced')
         when 'sent' then p_to in ('delivered', 'read', 'failed', 'bounced', 'suppressed')
-        when 'delivered' then p_to = 'read' or (p_to = 'bounced' and p_channel = 'email')
-        when 'failed' then p_to in ('delivered', 'read') and p_channel <> 'email'
+        when 'delivered' then p_to = 'read' or (p_to = 'bounced' and (notify._channel_rules(p_channel)).failure_beats_delivery)
+        when 'failed' then p_to in ('delivered', 'read') and not (notify._channel_rules(p_channel)).failure_beats_delivery
         else false
     end
+    -- only a channel that reports reads reaches read (notify._channel_rules)
+    and (p_to <> 'read' or (notify._channel_rules(p_channel)).has_read)
 $$;
 comment on function notify._transition_allowed(notify.channel, notify.delivery_status, notify.delivery_status) is
-    'The delivery state machine: the only legal status changes. Enforced by trigger _100_check_transition.';
+    'The delivery state machine: the only legal status changes (read only on a channel that has reads; a late failure after delivered only where it beats delivery, notify._channel_rules). Enforced by trigger _100_check_transition.';
 
 create function notify._template_variables(p_content jsonb)
     returns text[]
@@ -328,6 +348,27 @@ comment on function notify._secret_refs_valid(jsonb) is
     'True if every value is a secret reference (env:NAME or file:/absolute/path), so a secret itself can never be stored.';
 
 -- Fallback routes and priority (issue #14, migration 0034): read by notify._parse_submission.
+create function notify._parse_iso_duration(p_text text)
+    returns interval
+    language sql
+    immutable
+    strict
+    set search_path = pg_catalog, pg_temp
+as $$
+    -- Weeks, days, hours, minutes and seconds only: a year or a month has no fixed length. A part of more than 9 digits
+    -- is far past every bound its callers set (and would overflow make_interval's integers): it comes back as 100,000
+    -- days, which every caller refuses as too long, rather than as an error of its own.
+    select case when x.m is null or length(p_text) > 40 or p_text in ('P', 'PT') or right(p_text, 1) = 'T' then null
+                when greatest(length(x.m[1]), length(x.m[2]), length(x.m[3]), length(x.m[4]),
+                              length(split_part(replace(x.m[5], ',', '.'), '.', 1))) > 9 then interval '100000 days'
+                else make_interval(weeks => coalesce(x.m[1], '0')::integer, days => coalesce(x.m[2], '0')::integer,
+                                   hours => coalesce(x.m[3], '0')::integer, mins => coalesce(x.m[4], '0')::integer,
+                                   secs => coalesce(replace(x.m[5], ',', '.'), '0')::double precision) end
+      from regexp_match(p_text, '^P(?:([0-9]+)W)?(?:([0-9]+)D)?(?:T(?:([0-9]+)H)?(?:([0-9]+)M)?(?:([0-9]+(?:[.,][0-9]+)?)S)?)?$') as x(m)
+$$;
+comment on function notify._parse_iso_duration(text) is
+    'The one ISO 8601 duration parser: weeks, days, hours, minutes and seconds (PT15M, PT1H30M, P1D, PT1.5S) as an interval; null for anything else (years, months, junk, an empty P or PT). Callers raise their own errors and set their own bounds (a route''s within, a frequency cap''s period).';
+
 create function notify._duration_field(p_value jsonb, p_path text)
     returns interval
     language plpgsql
@@ -335,8 +376,6 @@ create function notify._duration_field(p_value jsonb, p_path text)
     set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v text;
-    m text[];
     v_interval interval;
 begin
     if p_value is null or jsonb_typeof(p_value) = 'null' then
@@ -345,22 +384,12 @@ begin
     if jsonb_typeof(p_value) <> 'string' then
         perform notify._raise('ND400', 'invalid_type', format('%s must be an ISO 8601 duration such as PT15M', p_path), p_path);
     end if;
-    v := p_value #>> '{}';
-    -- Weeks, days, hours, minutes and seconds only: a year or a month has no fixed length.
-    m := regexp_match(v, '^P(?:([0-9]+)W)?(?:([0-9]+)D)?(?:T(?:([0-9]+)H)?(?:([0-9]+)M)?(?:([0-9]+(?:[.,][0-9]+)?)S)?)?$');
-    if m is null or length(v) > 40 or v in ('P', 'PT') or right(v, 1) = 'T' then
+    v_interval := notify._parse_iso_duration(p_value #>> '{}');
+    if v_interval is null then
         perform notify._raise('ND400', 'invalid_duration',
             format('%s must be an ISO 8601 duration of weeks, days, hours, minutes and seconds (PT15M, PT1H30M, P1D); years and months are not accepted', p_path),
             p_path);
     end if;
-    -- More than 9 digits in a part is more than 30 days anyway (and would overflow an integer): no exception block,
-    -- which would cost a subtransaction per call.
-    if greatest(length(m[1]), length(m[2]), length(m[3]), length(m[4]), length(split_part(replace(m[5], ',', '.'), '.', 1))) > 9 then
-        perform notify._raise('ND400', 'invalid_duration', format('%s must be at most 30 days (P30D)', p_path), p_path);
-    end if;
-    v_interval := make_interval(weeks => coalesce(m[1], '0')::integer, days => coalesce(m[2], '0')::integer,
-                                hours => coalesce(m[3], '0')::integer, mins => coalesce(m[4], '0')::integer,
-                                secs => coalesce(replace(m[5], ',', '.'), '0')::double precision);
     if v_interval <= interval '0' then
         perform notify._raise('ND400', 'invalid_duration', format('%s must be longer than zero', p_path), p_path);
     end if;
@@ -430,12 +459,12 @@ begin
            or v_until not in ('sent', 'delivered', 'read') then
             perform notify._raise('ND400', 'invalid_value', format('%s.until must be one of sent, delivered, read', v_path), v_path || '.until');
         end if;
-        -- E-mail reports no reads (an open is a flag, not a status): a step waiting for one would keep the next step
-        -- waiting until the route expires, or always send it after within.
-        if v_channel = 'email' and v_until = 'read' and i < v_n - 1 then
+        -- E-mail and SMS report no reads (an e-mail open is a flag, not a status; notify._channel_rules): a step waiting
+        -- for one would keep the next step waiting until the route expires, or always send it after within.
+        if v_until = 'read' and not (notify._channel_rules(v_channel)).has_read and i < v_n - 1 then
             perform notify._raise('ND400', 'invalid_value',
-                format('%s.until: e-mail never reports read (an open is not a status), so the next step would always follow; use sent or delivered', v_path),
-                v_path || '.until');
+                format('%s.until: %s never reports read (an e-mail open is not a status), so the next step would always follow; use sent or delivered',
+                       v_path, v_channel), v_path || '.until');
         end if;
         perform notify._duration_field(v_step -> 'within', v_path || '.within');
         if i = v_n - 1 and jsonb_typeof(v_step -> 'within') is distinct from 'null' and v_step ? 'within' then

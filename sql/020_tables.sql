@@ -65,6 +65,42 @@ create table notify.channel_policies (
 comment on table notify.channel_policies is
     'Per-tenant consent policy of a channel. Missing row: opt_in for whatsapp and sms, opt_out for email (notify._default_policy).';
 
+-- The provider kinds, in one place: which channel each serves and what a tenant may configure of it. A new provider is
+-- one row here (in its migration), its Python module (providers/) and its per-kind checks in
+-- notify_api.set_channel_provider_v1, if it has any beyond these.
+create table notify.provider_kinds (
+    name text not null,
+    channel notify.channel not null,
+    settings_keys text[] not null default '{}',
+    secret_keys text[] not null default '{}',
+    required text[] not null default '{}',
+    defaults jsonb not null default '{}',
+    primary key (name, channel),
+    constraint provider_kinds_required check (array_to_string(required, ',') ~ '^((settings|secrets)\.[a-z_]+(,|$))*$')
+);
+comment on table notify.provider_kinds is
+    'Which provider serves which channel (one row per pair; the mock serves every channel), the settings and secret references a tenant may give it, which of them are required (settings.x / secrets.y), and its default settings (merged under the tenant''s).';
+insert into notify.provider_kinds (name, channel, settings_keys, secret_keys, required, defaults) values
+    ('mock', 'whatsapp', '{}', '{}', '{}', '{}'),
+    ('mock', 'email', '{}', '{}', '{}', '{}'),
+    ('mock', 'sms', '{}', '{}', '{}', '{}'),
+    ('whatsapp_cloud', 'whatsapp',
+     '{phone_number_id,api_version,base_url,rate_per_second,timeout_seconds,opt_out_keywords,waba_id}', '{access_token}',
+     '{settings.phone_number_id,secrets.access_token}',
+     '{"api_version": "v22.0", "base_url": "https://graph.facebook.com", "rate_per_second": 80, "timeout_seconds": 15,
+       "opt_out_keywords": ["STOP", "BAJA", "UNSUBSCRIBE", "CANCELAR"]}'),
+    ('smtp', 'email',
+     '{host,port,security,username,from_address,from_name,timeout_seconds,validate_certs,esp,transactional_categories,max_connections,public_url}',
+     '{password}', '{settings.host,settings.from_address}',
+     '{"port": 587, "security": "starttls", "timeout_seconds": 30, "validate_certs": true,
+       "transactional_categories": ["transactional"], "max_connections": 8}'),
+    -- The auth token even with an API key: Twilio signs its webhooks with it. Twilio's own opt-out, opt-in and help
+    -- keywords are always matched (notify._sms_keyword); the defaults' lists are the tenant's extra ones.
+    ('twilio', 'sms',
+     '{account_sid,api_key_sid,from_number,messaging_service_sid,base_url,rate_per_second,timeout_seconds,validity_period,opt_out_keywords,opt_in_keywords}',
+     '{auth_token,api_key_secret}', '{settings.account_sid,secrets.auth_token}',
+     '{"base_url": "https://api.twilio.com", "rate_per_second": 10, "timeout_seconds": 15, "opt_out_keywords": [], "opt_in_keywords": []}');
+
 create table notify.channel_providers (
     tenant_id uuid not null references notify.tenants (id),
     channel notify.channel not null,
@@ -73,9 +109,7 @@ create table notify.channel_providers (
     secrets jsonb not null default '{}',
     updated_at timestamptz not null default now(),
     primary key (tenant_id, channel),
-    constraint channel_providers_known check (
-        (provider = 'mock') or (provider = 'whatsapp_cloud' and channel = 'whatsapp') or (provider = 'smtp' and channel = 'email')
-        or (provider = 'twilio' and channel = 'sms')),
+    constraint channel_providers_kind foreign key (provider, channel) references notify.provider_kinds (name, channel),
     constraint channel_providers_secret_refs check (notify._secret_refs_valid(secrets))
 );
 comment on table notify.channel_providers is

@@ -9,7 +9,8 @@ create function notify._address_hash(p_channel notify.channel, p_address text)
 as $$
     -- HMAC-SHA256 (RFC 2104) with the server's key: H((K ^ opad) || H((K ^ ipad) || m)); e-mail addresses lower-cased.
     select pg_catalog.sha256(k.outer_pad || pg_catalog.sha256(k.inner_pad || pg_catalog.convert_to(
-               p_channel::text || ':' || case when p_channel = 'email' then pg_catalog.lower(p_address) else p_address end, 'UTF8')))
+               p_channel::text || ':' || case when (notify._channel_rules(p_channel)).address_kind = 'email' then pg_catalog.lower(p_address)
+                                            else p_address end, 'UTF8')))
       from notify.address_hash_key k
 $$;
 comment on function notify._address_hash(notify.channel, text) is

@@ -78,28 +78,6 @@ $$;
 comment on function notify._host_public(text) is
     'True if a host name or IP literal may be a tenant''s provider endpoint without a private_endpoints grant (syntax only; the worker checks the resolved addresses).';
 
-create function notify._provider_defaults(p_provider text)
-    returns jsonb
-    language sql
-    immutable
-    set search_path = pg_catalog, pg_temp
-as $$
-    select case p_provider
-        when 'whatsapp_cloud' then jsonb_build_object(
-            'api_version', 'v22.0', 'base_url', 'https://graph.facebook.com', 'rate_per_second', 80,
-            'timeout_seconds', 15, 'opt_out_keywords', jsonb_build_array('STOP', 'BAJA', 'UNSUBSCRIBE', 'CANCELAR'))
-        when 'smtp' then jsonb_build_object(
-            'port', 587, 'security', 'starttls', 'timeout_seconds', 30, 'validate_certs', true,
-            'transactional_categories', jsonb_build_array('transactional'), 'max_connections', 8)
-        -- Twilio's own opt-out, opt-in and help keywords are always matched (notify._sms_keyword); these are the tenant's extra ones.
-        when 'twilio' then jsonb_build_object(
-            'base_url', 'https://api.twilio.com', 'rate_per_second', 10, 'timeout_seconds', 15,
-            'opt_out_keywords', '[]'::jsonb, 'opt_in_keywords', '[]'::jsonb)
-        else '{}'::jsonb
-    end
-$$;
-comment on function notify._provider_defaults(text) is 'Default settings of each provider, merged under what a tenant sets.';
-
 create function notify_api.set_channel_provider_v1(p_tenant_id uuid, p_channel notify.channel, p_body jsonb)
     returns jsonb
     language plpgsql
@@ -110,8 +88,7 @@ declare
     v_provider text;
     v_settings jsonb;
     v_secrets jsonb;
-    v_allowed text[];
-    v_required text[];
+    v_kind notify.provider_kinds;
     v_key text;
     v_ref text;
     v_grant notify.provider_grants;
@@ -122,29 +99,21 @@ begin
     select * into v_grant from notify.provider_grants g where g.tenant_id = p_tenant_id;
     perform notify._check_keys(p_body, array['provider', 'settings', 'secrets'], '');
     v_provider := notify._text_field(p_body, 'provider', '', true, 40);
-    if v_provider not in ('mock', 'whatsapp_cloud', 'smtp', 'twilio')
-       or (v_provider = 'whatsapp_cloud' and p_channel <> 'whatsapp') or (v_provider = 'smtp' and p_channel <> 'email')
-       or (v_provider = 'twilio' and p_channel <> 'sms') then
+    select * into v_kind from notify.provider_kinds k where k.name = v_provider and k.channel = p_channel;
+    if v_kind.name is null then
         perform notify._raise('ND422', 'invalid_provider',
-            format('provider %s cannot serve %s (mock: any channel; whatsapp_cloud: whatsapp; smtp: email; twilio: sms)', v_provider, p_channel), 'provider');
+            format('provider %s cannot serve %s (%s)', v_provider, p_channel,
+                   (select string_agg(format('%s: %s', k.name, k.channels), '; ' order by k.name)
+                      from (select name, string_agg(channel::text, ', ' order by channel) as channels
+                              from notify.provider_kinds group by name) k)), 'provider');
     end if;
     v_settings := coalesce(p_body -> 'settings', '{}');
     v_secrets := coalesce(p_body -> 'secrets', '{}');
     if jsonb_typeof(v_settings -> 'phone_number_id') = 'number' then  -- an id, whatever JSON type it came as
         v_settings := v_settings || jsonb_build_object('phone_number_id', v_settings ->> 'phone_number_id');
     end if;
-    v_allowed := case v_provider
-        when 'whatsapp_cloud' then array['phone_number_id', 'api_version', 'base_url', 'rate_per_second', 'timeout_seconds', 'opt_out_keywords',
-                                         'waba_id']
-        when 'smtp' then array['host', 'port', 'security', 'username', 'from_address', 'from_name', 'timeout_seconds', 'validate_certs',
-                               'esp', 'transactional_categories', 'max_connections', 'public_url']
-        when 'twilio' then array['account_sid', 'api_key_sid', 'from_number', 'messaging_service_sid', 'base_url', 'rate_per_second',
-                                 'timeout_seconds', 'validity_period', 'opt_out_keywords', 'opt_in_keywords']
-        else array[]::text[] end;
-    perform notify._check_keys(v_settings, v_allowed, 'settings');
-    perform notify._check_keys(v_secrets, case v_provider when 'whatsapp_cloud' then array['access_token']
-                                                          when 'smtp' then array['password']
-                                                          when 'twilio' then array['auth_token', 'api_key_secret'] else array[]::text[] end, 'secrets');
+    perform notify._check_keys(v_settings, v_kind.settings_keys, 'settings');
+    perform notify._check_keys(v_secrets, v_kind.secret_keys, 'secrets');
     if not notify._secret_refs_valid(v_secrets) then
         select k into v_key from jsonb_each(v_secrets) e(k, v) where not notify._secret_refs_valid(jsonb_build_object(k, v)) limit 1;
         perform notify._raise('ND422', 'invalid_secret_reference',
@@ -160,11 +129,7 @@ begin
                 'secrets.' || v_key);
         end if;
     end loop;
-    v_required := case v_provider when 'whatsapp_cloud' then array['settings.phone_number_id', 'secrets.access_token']
-                                  when 'smtp' then array['settings.host', 'settings.from_address']
-                                  -- The auth token even with an API key: Twilio signs its webhooks with it.
-                                  when 'twilio' then array['settings.account_sid', 'secrets.auth_token'] else array[]::text[] end;
-    foreach v_key in array v_required loop
+    foreach v_key in array v_kind.required loop
         if jsonb_typeof(jsonb_build_object('settings', v_settings, 'secrets', v_secrets) #> string_to_array(v_key, '.')) is distinct from 'string' then
             perform notify._raise('ND400', 'missing_field', format('%s is required for %s', v_key, v_provider), v_key);
         end if;
@@ -263,7 +228,7 @@ begin
     end if;
 
     insert into notify.channel_providers as c (tenant_id, channel, provider, settings, secrets)
-    values (p_tenant_id, p_channel, v_provider, notify._provider_defaults(v_provider) || v_settings, v_secrets)
+    values (p_tenant_id, p_channel, v_provider, v_kind.defaults || v_settings, v_secrets)
     on conflict (tenant_id, channel) do update
         set provider = excluded.provider, settings = excluded.settings, secrets = excluded.secrets, updated_at = now();
     return (select p from jsonb_array_elements(notify_api.list_channel_providers_v1(p_tenant_id)) p where p ->> 'channel' = p_channel::text);

@@ -585,16 +585,11 @@ begin
             perform notify._raise('ND422', 'invalid_frequency_cap', format('%s.max must be 1 to 10000', v_path), v_path || '.max');
         end if;
         v_period := notify._text_field(v_cap, 'period', v_path, true, 32);
-        if v_period !~ '^P(?=\d|T\d)(\d+W)?(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+S)?)?$' then
+        v_interval := notify._parse_iso_duration(v_period);  -- the one parser (sql/015), a route's within's too
+        if v_interval is null then
             perform notify._raise('ND400', 'invalid_format', format('%s.period must be an ISO 8601 duration in weeks, days, hours, minutes or seconds (P1D, PT6H)', v_path),
                                   v_path || '.period');
         end if;
-        -- (a part of more than 7 digits is far past 31 days, and may be past what an interval holds: refused as such,
-        -- before the cast could fail with a database error)
-        if v_period ~ '\d{8}' then
-            perform notify._raise('ND422', 'invalid_frequency_cap', format('%s.period must be 1 second to 31 days', v_path), v_path || '.period');
-        end if;
-        v_interval := v_period::interval;
         if v_interval not between interval '1 second' and interval '31 days' then
             perform notify._raise('ND422', 'invalid_frequency_cap', format('%s.period must be 1 second to 31 days', v_path), v_path || '.period');
         end if;

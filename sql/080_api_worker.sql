@@ -332,11 +332,12 @@ declare
 begin
     perform notify._set_source('maintenance');
 
-    -- Crashed sends (lease past due): e-mail may be sent twice, so it goes back to the queue;
-    -- WhatsApp and SMS must not be, so they become unknown until a provider report says what happened.
-    -- An expired lease was an attempt: e-mail whose attempts are used up fails instead of being requeued forever.
+    -- Crashed sends (lease past due): a channel where a duplicate is acceptable (notify._channel_rules: e-mail) goes back
+    -- to the queue; WhatsApp and SMS must not be sent twice, so they become unknown until a provider report says what
+    -- happened. An expired lease was an attempt: a resend whose attempts are used up fails instead of being requeued forever.
     with stale as (
-        select d.tenant_id, d.id, d.attempt, d.channel, d.attempt >= t.retry_max_attempts as exhausted
+        select d.tenant_id, d.id, d.attempt, (notify._channel_rules(d.channel)).resend_after_ambiguous as resend,
+               d.attempt >= t.retry_max_attempts as exhausted
           from notify.notification_deliveries d
           join notify.tenants t on t.id = d.tenant_id
          where d.status = 'sending' and d.lease_expires_at < now()
@@ -347,12 +348,12 @@ begin
          where a.tenant_id = s.tenant_id and a.delivery_id = s.id and a.attempt = s.attempt and a.finished_at is null
     ), moved as (
         update notify.notification_deliveries d
-           set status = case when s.channel <> 'email' then 'unknown' when s.exhausted then 'failed' else 'queued' end::notify.delivery_status,
-               reason = case when s.channel <> 'email' then 'lease_expired' when s.exhausted then 'retries_exhausted' else d.reason end,
-               last_error_code = case when s.channel = 'email' then 'lease_expired' else d.last_error_code end,
-               last_error_message = case when s.channel = 'email' then format('attempt %s: the worker''s lease expired before it recorded an outcome', s.attempt)
+           set status = case when not s.resend then 'unknown' when s.exhausted then 'failed' else 'queued' end::notify.delivery_status,
+               reason = case when not s.resend then 'lease_expired' when s.exhausted then 'retries_exhausted' else d.reason end,
+               last_error_code = case when s.resend then 'lease_expired' else d.last_error_code end,
+               last_error_message = case when s.resend then format('attempt %s: the worker''s lease expired before it recorded an outcome', s.attempt)
                                          else d.last_error_message end,
-               due_at = case when s.channel = 'email' and not s.exhausted then now() else d.due_at end
+               due_at = case when s.resend and not s.exhausted then now() else d.due_at end
           from stale s
          where d.tenant_id = s.tenant_id and d.id = s.id
         returning d.status
@@ -388,3 +389,15 @@ end
 $$;
 comment on function notify_api.run_maintenance_v1() is
     'Periodic upkeep: expired leases, each counted as an attempt (email -> queued, or failed/retries_exhausted when the tenant''s retry_max_attempts are used up; whatsapp/sms -> unknown), deliveries past expires_at -> expired, unknown outcomes past their channel''s deadline -> failed (outcome_unknown_deadline; notify._finish_unknown_deliveries), the frequency caps'' ledger pruned (notify._prune_policy_sends), a wake-up for every channel with due work.';
+
+create function notify_api.channel_rules_v1()
+    returns jsonb
+    language sql
+    stable
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+    select jsonb_object_agg(c, to_jsonb(notify._channel_rules(c)) order by c) from unnest(enum_range(null::notify.channel)) c
+$$;
+comment on function notify_api.channel_rules_v1() is
+    'Each channel''s rules (notify._channel_rules), {channel: {default_policy, resend_after_ambiguous, has_read, failure_beats_delivery, address_kind, unknown_deadline_seconds}}: what the worker reads of them (the mock reports a read only where one exists; a provider that crashed mid-send is retried only where a duplicate is acceptable).';

@@ -10,10 +10,10 @@ create function notify._unknown_deadline_default(p_channel notify.channel)
 as $$
     -- A provider that accepted a message reports it within minutes, and retries its webhook for days (Meta: up to 7);
     -- past that, no report is coming.
-    select case p_channel when 'email' then 86400 else 604800 end
+    select (notify._channel_rules(p_channel)).unknown_deadline_seconds
 $$;
 comment on function notify._unknown_deadline_default(notify.channel) is
-    'Seconds a delivery may stay unknown when the tenant set no deadline for the channel: 7 days for WhatsApp and SMS, 1 day for e-mail.';
+    'Seconds a delivery may stay unknown when the tenant set no deadline for the channel (notify._channel_rules): 7 days for WhatsApp and SMS, 1 day for e-mail.';
 
 create function notify._finish_unknown_deliveries()
     returns integer

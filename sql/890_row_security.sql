@@ -4,7 +4,8 @@
 -- admits every row; nothing else has any privilege on these tables, so any other role sees nothing at all.
 -- Not tenant tables (no tenant_id): rate_buckets (per sender), webhook_events and webhook_event_keys (deduplicated
 -- before the tenant is known) and login_tenants (per database login, read by notify._enter before any tenant is
--- entered), and address_hash_key (the server's one HMAC key, sql/066_api_erasure.sql).
+-- entered), address_hash_key (the server's one HMAC key, sql/066_api_erasure.sql), and provider_kinds (the provider
+-- kinds every tenant shares, sql/020_tables.sql).
 -- Partitioned tables (sql/105_retention.sql) carry the policies on the parent, which every function reads and writes
 -- through; their partitions have none and no grant to any application role (only the owner names a partition: the
 -- partition maintenance, which moves a default partition's rows without the policies hiding them).

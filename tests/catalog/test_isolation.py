@@ -25,7 +25,8 @@ GLOBAL_UNIQUE = {
     "notification_deliveries_provider_message",
     "channel_providers_phone_number_id_key",
     "channel_providers_twilio_number_key",
-}  # a WhatsApp business number, a Twilio number belongs to one tenant (sql/020)
+    "channel_providers_kind",
+}  # a WhatsApp business number, a Twilio number belongs to one tenant; a provider is of a kind every tenant shares (sql/020)
 # Functions that see every tenant's rows (owned by notify_system): the worker, webhooks, key lookup, tenant creation.
 CROSS_TENANT = {
     "create_tenant_v1",
@@ -137,7 +138,7 @@ def violations(db: psycopg.Connection) -> list[str]:
            and not exists (select from pg_attribute a where a.attrelid = c.conrelid and a.attnum = any(c.conkey) and
              a.attname = 'tenant_id')
            and c.conrelid::regclass::text not in ('notify.rate_buckets', 'notify.webhook_event_keys', 'notify.login_tenants',
-                                                    'notify.address_hash_key')
+                                                    'notify.address_hash_key', 'notify.provider_kinds')
            and c.conrelid::regclass::text !~ '^notify[.]webhook_events(_default|_p[0-9]{8})?$'
         union all
         select i.indrelid::regclass::text, x.relname from pg_index i join pg_class x on x.oid = i.indexrelid
@@ -145,7 +146,7 @@ def violations(db: psycopg.Connection) -> list[str]:
            and not exists (select from pg_attribute a where a.attrelid = i.indrelid and a.attnum = any(i.indkey) and
              a.attname = 'tenant_id')
            and i.indrelid::regclass::text not in ('notify.rate_buckets', 'notify.webhook_event_keys', 'notify.login_tenants',
-                                                    'notify.address_hash_key')
+                                                    'notify.address_hash_key', 'notify.provider_kinds')
            and i.indrelid::regclass::text !~ '^notify[.]webhook_events(_default|_p[0-9]{8})?$'""")
         if r[1] not in GLOBAL_UNIQUE
     ]

@@ -131,6 +131,7 @@ def test_every_table_and_function_is_commented(db: psycopg.Connection) -> None:
 # private, SQL-language, not security definer, and name everything schema-qualified.
 INLINED = {
     "_address_valid",
+    "_channel_rules",
     "_consent",
     "_default_policy",
     "_find_candidates",

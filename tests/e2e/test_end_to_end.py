@@ -77,6 +77,43 @@ def test_submit_to_delivered_and_read_over_http(svc: Service) -> None:
     print(f"\nsubmit -> read in {elapsed:.2f}s")
 
 
+def test_the_mock_reports_a_read_only_where_the_channel_has_reads(svc: Service) -> None:
+    """The channel rules live in the database (notify._channel_rules); the worker reads them, and its mock reports
+    WhatsApp read but SMS only delivered (SMS has no reads)."""
+    with svc.client() as c:
+        assert (
+            c.post(
+                "/internal/recipients/runner-42/consents", json={"channel": "sms", "status": "granted", "source": "signup_form"}
+            ).status_code
+            == 201
+        )
+        body = intent(recipient={"ref": "runner-42", "addresses": {"whatsapp": "+34600111222", "sms": "+34600111222"}})
+        body["channels"] = ["whatsapp", "sms"]
+        accepted = c.post("/internal/notifications", json=body)
+        assert accepted.status_code == 202, accepted.text
+    done = svc.wait_for(accepted.json()["id"], lambda b: {d["status"] for d in b["deliveries"]} == {"read", "delivered"})
+    by_channel = {d["channel"]: d for d in done["deliveries"]}
+    assert (by_channel["whatsapp"]["status"], by_channel["sms"]["status"]) == ("read", "delivered")
+    with psycopg.connect(svc.db_url, autocommit=True) as conn:
+
+        def reported(delivery_id: str) -> list[str]:
+            return [
+                r[0]
+                for r in conn.execute(
+                    "select o ->> 'status' from notify.webhook_events w cross join lateral jsonb_array_elements(w.outcomes) o"
+                    " where o ->> 'delivery_id' = %s order by w.received_at",
+                    (delivery_id,),
+                )
+            ]
+
+        deadline = time.monotonic() + 10
+        while "read" not in reported(by_channel["whatsapp"]["id"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        # the mock scheduled both messages' reports together: the SMS's last one came before WhatsApp's read
+        assert sorted(reported(by_channel["sms"]["id"])) == ["delivered", "sent"]
+
+
 def test_failure_classes_end_in_their_documented_states(svc: Service) -> None:
     with psycopg.connect(svc.db_url, autocommit=True) as conn:
         call(conn, "notify_api.set_retry_policy_v1(%s, 3, 50, 200)", svc.tenant_id)

@@ -90,7 +90,8 @@ def test_a_secret_outside_the_grant_is_refused(db, tenant):
 
 
 def test_the_table_refuses_twilio_on_another_channel(db, tenant):
-    with pytest.raises(psycopg.errors.CheckViolation):
+    # notify.provider_kinds says which channel each provider serves; channel_providers references it
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
         db.execute(
             "insert into notify.channel_providers (tenant_id, channel, provider) values (%s, 'email', 'twilio')", (tenant,)
         )

@@ -73,3 +73,24 @@ def test_errors_name_the_field(db, tenant, body, status, problem, field):
     with pytest.raises(psycopg.Error) as info:
         call(db, "notify_api.set_frequency_caps_v1(%s, %s)", tenant, Jsonb(body))
     assert (info.value.sqlstate, info.value.diag.constraint_name, info.value.diag.column_name) == (status, problem, field)
+
+
+@pytest.mark.parametrize(
+    "text", ["PT15M", "P1D", "P1W", "PT1H30M", "PT1.5S", "PT2,5S", "P1DT", "PT", "P", "P1M", "P1Y", "1 day", "pt1h"]
+)
+def test_a_cap_period_and_a_route_within_read_durations_alike(db, tenant, text):
+    # One parser (notify._parse_iso_duration) behind both: what one accepts the other accepts, as the same interval.
+    parsed = db.execute("select notify._parse_iso_duration(%s)", (text,)).fetchone()[0]
+    try:
+        out = call(db, "notify_api.set_frequency_caps_v1(%s, %s)", tenant, Jsonb({"caps": [{"max": 1, "period": text}]}))
+        cap = db.execute("select period from notify.frequency_caps where tenant_id = %s", (tenant,)).fetchone()[0]
+    except psycopg.Error as exc:
+        assert exc.diag.constraint_name == "invalid_format"
+        cap = out = None
+    try:
+        within = db.execute("select notify._duration_field(%s, 'route[0].within')", (Jsonb(text),)).fetchone()[0]
+    except psycopg.Error as exc:
+        assert exc.diag.constraint_name == "invalid_duration"
+        within = None
+    assert cap == within == parsed
+    assert (out is None) == (parsed is None)
