@@ -30,6 +30,7 @@ from providers.base import (
     WebhookRejected,
     WebhookRequest,
 )
+from tests.api.test_api import client  # noqa: F401  (fixture)
 from tests.security.test_webhooks import app_settings
 
 
@@ -151,15 +152,15 @@ def test_a_registered_kind_is_served_by_the_route_without_a_line_of_its_own(db_u
     monkeypatch.setattr(registry, "KINDS", {**registry.KINDS, "fake": FAKE})
     KeyedFake.seen.clear()
     settings = app_settings(db_url, public_url="https://notify.example.com/")
-    with TestClient(app=create_app(settings), raise_server_exceptions=False) as client:
-        answer = client.post(
+    with TestClient(app=create_app(settings), raise_server_exceptions=False) as api:
+        answer = api.post(
             "/public/webhooks/fake?a=1&b=%20", content=b"x=1", headers={"x-fake-account": "A", "x-fake-signature": "ok"}
         )
         assert answer.status_code == 200, answer.text
         assert answer.json() == {"stored": True, "duplicate": False}
-        assert client.post("/public/webhooks/fake", content=b"", headers={"x-fake-signature": "no"}).status_code == 401
+        assert api.post("/public/webhooks/fake", content=b"", headers={"x-fake-signature": "no"}).status_code == 401
         # No GET handshake for a kind that has none.
-        assert client.get("/public/webhooks/fake").status_code == 404
+        assert api.get("/public/webhooks/fake").status_code == 404
     [first, second] = KeyedFake.seen
     # The public URL as requested (the configured base, not the Host header), the raw query, the raw body; the keys the
     # database has for the hints (none: webhook_keys_v1 knows only Twilio's).
@@ -175,9 +176,9 @@ def test_a_registered_kind_is_served_by_the_route_without_a_line_of_its_own(db_u
 def test_without_a_public_url_a_url_signed_webhook_is_refused_clearly_never_5xx(db_url: str, caplog) -> None:
     """DISPATCHER_PUBLIC_URL unset: Twilio's (signed over the public URL) cannot be verified: 404, an error log saying
     which setting to fix, nothing stored; the other providers are served as before."""
-    with TestClient(app=create_app(app_settings(db_url, public_url=None)), raise_server_exceptions=False) as client:
+    with TestClient(app=create_app(app_settings(db_url, public_url=None)), raise_server_exceptions=False) as api:
         with caplog.at_level(logging.WARNING, logger="api"):
-            answer = client.post(
+            answer = api.post(
                 "/public/webhooks/twilio",
                 content=b"AccountSid=AC1&MessageSid=SM1&MessageStatus=delivered",
                 headers={"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": "c2lnbmVk"},
@@ -186,4 +187,20 @@ def test_without_a_public_url_a_url_signed_webhook_is_refused_clearly_never_5xx(
         assert any(r.levelno == logging.ERROR and "DISPATCHER_PUBLIC_URL is not set" in r.getMessage() for r in caplog.records), (
             caplog.records
         )
-        assert client.get("/public/webhooks/twilio").status_code == 404
+        assert api.get("/public/webhooks/twilio").status_code == 404
+
+
+def test_twilio_is_refused_at_configuration_when_the_deployment_has_no_public_url(client, db, ready) -> None:  # noqa: F811
+    """Early and clear: without DISPATCHER_PUBLIC_URL (the `client` fixture's app has none) a tenant configuring SMS
+    through Twilio gets 422 public_url_missing at once, and nothing is saved, instead of messages retried for ever."""
+    body = {
+        "provider": "twilio",
+        "settings": {"account_sid": "AC" + "a" * 32, "from_number": "+15005550006"},
+        "secrets": {"auth_token": "env:NOTIFY_TW_TOKEN"},
+    }
+    answer = client.put("/internal/channels/sms/provider", json=body)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["type"].endswith("public_url_missing") and answer.json()["field"] == "provider"
+    assert db.execute("select count(*) from notify.channel_providers where provider = 'twilio'").fetchone()[0] == 0
+    # Other providers are configured as before.
+    assert client.put("/internal/channels/sms/provider", json={"provider": "mock"}).status_code == 200
