@@ -65,8 +65,8 @@ class NotificationIn(Base):
     has not reached its goal in time)."""
 
     template: Annotated[str, Meta(min_length=1, max_length=100)]
-    channels: Annotated[list[Channel], Meta(min_length=1, max_length=3)] | None = None
-    route: Annotated[list[RouteStep], Meta(min_length=1, max_length=3)] | None = None
+    channels: Annotated[list[Channel], Meta(min_length=1, max_length=len(CHANNELS))] | None = None
+    route: Annotated[list[RouteStep], Meta(min_length=1, max_length=len(CHANNELS))] | None = None
     priority: Priority | None = None
     recipient: RecipientIn | None = None
     recipients: Annotated[list[FanoutRecipient], Meta(min_length=1, max_length=10_000)] | None = None
