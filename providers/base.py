@@ -84,7 +84,7 @@ class InboundMessage(msgspec.Struct, kw_only=True, frozen=True):
     """A message a recipient sent to one of the tenant's business addresses, on any channel; becomes a
     notify.inbound_message. The encoded names (`msgspec.to_builtins`, what the webhook route hands the database) are the
     composite's columns, which are older than the SMS channel: `to` is written as phone_number_id and `sender_user_id`
-    as user_id (sql/010_types.sql; tests/providers/test_base.py checks they agree)."""
+    as user_id (sql/010_types.sql; tests/providers/test_registry.py checks they agree)."""
 
     # the business address it was sent to: WhatsApp's phone_number_id (the Graph id of the number), the E.164 number an
     # SMS was sent to
