@@ -10,12 +10,16 @@ from uuid import UUID
 import msgspec
 from msgspec import Meta
 
+from providers.registry import CHANNELS, PROVIDERS
+
 
 class Base(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     pass
 
 
-Channel = Literal["whatsapp", "email", "sms"]
+# The channels and the providers a tenant may configure, from the one registration (providers/registry.py).
+Channel = Literal[CHANNELS]  # type: ignore[valid-type]
+ProviderName = Literal[PROVIDERS]  # type: ignore[valid-type]
 Ref = Annotated[str, Meta(min_length=1, max_length=200)]
 Locale = Annotated[str, Meta(pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$", max_length=35)]
 
@@ -61,8 +65,8 @@ class NotificationIn(Base):
     has not reached its goal in time)."""
 
     template: Annotated[str, Meta(min_length=1, max_length=100)]
-    channels: Annotated[list[Channel], Meta(min_length=1, max_length=3)] | None = None
-    route: Annotated[list[RouteStep], Meta(min_length=1, max_length=3)] | None = None
+    channels: Annotated[list[Channel], Meta(min_length=1, max_length=len(CHANNELS))] | None = None
+    route: Annotated[list[RouteStep], Meta(min_length=1, max_length=len(CHANNELS))] | None = None
     priority: Priority | None = None
     recipient: RecipientIn | None = None
     recipients: Annotated[list[FanoutRecipient], Meta(min_length=1, max_length=10_000)] | None = None
@@ -430,7 +434,7 @@ class PolicyOut(Base):
 
 
 class ProviderPut(Base):
-    provider: Literal["mock", "whatsapp_cloud", "smtp", "twilio"]
+    provider: ProviderName
     settings: dict[str, Any] | None = None
     # References only ("env:NAME" or "file:/path"); the database refuses anything else, naming the secret.
     secrets: dict[str, str] | None = None

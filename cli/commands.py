@@ -578,12 +578,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = declared.Settings.from_env()
     logs.configure(settings.log_level)
     from providers.base import ConfigurationError
-    from providers.registry import webhook_adapters
+    from providers.registry import webhook_adapters, webhooks_needing_public_url
 
     try:
         webhook_adapters(settings)  # a webhook secret that cannot work stops the API here, with one clear line
     except ConfigurationError as exc:
         raise SystemExit(f"dispatcher serve: configuration error: {exc}") from None
+    if not settings.public_url and webhooks_needing_public_url():
+        log.warning(
+            "DISPATCHER_PUBLIC_URL is not set: webhooks %s cannot be verified (they answer 404)",
+            ", ".join(webhooks_needing_public_url()),
+        )
     uvicorn.run(
         "api.app:app_from_env",
         factory=True,
@@ -793,6 +798,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from providers.registry import CHANNELS, PROVIDERS  # the one list of each (the provider registration)
+
     p = argparse.ArgumentParser(
         prog="dispatcher",
         description="notification-dispatcher. Without DATABASE_URL, every "
@@ -906,8 +913,8 @@ def parser() -> argparse.ArgumentParser:
         "or --secret password=file:/run/secrets/smtp. Setting values are JSON when they parse.",
     )
     ps.add_argument("--tenant", required=True)
-    ps.add_argument("--channel", required=True, choices=["whatsapp", "email", "sms"])
-    ps.add_argument("--provider", required=True, choices=["mock", "whatsapp_cloud", "smtp", "twilio"])
+    ps.add_argument("--channel", required=True, choices=CHANNELS)
+    ps.add_argument("--provider", required=True, choices=PROVIDERS)
     ps.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE")
     ps.add_argument("--secret", action="append", default=[], metavar="NAME=env:VAR|file:/path")
     ps.set_defaults(func=cmd_provider_set)
@@ -1010,7 +1017,7 @@ def parser() -> argparse.ArgumentParser:
     nf.add_argument("--tenant", required=True)
     nf.add_argument("--recipient", help="the recipient's ref")
     nf.add_argument("--status", help="a delivery's status, e.g. failed or unknown")
-    nf.add_argument("--channel", choices=["whatsapp", "email", "sms"])
+    nf.add_argument("--channel", choices=CHANNELS)
     nf.add_argument("--category")
     nf.add_argument("--template")
     nf.add_argument("--since", help="created at or after (ISO 8601)")

@@ -159,7 +159,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     mailgun_signing_key: Annotated[str | None, Env("DISPATCHER_MAILGUN_SIGNING_KEY", P, "Mailgun webhook key", secret=True)] = (
         None
     )
-    public_url: Annotated[str | None, Env("DISPATCHER_PUBLIC_URL", P, "base URL of /public/unsubscribe links")] = None
+    # The API's public base URL: of /public/unsubscribe links, of Twilio's StatusCallback (and so the URL Twilio signs and
+    # its webhooks are verified over). Required for SMS: without it a Twilio send is refused (public_url_missing, nothing
+    # sent) and /public/webhooks/twilio answers 404.
+    public_url: Annotated[
+        str | None,
+        Env("DISPATCHER_PUBLIC_URL", P, "public base URL: unsubscribe links, Twilio's StatusCallback and signature (SMS)"),
+    ] = None
     unsubscribe_secret: Annotated[str | None, Env("DISPATCHER_UNSUBSCRIBE_SECRET", P, "signs unsubscribe links", secret=True)] = (
         None
     )

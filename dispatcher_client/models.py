@@ -9,6 +9,8 @@ from uuid import UUID
 
 import msgspec
 
+# The server's channels (providers.base.CHANNELS, the enum notify.channel): a copy, since the client imports nothing of the
+# server; tests/providers/test_registry.py checks it against the database.
 Channel = Literal["whatsapp", "email", "sms"]
 
 
@@ -354,6 +356,10 @@ class Template(Model):
     required_variables: list[str]
     version: int = 1
     updated_at: dt.datetime | None = None
+    # In the answer of a save, on its sms template: what its fixed text costs ({encoding: GSM-7|UCS-2, segments, units})
+    # and warnings ([{code: sms_ucs2|sms_segments, message}]) when it needs UCS-2 or more than one segment.
+    sms: dict[str, Any] | None = None
+    warnings: list[dict[str, str]] | None = None
 
 
 class Policy(Model):

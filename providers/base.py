@@ -5,13 +5,20 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal, Protocol, runtime_checkable
 from uuid import UUID
 
 import msgspec
 
+from providers.secrets import Endpoint, Grants
+
 Outcome = Literal["sent", "retry", "failed", "unknown", "suppressed", "bounced"]
+
+# The channels, in the order of the database's enum notify.channel (tests/providers/test_registry.py compares them with
+# enum_range(null::notify.channel)); re-exported by providers.registry, whence the API and the CLI take their choices.
+# dispatcher_client/models.py keeps its own copy (the client imports nothing of the server), checked against the enum.
+CHANNELS: tuple[str, ...] = ("whatsapp", "email", "sms")
 
 
 class Message(msgspec.Struct, kw_only=True, frozen=True):
@@ -74,14 +81,19 @@ class StatusEvent(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class InboundMessage(msgspec.Struct, kw_only=True, frozen=True):
-    """A message a recipient sent us (WhatsApp); becomes a notify.inbound_message."""
+    """A message a recipient sent to one of the tenant's business addresses, on any channel; becomes a
+    notify.inbound_message. The encoded names (`msgspec.to_builtins`, what the webhook route hands the database) are the
+    composite's columns, which are older than the SMS channel: `to` is written as phone_number_id and `sender_user_id`
+    as user_id (sql/010_types.sql; tests/providers/test_registry.py checks they agree)."""
 
-    phone_number_id: str
-    sender: str | None  # the phone number; None when only the business-scoped user id is known
-    message_id: str
+    # the business address it was sent to: WhatsApp's phone_number_id (the Graph id of the number), the E.164 number an
+    # SMS was sent to
+    to: str = msgspec.field(name="phone_number_id")
+    sender: str | None  # the sender's address (a phone number); None when only its provider-scoped user id is known
+    message_id: str  # the provider's id of the message (wamid, SM... sid)
     text: str | None = None
     received_at: dt.datetime | None = None
-    user_id: str | None = None  # the sender's business-scoped user id (WhatsApp, 2026)
+    sender_user_id: str | None = msgspec.field(default=None, name="user_id")  # WhatsApp 2026: business-scoped user id
 
 
 class ParsedWebhook(msgspec.Struct, kw_only=True, frozen=True):
@@ -221,22 +233,95 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
-class WebhookAdapter(Protocol):
-    provider: str
+WEBHOOK_PATH = "/public/webhooks/"  # + the adapter's route name (api/routes/webhooks.py)
 
-    def parse(self, headers: dict[str, str], body: bytes) -> ParsedWebhook:
+
+def webhook_url(public_url: str, route: str, query: str = "") -> str:
+    """The public URL of a webhook route as a provider requests it: the configured base URL (DISPATCHER_PUBLIC_URL,
+    never the Host header: a reverse proxy in front changes nothing), the path, and the raw query string if any."""
+    return public_url.rstrip("/") + WEBHOOK_PATH + route + (f"?{query}" if query else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookRequest:
+    """Everything of one webhook request any adapter may need, the same for every provider.
+
+    `headers` (names lower-cased) and `body` (the raw bytes, which signatures cover); `query`, the raw query string;
+    `url`, the public URL as the provider requested it (webhook_url), None when DISPATCHER_PUBLIC_URL is unset;
+    `keys`, for an adapter whose provider signs with each tenant's own secret: the key references of the tenants its
+    `key_hints` named (notify_api.webhook_keys_v1: [{tenant_id, secrets, grants}]), looked up by the route."""
+
+    headers: Mapping[str, str]
+    body: bytes
+    query: str = ""
+    url: str | None = None
+    keys: tuple[dict[str, Any], ...] = ()
+
+
+class WebhookAdapter(Protocol):
+    """Verifies a provider's webhook over the raw bytes and parses it. The route calls, for every provider alike,
+    `key_hints` (from the unverified request: whose tenant keys to look up, or None when the deployment's own secret
+    signs, e.g. a Meta app secret), looks those keys up if any, then `parse` with them in `request.keys`."""
+
+    provider: str  # the provider name stored with each event (notify.webhook_events.provider)
+
+    def key_hints(self, request: WebhookRequest) -> dict[str, Any] | None:
+        """Whose keys to look up ({account_sid, tenant_id, number}), or None. May raise WebhookRejected."""
+        ...
+
+    def parse(self, request: WebhookRequest) -> ParsedWebhook:
         """Verifies the raw body and returns what to store; raises WebhookRejected."""
         ...
 
 
-class KeyedWebhookAdapter(Protocol):
-    """An adapter whose provider signs with each tenant's own secret (Twilio: the account's auth token). The route asks
-    it whose keys to look up (`key_hints`, from the unverified request), fetches those tenants' key references
-    (notify_api.webhook_keys_v1), and hands them to `parse_keyed`, which verifies with them and parses. `query` is the
-    request's raw query string (a signed URL includes it)."""
+class DeploymentKeyed:
+    """For adapters verified with the deployment's own secrets (settings): no tenant keys to look up."""
 
-    provider: str
+    def key_hints(self, request: WebhookRequest) -> dict[str, Any] | None:
+        return None
 
-    def key_hints(self, headers: dict[str, str], body: bytes, query: str) -> dict[str, Any]: ...
 
-    def parse_keyed(self, headers: dict[str, str], body: bytes, query: str, keys: list[dict[str, Any]]) -> ParsedWebhook: ...
+@runtime_checkable
+class Handshake(Protocol):
+    """An adapter that also answers its provider's GET subscription check (WhatsApp's hub.challenge): the challenge to
+    echo, or None when the token does not match."""
+
+    def handshake(self, params: Mapping[str, str]) -> str | None: ...
+
+
+# --- the registration of a provider kind ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ProviderConfig:
+    """A tenant's configuration of one provider as the worker's claim hands it over (notify.channel_providers)."""
+
+    settings: dict[str, Any]
+    secrets: dict[str, str]
+    grants: Grants
+    test: bool = False  # the claim is a test delivery's (sent by the mock only)
+
+
+@dataclasses.dataclass(frozen=True)
+class Webhook:
+    """One webhook route of a provider kind: POST (and GET, for a Handshake) /public/webhooks/{route}."""
+
+    route: str
+    make: Callable[[ProviderSettings], WebhookAdapter]  # may raise ConfigurationError (the API refuses to start)
+    # True: its provider signs the public URL (Twilio): without DISPATCHER_PUBLIC_URL it cannot be verified.
+    needs_public_url: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderKind:
+    """Everything the Python side knows about one provider, declared once at the bottom of its module and registered in
+    providers/registry.py (KINDS). The database holds the rest (which settings and secrets a tenant must set)."""
+
+    name: str  # notify.channel_providers.provider
+    channels: tuple[str, ...]  # the channels it serves (a subset of providers.registry.CHANNELS)
+    # builds a sender for one tenant's configuration; None: a kind that only receives webhooks (SendGrid, Mailgun)
+    make: Callable[[ProviderConfig, ProviderContext], Provider] | None = None
+    webhooks: tuple[Webhook, ...] = ()
+    endpoint: Endpoint | None = None
+    # the ProviderSettings fields it or its adapters read (tests/providers/test_registry.py: every field has a reader)
+    reads: tuple[str, ...] = ()
+    # True: sending needs DISPATCHER_PUBLIC_URL (Twilio's StatusCallback); the API logs it at start when it is unset
+    needs_public_url: bool = False

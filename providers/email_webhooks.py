@@ -25,9 +25,13 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from providers.base import (
     ConfigurationError,
+    DeploymentKeyed,
     ParsedWebhook,
+    ProviderKind,
     StatusEvent,
+    Webhook,
     WebhookRejected,
+    WebhookRequest,
     body_key,
     obj,
     parse_correlation_id,
@@ -59,7 +63,7 @@ def _fresh(ts: str, tolerance: int) -> None:
 SUPPRESSION_REASONS = frozenset({"unsubscribed address", "bounced address", "spam reporting address"})
 
 
-class SendGridWebhooks:
+class SendGridWebhooks(DeploymentKeyed):
     provider = "sendgrid"
 
     def __init__(self, verification_key: str | None, tolerance_seconds: int = 300) -> None:
@@ -76,9 +80,10 @@ class SendGridWebhooks:
             self._key = key
         self._tolerance = tolerance_seconds
 
-    def parse(self, headers: dict[str, str], body: bytes) -> ParsedWebhook:
+    def parse(self, request: WebhookRequest) -> ParsedWebhook:
         if self._key is None:
             raise WebhookRejected("SendGrid webhooks are not configured (DISPATCHER_SENDGRID_VERIFICATION_KEY)", status=404)
+        headers, body = request.headers, request.body
         signature = headers.get("x-twilio-email-event-webhook-signature", "")
         timestamp = headers.get("x-twilio-email-event-webhook-timestamp", "")
         if not signature or not timestamp:
@@ -156,16 +161,17 @@ class _Mailgun(msgspec.Struct):
     signature: _Signature
 
 
-class MailgunWebhooks:
+class MailgunWebhooks(DeploymentKeyed):
     provider = "mailgun"
 
     def __init__(self, signing_key: str | None, tolerance_seconds: int = 300) -> None:
         self._key = signing_key
         self._tolerance = tolerance_seconds
 
-    def parse(self, headers: dict[str, str], body: bytes) -> ParsedWebhook:
+    def parse(self, request: WebhookRequest) -> ParsedWebhook:
         if not self._key:
             raise WebhookRejected("Mailgun webhooks are not configured (DISPATCHER_MAILGUN_SIGNING_KEY)", status=404)
+        body = request.body
         try:
             payload = msgspec.json.decode(body, type=_Mailgun)
         except msgspec.DecodeError:
@@ -210,3 +216,18 @@ class MailgunWebhooks:
         elif kind in ("opened", "clicked", "complained", "unsubscribed"):
             event = StatusEvent(status=None, flag=str(kind), **common)
         return ParsedWebhook(event_key=key, payload=whole, events=[event] if event else [])
+
+
+# Webhook-only kinds: an ESP's delivery reports for mail the tenant's SMTP relay (that ESP's) sent.
+SENDGRID = ProviderKind(
+    name="sendgrid",
+    channels=("email",),
+    webhooks=(Webhook("sendgrid", lambda s: SendGridWebhooks(s.sendgrid_verification_key, s.webhook_tolerance_seconds)),),
+    reads=("sendgrid_verification_key", "webhook_tolerance_seconds"),
+)
+MAILGUN = ProviderKind(
+    name="mailgun",
+    channels=("email",),
+    webhooks=(Webhook("mailgun", lambda s: MailgunWebhooks(s.mailgun_signing_key, s.webhook_tolerance_seconds)),),
+    reads=("mailgun_signing_key", "webhook_tolerance_seconds"),
+)

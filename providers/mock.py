@@ -24,11 +24,18 @@ import msgspec
 
 from providers import standard_webhooks
 from providers.base import (
+    CHANNELS,
+    DeploymentKeyed,
     Message,
     ParsedWebhook,
+    ProviderConfig,
+    ProviderContext,
+    ProviderKind,
     SendResult,
     StatusEvent,
+    Webhook,
     WebhookRejected,
+    WebhookRequest,
     obj,
     parse_correlation_id,
     salvage,
@@ -245,7 +252,7 @@ class MockProvider:
             self._client = None
 
 
-class MockWebhooks:
+class MockWebhooks(DeploymentKeyed):
     """Verifies and parses the mock's Standard Webhooks status reports."""
 
     provider = NAME
@@ -256,10 +263,11 @@ class MockWebhooks:
         self._secrets = secrets_
         self._tolerance = tolerance_seconds
 
-    def parse(self, headers: dict[str, str], body: bytes) -> ParsedWebhook:
+    def parse(self, request: WebhookRequest) -> ParsedWebhook:
         if not self._secrets:
             raise WebhookRejected("mock webhooks are not configured (DISPATCHER_MOCK_WEBHOOK_SECRET)", status=404)
-        webhook_id = standard_webhooks.verify(self._secrets, headers, body, self._tolerance)
+        body = request.body
+        webhook_id = standard_webhooks.verify(self._secrets, dict(request.headers), body, self._tolerance)
         return salvage(body, webhook_id, lambda payload: self._parse(webhook_id, payload))
 
     @staticmethod
@@ -287,3 +295,42 @@ class MockWebhooks:
             error_message=text(error.get("title")),
         )
         return ParsedWebhook(event_key=webhook_id, payload=payload, events=[event], notes=notes)
+
+
+def _make(config: ProviderConfig, ctx: ProviderContext) -> MockProvider:
+    s = ctx.settings
+    return MockProvider(
+        record=ctx.record_mock,
+        webhook_url=s.mock_webhook_url,
+        webhook_secret=s.mock_webhook_secret,
+        latency_ms=s.mock_latency_ms,
+        failure_rate=s.mock_failure_rate,
+        status_delay_ms=s.mock_status_delay_ms,
+        outcomes=s.mock_outcomes,
+        record_messages=s.mock_record,
+        test=config.test,
+        channel_rules=ctx.channel_rules,
+    )
+
+
+KIND = ProviderKind(
+    name=NAME,
+    channels=CHANNELS,
+    make=_make,
+    webhooks=(
+        Webhook(
+            "mock",
+            lambda s: MockWebhooks([x for x in (s.mock_webhook_secret or "").split() if x], s.webhook_tolerance_seconds),
+        ),
+    ),
+    reads=(
+        "mock_webhook_secret",
+        "mock_webhook_url",
+        "mock_latency_ms",
+        "mock_failure_rate",
+        "mock_status_delay_ms",
+        "mock_outcomes",
+        "mock_record",
+        "webhook_tolerance_seconds",
+    ),
+)

@@ -94,22 +94,38 @@ async def endpoint(url: str, grants: Grants | None) -> tuple[str, str, int]:
         raise UnsafeUrl("provider endpoint is not a valid URL") from None
 
 
-async def check_endpoints(provider: str, settings: Mapping[str, Any] | None, grants: Grants) -> tuple[str, str] | None:
-    """Save-time DNS check of the endpoints a tenant sets (the database checks their syntax, but cannot resolve a name):
-    (field, reason) if one is refused, None if they pass or the operator granted private endpoints. The worker
-    checks again at every send."""
-    if grants.private_endpoints or not isinstance(settings, Mapping):
+@dataclass(frozen=True)
+class Endpoint:
+    """Which of a tenant's settings names the host the worker connects to, checked (DNS included) when it is saved
+    (providers.secrets.check_endpoints) and at every send. `url`: an https URL (base_url); else a host name with its
+    port in `port_field` (SMTP)."""
+
+    field: str
+    url: bool = True
+    port_field: str | None = None
+    default_port: int | None = None
+
+
+async def check_endpoints(spec: Endpoint | None, settings: Mapping[str, Any] | None, grants: Grants) -> tuple[str, str] | None:
+    """Save-time DNS check of the endpoint a tenant sets (the database checks its syntax, but cannot resolve a name), as
+    its provider kind declares it (ProviderKind.endpoint): (field, reason) if it is refused, None if it passes, the kind
+    has none, or the operator granted private endpoints. The worker checks again at every send."""
+    if spec is None or grants.private_endpoints or not isinstance(settings, Mapping):
+        return None
+    value = settings.get(spec.field)
+    if not isinstance(value, str):
         return None
     try:
-        if provider in ("whatsapp_cloud", "twilio") and isinstance(settings.get("base_url"), str):
-            await endpoint(settings["base_url"], grants)
-        elif provider == "smtp" and isinstance(settings.get("host"), str):
-            port = settings.get("port") if isinstance(settings.get("port"), int) else 587
-            await resolve_host(settings["host"].strip("[]"), port, allow_private=False, what="provider endpoint")
+        if spec.url:
+            await endpoint(value, grants)
+        else:
+            port = settings.get(spec.port_field) if spec.port_field else None
+            port = port if isinstance(port, int) else spec.default_port or 443
+            await resolve_host(value.strip("[]"), port, allow_private=False, what="provider endpoint")
     except UnsafeUrl as exc:
         if "not a valid URL" in str(exc):
             return None  # malformed: the database names the field (400 invalid_format)
-        return ("settings.base_url" if provider in ("whatsapp_cloud", "twilio") else "settings.host"), str(exc)
+        return f"settings.{spec.field}", str(exc)
     except ValueError:  # a host getaddrinfo cannot even encode: the database judges its syntax
         return None
     return None

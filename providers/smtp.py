@@ -27,8 +27,8 @@ from typing import Any
 import aiosmtplib
 
 from dispatcher.callback_urls import UnsafeUrl, resolve_host
-from providers.base import Message, ProviderContext, SendResult
-from providers.secrets import Grants, SecretMissing, resolve
+from providers.base import Message, ProviderContext, ProviderKind, SendResult
+from providers.secrets import Endpoint, Grants, SecretMissing, resolve
 from providers.unsubscribe import make_token
 
 NAME = "smtp"
@@ -269,3 +269,12 @@ class Smtp:
 
     async def aclose(self) -> None:
         return None
+
+
+KIND = ProviderKind(
+    name=NAME,
+    channels=("email",),
+    make=lambda c, ctx: Smtp(c.settings, c.secrets, ctx, c.grants),
+    endpoint=Endpoint("host", url=False, port_field="port", default_port=587),
+    reads=("public_url", "unsubscribe_secret"),
+)

@@ -38,16 +38,20 @@ from providers.base import (
     Message,
     ParsedWebhook,
     ProviderContext,
+    ProviderKind,
     SendResult,
     StatusEvent,
+    Webhook,
     WebhookRejected,
+    WebhookRequest,
     parse_correlation_id,
     text,
+    webhook_url,
 )
-from providers.secrets import Grants, SecretMissing, endpoint, resolve
+from providers.secrets import Endpoint, Grants, SecretMissing, endpoint, resolve
 
 NAME = "twilio"
-WEBHOOK_PATH = "/public/webhooks/twilio"
+ROUTE = "twilio"  # POST /public/webhooks/twilio
 log = logging.getLogger("providers.twilio")
 
 # --- what a message costs -------------------------------------------------------------------------------------------
@@ -163,8 +167,7 @@ def classify(code: int | None, message: str, http_status: int, retry_after: str 
 def callback_url(public_url: str, correlation_id: str | None = None) -> str:
     """The StatusCallback we give Twilio, and so the URL Twilio signs: the public base URL, our webhook path, and our
     correlation id as its one query parameter."""
-    base = public_url.rstrip("/") + WEBHOOK_PATH
-    return f"{base}?{urlencode({'nd': correlation_id})}" if correlation_id else base
+    return webhook_url(public_url, ROUTE, urlencode({"nd": correlation_id}) if correlation_id else "")
 
 
 def request_form(message: Message, settings: dict[str, Any], public_url: str) -> dict[str, str]:
@@ -356,34 +359,33 @@ STATUSES = {
 
 
 class TwilioWebhooks:
-    """POST /public/webhooks/twilio: X-Twilio-Signature with the auth token of the tenant the request is about.
+    """POST /public/webhooks/twilio: X-Twilio-Signature with the auth token of the tenant the request is about, over
+    the public URL as Twilio requested it (request.url, from DISPATCHER_PUBLIC_URL: never the Host header).
 
-    Keyed: the route first asks `key_hints` whose key to look up (unverified), fetches those tenants' key references
-    (notify_api.webhook_keys_v1), then `parse_keyed` verifies with them and parses."""
+    Keyed: `key_hints` says whose key to look up (unverified), the route fetches those tenants' key references
+    (notify_api.webhook_keys_v1) into request.keys, then `parse` verifies with them and parses."""
 
     provider = NAME
 
-    def __init__(self, public_url: str | None) -> None:
-        self._public_url = public_url
-
     @staticmethod
-    def _form(headers: dict[str, str], body: bytes) -> list[tuple[str, str]]:
-        if not headers.get("content-type", "application/x-www-form-urlencoded").startswith("application/x-www-form-urlencoded"):
+    def _form(request: WebhookRequest) -> list[tuple[str, str]]:
+        content_type = request.headers.get("content-type", "application/x-www-form-urlencoded")
+        if not content_type.startswith("application/x-www-form-urlencoded"):
             raise WebhookRejected("Twilio posts application/x-www-form-urlencoded", status=400)
         try:
-            return parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=200)
+            return parse_qsl(request.body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=200)
         except (UnicodeDecodeError, ValueError):
             raise WebhookRejected("body is not a form", status=400) from None
 
-    def key_hints(self, headers: dict[str, str], body: bytes, query: str) -> dict[str, Any]:
+    def key_hints(self, request: WebhookRequest) -> dict[str, Any]:
         """Whose key to verify with, from the unverified request: the account it names, and the tenant our correlation
         id in the URL names (a status callback) or the number it was written to (an inbound message)."""
-        if not self._public_url:
+        if not request.url:
             raise WebhookRejected("Twilio webhooks need DISPATCHER_PUBLIC_URL (the URL Twilio signs)", status=404)
-        if not headers.get("x-twilio-signature"):
+        if not request.headers.get("x-twilio-signature"):
             raise WebhookRejected("missing X-Twilio-Signature")
-        form = dict(self._form(headers, body))
-        tenant_id, _ = parse_correlation_id((parse_qs(query).get("nd") or [None])[0])
+        form = dict(self._form(request))
+        tenant_id, _ = parse_correlation_id((parse_qs(request.query).get("nd") or [None])[0])
         number = form.get("From") if "MessageStatus" in form else form.get("To")
         return {
             "account_sid": text(form.get("AccountSid"), 64),
@@ -391,27 +393,30 @@ class TwilioWebhooks:
             "number": text(number, 64),
         }
 
-    def parse_keyed(self, headers: dict[str, str], body: bytes, query: str, keys: list[dict[str, Any]]) -> ParsedWebhook:
-        offered = headers.get("x-twilio-signature", "").encode()
-        params = self._form(headers, body)
-        url = callback_url(self._public_url or "") + (f"?{query}" if query else "")
+    def parse(self, request: WebhookRequest) -> ParsedWebhook:
+        if not request.url:
+            raise WebhookRejected("Twilio webhooks need DISPATCHER_PUBLIC_URL (the URL Twilio signs)", status=404)
+        offered = request.headers.get("x-twilio-signature", "").encode()
+        params = self._form(request)
         verified: UUID | None = None
         unreadable = False
-        for key in keys:
+        for key in request.keys:
             try:
                 token = resolve((key.get("secrets") or {}).get("auth_token"), Grants.of(key.get("grants")))
             except SecretMissing as exc:
                 log.error("twilio auth token unavailable", extra={"tenant_id": key.get("tenant_id"), "reason": str(exc)})
                 unreadable = True
                 continue
-            if token and any(hmac.compare_digest(signature(token, u, params).encode(), offered) for u in _url_variants(url)):
+            if token and any(
+                hmac.compare_digest(signature(token, u, params).encode(), offered) for u in _url_variants(request.url)
+            ):
                 verified = UUID(str(key["tenant_id"]))
                 break
         if verified is None:
             if unreadable:
                 raise WebhookRejected("the auth token to verify this webhook with cannot be read", status=503)
             raise WebhookRejected("X-Twilio-Signature does not match")
-        return self._parse(verified, dict(params), query, body)
+        return self._parse(verified, dict(params), request.query, request.body)
 
     @staticmethod
     def _parse(tenant_id: UUID, form: dict[str, str], query: str, body: bytes) -> ParsedWebhook:
@@ -453,10 +458,21 @@ class TwilioWebhooks:
             return ParsedWebhook(event_key=key + (f":{code}" if code else ""), payload=payload, events=[event])
         # An inbound message: to one of our numbers, from the recipient.
         inbound = InboundMessage(
-            phone_number_id=text(form.get("To"), 64) or "",
+            to=text(form.get("To"), 64) or "",
             sender=text(form.get("From"), 64),
             message_id=sid,
             text=text(form.get("Body"), 1600),
             received_at=None,
         )
         return ParsedWebhook(event_key=f"inbound:{sid}", payload=payload, inbound=[inbound], events=[])
+
+
+KIND = ProviderKind(
+    name=NAME,
+    channels=("sms",),
+    make=lambda c, ctx: Twilio(c.settings, c.secrets, ctx, c.grants),
+    webhooks=(Webhook(ROUTE, lambda s: TwilioWebhooks(), needs_public_url=True),),
+    endpoint=Endpoint("base_url"),
+    reads=("public_url",),
+    needs_public_url=True,  # the StatusCallback, and what Twilio signs
+)

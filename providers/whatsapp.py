@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -29,13 +30,17 @@ import msgspec
 
 from dispatcher.callback_urls import UnsafeUrl
 from providers.base import (
+    DeploymentKeyed,
     InboundMessage,
     Message,
     ParsedWebhook,
     ProviderContext,
+    ProviderKind,
     SendResult,
     StatusEvent,
+    Webhook,
     WebhookRejected,
+    WebhookRequest,
     body_key,
     obj,
     parse_correlation_id,
@@ -43,7 +48,7 @@ from providers.base import (
     text,
     why,
 )
-from providers.secrets import Grants, SecretMissing, endpoint, resolve
+from providers.secrets import Endpoint, Grants, SecretMissing, endpoint, resolve
 
 NAME = "whatsapp_cloud"
 log = logging.getLogger("providers.whatsapp")
@@ -320,18 +325,24 @@ def _time(ts: str | None) -> dt.datetime | None:
         return None
 
 
-class WhatsAppWebhooks:
-    """POST /public/webhooks/whatsapp: X-Hub-Signature-256 with any configured app secret."""
+class WhatsAppWebhooks(DeploymentKeyed):
+    """POST /public/webhooks/whatsapp: X-Hub-Signature-256 with any configured app secret; GET: Meta's subscription
+    handshake with the verify token."""
 
     provider = NAME
 
-    def __init__(self, app_secrets: list[str]) -> None:
+    def __init__(self, app_secrets: list[str], verify_token: str | None = None) -> None:
         self._secrets = app_secrets
+        self._verify_token = verify_token
 
-    def parse(self, headers: dict[str, str], body: bytes) -> ParsedWebhook:
+    def handshake(self, params: Mapping[str, str]) -> str | None:
+        return verify_handshake(dict(params), self._verify_token)
+
+    def parse(self, request: WebhookRequest) -> ParsedWebhook:
         if not self._secrets:
             raise WebhookRejected("WhatsApp webhooks are not configured (DISPATCHER_WHATSAPP_APP_SECRET)", status=404)
-        offered = headers.get("x-hub-signature-256", "")
+        body = request.body
+        offered = request.headers.get("x-hub-signature-256", "")
         if not offered.startswith("sha256="):
             raise WebhookRejected("missing X-Hub-Signature-256")
         if not any(hmac.compare_digest(signature(s, body).encode(), offered.encode()) for s in self._secrets):
@@ -417,12 +428,12 @@ class WhatsAppWebhooks:
                         continue
                     inbound.append(
                         InboundMessage(
-                            phone_number_id=phone_number_id,
+                            to=phone_number_id,
                             sender=sender if sender and not is_bsuid(sender) else None,
                             message_id=message_id,
                             text=_inbound_text(m),
                             received_at=_time(text(m.get("timestamp"))),
-                            user_id=user_id or (sender if is_bsuid(sender) else None),
+                            sender_user_id=user_id or (sender if is_bsuid(sender) else None),
                         )
                     )
         return ParsedWebhook(event_key=key, payload=payload, events=events, inbound=inbound, notes=notes, updates=updates)
@@ -484,3 +495,13 @@ def _account_updates(
     if tier is None and value.get("max_daily_conversation_per_phone") is not None:
         tier = text(value.get("max_daily_conversation_per_phone"), 40)
     return [{**base, "kind": "messaging_tier", "tier": tier, "payload": value}]
+
+
+KIND = ProviderKind(
+    name=NAME,
+    channels=("whatsapp",),
+    make=lambda c, ctx: WhatsAppCloud(c.settings, c.secrets, ctx, c.grants),
+    webhooks=(Webhook("whatsapp", lambda s: WhatsAppWebhooks(s.whatsapp_app_secrets, s.whatsapp_verify_token)),),
+    endpoint=Endpoint("base_url"),
+    reads=("whatsapp_app_secrets", "whatsapp_verify_token"),
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, Response, get, put
+from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
@@ -12,6 +13,7 @@ from api.db import Database
 from api.problems import ProblemException
 from api.routes.common import ERRORS, Tenant, body_text, sql_json
 from api.schemas import PolicyOut, PolicyPut, ProviderOut, ProviderPut, UnknownDeadlineOut, UnknownDeadlinePut
+from providers.registry import CHANNELS, kind
 from providers.secrets import Grants, check_endpoints
 
 
@@ -56,14 +58,25 @@ class Channels(Controller):
         data: JSONBody[ProviderPut],
         tenant: NamedDependency[Tenant],
         db: NamedDependency[Database],
+        state: State,
     ) -> Response[ProviderOut]:
-        if channel not in ("whatsapp", "email", "sms"):
+        if channel not in CHANNELS:
             raise ProblemException(404, "not_found", f"no channel {channel}", "channel")
+        spec = kind(data.provider)
+        if spec is not None and spec.needs_public_url and not state.settings.public_url:
+            # Refused now rather than at every send: the deployment cannot report back or verify this provider's webhooks.
+            raise ProblemException(
+                422,
+                "public_url_missing",
+                f"{data.provider} needs the deployment's public URL (DISPATCHER_PUBLIC_URL), which is not set: ask the operator",
+                "provider",
+            )
         if data.provider != "mock" and data.settings:
             # SSRF: a name that resolves to a private address is refused now, not only at the first send (the database
             # refuses private IP literals and local names itself; without the operator's private-endpoints grant).
             grants = await db.one("select notify_api.get_provider_grants_v1(%s)", (tenant.id,))
-            refused = await check_endpoints(data.provider, data.settings, Grants.of(grants[0] if grants else None))
+            endpoint = spec.endpoint if spec else None
+            refused = await check_endpoints(endpoint, data.settings, Grants.of(grants[0] if grants else None))
             if refused is not None:
                 raise ProblemException(422, "unsafe_endpoint", refused[1], refused[0])
         return await sql_json(
@@ -84,7 +97,7 @@ class Channels(Controller):
     async def set_policy(
         self, channel: FromPath[str], data: JSONBody[PolicyPut], tenant: NamedDependency[Tenant], db: NamedDependency[Database]
     ) -> Response[PolicyOut]:
-        if channel not in ("whatsapp", "email", "sms"):
+        if channel not in CHANNELS:
             raise ProblemException(404, "not_found", f"no channel {channel}", "channel")
         return await sql_json(
             db,

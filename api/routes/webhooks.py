@@ -3,6 +3,7 @@ unsubscribe. No API key: each route verifies its caller itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from typing import Any
@@ -21,9 +22,9 @@ from api.problems import ProblemException
 from api.routes.common import ERRORS, encode, json_response
 from api.schemas import WebhookAck
 from dispatcher import metrics
-from providers.base import WebhookRejected
+from providers.base import Handshake, WebhookRejected, WebhookRequest, webhook_url
+from providers.registry import webhooks_needing_public_url
 from providers.unsubscribe import check_token
-from providers.whatsapp import verify_handshake
 
 log = logging.getLogger("api")
 
@@ -52,18 +53,30 @@ async def receive_webhook(
         raise ProblemException(404, "not_found", f"no webhook endpoint for provider {provider}", "provider")
     body = await request.body()
     headers = {k.lower(): v for k, v in request.headers.items()}
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    public_url = state.settings.public_url
+    # The URL as the provider requested it, from the configured public URL (never the Host header): what a provider that
+    # signs the URL (Twilio) signed.
+    hook = WebhookRequest(
+        headers=headers, body=body, query=query, url=webhook_url(public_url, provider, query) if public_url else None
+    )
     try:
-        if hasattr(adapter, "parse_keyed"):
-            # Signed with each tenant's own secret (Twilio): look up whose key the request says it is about, then verify.
-            query = request.scope.get("query_string", b"").decode("latin-1")
-            hints = adapter.key_hints(headers, body, query)
+        # The same two steps for every provider: whose tenant keys to verify with (None: the deployment's own secrets),
+        # then verify over the raw bytes and parse.
+        hints = adapter.key_hints(hook)
+        if hints is not None:
             row = await db.one("select notify_api.webhook_keys_v1(%s, %s)::text", (adapter.provider, Jsonb(hints)))
-            parsed = adapter.parse_keyed(headers, body, query, msgspec.json.decode(row[0]) if row else [])
-        else:
-            parsed = adapter.parse(headers, body)
+            hook = dataclasses.replace(hook, keys=tuple(msgspec.json.decode(row[0]) if row and row[0] else ()))
+        parsed = adapter.parse(hook)
     except WebhookRejected as exc:
         metrics.WEBHOOKS.labels(provider, "rejected").inc()
-        log.warning("webhook rejected", extra={"provider": provider, "reason": exc.reason})
+        if hook.url is None and provider in webhooks_needing_public_url():
+            # An operator's fix, not a forged request: said as an error, once per request.
+            log.error(
+                "webhook cannot be verified: DISPATCHER_PUBLIC_URL is not set", extra={"provider": provider, "reason": exc.reason}
+            )
+        else:
+            log.warning("webhook rejected", extra={"provider": provider, "reason": exc.reason})
         raise ProblemException(exc.status, "webhook_rejected", exc.reason) from None
     # Verified from here on: the provider gets 200 whatever the payload holds (a 4xx or 5xx makes it retry for hours
     # and then drop the event); what cannot be applied is stored with its reason.
@@ -127,9 +140,10 @@ async def receive_webhook(
     "token matches DISPATCHER_WHATSAPP_VERIFY_TOKEN, else 403.",
 )
 async def verify_webhook(request: Request[Any, Any, Any], provider: FromPath[str], state: State) -> Response[str]:
-    if provider != "whatsapp":
+    adapter = state.webhook_adapters.get(provider)
+    if not isinstance(adapter, Handshake):
         raise ProblemException(404, "not_found", f"no verification handshake for provider {provider}", "provider")
-    challenge = verify_handshake(dict(request.query_params), state.settings.whatsapp_verify_token)
+    challenge = adapter.handshake(dict(request.query_params))
     if challenge is None:
         raise ProblemException(403, "forbidden", "verification token does not match")
     return Response(content=challenge, media_type="text/plain")

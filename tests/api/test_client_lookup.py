@@ -28,3 +28,17 @@ def test_the_client_finds_pages_erases_and_exports(client, db, ready):  # noqa: 
     assert receipt.rows_changed["cancelled_deliveries"] == 3
     assert nd.get_recipient("runner-42").addresses == {}
     assert nd.set_unknown_deadline("whatsapp", 3600) == {"channel": "whatsapp", "after_seconds": 3600, "default": False}
+
+
+def test_the_client_shows_a_templates_sms_cost_and_warnings(client, db, ready):  # noqa: F811
+    """The API's answer to a template save carries, on its sms template, what the fixed text costs and warnings; the
+    client's Template model keeps them (it dropped them before)."""
+    key, _ = make_key(db, ready)
+    nd = Client("http://testserver", key, transport=client._transport)
+    saved = nd.upsert_template("sms_cost", {"sms": {"text": "Hola {{name}}, tu dorsal está listo ☕" + " más texto" * 10}})
+    [sms] = [t for t in saved if t.channel == "sms"]
+    assert sms.sms is not None and sms.sms["encoding"] == "UCS-2" and sms.sms["segments"] == 2
+    assert {w["code"] for w in sms.warnings or []} == {"sms_ucs2", "sms_segments"}
+    assert all(w["message"] for w in sms.warnings or [])
+    plain = nd.upsert_template("sms_plain", {"sms": {"text": "Hola {{name}}"}})
+    assert [(t.sms["segments"] if t.sms else None, t.warnings) for t in plain] == [(1, [])]

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from psycopg.types.json import Jsonb
 
-from providers.base import WebhookRejected
+from providers.base import WebhookRejected, WebhookRequest
 from providers.email_webhooks import MailgunWebhooks, SendGridWebhooks
 from tests.conftest import call, claim, intent, record, result, submit
 
@@ -55,7 +55,7 @@ def sendgrid_events(correlation: str, message_id: str = "<m1@runflow.example>") 
 def test_sendgrid_events_verify_and_map():
     keys = SendGridKeys()
     body = json.dumps(sendgrid_events(f"{TENANT}:{DELIVERY}")).encode()
-    parsed = SendGridWebhooks(keys.verification_key).parse(keys.sign(body), body)
+    parsed = SendGridWebhooks(keys.verification_key).parse(WebhookRequest(keys.sign(body), body))
     assert [(e.status, e.flag) for e in parsed.events] == [
         ("sent", None),
         ("delivered", None),
@@ -88,7 +88,7 @@ def test_sendgrid_forgeries_are_refused(tamper):
     elif tamper == "reserialized":
         body = json.dumps(json.loads(body), indent=2).encode()
     with pytest.raises(WebhookRejected) as info:
-        SendGridWebhooks(keys.verification_key).parse(headers, body)
+        SendGridWebhooks(keys.verification_key).parse(WebhookRequest(headers, body))
     assert info.value.status == 401
 
 
@@ -127,7 +127,7 @@ def mailgun_event(kind: str, **extra: object) -> dict:
     ],
 )
 def test_mailgun_events_verify_and_map(event, expected):
-    parsed = MailgunWebhooks("mg-key").parse({}, mailgun_body("mg-key", event))
+    parsed = MailgunWebhooks("mg-key").parse(WebhookRequest({}, mailgun_body("mg-key", event)))
     assert [(e.status, e.flag) for e in parsed.events] == ([expected] if expected else [])
     assert parsed.event_key.startswith("token:")
     if expected:
@@ -144,7 +144,7 @@ def test_mailgun_forgeries_are_refused(tamper):
         "no_signature": lambda: json.dumps({"event-data": event}).encode(),
     }[tamper]()
     with pytest.raises(WebhookRejected):
-        MailgunWebhooks("mg-key").parse({}, body)
+        MailgunWebhooks("mg-key").parse(WebhookRequest({}, body))
 
 
 INGEST = (
@@ -160,7 +160,7 @@ def test_reports_on_smtp_messages_apply_and_a_complaint_revokes_consent(db, read
     correlation = f"{row[0]}:{row[1]}"
     keys = SendGridKeys()
     body = json.dumps(sendgrid_events(correlation, f"<{row[1]}@runflow.example>")[:3]).encode()
-    parsed = SendGridWebhooks(keys.verification_key).parse(keys.sign(body), body)
+    parsed = SendGridWebhooks(keys.verification_key).parse(WebhookRequest(keys.sign(body), body))
     events = msgspec.to_builtins(parsed.events)  # as the webhook route passes them
     out = db.execute(INGEST, ("sendgrid", parsed.event_key, Jsonb(parsed.payload), Jsonb(events))).fetchone()[0]
     assert [o["outcome"] for o in out["outcomes"]] == ["stale", "applied", "flagged"]

@@ -10,7 +10,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from providers import standard_webhooks as sw
-from providers.base import WebhookRejected
+from providers.base import WebhookRejected, WebhookRequest
 from providers.mock import MockWebhooks
 
 BODY = json.dumps(
@@ -99,7 +99,7 @@ def test_mock_adapter_normalizes_a_report():
             },
         }
     ).encode()
-    parsed = MockWebhooks([secret]).parse(sw.headers(secret, "msg_6", body), body)
+    parsed = MockWebhooks([secret]).parse(WebhookRequest(sw.headers(secret, "msg_6", body), body))
     event = parsed.events[0]
     assert parsed.event_key == "msg_6" and event.status == "failed" and event.provider_message_id == "mock-9"
     assert str(event.delivery_id).endswith("0002") and (event.error_code, event.error_message) == ("x", "y")
@@ -116,11 +116,11 @@ def test_mock_adapter_normalizes_a_report():
 def test_mock_adapter_keeps_verified_malformed_payloads_with_a_reason(body):
     # A verified payload is never refused (the sender would retry): stored, nothing applied, a reason kept.
     secret = sw.new_secret()
-    parsed = MockWebhooks([secret]).parse(sw.headers(secret, "msg_7", body), body)
+    parsed = MockWebhooks([secret]).parse(WebhookRequest(sw.headers(secret, "msg_7", body), body))
     assert parsed.event_key == "msg_7" and parsed.events == [] and parsed.notes
 
 
 def test_mock_adapter_without_a_secret_refuses_everything():
     with pytest.raises(WebhookRejected) as info:
-        MockWebhooks([]).parse({}, BODY)
+        MockWebhooks([]).parse(WebhookRequest({}, BODY))
     assert info.value.status == 404

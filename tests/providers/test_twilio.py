@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from dispatcher.settings import Settings
-from providers.base import Message, ProviderContext, ProviderSettings, WebhookRejected
+from providers.base import Message, ProviderContext, ProviderSettings, WebhookRejected, WebhookRequest, webhook_url
 from providers.secrets import Grants
 from providers.twilio import NAME, Twilio, TwilioWebhooks, callback_url, classify, signature, sms_parts
 from tests.conftest import call
@@ -206,17 +206,25 @@ def status_request(status: str = "delivered", code: str | None = None, delivery:
     return query, params
 
 
+def request(
+    query: str, body: bytes, headers: dict, keys_: list[dict] | None = None, public: str | None = PUBLIC
+) -> WebhookRequest:
+    """The request as the route hands it over: the URL from the configured public URL and the query string as received."""
+    url = webhook_url(public, "twilio", query) if public else None
+    return WebhookRequest(headers=headers, body=body, query=query, url=url, keys=tuple(keys_ or ()))
+
+
 def deliver(adapter: TwilioWebhooks, query: str, params: dict, signed_url: str | None = None, token: str = TOKEN, **headers: str):
     body = urlencode(params).encode()
     url = signed_url or callback_url(PUBLIC) + f"?{query}"
     h = {"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": sign(token, url, params), **headers}
-    hints = adapter.key_hints(h, body, query)
-    return hints, adapter.parse_keyed(h, body, query, keys())
+    hints = adapter.key_hints(request(query, body, h))
+    return hints, adapter.parse(request(query, body, h, keys()))
 
 
 def test_a_status_callback_is_verified_over_the_public_url_not_the_host(monkeypatch):
     monkeypatch.setenv("TEST_HOOK_TOKEN", TOKEN)
-    adapter = TwilioWebhooks(PUBLIC)
+    adapter = TwilioWebhooks()
     delivery = uuid.uuid4()
     query, params = status_request("delivered", delivery=delivery)
     # Behind a proxy: Host names the API's own address, the signature is over the URL Twilio requested.
@@ -236,7 +244,7 @@ def test_a_status_callback_is_verified_over_the_public_url_not_the_host(monkeypa
 @pytest.mark.parametrize("attack", ["tampered", "other_token", "no_header", "other_query", "replayed"])
 def test_a_forged_signature_is_refused(monkeypatch, attack):
     monkeypatch.setenv("TEST_HOOK_TOKEN", TOKEN)
-    adapter = TwilioWebhooks(PUBLIC)
+    adapter = TwilioWebhooks()
     query, params = status_request("sent")
     url = callback_url(PUBLIC) + f"?{query}"
     good = sign(TOKEN, url, params)
@@ -254,14 +262,14 @@ def test_a_forged_signature_is_refused(monkeypatch, attack):
         _, other = status_request("undelivered", code="30003")
         body = urlencode({**other, "MessageSid": params["MessageSid"]}).encode()  # a captured signature, new parameters
     with pytest.raises(WebhookRejected) as caught:
-        adapter.key_hints(headers, body, query)
-        adapter.parse_keyed(headers, body, query, keys())
+        adapter.key_hints(request(query, body, headers))
+        adapter.parse(request(query, body, headers, keys()))
     assert caught.value.status == 401
 
 
 def test_statuses_by_rank_and_error_codes(monkeypatch):
     monkeypatch.setenv("TEST_HOOK_TOKEN", TOKEN)
-    adapter = TwilioWebhooks(PUBLIC)
+    adapter = TwilioWebhooks()
     for status, code, expected, error in [
         ("queued", None, "sending", None),
         ("sent", None, "sent", None),
@@ -281,30 +289,33 @@ def test_statuses_by_rank_and_error_codes(monkeypatch):
 
 def test_a_callback_naming_another_tenant_than_its_key_applies_nothing(monkeypatch):
     monkeypatch.setenv("TEST_HOOK_TOKEN", TOKEN)
-    adapter = TwilioWebhooks(PUBLIC)
+    adapter = TwilioWebhooks()
     query, params = status_request("delivered")
     body = urlencode(params).encode()
     url = callback_url(PUBLIC) + f"?{query}"
     headers = {"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": sign(TOKEN, url, params)}
-    parsed = adapter.parse_keyed(headers, body, query, keys(uuid.uuid4()))  # the key's tenant is not the URL's
+    parsed = adapter.parse(request(query, body, headers, keys(uuid.uuid4())))  # the key's tenant is not the URL's
     assert parsed.events == [] and parsed.notes
 
 
 def test_an_inbound_message(monkeypatch):
     monkeypatch.setenv("TEST_HOOK_TOKEN", TOKEN)
-    adapter = TwilioWebhooks(PUBLIC)
+    adapter = TwilioWebhooks()
     params = {"AccountSid": ACCOUNT, "MessageSid": "SM" + "e" * 32, "SmsStatus": "received", "From": "+34600111222", "To": FROM}
     params["Body"] = "Stop"
     hints, parsed = deliver(adapter, "", params, signed_url=callback_url(PUBLIC))
     assert hints == {"account_sid": ACCOUNT, "tenant_id": None, "number": FROM}
     [m] = parsed.inbound
-    assert (m.phone_number_id, m.sender, m.message_id, m.text) == (FROM, "+34600111222", params["MessageSid"], "Stop")
+    assert (m.to, m.sender, m.message_id, m.text) == (FROM, "+34600111222", params["MessageSid"], "Stop")
     assert parsed.event_key == f"inbound:{params['MessageSid']}" and parsed.events == []
 
 
 def test_without_a_public_url_twilio_webhooks_are_not_served():
     with pytest.raises(WebhookRejected) as caught:
-        TwilioWebhooks(None).key_hints({"x-twilio-signature": "x"}, b"", "")
+        TwilioWebhooks().key_hints(request("", b"", {"x-twilio-signature": "x"}, public=None))
+    assert caught.value.status == 404
+    with pytest.raises(WebhookRejected) as caught:
+        TwilioWebhooks().parse(request("", b"", {"x-twilio-signature": "x"}, keys(), public=None))
     assert caught.value.status == 404
 
 

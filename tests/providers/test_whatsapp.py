@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from dispatcher.settings import Settings
-from providers.base import Message, ProviderContext, ProviderSettings, WebhookRejected
+from providers.base import Message, ProviderContext, ProviderSettings, WebhookRejected, WebhookRequest
 from providers.secrets import Grants
 from providers.whatsapp import NAME, WhatsAppCloud, WhatsAppWebhooks, classify, request_body, verify_handshake
 from tests.conftest import call
@@ -228,7 +228,7 @@ def test_statuses_and_inbound_messages_are_normalized():
         messages=[{"from": "34600111222", "id": "wamid.in", "timestamp": "1698266947", "type": "text", "text": {"body": "BAJA"}}],
     )
     headers, raw = signed(payload)
-    parsed = WhatsAppWebhooks([SECRET]).parse(headers, raw)
+    parsed = WhatsAppWebhooks([SECRET]).parse(WebhookRequest(headers, raw))
     first, second, third = parsed.events
     assert (first.status, first.delivery_id, first.tenant_id, first.provider_message_id) == (
         "delivered",
@@ -240,7 +240,7 @@ def test_statuses_and_inbound_messages_are_normalized():
     assert (second.status, second.error_code, second.error_message) == ("failed", "whatsapp_131026", "Message undeliverable")
     assert third.status == "suppressed"
     [inbound] = parsed.inbound
-    assert (inbound.phone_number_id, inbound.sender, inbound.text) == ("106540352242922", "34600111222", "BAJA")
+    assert (inbound.to, inbound.sender, inbound.text) == ("106540352242922", "34600111222", "BAJA")
     assert parsed.event_key == "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
@@ -260,19 +260,19 @@ def test_bad_signatures_are_refused(tamper):
     elif tamper == "sha1":
         headers = {"x-hub-signature": "sha1=abc"}
     with pytest.raises(WebhookRejected) as info:
-        WhatsAppWebhooks([SECRET]).parse(headers, raw)
+        WhatsAppWebhooks([SECRET]).parse(WebhookRequest(headers, raw))
     assert info.value.status == 401
 
 
 def test_any_configured_app_secret_verifies():
     headers, raw = signed(envelope(statuses=[]), "second-app")
-    assert WhatsAppWebhooks([SECRET, "second-app"]).parse(headers, raw).events == []
+    assert WhatsAppWebhooks([SECRET, "second-app"]).parse(WebhookRequest(headers, raw)).events == []
 
 
 def test_a_verified_but_malformed_payload_is_kept_not_refused():
     # A refusal makes Meta retry for days; a verified payload is stored, with nothing to apply.
     headers, raw = signed({"not": "whatsapp"})
-    parsed = WhatsAppWebhooks([SECRET]).parse(headers, raw)
+    parsed = WhatsAppWebhooks([SECRET]).parse(WebhookRequest(headers, raw))
     assert parsed.payload == {"not": "whatsapp"} and parsed.events == [] and parsed.inbound == []
 
 

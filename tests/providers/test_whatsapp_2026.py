@@ -16,6 +16,7 @@ import httpx
 import psycopg
 import pytest
 
+from providers.base import WebhookRequest
 from providers.whatsapp import WhatsAppWebhooks, classify, request_body, signature
 from tests.conftest import ROOT, Service, free_port, stop_service
 from tests.e2e.test_test_keys import start_stack
@@ -49,7 +50,7 @@ def parse(value: dict, field: str = "messages") -> object:
             "entry": [{"id": "102290129340398", "changes": [{"field": field, "value": value}]}],
         }
     ).encode()
-    return WhatsAppWebhooks(["s"]).parse({"x-hub-signature-256": signature("s", body)}, body)
+    return WhatsAppWebhooks(["s"]).parse(WebhookRequest({"x-hub-signature-256": signature("s", body)}, body))
 
 
 def test_2026_shapes_are_normalized() -> None:
@@ -86,7 +87,7 @@ def test_2026_shapes_are_normalized() -> None:
         }
     )
     [m] = inbound.inbound  # type: ignore[attr-defined]
-    assert (m.sender, m.user_id, m.text) == (None, BSUID, "STOP")
+    assert (m.sender, m.sender_user_id, m.text) == (None, BSUID, "STOP")
     update = parse(
         {**meta, "user_id_update": [{"wa_id": "34600111222", "user_id": {"previous": BSUID, "current": NEW_BSUID}}]},
         field="user_id_update",

@@ -31,7 +31,7 @@ from psycopg.types.json import Jsonb
 from api.app import create_app
 from dispatcher.settings import Settings
 from providers import standard_webhooks as sw
-from providers.base import ConfigurationError, WebhookRejected
+from providers.base import ConfigurationError, WebhookRejected, WebhookRequest
 from providers.email_webhooks import MailgunWebhooks, SendGridWebhooks
 from providers.mock import MockWebhooks
 from providers.whatsapp import classify
@@ -204,7 +204,7 @@ def test_an_unpadded_standard_webhooks_secret_verifies_as_the_reference_library_
     signature = standardwebhooks.Webhook(unpadded).sign("msg_1", dt.datetime.fromtimestamp(ts, dt.UTC), body.decode())
     headers = {"webhook-id": "msg_1", "webhook-timestamp": str(ts), "webhook-signature": signature}
     standardwebhooks.Webhook(unpadded).verify(body, headers)  # the reference library accepts it
-    assert MockWebhooks([unpadded]).parse(headers, body).events[0].status == "delivered"
+    assert MockWebhooks([unpadded]).parse(WebhookRequest(headers, body)).events[0].status == "delivered"
 
 
 @pytest.mark.parametrize("secret", ["whsec_", "whsec_====", "whsec_!!!!"])
@@ -235,7 +235,7 @@ def test_a_nan_or_infinite_timestamp_is_not_fresh(client, db, timestamp):
     assert post(client, "mailgun", mailgun(event, timestamp)).status_code == 401
     assert post(client, "sendgrid", sendgrid([event], timestamp)).status_code == 401
     with pytest.raises(WebhookRejected):
-        MailgunWebhooks(MG_KEY).parse({}, mailgun(event, timestamp)[0])
+        MailgunWebhooks(MG_KEY).parse(WebhookRequest({}, mailgun(event, timestamp)[0]))
     assert stored(db) == []
 
 
@@ -344,7 +344,7 @@ def test_a_temporary_registration_outage_is_retried_soon() -> None:
 )
 def test_sendgrid_drops_for_our_own_reasons_are_failed(reason, status):
     raw, headers = sendgrid([{"event": "dropped", "reason": reason, "timestamp": int(time.time())}])
-    assert SendGridWebhooks(SG_KEY).parse(headers, raw).events[0].status == status
+    assert SendGridWebhooks(SG_KEY).parse(WebhookRequest(headers, raw)).events[0].status == status
 
 
 JSON = st.recursive(
