@@ -348,10 +348,19 @@ def _whatsapp_tiers(conn: psycopg.Connection) -> list[tuple]:
     return conn.execute("select tenant, waba_id, messaging_tier, reported_at from notify_api.whatsapp_limits_v1()").fetchall()
 
 
+def _provider_health(conn: psycopg.Connection) -> list[tuple]:
+    """Chained providers with recent "not sent" errors or a demotion in force (notify.provider_health)."""
+    return conn.execute(
+        "select tenant, channel::text, position, provider, errors, demoted, demoted_until, last_error_code"
+        " from notify_api.provider_health_v1()"
+    ).fetchall()
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     with psycopg.connect(_url(args), autocommit=True) as conn:
         rows = conn.execute("select * from notify_api.queue_health_v1()").fetchall()
         tiers = _whatsapp_tiers(conn)
+        health = _provider_health(conn)
     if args.json:
         cols = ["tenant", "channel", "due", "scheduled", "oldest_due_seconds", "sending", "leases_past_due", "unknown"]
         print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], indent=2, default=str))
@@ -359,6 +368,9 @@ def cmd_status(args: argparse.Namespace) -> None:
     for tenant, waba_id, tier, at in tiers:
         reported = at.isoformat(timespec="minutes")
         print(f"whatsapp messaging tier: tenant {tenant} business account {waba_id or '?'}: {tier or 'unknown'} ({reported})")
+    for tenant, channel, position, provider, errors, demoted, until, code in health:
+        state = f"demoted until {until.isoformat(timespec='seconds')}" if demoted else f"{errors} recent error(s)"
+        print(f"provider {state}: tenant {tenant} {channel} position {position} ({provider}), last error {code or '-'}")
     if not rows:
         print("queue empty: nothing due, scheduled, in flight or unknown")
         return

@@ -6,6 +6,9 @@ over, and demotion after N "not sent" errors, shared through Postgres and ending
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +21,7 @@ from psycopg.types.json import Jsonb
 
 from dispatcher.settings import Settings
 from runner.drainer import DeliveryDrainer
-from tests.conftest import REMINDER, app_url, call, free_port, intent, submit
+from tests.conftest import REMINDER, ROOT, app_url, call, free_port, intent, submit
 from tests.fakes.smtp import SmtpFake
 from tests.fakes.twilio import TwilioFake
 
@@ -203,12 +206,12 @@ def test_an_ambiguous_twilio_outcome_never_fails_over(db, db_url, chained, twili
     assert not (row["error_message"] or "").startswith("failed over")
 
 
-def test_demotion_after_n_errors_is_shared_through_postgres_and_ends_after_d_seconds(db, db_url, chained, smtp_fake, connect):
+def test_demotion_after_n_errors_is_shared_through_postgres_and_shown_to_operators(db, db_url, chained, smtp_fake):
     fake, port = smtp_fake
     set_chain(db, chained, "email", relay(free_port()), relay(port))
     for n in range(2):
         submit_to(db, chained, "email", ref=f"runner-{n}")
-    drain(db_url, "email", failover_demote_errors=2, failover_window_seconds=600, failover_demote_seconds=2)
+    drain(db_url, "email", failover_demote_errors=2, failover_window_seconds=600, failover_demote_seconds=600)
     assert [r["status"] for r in deliveries(db, chained)] == ["sent", "sent"]
     assert len(fake.received) == 2
     health = chain_of(db, chained, "email")[0]["health"]
@@ -240,7 +243,25 @@ def test_demotion_after_n_errors_is_shared_through_postgres_and_ends_after_d_sec
     }
     assert samples == {("acme", "email"): 1.0}
 
-    # The demotion ends by itself after D seconds (polled, never timed).
+    status = subprocess.run(
+        [sys.executable, "-m", "dispatcher", "status"],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": app_url(db_url)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "provider demoted until" in status and "tenant acme email position 0 (smtp), last error smtp_unavailable" in status
+
+
+def test_a_demotion_ends_by_itself_after_d_seconds(db, db_url, chained, smtp_fake):
+    fake, port = smtp_fake
+    set_chain(db, chained, "email", relay(free_port()), relay(port))
+    submit_to(db, chained, "email")
+    drain(db_url, "email", failover_demote_errors=1, failover_window_seconds=600, failover_demote_seconds=1)
+    assert len(fake.received) == 1
+    assert chain_of(db, chained, "email")[0]["health"]["demotions"] == 1
+    # Polled, never timed: demoted now or already over, it must end.
     deadline = time.monotonic() + 30
     while chain_of(db, chained, "email")[0]["health"]["demoted"]:
         assert time.monotonic() < deadline, "the demotion did not end"
@@ -250,21 +271,20 @@ def test_demotion_after_n_errors_is_shared_through_postgres_and_ends_after_d_sec
     assert rows and all(position == 0 and [f["position"] for f in fallbacks] == [1] for position, fallbacks in rows)
 
 
-def test_a_success_ends_a_demotion(db, db_url, chained, smtp_fake):
+def test_with_every_provider_demoted_they_are_tried_in_order_and_a_success_ends_the_demotion(db, db_url, chained, smtp_fake):
     fake, port = smtp_fake
-    set_chain(db, chained, "email", relay(port), relay(port))
-    call(
-        db,
-        "notify_api.record_provider_health_v1(%s, 1, 60, 3600)",
-        Jsonb([{"tenant_id": chained, "channel": "email", "position": 0, "failures": 1, "successes": 0, "error_code": "x"}]),
-    )
-    assert chain_of(db, chained, "email")[0]["health"]["demoted"] is True
-    # All but the demoted one tried first: position 1 sends, then a success of position 0 (tried last) would reset it;
-    # a success reported for it resets it at once.
-    call(
-        db,
-        "notify_api.record_provider_health_v1(%s, 1, 60, 3600)",
-        Jsonb([{"tenant_id": chained, "channel": "email", "position": 0, "failures": 0, "successes": 1}]),
-    )
-    health = chain_of(db, chained, "email")[0]["health"]
-    assert health["demoted"] is False and health["errors"] == 0 and health["last_success_at"] is not None
+    set_chain(db, chained, "email", relay(port), relay(free_port()))
+    both = [
+        {"tenant_id": chained, "channel": "email", "position": p, "failures": 1, "successes": 0, "error_code": "x"}
+        for p in (0, 1)
+    ]
+    call(db, "notify_api.record_provider_health_v1(%s, 1, 60, 3600)", Jsonb(both))
+    assert [c["health"]["demoted"] for c in chain_of(db, chained, "email")] == [True, True]
+    submit_to(db, chained, "email")
+    drain(db_url, "email")
+    [row] = deliveries(db, chained)
+    assert row["status"] == "sent" and row["error_message"] is None  # the primary, first: nothing failed over
+    assert len(fake.received) == 1
+    health = [c["health"] for c in chain_of(db, chained, "email")]
+    assert health[0]["demoted"] is False and health[0]["last_success_at"] is not None  # its success ended it
+    assert health[1]["demoted"] is True  # untried: still demoted
