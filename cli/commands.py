@@ -14,6 +14,7 @@
     dispatcher key rotate --tenant S ID [--overlap-seconds N]
     dispatcher key list --tenant S
     dispatcher provider set --tenant S --channel C --provider P [--setting K=V] [--secret K=env:VAR]
+    dispatcher provider chain --tenant S --channel C '[{"provider": ...}, ...]'
     dispatcher provider list --tenant S
     dispatcher login bind --login NAME --tenant S     bind a database login to a tenant (it then enters only its tenants)
     dispatcher login unbind --login NAME --tenant S
@@ -218,6 +219,21 @@ def cmd_provider_set(args: argparse.Namespace) -> None:
         row = conn.execute(
             "select notify_api.set_channel_provider_v1(%s, %s::notify.channel, %s)",
             (_tenant_id(conn, args.tenant), args.channel, Jsonb(body)),
+        ).fetchone()
+    print(json.dumps(row[0] if row else None, indent=2))
+
+
+def cmd_provider_chain(args: argparse.Namespace) -> None:
+    """Replaces a channel's failover chain with the JSON array given (or read from a file with @path)."""
+    text = Path(args.providers[1:]).read_text() if args.providers.startswith("@") else args.providers
+    try:
+        providers = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"providers must be a JSON array of {{provider, settings, secrets}}: {exc}") from None
+    with psycopg.connect(_url(args), autocommit=True) as conn:
+        row = conn.execute(
+            "select notify_api.set_channel_providers_v1(%s, %s::notify.channel, %s)",
+            (_tenant_id(conn, args.tenant), args.channel, Jsonb(providers)),
         ).fetchone()
     print(json.dumps(row[0] if row else None, indent=2))
 
@@ -923,6 +939,18 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE")
     ps.add_argument("--secret", action="append", default=[], metavar="NAME=env:VAR|file:/path")
     ps.set_defaults(func=cmd_provider_set)
+    pc = provider.add_parser(
+        "chain",
+        parents=[db],
+        help="replace the failover chain of a tenant's channel (the primary first)",
+        description="PROVIDERS is a JSON array of {provider, settings, secrets} as `provider set` takes them, or @file. "
+        "A send known not to have been accepted moves to the next one at once; an ambiguous outcome never does on "
+        "WhatsApp or SMS.",
+    )
+    pc.add_argument("--tenant", required=True)
+    pc.add_argument("--channel", required=True, choices=["whatsapp", "email", "sms"])
+    pc.add_argument("providers", metavar="PROVIDERS")
+    pc.set_defaults(func=cmd_provider_chain)
     pl = provider.add_parser("list", parents=[db], help="the provider of each channel (secret references, never values)")
     pl.add_argument("--tenant", required=True)
     pl.set_defaults(func=cmd_provider_list)
