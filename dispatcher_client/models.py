@@ -382,7 +382,7 @@ class ChainEntry(Model):
     provider: str
     settings: dict[str, Any]
     secrets: dict[str, str]
-    health: ProviderHealth = ProviderHealth()
+    health: ProviderHealth = msgspec.field(default_factory=ProviderHealth)
     updated_at: dt.datetime | None = None
 
 
