@@ -22,6 +22,7 @@ from psycopg.types.json import Jsonb
 from dispatcher.settings import Settings
 from runner.drainer import DeliveryDrainer
 from tests.conftest import REMINDER, ROOT, app_url, call, free_port, intent, submit
+from tests.fakes.graph_api import GraphFake
 from tests.fakes.smtp import SmtpFake
 from tests.fakes.twilio import TwilioFake
 
@@ -40,6 +41,12 @@ def chained(db: psycopg.Connection, tenant: str) -> str:
         "notify_api.record_consent_v1(%s, 'runner-42', %s)",
         tenant,
         Jsonb({"channel": "sms", "status": "granted", "source": "signup_form"}),
+    )
+    call(
+        db,
+        "notify_api.record_consent_v1(%s, 'runner-42', %s)",
+        tenant,
+        Jsonb({"channel": "whatsapp", "status": "granted", "source": "signup_form"}),
     )
     return tenant
 
@@ -70,7 +77,7 @@ def set_chain(db: psycopg.Connection, tenant: str, channel: str, *entries: dict[
 
 
 def submit_to(db: psycopg.Connection, tenant: str, channel: str, ref: str = "runner-42") -> str:
-    addresses = {"email": f"{ref}@example.com", "sms": PHONE}
+    addresses = {"email": f"{ref}@example.com", "sms": PHONE, "whatsapp": PHONE}
     body = intent(channels=[channel], recipient={"ref": ref, "addresses": {channel: addresses[channel]}, "locale": "en"})
     response, _ = submit(db, tenant, body)
     return response["id"]
@@ -288,3 +295,47 @@ def test_with_every_provider_demoted_they_are_tried_in_order_and_a_success_ends_
     health = [c["health"] for c in chain_of(db, chained, "email")]
     assert health[0]["demoted"] is False and health[0]["last_success_at"] is not None  # its success ended it
     assert health[1]["demoted"] is True  # untried: still demoted
+
+
+@pytest.fixture
+def graphs() -> Iterator[tuple[GraphFake, str, GraphFake, str]]:
+    first, second = GraphFake(phone_number_id="111111111111111"), GraphFake(phone_number_id="222222222222222")
+    urls = first.start(), second.start()
+    yield first, urls[0], second, urls[1]
+    first.stop()
+    second.stop()
+
+
+def whatsapp_entry(fake: GraphFake, url: str, token_env: str) -> dict[str, Any]:
+    return {
+        "provider": "whatsapp_cloud",
+        "settings": {"phone_number_id": fake.phone_number_id, "base_url": url, "timeout_seconds": 1},
+        "secrets": {"access_token": f"env:{token_env}"},
+    }
+
+
+@pytest.mark.parametrize(("script", "fails_over"), [("bad_token", True), ("timeout", False), ("http500", False)])
+def test_whatsapp_fails_over_on_a_refused_token_and_never_on_an_ambiguous_outcome(
+    db, db_url, chained, graphs, monkeypatch, script, fails_over
+):
+    first, first_url, second, second_url = graphs
+    monkeypatch.setenv("FAILOVER_WA1", "expired-token" if script == "bad_token" else first.access_token)
+    monkeypatch.setenv("FAILOVER_WA2", second.access_token)
+    if script != "bad_token":
+        first.scripts[PHONE.lstrip("+")] = [script]
+    set_chain(
+        db,
+        chained,
+        "whatsapp",
+        whatsapp_entry(first, first_url, "FAILOVER_WA1"),
+        whatsapp_entry(second, second_url, "FAILOVER_WA2"),
+    )
+    submit_to(db, chained, "whatsapp")
+    drain(db_url, "whatsapp")
+    [row] = deliveries(db, chained)
+    assert row["attempts"] == 1 and len(first.requests) == 1
+    if fails_over:
+        assert row["status"] == "sent" and len(second.requests) == 1 and second.accepted == [PHONE.lstrip("+")]
+        assert row["error_message"].startswith("failed over from whatsapp_cloud (position 0): whatsapp_190")
+    else:
+        assert row["status"] == "unknown" and second.requests == []  # the message may exist at the first number
