@@ -3,7 +3,8 @@
 -- checked by notify._provider_entry (set_channel_provider_v1's checks, moved there); list_channel_providers_v1 shows it
 -- with each provider's health; the claim returns each delivery's chain, demoted providers last; the worker records
 -- how chained providers did (notify.provider_health, record_provider_health_v1); operators read it
--- (provider_health_v1). Readers that want one provider per channel (the preview) take position 0.
+-- (provider_health_v1). Readers that want one provider per channel (the preview) take position 0; the WhatsApp
+-- account-level lookup (notify._whatsapp_tenants) returns each tenant once, whatever its chain holds.
 
 alter type notify.claimed_delivery add attribute provider_position smallint, add attribute fallbacks jsonb;
 comment on type notify.claimed_delivery is
@@ -845,6 +846,23 @@ end
 $$;
 comment on function notify._settle_owners() is
     'Gives every notify table, type and function to notify_owner, and the cross-tenant notify_api functions to notify_system. Run by the migrating role (a member of both) at the end of every migration that creates objects.';
+
+
+create or replace function notify._whatsapp_tenants(p_provider text, u jsonb)
+    returns setof uuid
+    language sql
+    stable
+    set search_path = pg_catalog, pg_temp
+as $$
+    -- A change names the business number (metadata.phone_number_id) or only the business account (entry.id, settings.waba_id).
+    -- Distinct: a tenant's failover chain may hold two numbers of one business account.
+    select distinct cp.tenant_id from notify.channel_providers cp
+     where cp.provider = p_provider and cp.channel = 'whatsapp'
+       and ((u ->> 'phone_number_id') is not null and cp.settings ->> 'phone_number_id' = u ->> 'phone_number_id'
+            or (u ->> 'phone_number_id') is null and (u ->> 'waba_id') is not null and cp.settings ->> 'waba_id' = u ->> 'waba_id')
+$$;
+comment on function notify._whatsapp_tenants(text, jsonb) is
+    'The tenants a WhatsApp account-level change is about: by its business number when it names one, else by its business account id (settings.waba_id).';
 
 
 revoke execute on function notify._provider_entry(uuid, notify.channel, jsonb) from public;

@@ -218,7 +218,12 @@ def test_demotion_after_n_errors_is_shared_through_postgres_and_shown_to_operato
     set_chain(db, chained, "email", relay(free_port()), relay(port))
     for n in range(2):
         submit_to(db, chained, "email", ref=f"runner-{n}")
+    demotions = REGISTRY.get_sample_value("dispatcher_provider_demotions_total", {"channel": "email", "provider": "smtp"}) or 0.0
     drain(db_url, "email", failover_demote_errors=2, failover_window_seconds=600, failover_demote_seconds=600)
+    assert (
+        REGISTRY.get_sample_value("dispatcher_provider_demotions_total", {"channel": "email", "provider": "smtp"})
+        == demotions + 1
+    )
     assert [r["status"] for r in deliveries(db, chained)] == ["sent", "sent"]
     assert len(fake.received) == 2
     health = chain_of(db, chained, "email")[0]["health"]
