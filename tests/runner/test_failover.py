@@ -6,6 +6,7 @@ over, and demotion after N "not sent" errors, shared through Postgres and ending
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -344,3 +345,23 @@ def test_whatsapp_fails_over_on_a_refused_token_and_never_on_an_ambiguous_outcom
         assert row["error_message"].startswith("failed over from whatsapp_cloud (position 0): whatsapp_190")
     else:
         assert row["status"] == "unknown" and second.requests == []  # the message may exist at the first number
+
+
+def test_the_cli_replaces_a_chain_and_names_a_bad_entry(db, db_url, chained, tmp_path):
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dispatcher", "provider", "chain", "--tenant", "acme", "--channel", "email", *args],
+            cwd=ROOT,
+            env={**os.environ, "DATABASE_URL": db_url},
+            capture_output=True,
+            text=True,
+        )
+
+    chain = tmp_path / "chain.json"
+    chain.write_text(json.dumps([relay(2525), relay(2526)]))
+    done = cli(f"@{chain}")
+    assert done.returncode == 0, done.stderr
+    assert [c["settings"]["port"] for c in json.loads(done.stdout)["chain"]] == [2525, 2526]
+    bad = cli(json.dumps([relay(2525), {"provider": "smtp", "settings": {"host": "127.0.0.1"}}]))
+    assert bad.returncode != 0 and "providers[1]" in bad.stderr
+    assert [c["settings"]["port"] for c in chain_of(db, chained, "email")] == [2525, 2526]
