@@ -440,6 +440,33 @@ class ProviderPut(Base):
     secrets: dict[str, str] | None = None
 
 
+class ProvidersPut(Base):
+    """A channel's whole failover chain, the primary first (PUT /internal/channels/{channel}/providers)."""
+
+    providers: Annotated[list[ProviderPut], Meta(min_length=1, max_length=5)]
+
+
+class ProviderHealthOut(Base):
+    """How a chained provider has been doing (notify.provider_health): demoted providers are tried after the healthy ones."""
+
+    demoted: bool
+    errors: int
+    demotions: int
+    demoted_until: dt.datetime | None = None
+    last_error_code: str | None = None
+    last_error_at: dt.datetime | None = None
+    last_success_at: dt.datetime | None = None
+
+
+class ChainEntryOut(Base):
+    position: int
+    provider: str
+    settings: dict[str, Any]
+    secrets: dict[str, str]
+    health: ProviderHealthOut
+    updated_at: dt.datetime | None = None
+
+
 class ProviderOut(Base):
     channel: Channel
     provider: str
@@ -447,6 +474,7 @@ class ProviderOut(Base):
     secrets: dict[str, str]
     default: bool
     updated_at: dt.datetime | None = None
+    chain: list[ChainEntryOut] = []  # the failover chain in order (position 0 is the provider above); empty: the mock
 
 
 class CallbacksPut(Base):

@@ -42,20 +42,40 @@ def main() -> None:
     parser.add_argument("--mode", choices=["none", "other", "own"], default="none")
     parser.add_argument("--limit", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--providers", type=int, default=0, help="SMTP relays in the tenant's e-mail chain (0: none, the mock)")
     args = parser.parse_args()
     old = subprocess.run(
         ["git", "-C", str(ROOT), "show", f"{args.base}:sql/080_api_worker.sql"], capture_output=True, text=True, check=True
     )
     base = re.search(r"create function notify_api\.claim_deliveries_v1\(.*?^\$\$;", old.stdout, re.S | re.M)
     assert base, "no claim_deliveries_v1 in the base revision"
+    # The base's own result type, if the tree's has changed since (migration 0046 added provider_position, fallbacks).
+    types = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{args.base}:sql/010_types.sql"], capture_output=True, text=True, check=True
+    )
+    base_type = re.search(r"create type notify\.claimed_delivery as \(.*?\);", types.stdout, re.S)
+    assert base_type, "no claimed_delivery in the base revision"
     pg = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="claim-ab-")) / "data")
     with psycopg.connect(pg.ensure_database("ab"), autocommit=True) as conn:
         schema.build_from_sql(conn)
-        conn.execute(base.group(0).replace("notify_api.claim_deliveries_v1(", "notify_api.claim_deliveries_base(", 1))  # type: ignore[arg-type]
+        conn.execute(base_type.group(0).replace("notify.claimed_delivery", "notify.claimed_delivery_base"))  # type: ignore[arg-type]
+        conn.execute(
+            base.group(0)  # type: ignore[arg-type]
+            .replace("notify_api.claim_deliveries_v1(", "notify_api.claim_deliveries_base(", 1)
+            .replace("setof notify.claimed_delivery", "setof notify.claimed_delivery_base", 1)
+        )
         conn.execute("alter function notify_api.claim_deliveries_base(notify.channel, integer, integer) owner to notify_system")
         tenant = conn.execute("select notify_api.create_tenant_v1('ab')").fetchone()[0]["id"]  # type: ignore[index]
         template = {"locale": "en", "channels": {"email": {"subject": "R {{event}}", "text": "Hi {{name}}"}}}
         conn.execute("select notify_api.upsert_template_v1(%s, 'event_reminder', %s)", (tenant, Jsonb(template)))
+        relays = [
+            {"provider": "smtp", "settings": {"host": f"smtp{i}.example.com", "from_address": "club@example.com"}}
+            for i in range(args.providers)
+        ]
+        if len(relays) == 1:
+            conn.execute("select notify_api.set_channel_provider_v1(%s, 'email', %s)", (tenant, Jsonb(relays[0])))
+        elif relays:
+            conn.execute("select notify_api.set_channel_providers_v1(%s, 'email', %s)", (tenant, Jsonb(relays)))
         other = conn.execute("select notify_api.create_tenant_v1('other')").fetchone()[0]["id"]  # type: ignore[index]
         if args.mode == "other":
             conn.execute("select notify_api.set_quiet_hours_v1(%s, %s)", (other, QUIET))
@@ -83,7 +103,11 @@ def main() -> None:
     median = {k: round(statistics.median(v), 2) for k, v in times.items()}
     q1 = {k: round(statistics.quantiles(v, n=4)[0], 2) for k, v in times.items()}
     ratios = {"ratio_median": round(median["tree"] / median["base"], 3), "ratio_q1": round(q1["tree"] / q1["base"], 3)}
-    print(json.dumps({"mode": args.mode, "limit": args.limit, "median_ms": median, "q1_ms": q1, **ratios}))
+    print(
+        json.dumps(
+            {"mode": args.mode, "providers": args.providers, "limit": args.limit, "median_ms": median, "q1_ms": q1, **ratios}
+        )
+    )
 
 
 if __name__ == "__main__":

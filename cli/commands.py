@@ -14,6 +14,7 @@
     dispatcher key rotate --tenant S ID [--overlap-seconds N]
     dispatcher key list --tenant S
     dispatcher provider set --tenant S --channel C --provider P [--setting K=V] [--secret K=env:VAR]
+    dispatcher provider chain --tenant S --channel C '[{"provider": ...}, ...]'
     dispatcher provider list --tenant S
     dispatcher login bind --login NAME --tenant S     bind a database login to a tenant (it then enters only its tenants)
     dispatcher login unbind --login NAME --tenant S
@@ -222,6 +223,21 @@ def cmd_provider_set(args: argparse.Namespace) -> None:
     print(json.dumps(row[0] if row else None, indent=2))
 
 
+def cmd_provider_chain(args: argparse.Namespace) -> None:
+    """Replaces a channel's failover chain with the JSON array given (or read from a file with @path)."""
+    text = Path(args.providers[1:]).read_text() if args.providers.startswith("@") else args.providers
+    try:
+        providers = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"providers must be a JSON array of {{provider, settings, secrets}}: {exc}") from None
+    with psycopg.connect(_url(args), autocommit=True) as conn:
+        row = conn.execute(
+            "select notify_api.set_channel_providers_v1(%s, %s::notify.channel, %s)",
+            (_tenant_id(conn, args.tenant), args.channel, Jsonb(providers)),
+        ).fetchone()
+    print(json.dumps(row[0] if row else None, indent=2))
+
+
 def cmd_provider_list(args: argparse.Namespace) -> None:
     with psycopg.connect(_url(args), autocommit=True) as conn:
         row = conn.execute("select notify_api.list_channel_providers_v1(%s)", (_tenant_id(conn, args.tenant),)).fetchone()
@@ -348,10 +364,19 @@ def _whatsapp_tiers(conn: psycopg.Connection) -> list[tuple]:
     return conn.execute("select tenant, waba_id, messaging_tier, reported_at from notify_api.whatsapp_limits_v1()").fetchall()
 
 
+def _provider_health(conn: psycopg.Connection) -> list[tuple]:
+    """Chained providers with recent "not sent" errors or a demotion in force (notify.provider_health)."""
+    return conn.execute(
+        "select tenant, channel::text, position, provider, errors, demoted, demoted_until, last_error_code"
+        " from notify_api.provider_health_v1()"
+    ).fetchall()
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     with psycopg.connect(_url(args), autocommit=True) as conn:
         rows = conn.execute("select * from notify_api.queue_health_v1()").fetchall()
         tiers = _whatsapp_tiers(conn)
+        health = _provider_health(conn)
     if args.json:
         cols = ["tenant", "channel", "due", "scheduled", "oldest_due_seconds", "sending", "leases_past_due", "unknown"]
         print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], indent=2, default=str))
@@ -359,6 +384,9 @@ def cmd_status(args: argparse.Namespace) -> None:
     for tenant, waba_id, tier, at in tiers:
         reported = at.isoformat(timespec="minutes")
         print(f"whatsapp messaging tier: tenant {tenant} business account {waba_id or '?'}: {tier or 'unknown'} ({reported})")
+    for tenant, channel, position, provider, errors, demoted, until, code in health:
+        state = f"demoted until {until.isoformat(timespec='seconds')}" if demoted else f"{errors} recent error(s)"
+        print(f"provider {state}: tenant {tenant} {channel} position {position} ({provider}), last error {code or '-'}")
     if not rows:
         print("queue empty: nothing due, scheduled, in flight or unknown")
         return
@@ -918,6 +946,18 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE")
     ps.add_argument("--secret", action="append", default=[], metavar="NAME=env:VAR|file:/path")
     ps.set_defaults(func=cmd_provider_set)
+    pc = provider.add_parser(
+        "chain",
+        parents=[db],
+        help="replace the failover chain of a tenant's channel (the primary first)",
+        description="PROVIDERS is a JSON array of {provider, settings, secrets} as `provider set` takes them, or @file. "
+        "A send known not to have been accepted moves to the next one at once; an ambiguous outcome never does on "
+        "WhatsApp or SMS.",
+    )
+    pc.add_argument("--tenant", required=True)
+    pc.add_argument("--channel", required=True, choices=CHANNELS)
+    pc.add_argument("providers", metavar="PROVIDERS")
+    pc.set_defaults(func=cmd_provider_chain)
     pl = provider.add_parser("list", parents=[db], help="the provider of each channel (secret references, never values)")
     pl.add_argument("--tenant", required=True)
     pl.set_defaults(func=cmd_provider_list)

@@ -51,6 +51,17 @@ WEBHOOKS = Counter(
     ["provider", "outcome"],
 )
 
+FAILOVERS = Counter(
+    "dispatcher_provider_failovers_total",
+    'Sends moved to the next provider of their chain after a known "not sent", by channel and the provider that refused',
+    ["channel", "provider"],
+)
+DEMOTIONS = Counter(
+    "dispatcher_provider_demotions_total",
+    'Chained providers demoted after repeated "not sent" errors (notify.provider_health), by channel and provider',
+    ["channel", "provider"],
+)
+
 _QUEUE = {
     "due": "Deliveries due now and not yet claimed",
     "scheduled": "Deliveries waiting for send_at or a retry",
@@ -70,12 +81,16 @@ class QueueHealth:
     def describe(self) -> Iterator[Metric]:
         for name, doc in _QUEUE.items():
             yield GaugeMetricFamily(f"dispatcher_queue_{name}", doc, labels=["tenant", "channel"])
+        yield GaugeMetricFamily("dispatcher_providers_demoted", "Chained providers demoted now", labels=["tenant", "channel"])
 
     def collect(self) -> Iterator[Metric]:
         families = {
             name: GaugeMetricFamily(f"dispatcher_queue_{name}", doc, labels=["tenant", "channel"]) for name, doc in _QUEUE.items()
         }
         up = GaugeMetricFamily("dispatcher_queue_health_up", "1 if queue health could be read from Postgres")
+        demoted = GaugeMetricFamily(
+            "dispatcher_providers_demoted", "Chained providers demoted now (notify.provider_health)", labels=["tenant", "channel"]
+        )
         try:
             with psycopg.connect(self.database_url, autocommit=True, connect_timeout=2) as conn:
                 for tenant, channel, due, scheduled, oldest, sending, past_due, unknown in conn.execute(
@@ -91,11 +106,19 @@ class QueueHealth:
                     }
                     for name, value in values.items():
                         families[name].add_metric([tenant, str(channel)], float(value))
+                counts: dict[tuple[str, str], int] = {}
+                for tenant, channel, is_demoted in conn.execute(
+                    "select tenant, channel::text, demoted from notify_api.provider_health_v1()"
+                ):
+                    counts[(tenant, channel)] = counts.get((tenant, channel), 0) + int(bool(is_demoted))
+                for (tenant, channel), n in sorted(counts.items()):
+                    demoted.add_metric([tenant, channel], float(n))
             up.add_metric([], 1.0)
         except psycopg.Error as exc:
             log.warning("queue health unavailable", extra={"error": type(exc).__name__})
             up.add_metric([], 0.0)
         yield from families.values()
+        yield demoted
         yield up
 
 

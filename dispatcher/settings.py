@@ -108,6 +108,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     log_deliveries: Annotated[bool, Env("DISPATCHER_LOG_DELIVERIES", W, "one log line per delivery attempt")] = True
     worker_concurrency: Annotated[int, Env("DISPATCHER_WORKER_CONCURRENCY", W, "procrastinate jobs at once per process")] = 4
     worker_pool_max: Annotated[int, Env("DISPATCHER_WORKER_POOL_MAX", W, "the worker's connection pool, largest")] = 20
+    # provider failover (docs/operations.md, "Provider failover"): N "not sent" errors within M seconds demote a
+    # chained provider for D seconds (tried after the healthy ones of its chain); a success ends it
+    failover_demote_errors: Annotated[
+        int, Env("DISPATCHER_FAILOVER_DEMOTE_ERRORS", W, '"not sent" errors that demote a chained provider (N)')
+    ] = 5
+    failover_window_seconds: Annotated[
+        float, Env("DISPATCHER_FAILOVER_WINDOW_SECONDS", W, "the window those errors are counted in (M)")
+    ] = 60.0
+    failover_demote_seconds: Annotated[float, Env("DISPATCHER_FAILOVER_DEMOTE_SECONDS", W, "how long a demotion lasts (D)")] = (
+        300.0
+    )
     worker_metrics_port: Annotated[
         int | None, Env("DISPATCHER_WORKER_METRICS_PORT", W, "port of the worker's metrics listener", parse=_port_or_none)
     ] = None

@@ -199,6 +199,15 @@ class _Api:
         body = {k: v for k, v in {"provider": provider, "settings": settings, "secrets": secrets}.items() if v is not None}
         return self._call(Call("PUT", f"/internal/channels/{channel}/provider", m.ProviderConfig, body))
 
+    def get_channel_providers(self, channel: m.Channel) -> m.ProviderConfig:
+        """The channel's provider and its failover chain in order, each with its health."""
+        return self._call(Call("GET", f"/internal/channels/{channel}/providers", m.ProviderConfig))
+
+    def set_channel_providers(self, channel: m.Channel, providers: list[Mapping[str, Any]]) -> m.ProviderConfig:
+        """Replaces the channel's whole failover chain: [{provider, settings, secrets}, ...], the primary first."""
+        body = {"providers": [dict(p) for p in providers]}
+        return self._call(Call("PUT", f"/internal/channels/{channel}/providers", m.ProviderConfig, body))
+
     def set_callbacks(
         self, url: str | None = None, *, retry_schedule_ms: Sequence[int] | None = None, enabled: bool | None = None
     ) -> m.Callbacks:

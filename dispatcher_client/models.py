@@ -369,6 +369,29 @@ class Policy(Model):
     updated_at: dt.datetime | None = None
 
 
+class ProviderHealth(Model):
+    """How a chained provider has been doing: a demoted one is tried after the healthy ones of its chain."""
+
+    demoted: bool = False
+    errors: int = 0
+    demotions: int = 0
+    demoted_until: dt.datetime | None = None
+    last_error_code: str | None = None
+    last_error_at: dt.datetime | None = None
+    last_success_at: dt.datetime | None = None
+
+
+class ChainEntry(Model):
+    """One provider of a channel's failover chain (position 0: the primary)."""
+
+    position: int
+    provider: str
+    settings: dict[str, Any]
+    secrets: dict[str, str]
+    health: ProviderHealth = msgspec.field(default_factory=ProviderHealth)
+    updated_at: dt.datetime | None = None
+
+
 class ProviderConfig(Model):
     channel: Channel
     provider: str
@@ -376,6 +399,7 @@ class ProviderConfig(Model):
     secrets: dict[str, str]
     default: bool
     updated_at: dt.datetime | None = None
+    chain: list[ChainEntry] = []  # the failover chain in order; empty for the built-in mock
 
 
 class Callbacks(Model):

@@ -61,6 +61,11 @@ class SendResult(msgspec.Struct, kw_only=True, frozen=True):
     # What the message costs as sent, when the provider knows it at send time (SMS: {encoding, segments, units}); kept
     # on the delivery (notify.attempt_result.pricing).
     pricing: dict[str, Any] | None = None
+    # Known "not sent": the provider's own protocol guarantees it accepted nothing (connection refused, DNS failure,
+    # connect timeout, authentication refused, a refusal before acceptance). Only then does the worker move the message
+    # to the next provider of its chain in the same attempt (docs/architecture.md, "Provider failover"). Never set for
+    # an ambiguous outcome (a timeout or reset after the request went out): WhatsApp and SMS never fail over on those.
+    not_sent: bool = False
 
 
 class StatusEvent(msgspec.Struct, kw_only=True, frozen=True):

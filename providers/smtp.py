@@ -215,6 +215,7 @@ class Smtp:
                     provider_message_id=message_id if phase == "data" else None,
                     error_code=code,
                     error_message=f"{type(exc).__name__} during {phase}",
+                    not_sent=phase != "data",  # refused, unreachable or dropped before DATA: the relay has nothing
                 )
             finally:
                 if client is not None:
@@ -223,14 +224,22 @@ class Smtp:
     @staticmethod
     def _classify(phase: str, code: int, text: str, message_id: str) -> SendResult:
         error_code, error_message = f"smtp_{code}", f"{code} {text}"[:500]
+        before_data = phase in ("connect", "auth", "mail", "rcpt")  # the relay refused before DATA: it accepted nothing
         if 400 <= code < 500 or code == 552 and phase == "rcpt":  # RFC 5321 4.5.3.1.10: 552 on RCPT is 452
-            return SendResult(outcome="retry", provider=NAME, error_code=error_code, error_message=error_message)
+            return SendResult(
+                outcome="retry", provider=NAME, error_code=error_code, error_message=error_message, not_sent=before_data
+            )
         if phase == "rcpt" and not text.startswith("5.7"):
             return SendResult(outcome="bounced", provider=NAME, error_code=error_code, error_message=error_message)
         if phase in ("connect", "auth", "mail") or (phase == "rcpt" and text.startswith("5.7")):
             # Our relay refuses us (credentials, relaying, sender): keep the message while an operator fixes it.
             return SendResult(
-                outcome="retry", provider=NAME, error_code=error_code, error_message=error_message, retry_after_seconds=300.0
+                outcome="retry",
+                provider=NAME,
+                error_code=error_code,
+                error_message=error_message,
+                retry_after_seconds=300.0,
+                not_sent=True,
             )
         return SendResult(outcome="failed", provider=NAME, error_code=error_code, error_message=error_message)
 
@@ -253,6 +262,7 @@ class Smtp:
                     error_code="unsafe_endpoint",
                     error_message=str(exc),
                     retry_after_seconds=300.0,
+                    not_sent=True,
                 )
                 for _ in messages
             ]
@@ -261,7 +271,14 @@ class Smtp:
         except SecretMissing as exc:
             log.error("smtp password unavailable", extra={"reason": str(exc)})
             return [
-                SendResult(outcome="retry", provider=NAME, error_code=exc.code, error_message=str(exc), retry_after_seconds=300.0)
+                SendResult(
+                    outcome="retry",
+                    provider=NAME,
+                    error_code=exc.code,
+                    error_message=str(exc),
+                    retry_after_seconds=300.0,
+                    not_sent=True,
+                )
                 for _ in messages
             ]
         built = [self._build(m) for m in messages]  # all built before any is sent

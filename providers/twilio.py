@@ -138,6 +138,7 @@ def classify(code: int | None, message: str, http_status: int, retry_after: str 
             error_code=error_code,
             error_message=message,
             retry_after_seconds=_retry_after(retry_after, RETRY_AFTER_DEFAULT if code != 14107 else 5.0),
+            not_sent=True,  # refused as too many: no message was created
         )
     if code in CONFIGURATION or http_status in (401, 403):
         log.error("twilio account or credentials need an operator", extra={"error_code": error_code})
@@ -147,6 +148,7 @@ def classify(code: int | None, message: str, http_status: int, retry_after: str 
             error_code=error_code,
             error_message=message,
             retry_after_seconds=CONFIGURATION_RETRY_SECONDS,
+            not_sent=True,  # credentials or account refused: no message was created
         )
     if http_status == 503:
         # Service unavailable: Twilio refused the request before creating a message (safe to send again).
@@ -156,6 +158,7 @@ def classify(code: int | None, message: str, http_status: int, retry_after: str 
             error_code=error_code,
             error_message=message or "service unavailable",
             retry_after_seconds=_retry_after(retry_after, 5.0),
+            not_sent=True,
         )
     if http_status >= 500:
         # Any other server error: the message may have been created; no blind resend.
@@ -232,7 +235,9 @@ class Twilio:
             response = await self._client.post(url, data=form, headers=headers, auth=auth, extensions=extensions)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Never left us: safe to retry.
-            return SendResult(outcome="retry", provider=NAME, error_code="connect_failed", error_message=type(exc).__name__)
+            return SendResult(
+                outcome="retry", provider=NAME, error_code="connect_failed", error_message=type(exc).__name__, not_sent=True
+            )
         except httpx.HTTPError as exc:
             # The request may have reached Twilio (a read timeout, a reset after it was written): never resent blindly.
             return SendResult(outcome="unknown", provider=NAME, error_code="no_response", error_message=type(exc).__name__)
@@ -252,7 +257,8 @@ class Twilio:
             if payload.get("status") == "failed" and payload.get("error_code"):
                 code = int(payload["error_code"]) if str(payload["error_code"]).isdigit() else None
                 result = classify(code, str(payload.get("error_message") or DESCRIPTIONS.get(code or 0, "failed")), 400)
-                return SendResult(**{**_fields(result), "provider_message_id": sid, "pricing": parts})
+                # A message was created (it has a sid): whatever the error, never "not sent".
+                return SendResult(**{**_fields(result), "provider_message_id": sid, "pricing": parts, "not_sent": False})
             return SendResult(outcome="sent", provider=NAME, provider_message_id=sid, pricing=parts)
         code = payload.get("code")
         code = int(code) if isinstance(code, int | str) and str(code).isdigit() else None
@@ -287,6 +293,7 @@ class Twilio:
                     error_code="unsafe_endpoint",
                     error_message=str(exc),
                     retry_after_seconds=CONFIGURATION_RETRY_SECONDS,
+                    not_sent=True,
                 )
                 for _ in messages
             ]
@@ -301,6 +308,7 @@ class Twilio:
                     error_code=exc.code,
                     error_message=str(exc),
                     retry_after_seconds=CONFIGURATION_RETRY_SECONDS,
+                    not_sent=True,
                 )
                 for _ in messages
             ]

@@ -98,7 +98,10 @@ def classify(code: int | None, title: str, http_status: int) -> SendResult:
         return SendResult(outcome="suppressed", provider=NAME, error_code=error_code, error_message=title)
     if account_level(code):
         log.error("whatsapp account or credentials need an operator", extra={"error_code": error_code})
-        return SendResult(outcome="retry", provider=NAME, error_code=error_code, error_message=title, retry_after_seconds=300.0)
+        # Refused with a Graph error object (token, permissions, account): Meta accepted nothing.
+        return SendResult(
+            outcome="retry", provider=NAME, error_code=error_code, error_message=title, retry_after_seconds=300.0, not_sent=True
+        )
     if code is None and http_status >= 500:
         # No Meta error object: we cannot tell whether the message was accepted.
         return SendResult(outcome="unknown", provider=NAME, error_code=error_code, error_message=title or "server error")
@@ -193,7 +196,9 @@ class WhatsAppCloud:
             )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Never left us: safe to retry.
-            return SendResult(outcome="retry", provider=NAME, error_code="connect_failed", error_message=type(exc).__name__)
+            return SendResult(
+                outcome="retry", provider=NAME, error_code="connect_failed", error_message=type(exc).__name__, not_sent=True
+            )
         except httpx.HTTPError as exc:
             # The request may have reached Meta: no blind resend on WhatsApp.
             return SendResult(outcome="unknown", provider=NAME, error_code="no_response", error_message=type(exc).__name__)
@@ -225,6 +230,7 @@ class WhatsAppCloud:
                     error_code="unsafe_endpoint",
                     error_message=str(exc),
                     retry_after_seconds=300.0,
+                    not_sent=True,
                 )
                 for _ in messages
             ]
@@ -233,7 +239,14 @@ class WhatsAppCloud:
         except SecretMissing as exc:
             log.error("whatsapp access token unavailable", extra={"phone_number_id": self._phone, "reason": str(exc)})
             return [
-                SendResult(outcome="retry", provider=NAME, error_code=exc.code, error_message=str(exc), retry_after_seconds=300.0)
+                SendResult(
+                    outcome="retry",
+                    provider=NAME,
+                    error_code=exc.code,
+                    error_message=str(exc),
+                    retry_after_seconds=300.0,
+                    not_sent=True,
+                )
                 for _ in messages
             ]
         results: list[SendResult] = []

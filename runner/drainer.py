@@ -31,6 +31,7 @@ RECORD = (
 RECORD_MOCK = "select notify_api.record_mock_messages_v1(%(messages)s)"
 TAKE_TOKENS = "select notify_api.take_tokens_v1(%(key)s, %(rate)s, %(wanted)s) as granted"
 CHANNEL_RULES = "select notify_api.channel_rules_v1() as rules"
+RECORD_HEALTH = "select notify_api.record_provider_health_v1(%(health)s, %(errors)s, %(window)s, %(demote)s) as demoted"
 
 _to_builtins = msgspec.to_builtins
 
@@ -90,7 +91,9 @@ class DeliveryDrainer:
 
     async def send_batch(self, channel: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []
-        groups: dict[str, tuple[str, dict[str, Any] | None, list[Message], list[dict[str, Any]]]] = {}
+        # Each delivery with its provider chain (the claim's provider, then its fallbacks in order: docs/architecture.md,
+        # "Provider failover"): (name, config, position) per step.
+        pending: list[tuple[Message, dict[str, Any], list[tuple[str, dict[str, Any] | None, int | None]]]] = []
         # Off the event loop, bounded in time and memory; any failure preparing one delivery fails that delivery alone.
         try:
             # A claim returns one content per (tenant, template, locale): that is its key.
@@ -119,22 +122,97 @@ class DeliveryDrainer:
                     rendered=rendered,
                     category=row["category"],
                 )
-                name, config = row.get("provider") or "mock", row.get("provider_config")
-                group_key = f"{name}:{json.dumps(config, sort_keys=True, default=str) if config else ''}"
+                chain = [(row.get("provider") or "mock", row.get("provider_config"), row.get("provider_position"))]
+                chain += [(f["provider"], f.get("provider_config"), f.get("position")) for f in row.get("fallbacks") or ()]
             except Exception as exc:  # noqa: BLE001
                 message_text = str(exc) if isinstance(exc, _PrepareFailed) else type(exc).__name__
                 results.append(
                     {**base, "outcome": "failed", "provider": None, "error_code": "render_failed", "error_message": message_text}
                 )
                 continue
-            groups.setdefault(group_key, (name, config, [], []))[2].append(message)
-            groups[group_key][3].append(base)
-        sent_groups = await asyncio.gather(
-            *(self._send_group(channel, name, config, messages, bases) for name, config, messages, bases in groups.values())
-        )
-        for group in sent_groups:
-            results.extend(group)
+            pending.append((message, base, chain))
+        # (tenant, position) -> [failures, successes, last error code, provider name]
+        health: dict[tuple[str, int], list[Any]] = {}
+        earlier: dict[str, list[str]] = {}  # delivery id -> the providers that refused it before, in order
+        step = 0
+        while pending:
+            groups: dict[str, tuple[str, dict[str, Any] | None, list[Message], list[dict[str, Any]], list[Any]]] = {}
+            for message, base, chain in pending:
+                name, config, _ = chain[step]
+                group_key = f"{name}:{json.dumps(config, sort_keys=True, default=str) if config else ''}"
+                group = groups.setdefault(group_key, (name, config, [], [], []))
+                group[2].append(message)
+                group[3].append(base)
+                group[4].append(chain)
+            sent_groups = await asyncio.gather(
+                *(
+                    self._send_group(channel, name, config, messages, bases)
+                    for name, config, messages, bases, _ in groups.values()
+                )
+            )
+            pending = []
+            for (_name, _config, messages, bases, chains), sent in zip(groups.values(), sent_groups, strict=True):
+                for message, base, chain, result in zip(messages, bases, chains, sent, strict=True):
+                    name, _, position = chain[step]
+                    not_sent = bool(result.pop("not_sent", False))
+                    if len(chain) > 1 and position is not None:
+                        counts = health.setdefault((base["tenant_id"], position), [0, 0, None, name])
+                        if not_sent:
+                            counts[0] += 1
+                            counts[2] = result.get("error_code")
+                        elif result["outcome"] == "sent":
+                            counts[1] += 1
+                    if not_sent and step + 1 < len(chain):
+                        # Known not accepted: the next provider of the chain, now, in the same attempt.
+                        earlier.setdefault(base["delivery_id"], []).append(
+                            f"{name} (position {position}): {result.get('error_code') or 'not sent'}"
+                        )
+                        metrics.FAILOVERS.labels(channel, name).inc()
+                        pending.append((message, base, chain))
+                        continue
+                    before = earlier.get(base["delivery_id"])
+                    if before:
+                        # The history keeps what the earlier providers answered (docs/architecture.md, "Provider failover").
+                        note = "failed over from " + "; ".join(before)
+                        result["error_message"] = (
+                            f"{note}; then: {result['error_message']}" if result.get("error_message") else note
+                        )
+                    results.append(result)
+            step += 1
+        if health:
+            await self._record_health(channel, health)
         return results
+
+    async def _record_health(self, channel: str, health: dict[tuple[str, int], list[Any]]) -> None:
+        """One call per batch, for chained providers only: a failure here never loses the batch's outcomes."""
+        rows = [
+            {"tenant_id": tenant, "channel": channel, "position": position, "failures": f, "successes": ok, "error_code": code}
+            for (tenant, position), (f, ok, code, _) in sorted(health.items())
+        ]
+        try:
+            row = await self.connector.execute_query_one_async(
+                RECORD_HEALTH,
+                health=Jsonb(rows),
+                errors=self.settings.failover_demote_errors,
+                window=self.settings.failover_window_seconds,
+                demote=self.settings.failover_demote_seconds,
+            )
+        except Exception:  # noqa: BLE001 - health is advice for the next claims; the sends are recorded regardless
+            log.exception("provider health not recorded", extra={"channel": channel})
+            return
+        for demoted in row["demoted"] or []:
+            name = health.get((demoted["tenant_id"], demoted["position"]), [None, None, None, "unknown"])[3]
+            log.warning(
+                "provider demoted",
+                extra={
+                    "channel": channel,
+                    "tenant_id": demoted["tenant_id"],
+                    "provider": name,
+                    "position": demoted["position"],
+                    "until": demoted["demoted_until"],
+                },
+            )
+            metrics.DEMOTIONS.labels(channel, name).inc()
 
     async def _send_group(
         self, channel: str, name: str, config: dict[str, Any] | None, messages: list[Message], bases: list[dict[str, Any]]

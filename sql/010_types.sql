@@ -112,7 +112,9 @@ create type notify.claimed_delivery as (
     provider text,
     provider_config jsonb,
     http_request_id text,
-    trace_parent text
+    trace_parent text,
+    provider_position smallint,
+    fallbacks jsonb
 );
 comment on type notify.claimed_delivery is
-    'What the worker needs to send one claimed delivery: where to, the template content, the variables, and the tenant''s provider for the channel (settings and secret references, never secrets).';
+    'What the worker needs to send one claimed delivery: where to, the template content, the variables, and the tenant''s provider for the channel (settings and secret references, never secrets). provider_position: the place of that provider in the tenant''s chain (notify.channel_providers.position; null for the built-in mock); fallbacks: the rest of the chain in the order to try them, [{provider, position, provider_config}], null when there is none (docs/architecture.md, "Provider failover").';

@@ -108,7 +108,10 @@ create table notify.channel_providers (
     settings jsonb not null default '{}',
     secrets jsonb not null default '{}',
     updated_at timestamptz not null default now(),
-    primary key (tenant_id, channel),
+    -- Its place in the channel's failover chain: 0 the primary (set_channel_provider_v1), then the fallbacks in order.
+    position smallint not null default 0,
+    primary key (tenant_id, channel, position),
+    constraint channel_providers_position check (position between 0 and 4),
     constraint channel_providers_kind foreign key (provider, channel) references notify.provider_kinds (name, channel),
     constraint channel_providers_secret_refs check (notify._secret_refs_valid(secrets))
 );
@@ -116,6 +119,8 @@ comment on table notify.channel_providers is
     'Which provider serves a tenant''s channel, its settings, and references to its secrets. No row: the built-in mock provider.';
 comment on column notify.channel_providers.secrets is
     'Secret references only, {"name": "env:VAR" | "file:/path"}; resolved by the worker at send time, never stored.';
+comment on column notify.channel_providers.position is
+    'The provider''s place in the channel''s failover chain: 0 the primary, 1.. the fallbacks tried in order when a send is known not to have been accepted (notify_api.set_channel_providers_v1). Every reader that wants one provider per channel takes position 0 on purpose.';
 -- A business number belongs to one tenant: inbound messages (the 24-hour window, opt-out keywords) are routed by it.
 -- (Global, not per tenant, like api_clients.key_hash: a webhook names the number before its tenant is known.)
 create unique index channel_providers_phone_number_id_key on notify.channel_providers ((settings ->> 'phone_number_id'))
@@ -123,6 +128,30 @@ create unique index channel_providers_phone_number_id_key on notify.channel_prov
 -- A Twilio number belongs to one tenant too: inbound SMS (STOP, START, HELP) are routed by the number they were sent to.
 create unique index channel_providers_twilio_number_key on notify.channel_providers ((settings ->> 'from_number'))
     where provider = 'twilio';
+
+-- Failover (docs/architecture.md, "Provider failover"): how a chain's providers have been doing, shared by every worker.
+create table notify.provider_health (
+    tenant_id uuid not null,
+    channel notify.channel not null,
+    position smallint not null,
+    errors integer not null default 0,
+    window_started_at timestamptz,
+    demoted_until timestamptz,
+    demotions integer not null default 0,
+    last_error_code text,
+    last_error_at timestamptz,
+    last_success_at timestamptz,
+    updated_at timestamptz not null default now(),
+    primary key (tenant_id, channel, position),
+    constraint provider_health_provider foreign key (tenant_id, channel, position)
+        references notify.channel_providers (tenant_id, channel, position) on delete cascade
+);
+comment on table notify.provider_health is
+    'Recent "not sent" errors of each provider of a chain (notify_api.record_provider_health_v1, written by the worker once per batch): N errors within M seconds demote it until demoted_until (the claim tries it after the healthy ones); a success resets it. Replacing a chain or its primary starts its health afresh.';
+comment on column notify.provider_health.errors is
+    '"Not sent" errors (connection refused, authentication refused, refused before acceptance) since window_started_at; reset by a success, a demotion, or a window older than the deployment''s failover_window_seconds.';
+comment on column notify.provider_health.demoted_until is
+    'Until then the claim puts this provider after the healthy ones of its chain (or alone, last, when all are demoted). Null or past: not demoted.';
 
 create table notify.whatsapp_windows (
     tenant_id uuid not null references notify.tenants (id),

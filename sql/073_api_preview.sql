@@ -266,7 +266,8 @@ begin
                  and (x.category is null or x.category = s.category)
                order by x.id desc
                limit 1) ce on true
-          left join notify.channel_providers cp on cp.tenant_id = p_tenant_id and cp.channel = c.channel
+          -- the primary (position 0): what the dry run names as the provider (a failover chain's fallbacks are not shown)
+          left join notify.channel_providers cp on cp.tenant_id = p_tenant_id and cp.channel = c.channel and cp.position = 0
     ), decided as (
         select r.*,
                case when v_test then 'mock' else coalesce(r.configured_provider, 'mock') end as provider_name,
@@ -293,7 +294,7 @@ begin
                         and r.address is not null
                    and not exists (
                        select from notify.whatsapp_windows w
-                         join notify.channel_providers x on x.tenant_id = p_tenant_id and x.channel = 'whatsapp'
+                         join notify.channel_providers x on x.tenant_id = p_tenant_id and x.channel = 'whatsapp' and x.position = 0
                         where w.tenant_id = p_tenant_id and w.phone_number_id = x.settings ->> 'phone_number_id'
                           and w.wa_id = ltrim(r.address, '+') and w.last_inbound_at > v_now - interval '24 hours'), false) as outside_window
           from rows r

@@ -78,10 +78,10 @@ $$;
 comment on function notify._host_public(text) is
     'True if a host name or IP literal may be a tenant''s provider endpoint without a private_endpoints grant (syntax only; the worker checks the resolved addresses).';
 
-create function notify_api.set_channel_provider_v1(p_tenant_id uuid, p_channel notify.channel, p_body jsonb)
+create function notify._provider_entry(p_tenant_id uuid, p_channel notify.channel, p_body jsonb)
     returns jsonb
     language plpgsql
-    security definer
+    stable
     set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -93,9 +93,7 @@ declare
     v_ref text;
     v_grant notify.provider_grants;
     v_host text;
-    v_constraint text;
 begin
-    perform notify._enter(p_tenant_id);
     select * into v_grant from notify.provider_grants g where g.tenant_id = p_tenant_id;
     perform notify._check_keys(p_body, array['provider', 'settings', 'secrets'], '');
     v_provider := notify._text_field(p_body, 'provider', '', true, 40);
@@ -227,10 +225,29 @@ begin
         v_settings := v_settings || jsonb_build_object('waba_id', v_settings ->> 'waba_id');
     end if;
 
-    insert into notify.channel_providers as c (tenant_id, channel, provider, settings, secrets)
-    values (p_tenant_id, p_channel, v_provider, v_kind.defaults || v_settings, v_secrets)
-    on conflict (tenant_id, channel) do update
+    return jsonb_build_object('provider', v_provider, 'settings', v_kind.defaults || v_settings, 'secrets', v_secrets);
+end
+$$;
+comment on function notify._provider_entry(uuid, notify.channel, jsonb) is
+    'The checks of one provider configuration {provider, settings, secrets} for a tenant''s channel (the tenant entered by the caller), the errors naming the field within the entry (settings.host); returns it ready to store, settings merged over the provider''s defaults. Shared by notify_api.set_channel_provider_v1 and set_channel_providers_v1 (which prefixes the field with providers[i].).';
+
+create function notify_api.set_channel_provider_v1(p_tenant_id uuid, p_channel notify.channel, p_body jsonb)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_entry jsonb;
+    v_constraint text;
+begin
+    perform notify._enter(p_tenant_id);
+    v_entry := notify._provider_entry(p_tenant_id, p_channel, p_body);
+    insert into notify.channel_providers as c (tenant_id, channel, position, provider, settings, secrets)
+    values (p_tenant_id, p_channel, 0, v_entry ->> 'provider', v_entry -> 'settings', v_entry -> 'secrets')
+    on conflict (tenant_id, channel, position) do update
         set provider = excluded.provider, settings = excluded.settings, secrets = excluded.secrets, updated_at = now();
+    delete from notify.provider_health h where h.tenant_id = p_tenant_id and h.channel = p_channel and h.position = 0;  -- a new primary starts afresh
     return (select p from jsonb_array_elements(notify_api.list_channel_providers_v1(p_tenant_id)) p where p ->> 'channel' = p_channel::text);
 exception
     when unique_violation then  -- channel_providers_phone_number_id_key (WhatsApp), _twilio_number_key: the number is another tenant's
@@ -245,7 +262,63 @@ exception
 end
 $$;
 comment on function notify_api.set_channel_provider_v1(uuid, notify.channel, jsonb) is
-    'Sets the provider of a tenant''s channel: {provider: mock|whatsapp_cloud|smtp|twilio, settings, secrets: {name: "env:VAR"|"file:/path"}}. Settings are checked per provider and merged over its defaults (WhatsApp: rate_per_second at most 1000, waba_id routes account-level webhooks; Twilio (sms): account_sid, from_number and/or messaging_service_sid, api_key_sid with secrets.api_key_secret, secrets.auth_token always, validity_period, extra opt_out_keywords/opt_in_keywords); secret references must lie in the tenant''s operator-set grant (notify.provider_grants), endpoints must be public hosts unless granted, a WhatsApp or Twilio number belongs to one tenant.';
+    'Sets the provider of a tenant''s channel (its primary, position 0 of the failover chain; the fallbacks stay): {provider: mock|whatsapp_cloud|smtp|twilio, settings, secrets: {name: "env:VAR"|"file:/path"}}. Settings are checked per provider and merged over its defaults (WhatsApp: rate_per_second at most 1000, waba_id routes account-level webhooks; Twilio (sms): account_sid, from_number and/or messaging_service_sid, api_key_sid with secrets.api_key_secret, secrets.auth_token always, validity_period, extra opt_out_keywords/opt_in_keywords); secret references must lie in the tenant''s operator-set grant (notify.provider_grants), endpoints must be public hosts unless granted, a WhatsApp or Twilio number belongs to one tenant.';
+
+create function notify_api.set_channel_providers_v1(p_tenant_id uuid, p_channel notify.channel, p_providers jsonb)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_entries jsonb[] := '{}';
+    v_at integer;
+    v_state text;
+    v_message text;
+    v_type text;
+    v_field text;
+    v_constraint text;
+begin
+    perform notify._enter(p_tenant_id);
+    if jsonb_typeof(p_providers) is distinct from 'array' or jsonb_array_length(p_providers) not between 1 and 5 then
+        perform notify._raise('ND400', 'invalid_value', 'providers must be a list of 1 to 5 providers, the primary first', 'providers');
+    end if;
+    -- Every entry is checked before anything is written, with set_channel_provider_v1's checks (notify._provider_entry),
+    -- its error's field prefixed with the entry: providers[1].settings.host.
+    for v_i in 0 .. jsonb_array_length(p_providers) - 1 loop
+        begin
+            v_entries := v_entries || notify._provider_entry(p_tenant_id, p_channel, p_providers -> v_i);
+        exception
+            when others then
+                get stacked diagnostics v_state = returned_sqlstate, v_message = message_text, v_type = constraint_name,
+                                        v_field = column_name;
+                if v_state !~ '^ND' then
+                    raise;
+                end if;
+                perform notify._raise(v_state, v_type, format('providers[%s]: %s', v_i, v_message),
+                                      format('providers[%s]', v_i) || coalesce('.' || nullif(v_field, ''), ''));
+        end;
+    end loop;
+    -- The whole chain is replaced (its health with it: provider_health cascades), each number still one tenant's.
+    delete from notify.channel_providers c where c.tenant_id = p_tenant_id and c.channel = p_channel;
+    for v_i in 1 .. cardinality(v_entries) loop
+        v_at := v_i - 1;
+        insert into notify.channel_providers (tenant_id, channel, position, provider, settings, secrets)
+        values (p_tenant_id, p_channel, v_at, v_entries[v_i] ->> 'provider', v_entries[v_i] -> 'settings', v_entries[v_i] -> 'secrets');
+    end loop;
+    return (select p from jsonb_array_elements(notify_api.list_channel_providers_v1(p_tenant_id)) p where p ->> 'channel' = p_channel::text);
+exception
+    when unique_violation then  -- a WhatsApp or Twilio number is another tenant's, or twice in this chain
+        get stacked diagnostics v_constraint = constraint_name;
+        perform notify._raise('ND409', 'phone_number_taken',
+            format('providers[%s]: %s is configured elsewhere (another tenant''s, or earlier in this chain): a number belongs to one tenant and one place',
+                   v_at, case when v_constraint = 'channel_providers_twilio_number_key' then 'settings.from_number' else 'settings.phone_number_id' end),
+            format('providers[%s].', v_at) || case when v_constraint = 'channel_providers_twilio_number_key' then 'settings.from_number'
+                                                   else 'settings.phone_number_id' end);
+end
+$$;
+comment on function notify_api.set_channel_providers_v1(uuid, notify.channel, jsonb) is
+    'Replaces a tenant''s whole provider chain of a channel at once: an ordered array of 1 to 5 {provider, settings, secrets} (as set_channel_provider_v1 takes), the primary first, then the fallbacks a send known not to have been accepted moves to (docs/architecture.md, "Provider failover"). Each entry gets set_channel_provider_v1''s checks, an error naming providers[i].<field>; nothing is written unless every entry passes. The chain''s health starts afresh. Returns the channel as list_channel_providers_v1 shows it.';
 
 create function notify_api.list_channel_providers_v1(p_tenant_id uuid)
     returns jsonb
@@ -258,12 +331,95 @@ as $$
     select jsonb_agg(jsonb_build_object(
                'channel', c, 'provider', coalesce(p.provider, 'mock'), 'settings', coalesce(p.settings, '{}'),
                'secrets', coalesce(p.secrets, '{}'),
-               'default', p.provider is null, 'updated_at', p.updated_at) order by c)
+               'default', p.provider is null, 'updated_at', p.updated_at,
+               -- the failover chain in order (the primary first), each with its health (notify.provider_health)
+               'chain', coalesce((
+                   select jsonb_agg(jsonb_build_object(
+                              'position', x.position, 'provider', x.provider, 'settings', x.settings, 'secrets', x.secrets,
+                              'updated_at', x.updated_at,
+                              'health', jsonb_build_object(
+                                  'demoted', coalesce(h.demoted_until > now(), false), 'demoted_until', h.demoted_until,
+                                  'errors', coalesce(h.errors, 0), 'demotions', coalesce(h.demotions, 0),
+                                  'last_error_code', h.last_error_code, 'last_error_at', h.last_error_at,
+                                  'last_success_at', h.last_success_at)) order by x.position)
+                     from notify.channel_providers x
+                     left join notify.provider_health h on h.tenant_id = x.tenant_id and h.channel = x.channel and h.position = x.position
+                    where x.tenant_id = p_tenant_id and x.channel = c), '[]')) order by c)
       from unnest(enum_range(null::notify.channel)) c
-      left join notify.channel_providers p on p.tenant_id = p_tenant_id and p.channel = c
+      left join notify.channel_providers p on p.tenant_id = p_tenant_id and p.channel = c and p.position = 0
 $$;
 comment on function notify_api.list_channel_providers_v1(uuid) is
-    'The provider of every channel of a tenant, with its secret references ("env:NAME", "file:/path"; a name is not a secret, values are never stored).';
+    'The provider of every channel of a tenant (its primary, position 0), with its secret references ("env:NAME", "file:/path"; a name is not a secret, values are never stored), and the whole failover chain in order with each provider''s health (chain: [{position, provider, settings, secrets, updated_at, health: {demoted, demoted_until, errors, demotions, last_error_code, last_error_at, last_success_at}}]; empty for the built-in mock).';
+
+create function notify_api.record_provider_health_v1(p_health jsonb, p_errors integer, p_window_seconds double precision,
+                                                     p_demote_seconds double precision)
+    returns jsonb
+    language plpgsql
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_demoted jsonb;
+begin
+    -- The worker's one call per batch (runner/drainer.py), for the providers of chains only: per (tenant, channel,
+    -- position), how many sends it was known not to accept ("not sent") and how many it accepted. A success resets the
+    -- count and ends a demotion; p_errors "not sent" within p_window_seconds demote it for p_demote_seconds. Rows are
+    -- locked in key order, so two workers' batches wait for each other instead of deadlocking.
+    update notify.provider_health h
+       set errors = 0, window_started_at = null, demoted_until = null, last_success_at = now(), updated_at = now()
+      from jsonb_to_recordset(coalesce(p_health, '[]')) as i(tenant_id uuid, channel notify.channel, position smallint, failures integer, successes integer, error_code text)
+     where h.tenant_id = i.tenant_id and h.channel = i.channel and h.position = i.position and i.successes > 0
+       and (h.errors > 0 or h.demoted_until is not null);
+    insert into notify.provider_health as h (tenant_id, channel, position, errors, window_started_at, last_error_code, last_error_at)
+    select i.tenant_id, i.channel, i.position, sum(i.failures), now(), left(max(i.error_code), 100), now()
+      from jsonb_to_recordset(coalesce(p_health, '[]')) as i(tenant_id uuid, channel notify.channel, position smallint, failures integer, successes integer, error_code text)
+     where i.failures > 0
+       -- the chain may have been replaced since the claim: a position that is gone has no health
+       and exists (select from notify.channel_providers cp
+                    where cp.tenant_id = i.tenant_id and cp.channel = i.channel and cp.position = i.position)
+     group by i.tenant_id, i.channel, i.position
+     order by i.tenant_id, i.channel, i.position
+    on conflict on constraint provider_health_pkey do update
+       set errors = case when h.window_started_at is null or h.window_started_at < now() - make_interval(secs => p_window_seconds)
+                         then excluded.errors else h.errors + excluded.errors end,
+           window_started_at = case when h.window_started_at is null or h.window_started_at < now() - make_interval(secs => p_window_seconds)
+                                    then now() else h.window_started_at end,
+           last_error_code = excluded.last_error_code, last_error_at = now(), updated_at = now();
+    with demoted as (
+    update notify.provider_health h
+       set demoted_until = now() + make_interval(secs => p_demote_seconds), demotions = h.demotions + 1, errors = 0,
+           window_started_at = null, updated_at = now()
+      from jsonb_to_recordset(coalesce(p_health, '[]')) as i(tenant_id uuid, channel notify.channel, position smallint, failures integer, successes integer, error_code text)
+     where h.tenant_id = i.tenant_id and h.channel = i.channel and h.position = i.position and i.failures > 0
+       and h.errors >= greatest(p_errors, 1)
+    returning h.tenant_id, h.channel, h.position, h.demoted_until)
+    select coalesce(jsonb_agg(jsonb_build_object('tenant_id', d.tenant_id, 'channel', d.channel, 'position', d.position,
+                                                 'demoted_until', d.demoted_until)), '[]')
+      into v_demoted from demoted d;
+    return v_demoted;
+end
+$$;
+comment on function notify_api.record_provider_health_v1(jsonb, integer, double precision, double precision) is
+    'The worker''s record of its batch''s sends per chained provider, [{tenant_id, channel, position, failures, successes, error_code}] (failures: sends known not to have been accepted). A success resets the provider''s count and ends its demotion; p_errors failures within p_window_seconds demote it for p_demote_seconds (the deployment''s failover settings). Returns the providers this call demoted, [{tenant_id, channel, position, demoted_until}]. Cross-tenant (runs as notify_system); granted to notify_service only.';
+
+create function notify_api.provider_health_v1()
+    returns table (tenant text, channel notify.channel, "position" smallint, provider text, errors integer, demoted boolean,
+                   demoted_until timestamptz, demotions integer, last_error_code text, last_error_at timestamptz)
+    language sql
+    stable
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+    select t.slug, h.channel, h.position, cp.provider, h.errors, coalesce(h.demoted_until > now(), false), h.demoted_until,
+           h.demotions, h.last_error_code, h.last_error_at
+      from notify.provider_health h
+      join notify.channel_providers cp on cp.tenant_id = h.tenant_id and cp.channel = h.channel and cp.position = h.position
+      join notify.tenants t on t.id = h.tenant_id
+     where h.errors > 0 or h.demoted_until > now()
+     order by 1, 2, 3
+$$;
+comment on function notify_api.provider_health_v1() is
+    'Operators (dispatcher status, the metrics endpoint): every chained provider with recent "not sent" errors or a demotion in force, per tenant, channel and position.';
 
 create function notify_api.set_provider_grants_v1(p_tenant_id uuid, p_env_prefix text, p_file_dir text, p_private_endpoints boolean)
     returns jsonb

@@ -116,6 +116,28 @@ begin
                  limit s.n
                    for update skip locked) d
          limit p_limit  -- the shares add up to p_limit at most: this tells the planner how many rows come (a nested loop)
+    ), chain as materialized (
+        -- The claimed tenants' provider chains of this channel (notify.channel_providers, position 0 the primary), the
+        -- demoted providers (notify.provider_health) after the healthy ones, each group in position order: rank 1 is the
+        -- provider to try first, the others its fallbacks (docs/architecture.md, "Provider failover"). One index probe
+        -- per claimed tenant, not per row.
+        select cp.tenant_id, cp.position, cp.provider, cp.settings, cp.secrets, cp.updated_at,
+               row_number() over (partition by cp.tenant_id order by coalesce(h.demoted_until > now(), false), cp.position) as rank
+          from notify.channel_providers cp
+          left join notify.provider_health h on h.tenant_id = cp.tenant_id and h.channel = cp.channel and h.position = cp.position
+         where cp.channel = p_channel and cp.tenant_id in (select distinct u.tenant_id from due u)
+    ), fallbacks as materialized (
+        select f.tenant_id,
+               jsonb_agg(jsonb_build_object(
+                   'provider', f.provider, 'position', f.position,
+                   'provider_config', jsonb_build_object('settings', f.settings, 'secrets', f.secrets, 'updated_at', f.updated_at,
+                                                         'grants', (select jsonb_build_object('env_prefix', g.env_prefix, 'file_dir', g.file_dir,
+                                                                                              'private_endpoints', g.private_endpoints)
+                                                                      from notify.provider_grants g where g.tenant_id = f.tenant_id)))
+                   order by f.rank) as fallbacks
+          from chain f
+         where f.rank > 1
+         group by f.tenant_id
     ), decided as materialized (
         -- Expiry and consent are checked again here: a revoke or a deadline between submit and send wins.
         -- Free-form WhatsApp text outside the 24-hour customer-service window is refused, not sent to fail.
@@ -130,6 +152,8 @@ begin
                                                                                  'private_endpoints', g.private_endpoints)
                                                          from notify.provider_grants g where g.tenant_id = d.tenant_id)) end
                    as provider_config,
+               case when not (d.test or r.test) then cp.position end as provider_position,
+               case when not (d.test or r.test) then fb.fallbacks end as fallbacks,
                r.http_request_id, r.trace_parent,
                case when d.expires_at is not null and d.expires_at <= now() then 'expired'
                     when not consent.allowed then 'suppressed'
@@ -146,7 +170,8 @@ begin
           from due d
           join notify.notification_requests r on r.tenant_id = d.tenant_id and r.id = d.request_id
          cross join lateral notify._consent(d.tenant_id, d.recipient_id, d.channel, r.category) consent
-          left join notify.channel_providers cp on cp.tenant_id = d.tenant_id and cp.channel = d.channel
+          left join chain cp on cp.tenant_id = d.tenant_id and cp.rank = 1
+          left join fallbacks fb on fb.tenant_id = d.tenant_id
           left join notify.templates t on t.tenant_id = d.tenant_id and t.key = r.template_key
                                       and t.channel = d.channel and t.locale = d.template_locale
     ), policed as materialized (
@@ -183,20 +208,20 @@ begin
          where d.tenant_id = x.tenant_id and d.id = x.id
         returning d.tenant_id, d.id, d.attempt, d.channel, d.status, x.address, x.template_key, x.template_locale,
                   x.content, x.variables, x.category, x.request_id, x.provider, x.provider_config, x.http_request_id,
-                  x.trace_parent
+                  x.trace_parent, x.provider_position, x.fallbacks
     ), attempts as (
         insert into notify.delivery_attempts (tenant_id, delivery_id, attempt)
         select u.tenant_id, u.id, u.attempt from updated u where u.status = 'sending'
     )
     select u.tenant_id, u.id, u.attempt, u.channel, u.address, u.template_key, u.template_locale, u.content,
            u.variables, u.category, u.request_id, coalesce(u.provider, 'mock'), u.provider_config,
-           u.http_request_id, u.trace_parent
+           u.http_request_id, u.trace_parent, u.provider_position, u.fallbacks
       from updated u
      where u.status = 'sending';
 end
 $$;
 comment on function notify_api.claim_deliveries_v1(notify.channel, integer, integer) is
-    'Claims up to p_limit due deliveries of a channel (FOR UPDATE SKIP LOCKED), higher priority first and within a priority each tenant its share (notify._claim_shares): expired ones become expired, revoked ones (and marketing templates without marketing consent) suppressed, WhatsApp text outside the 24-hour window failed, those the tenant''s policies stop (notify._policy_claim: quiet hours, frequency caps, WhatsApp''s pair rate limit) held until due_at, suppressed or expired with the policy''s reason, the rest sending with attempt+1 and a lease. Returns what the worker needs to send them, with the tenant''s provider and its operator grant (checked again at send time); for a test delivery always the mock provider, with config {"test": true}.';
+    'Claims up to p_limit due deliveries of a channel (FOR UPDATE SKIP LOCKED), higher priority first and within a priority each tenant its share (notify._claim_shares): expired ones become expired, revoked ones (and marketing templates without marketing consent) suppressed, WhatsApp text outside the 24-hour window failed, those the tenant''s policies stop (notify._policy_claim: quiet hours, frequency caps, WhatsApp''s pair rate limit) held until due_at, suppressed or expired with the policy''s reason, the rest sending with attempt+1 and a lease. Returns what the worker needs to send them, with the tenant''s provider and its operator grant (checked again at send time) and, for a failover chain, its place (provider_position) and the fallbacks in order, demoted providers (notify.provider_health) after the healthy ones; for a test delivery always the mock provider, with config {"test": true}.';
 
 create function notify_api.record_attempts_v1(p_results notify.attempt_result[])
     returns table (delivery_id uuid, status notify.delivery_status, applied boolean)

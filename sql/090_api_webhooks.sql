@@ -285,7 +285,8 @@ create function notify._whatsapp_tenants(p_provider text, u jsonb)
     set search_path = pg_catalog, pg_temp
 as $$
     -- A change names the business number (metadata.phone_number_id) or only the business account (entry.id, settings.waba_id).
-    select cp.tenant_id from notify.channel_providers cp
+    -- Distinct: a tenant's failover chain may hold two numbers of one business account.
+    select distinct cp.tenant_id from notify.channel_providers cp
      where cp.provider = p_provider and cp.channel = 'whatsapp'
        and ((u ->> 'phone_number_id') is not null and cp.settings ->> 'phone_number_id' = u ->> 'phone_number_id'
             or (u ->> 'phone_number_id') is null and (u ->> 'waba_id') is not null and cp.settings ->> 'waba_id' = u ->> 'waba_id')

@@ -25,7 +25,7 @@ begin
                                    'notification_deliveries', 'delivery_attempts', 'delivery_events', 'mock_messages',
                                    'callback_endpoints', 'callback_messages', 'callback_attempts', 'provider_grants',
                                    'whatsapp_users', 'whatsapp_business_limits',
-                                   'retention_settings', 'quiet_hours', 'frequency_caps', 'policy_sends']
+                                   'retention_settings', 'quiet_hours', 'frequency_caps', 'policy_sends', 'provider_health']
     loop
         execute format('alter table notify.%I enable row level security', v_table);
         execute format('alter table notify.%I force row level security', v_table);
@@ -74,7 +74,7 @@ begin
                  'claim_deliveries_v1', 'record_attempts_v1', 'run_maintenance_v1', 'queue_health_v1', 'ingest_webhook_v1',
                  'record_mock_messages_v1', 'claim_callbacks_v1', 'record_callback_attempts_v1', 'check_api_key_v1',
                  'charge_api_key_v1', 'set_provider_grants_v1', 'whatsapp_limits_v1',
-                 'run_retention_v1', 'scrub_expired_v1', 'webhook_keys_v1']) as cross_tenant
+                 'run_retention_v1', 'scrub_expired_v1', 'webhook_keys_v1', 'record_provider_health_v1', 'provider_health_v1']) as cross_tenant
                from pg_proc p where p.pronamespace in ('notify'::regnamespace, 'notify_api'::regnamespace) loop
         execute format('alter function %s owner to %s', r.fn, case when r.cross_tenant then 'notify_system' else 'notify_owner' end);
     end loop;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar import Controller, Request, Response, get, put
 from litestar.datastructures import State
 from litestar.di import NamedDependency
@@ -12,7 +13,7 @@ from litestar.params import FromPath, JSONBody
 from api.db import Database
 from api.problems import ProblemException
 from api.routes.common import ERRORS, Tenant, body_text, sql_json
-from api.schemas import PolicyOut, PolicyPut, ProviderOut, ProviderPut, UnknownDeadlineOut, UnknownDeadlinePut
+from api.schemas import PolicyOut, PolicyPut, ProviderOut, ProviderPut, ProvidersPut, UnknownDeadlineOut, UnknownDeadlinePut
 from providers.registry import CHANNELS, kind
 from providers.secrets import Grants, check_endpoints
 
@@ -85,6 +86,74 @@ class Channels(Controller):
             tenant.id,
             channel,
             await body_text(request),
+        )
+
+    @get(
+        "/{channel:str}/providers",
+        responses=ERRORS,
+        operation_id="getChannelProviders",
+        opt={"scope": "admin"},
+        summary="A channel's provider failover chain, in order, with each provider's health",
+    )
+    async def chain(
+        self, channel: FromPath[str], tenant: NamedDependency[Tenant], db: NamedDependency[Database]
+    ) -> Response[ProviderOut]:
+        if channel not in CHANNELS:
+            raise ProblemException(404, "not_found", f"no channel {channel}", "channel")
+        return await sql_json(
+            db,
+            "(select p from jsonb_array_elements(notify_api.list_channel_providers_v1(%s)) p where p ->> 'channel' = %s)",
+            tenant.id,
+            channel,
+        )
+
+    @put(
+        "/{channel:str}/providers",
+        responses=ERRORS,
+        operation_id="setChannelProviders",
+        opt={"scope": "admin"},
+        summary="Replace a channel's provider failover chain (the primary first)",
+        description="1 to 5 providers as PUT .../provider takes them, each checked the same way (errors name "
+        "providers[i].<field>; nothing is written unless all pass). A send known not to have been accepted (connection "
+        "refused, authentication refused, refused before acceptance) moves to the next provider at once; an ambiguous "
+        "outcome never does on WhatsApp or SMS.",
+    )
+    async def set_chain(
+        self,
+        channel: FromPath[str],
+        data: JSONBody[ProvidersPut],
+        tenant: NamedDependency[Tenant],
+        db: NamedDependency[Database],
+        state: State,
+    ) -> Response[ProviderOut]:
+        if channel not in CHANNELS:
+            raise ProblemException(404, "not_found", f"no channel {channel}", "channel")
+        grants = None
+        for i, entry in enumerate(data.providers):
+            spec = kind(entry.provider)
+            if spec is not None and spec.needs_public_url and not state.settings.public_url:
+                raise ProblemException(
+                    422,
+                    "public_url_missing",
+                    f"providers[{i}]: {entry.provider} needs the deployment's public URL (DISPATCHER_PUBLIC_URL), which is "
+                    "not set: ask the operator",
+                    f"providers[{i}].provider",
+                )
+            if entry.provider != "mock" and entry.settings:
+                if grants is None:
+                    row = await db.one("select notify_api.get_provider_grants_v1(%s)", (tenant.id,))
+                    grants = Grants.of(row[0] if row else None)
+                refused = await check_endpoints(spec.endpoint if spec else None, entry.settings, grants)
+                if refused is not None:
+                    raise ProblemException(
+                        422, "unsafe_endpoint", f"providers[{i}]: {refused[1]}", f"providers[{i}].{refused[0]}"
+                    )
+        return await sql_json(
+            db,
+            "notify_api.set_channel_providers_v1(%s, %s::notify.channel, %s::jsonb)",
+            tenant.id,
+            channel,
+            msgspec.json.encode(data.providers).decode(),
         )
 
     @put(

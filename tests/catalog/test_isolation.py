@@ -49,6 +49,8 @@ CROSS_TENANT = {
     "run_retention_v1",
     "scrub_expired_v1",
     "webhook_keys_v1",  # Twilio: whose auth token verifies a webhook, found before its tenant is known
+    "record_provider_health_v1",  # the worker's batch: how every tenant's chained providers did (failover)
+    "provider_health_v1",  # dispatcher status and metrics: every tenant's demoted providers, like queue_health_v1
 }  # the operator's: a tenant's secret namespace may not overlap another's
 APP_ROLES = ("notify_service", "notify_caller", "dispatcher_app", "dispatcher_caller")
 

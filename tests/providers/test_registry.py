@@ -211,5 +211,10 @@ def test_twilio_is_refused_at_configuration_when_the_deployment_has_no_public_ur
     assert answer.status_code == 422, answer.text
     assert answer.json()["type"].endswith("public_url_missing") and answer.json()["field"] == "provider"
     assert db.execute("select count(*) from notify.channel_providers where provider = 'twilio'").fetchone()[0] == 0
+    # The same for a failover chain (PUT .../providers), naming the entry.
+    answer = client.put("/internal/channels/sms/providers", json={"providers": [{"provider": "mock"}, body]})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["type"].endswith("public_url_missing") and answer.json()["field"] == "providers[1].provider"
+    assert db.execute("select count(*) from notify.channel_providers where channel = 'sms'").fetchone()[0] == 0
     # Other providers are configured as before.
     assert client.put("/internal/channels/sms/provider", json={"provider": "mock"}).status_code == 200

@@ -151,12 +151,13 @@ def test_starttls_and_auth(monkeypatch):
         monkeypatch.setenv("TEST_SMTP_PASSWORD", "wrong")
         [refused] = send(provider, message())
         assert refused.outcome == "retry" and refused.error_code == "smtp_535"
+        assert refused.not_sent  # refused credentials: the relay accepted nothing (a chain fails over)
         plain = smtp(port, security="none")
         [no_tls] = send(plain, message())
         assert no_tls.outcome == "retry" and len(fake.received) == 1
         monkeypatch.delenv("TEST_SMTP_PASSWORD")
         [missing] = send(provider, message())
-        assert (missing.outcome, missing.error_code) == ("retry", "secret_missing")
+        assert (missing.outcome, missing.error_code) == ("retry", "secret_missing") and missing.not_sent
     finally:
         fake.stop()
 
@@ -212,3 +213,28 @@ def test_one_click_unsubscribe_only_next_to_an_https_link(server):
     send(provider, message(category="newsletter"))
     [got] = server.received
     assert got.message["List-Unsubscribe"].startswith("<http://") and got.message["List-Unsubscribe-Post"] is None
+
+
+@pytest.mark.parametrize(
+    ("script", "outcome", "not_sent"),
+    [
+        ("", "sent", False),
+        ("rcpt:451 4.3.0 Try later", "retry", True),  # refused before DATA: nothing accepted
+        ("rcpt:550 5.1.1 No such user", "bounced", False),  # the address's outcome, not the relay's
+        ("data:451 4.3.0 Try later", "retry", False),  # during DATA: never "not sent"
+        ("data:554 5.7.1 Rejected", "failed", False),
+    ],
+)
+def test_only_what_the_relay_refused_before_data_is_not_sent(server, script, outcome, not_sent):
+    """providers/base.py SendResult.not_sent: set only where nothing can have been accepted (provider failover)."""
+    if script:
+        server.scripts["ana@example.com"] = script
+    [result] = send(smtp(server.port), message())
+    assert (result.outcome, result.not_sent) == (outcome, not_sent)
+
+
+def test_a_refused_connection_is_not_sent():
+    from tests.conftest import free_port
+
+    [result] = send(smtp(free_port()), message())
+    assert (result.outcome, result.error_code, result.not_sent) == ("retry", "smtp_unavailable", True)

@@ -333,3 +333,19 @@ def test_python_and_sql_count_segments_alike(db):
     # 306 septets would fill two segments, but the escape pair is not split: 152, then € and 151, then 1.
     assert sms_parts("a" * 152 + "€" + "a" * 152) == {"encoding": "GSM-7", "segments": 3, "units": 306}
     assert call(db, "notify._sms_parts('a' || repeat('😀', 35))") == {"encoding": "UCS-2", "segments": 2, "units": 71}
+
+
+@pytest.mark.parametrize(
+    ("code", "http_status", "not_sent"),
+    [
+        (20003, 401, True),  # credentials refused
+        (20429, 429, True),  # throttled: refused as too many
+        (20503, 503, True),  # service unavailable before creating a message
+        (None, 500, False),  # any other 5xx: the message may exist
+        (21211, 400, False),  # the message's own failure, not the account's
+        (21610, 400, False),
+    ],
+)
+def test_only_refusals_before_a_message_exists_are_not_sent(code, http_status, not_sent):
+    """providers/base.py SendResult.not_sent: what a failover chain may move to the next account."""
+    assert classify(code, "x", http_status).not_sent is not_sent
