@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -41,6 +42,22 @@ class _PrepareFailed(Exception):
 
 
 PROVIDER_IDLE_SECONDS = 600.0
+
+
+def _by_step(
+    items: list[tuple[Message, dict[str, Any], list[tuple[str, dict[str, Any] | None, int | None]]]],
+    step: int,
+    *,
+    per_tenant: bool,
+) -> dict[str, tuple[tuple[str, dict[str, Any] | None], list[Any]]]:
+    """Groups messages by the step-th provider of their chains (and by tenant: one call per tenant and configuration)."""
+    groups: dict[str, tuple[tuple[str, dict[str, Any] | None], list[Any]]] = {}
+    for item in items:
+        name, config, _ = item[2][step]
+        tenant = item[1]["tenant_id"] if per_tenant else ""
+        key = f"{tenant}:{name}:{json.dumps(config, sort_keys=True, default=str) if config else ''}"
+        groups.setdefault(key, ((name, config), []))[1].append(item)
+    return groups
 
 
 class DeliveryDrainer:
@@ -90,7 +107,17 @@ class DeliveryDrainer:
                 task.add_done_callback(self._closing.discard)
 
     async def send_batch(self, channel: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every outcome of a claimed batch, once all its provider calls answered (send_waves gives them as they come)."""
         results: list[dict[str, Any]] = []
+        async for wave in self.send_waves(channel, rows):
+            results.extend(wave)
+        return results
+
+    async def send_waves(self, channel: str, rows: list[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any]]]:
+        """Sends a claimed batch and yields its outcomes in waves, as its provider calls answer: one call per tenant and
+        provider configuration, so one tenant's slow provider (or the mock's slow address) holds up only its own
+        deliveries' outcomes, never another tenant's (docs/architecture.md, "Provider failover")."""
+        failed: list[dict[str, Any]] = []
         # Each delivery with its provider chain (the claim's provider, then its fallbacks in order: docs/architecture.md,
         # "Provider failover"): (name, config, position) per step.
         pending: list[tuple[Message, dict[str, Any], list[tuple[str, dict[str, Any] | None, int | None]]]] = []
@@ -126,61 +153,77 @@ class DeliveryDrainer:
                 chain += [(f["provider"], f.get("provider_config"), f.get("position")) for f in row.get("fallbacks") or ()]
             except Exception as exc:  # noqa: BLE001
                 message_text = str(exc) if isinstance(exc, _PrepareFailed) else type(exc).__name__
-                results.append(
+                failed.append(
                     {**base, "outcome": "failed", "provider": None, "error_code": "render_failed", "error_message": message_text}
                 )
                 continue
             pending.append((message, base, chain))
+        if failed:
+            yield failed
         # (tenant, position) -> [failures, successes, last error code, provider name]
         health: dict[tuple[str, int], list[Any]] = {}
         earlier: dict[str, list[str]] = {}  # delivery id -> the providers that refused it before, in order
-        step = 0
-        while pending:
-            groups: dict[str, tuple[str, dict[str, Any] | None, list[Message], list[dict[str, Any]], list[Any]]] = {}
-            for message, base, chain in pending:
-                name, config, _ = chain[step]
-                group_key = f"{name}:{json.dumps(config, sort_keys=True, default=str) if config else ''}"
-                group = groups.setdefault(group_key, (name, config, [], [], []))
-                group[2].append(message)
-                group[3].append(base)
-                group[4].append(chain)
-            sent_groups = await asyncio.gather(
-                *(
-                    self._send_group(channel, name, config, messages, bases)
-                    for name, config, messages, bases, _ in groups.values()
-                )
-            )
-            pending = []
-            for (_name, _config, messages, bases, chains), sent in zip(groups.values(), sent_groups, strict=True):
-                for message, base, chain, result in zip(messages, bases, chains, sent, strict=True):
-                    name, _, position = chain[step]
-                    not_sent = bool(result.pop("not_sent", False))
-                    if len(chain) > 1 and position is not None:
-                        counts = health.setdefault((base["tenant_id"], position), [0, 0, None, name])
-                        if not_sent:
-                            counts[0] += 1
-                            counts[2] = result.get("error_code")
-                        elif result["outcome"] == "sent":
-                            counts[1] += 1
-                    if not_sent and step + 1 < len(chain):
-                        # Known not accepted: the next provider of the chain, now, in the same attempt.
-                        earlier.setdefault(base["delivery_id"], []).append(
-                            f"{name} (position {position}): {result.get('error_code') or 'not sent'}"
-                        )
-                        metrics.FAILOVERS.labels(channel, name).inc()
-                        pending.append((message, base, chain))
-                        continue
-                    before = earlier.get(base["delivery_id"])
-                    if before:
-                        # The history keeps what the earlier providers answered (docs/architecture.md, "Provider failover").
-                        note = "failed over from " + "; ".join(before)
-                        result["error_message"] = (
-                            f"{note}; then: {result['error_message']}" if result.get("error_message") else note
-                        )
-                    results.append(result)
-            step += 1
+        tasks = {
+            asyncio.get_running_loop().create_task(self._deliver(channel, name, config, items, 0, health, earlier))
+            for (name, config), items in _by_step(pending, 0, per_tenant=True).values()
+        }
+        try:
+            while tasks:
+                done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                yield [r for task in done for r in task.result()]
+        finally:
+            for task in tasks:  # the consumer stopped early (it failed): nothing is left running behind it
+                task.cancel()
         if health:
             await self._record_health(channel, health)
+
+    async def _deliver(
+        self,
+        channel: str,
+        name: str,
+        config: dict[str, Any] | None,
+        items: list[tuple[Message, dict[str, Any], list[tuple[str, dict[str, Any] | None, int | None]]]],
+        step: int,
+        health: dict[tuple[str, int], list[Any]],
+        earlier: dict[str, list[str]],
+    ) -> list[dict[str, Any]]:
+        """One provider call for `items` (the step-th provider of their chains); a message it is known not to have
+        accepted moves to the next provider of its chain at once, in the same attempt. Returns every final outcome."""
+        sent = await self._send_group(channel, name, config, [m for m, _, _ in items], [b for _, b, _ in items])
+        results: list[dict[str, Any]] = []
+        again: list[tuple[Message, dict[str, Any], list[tuple[str, dict[str, Any] | None, int | None]]]] = []
+        for (message, base, chain), result in zip(items, sent, strict=True):
+            _, _, position = chain[step]
+            not_sent = bool(result.pop("not_sent", False))
+            if len(chain) > 1 and position is not None:
+                counts = health.setdefault((base["tenant_id"], position), [0, 0, None, name])
+                if not_sent:
+                    counts[0] += 1
+                    counts[2] = result.get("error_code")
+                elif result["outcome"] == "sent":
+                    counts[1] += 1
+            if not_sent and step + 1 < len(chain):
+                # Known not accepted: the next provider of the chain, now, in the same attempt. The history keeps what
+                # the earlier providers answered (docs/architecture.md, "Provider failover").
+                earlier.setdefault(base["delivery_id"], []).append(
+                    f"{name} (position {position}): {result.get('error_code') or 'not sent'}"
+                )
+                metrics.FAILOVERS.labels(channel, name).inc()
+                again.append((message, base, chain))
+                continue
+            before = earlier.get(base["delivery_id"])
+            if before:
+                note = "failed over from " + "; ".join(before)
+                result["error_message"] = f"{note}; then: {result['error_message']}" if result.get("error_message") else note
+            results.append(result)
+        if again:
+            for more in await asyncio.gather(
+                *(
+                    self._deliver(channel, n, c, its, step + 1, health, earlier)
+                    for (n, c), its in _by_step(again, step + 1, per_tenant=False).values()
+                )
+            ):
+                results.extend(more)
         return results
 
     async def _record_health(self, channel: str, health: dict[tuple[str, int], list[Any]]) -> None:
@@ -257,6 +300,53 @@ class DeliveryDrainer:
                     raise
                 log.warning("provider message id raced another batch; recording again", extra={"results": len(results)})
 
+    def _observe(
+        self,
+        channel: str,
+        results: list[dict[str, Any]],
+        started_ns: int,
+        parents: dict[str, Any],
+        request_ids: dict[str, Any],
+        outcomes: dict[str, int],
+        counts: dict[str, int],
+    ) -> None:
+        """A recorded wave's traces (one span per delivery, in the trace of the request that submitted it), counts and
+        per-attempt log lines (with the submitting request's X-Request-ID; no address, no content)."""
+        if tracing.enabled:
+            ended = time.time_ns()
+            for r in results:
+                tracing.record(
+                    "notification.deliver",
+                    parent=parents.get(r["delivery_id"]),
+                    start_ns=started_ns,
+                    end_ns=ended,
+                    **{
+                        "notify.delivery_id": r["delivery_id"],
+                        "notify.channel": channel,
+                        "notify.attempt": r["attempt"],
+                        "notify.outcome": r["outcome"],
+                        "notify.provider": r.get("provider"),
+                        "notify.error_code": r.get("error_code"),
+                    },
+                )
+        for r in results:
+            outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
+            counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+            if self.settings.log_deliveries:
+                log.info(
+                    "delivery attempted",
+                    extra={
+                        "channel": channel,
+                        "delivery_id": r["delivery_id"],
+                        "tenant_id": r["tenant_id"],
+                        "attempt": r["attempt"],
+                        "outcome": r["outcome"],
+                        "provider": r.get("provider"),
+                        "error_code": r.get("error_code"),
+                        "request_id": request_ids.get(r["delivery_id"]),
+                    },
+                )
+
     async def drain(self, channel: str) -> dict[str, int]:
         """Keeps up to max_in_flight provider calls going: claims a batch whenever that many slots are free,
         sends it, frees its slots as soon as the provider answers, then records the outcomes. Claims and records
@@ -279,53 +369,28 @@ class DeliveryDrainer:
             nonlocal free
             started = time.perf_counter()
             started_ns = time.time_ns()
-            try:
-                with tracing.span("dispatch.batch", channel=channel, claimed=len(rows)):
-                    results = await self.send_batch(channel, rows)
-            finally:
-                async with slots:
-                    free += len(rows)
-                    slots.notify_all()
-            with tracing.span("dispatch.record", channel=channel, results=len(results)):
-                await self._record(results)
-            if tracing.enabled:  # one span per delivery, in the trace of the request that submitted it
-                parents = {str(row["delivery_id"]): row.get("trace_parent") for row in rows}
-                ended = time.time_ns()
-                for r in results:
-                    tracing.record(
-                        "notification.deliver",
-                        parent=parents.get(r["delivery_id"]),
-                        start_ns=started_ns,
-                        end_ns=ended,
-                        **{
-                            "notify.delivery_id": r["delivery_id"],
-                            "notify.channel": channel,
-                            "notify.attempt": r["attempt"],
-                            "notify.outcome": r["outcome"],
-                            "notify.provider": r.get("provider"),
-                            "notify.error_code": r.get("error_code"),
-                        },
-                    )
+            unanswered = len(rows)
             outcomes: dict[str, int] = {}
+            parents = {str(row["delivery_id"]): row.get("trace_parent") for row in rows} if tracing.enabled else {}
             request_ids = {str(row["delivery_id"]): row.get("http_request_id") for row in rows}
-            for r in results:
-                outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
-                counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
-                if self.settings.log_deliveries:
-                    # One line per attempt, with the submitting request's X-Request-ID; no address, no content.
-                    log.info(
-                        "delivery attempted",
-                        extra={
-                            "channel": channel,
-                            "delivery_id": r["delivery_id"],
-                            "tenant_id": r["tenant_id"],
-                            "attempt": r["attempt"],
-                            "outcome": r["outcome"],
-                            "provider": r.get("provider"),
-                            "error_code": r.get("error_code"),
-                            "request_id": request_ids.get(r["delivery_id"]),
-                        },
-                    )
+            try:
+                # Each wave of outcomes (one tenant's provider call, or several that answered together) frees its slots
+                # and is recorded at once: a slow provider holds up only its own tenant's deliveries.
+                with tracing.span("dispatch.batch", channel=channel, claimed=len(rows)):
+                    waves = self.send_waves(channel, rows)
+                    async for results in waves:
+                        async with slots:
+                            free += len(results)
+                            unanswered -= len(results)
+                            slots.notify_all()
+                        with tracing.span("dispatch.record", channel=channel, results=len(results)):
+                            await self._record(results)
+                        self._observe(channel, results, started_ns, parents, request_ids, outcomes, counts)
+            finally:
+                if unanswered:
+                    async with slots:
+                        free += unanswered
+                        slots.notify_all()
             log.info(
                 "batch dispatched",
                 extra={

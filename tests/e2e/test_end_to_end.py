@@ -114,6 +114,44 @@ def test_the_mock_reports_a_read_only_where_the_channel_has_reads(svc: Service) 
         assert sorted(reported(by_channel["sms"]["id"])) == ["delivered", "sent"]
 
 
+def test_one_tenants_slow_provider_holds_up_only_its_own_outcomes(svc: Service) -> None:
+    """Two tenants' deliveries due at the same moment are claimed in one batch. Tenant A's goes to the mock's slow
+    address (its answer takes SLOW_SECONDS); tenant B's outcome is recorded as soon as B's own provider call answers,
+    while A's is still sending (one provider call per tenant, each wave of outcomes recorded at once)."""
+    import datetime as dt
+
+    with psycopg.connect(svc.db_url, autocommit=True) as conn:
+        other = str(call(conn, "notify_api.create_tenant_v1('globex', 'Globex', 'en')")["id"])
+        call(conn, "notify_api.upsert_template_v1(%s, 'event_reminder', %s)", other, Jsonb(REMINDER))
+        due = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)).isoformat()
+        ids = {}
+        for tenant, address in ((svc.tenant_id, "slow@simulator.dispatcher.test"), (other, "ana@globex.example")):
+            body = intent(recipient={"ref": "r-slow", "addresses": {"email": address}}, channels=["email"], send_at=due)
+            ids[tenant] = submit(conn, tenant, body)[0]["deliveries"][0]["id"]
+
+        def status(tenant: str) -> str:
+            return conn.execute(
+                "select status::text from notify.notification_deliveries where tenant_id = %s and id = %s", (tenant, ids[tenant])
+            ).fetchone()[0]
+
+        deadline = time.monotonic() + 20
+        while status(other) in ("scheduled", "queued", "sending"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert status(other) in ("sent", "delivered")
+        assert status(svc.tenant_id) == "sending"  # A's slow call has not answered yet (the mock takes 2 s)
+        # they were one batch: claimed by the same claim (the same lease), one attempt each
+        attempts = conn.execute(
+            "select count(distinct started_at) from notify.delivery_attempts where delivery_id = any(%s::uuid[])",
+            (list(ids.values()),),
+        ).fetchone()[0]
+        assert attempts == 1
+        while status(svc.tenant_id) == "sending":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert status(svc.tenant_id) in ("sent", "delivered")
+
+
 def test_failure_classes_end_in_their_documented_states(svc: Service) -> None:
     with psycopg.connect(svc.db_url, autocommit=True) as conn:
         call(conn, "notify_api.set_retry_policy_v1(%s, 3, 50, 200)", svc.tenant_id)
