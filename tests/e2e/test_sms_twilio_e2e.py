@@ -170,7 +170,10 @@ def test_inbound_stop_to_a_number_of_the_messaging_service_pool_revokes(stack: S
         c.put("/internal/recipients/runner-7", json={"addresses": {"sms": "+34600000007"}})
         assert c.post("/internal/recipients/runner-7/consents", json=consent).status_code == 201
     url = f"{PUBLIC}/public/webhooks/twilio"
-    assert stack.twilio.inbound(url, "+34600000007", pool_number, "STOP", token="not-the-token", messaging_service_sid=service) == 401
+    assert (
+        stack.twilio.inbound(url, "+34600000007", pool_number, "STOP", token="not-the-token", messaging_service_sid=service)
+        == 401
+    )
     assert sms_allowed(stack, "runner-7")
     assert stack.twilio.inbound(url, "+34600000007", pool_number, "STOP", messaging_service_sid=service) == 200
     assert not sms_allowed(stack, "runner-7")

@@ -183,7 +183,9 @@ def test_another_tenant_cannot_claim_our_messaging_service(client, db, tenants):
         "secrets": {"auth_token": "env:GLOBEXTW_TOKEN"},
     }
     auth = {"Authorization": f"Bearer {key}"}
-    body = is_problem(client.put("/internal/channels/sms/provider", json=entry, headers=auth), 409, "settings.messaging_service_sid")
+    body = is_problem(
+        client.put("/internal/channels/sms/provider", json=entry, headers=auth), 409, "settings.messaging_service_sid"
+    )
     assert body["type"].endswith(":phone_number_taken")
     chain = client.put("/internal/channels/sms/providers", json={"providers": [entry]}, headers=auth)
     is_problem(chain, 409, "providers[0].settings.messaging_service_sid")

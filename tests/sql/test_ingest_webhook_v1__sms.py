@@ -239,7 +239,11 @@ def test_a_stop_to_a_number_of_the_tenants_messaging_service_revokes_with_eviden
     is that tenant's whatever service it names (another tenant's number with our service touches only that tenant)."""
     other = str(call(db, "notify_api.create_tenant_v1('globex', 'Globex', 'en')")["id"])
     grant(db, other, env_prefix="GLOBEX_")
-    theirs = {**TWILIO, "settings": {**TWILIO["settings"], "from_number": "+15005550007"}, "secrets": {"auth_token": "env:GLOBEX_TW"}}
+    theirs = {
+        **TWILIO,
+        "settings": {**TWILIO["settings"], "from_number": "+15005550007"},
+        "secrets": {"auth_token": "env:GLOBEX_TW"},
+    }
     call(db, "notify_api.set_channel_provider_v1(%s, 'sms', %s)", other, Jsonb(theirs))
     assert inbound(db, "STOP", to="+15005550007", service=SERVICE) == "opt_out_unknown_sender"
     assert allowed(db, pooled)

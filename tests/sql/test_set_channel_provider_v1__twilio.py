@@ -179,7 +179,10 @@ def test_a_messaging_service_belongs_to_one_tenant(db, tenant):
     )
     assert "settings.messaging_service_sid" in info.value.diag.message_primary
     # Twice in the tenant's own chain (two numbers, one service) is refused too, naming the second entry.
-    mine = [with_settings(messaging_service_sid=SERVICE), with_settings(from_number="+15005550008", messaging_service_sid=SERVICE)]
+    mine = [
+        with_settings(messaging_service_sid=SERVICE),
+        with_settings(from_number="+15005550008", messaging_service_sid=SERVICE),
+    ]
     with pytest.raises(psycopg.Error) as info:
         call(db, "notify_api.set_channel_providers_v1(%s, 'sms', %s)", tenant, Jsonb(mine))
     assert (info.value.sqlstate, info.value.diag.column_name) == ("ND409", "providers[1].settings.messaging_service_sid")
@@ -196,7 +199,13 @@ def test_webhook_keys_find_the_tenant_by_its_messaging_service(db, tenant):
         db,
         "notify_api.set_channel_provider_v1(%s, 'sms', %s)",
         other,
-        Jsonb({**TWILIO, "settings": {**TWILIO["settings"], "from_number": "+15005550007"}, "secrets": {"auth_token": "env:GLOBEX_TW"}}),
+        Jsonb(
+            {
+                **TWILIO,
+                "settings": {**TWILIO["settings"], "from_number": "+15005550007"},
+                "secrets": {"auth_token": "env:GLOBEX_TW"},
+            }
+        ),
     )
 
     def keys(**hints: object) -> list:
