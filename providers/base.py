@@ -99,6 +99,9 @@ class InboundMessage(msgspec.Struct, kw_only=True, frozen=True):
     text: str | None = None
     received_at: dt.datetime | None = None
     sender_user_id: str | None = msgspec.field(default=None, name="user_id")  # WhatsApp 2026: business-scoped user id
+    # SMS through Twilio: the Messaging Service the number it was sent to belongs to (a sender pool), if any: the tenant
+    # is found by it when that number is no tenant's from_number
+    messaging_service_sid: str | None = None
 
 
 class ParsedWebhook(msgspec.Struct, kw_only=True, frozen=True):

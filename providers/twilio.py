@@ -16,7 +16,8 @@ X-Twilio-Signature = base64(HMAC-SHA1(auth token, URL + each POST parameter's na
 URL Twilio requested. That URL is rebuilt from the configured public URL (DISPATCHER_PUBLIC_URL), never from the Host
 header, so a reverse proxy in front changes nothing. Each tenant has its own Twilio account and auth token: the adapter
 asks the database whose key to try (notify_api.webhook_keys_v1, from the unverified AccountSid and the tenant in the URL
-or the number written to) and verifies with that tenant's token only.
+or the number written to, or the Messaging Service whose pool that number belongs to) and verifies with that tenant's
+token only.
 """
 
 from __future__ import annotations
@@ -387,7 +388,8 @@ class TwilioWebhooks:
 
     def key_hints(self, request: WebhookRequest) -> dict[str, Any]:
         """Whose key to verify with, from the unverified request: the account it names, and the tenant our correlation
-        id in the URL names (a status callback) or the number it was written to (an inbound message)."""
+        id in the URL names (a status callback) or the number it was written to (an inbound message), or, a number of a
+        Messaging Service's pool (no tenant's from_number), the service it names."""
         if not request.url:
             raise WebhookRejected("Twilio webhooks need DISPATCHER_PUBLIC_URL (the URL Twilio signs)", status=404)
         if not request.headers.get("x-twilio-signature"):
@@ -399,6 +401,7 @@ class TwilioWebhooks:
             "account_sid": text(form.get("AccountSid"), 64),
             "tenant_id": str(tenant_id) if tenant_id else None,
             "number": text(number, 64),
+            "messaging_service_sid": text(form.get("MessagingServiceSid"), 64),
         }
 
     def parse(self, request: WebhookRequest) -> ParsedWebhook:
@@ -471,6 +474,7 @@ class TwilioWebhooks:
             message_id=sid,
             text=text(form.get("Body"), 1600),
             received_at=None,
+            messaging_service_sid=text(form.get("MessagingServiceSid"), 64),
         )
         return ParsedWebhook(event_key=f"inbound:{sid}", payload=payload, inbound=[inbound], events=[])
 

@@ -92,10 +92,11 @@ create type notify.inbound_message as (
     message_id text,
     text text,
     received_at timestamptz,
-    user_id text                -- added by migration 0027: the sender's business-scoped user id (sender, the phone, may be null)
+    user_id text,               -- added by migration 0027: the sender's business-scoped user id (sender, the phone, may be null)
+    messaging_service_sid text  -- added by migration 0048: SMS, the Twilio Messaging Service whose pool number received it
 );
 comment on type notify.inbound_message is
-    'A message a recipient sent to a business number: WhatsApp (phone_number_id, the Graph id of the number): it opens the 24-hour window, and an opt-out keyword revokes consent; the sender is known by its phone number (sender), its business-scoped user id (user_id), or both. SMS through Twilio (phone_number_id: the E.164 number it was sent to, sender: the E.164 sender): STOP and START keywords revoke and restore SMS consent.';
+    'A message a recipient sent to a business number: WhatsApp (phone_number_id, the Graph id of the number): it opens the 24-hour window, and an opt-out keyword revokes consent; the sender is known by its phone number (sender), its business-scoped user id (user_id), or both. SMS through Twilio (phone_number_id: the E.164 number it was sent to, sender: the E.164 sender, messaging_service_sid: the Messaging Service the number belongs to, if any): STOP and START keywords revoke and restore SMS consent.';
 
 create type notify.claimed_delivery as (
     tenant_id uuid,

@@ -128,6 +128,9 @@ create unique index channel_providers_phone_number_id_key on notify.channel_prov
 -- A Twilio number belongs to one tenant too: inbound SMS (STOP, START, HELP) are routed by the number they were sent to.
 create unique index channel_providers_twilio_number_key on notify.channel_providers ((settings ->> 'from_number'))
     where provider = 'twilio';
+-- And a Messaging Service (a sender pool): inbound SMS to any number of its pool are routed by the service they name.
+create unique index channel_providers_twilio_service_key on notify.channel_providers ((settings ->> 'messaging_service_sid'))
+    where provider = 'twilio';
 
 -- Failover (docs/architecture.md, "Provider failover"): how a chain's providers have been doing, shared by every worker.
 create table notify.provider_health (

@@ -18,6 +18,7 @@ declare
     v_message_ids text[];
     v_numbers text[];            -- the tenant's WhatsApp business numbers (inbound webhooks name them)
     v_sms_numbers text[];        -- the tenant's Twilio numbers (an inbound SMS names the one it was sent To)
+    v_sms_services text[];       -- the tenant's Twilio Messaging Services (an inbound SMS to a pool number names its service)
     v_inbound text[];            -- inbound message ids its consent ledger cites (an opt-out keyword's evidence)
     v_counts jsonb := '{}';
     v_n bigint;
@@ -64,8 +65,10 @@ begin
     select coalesce(array_agg(c.evidence ->> 'message_id') filter (where c.evidence ? 'message_id'), '{}') into v_inbound
       from notify.recipient_consents c where c.tenant_id = p_tenant_id and c.recipient_id = v_recipient.id;
     select coalesce(array_agg(cp.settings ->> 'phone_number_id') filter (where cp.provider = 'whatsapp_cloud'), '{}'),
-           coalesce(array_agg(cp.settings ->> 'from_number') filter (where cp.provider = 'twilio' and cp.settings ? 'from_number'), '{}')
-      into v_numbers, v_sms_numbers
+           coalesce(array_agg(cp.settings ->> 'from_number') filter (where cp.provider = 'twilio' and cp.settings ? 'from_number'), '{}'),
+           coalesce(array_agg(cp.settings ->> 'messaging_service_sid')
+                        filter (where cp.provider = 'twilio' and cp.settings ? 'messaging_service_sid'), '{}')
+      into v_numbers, v_sms_numbers, v_sms_services
       from notify.channel_providers cp where cp.tenant_id = p_tenant_id and cp.provider in ('whatsapp_cloud', 'twilio');
 
     -- 1. What it had opted out of stays opted out, by keyed hash: per channel address, every category (or the whole
@@ -160,8 +163,10 @@ begin
             -- erasure rewrite ours (phone_number_id is any 5-20 digits, the digits of a phone for one)
             or jsonb_path_exists(e.payload, 'lax $.** ? (@ == $ids[*])', jsonb_build_object('ids', to_jsonb(v_message_ids)))
             or jsonb_path_exists(e.payload, 'lax $.**.phone_number_id ? (@ == $ids[*])', jsonb_build_object('ids', to_jsonb(v_numbers)))
-            -- an inbound SMS (Twilio's form, stored as an object) to one of the tenant's numbers, from the recipient
-            or (e.provider = 'twilio' and e.payload ->> 'To' = any (v_sms_numbers)));
+            -- an inbound SMS (Twilio's form, stored as an object) to one of the tenant's numbers, or to a number of one of
+            -- its Messaging Services' pools (the form names the service), from the recipient
+            or (e.provider = 'twilio' and (e.payload ->> 'To' = any (v_sms_numbers)
+                                           or e.payload ->> 'MessagingServiceSid' = any (v_sms_services))));
     get diagnostics v_n = row_count;
     v_counts := v_counts || jsonb_build_object('webhook_events', v_n);
 

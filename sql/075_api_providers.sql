@@ -250,11 +250,16 @@ begin
     delete from notify.provider_health h where h.tenant_id = p_tenant_id and h.channel = p_channel and h.position = 0;  -- a new primary starts afresh
     return (select p from jsonb_array_elements(notify_api.list_channel_providers_v1(p_tenant_id)) p where p ->> 'channel' = p_channel::text);
 exception
-    when unique_violation then  -- channel_providers_phone_number_id_key (WhatsApp), _twilio_number_key: the number is another tenant's
+    when unique_violation then  -- channel_providers_phone_number_id_key (WhatsApp), _twilio_number_key, _twilio_service_key: another tenant's
         get stacked diagnostics v_constraint = constraint_name;
         if v_constraint = 'channel_providers_twilio_number_key' then
             perform notify._raise('ND409', 'phone_number_taken',
                 'settings.from_number is configured for another tenant: a Twilio number belongs to one tenant', 'settings.from_number');
+        end if;
+        if v_constraint = 'channel_providers_twilio_service_key' then
+            perform notify._raise('ND409', 'phone_number_taken',
+                'settings.messaging_service_sid is configured for another tenant: a Twilio Messaging Service (its numbers) belongs to one tenant',
+                'settings.messaging_service_sid');
         end if;
         perform notify._raise('ND409', 'phone_number_taken',
             'settings.phone_number_id is configured for another tenant: a WhatsApp business number belongs to one tenant',
@@ -308,13 +313,15 @@ begin
     end loop;
     return (select p from jsonb_array_elements(notify_api.list_channel_providers_v1(p_tenant_id)) p where p ->> 'channel' = p_channel::text);
 exception
-    when unique_violation then  -- a WhatsApp or Twilio number is another tenant's, or twice in this chain
+    when unique_violation then  -- a WhatsApp or Twilio number (or Messaging Service) is another tenant's, or twice in this chain
         get stacked diagnostics v_constraint = constraint_name;
+        v_field := case v_constraint when 'channel_providers_twilio_number_key' then 'settings.from_number'
+                                     when 'channel_providers_twilio_service_key' then 'settings.messaging_service_sid'
+                                     else 'settings.phone_number_id' end;
         perform notify._raise('ND409', 'phone_number_taken',
             format('providers[%s]: %s is configured elsewhere (another tenant''s, or earlier in this chain): a number belongs to one tenant and one place',
-                   v_at, case when v_constraint = 'channel_providers_twilio_number_key' then 'settings.from_number' else 'settings.phone_number_id' end),
-            format('providers[%s].', v_at) || case when v_constraint = 'channel_providers_twilio_number_key' then 'settings.from_number'
-                                                   else 'settings.phone_number_id' end);
+                   v_at, v_field),
+            format('providers[%s].', v_at) || v_field);
 end
 $$;
 comment on function notify_api.set_channel_providers_v1(uuid, notify.channel, jsonb) is

@@ -192,9 +192,16 @@ begin
     if m.sender is null or not notify._address_valid('sms', m.sender) then
         return 'no_sender';
     end if;
-    -- The number it was sent to belongs to one tenant (channel_providers_twilio_number_key).
+    -- The number it was sent to belongs to one tenant (channel_providers_twilio_number_key); a number of a Messaging
+    -- Service's pool is no tenant's from_number, and the service it names belongs to one tenant
+    -- (channel_providers_twilio_service_key). The number decides first, as in notify_api.webhook_keys_v1 (whose key
+    -- verified the request).
     select cp.tenant_id, cp.settings into v_tenant from notify.channel_providers cp
      where cp.provider = 'twilio' and cp.channel = 'sms' and cp.settings ->> 'from_number' = m.phone_number_id;
+    if v_tenant.tenant_id is null and m.messaging_service_sid is not null then
+        select cp.tenant_id, cp.settings into v_tenant from notify.channel_providers cp
+         where cp.provider = 'twilio' and cp.channel = 'sms' and cp.settings ->> 'messaging_service_sid' = m.messaging_service_sid;
+    end if;
     if v_tenant.tenant_id is null then
         return 'unmatched';
     end if;
@@ -204,8 +211,11 @@ begin
     elsif v_keyword = 'help' then
         return 'help_requested';  -- Twilio answers HELP itself (the Messaging Service's help text); kept as the outcome
     end if;
+    -- Which number, and which Messaging Service when it named the tenant's.
     v_evidence := jsonb_strip_nulls(jsonb_build_object('message_id', m.message_id, 'text', left(m.text, 160), 'received_at', m.received_at,
-                                                       'to', m.phone_number_id, 'provider', p_provider));
+                                                       'to', m.phone_number_id, 'provider', p_provider,
+                                                       'messaging_service_sid', case when m.messaging_service_sid = v_tenant.settings ->> 'messaging_service_sid'
+                                                                                     then m.messaging_service_sid end));
     -- Every category (category null): Twilio itself blocks the number after STOP, whatever the message is about.
     insert into notify.recipient_consents (tenant_id, recipient_id, channel, status, source, evidence, recorded_by)
     select a.tenant_id, a.recipient_id, 'sms'::notify.channel,
@@ -225,7 +235,7 @@ begin
 end
 $$;
 comment on function notify._record_sms_inbound(text, notify.inbound_message) is
-    'Records an inbound SMS for the tenant whose Twilio number received it (m.phone_number_id, E.164): an opt-out keyword revokes the sender''s SMS consent (every category), an opt-in keyword restores it where the latest entry is a revoke, HELP is kept as the outcome help_requested; the message id, text and time are the evidence.';
+    'Records an inbound SMS for the tenant whose Twilio number received it (m.phone_number_id, E.164), else, a number of a Messaging Service''s pool, the tenant whose service it names (m.messaging_service_sid): an opt-out keyword revokes the sender''s SMS consent (every category), an opt-in keyword restores it where the latest entry is a revoke, HELP is kept as the outcome help_requested; the message id, text, time, number and service are the evidence.';
 
 create function notify._whatsapp_aliases(p_tenant_id uuid, p_ids text[])
     returns text[]
@@ -403,7 +413,9 @@ begin
     -- Twilio signs a webhook with the auth token of the tenant's own account: the adapter needs that tenant's secret
     -- reference (resolved in the API process, inside the operator's grant) before it can verify anything. The hints come
     -- from the unverified request, so they only choose whose key to try: a status callback names its tenant in its URL
-    -- (our correlation id, ?nd=tenant:delivery), an inbound message the number it was sent to; the account must match too.
+    -- (our correlation id, ?nd=tenant:delivery), an inbound message the number it was sent to, or, when that number is
+    -- no tenant's from_number (a number of a Messaging Service's pool), the service it names (as
+    -- notify._record_sms_inbound matches it); the account must match too.
     if p_provider <> 'twilio' or jsonb_typeof(p_hints) <> 'object' then
         return '[]';
     end if;
@@ -417,11 +429,14 @@ begin
          where cp.provider = 'twilio' and cp.channel = 'sms'
            and cp.settings ->> 'account_sid' = p_hints ->> 'account_sid'
            and (case when p_hints ->> 'tenant_id' ~ '^[0-9a-fA-F-]{36}$' then cp.tenant_id = (p_hints ->> 'tenant_id')::uuid
-                     else cp.settings ->> 'from_number' = p_hints ->> 'number' end)), '[]');
+                     when exists (select from notify.channel_providers n
+                                   where n.provider = 'twilio' and n.settings ->> 'from_number' = p_hints ->> 'number')
+                         then cp.settings ->> 'from_number' = p_hints ->> 'number'
+                     else cp.settings ->> 'messaging_service_sid' = p_hints ->> 'messaging_service_sid' end)), '[]');
 end
 $$;
 comment on function notify_api.webhook_keys_v1(text, jsonb) is
-    'The signing-key references a webhook adapter needs before it can verify a request, for providers that sign with each tenant''s own secret (twilio: the auth token of the account named by hints.account_sid, of the tenant named by hints.tenant_id (a status callback''s correlation) or owning hints.number (an inbound message)): [{tenant_id, settings: {account_sid}, secrets: {auth_token: reference}, grants}]. References only, never values.';
+    'The signing-key references a webhook adapter needs before it can verify a request, for providers that sign with each tenant''s own secret (twilio: the auth token of the account named by hints.account_sid, of the tenant named by hints.tenant_id (a status callback''s correlation) or owning hints.number (an inbound message), else owning hints.messaging_service_sid (an inbound message to a number of a Messaging Service''s pool)): [{tenant_id, settings: {account_sid}, secrets: {auth_token: reference}, grants}]. References only, never values.';
 
 create function notify_api.ingest_webhook_v1(p_provider text, p_event_key text, p_payload jsonb, p_events notify.status_event[],
                                             p_inbound notify.inbound_message[] default '{}', p_notes text[] default '{}',

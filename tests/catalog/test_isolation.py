@@ -25,8 +25,10 @@ GLOBAL_UNIQUE = {
     "notification_deliveries_provider_message",
     "channel_providers_phone_number_id_key",
     "channel_providers_twilio_number_key",
+    "channel_providers_twilio_service_key",
     "channel_providers_kind",
-}  # a WhatsApp business number, a Twilio number belongs to one tenant; a provider is of a kind every tenant shares (sql/020)
+}  # a WhatsApp business number, a Twilio number or Messaging Service belongs to one tenant; a provider is of a kind every
+# tenant shares (sql/020)
 # Functions that see every tenant's rows (owned by notify_system): the worker, webhooks, key lookup, tenant creation.
 CROSS_TENANT = {
     "create_tenant_v1",

@@ -1,7 +1,8 @@
 """SMS end to end through Twilio: the API and worker processes, a tenant configured for the Twilio fake, and the fake's
 signed status callbacks (shuffled and duplicated) reaching the API as if through a reverse proxy (signed over
 DISPATCHER_PUBLIC_URL, delivered to the API's own address). submit -> sent -> delivered; undelivered -> failed;
-21610 -> suppressed and consent revoked; a timeout -> unknown, never resent; an inbound STOP revokes, START restores."""
+21610 -> suppressed and consent revoked; a timeout -> unknown, never resent; an inbound STOP revokes, START restores,
+also to a number of the tenant's Messaging Service pool."""
 
 from __future__ import annotations
 
@@ -149,3 +150,36 @@ def test_inbound_stop_revokes_and_start_restores(stack: Stack) -> None:
     assert sms_allowed(stack, "runner-6")
     assert stack.twilio.inbound(url, "+34600000006", NUMBER, "STOP", token="not-the-token") == 401
     assert sms_allowed(stack, "runner-6")
+
+
+def test_inbound_stop_to_a_number_of_the_messaging_service_pool_revokes(stack: Stack) -> None:
+    """The tenant sends through a Messaging Service: a recipient's STOP to any number of its pool (not the tenant's
+    from_number) names the service, is verified with the tenant's token and revokes its SMS consent with evidence."""
+    service, pool_number = "MG" + "5" * 32, "+15005550011"
+    with stack.svc.client() as c:
+        sms = c.put(
+            "/internal/channels/sms/provider",
+            json={
+                "provider": "twilio",
+                "secrets": {"auth_token": "env:E2E_TW_TOKEN"},
+                "settings": {"account_sid": stack.twilio.account_sid, "from_number": NUMBER, "messaging_service_sid": service},
+            },
+        )
+        assert sms.status_code == 200, sms.text
+        consent = {"channel": "sms", "status": "granted", "source": "form"}
+        c.put("/internal/recipients/runner-7", json={"addresses": {"sms": "+34600000007"}})
+        assert c.post("/internal/recipients/runner-7/consents", json=consent).status_code == 201
+    url = f"{PUBLIC}/public/webhooks/twilio"
+    assert (
+        stack.twilio.inbound(url, "+34600000007", pool_number, "STOP", token="not-the-token", messaging_service_sid=service)
+        == 401
+    )
+    assert sms_allowed(stack, "runner-7")
+    assert stack.twilio.inbound(url, "+34600000007", pool_number, "STOP", messaging_service_sid=service) == 200
+    assert not sms_allowed(stack, "runner-7")
+    with stack.svc.client() as c:
+        entry = c.get("/internal/recipients/runner-7/consents").json()["history"][-1]
+    assert (entry["status"], entry["source"]) == ("revoked", "inbound_keyword")
+    assert (entry["evidence"]["to"], entry["evidence"]["messaging_service_sid"]) == (pool_number, service)
+    assert stack.twilio.inbound(url, "+34600000007", pool_number, "START", messaging_service_sid=service) == 200
+    assert sms_allowed(stack, "runner-7")

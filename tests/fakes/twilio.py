@@ -240,8 +240,11 @@ class TwilioFake:
             with self._lock:
                 self.posted.append((params["MessageStatus"], answer))
 
-    def inbound(self, public_url: str, sender: str, to: str, body: str, token: str | None = None) -> int:
-        """A recipient texts one of our numbers: Twilio posts the message to the number's webhook URL (public_url)."""
+    def inbound(
+        self, public_url: str, sender: str, to: str, body: str, token: str | None = None, messaging_service_sid: str | None = None
+    ) -> int:
+        """A recipient texts one of our numbers: Twilio posts the message to the number's webhook URL (public_url). A
+        number in a Messaging Service's sender pool: the form names the service (MessagingServiceSid), as Twilio's does."""
         n = next(self._counter)
         params = {
             "AccountSid": self.account_sid,
@@ -258,6 +261,8 @@ class TwilioFake:
             "FromCountry": "ES",
             "ToCountry": "US",
         }
+        if messaging_service_sid:
+            params["MessagingServiceSid"] = messaging_service_sid
         return self.post_signed(public_url, params, token=token)
 
 

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import msgspec
 import psycopg
 import pytest
 
@@ -229,7 +230,7 @@ def test_a_status_callback_is_verified_over_the_public_url_not_the_host(monkeypa
     query, params = status_request("delivered", delivery=delivery)
     # Behind a proxy: Host names the API's own address, the signature is over the URL Twilio requested.
     hints, parsed = deliver(adapter, query, params, host="127.0.0.1:8000", **{"x-forwarded-host": "evil.example"})
-    assert hints == {"account_sid": ACCOUNT, "tenant_id": str(TENANT), "number": FROM}
+    assert hints == {"account_sid": ACCOUNT, "tenant_id": str(TENANT), "number": FROM, "messaging_service_sid": None}
     [event] = parsed.events
     # Found by the tenant and delivery the signed URL names, never by the sid (which the database looks up across tenants).
     assert (event.status, event.tenant_id, event.delivery_id, event.provider_message_id) == ("delivered", TENANT, delivery, None)
@@ -304,9 +305,23 @@ def test_an_inbound_message(monkeypatch):
     params = {"AccountSid": ACCOUNT, "MessageSid": "SM" + "e" * 32, "SmsStatus": "received", "From": "+34600111222", "To": FROM}
     params["Body"] = "Stop"
     hints, parsed = deliver(adapter, "", params, signed_url=callback_url(PUBLIC))
-    assert hints == {"account_sid": ACCOUNT, "tenant_id": None, "number": FROM}
+    assert hints == {"account_sid": ACCOUNT, "tenant_id": None, "number": FROM, "messaging_service_sid": None}
     [m] = parsed.inbound
     assert (m.to, m.sender, m.message_id, m.text) == (FROM, "+34600111222", params["MessageSid"], "Stop")
+    assert m.messaging_service_sid is None
+
+
+def test_an_inbound_message_to_a_number_of_a_messaging_service(monkeypatch):
+    """A reply to a number of a Messaging Service's pool names the service: a key hint, and kept with the message."""
+    monkeypatch.setenv("TEST_HOOK_TOKEN", TOKEN)
+    service = "MG" + "4" * 32
+    params = {"AccountSid": ACCOUNT, "MessageSid": "SM" + "f" * 32, "SmsStatus": "received", "From": "+34600111222"}
+    params |= {"To": "+15005550010", "Body": "STOP", "MessagingServiceSid": service}
+    hints, parsed = deliver(TwilioWebhooks(), "", params, signed_url=callback_url(PUBLIC))
+    assert hints == {"account_sid": ACCOUNT, "tenant_id": None, "number": "+15005550010", "messaging_service_sid": service}
+    [m] = parsed.inbound
+    assert (m.to, m.messaging_service_sid) == ("+15005550010", service)
+    assert msgspec.to_builtins(m)["messaging_service_sid"] == service
     assert parsed.event_key == f"inbound:{params['MessageSid']}" and parsed.events == []
 
 

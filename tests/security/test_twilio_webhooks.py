@@ -1,5 +1,6 @@
 """Attacks on /public/webhooks/twilio, through the real API: a forged or replayed X-Twilio-Signature, another tenant
-signing with its own Twilio account (a STOP to our number, a report on our delivery), a Host header pointing elsewhere.
+signing with its own Twilio account (a STOP to our number or to a number of our Messaging Service, a report on our
+delivery), another tenant claiming our Messaging Service, a Host header pointing elsewhere.
 Each tenant's own auth token is the only key that verifies a request about it; a verified webhook never gets a 5xx."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from litestar.testing import TestClient
 from psycopg.types.json import Jsonb
 
 from api.app import create_app
+from tests.api.test_api import is_problem, make_key
 from tests.conftest import REMINDER, call, claim, intent, record, result, submit
 from tests.fakes.twilio import sign
 from tests.security.test_webhooks import app_settings
@@ -24,6 +26,8 @@ URL = f"{PUBLIC}/public/webhooks/twilio"
 A_ACCOUNT, B_ACCOUNT = "AC" + "a" * 32, "AC" + "b" * 32
 A_TOKEN, B_TOKEN = "acme-auth-token", "globex-auth-token"
 A_NUMBER, B_NUMBER = "+15005550006", "+15005550007"
+A_SERVICE = "MG" + "a" * 32  # acme's Messaging Service: its sender pool answers from other numbers than A_NUMBER
+POOL_NUMBER = "+15005550010"  # a number of acme's Messaging Service pool (no tenant's from_number)
 PHONE = "+34600111222"
 
 
@@ -36,9 +40,10 @@ def tenants(db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> dict[str
     for slug, prefix, account, number in (("acme", "ACMETW_", A_ACCOUNT, A_NUMBER), ("globex", "GLOBEXTW_", B_ACCOUNT, B_NUMBER)):
         tenant = str(call(db, "notify_api.create_tenant_v1(%s, %s, 'en')", slug, slug)["id"])
         call(db, "notify_api.set_provider_grants_v1(%s, %s, null, false)", tenant, prefix)
+        service = {"messaging_service_sid": A_SERVICE} if slug == "acme" else {}
         body = {
             "provider": "twilio",
-            "settings": {"account_sid": account, "from_number": number},
+            "settings": {"account_sid": account, "from_number": number, **service},
             "secrets": {"auth_token": f"env:{prefix}TOKEN"},
         }
         call(db, "notify_api.set_channel_provider_v1(%s, 'sms', %s)", tenant, Jsonb(body))
@@ -78,8 +83,8 @@ def status(account: str, status: str, code: str | None = None) -> dict[str, str]
     return {**params, "ErrorCode": code} if code else params
 
 
-def stop(account: str, to: str = A_NUMBER, body: str = "STOP") -> dict[str, str]:
-    return {
+def stop(account: str, to: str = A_NUMBER, body: str = "STOP", service: str | None = None) -> dict[str, str]:
+    params = {
         "AccountSid": account,
         "MessageSid": f"SM{uuid.uuid4().hex}",
         "SmsStatus": "received",
@@ -87,6 +92,7 @@ def stop(account: str, to: str = A_NUMBER, body: str = "STOP") -> dict[str, str]
         "To": to,
         "Body": body,
     }
+    return {**params, "MessagingServiceSid": service} if service else params
 
 
 def state(db: psycopg.Connection, tenant: str) -> tuple[str | None, bool]:
@@ -144,6 +150,50 @@ def test_another_tenant_cannot_stop_our_recipient_through_its_own_account(client
     assert state(db, tenants["acme"])[1] is True
     # The same STOP signed with acme's token (Twilio itself, for acme's number) is applied: to acme only.
     params = stop(A_ACCOUNT)
+    assert post(client, params, "", sign(A_TOKEN, URL, params)).status_code == 200
+    assert state(db, tenants["acme"])[1] is False and state(db, tenants["globex"])[1] is True
+
+
+def test_another_tenant_cannot_stop_our_recipient_through_our_messaging_service(client, db, tenants):
+    # globex signs, with its own valid token, a STOP to a number of acme's Messaging Service pool naming acme's service:
+    # under its own account SID and under acme's. No key of globex's is offered for acme's service: refused.
+    for account in (B_ACCOUNT, A_ACCOUNT):
+        params = stop(account, to=POOL_NUMBER, service=A_SERVICE)
+        assert post(client, params, "", sign(B_TOKEN, URL, params)).status_code == 401
+    # To globex's own number (so verified with globex's key) but naming acme's service: applied to globex, never acme.
+    params = stop(B_ACCOUNT, to=B_NUMBER, service=A_SERVICE)
+    assert post(client, params, "", sign(B_TOKEN, URL, params)).status_code == 200
+    assert state(db, tenants["acme"])[1] is True and state(db, tenants["globex"])[1] is False
+    # The same STOP to the pool number signed with acme's token (Twilio itself, for acme's service): applied to acme.
+    params = stop(A_ACCOUNT, to=POOL_NUMBER, service=A_SERVICE)
+    assert post(client, params, "", sign(A_TOKEN, URL, params)).status_code == 200
+    assert state(db, tenants["acme"])[1] is False
+    entry = call(db, "notify_api.list_consents_v1(%s, 'runner-42')", tenants["acme"])["history"][-1]
+    assert (entry["status"], entry["source"]) == ("revoked", "inbound_keyword")
+    assert (entry["evidence"]["to"], entry["evidence"]["messaging_service_sid"]) == (POOL_NUMBER, A_SERVICE)
+
+
+def test_another_tenant_cannot_claim_our_messaging_service(client, db, tenants):
+    """globex's admin, with its own API key, configures acme's Messaging Service SID as its sender (so that inbound
+    messages to acme's pool would be globex's): refused, one provider or a chain, and acme's keep coming to acme."""
+    key, _ = make_key(db, tenants["globex"])
+    entry = {
+        "provider": "twilio",
+        "settings": {"account_sid": B_ACCOUNT, "messaging_service_sid": A_SERVICE},
+        "secrets": {"auth_token": "env:GLOBEXTW_TOKEN"},
+    }
+    auth = {"Authorization": f"Bearer {key}"}
+    body = is_problem(
+        client.put("/internal/channels/sms/provider", json=entry, headers=auth), 409, "settings.messaging_service_sid"
+    )
+    assert body["type"].endswith(":phone_number_taken")
+    chain = client.put("/internal/channels/sms/providers", json={"providers": [entry]}, headers=auth)
+    is_problem(chain, 409, "providers[0].settings.messaging_service_sid")
+    rows = db.execute(
+        "select tenant_id::text from notify.channel_providers where settings ->> 'messaging_service_sid' = %s", (A_SERVICE,)
+    ).fetchall()
+    assert rows == [(tenants["acme"],)]
+    params = stop(A_ACCOUNT, to=POOL_NUMBER, service=A_SERVICE)
     assert post(client, params, "", sign(A_TOKEN, URL, params)).status_code == 200
     assert state(db, tenants["acme"])[1] is False and state(db, tenants["globex"])[1] is True
 

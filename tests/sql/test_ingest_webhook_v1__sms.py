@@ -37,9 +37,11 @@ def sms(db, tenant) -> str:
     return tenant
 
 
-def inbound(db, text: str, to: str = NUMBER, sender: str = PHONE) -> str:
+def inbound(db, text: str, to: str = NUMBER, sender: str = PHONE, service: str | None = None) -> str:
     sid = f"SM{uuid.uuid4().hex}"
     row = {"phone_number_id": to, "sender": sender, "message_id": sid, "text": text, "received_at": "2026-12-01T10:00:00Z"}
+    if service:
+        row["messaging_service_sid"] = service
     out = db.execute(INGEST, (f"inbound:{sid}", Jsonb([]), Jsonb([row]))).fetchone()[0]
     [outcome] = out["outcomes"]
     return outcome["outcome"]
@@ -218,3 +220,62 @@ def test_erasure_reaches_an_ordinary_inbound_sms_and_only_the_tenants_own(db, sm
     payloads = [r[0] for r in db.execute("select payload from notify.webhook_events where provider = 'twilio' order by id")]
     assert payloads[0] == {"erased": True}
     assert payloads[1]["Body"] == "a message to another club"
+
+
+SERVICE = "MG" + "2" * 32
+POOL = "+15005550010"  # a number of the tenant's Messaging Service pool, not its from_number
+
+
+@pytest.fixture
+def pooled(db, sms) -> str:
+    """The tenant sends through a Messaging Service too: replies come to any number of its pool."""
+    body = {**TWILIO, "settings": {**TWILIO["settings"], "messaging_service_sid": SERVICE}}
+    call(db, "notify_api.set_channel_provider_v1(%s, 'sms', %s)", sms, Jsonb(body))
+    return sms
+
+
+def test_a_stop_to_a_number_of_the_tenants_messaging_service_revokes_with_evidence(db, pooled):
+    """A STOP to a pool number names the tenant's Messaging Service: the tenant's. A message to a tenant's from_number
+    is that tenant's whatever service it names (another tenant's number with our service touches only that tenant)."""
+    other = str(call(db, "notify_api.create_tenant_v1('globex', 'Globex', 'en')")["id"])
+    grant(db, other, env_prefix="GLOBEX_")
+    theirs = {
+        **TWILIO,
+        "settings": {**TWILIO["settings"], "from_number": "+15005550007"},
+        "secrets": {"auth_token": "env:GLOBEX_TW"},
+    }
+    call(db, "notify_api.set_channel_provider_v1(%s, 'sms', %s)", other, Jsonb(theirs))
+    assert inbound(db, "STOP", to="+15005550007", service=SERVICE) == "opt_out_unknown_sender"
+    assert allowed(db, pooled)
+    assert inbound(db, "STOP", to=POOL, service=SERVICE) == "opted_out"
+    assert not allowed(db, pooled)
+    entry = call(db, "notify_api.list_consents_v1(%s, 'runner-42')", pooled)["history"][-1]
+    assert (entry["status"], entry["source"]) == ("revoked", "inbound_keyword")
+    assert (entry["evidence"]["to"], entry["evidence"]["messaging_service_sid"]) == (POOL, SERVICE)
+    assert inbound(db, "start", to=POOL, service=SERVICE) == "opted_in"
+    assert allowed(db, pooled)
+    assert inbound(db, "HELP", to=POOL, service=SERVICE) == "help_requested"
+    # Another service, or a pool number without the service: no tenant.
+    assert inbound(db, "STOP", to=POOL, service="MG" + "3" * 32) == "unmatched"
+    assert inbound(db, "STOP", to=POOL) == "unmatched"
+    assert allowed(db, pooled)
+
+
+def test_erasure_reaches_an_inbound_sms_to_a_number_of_the_tenants_messaging_service(db, pooled):
+    ingest = (
+        "select notify_api.ingest_webhook_v1('twilio', %s, %s, '{}',"
+        " array(select r from jsonb_populate_recordset(null::notify.inbound_message, %s) r))"
+    )
+
+    def receive(service: str, body: str) -> None:
+        sid = f"SM{uuid.uuid4().hex}"
+        row = {"phone_number_id": POOL, "sender": PHONE, "message_id": sid, "text": body, "messaging_service_sid": service}
+        form = {"MessageSid": sid, "From": PHONE, "To": POOL, "Body": body, "MessagingServiceSid": service}
+        db.execute(ingest, (f"inbound:{sid}", Jsonb(form), Jsonb([row])))
+
+    receive(SERVICE, "running late, save me a spot")
+    receive("MG" + "3" * 32, "a message to another club's service")  # not the tenant's service: not ours
+    call(db, "notify_api.erase_recipient_v1(%s, 'runner-42', 'test')", pooled)
+    payloads = [r[0] for r in db.execute("select payload from notify.webhook_events where provider = 'twilio' order by id")]
+    assert payloads[0] == {"erased": True}
+    assert payloads[1]["Body"] == "a message to another club's service"

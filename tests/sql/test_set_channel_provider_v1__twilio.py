@@ -147,3 +147,72 @@ def test_webhook_keys_name_only_the_tenant_the_request_is_about(db, tenant):
     assert keys(account_sid="AC" + "f" * 32, number="+15005550006") == []  # another account
     assert keys(account_sid=ACCOUNT, number="+15005550009") == []
     assert call(db, "notify_api.webhook_keys_v1('whatsapp_cloud', %s)", Jsonb({"account_sid": ACCOUNT})) == []
+
+
+SERVICE = "MG" + "2" * 32
+
+
+def test_a_messaging_service_belongs_to_one_tenant(db, tenant):
+    """Inbound SMS to any number of a Messaging Service's pool are routed by the service: it is one tenant's, whether
+    set alone or in a chain (and not twice in one chain)."""
+    other = str(call(db, "notify_api.create_tenant_v1('globex', 'Globex', 'en')")["id"])
+    set_provider(db, tenant, "sms", with_settings(messaging_service_sid=SERVICE))
+    grant(db, other, env_prefix="GLOBEX_")
+    theirs = {
+        "provider": "twilio",
+        "settings": {"account_sid": ACCOUNT, "messaging_service_sid": SERVICE},
+        "secrets": {"auth_token": "env:GLOBEX_TW"},
+    }
+    with pytest.raises(psycopg.Error) as info:
+        call(db, "notify_api.set_channel_provider_v1(%s, 'sms', %s)", other, Jsonb(theirs))
+    assert (info.value.sqlstate, info.value.diag.constraint_name, info.value.diag.column_name) == (
+        "ND409",
+        "phone_number_taken",
+        "settings.messaging_service_sid",
+    )
+    with pytest.raises(psycopg.Error) as info:
+        call(db, "notify_api.set_channel_providers_v1(%s, 'sms', %s)", other, Jsonb([theirs]))
+    assert (info.value.sqlstate, info.value.diag.constraint_name, info.value.diag.column_name) == (
+        "ND409",
+        "phone_number_taken",
+        "providers[0].settings.messaging_service_sid",
+    )
+    assert "settings.messaging_service_sid" in info.value.diag.message_primary
+    # Twice in the tenant's own chain (two numbers, one service) is refused too, naming the second entry.
+    mine = [
+        with_settings(messaging_service_sid=SERVICE),
+        with_settings(from_number="+15005550008", messaging_service_sid=SERVICE),
+    ]
+    with pytest.raises(psycopg.Error) as info:
+        call(db, "notify_api.set_channel_providers_v1(%s, 'sms', %s)", tenant, Jsonb(mine))
+    assert (info.value.sqlstate, info.value.diag.column_name) == ("ND409", "providers[1].settings.messaging_service_sid")
+    set_provider(db, tenant, "sms", with_settings(messaging_service_sid=SERVICE))  # the same tenant again is fine
+
+
+def test_webhook_keys_find_the_tenant_by_its_messaging_service(db, tenant):
+    """An inbound message to a pool number (no tenant's from_number) names the Messaging Service: its tenant's key.
+    A number that is a tenant's from_number decides alone (the service named beside it changes nothing)."""
+    other = str(call(db, "notify_api.create_tenant_v1('globex', 'Globex', 'en')")["id"])
+    set_provider(db, tenant, "sms", with_settings(messaging_service_sid=SERVICE))
+    grant(db, other, env_prefix="GLOBEX_")
+    call(
+        db,
+        "notify_api.set_channel_provider_v1(%s, 'sms', %s)",
+        other,
+        Jsonb(
+            {
+                **TWILIO,
+                "settings": {**TWILIO["settings"], "from_number": "+15005550007"},
+                "secrets": {"auth_token": "env:GLOBEX_TW"},
+            }
+        ),
+    )
+
+    def keys(**hints: object) -> list:
+        return [k["tenant_id"] for k in call(db, "notify_api.webhook_keys_v1('twilio', %s)", Jsonb(hints))]
+
+    assert keys(account_sid=ACCOUNT, number="+15005550010", messaging_service_sid=SERVICE) == [tenant]
+    assert keys(account_sid=ACCOUNT, number="+15005550007", messaging_service_sid=SERVICE) == [other]
+    assert keys(account_sid="AC" + "f" * 32, number="+15005550010", messaging_service_sid=SERVICE) == []  # another account
+    assert keys(account_sid=ACCOUNT, number="+15005550010", messaging_service_sid="MG" + "3" * 32) == []
+    assert keys(account_sid=ACCOUNT, number="+15005550010") == []
