@@ -49,8 +49,9 @@ class Channels(Controller):
         opt={"scope": "admin"},
         summary="Configure the provider of a channel",
         description="Secrets are references (env:NAME or file:/path) inside the namespace the operator granted the tenant, "
-        "resolved by the worker; never values. base_url (WhatsApp) and host (SMTP) must be public hosts unless the "
-        "operator granted private endpoints; a WhatsApp phone_number_id belongs to one tenant.",
+        "resolved by the worker; never values. base_url (WhatsApp, Twilio) and host (SMTP) must be public hosts unless the "
+        "operator granted private endpoints; a WhatsApp phone_number_id, a Twilio from_number and a Twilio "
+        "messaging_service_sid belong to one tenant (409 phone_number_taken).",
     )
     async def set_provider(
         self,
