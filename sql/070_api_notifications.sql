@@ -148,7 +148,8 @@ begin
             p_recipient_count, s.template,
             case when p_response ->> 'status' = 'suppressed' then '{}'::jsonb else s.variables end, s.category, s.channels, s.send_at, s.expires_at, s.metadata,
             s.callback_url, p_response, s.route, coalesce(s.priority, 'normal'))
-    on conflict (tenant_id, idempotency_key) do nothing
+    -- The key's scope is the tenant's test or live mode (test, from the same setting as the column's default).
+    on conflict (tenant_id, idempotency_key, test) do nothing
     returning id into request_id;
     if request_id is null then
         replay := notify._replay(p_tenant_id, s.idempotency_key, s.fingerprint);
@@ -156,7 +157,7 @@ begin
 end
 $$;
 comment on function notify._claim_submission(uuid, notify.submission, uuid, integer, uuid, jsonb) is
-    'Claims the submission''s idempotency key with its request row (recipient_id for one recipient, null for a fan-out of p_recipient_count; the id and the response when the caller knows them already, so the row is written once): the new request''s id, or, when the key was taken, the stored response to replay (ND422 idempotency_key_reused for another body).';
+    'Claims the submission''s idempotency key with its request row (recipient_id for one recipient, null for a fan-out of p_recipient_count; the id and the response when the caller knows them already, so the row is written once): the new request''s id, or, when the key was taken, the stored response to replay (ND422 idempotency_key_reused for another body). A key is taken per scope: a test key''s submissions (notify.test) and live ones never share one.';
 
 create function notify._wake_submission(s notify.submission, p_channels notify.channel[])
     returns void
@@ -206,7 +207,10 @@ begin
     -- writes the recipients of the original body over what changed since. (A concurrent twin that gets past this
     -- still meets the key's unique index in _claim_submission, and replays there.)
     if s.idempotency_key is not null
-       and exists (select from notify.notification_requests r where r.tenant_id = p_tenant_id and r.idempotency_key = s.idempotency_key) then
+       and exists (select from notify.notification_requests r
+                    where r.tenant_id = p_tenant_id and r.idempotency_key = s.idempotency_key
+                      -- in this submission's scope: a test key's keys and the live ones are apart (notify._enter_key)
+                      and r.test = coalesce(nullif(pg_catalog.current_setting('notify.test', true), '')::boolean, false)) then
         response := notify._replay(p_tenant_id, s.idempotency_key, s.fingerprint);
         replayed := true;
         return next;

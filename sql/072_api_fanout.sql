@@ -285,7 +285,9 @@ begin
            = (select count(distinct c) from jsonb_array_elements_text(it.body -> 'channels') c)
        and not exists (select from shared sh where sh.kind = 'key' and sh.v = it.key)
        and not exists (select from shared sh where sh.kind = 'ref' and sh.v = it.ref)
-       and not exists (select from notify.notification_requests q where q.tenant_id = p_tenant_id and q.idempotency_key = it.key);
+       and not exists (select from notify.notification_requests q
+                        where q.tenant_id = p_tenant_id and q.idempotency_key = it.key
+                          and q.test = coalesce(nullif(pg_catalog.current_setting('notify.test', true), '')::boolean, false));
 
     -- 2. Templates per template, channel and locale (resolved once each); an item lacking one, or a variable one needs,
     --    goes item by item (and fails there, naming the field).
@@ -363,7 +365,7 @@ begin
     select p_tenant_id, b.request_id, b.key, sha256(convert_to(b.body::text, 'UTF8')), b.recipient_id, 1, b.template,
            case when b.response ->> 'status' = 'suppressed' then '{}'::jsonb else b.variables end, b.category, b.channels, b.metadata, b.response, b.priority
       from pg_temp._batch b order by b.i
-    on conflict (tenant_id, idempotency_key) do nothing;
+    on conflict (tenant_id, idempotency_key, test) do nothing;
     get diagnostics v_claimed = row_count;
     if v_claimed < (select count(*) from pg_temp._batch) then
         delete from pg_temp._batch b
