@@ -165,14 +165,26 @@ create function notify._wake_submission(s notify.submission, p_channels notify.c
     volatile
     set search_path = pg_catalog, pg_temp
 as $$
+declare
+    v_deferred text := pg_catalog.current_setting('notify.wakes', true);
 begin
+    -- Inside a batch (submit_notifications_v1 sets notify.wakes to '+'), only noted: a wake-up's insert waits for a
+    -- concurrent one of the same lock until that one commits, so taken between two items it would be a lock held
+    -- while the next item's recipient is taken, and two batches could deadlock. The batch wakes them after its items.
+    if v_deferred like '+%' then
+        perform pg_catalog.set_config('notify.wakes', v_deferred || string_agg(c || '@' || coalesce(extract(epoch from s.send_at)::text, '') || ';', ''), true)
+           from unnest(p_channels) c
+          where c is not null
+         having count(*) > 0;
+        return;
+    end if;
     -- With the caller's commit: now, or when the scheduled work falls due. In channel order, whatever order the
     -- caller gave: a wake-up's insert waits for a concurrent one of the same lock, so every submission takes them alike.
     perform notify._wake(c, case when s.send_at > now() then s.send_at end) from unnest(p_channels) c order by c;
 end
 $$;
 comment on function notify._wake_submission(notify.submission, notify.channel[]) is
-    'Wakes the worker for the channels a submission queued or scheduled deliveries on: now, or at send_at if it is in the future.';
+    'Wakes the worker for the channels a submission queued or scheduled deliveries on: now, or at send_at if it is in the future. Inside a batch (the transaction setting notify.wakes starts with +) it only appends them to that setting; submit_notifications_v1 wakes them after its last item.';
 
 create function notify_api.submit_notification_v1(p_tenant_id uuid, p_request jsonb, p_idempotency_key text default null)
     returns table (response jsonb, replayed boolean)
