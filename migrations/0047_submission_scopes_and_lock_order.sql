@@ -5,6 +5,11 @@
 -- of the key's unique constraint, and every claim and lookup of a key (the single and fan-out submission, the batch's
 -- set-based path, the replay) reads the caller's scope from the transaction setting notify.test (as the column's
 -- default does): test and live are two key spaces, like a payment provider's test and live modes.
+-- And concurrent batches or fan-outs naming the same new recipients in other orders could deadlock (one aborted with
+-- deadlock_detected: a lost submission). Every multi-recipient path now takes its recipient rows, known recipients'
+-- locale changes, address rows and (the batch) idempotency keys in ref (key) order; a batch's item-by-item items run in
+-- their recipients' ref order (items sharing a key or a ref keep their order among themselves), and its worker wake-ups
+-- (a lock each until commit) come after its last item (notify._wake_submission notes them in the setting notify.wakes).
 
 alter table notify.notification_requests
     drop constraint notification_requests_idempotency_key,
