@@ -298,8 +298,9 @@ create table notify.notification_requests (
     primary key (tenant_id, id),
     foreign key (tenant_id, recipient_id) references notify.recipients (tenant_id, id),
     -- The key leads, not tenant_id: an index starting (tenant_id) could be picked for a primary-key lookup (see
-    -- docs/architecture.md, "Indexes that tie with the primary key").
-    constraint notification_requests_idempotency_key unique (idempotency_key, tenant_id),
+    -- docs/architecture.md, "Indexes that tie with the primary key"). test is part of the key (migration 0047): a
+    -- tenant's test and live submissions are two idempotency scopes, so neither ever replays the other.
+    constraint notification_requests_idempotency_key unique (idempotency_key, tenant_id, test),
     constraint notification_requests_key_format check (idempotency_key ~ '^[\x21-\x7e]+$' and length(idempotency_key) <= 255)
 );
 comment on table notify.notification_requests is

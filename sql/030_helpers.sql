@@ -156,7 +156,10 @@ declare
     v notify.notification_requests;
 begin
     -- Called after the key's insert lost the race: the winner has committed, so its row is visible.
-    select * into v from notify.notification_requests r where r.tenant_id = p_tenant_id and r.idempotency_key = p_idempotency_key;
+    -- In the caller's scope (test or live, the transaction setting notify.test): the other one never answers.
+    select * into v from notify.notification_requests r
+     where r.tenant_id = p_tenant_id and r.idempotency_key = p_idempotency_key
+       and r.test = coalesce(nullif(pg_catalog.current_setting('notify.test', true), '')::boolean, false);
     if v.fingerprint <> p_fingerprint then
         perform notify._raise('ND422', 'idempotency_key_reused', 'this Idempotency-Key was used with a different request body',
                               'Idempotency-Key');
@@ -165,7 +168,7 @@ begin
 end
 $$;
 comment on function notify._replay(uuid, text, bytea) is
-    'The stored response for a repeated Idempotency-Key with the same body fingerprint; ND422 for another body.';
+    'The stored response for a repeated Idempotency-Key with the same body fingerprint, in the caller''s scope (a test key''s requests or the live ones, by the transaction setting notify.test); ND422 for another body.';
 
 create function notify._recipient_id(p_tenant_id uuid, p_ref text)
     returns uuid

@@ -148,7 +148,8 @@ begin
             p_recipient_count, s.template,
             case when p_response ->> 'status' = 'suppressed' then '{}'::jsonb else s.variables end, s.category, s.channels, s.send_at, s.expires_at, s.metadata,
             s.callback_url, p_response, s.route, coalesce(s.priority, 'normal'))
-    on conflict (tenant_id, idempotency_key) do nothing
+    -- The key's scope is the tenant's test or live mode (test, from the same setting as the column's default).
+    on conflict (tenant_id, idempotency_key, test) do nothing
     returning id into request_id;
     if request_id is null then
         replay := notify._replay(p_tenant_id, s.idempotency_key, s.fingerprint);
@@ -156,7 +157,7 @@ begin
 end
 $$;
 comment on function notify._claim_submission(uuid, notify.submission, uuid, integer, uuid, jsonb) is
-    'Claims the submission''s idempotency key with its request row (recipient_id for one recipient, null for a fan-out of p_recipient_count; the id and the response when the caller knows them already, so the row is written once): the new request''s id, or, when the key was taken, the stored response to replay (ND422 idempotency_key_reused for another body).';
+    'Claims the submission''s idempotency key with its request row (recipient_id for one recipient, null for a fan-out of p_recipient_count; the id and the response when the caller knows them already, so the row is written once): the new request''s id, or, when the key was taken, the stored response to replay (ND422 idempotency_key_reused for another body). A key is taken per scope: a test key''s submissions (notify.test) and live ones never share one.';
 
 create function notify._wake_submission(s notify.submission, p_channels notify.channel[])
     returns void
@@ -164,14 +165,26 @@ create function notify._wake_submission(s notify.submission, p_channels notify.c
     volatile
     set search_path = pg_catalog, pg_temp
 as $$
+declare
+    v_deferred text := pg_catalog.current_setting('notify.wakes', true);
 begin
+    -- Inside a batch (submit_notifications_v1 sets notify.wakes to '+'), only noted: a wake-up's insert waits for a
+    -- concurrent one of the same lock until that one commits, so taken between two items it would be a lock held
+    -- while the next item's recipient is taken, and two batches could deadlock. The batch wakes them after its items.
+    if v_deferred like '+%' then
+        perform pg_catalog.set_config('notify.wakes', v_deferred || string_agg(c || '@' || coalesce(extract(epoch from s.send_at)::text, '') || ';', ''), true)
+           from unnest(p_channels) c
+          where c is not null
+         having count(*) > 0;
+        return;
+    end if;
     -- With the caller's commit: now, or when the scheduled work falls due. In channel order, whatever order the
     -- caller gave: a wake-up's insert waits for a concurrent one of the same lock, so every submission takes them alike.
     perform notify._wake(c, case when s.send_at > now() then s.send_at end) from unnest(p_channels) c order by c;
 end
 $$;
 comment on function notify._wake_submission(notify.submission, notify.channel[]) is
-    'Wakes the worker for the channels a submission queued or scheduled deliveries on: now, or at send_at if it is in the future.';
+    'Wakes the worker for the channels a submission queued or scheduled deliveries on: now, or at send_at if it is in the future. Inside a batch (the transaction setting notify.wakes starts with +) it only appends them to that setting; submit_notifications_v1 wakes them after its last item.';
 
 create function notify_api.submit_notification_v1(p_tenant_id uuid, p_request jsonb, p_idempotency_key text default null)
     returns table (response jsonb, replayed boolean)
@@ -206,7 +219,10 @@ begin
     -- writes the recipients of the original body over what changed since. (A concurrent twin that gets past this
     -- still meets the key's unique index in _claim_submission, and replays there.)
     if s.idempotency_key is not null
-       and exists (select from notify.notification_requests r where r.tenant_id = p_tenant_id and r.idempotency_key = s.idempotency_key) then
+       and exists (select from notify.notification_requests r
+                    where r.tenant_id = p_tenant_id and r.idempotency_key = s.idempotency_key
+                      -- in this submission's scope: a test key's keys and the live ones are apart (notify._enter_key)
+                      and r.test = coalesce(nullif(pg_catalog.current_setting('notify.test', true), '')::boolean, false)) then
         response := notify._replay(p_tenant_id, s.idempotency_key, s.fingerprint);
         replayed := true;
         return next;

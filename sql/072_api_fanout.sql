@@ -95,8 +95,11 @@ begin
       from jsonb_array_elements(v_items) with ordinality e(r, i);
     analyze pg_temp._fanout_input;
 
+    --    Every recipient row (and then every address row) is taken in ref order, whatever the order of the list: two
+    --    submissions naming the same recipients in other orders can then only wait for each other, never deadlock
+    --    (the batch, below, takes them alike).
     insert into notify.recipients as x (tenant_id, ref, locale, timezone)
-    select p_tenant_id, f.ref, f.locale, f.timezone from pg_temp._fanout_input f
+    select p_tenant_id, f.ref, f.locale, f.timezone from pg_temp._fanout_input f order by f.ref
     on conflict (tenant_id, ref) do update
         set locale = coalesce(excluded.locale, x.locale), timezone = coalesce(excluded.timezone, x.timezone),
             updated_at = now()
@@ -108,17 +111,27 @@ begin
      where rec.tenant_id = p_tenant_id and rec.ref = f.ref;
     analyze pg_temp._fanout_input;
 
+    -- (A recipient's addresses in the order jsonb_each gives them, as notify._upsert_recipient takes them.)
     insert into notify.recipient_addresses as a (tenant_id, recipient_id, channel, address)
     select p_tenant_id, f.recipient_id, kv.key::notify.channel, kv.value #>> '{}'
-      from pg_temp._fanout_input f cross join lateral jsonb_each(coalesce(f.addresses, '{}')) kv
+      from pg_temp._fanout_input f cross join lateral jsonb_each(coalesce(f.addresses, '{}')) with ordinality kv(key, value, n)
      where jsonb_typeof(kv.value) = 'string'
+     order by f.ref, kv.n
     on conflict (tenant_id, recipient_id, channel) do update
         set address = excluded.address, updated_at = now()
         where a.address is distinct from excluded.address;
+    with gone as (
+        select a0.recipient_id, a0.channel
+          from pg_temp._fanout_input f cross join lateral jsonb_each(coalesce(f.addresses, '{}')) with ordinality kv(key, value, n)
+          join notify.recipient_addresses a0
+            on a0.tenant_id = p_tenant_id and a0.recipient_id = f.recipient_id and a0.channel = kv.key::notify.channel
+         where jsonb_typeof(kv.value) = 'null'
+         order by f.ref, kv.n
+           for update of a0
+    )
     delete from notify.recipient_addresses a
-     using pg_temp._fanout_input f, lateral jsonb_each(coalesce(f.addresses, '{}')) kv
-     where jsonb_typeof(kv.value) = 'null'
-       and a.tenant_id = p_tenant_id and a.recipient_id = f.recipient_id and a.channel = kv.key::notify.channel;
+     using gone g
+     where a.tenant_id = p_tenant_id and a.recipient_id = g.recipient_id and a.channel = g.channel;
 
     -- 4. Templates per channel and distinct locale (resolved once each), and the variables every recipient needs.
     create temporary table pg_temp._fanout_templates (
@@ -285,7 +298,9 @@ begin
            = (select count(distinct c) from jsonb_array_elements_text(it.body -> 'channels') c)
        and not exists (select from shared sh where sh.kind = 'key' and sh.v = it.key)
        and not exists (select from shared sh where sh.kind = 'ref' and sh.v = it.ref)
-       and not exists (select from notify.notification_requests q where q.tenant_id = p_tenant_id and q.idempotency_key = it.key);
+       and not exists (select from notify.notification_requests q
+                        where q.tenant_id = p_tenant_id and q.idempotency_key = it.key
+                          and q.test = coalesce(nullif(pg_catalog.current_setting('notify.test', true), '')::boolean, false));
 
     -- 2. Templates per template, channel and locale (resolved once each); an item lacking one, or a variable one needs,
     --    goes item by item (and fails there, naming the field).
@@ -303,30 +318,45 @@ begin
                     where t.template_locale is null or exists (select from unnest(t.required_variables) v where not b.variables ? v));
 
     -- 3. Recipients and addresses, set-based. A known recipient is only read (no row lock), as notify._upsert_recipient does.
+    --    Every row is taken in ref order (new recipients, then the known ones whose locale changes, then addresses),
+    --    whatever the items' order, as the fan-out takes them: concurrent batches naming the same recipients in other
+    --    orders only wait for each other, never deadlock. (The answers keep the items' order.)
     insert into notify.recipients (tenant_id, ref, locale)
-    select p_tenant_id, b.ref, b.locale from pg_temp._batch b where b.recipient_id is null order by b.i
+    select p_tenant_id, b.ref, b.locale from pg_temp._batch b where b.recipient_id is null order by b.ref
     on conflict (tenant_id, ref) do nothing;
-    update notify.recipients r set locale = b.locale, updated_at = now()
-      from pg_temp._batch b
-     where b.recipient_id is not null and r.tenant_id = p_tenant_id and r.id = b.recipient_id
-       and b.locale is not null and b.locale is distinct from r.locale;
+    update notify.recipients r set locale = c.locale, updated_at = now()
+      from (select r0.id, b.locale
+              from pg_temp._batch b join notify.recipients r0 on r0.tenant_id = p_tenant_id and r0.id = b.recipient_id
+             where b.locale is not null and b.locale is distinct from r0.locale
+             order by r0.ref
+               for no key update of r0) c
+     where r.tenant_id = p_tenant_id and r.id = c.id;
     update pg_temp._batch b set recipient_id = r.id
       from notify.recipients r
      where b.recipient_id is null and r.tenant_id = p_tenant_id and r.ref = b.ref;
     insert into notify.recipient_addresses as a (tenant_id, recipient_id, channel, address)
     select p_tenant_id, b.recipient_id, kv.key::notify.channel, kv.value #>> '{}'
-      from pg_temp._batch b cross join lateral jsonb_each(coalesce(b.addresses, '{}')) kv
+      from pg_temp._batch b cross join lateral jsonb_each(coalesce(b.addresses, '{}')) with ordinality kv(key, value, n)
      where jsonb_typeof(kv.value) = 'string'
        and not exists (select from notify.recipient_addresses x
                         where x.tenant_id = p_tenant_id and x.recipient_id = b.recipient_id
                           and x.channel = kv.key::notify.channel and x.address = kv.value #>> '{}')
+     order by b.ref, kv.n
     on conflict (tenant_id, recipient_id, channel) do update
         set address = excluded.address, updated_at = now()
         where a.address is distinct from excluded.address;
+    with gone as (
+        select a0.recipient_id, a0.channel
+          from pg_temp._batch b cross join lateral jsonb_each(coalesce(b.addresses, '{}')) with ordinality kv(key, value, n)
+          join notify.recipient_addresses a0
+            on a0.tenant_id = p_tenant_id and a0.recipient_id = b.recipient_id and a0.channel = kv.key::notify.channel
+         where jsonb_typeof(kv.value) = 'null'
+         order by b.ref, kv.n
+           for update of a0
+    )
     delete from notify.recipient_addresses a
-     using pg_temp._batch b, lateral jsonb_each(coalesce(b.addresses, '{}')) kv
-     where jsonb_typeof(kv.value) = 'null'
-       and a.tenant_id = p_tenant_id and a.recipient_id = b.recipient_id and a.channel = kv.key::notify.channel;
+     using gone g
+     where a.tenant_id = p_tenant_id and a.recipient_id = g.recipient_id and a.channel = g.channel;
 
     -- 4. Each item's deliveries (consent and address decide, as for one recipient) and so its answer, before its request
     --    row is written once, with that answer.
@@ -355,22 +385,24 @@ begin
               from pg_temp._batch_deliveries group by i) d
      where d.i = b.i;
 
-    -- 5. Claim the keys. One a concurrent twin took meanwhile (it waited for the twin's commit) leaves its item to the
+    -- 5. Claim the keys, in key order (as the recipients, so that two batches with the same keys cannot deadlock
+    --    either). One a concurrent twin took meanwhile (it waited for the twin's commit) leaves its item to the
     --    item-by-item path, which replays it.
     insert into notify.notification_requests
         (tenant_id, id, idempotency_key, fingerprint, recipient_id, recipient_count, template_key, variables, category,
          channels, metadata, response, priority)
     select p_tenant_id, b.request_id, b.key, sha256(convert_to(b.body::text, 'UTF8')), b.recipient_id, 1, b.template,
            case when b.response ->> 'status' = 'suppressed' then '{}'::jsonb else b.variables end, b.category, b.channels, b.metadata, b.response, b.priority
-      from pg_temp._batch b order by b.i
-    on conflict (tenant_id, idempotency_key) do nothing;
+      from pg_temp._batch b order by b.key, b.i
+    on conflict (tenant_id, idempotency_key, test) do nothing;
     get diagnostics v_claimed = row_count;
     if v_claimed < (select count(*) from pg_temp._batch) then
         delete from pg_temp._batch b
          where not exists (select from notify.notification_requests q where q.tenant_id = p_tenant_id and q.id = b.request_id);
     end if;
 
-    -- 6. The deliveries, the worker's wake-up (due now: the usual body has no send_at), the answers.
+    -- 6. The deliveries, the worker's wake-up (due now: the usual body has no send_at; deferred to the batch's end by
+    --    submit_notifications_v1, notify._wake_submission), the answers.
     perform notify._set_source('submit');
     insert into notify.notification_deliveries
         (tenant_id, id, request_id, recipient_id, channel, address, template_locale, status, reason, due_at, priority)
@@ -378,10 +410,8 @@ begin
            b.priority
       from pg_temp._batch_deliveries d join pg_temp._batch b on b.i = d.i
      order by d.i, d.ord;
-    perform notify._wake(x.channel)
-       from (select distinct d.channel from pg_temp._batch_deliveries d join pg_temp._batch b on b.i = d.i
-              where d.status = 'queued') x
-      order by x.channel;
+    perform notify._wake_submission(null, array(
+        select distinct d.channel from pg_temp._batch_deliveries d join pg_temp._batch b on b.i = d.i where d.status = 'queued'));
     return query
         select b.i, jsonb_build_object('index', b.i, 'outcome', 'accepted', 'status', 202, 'body', b.response)
           from pg_temp._batch b order by b.i;
@@ -407,38 +437,82 @@ declare
     v_message text;
     v_type text;
     v_field text;
+    v_changed integer;
+    v_wakes text;
 begin
     perform notify._enter(p_tenant_id);
     if jsonb_typeof(p_items) is distinct from 'array' or jsonb_array_length(p_items) not between 1 and 1000 then
         perform notify._raise('ND400', 'invalid_length', 'items must be a list of 1 to 1000 intents', 'items');
     end if;
-    -- The usual items together (notify._submit_batch_usual), then every other one alone, in order.
+    -- The usual items together (notify._submit_batch_usual), then every other one alone; the worker woken after all of
+    -- them (notify._wake_submission notes the channels meanwhile), so no wake-up's lock is held between two items.
+    perform pg_catalog.set_config('notify.wakes', '+', true);
     v_results := array_fill(null::jsonb, array[jsonb_array_length(p_items)]);
     for v_row in select * from notify._submit_batch_usual(p_tenant_id, p_items) loop
         v_results[v_row.idx + 1] := v_row.result;
     end loop;
-    for v_item, v_index in select e.value, e.i - 1 from jsonb_array_elements(p_items) with ordinality e(value, i) loop
-        continue when v_results[v_index + 1] is not null;
-        begin
-            -- Each item is its own subtransaction: a bad one is rolled back alone and reported; the others stay.
-            if jsonb_typeof(v_item) <> 'object' or jsonb_typeof(v_item -> 'notification') <> 'object' then
-                perform notify._raise('ND400', 'invalid_type', 'each item is {"idempotency_key"?, "notification": {...}}', 'notification');
-            end if;
-            perform notify._check_keys(v_item, array['idempotency_key', 'notification'], '');
-            v_key := notify._text_field(v_item, 'idempotency_key', '', false, 255);
-            select * into v_row from notify_api.submit_notification_v1(p_tenant_id, v_item -> 'notification', v_key);
-            v_results[v_index + 1] := jsonb_build_object(
-                'index', v_index, 'outcome', case when v_row.replayed then 'replayed' else 'accepted' end,
-                'status', case when v_row.replayed then 200 else 202 end, 'body', v_row.response);
-        exception
-            when sqlstate 'ND400' or sqlstate 'ND404' or sqlstate 'ND409' or sqlstate 'ND422' then
-                get stacked diagnostics v_state = returned_sqlstate, v_message = message_text,
-                                        v_type = constraint_name, v_field = column_name;
+    -- The other items in the order of their recipients' refs (a fan-out item: its first ref), as every multi-recipient
+    -- path takes its recipients, so two batches can only wait for each other, never deadlock. Items that share a key or
+    -- a ref with another stay in the items' order among themselves: each such group is ordered by its first ref
+    -- (propagated until no group changes); items that share neither are independent, their order is not visible.
+    if array_position(v_results, null) is not null then
+        create temporary table pg_temp._batch_order (i integer primary key, key text, refs text[], label text) on commit drop;
+        insert into pg_temp._batch_order (i, key, refs)
+        select e.i, case when jsonb_typeof(e.value -> 'idempotency_key') = 'string' then e.value ->> 'idempotency_key' end,
+               array(select distinct x.ref
+                       from (select e.value -> 'notification' -> 'recipient' ->> 'ref' as ref
+                             union all
+                             select r ->> 'ref'
+                               from jsonb_array_elements(case when jsonb_typeof(e.value -> 'notification' -> 'recipients') = 'array'
+                                                              then e.value -> 'notification' -> 'recipients' else '[]' end) r) x
+                      where x.ref is not null order by 1)
+          from jsonb_array_elements(p_items) with ordinality e(value, i)
+         where v_results[e.i] is null;
+        update pg_temp._batch_order set label = refs[1];
+        loop
+            update pg_temp._batch_order o set label = g.label
+              from (select key, min(label) as label from pg_temp._batch_order where key is not null group by key) g
+             where o.key = g.key and g.label is not null and (o.label is null or o.label > g.label);
+            get diagnostics v_changed = row_count;
+            update pg_temp._batch_order o set label = g.label
+              from (select ref, min(label) as label from pg_temp._batch_order, unnest(refs) ref group by ref) g
+             where g.ref = any (o.refs) and g.label is not null and (o.label is null or o.label > g.label);
+            exit when v_changed = 0 and not found;
+        end loop;
+        for v_item, v_index in select e.value, e.i - 1 from jsonb_array_elements(p_items) with ordinality e(value, i)
+                                 left join pg_temp._batch_order o on o.i = e.i
+                                where v_results[e.i] is null
+                                order by o.label, e.i loop
+            begin
+                -- Each item is its own subtransaction: a bad one is rolled back alone and reported; the others stay.
+                if jsonb_typeof(v_item) <> 'object' or jsonb_typeof(v_item -> 'notification') <> 'object' then
+                    perform notify._raise('ND400', 'invalid_type', 'each item is {"idempotency_key"?, "notification": {...}}', 'notification');
+                end if;
+                perform notify._check_keys(v_item, array['idempotency_key', 'notification'], '');
+                v_key := notify._text_field(v_item, 'idempotency_key', '', false, 255);
+                select * into v_row from notify_api.submit_notification_v1(p_tenant_id, v_item -> 'notification', v_key);
                 v_results[v_index + 1] := jsonb_build_object(
-                    'index', v_index, 'outcome', 'error', 'status', substr(v_state, 3)::integer,
-                    'error', jsonb_strip_nulls(jsonb_build_object('type', v_type, 'detail', v_message, 'field', nullif(v_field, ''))));
-        end;
-    end loop;
+                    'index', v_index, 'outcome', case when v_row.replayed then 'replayed' else 'accepted' end,
+                    'status', case when v_row.replayed then 200 else 202 end, 'body', v_row.response);
+            exception
+                when sqlstate 'ND400' or sqlstate 'ND404' or sqlstate 'ND409' or sqlstate 'ND422' then
+                    get stacked diagnostics v_state = returned_sqlstate, v_message = message_text,
+                                            v_type = constraint_name, v_field = column_name;
+                    v_results[v_index + 1] := jsonb_build_object(
+                        'index', v_index, 'outcome', 'error', 'status', substr(v_state, 3)::integer,
+                        'error', jsonb_strip_nulls(jsonb_build_object('type', v_type, 'detail', v_message, 'field', nullif(v_field, ''))));
+            end;
+        end loop;
+        drop table pg_temp._batch_order;
+    end if;
+    -- The wake-ups noted meanwhile, each once, in channel order (as every submission takes them).
+    v_wakes := ltrim(pg_catalog.current_setting('notify.wakes', true), '+');
+    perform pg_catalog.set_config('notify.wakes', '', true);
+    perform notify._wake(x.channel, case when x.at > now() then x.at end)
+       from (select distinct split_part(w, '@', 1)::notify.channel as channel,
+                             to_timestamp(nullif(split_part(w, '@', 2), '')::double precision) as at
+               from unnest(string_to_array(v_wakes, ';')) w where w <> '') x
+      order by x.channel, x.at nulls first;
     return (select jsonb_build_object('items', jsonb_agg(r order by i),
                                       'accepted', count(*) filter (where r ->> 'outcome' = 'accepted'),
                                       'replayed', count(*) filter (where r ->> 'outcome' = 'replayed'),
