@@ -365,3 +365,51 @@ def test_the_cli_replaces_a_chain_and_names_a_bad_entry(db, db_url, chained, tmp
     bad = cli(json.dumps([relay(2525), {"provider": "smtp", "settings": {"host": "127.0.0.1"}}]))
     assert bad.returncode != 0 and "providers[1]" in bad.stderr
     assert [c["settings"]["port"] for c in chain_of(db, chained, "email")] == [2525, 2526]
+
+
+def test_no_failover_once_the_lease_would_not_cover_the_next_provider(db, db_url, chained, smtp_fake):
+    """A chain's first relay answers nothing (its connect phase times out: "not sent"), long enough for the claim's lease
+    to expire meanwhile and maintenance to requeue the e-mail (another worker may claim it again). Failing over then
+    would send through the second relay a message the queue no longer holds as in flight: the second claim sends it
+    again, a duplicate of a message that was never ambiguous. The worker moves on only while the lease still covers the
+    next provider."""
+    import socket
+    import threading
+
+    fake, port = smtp_fake
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel completes the connection; nobody ever greets
+    try:
+        slow = relay(silent.getsockname()[1])
+        slow["settings"]["timeout_seconds"] = 4
+        set_chain(db, chained, "email", slow, relay(port))
+        submit_to(db, chained, "email")
+        stop = threading.Event()
+
+        def maintenance() -> None:
+            # Polled, not timed: as soon as the first claim's lease has expired, maintenance runs once, as it would
+            # every 10 s.
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                while not stop.is_set():
+                    expired = conn.execute(
+                        "select bool_or(lease_expires_at < now()) from notify.notification_deliveries where tenant_id = %s",
+                        (chained,),
+                    ).fetchone()[0]
+                    if expired:
+                        conn.execute("select notify_api.run_maintenance_v1()")
+                        return
+                    time.sleep(0.05)
+
+        thread = threading.Thread(target=maintenance, daemon=True)
+        thread.start()
+        try:
+            drain(db_url, "email", lease_seconds=1)
+        finally:
+            stop.set()
+            thread.join(10)
+    finally:
+        silent.close()
+    # Never twice; and never through the second relay after the lease that covered the attempt had expired.
+    assert len(fake.received) <= 1, [r.recipients for r in fake.received]
+    assert fake.received == []
