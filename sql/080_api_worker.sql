@@ -153,7 +153,18 @@ begin
                                                          from notify.provider_grants g where g.tenant_id = d.tenant_id)) end
                    as provider_config,
                case when not (d.test or r.test) then cp.position end as provider_position,
-               case when not (d.test or r.test) then fb.fallbacks end as fallbacks,
+               -- Free-form WhatsApp text goes only through a number whose 24-hour window is open (checked above for the
+               -- provider tried first): a fallback number the recipient has not written to is left out of its chain.
+               case when d.test or r.test then null
+                    when not (t.content ? 'text' and fb.fallbacks @> '[{"provider": "whatsapp_cloud"}]') then fb.fallbacks
+                    else (select jsonb_agg(x.f order by x.n)
+                            from jsonb_array_elements(fb.fallbacks) with ordinality as x (f, n)
+                           where x.f ->> 'provider' <> 'whatsapp_cloud'
+                              or exists (select from notify.whatsapp_windows w
+                                          where w.tenant_id = d.tenant_id
+                                            and w.phone_number_id = x.f #>> '{provider_config,settings,phone_number_id}'
+                                            and w.wa_id = ltrim(d.address, '+') and w.last_inbound_at > now() - interval '24 hours'))
+               end as fallbacks,
                r.http_request_id, r.trace_parent,
                case when d.expires_at is not null and d.expires_at <= now() then 'expired'
                     when not consent.allowed then 'suppressed'

@@ -413,3 +413,43 @@ def test_no_failover_once_the_lease_would_not_cover_the_next_provider(db, db_url
     # Never twice; and never through the second relay after the lease that covered the attempt had expired.
     assert len(fake.received) <= 1, [r.recipients for r in fake.received]
     assert fake.received == []
+
+
+@pytest.mark.parametrize("second_window_open", [False, True])
+def test_free_form_whatsapp_text_fails_over_only_to_a_number_whose_window_is_open(
+    db, db_url, chained, graphs, monkeypatch, second_window_open
+):
+    """Free-form text may go only through a number the recipient wrote to in the last 24 hours (the window is per
+    business number; the claim checks it for the provider tried first). The first number's token is refused ("not
+    sent"): failing over to the second number, whose window is closed, sends what Meta refuses (131047) and turns a
+    message that would have been retried into a failed one. It stays with the first number's retry; a second number
+    whose window is open takes it."""
+    first, first_url, second, second_url = graphs
+    monkeypatch.setenv("FAILOVER_WA1", "expired-token")
+    monkeypatch.setenv("FAILOVER_WA2", second.access_token)
+    call(db, "notify_api.upsert_template_v1(%s, 'chat', %s)", chained, Jsonb({"channels": {"whatsapp": {"text": "Hi {{name}}"}}}))
+    set_chain(
+        db,
+        chained,
+        "whatsapp",
+        whatsapp_entry(first, first_url, "FAILOVER_WA1"),
+        whatsapp_entry(second, second_url, "FAILOVER_WA2"),
+    )
+    # The recipient wrote to the first number (and, in the second case, to the second one too).
+    for fake in (first, second) if second_window_open else (first,):
+        db.execute(
+            "insert into notify.whatsapp_windows values (%s, %s, %s, now())", (chained, fake.phone_number_id, PHONE.lstrip("+"))
+        )
+    body = intent(
+        channels=["whatsapp"], template="chat", recipient={"ref": "runner-42", "addresses": {"whatsapp": PHONE}, "locale": "en"}
+    )
+    submit(db, chained, body)
+    drain(db_url, "whatsapp")
+    [row] = deliveries(db, chained)
+    assert len(first.requests) == 1
+    if second_window_open:
+        assert row["status"] == "sent" and second.accepted == [PHONE.lstrip("+")]
+        assert row["error_message"].startswith("failed over from whatsapp_cloud (position 0): whatsapp_190")
+    else:
+        assert second.requests == []  # its window is closed: never sent there
+        assert row["status"] == "queued" and row["outcome"] == "retry" and row["error_code"] == "whatsapp_190"
