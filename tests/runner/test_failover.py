@@ -453,3 +453,33 @@ def test_free_form_whatsapp_text_fails_over_only_to_a_number_whose_window_is_ope
     else:
         assert second.requests == []  # its window is closed: never sent there
         assert row["status"] == "queued" and row["outcome"] == "retry" and row["error_code"] == "whatsapp_190"
+
+
+def test_a_demoted_number_with_the_open_window_still_takes_free_form_text(db, db_url, chained, graphs, monkeypatch):
+    """The recipient wrote to the first number; the first number is demoted (a token hiccup an hour ago), so the claim
+    tries the second number first, whose window is closed: the text must not fail as "outside the customer-service
+    window" while a number of the chain has the window open. It goes through the first number."""
+    first, first_url, second, second_url = graphs
+    monkeypatch.setenv("FAILOVER_WA1", first.access_token)
+    monkeypatch.setenv("FAILOVER_WA2", second.access_token)
+    call(db, "notify_api.upsert_template_v1(%s, 'chat', %s)", chained, Jsonb({"channels": {"whatsapp": {"text": "Hi {{name}}"}}}))
+    set_chain(
+        db,
+        chained,
+        "whatsapp",
+        whatsapp_entry(first, first_url, "FAILOVER_WA1"),
+        whatsapp_entry(second, second_url, "FAILOVER_WA2"),
+    )
+    demote = [{"tenant_id": chained, "channel": "whatsapp", "position": 0, "failures": 1, "successes": 0, "error_code": "x"}]
+    call(db, "notify_api.record_provider_health_v1(%s, 1, 60, 3600)", Jsonb(demote))
+    db.execute(
+        "insert into notify.whatsapp_windows values (%s, %s, %s, now())", (chained, first.phone_number_id, PHONE.lstrip("+"))
+    )
+    body = intent(
+        channels=["whatsapp"], template="chat", recipient={"ref": "runner-42", "addresses": {"whatsapp": PHONE}, "locale": "en"}
+    )
+    submit(db, chained, body)
+    drain(db_url, "whatsapp")
+    [row] = deliveries(db, chained)
+    assert row["status"] == "sent", row
+    assert first.accepted == [PHONE.lstrip("+")] and second.requests == []
