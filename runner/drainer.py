@@ -60,6 +60,17 @@ def _by_step(
     return groups
 
 
+def _lease_covers(step: tuple[str, dict[str, Any] | None, int | None], deadline: float) -> bool:
+    """Whether the claim's lease, ending at `deadline` (time.monotonic()), still covers a provider of the chain: its
+    configured timeout_seconds (the settings hold the kind's default), at least a second for one without."""
+    settings = (step[1] or {}).get("settings") or {}
+    try:
+        budget = float(settings.get("timeout_seconds") or 1.0)
+    except (TypeError, ValueError):
+        budget = 1.0
+    return time.monotonic() + budget < deadline
+
+
 class DeliveryDrainer:
     """Drains a channel's due deliveries; keeps per process the settings, the render pool and one provider instance
     per tenant configuration."""
@@ -113,10 +124,15 @@ class DeliveryDrainer:
             results.extend(wave)
         return results
 
-    async def send_waves(self, channel: str, rows: list[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any]]]:
+    async def send_waves(
+        self, channel: str, rows: list[dict[str, Any]], claimed_at: float | None = None
+    ) -> AsyncIterator[list[dict[str, Any]]]:
         """Sends a claimed batch and yields its outcomes in waves, as its provider calls answer: one call per tenant and
         provider configuration, so one tenant's slow provider (or the mock's slow address) holds up only its own
-        deliveries' outcomes, never another tenant's (docs/architecture.md, "Provider failover")."""
+        deliveries' outcomes, never another tenant's (docs/architecture.md, "Provider failover"). `claimed_at`
+        (time.monotonic() before the claim) starts the claim's lease: a failover never starts a provider the rest of
+        the lease would not cover (maintenance requeues an e-mail whose lease expired: it would be sent twice)."""
+        deadline = (time.monotonic() if claimed_at is None else claimed_at) + self.settings.lease_seconds
         failed: list[dict[str, Any]] = []
         # Each delivery with its provider chain (the claim's provider, then its fallbacks in order: docs/architecture.md,
         # "Provider failover"): (name, config, position) per step.
@@ -164,7 +180,9 @@ class DeliveryDrainer:
         health: dict[tuple[str, int], list[Any]] = {}
         earlier: dict[str, list[str]] = {}  # delivery id -> the providers that refused it before, in order
         tasks = {
-            asyncio.get_running_loop().create_task(self._deliver(channel, name, config, items, 0, health, earlier))
+            asyncio.get_running_loop().create_task(
+                self._deliver(channel, name, config, items, 0, health, earlier, deadline)
+            )
             for (name, config), items in _by_step(pending, 0, per_tenant=True).values()
         }
         try:
@@ -186,9 +204,11 @@ class DeliveryDrainer:
         step: int,
         health: dict[tuple[str, int], list[Any]],
         earlier: dict[str, list[str]],
+        deadline: float,
     ) -> list[dict[str, Any]]:
         """One provider call for `items` (the step-th provider of their chains); a message it is known not to have
-        accepted moves to the next provider of its chain at once, in the same attempt. Returns every final outcome."""
+        accepted moves to the next provider of its chain at once, in the same attempt, while the claim's lease (it ends
+        at `deadline`, time.monotonic()) still covers that provider's timeout. Returns every final outcome."""
         sent = await self._send_group(channel, name, config, [m for m, _, _ in items], [b for _, b, _ in items])
         results: list[dict[str, Any]] = []
         again: list[tuple[Message, dict[str, Any], list[tuple[str, dict[str, Any] | None, int | None]]]] = []
@@ -202,7 +222,14 @@ class DeliveryDrainer:
                     counts[2] = result.get("error_code")
                 elif result["outcome"] == "sent":
                     counts[1] += 1
-            if not_sent and step + 1 < len(chain):
+            if not_sent and step + 1 < len(chain) and not _lease_covers(chain[step + 1], deadline):
+                # Past (or too near) the lease's end, maintenance may already have requeued the message (e-mail) and
+                # another claim be sending it: this attempt ends with its "not sent" (a retry), the next starts afresh.
+                result["error_message"] = (
+                    f"{result.get('error_message') or 'not sent'}; not failed over: the claim's lease would not cover "
+                    "the next provider (DISPATCHER_LEASE_SECONDS)"
+                )
+            elif not_sent and step + 1 < len(chain):
                 # Known not accepted: the next provider of the chain, now, in the same attempt. The history keeps what
                 # the earlier providers answered (docs/architecture.md, "Provider failover").
                 earlier.setdefault(base["delivery_id"], []).append(
@@ -219,7 +246,7 @@ class DeliveryDrainer:
         if again:
             for more in await asyncio.gather(
                 *(
-                    self._deliver(channel, n, c, its, step + 1, health, earlier)
+                    self._deliver(channel, n, c, its, step + 1, health, earlier, deadline)
                     for (n, c), its in _by_step(again, step + 1, per_tenant=False).values()
                 )
             ):
@@ -365,7 +392,7 @@ class DeliveryDrainer:
             row = await self.connector.execute_query_one_async(CHANNEL_RULES)
             self.ctx.channel_rules.update(row["rules"])
 
-        async def run(rows: list[dict[str, Any]]) -> None:
+        async def run(rows: list[dict[str, Any]], claimed_at: float) -> None:
             nonlocal free
             started = time.perf_counter()
             started_ns = time.time_ns()
@@ -377,7 +404,7 @@ class DeliveryDrainer:
                 # Each wave of outcomes (one tenant's provider call, or several that answered together) frees its slots
                 # and is recorded at once: a slow provider holds up only its own tenant's deliveries.
                 with tracing.span("dispatch.batch", channel=channel, claimed=len(rows)):
-                    waves = self.send_waves(channel, rows)
+                    waves = self.send_waves(channel, rows, claimed_at)
                     async for results in waves:
                         async with slots:
                             free += len(results)
@@ -412,6 +439,7 @@ class DeliveryDrainer:
                 # A quarter of a batch free is enough to claim again: the in-flight count stays near the limit.
                 await slots.wait_for(lambda: free >= max(1, batch // 4))  # noqa: B023 - the current count, by design
                 want = min(batch, free)
+            claimed_at = time.monotonic()  # the lease starts at the claim (no earlier than this)
             rows = await self.connector.execute_query_all_async(
                 CLAIM, channel=channel, limit=want, lease=self.settings.lease_seconds
             )
@@ -419,7 +447,7 @@ class DeliveryDrainer:
                 idle_since = None
                 async with slots:
                     free -= len(rows)
-                task = asyncio.get_running_loop().create_task(run(rows))
+                task = asyncio.get_running_loop().create_task(run(rows, claimed_at))
                 running.add(task)
                 task.add_done_callback(done)
                 if len(rows) == want:

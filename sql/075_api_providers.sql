@@ -208,6 +208,13 @@ begin
             perform notify._raise('ND400', 'invalid_value', 'settings.port must be 1-65535', 'settings.port');
         end if;
     end if;
+    -- Bounded: a provider that accepts the connection and never answers holds one of the worker's slots per delivery for
+    -- as long as this (its e-mail requeued at each lease expiry, claimed again): unbounded, one tenant could fill them all.
+    if v_settings ? 'timeout_seconds' and (jsonb_typeof(v_settings -> 'timeout_seconds') <> 'number'
+                                            or (v_settings ->> 'timeout_seconds')::numeric not between 0.1 and 60) then
+        perform notify._raise('ND400', 'invalid_value', 'settings.timeout_seconds must be a number of seconds, 0.1 to 60',
+                              'settings.timeout_seconds');
+    end if;
     if v_settings ? 'rate_per_second' and (jsonb_typeof(v_settings -> 'rate_per_second') <> 'number'
                                             or (v_settings ->> 'rate_per_second')::numeric <= 0) then
         perform notify._raise('ND400', 'invalid_value', 'settings.rate_per_second must be a positive number', 'settings.rate_per_second');

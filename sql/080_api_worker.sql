@@ -153,7 +153,19 @@ begin
                                                          from notify.provider_grants g where g.tenant_id = d.tenant_id)) end
                    as provider_config,
                case when not (d.test or r.test) then cp.position end as provider_position,
-               case when not (d.test or r.test) then fb.fallbacks end as fallbacks,
+               -- Free-form WhatsApp text goes only through a number whose 24-hour window is open (checked above for the
+               -- provider tried first): a fallback number the recipient has not written to is left out of its chain.
+               case when d.test or r.test then null
+                    when not (t.content ? 'text' and fb.fallbacks @> '[{"provider": "whatsapp_cloud"}]') then fb.fallbacks
+                    else (select jsonb_agg(x.f order by x.n)
+                            from jsonb_array_elements(fb.fallbacks) with ordinality as x (f, n)
+                           where x.f ->> 'provider' <> 'whatsapp_cloud'
+                              or (x.f ->> 'position')::integer is distinct from wa.position  -- the number tried first instead
+                                 and exists (select from notify.whatsapp_windows w
+                                              where w.tenant_id = d.tenant_id
+                                                and w.phone_number_id = x.f #>> '{provider_config,settings,phone_number_id}'
+                                                and w.wa_id = ltrim(d.address, '+') and w.last_inbound_at > now() - interval '24 hours'))
+               end as fallbacks,
                r.http_request_id, r.trace_parent,
                case when d.expires_at is not null and d.expires_at <= now() then 'expired'
                     when not consent.allowed then 'suppressed'
@@ -170,10 +182,32 @@ begin
           from due d
           join notify.notification_requests r on r.tenant_id = d.tenant_id and r.id = d.request_id
          cross join lateral notify._consent(d.tenant_id, d.recipient_id, d.channel, r.category) consent
-          left join chain cp on cp.tenant_id = d.tenant_id and cp.rank = 1
+          left join chain c1 on c1.tenant_id = d.tenant_id and c1.rank = 1
           left join fallbacks fb on fb.tenant_id = d.tenant_id
           left join notify.templates t on t.tenant_id = d.tenant_id and t.key = r.template_key
                                       and t.channel = d.channel and t.locale = d.template_locale
+          -- Free-form WhatsApp text whose first number has no open window with the recipient (the window is per number):
+          -- the first of the chain's numbers that has one (a demoted number the recipient wrote to rather than fail the
+          -- text outside the window). Only for such rows: the others take the chain's first provider.
+          left join lateral (
+                select c.position, c.provider, c.settings, c.secrets, c.updated_at
+                  from chain c
+                 where c1.provider = 'whatsapp_cloud' and t.content ? 'text' and fb.fallbacks is not null
+                   and not exists (select from notify.whatsapp_windows w
+                                    where w.tenant_id = d.tenant_id and w.phone_number_id = c1.settings ->> 'phone_number_id'
+                                      and w.wa_id = ltrim(d.address, '+') and w.last_inbound_at > now() - interval '24 hours')
+                   and c.tenant_id = d.tenant_id and c.rank > 1 and c.provider = 'whatsapp_cloud'
+                   and exists (select from notify.whatsapp_windows w
+                                where w.tenant_id = d.tenant_id and w.phone_number_id = c.settings ->> 'phone_number_id'
+                                  and w.wa_id = ltrim(d.address, '+') and w.last_inbound_at > now() - interval '24 hours')
+                 order by c.rank
+                 limit 1) wa on true
+         cross join lateral (
+                select case when wa.position is null then c1.position else wa.position end as position,
+                       case when wa.position is null then c1.provider else wa.provider end as provider,
+                       case when wa.position is null then c1.settings else wa.settings end as settings,
+                       case when wa.position is null then c1.secrets else wa.secrets end as secrets,
+                       case when wa.position is null then c1.updated_at else wa.updated_at end as updated_at) cp
     ), policed as materialized (
         -- Tenant policies (sql/077_api_policies.sql), only for rows about to be sent whose tenant has quiet hours or caps
         -- (one hashed probe per claim, so a tenant that sets nothing pays almost nothing) or whose provider is

@@ -365,3 +365,121 @@ def test_the_cli_replaces_a_chain_and_names_a_bad_entry(db, db_url, chained, tmp
     bad = cli(json.dumps([relay(2525), {"provider": "smtp", "settings": {"host": "127.0.0.1"}}]))
     assert bad.returncode != 0 and "providers[1]" in bad.stderr
     assert [c["settings"]["port"] for c in chain_of(db, chained, "email")] == [2525, 2526]
+
+
+def test_no_failover_once_the_lease_would_not_cover_the_next_provider(db, db_url, chained, smtp_fake):
+    """A chain's first relay answers nothing (its connect phase times out: "not sent"), long enough for the claim's lease
+    to expire meanwhile and maintenance to requeue the e-mail (another worker may claim it again). Failing over then
+    would send through the second relay a message the queue no longer holds as in flight: the second claim sends it
+    again, a duplicate of a message that was never ambiguous. The worker moves on only while the lease still covers the
+    next provider."""
+    import socket
+    import threading
+
+    fake, port = smtp_fake
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel completes the connection; nobody ever greets
+    try:
+        slow = relay(silent.getsockname()[1])
+        slow["settings"]["timeout_seconds"] = 4
+        set_chain(db, chained, "email", slow, relay(port))
+        submit_to(db, chained, "email")
+        stop = threading.Event()
+
+        def maintenance() -> None:
+            # Polled, not timed: as soon as the first claim's lease has expired, maintenance runs once, as it would
+            # every 10 s.
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                while not stop.is_set():
+                    expired = conn.execute(
+                        "select bool_or(lease_expires_at < now()) from notify.notification_deliveries where tenant_id = %s",
+                        (chained,),
+                    ).fetchone()[0]
+                    if expired:
+                        conn.execute("select notify_api.run_maintenance_v1()")
+                        return
+                    time.sleep(0.05)
+
+        thread = threading.Thread(target=maintenance, daemon=True)
+        thread.start()
+        try:
+            drain(db_url, "email", lease_seconds=1)
+        finally:
+            stop.set()
+            thread.join(10)
+    finally:
+        silent.close()
+    # Never twice; and never through the second relay after the lease that covered the attempt had expired.
+    assert len(fake.received) <= 1, [r.recipients for r in fake.received]
+    assert fake.received == []
+
+
+@pytest.mark.parametrize("second_window_open", [False, True])
+def test_free_form_whatsapp_text_fails_over_only_to_a_number_whose_window_is_open(
+    db, db_url, chained, graphs, monkeypatch, second_window_open
+):
+    """Free-form text may go only through a number the recipient wrote to in the last 24 hours (the window is per
+    business number; the claim checks it for the provider tried first). The first number's token is refused ("not
+    sent"): failing over to the second number, whose window is closed, sends what Meta refuses (131047) and turns a
+    message that would have been retried into a failed one. It stays with the first number's retry; a second number
+    whose window is open takes it."""
+    first, first_url, second, second_url = graphs
+    monkeypatch.setenv("FAILOVER_WA1", "expired-token")
+    monkeypatch.setenv("FAILOVER_WA2", second.access_token)
+    call(db, "notify_api.upsert_template_v1(%s, 'chat', %s)", chained, Jsonb({"channels": {"whatsapp": {"text": "Hi {{name}}"}}}))
+    set_chain(
+        db,
+        chained,
+        "whatsapp",
+        whatsapp_entry(first, first_url, "FAILOVER_WA1"),
+        whatsapp_entry(second, second_url, "FAILOVER_WA2"),
+    )
+    # The recipient wrote to the first number (and, in the second case, to the second one too).
+    for fake in (first, second) if second_window_open else (first,):
+        db.execute(
+            "insert into notify.whatsapp_windows values (%s, %s, %s, now())", (chained, fake.phone_number_id, PHONE.lstrip("+"))
+        )
+    body = intent(
+        channels=["whatsapp"], template="chat", recipient={"ref": "runner-42", "addresses": {"whatsapp": PHONE}, "locale": "en"}
+    )
+    submit(db, chained, body)
+    drain(db_url, "whatsapp")
+    [row] = deliveries(db, chained)
+    assert len(first.requests) == 1
+    if second_window_open:
+        assert row["status"] == "sent" and second.accepted == [PHONE.lstrip("+")]
+        assert row["error_message"].startswith("failed over from whatsapp_cloud (position 0): whatsapp_190")
+    else:
+        assert second.requests == []  # its window is closed: never sent there
+        assert row["status"] == "queued" and row["outcome"] == "retry" and row["error_code"] == "whatsapp_190"
+
+
+def test_a_demoted_number_with_the_open_window_still_takes_free_form_text(db, db_url, chained, graphs, monkeypatch):
+    """The recipient wrote to the first number; the first number is demoted (a token hiccup an hour ago), so the claim
+    tries the second number first, whose window is closed: the text must not fail as "outside the customer-service
+    window" while a number of the chain has the window open. It goes through the first number."""
+    first, first_url, second, second_url = graphs
+    monkeypatch.setenv("FAILOVER_WA1", first.access_token)
+    monkeypatch.setenv("FAILOVER_WA2", second.access_token)
+    call(db, "notify_api.upsert_template_v1(%s, 'chat', %s)", chained, Jsonb({"channels": {"whatsapp": {"text": "Hi {{name}}"}}}))
+    set_chain(
+        db,
+        chained,
+        "whatsapp",
+        whatsapp_entry(first, first_url, "FAILOVER_WA1"),
+        whatsapp_entry(second, second_url, "FAILOVER_WA2"),
+    )
+    demote = [{"tenant_id": chained, "channel": "whatsapp", "position": 0, "failures": 1, "successes": 0, "error_code": "x"}]
+    call(db, "notify_api.record_provider_health_v1(%s, 1, 60, 3600)", Jsonb(demote))
+    db.execute(
+        "insert into notify.whatsapp_windows values (%s, %s, %s, now())", (chained, first.phone_number_id, PHONE.lstrip("+"))
+    )
+    body = intent(
+        channels=["whatsapp"], template="chat", recipient={"ref": "runner-42", "addresses": {"whatsapp": PHONE}, "locale": "en"}
+    )
+    submit(db, chained, body)
+    drain(db_url, "whatsapp")
+    [row] = deliveries(db, chained)
+    assert row["status"] == "sent", row
+    assert first.accepted == [PHONE.lstrip("+")] and second.requests == []

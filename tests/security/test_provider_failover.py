@@ -153,3 +153,30 @@ def test_the_trusted_sql_caller_cannot_read_or_write_every_tenants_health(db, db
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("select * from notify.provider_health")
     assert [c["health"]["demoted"] for c in victim_chain(db, victim)] == [True, False]
+
+
+@pytest.mark.parametrize("timeout", [1e9, 0, -1, "30", 86400])
+def test_a_provider_that_never_answers_cannot_hold_the_workers_slots_for_ever(client, db, attacker, timeout):
+    """The attacker's own relay (or an https base_url on its own server) accepts the connection and never answers; with
+    timeout_seconds of a billion, each of its deliveries holds one of the worker's max_in_flight slots for ever (its
+    lease expires, maintenance requeues the e-mail, the next claim takes another slot), until the worker sends nothing
+    for any tenant. A provider's timeout is bounded where it is stored, for one provider and for every entry of a chain."""
+    call(db, "notify_api.set_provider_grants_v1(%s, 'ATTACKER_', null, true)", attacker)  # its own servers, on this machine
+    entry = {"provider": "smtp", "settings": {"host": "127.0.0.1", "from_address": "x@attacker.example"}}
+    slow = {**entry, "settings": {**entry["settings"], "timeout_seconds": timeout}}
+    one = client.put("/internal/channels/email/provider", json=slow)
+    assert one.status_code == 400, one.text
+    assert one.json()["field"] == "settings.timeout_seconds"
+    chain = client.put("/internal/channels/email/providers", json={"providers": [entry, slow]})
+    assert chain.status_code == 400, chain.text
+    assert chain.json()["field"] == "providers[1].settings.timeout_seconds"
+    graph = {
+        "provider": "whatsapp_cloud",
+        "settings": {"phone_number_id": "999999999999999", "base_url": "http://127.0.0.1:9", "timeout_seconds": timeout},
+        "secrets": {"access_token": "env:ATTACKER_WA"},
+    }
+    assert client.put("/internal/channels/whatsapp/provider", json=graph).status_code == 400
+    assert client.get("/internal/channels/email/providers").json()["chain"] == []  # nothing written
+    # A bounded timeout is still the tenant's to choose.
+    fine = {**entry, "settings": {**entry["settings"], "timeout_seconds": 5}}
+    assert client.put("/internal/channels/email/providers", json={"providers": [entry, fine]}).status_code == 200
