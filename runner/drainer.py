@@ -180,9 +180,7 @@ class DeliveryDrainer:
         health: dict[tuple[str, int], list[Any]] = {}
         earlier: dict[str, list[str]] = {}  # delivery id -> the providers that refused it before, in order
         tasks = {
-            asyncio.get_running_loop().create_task(
-                self._deliver(channel, name, config, items, 0, health, earlier, deadline)
-            )
+            asyncio.get_running_loop().create_task(self._deliver(channel, name, config, items, 0, health, earlier, deadline))
             for (name, config), items in _by_step(pending, 0, per_tenant=True).values()
         }
         try:

@@ -62,7 +62,12 @@ def keys(db: psycopg.Connection, ready: str) -> dict[str, str]:
     _, live = cli.create_key(db, ready, "live")
     _, test = cli.create_key(db, ready, "ci", test=True)
     set_provider(db, ready, "whatsapp", WA)  # the tenant's WhatsApp goes to a real provider
-    call(db, "notify_api.record_consent_v1(%s, 'runner-42-b', %s)", ready, Jsonb({"channel": "whatsapp", "status": "granted", "source": "t"}))
+    call(
+        db,
+        "notify_api.record_consent_v1(%s, 'runner-42-b', %s)",
+        ready,
+        Jsonb({"channel": "whatsapp", "status": "granted", "source": "t"}),
+    )
     return {"live": live["id"], "test": test["id"]}
 
 
@@ -73,11 +78,15 @@ def app(db: psycopg.Connection, db_url: str) -> psycopg.Connection:
 
 
 def deliveries_of(db: psycopg.Connection, request_id: str) -> list[dict]:
-    return db.cursor(row_factory=dict_row).execute(
-        "select r.test as request_test, d.test, d.status from notify.notification_requests r"
-        " join notify.notification_deliveries d on d.tenant_id = r.tenant_id and d.request_id = r.id where r.id = %s",
-        (request_id,),
-    ).fetchall()
+    return (
+        db.cursor(row_factory=dict_row)
+        .execute(
+            "select r.test as request_test, d.test, d.status from notify.notification_requests r"
+            " join notify.notification_deliveries d on d.tenant_id = r.tenant_id and d.request_id = r.id where r.id = %s",
+            (request_id,),
+        )
+        .fetchall()
+    )
 
 
 def claimed(db: psycopg.Connection) -> dict[str, str]:
@@ -110,8 +119,9 @@ def test_a_test_key_reusing_a_live_requests_key_gets_a_new_test_request_not_the_
 def test_a_live_submission_after_a_test_one_with_the_same_key_is_queued_for_the_real_provider(db, ready, keys, app, route):
     test, replayed = submit(app, ready, keys["test"], "single" if route == "sql" else route, body_for(route), "signup-9")
     assert not replayed and test["test"] is True
-    live, replayed = submit(db if route == "sql" else app, ready, None if route == "sql" else keys["live"], route,
-                            body_for(route), "signup-9")
+    live, replayed = submit(
+        db if route == "sql" else app, ready, None if route == "sql" else keys["live"], route, body_for(route), "signup-9"
+    )
     assert not replayed, "the live notification was answered with the test request: it would never be sent"
     assert live["id"] != test["id"] and "test" not in live
     rows = deliveries_of(db, live["id"])
