@@ -64,23 +64,7 @@ class Channels(Controller):
     ) -> Response[ProviderOut]:
         if channel not in CHANNELS:
             raise ProblemException(404, "not_found", f"no channel {channel}", "channel")
-        spec = kind(data.provider)
-        if spec is not None and spec.needs_public_url and not state.settings.public_url:
-            # Refused now rather than at every send: the deployment cannot report back or verify this provider's webhooks.
-            raise ProblemException(
-                422,
-                "public_url_missing",
-                f"{data.provider} needs the deployment's public URL (DISPATCHER_PUBLIC_URL), which is not set: ask the operator",
-                "provider",
-            )
-        if data.provider != "mock" and data.settings:
-            # SSRF: a name that resolves to a private address is refused now, not only at the first send (the database
-            # refuses private IP literals and local names itself; without the operator's private-endpoints grant).
-            grants = await db.one("select notify_api.get_provider_grants_v1(%s)", (tenant.id,))
-            endpoint = spec.endpoint if spec else None
-            refused = await check_endpoints(endpoint, data.settings, Grants.of(grants[0] if grants else None))
-            if refused is not None:
-                raise ProblemException(422, "unsafe_endpoint", refused[1], refused[0])
+        await _check_entry(data.provider, data.settings, "", state, db, tenant, {})
         return await sql_json(
             db,
             "notify_api.set_channel_provider_v1(%s, %s::notify.channel, %s::jsonb)",
@@ -129,26 +113,9 @@ class Channels(Controller):
     ) -> Response[ProviderOut]:
         if channel not in CHANNELS:
             raise ProblemException(404, "not_found", f"no channel {channel}", "channel")
-        grants = None
+        grants: dict[str, Grants] = {}  # read once for the chain
         for i, entry in enumerate(data.providers):
-            spec = kind(entry.provider)
-            if spec is not None and spec.needs_public_url and not state.settings.public_url:
-                raise ProblemException(
-                    422,
-                    "public_url_missing",
-                    f"providers[{i}]: {entry.provider} needs the deployment's public URL (DISPATCHER_PUBLIC_URL), which is "
-                    "not set: ask the operator",
-                    f"providers[{i}].provider",
-                )
-            if entry.provider != "mock" and entry.settings:
-                if grants is None:
-                    row = await db.one("select notify_api.get_provider_grants_v1(%s)", (tenant.id,))
-                    grants = Grants.of(row[0] if row else None)
-                refused = await check_endpoints(spec.endpoint if spec else None, entry.settings, grants)
-                if refused is not None:
-                    raise ProblemException(
-                        422, "unsafe_endpoint", f"providers[{i}]: {refused[1]}", f"providers[{i}].{refused[0]}"
-                    )
+            await _check_entry(entry.provider, entry.settings, f"providers[{i}].", state, db, tenant, grants)
         return await sql_json(
             db,
             "notify_api.set_channel_providers_v1(%s, %s::notify.channel, %s::jsonb)",
@@ -194,3 +161,35 @@ class Channels(Controller):
         db: NamedDependency[Database],
     ) -> Response[UnknownDeadlineOut]:
         return await sql_json(db, "notify_api.set_unknown_deadline_v1(%s, %s, %s)", tenant.id, channel, data.after_seconds)
+
+
+async def _check_entry(
+    provider: str,
+    settings: dict[str, Any] | None,
+    prefix: str,
+    state: State,
+    db: Database,
+    tenant: Tenant,
+    grants: dict[str, Grants],
+) -> None:
+    """What the API checks of one provider configuration before the database does the rest (a single provider, or
+    each entry of a failover chain with its field prefixed `providers[i].`)."""
+    spec = kind(provider)
+    where = f"{prefix.rstrip('.')}: " if prefix else ""  # providers[1]: ...
+    if spec is not None and spec.needs_public_url and not state.settings.public_url:
+        # Refused now rather than at every send: the deployment cannot report back or verify this provider's webhooks.
+        raise ProblemException(
+            422,
+            "public_url_missing",
+            f"{where}{provider} needs the deployment's public URL (DISPATCHER_PUBLIC_URL), which is not set: ask the operator",
+            f"{prefix}provider",
+        )
+    if provider != "mock" and settings:
+        # SSRF: a name that resolves to a private address is refused now, not only at the first send (the database
+        # refuses private IP literals and local names itself; without the operator's private-endpoints grant).
+        if "grants" not in grants:
+            row = await db.one("select notify_api.get_provider_grants_v1(%s)", (tenant.id,))
+            grants["grants"] = Grants.of(row[0] if row else None)
+        refused = await check_endpoints(spec.endpoint if spec else None, settings, grants["grants"])
+        if refused is not None:
+            raise ProblemException(422, "unsafe_endpoint", f"{where}{refused[1]}", f"{prefix}{refused[0]}")
