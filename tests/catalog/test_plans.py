@@ -135,9 +135,15 @@ def test_a_batch_reads_as_much_per_item_after_thousands(db: psycopg.Connection, 
             assert out["accepted"] == n
             return float(db.execute(TUPLES_READ).fetchone()[0] - before) / n
 
+    # The 300 recipients exist in both measurements and the statistics are current in both, so what differs is only
+    # the number of requests: how the planner reads a 300-row table (a sequential scan per item is its cheapest plan
+    # once that table is analyzed, whether autovacuum got to it or not) is the same in both.
+    call(db, "notify_api.submit_notifications_v1(%s, %s)", ready, psycopg.types.json.Jsonb(items(5_000, 300)))
+    db.execute("analyze")
     early = read_per_item(0, 200)
     for first in range(0, 3000, 1000):
         call(db, "notify_api.submit_notifications_v1(%s, %s)", ready, psycopg.types.json.Jsonb(items(10_000 + first, 1000)))
+    db.execute("analyze")
     late = read_per_item(20_000, 200)
-    print(f"\nrows and index entries read per batch item: {early:.1f} on empty tables, {late:.1f} after 3,000 requests")
-    assert late < 2 * early + 20, f"a batch item reads {late:.0f} rows after 3,000 requests ({early:.0f} before)"
+    print(f"\nrows and index entries read per batch item: {early:.1f} after 300 requests, {late:.1f} after 3,300 requests")
+    assert late < 2 * early + 20, f"a batch item reads {late:.0f} rows after 3,300 requests ({early:.0f} after 300)"
